@@ -1,0 +1,207 @@
+"""The HTTP API (interface.md section 3): aiohttp handlers over the Controller.
+
+Handlers validate, call the controller, and render JSON. Overrides are recorded by the
+controller, which wakes the rollout's task; the handler never moves traffic itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from canary.api.auth import Forbidden, Unauthorized, require
+from canary.config import NginxTarget, Role, Token
+from canary.engine.controller import Controller
+from canary.errors import Conflict, InvalidInput, NotFound, UserError
+from canary.model import Command, CommandKind
+
+log = logging.getLogger("canary.api")
+CONTROLLER = web.AppKey("controller", Controller)
+TOKENS = web.AppKey("tokens", tuple[Token, ...])
+MAX_BODY = 64 * 1024
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except Unauthorized as e:
+        return error(401, str(e))
+    except Forbidden as e:
+        return error(403, str(e))
+    except NotFound as e:
+        return error(404, str(e))
+    except Conflict as e:
+        return error(409, str(e))
+    except (InvalidInput, UserError) as e:
+        return error(400, str(e))
+    except web.HTTPRequestEntityTooLarge:
+        return error(413, f"request body is larger than {MAX_BODY} bytes")
+    except web.HTTPException as e:
+        if e.status >= 400:
+            return error(e.status, e.reason or "error")
+        raise
+    except Exception:
+        log.exception("request failed", extra={"path": request.path, "method": request.method})
+        return error(500, "internal error; the controller log has the details")
+
+
+async def body(request: web.Request, allowed: dict[str, type | tuple[type, ...]],
+               required: tuple[str, ...]) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=request.content_length)
+    raw = await request.read()
+    if not raw.strip():
+        data: Any = {}
+    else:
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InvalidInput(f"body is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise InvalidInput("body must be a JSON object")
+    for key, value in data.items():
+        if key not in allowed:
+            raise InvalidInput(f"{key}: unknown field; expected {', '.join(allowed)}")
+        kinds = allowed[key]
+        if value is not None and (not isinstance(value, kinds)
+                                  or (isinstance(value, bool) and bool not in
+                                      (kinds if isinstance(kinds, tuple) else (kinds,)))):
+            want = kinds.__name__ if isinstance(kinds, type) else "/".join(k.__name__ for k in kinds)
+            raise InvalidInput(f"{key}: must be {'a string' if want == 'str' else want}")
+        if isinstance(value, str) and len(value) > 1000:
+            raise InvalidInput(f"{key}: at most 1000 characters")
+    for key in required:
+        if not isinstance(data.get(key), str) or not data[key].strip():
+            raise InvalidInput(f"{key}: required, a non-empty string")
+    return data
+
+
+def _auth(request: web.Request, role: Role) -> Token:
+    tokens: tuple[Token, ...] = request.app[TOKENS]
+    return require(request, tokens, role)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ctl = request.app[CONTROLLER]
+    try:
+        await ctl.store.ping()
+    except Exception as e:
+        return error(503, f"state store unreachable: {type(e).__name__}")
+    if not ctl.policies:
+        return error(503, "no policies loaded")
+    return web.json_response({"status": "ready", "policies": len(ctl.policies),
+                              "active_rollouts": ctl.running()})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    data = generate_latest(request.app[CONTROLLER].metrics.registry)
+    return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def targets(request: web.Request) -> web.Response:
+    _auth(request, Role.VIEWER)
+    ctl = request.app[CONTROLLER]
+    out = []
+    for name, t in sorted(ctl.targets.items()):
+        item: dict[str, Any] = {"name": name, "router": t.router, "policy": t.policy,
+                                "vars": dict(t.vars), "stable_version": t.stable_version}
+        if isinstance(t, NginxTarget):
+            item.update(file=str(t.file), upstream=t.upstream, stable=list(t.stable),
+                        canary=list(t.canary))
+        else:
+            item.update(namespace=t.namespace, virtual_service=t.virtual_service, route=t.route)
+        router = ctl.routers.get(name)
+        item["live_weight"] = await router.get_weight() if router else None
+        out.append(item)
+    return web.json_response({"targets": out})
+
+
+async def policies(request: web.Request) -> web.Response:
+    _auth(request, Role.VIEWER)
+    ctl = request.app[CONTROLLER]
+    return web.json_response({"policies": [p.to_dict() for _, p in sorted(ctl.policies.items())]})
+
+
+async def list_rollouts(request: web.Request) -> web.Response:
+    _auth(request, Role.VIEWER)
+    ctl = request.app[CONTROLLER]
+    rollouts = await ctl.store.list()
+    target = request.query.get("target")
+    if target:
+        rollouts = [r for r in rollouts if r.target == target]
+    return web.json_response({"rollouts": [r.to_api() for r in rollouts]})
+
+
+async def get_rollout(request: web.Request) -> web.Response:
+    _auth(request, Role.VIEWER)
+    r = await request.app[CONTROLLER].store.load(request.match_info["id"])
+    return web.json_response(r.to_api())
+
+
+async def create_rollout(request: web.Request) -> web.Response:
+    token = _auth(request, Role.PIPELINE)
+    data = await body(request, {"target": str, "canary_version": str, "stable_version": str,
+                                "policy": str}, required=("target", "canary_version"))
+    r = await request.app[CONTROLLER].create(
+        target=data["target"], canary_version=data["canary_version"],
+        stable_version=data.get("stable_version"), policy=data.get("policy"), actor=token.name)
+    return web.json_response(r.to_api(), status=201)
+
+
+_ROLES = {CommandKind.PAUSE: Role.ONCALL, CommandKind.RESUME: Role.ONCALL,
+          CommandKind.PROMOTE: Role.ONCALL, CommandKind.ABORT: Role.PIPELINE}
+
+
+def override(kind: CommandKind) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        token = _auth(request, _ROLES[kind])
+        fields: dict[str, type | tuple[type, ...]] = {"reason": str}
+        if kind is CommandKind.PROMOTE:
+            fields["full"] = bool
+        data = await body(request, fields, required=("reason",))
+        cmd = Command(kind=kind, actor=token.name, reason=data["reason"].strip(),
+                      full=bool(data.get("full")))
+        r = await request.app[CONTROLLER].command(request.match_info["id"], cmd)
+        return web.json_response(r.to_api())
+
+    return handler
+
+
+def build_app(controller: Controller, tokens: tuple[Token, ...]) -> web.Application:
+    app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BODY)
+    app[CONTROLLER] = controller
+    app[TOKENS] = tokens
+
+    async def run_controller(app: web.Application) -> AsyncIterator[None]:
+        await controller.start()
+        yield
+        await controller.stop()
+
+    app.cleanup_ctx.append(run_controller)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/v1/targets", targets)
+    app.router.add_get("/api/v1/policies", policies)
+    app.router.add_get("/api/v1/rollouts", list_rollouts)
+    app.router.add_post("/api/v1/rollouts", create_rollout)
+    app.router.add_get("/api/v1/rollouts/{id}", get_rollout)
+    for kind in CommandKind:
+        app.router.add_post(f"/api/v1/rollouts/{{id}}/{kind.value}", override(kind))
+    return app

@@ -1,0 +1,405 @@
+"""The `canary` command: the only place that wires concrete parts together.
+
+Exit codes: 0 ok (for `start --wait`: succeeded), 1 problems found (`validate`) or
+rolled back (`start --wait`), 2 usage, config or connection error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, NoReturn
+
+from canary import config as config_mod
+from canary import policy as policy_mod
+from canary import yamlsrc
+from canary.errors import Problem, RouterError, UserError, ValidationFailed
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+log = logging.getLogger("canary.cli")
+
+
+def die(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    print(f"canary: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+# ---- serve ----------------------------------------------------------------------------
+
+
+async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None) -> None:
+    from aiohttp import web
+
+    from canary.api.app import build_app
+    from canary.clock import RealClock
+    from canary.engine.controller import Controller
+    from canary.gates.prometheus import PrometheusSource
+    from canary.routers import Router, for_target
+    from canary.store import open_store
+
+    policies = cfg.load_policies()
+    routers: dict[str, Router] = {}
+    for name, target in cfg.targets.items():
+        try:
+            routers[name] = for_target(target)
+        except RouterError as e:
+            log.warning(str(e), extra={"target": name})
+    store = open_store(cfg.state)
+    controller = Controller(store=store, policies=policies, targets=cfg.targets, routers=routers,
+                            source=PrometheusSource(cfg.prometheus_url,
+                                                    timeout=cfg.prometheus_timeout),
+                            clock=RealClock())
+    app = build_app(controller, cfg.tokens)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        site = web.TCPSite(runner, cfg.listen_host, cfg.listen_port)
+        await site.start()
+        log.info("canary serving", extra={"listen": f"{cfg.listen_host}:{cfg.listen_port}",
+                                          "policies": sorted(policies),
+                                          "targets": sorted(cfg.targets)})
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await store.close()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from canary import logs
+
+    logs.setup(os.environ.get("CANARY_LOG_LEVEL", "INFO"))
+    try:
+        cfg = config_mod.load_file(args.config)
+        asyncio.run(serve(cfg))
+    except ValidationFailed as e:
+        for p in e.problems:
+            print(p, file=sys.stderr)
+        return EXIT_USAGE
+    except (UserError, OSError) as e:
+        die(str(e))
+    return EXIT_OK
+
+
+# ---- validate and plan ------------------------------------------------------------------
+
+
+def validate_files(files: list[str]) -> list[Problem]:
+    problems: list[Problem] = []
+    names: dict[str, str] = {}
+    for f in files:
+        try:
+            raw = Path(f).read_bytes()
+        except OSError as e:
+            problems.append(Problem(f, 1, "(file)", f"cannot read: {e.strerror}"))
+            continue
+        try:
+            doc = yamlsrc.load(raw, f)
+            if config_mod.looks_like_config(doc.data):
+                cfg = config_mod.parse(doc, base=Path(f).parent)
+                try:
+                    pols = cfg.load_policies()
+                except ValidationFailed as e:
+                    problems.extend(e.problems)
+                    continue
+                problems.extend(config_mod.cross_check(cfg, pols, doc))
+            else:
+                pol = policy_mod.parse(raw, file=f, default_name=Path(f).stem)
+                if pol.name in names:
+                    problems.append(Problem(f, doc.line(("name",)), "name",
+                                            f"policy name {pol.name!r} is also used by "
+                                            f"{names[pol.name]}"))
+                names[pol.name] = f
+        except ValidationFailed as e:
+            problems.extend(e.problems)
+    return problems
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    problems = validate_files(args.files)
+    for p in problems:
+        print(p)
+    if problems:
+        return EXIT_FAILED
+    print(f"ok: {len(args.files)} file(s) valid")
+    return EXIT_OK
+
+
+def plan_text(pol: policy_mod.Policy) -> str:
+    fmt = policy_mod.format_duration
+    iv = pol.interval
+    lines = [f"policy {pol.name}: interval {fmt(iv)}, failure_limit {pol.failure_limit}, "
+             f"no_data {pol.no_data.value}, progress_deadline {fmt(pol.progress_deadline)}", ""]
+    lines.append(f"{'stage':>5}  {'weight':>6}  {'hold':>8}  {'reached at':>10}  gates")
+    at = 0.0
+    manual = []
+    for i, s in enumerate(pol.stages):
+        gates = ", ".join(f"{g.name} ({g.bounds()})" for g in pol.gates_for(i)) or "none"
+        lines.append(f"{i:>5}  {s.weight:>5}%  {fmt(s.hold):>8}  {fmt(at):>10}  {gates}"
+                     + ("  [approval]" if s.approval else ""))
+        # a stage moves on at the first evaluation at or after its hold
+        at += max(iv, math.ceil(s.hold / iv) * iv) if s.hold > 0 else iv
+        if s.approval:
+            manual.append(i)
+    lines.append("")
+    lines.append(f"fastest time to 100% and success: {fmt(at)}"
+                 + (f" plus the wait for approval at stage(s) {', '.join(map(str, manual))}"
+                    if manual else ""))
+    breach = (pol.failure_limit) * iv
+    lines.append(f"slowest time from a breach to rollback: {fmt(breach)} "
+                 f"({pol.failure_limit} failing evaluations, {fmt(iv)} apart, the first up to "
+                 "one interval after the breach shows in Prometheus)")
+    if pol.no_data.value == "hold":
+        lines.append(f"with no data (Prometheus down): held, then rolled back after "
+                     f"{fmt(pol.progress_deadline)} without progress")
+    return "\n".join(lines)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    try:
+        pol = policy_mod.load_file(args.policy_file)
+    except ValidationFailed as e:
+        for p in e.problems:
+            print(p)
+        return EXIT_FAILED
+    print(plan_text(pol))
+    return EXIT_OK
+
+
+# ---- API client commands ----------------------------------------------------------------
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def call(args: argparse.Namespace, method: str, path: str,
+         body: dict[str, Any] | None = None) -> Any:
+    url = args.server.rstrip("/") + path
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    token = os.environ.get("CANARY_TOKEN")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read()).get("error", e.reason)
+        except (ValueError, AttributeError):
+            message = str(e.reason)
+        raise ApiError(e.code, message) from None
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        reason = getattr(e, "reason", e)
+        raise ApiError(0, f"cannot reach the controller at {args.server}: {reason}") from None
+
+
+def api(args: argparse.Namespace, method: str, path: str,
+        body: dict[str, Any] | None = None) -> Any:
+    try:
+        return call(args, method, path, body)
+    except ApiError as e:
+        die(f"{e} (HTTP {e.status})" if e.status else str(e))
+
+
+def gate_line(g: dict[str, Any]) -> str:
+    bounds = " ".join(f"{k} {g[k]:g}" for k in ("min", "max") if g.get(k) is not None)
+    value = "-" if g.get("value") is None else f"{g['value']:.4g}"
+    return f"{g['name']} {value} ({bounds}) {g['status']} {g['failures']}"
+
+
+def summary(r: dict[str, Any]) -> str:
+    gates = "; ".join(gate_line(g) for g in r.get("gates", []))
+    line = f"{r['id']} {r['target']} {r['canary_version']}: {r['state']} stage {r['stage']} " \
+           f"weight {r['weight']}%"
+    if gates:
+        line += f" | {gates}"
+    if r.get("reason"):
+        line += f" | {r['reason']}"
+    return line
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"target": args.target, "canary_version": args.canary_version}
+    if args.stable_version:
+        body["stable_version"] = args.stable_version
+    if args.policy:
+        body["policy"] = args.policy
+    r = api(args, "POST", "/api/v1/rollouts", body)
+    if args.json and not args.wait:
+        print(json.dumps(r, indent=2))
+        return EXIT_OK
+    print(f"started {r['id']}: {summary(r)}", flush=True)
+    if not args.wait:
+        return EXIT_OK
+    return wait_for(args, r["id"])
+
+
+def wait_for(args: argparse.Namespace, rollout_id: str) -> int:
+    last = ""
+    unreachable_since: float | None = None
+    while True:
+        try:
+            r = call(args, "GET", f"/api/v1/rollouts/{rollout_id}")
+            unreachable_since = None
+        except ApiError as e:
+            if e.status:
+                die(f"{e} (HTTP {e.status})")
+            # the controller may be restarting; keep waiting for a while
+            unreachable_since = unreachable_since or time.monotonic()
+            if time.monotonic() - unreachable_since > args.unreachable_timeout:
+                die(str(e))
+            time.sleep(args.poll)
+            continue
+        line = summary(r)
+        if line != last:
+            stamp = time.strftime("%H:%M:%S")
+            print(f"{stamp} {line}", flush=True)
+            last = line
+        if r["state"] == "succeeded":
+            return EXIT_OK
+        if r["state"] == "rolled_back":
+            return EXIT_FAILED
+        time.sleep(args.poll)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if args.id:
+        r = api(args, "GET", f"/api/v1/rollouts/{args.id}")
+        if args.json:
+            print(json.dumps(r, indent=2))
+            return EXIT_OK
+        print(summary(r))
+        print(f"  started {r['started_at']}, updated {r['updated_at']}, policy {r['policy']}, "
+              f"stable {r['stable_version']}")
+        for g in r["gates"]:
+            print(f"  gate {gate_line(g)}")
+        for e in r["events"]:
+            print(f"  {e['at']} {e['type']:<12} {e['actor']:<16} {e['message']}")
+        return EXIT_OK
+    data = api(args, "GET", "/api/v1/rollouts")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    for r in data["rollouts"]:
+        print(summary(r))
+    if not data["rollouts"]:
+        print("no rollouts")
+    return EXIT_OK
+
+
+def cmd_override(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"reason": args.reason}
+    if args.command == "promote" and args.full:
+        body["full"] = True
+    r = api(args, "POST", f"/api/v1/rollouts/{args.id}/{args.command}", body)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(summary(r))
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from canary.demo.run import main as demo_main
+
+    code: int = demo_main(args)
+    return code
+
+
+# ---- argument parsing -------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="canary", description="staged canary releases with "
+                                "automatic rollback")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def client(sp: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
+        sp.add_argument("--server", default=os.environ.get("CANARY_SERVER",
+                                                           "http://127.0.0.1:8080"),
+                        help="controller URL (default $CANARY_SERVER or http://127.0.0.1:8080); "
+                             "the token comes from $CANARY_TOKEN")
+        if json_flag:
+            sp.add_argument("--json", action="store_true", help="print the API's JSON")
+
+    sp = sub.add_parser("serve", help="run the controller")
+    sp.add_argument("--config", required=True)
+    sp.set_defaults(fn=cmd_serve)
+
+    sp = sub.add_parser("validate", help="check policy files and controller configs")
+    sp.add_argument("files", nargs="+", metavar="FILE")
+    sp.set_defaults(fn=cmd_validate)
+
+    sp = sub.add_parser("plan", help="print a policy's stage timeline")
+    sp.add_argument("policy_file", metavar="POLICY_FILE")
+    sp.set_defaults(fn=cmd_plan)
+
+    sp = sub.add_parser("start", help="start a rollout")
+    sp.add_argument("target")
+    sp.add_argument("--canary-version", required=True)
+    sp.add_argument("--stable-version")
+    sp.add_argument("--policy")
+    sp.add_argument("--wait", action="store_true", help="show progress until it ends; exit 0 "
+                    "succeeded, 1 rolled back, 2 error")
+    sp.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
+    sp.add_argument("--unreachable-timeout", type=float, default=300.0,
+                    help="with --wait, how long to keep trying while the controller is "
+                         "unreachable (seconds, default 300)")
+    client(sp)
+    sp.set_defaults(fn=cmd_start)
+
+    sp = sub.add_parser("status", help="one rollout, or all")
+    sp.add_argument("id", nargs="?")
+    client(sp)
+    sp.set_defaults(fn=cmd_status)
+
+    for name, text in (("pause", "hold the current weight"), ("resume", "continue"),
+                       ("abort", "roll back now"), ("promote", "go to the next stage now")):
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("id")
+        sp.add_argument("--reason", required=True)
+        if name == "promote":
+            sp.add_argument("--full", action="store_true", help="go straight to 100%%")
+        client(sp)
+        sp.set_defaults(fn=cmd_override)
+
+    sp = sub.add_parser("demo", help="a real local playground: nginx, Prometheus, two versions")
+    sp.add_argument("--keep", action="store_true", help="leave the playground running at the end "
+                    "until Ctrl-C")
+    sp.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        code: int = args.fn(args)
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""The controller config (`canary serve --config FILE`): listen address, state, Prometheus,
+policies, tokens and targets, checked field by field with file:line problems."""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from canary import policy as policy_mod
+from canary import yamlsrc
+from canary.errors import Problem, ValidationFailed
+
+
+class Role(enum.IntEnum):
+    VIEWER = 1
+    PIPELINE = 2
+    ONCALL = 3
+
+
+@dataclass(frozen=True)
+class Token:
+    name: str
+    sha256: str
+    role: Role
+
+
+@dataclass(frozen=True)
+class NginxTarget:
+    name: str
+    file: Path
+    upstream: str
+    stable: tuple[str, ...]
+    canary: tuple[str, ...]
+    test: tuple[str, ...] = ("nginx", "-t")
+    reload: tuple[str, ...] = ("nginx", "-s", "reload")
+    policy: str | None = None
+    vars: Mapping[str, str] = field(default_factory=dict)
+    stable_version: str | None = None
+    router: str = "nginx"
+
+
+@dataclass(frozen=True)
+class IstioDestination:
+    host: str
+    subset: str | None = None
+
+
+@dataclass(frozen=True)
+class IstioTarget:
+    name: str
+    namespace: str
+    virtual_service: str
+    stable: IstioDestination
+    canary: IstioDestination
+    route: str | None = None
+    policy: str | None = None
+    vars: Mapping[str, str] = field(default_factory=dict)
+    stable_version: str | None = None
+    router: str = "istio"
+
+
+Target = NginxTarget | IstioTarget
+
+
+@dataclass(frozen=True)
+class Config:
+    listen_host: str
+    listen_port: int
+    state: str
+    prometheus_url: str
+    prometheus_timeout: float
+    policy_paths: tuple[Path, ...]
+    tokens: tuple[Token, ...]
+    targets: Mapping[str, Target]
+    source: str = ""
+
+    def load_policies(self) -> dict[str, policy_mod.Policy]:
+        return policy_mod.load_many(self.policy_paths)
+
+
+_TOP = {"listen", "state", "prometheus", "policies", "auth", "targets"}
+_NGINX = {"router", "file", "upstream", "stable", "canary", "test", "reload", "policy", "vars",
+          "stable_version"}
+_ISTIO = {"router", "namespace", "virtual_service", "route", "stable", "canary", "policy", "vars",
+          "stable_version"}
+_ADDRESS = re.compile(r"^(?:unix:\S+|\[?[A-Za-z0-9.:-]+\]?:\d{1,5})$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_DNS = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+def looks_like_config(data: Any) -> bool:
+    return isinstance(data, dict) and bool(set(data) & {"targets", "listen", "auth", "prometheus"})
+
+
+def load_file(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ValidationFailed([Problem(str(p), 1, "(file)", f"cannot read: {e.strerror}")]) from e
+    return parse(yamlsrc.load(raw, str(p)), base=p.parent)
+
+
+def parse(doc: yamlsrc.Doc, *, base: Path) -> Config:
+    return _Checker(doc, base).config()
+
+
+class _Checker:
+    def __init__(self, doc: yamlsrc.Doc, base: Path) -> None:
+        self.doc = doc
+        self.base = base
+        self.problems: list[Problem] = []
+
+    def problem(self, path: yamlsrc.Path, message: str) -> None:
+        name = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in path)
+        self.problems.append(Problem(self.doc.file, self.doc.line(path),
+                                     name.replace(".[", "[") or "(file)", message))
+
+    def unknown(self, data: Mapping[str, Any], allowed: set[str], path: yamlsrc.Path) -> None:
+        for key in data:
+            if key not in allowed:
+                self.problem((*path, key), f"unknown field; expected one of {', '.join(sorted(allowed))}")
+
+    def string(self, data: Mapping[str, Any], key: str, path: yamlsrc.Path, *,
+               required: bool = True, default: str | None = None) -> str | None:
+        value = data.get(key, default)
+        if value is None:
+            if required:
+                self.problem((*path, key), "required")
+            return None
+        if not isinstance(value, str) or not value.strip():
+            self.problem((*path, key), "must be a non-empty string")
+            return None
+        return value
+
+    def strings(self, data: Mapping[str, Any], key: str, path: yamlsrc.Path,
+                default: tuple[str, ...] | None = None) -> tuple[str, ...]:
+        value = data.get(key)
+        if value is None:
+            if default is None:
+                self.problem((*path, key), "required: a list")
+                return ()
+            return default
+        if (not isinstance(value, list) or not value
+                or not all(isinstance(v, str) and v for v in value)):
+            self.problem((*path, key), "must be a non-empty list of strings")
+            return ()
+        return tuple(value)
+
+    def config(self) -> Config:
+        data = self.doc.data
+        if not isinstance(data, dict):
+            self.problem((), "a controller config is a YAML mapping (listen, state, prometheus, "
+                             "policies, auth, targets)")
+            raise ValidationFailed(self.problems)
+        self.unknown(data, _TOP, ())
+        host, port = "127.0.0.1", 8080
+        listen = data.get("listen", "127.0.0.1:8080")
+        m = re.fullmatch(r"\[?([^\]]*?)\]?:(\d{1,5})", str(listen))
+        if not m or not 0 < int(m.group(2)) < 65536:
+            self.problem(("listen",), "must be host:port, like 127.0.0.1:8080")
+        else:
+            host, port = m.group(1) or "0.0.0.0", int(m.group(2))
+        state = str(data.get("state", "sqlite:canary-state.db"))
+        if state.startswith("sqlite:") and len(state) > len("sqlite:"):
+            path = Path(state[len("sqlite:"):])
+            state = "sqlite:" + str(path if path.is_absolute() else self.base / path)
+        elif not (state.startswith("kubernetes:") and _DNS.match(state[len("kubernetes:"):])):
+            self.problem(("state",), "must be sqlite:PATH or kubernetes:NAMESPACE")
+        prom = data.get("prometheus", {})
+        url, timeout = "http://127.0.0.1:9090", 10.0
+        if not isinstance(prom, dict):
+            self.problem(("prometheus",), "must be a mapping with url")
+        else:
+            self.unknown(prom, {"url", "timeout"}, ("prometheus",))
+            url = self.string(prom, "url", ("prometheus",), default=url) or url
+            if not re.match(r"^https?://", url):
+                self.problem(("prometheus", "url"), "must start with http:// or https://")
+            if "timeout" in prom:
+                try:
+                    timeout = policy_mod.parse_duration(prom["timeout"])
+                except ValueError as e:
+                    self.problem(("prometheus", "timeout"), str(e))
+        policy_paths = self.policy_paths(data.get("policies", "policies/"))
+        tokens = self.tokens(data.get("auth"))
+        targets = self.targets(data.get("targets"))
+        if self.problems:
+            raise ValidationFailed(self.problems)
+        return Config(listen_host=host, listen_port=port, state=state, prometheus_url=url,
+                      prometheus_timeout=timeout, policy_paths=policy_paths, tokens=tokens,
+                      targets=targets, source=self.doc.file)
+
+    def policy_paths(self, raw: Any) -> tuple[Path, ...]:
+        items = [raw] if isinstance(raw, str) else raw
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            self.problem(("policies",), "must be a directory or a list of policy files")
+            return ()
+        out: list[Path] = []
+        for i, item in enumerate(items):
+            p = Path(item)
+            p = p if p.is_absolute() else self.base / p
+            if p.is_dir():
+                out.extend(sorted([*p.glob("*.yaml"), *p.glob("*.yml")]))
+            elif p.is_file():
+                out.append(p)
+            else:
+                where: yamlsrc.Path = ("policies",) if isinstance(raw, str) else ("policies", i)
+                self.problem(where, f"{p} is neither a directory nor a file")
+        return tuple(out)
+
+    def tokens(self, raw: Any) -> tuple[Token, ...]:
+        if raw is None:
+            self.problem(("auth",), "required: auth.tokens lists who may call the API")
+            return ()
+        if not isinstance(raw, dict):
+            self.problem(("auth",), "must be a mapping with tokens")
+            return ()
+        self.unknown(raw, {"tokens"}, ("auth",))
+        items = raw.get("tokens")
+        if not isinstance(items, list) or not items:
+            self.problem(("auth", "tokens"), "must be a non-empty list of {name, sha256, role}")
+            return ()
+        out: list[Token] = []
+        names: set[str] = set()
+        for i, item in enumerate(items):
+            path: yamlsrc.Path = ("auth", "tokens", i)
+            if not isinstance(item, dict):
+                self.problem(path, "must be a mapping {name, sha256, role}")
+                continue
+            self.unknown(item, {"name", "sha256", "role"}, path)
+            name = self.string(item, "name", path)
+            digest = item.get("sha256")
+            if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+                self.problem((*path, "sha256"),
+                             "must be 64 hex digits: the sha256 of the token, e.g. "
+                             "`printf %s \"$TOKEN\" | sha256sum`")
+                continue
+            role_raw = item.get("role")
+            try:
+                role = Role[str(role_raw).upper()]
+            except KeyError:
+                self.problem((*path, "role"), "must be one of viewer, pipeline, oncall")
+                continue
+            if name is None:
+                continue
+            if name in names:
+                self.problem((*path, "name"), f"token name {name!r} is used twice")
+                continue
+            names.add(name)
+            out.append(Token(name=name, sha256=digest.lower(), role=role))
+        return tuple(out)
+
+    def targets(self, raw: Any) -> dict[str, Target]:
+        if not isinstance(raw, dict) or not raw:
+            self.problem(("targets",), "required: a mapping of target name -> router settings")
+            return {}
+        out: dict[str, Target] = {}
+        for name, item in raw.items():
+            path: yamlsrc.Path = ("targets", name)
+            if not _NAME.match(name):
+                self.problem(path, "target names are 1-63 letters, digits, '.', '_' or '-'")
+                continue
+            if not isinstance(item, dict):
+                self.problem(path, "must be a mapping with router: nginx or router: istio")
+                continue
+            router = item.get("router")
+            common = self.common(item, path)
+            if router == "nginx":
+                self.unknown(item, _NGINX, path)
+                file = self.string(item, "file", path)
+                upstream = self.string(item, "upstream", path)
+                if upstream and not re.fullmatch(r"[A-Za-z0-9_.-]+", upstream):
+                    self.problem((*path, "upstream"), "letters, digits, '.', '_' and '-' only")
+                stable = self.strings(item, "stable", path)
+                canary = self.strings(item, "canary", path)
+                for side, addrs in (("stable", stable), ("canary", canary)):
+                    for j, a in enumerate(addrs):
+                        if not _ADDRESS.match(a):
+                            self.problem((*path, side, j), f"{a!r} is not host:port or unix:PATH")
+                if set(stable) & set(canary):
+                    self.problem((*path, "canary"), "an address cannot be both stable and canary")
+                test = self.strings(item, "test", path, default=("nginx", "-t"))
+                reload = self.strings(item, "reload", path, default=("nginx", "-s", "reload"))
+                if file and upstream:
+                    fp = Path(file)
+                    out[name] = NginxTarget(
+                        name=name, file=fp if fp.is_absolute() else self.base / fp,
+                        upstream=upstream, stable=stable, canary=canary, test=test,
+                        reload=reload, **common)
+            elif router == "istio":
+                self.unknown(item, _ISTIO, path)
+                ns = self.string(item, "namespace", path)
+                vs = self.string(item, "virtual_service", path)
+                route = self.string(item, "route", path, required=False)
+                dests = [self.destination(item.get(side), (*path, side))
+                         for side in ("stable", "canary")]
+                if ns and vs and dests[0] and dests[1]:
+                    out[name] = IstioTarget(name=name, namespace=ns, virtual_service=vs,
+                                            route=route, stable=dests[0], canary=dests[1],
+                                            **common)
+            else:
+                self.problem((*path, "router"), "must be nginx or istio")
+        return out
+
+    def common(self, item: Mapping[str, Any], path: yamlsrc.Path) -> dict[str, Any]:
+        pol = self.string(item, "policy", path, required=False)
+        stable_version = self.string(item, "stable_version", path, required=False)
+        raw_vars = item.get("vars", {})
+        variables: dict[str, str] = {}
+        if not isinstance(raw_vars, dict):
+            self.problem((*path, "vars"), "must be a mapping of name -> value")
+        else:
+            for k, v in raw_vars.items():
+                if k in policy_mod.BUILTIN_VARS:
+                    self.problem((*path, "vars", k), f"{k!r} is filled by canary itself; pick another name")
+                elif not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+                    self.problem((*path, "vars", k), "variable names are letters, digits and _")
+                elif isinstance(v, dict | list) or v is None:
+                    self.problem((*path, "vars", k), "must be a plain value")
+                else:
+                    variables[k] = str(v)
+        return {"policy": pol, "vars": variables, "stable_version": stable_version}
+
+    def destination(self, raw: Any, path: yamlsrc.Path) -> IstioDestination | None:
+        if not isinstance(raw, dict):
+            self.problem(path, "must be a mapping {host, subset}")
+            return None
+        self.unknown(raw, {"host", "subset"}, path)
+        host = self.string(raw, "host", path)
+        subset = self.string(raw, "subset", path, required=False)
+        return IstioDestination(host=host, subset=subset) if host else None
+
+
+def cross_check(cfg: Config, policies: Mapping[str, policy_mod.Policy],
+                doc: yamlsrc.Doc) -> list[Problem]:
+    """Problems that need both the config and its policies: unknown policy names and
+    query templates that no target var fills."""
+    problems: list[Problem] = []
+    for name, target in cfg.targets.items():
+        path: yamlsrc.Path = ("targets", name)
+        if target.policy is not None and target.policy not in policies:
+            problems.append(Problem(doc.file, doc.line((*path, "policy")), f"targets.{name}.policy",
+                                    f"no policy named {target.policy!r}; loaded: "
+                                    f"{', '.join(sorted(policies)) or 'none'}"))
+        candidates = [policies[target.policy]] if target.policy and target.policy in policies else []
+        for pol in candidates:
+            missing = pol.template_names() - set(target.vars) - policy_mod.BUILTIN_VARS
+            if missing:
+                problems.append(Problem(
+                    doc.file, doc.line((*path, "vars")), f"targets.{name}.vars",
+                    f"policy {pol.name!r} uses {', '.join(sorted(missing))}; add them to vars"))
+    return problems

@@ -1,0 +1,114 @@
+"""`canary demo`: one healthy and one faulty rollout on a real local playground."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from canary import config as config_mod
+from canary.demo import procs
+from canary.demo.playground import Playground, fast_policy
+from canary.demo.procs import Load
+
+
+def say(text: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {text}", flush=True)
+
+
+async def follow(s: aiohttp.ClientSession, pg: Playground, rollout_id: str) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {pg.tokens['viewer']}"}
+    last = ""
+    while True:
+        async with s.get(f"{pg.api}/api/v1/rollouts/{rollout_id}", headers=headers) as resp:
+            r: dict[str, Any] = await resp.json()
+        gates = ", ".join(
+            f"{g['name']}={'-' if g['value'] is None else format(g['value'], '.3g')}"
+            f"(max {g['max']:g}) {g['status']}" for g in r["gates"])
+        line = f"  {r['state']:<12} stage {r['stage']} weight {r['weight']:>3}%  {gates}"
+        if line != last:
+            say(line)
+            last = line
+        if r["state"] in ("succeeded", "rolled_back"):
+            return r
+        await asyncio.sleep(0.5)
+
+
+async def demo(keep: bool) -> int:
+    from canary.cli import serve
+
+    with tempfile.TemporaryDirectory(prefix="canary-demo-") as tmp:
+        pg = Playground(Path(tmp))
+        say(f"starting the playground in {tmp}: nginx, Prometheus, web v1 (stable) and v2 (canary)")
+        await pg.start()
+        policy = fast_policy("demo", interval="2s", holds=("6s", "6s", "6s", "4s"),
+                             weights=(10, 25, 50, 100), max_error=0.02, progress_deadline="1m")
+        cfg = config_mod.load_file(pg.write_config([policy]))
+        ready = asyncio.Event()
+        server = asyncio.create_task(serve(cfg, ready=ready))
+        load = Load(pg.url, rate=40, limit=20_000)
+        code = 0
+        try:
+            await asyncio.wait_for(ready.wait(), 30)
+            say(f"controller on {pg.api}; sending 40 requests/s through nginx at {pg.url}")
+            load.start()
+            await asyncio.sleep(3)
+            auth = {"Authorization": f"Bearer {pg.tokens['pipeline']}"}
+            async with aiohttp.ClientSession() as s:
+                say("rollout 1: web v2, a healthy release (policy: 10% -> 25% -> 50% -> 100%)")
+                async with s.post(f"{pg.api}/api/v1/rollouts", headers=auth,
+                                  json={"target": "web", "canary_version": "v2",
+                                        "stable_version": "v1"}) as resp:
+                    r = await resp.json()
+                r = await follow(s, pg, r["id"])
+                say(f"rollout 1 ended {r['state']}: traffic so far {dict(load.versions)}")
+                code |= int(r["state"] != "succeeded")
+
+                say("v2 is now stable everywhere; deploying v3 to the canary server, with a bug "
+                    "that fails 1 request in 5")
+                pg.stable.version, pg.canary.version, pg.canary.error_rate = "v2", "v3", 0.2
+                before = load.codes.copy()
+                async with s.post(f"{pg.api}/api/v1/rollouts", headers=auth,
+                                  json={"target": "web", "canary_version": "v3",
+                                        "stable_version": "v2"}) as resp:
+                    r = await resp.json()
+                say("rollout 2: web v3")
+                r = await follow(s, pg, r["id"])
+                say(f"rollout 2 ended {r['state']}: {r['reason']}")
+                failed = sum(n for (v, c), n in (load.codes - before).items()
+                             if v == "v3" and c >= 500)
+                say(f"requests failed by v3 before the rollback: {failed}")
+                code |= int(r["state"] != "rolled_back")
+                await asyncio.sleep(2)
+                split = await procs.split(pg.url, 20)
+                say(f"after the rollback, 20 requests went to: {dict(split)}")
+                if keep:
+                    say(f"playground left running; API {pg.api}, tokens {pg.tokens}; Ctrl-C ends")
+                    await asyncio.Event().wait()
+        finally:
+            await load.stop()
+            server.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await server
+            await pg.stop()
+        say("demo " + ("passed: the healthy release was promoted, the faulty one rolled back"
+                       if code == 0 else "FAILED: see above"))
+        return code
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    try:
+        code: int = asyncio.run(demo(args.keep))
+        return code
+    except RuntimeError as e:
+        print(f"canary demo: {e}", file=sys.stderr)
+        return 2

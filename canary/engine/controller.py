@@ -1,0 +1,262 @@
+"""Runs rollouts: one asyncio task each, resumed from the store at start.
+
+Every change goes through `_update`: load the stored rollout, run a pure step of
+`decide` on it, save it with its expected version. The router is told only what was
+saved first, so a controller killed at any point re-applies the stored weight when it
+starts again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+
+from canary import policy as policy_mod
+from canary.clock import Clock
+from canary.config import Target
+from canary.engine import decide
+from canary.errors import (
+    InvalidInput,
+    NotFound,
+    RouterError,
+    StoreConflict,
+)
+from canary.gates.prometheus import MetricSource, measure
+from canary.metrics import Metrics
+from canary.model import Command, PauseKind, Phase, Readings, Rollout
+from canary.routers import Router
+from canary.store import Store
+
+log = logging.getLogger("canary.controller")
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
+
+
+@dataclass
+class Controller:
+    store: Store
+    policies: Mapping[str, policy_mod.Policy]
+    targets: Mapping[str, Target]
+    routers: Mapping[str, Router]
+    source: MetricSource
+    clock: Clock
+    metrics: Metrics = field(default_factory=Metrics)
+    retry_max: float = 30.0
+    _tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    _wakeups: dict[str, asyncio.Event] = field(default_factory=dict)
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    _start_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _stopping: bool = False
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for r in await self.store.list(active_only=True):
+            log.info("resuming rollout", extra={"rollout": r.id, "target": r.target,
+                                                "state": r.state.value, "stage": r.stage,
+                                                "weight": r.weight})
+            self._spawn(r.id)
+        self.metrics.active.set(len(self._tasks))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        tasks = list(self._tasks.values())
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+
+    def running(self) -> int:
+        return len(self._tasks)
+
+    def _spawn(self, rollout_id: str) -> None:
+        if rollout_id in self._tasks or self._stopping:
+            return
+        self._wakeups.setdefault(rollout_id, asyncio.Event())
+        task = asyncio.create_task(self._run(rollout_id), name=f"rollout-{rollout_id}")
+        self._tasks[rollout_id] = task
+        task.add_done_callback(lambda _t: self._tasks.pop(rollout_id, None))
+
+    def wake(self, rollout_id: str) -> None:
+        ev = self._wakeups.get(rollout_id)
+        if ev is not None:
+            ev.set()
+
+    # ---- requests -------------------------------------------------------------------
+
+    async def create(self, *, target: str, canary_version: str, stable_version: str | None,
+                     policy: str | None, actor: str) -> Rollout:
+        tgt = self.targets.get(target)
+        if tgt is None:
+            raise NotFound(f"no target named {target!r}; configured: "
+                           f"{', '.join(sorted(self.targets))}")
+        if target not in self.routers:
+            raise InvalidInput(f"target {target!r} has no working router in this controller")
+        policy_name = policy or tgt.policy
+        if policy_name is None:
+            raise InvalidInput(f"target {target!r} has no default policy; pass \"policy\"")
+        pol = self.policies.get(policy_name)
+        if pol is None:
+            raise NotFound(f"no policy named {policy_name!r}; loaded: "
+                           f"{', '.join(sorted(self.policies))}")
+        for field_name, value in (("canary_version", canary_version),
+                                  ("stable_version", stable_version)):
+            if value is not None and not _VERSION.match(value):
+                raise InvalidInput(f"{field_name}: {value!r} must be 1-128 letters, digits or "
+                                   "._:+- starting with a letter or digit")
+        async with self._start_lock:
+            if stable_version is None:
+                stable_version = await self._last_stable(target) or tgt.stable_version
+            if stable_version == canary_version:
+                raise InvalidInput(f"canary_version and stable_version are both "
+                                   f"{canary_version!r}; nothing to roll out")
+            values = self._template_values(tgt, canary_version, stable_version, "x", pol)
+            missing = sorted(pol.template_names() - set(values))
+            if missing:
+                hint = ("; pass stable_version" if "stable_version" in missing
+                        else f"; add them to targets.{target}.vars")
+                raise InvalidInput(f"policy {pol.name!r} uses {', '.join(missing)}, which "
+                                   f"target {target!r} does not define{hint}")
+            now = self.clock.now()
+            rid = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)) + "-" + secrets.token_hex(3)
+            r = decide.start(rollout_id=rid, target=target, policy=pol,
+                             canary_version=canary_version, stable_version=stable_version,
+                             now=now, actor=actor)
+            r = await self.store.create(rollout=r)
+        self.metrics.started.labels(target).inc()
+        self._log_new_events(None, r)
+        self._spawn(r.id)
+        self.metrics.active.set(len(self._tasks))
+        return r
+
+    async def _last_stable(self, target: str) -> str | None:
+        for r in await self.store.list():
+            if r.target == target and r.state is Phase.SUCCEEDED:
+                return r.canary_version
+        return None
+
+    async def command(self, rollout_id: str, cmd: Command) -> Rollout:
+        """Record an override and wake the rollout's task; Conflict if it does not fit."""
+        r = await self.store.load(rollout_id)
+        pol = policy_mod.from_dict(r.policy_spec)
+        r = await self._update(rollout_id, partial(decide.command, policy=pol, cmd=cmd,
+                                                   now=self.clock.now()))
+        self.wake(rollout_id)
+        return r
+
+    # ---- the loop -------------------------------------------------------------------
+
+    async def _update(self, rollout_id: str, step: Callable[[Rollout], Rollout]) -> Rollout:
+        lock = self._locks.setdefault(rollout_id, asyncio.Lock())
+        async with lock:
+            for _ in range(20):
+                old = await self.store.load(rollout_id)
+                new = step(old)
+                if new == old:
+                    return old
+                try:
+                    saved = await self.store.save(rollout=new, expected_version=old.version)
+                except StoreConflict:
+                    continue
+                self._log_new_events(old, saved)
+                self.metrics.observe(saved)
+                if saved.state.final and not old.state.final:
+                    self.metrics.outcomes.labels(saved.target, saved.state.value).inc()
+                return saved
+        raise StoreConflict(f"rollout {rollout_id} kept changing under us; try again")
+
+    def _log_new_events(self, old: Rollout | None, new: Rollout) -> None:
+        fresh = new.events[len(old.events):] if old is not None else new.events
+        for e in fresh:
+            log.info(e.message, extra={"rollout": new.id, "target": new.target,
+                                       "event": e.type, "actor": e.actor,
+                                       "state": new.state.value, "stage": new.stage,
+                                       "weight": new.weight})
+
+    def _template_values(self, tgt: Target, canary_version: str, stable_version: str | None,
+                         rollout_id: str, pol: policy_mod.Policy) -> dict[str, str]:
+        values = dict(tgt.vars)
+        values.update(target=tgt.name, canary_version=canary_version, rollout_id=rollout_id,
+                      interval=policy_mod.format_duration(pol.interval))
+        if stable_version is not None:
+            values["stable_version"] = stable_version
+        return values
+
+    async def _run(self, rollout_id: str) -> None:
+        wakeup = self._wakeups[rollout_id]
+        forced = False   # re-apply the stored weight once after every (re)start
+        next_eval = 0.0
+        retry = 0.5
+        while True:
+            try:
+                r = await self.store.load(rollout_id)
+                if r.state.final:
+                    break
+                pol = policy_mod.from_dict(r.policy_spec)
+                router = self.routers[r.target]
+                live = await router.get_weight()
+                r = await self._update(rollout_id, partial(decide.observed, weight=live,
+                                                           now=self.clock.now()))
+                if r.state is not Phase.PAUSED or r.pause_kind is not PauseKind.ROUTER:
+                    if r.weight != r.applied_weight or not forced:
+                        want = r.weight
+                        try:
+                            await router.set_weight(want)
+                        except RouterError as e:
+                            self.metrics.router_errors.labels(r.target).inc()
+                            r = await self._update(rollout_id, partial(
+                                decide.apply_failed, error=str(e), now=self.clock.now()))
+                            if r.state is Phase.ROLLING_BACK:
+                                await self.clock.sleep(retry, wakeup)
+                                retry = min(retry * 2, self.retry_max)
+                                continue
+                        else:
+                            forced = True
+                            retry = 0.5
+                            r = await self._update(rollout_id, partial(
+                                decide.applied, weight=want, now=self.clock.now()))
+                            continue
+                now = self.clock.now()
+                watching = r.state is Phase.PROGRESSING or r.pause_kind is PauseKind.APPROVAL
+                if watching and now >= next_eval and r.stage_since is not None:
+                    next_eval = now + pol.interval
+                    rd = await self._measure(r, pol, now)
+                    for x in rd.items:
+                        self.metrics.verdicts.labels(r.target, x.gate, x.verdict.value).inc()
+                    r = await self._update(rollout_id, partial(
+                        decide.readings, policy=pol, rd=rd, now=self.clock.now()))
+                r = await self._update(rollout_id, partial(decide.tick, policy=pol,
+                                                           now=self.clock.now()))
+                if r.state.final:
+                    break
+                if r.weight != r.applied_weight and r.pause_kind is not PauseKind.ROUTER:
+                    continue
+                if next_eval <= self.clock.now():
+                    next_eval = self.clock.now() + pol.interval
+                await self.clock.sleep(next_eval - self.clock.now(), wakeup)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug or an unexpected failure must not end the rollout's task: say so
+                # loudly, back off, and try again from the stored state.
+                log.exception("rollout loop failed; retrying", extra={"rollout": rollout_id})
+                await self.clock.sleep(retry, wakeup)
+                retry = min(retry * 2, self.retry_max)
+        self._locks.pop(rollout_id, None)
+        self._wakeups.pop(rollout_id, None)
+        self.metrics.active.set(max(0, len(self._tasks) - 1))
+
+    async def _measure(self, r: Rollout, pol: policy_mod.Policy, now: float) -> Readings:
+        tgt = self.targets[r.target]
+        values = self._template_values(tgt, r.canary_version, r.stable_version, r.id, pol)
+        items = await measure(self.source, pol.gates_for(r.stage), values,
+                              budget=max(1.0, min(10.0, pol.interval / 2)))
+        return Readings(at=now, stage=r.stage, items=items)

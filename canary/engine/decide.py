@@ -1,0 +1,265 @@
+"""The pure state machine: (rollout, policy, time, what happened) -> new rollout.
+
+No I/O and no clock of its own. The loop persists what this returns, then makes the
+router carry `weight`; everything it learns (readings, the router's weight, an apply
+that failed, an on-call command) comes back through here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from canary.errors import Conflict
+from canary.model import (
+    Command,
+    CommandKind,
+    Event,
+    GateStatus,
+    PauseKind,
+    Phase,
+    Readings,
+    Rollout,
+    Verdict,
+)
+from canary.policy import NoData, Policy, format_duration
+
+MAX_EVENTS = 1000
+
+
+def _event(r: Rollout, now: float, type_: str, message: str, actor: str = "controller") -> Rollout:
+    events = (*r.events, Event(at=now, type=type_, message=message, actor=actor))
+    return replace(r, events=events[-MAX_EVENTS:], updated_at=now)
+
+
+def fresh_gates(policy: Policy, stage: int) -> tuple[GateStatus, ...]:
+    return tuple(GateStatus(name=g.name, min=g.min, max=g.max) for g in policy.gates_for(stage))
+
+
+def start(*, rollout_id: str, target: str, policy: Policy, canary_version: str,
+          stable_version: str | None, now: float, actor: str) -> Rollout:
+    first = policy.stages[0]
+    r = Rollout(id=rollout_id, target=target, policy=policy.name, policy_spec=policy.to_dict(),
+                canary_version=canary_version, stable_version=stable_version,
+                state=Phase.PROGRESSING, stage=0, weight=first.weight, started_at=now,
+                updated_at=now, gates=fresh_gates(policy, 0))
+    return _event(r, now, "start",
+                  f"rollout of {canary_version} on {target} with policy {policy.name}, "
+                  f"weight {first.weight}", actor)
+
+
+def _enter_stage(r: Rollout, policy: Policy, stage: int, now: float, actor: str,
+                 why: str) -> Rollout:
+    weight = policy.stages[stage].weight
+    r = replace(r, stage=stage, weight=weight, stage_since=None, state=Phase.PROGRESSING,
+                pause_kind=None, paused_at=None, reason=None, gates=fresh_gates(policy, stage))
+    return _event(r, now, "stage", f"stage {stage}: weight {weight} ({why})", actor)
+
+
+def _roll_back(r: Rollout, now: float, reason: str, actor: str = "controller") -> Rollout:
+    r = replace(r, state=Phase.ROLLING_BACK, weight=0, reason=reason, pause_kind=None,
+                paused_at=None, finishing=False)
+    r = _event(r, now, "rollback", reason, actor)
+    return _finish_if_done(r, now)
+
+
+def _pause(r: Rollout, now: float, kind: PauseKind, reason: str) -> Rollout:
+    return replace(r, state=Phase.PAUSED, pause_kind=kind, paused_at=now, reason=reason,
+                   updated_at=now)
+
+
+def _finish_if_done(r: Rollout, now: float) -> Rollout:
+    """Final states are reported only once the router carries their weight."""
+    if r.state is Phase.ROLLING_BACK and r.applied_weight == 0:
+        return _event(replace(r, state=Phase.ROLLED_BACK), now, "rolled_back",
+                      "all traffic on stable")
+    if r.finishing and r.applied_weight == 100 and r.weight == 100 and not r.state.final:
+        r = replace(r, state=Phase.SUCCEEDED, reason=None, pause_kind=None, paused_at=None,
+                    finishing=False)
+        return _event(r, now, "succeeded", f"all traffic on {r.canary_version}")
+    return r
+
+
+# ---- commands from on-call and the pipeline --------------------------------------------
+
+
+def command(r: Rollout, policy: Policy, cmd: Command, now: float) -> Rollout:
+    """Apply an override, or raise Conflict saying why it does not fit the state."""
+    who = f"{cmd.actor}: {cmd.reason}"
+    if r.state.final:
+        raise Conflict(f"rollout {r.id} is already {r.state.value}; nothing to {cmd.kind.value}")
+    if cmd.kind is CommandKind.ABORT:
+        if r.state is Phase.ROLLING_BACK:
+            raise Conflict(f"rollout {r.id} is already rolling back")
+        return _roll_back(r, now, f"aborted by {who}", cmd.actor)
+    if r.state is Phase.ROLLING_BACK:
+        raise Conflict(f"rollout {r.id} is rolling back; it cannot {cmd.kind.value}")
+    if cmd.kind is CommandKind.PAUSE:
+        if r.state is Phase.PAUSED:
+            raise Conflict(f"rollout {r.id} is already paused ({r.reason}); "
+                           "resume, promote or abort it")
+        r = _pause(r, now, PauseKind.MANUAL, f"paused by {who}")
+        return _event(r, now, "pause", cmd.reason, cmd.actor)
+    if cmd.kind is CommandKind.RESUME:
+        if r.state is not Phase.PAUSED:
+            raise Conflict(f"rollout {r.id} is not paused; it is {r.state.value}")
+        if r.pause_kind is PauseKind.APPROVAL:
+            raise Conflict(f"rollout {r.id} waits for approval at weight {r.weight}; "
+                           "promote it to continue, or abort it")
+        target_weight = policy.stages[r.stage].weight if not r.finishing else 100
+        if r.weight != target_weight or r.applied_weight != r.weight:
+            # the weight in force is not this stage's: re-apply it and serve the hold anew
+            r = replace(r, weight=target_weight, stage_since=None)
+        elif r.stage_since is not None and r.paused_at is not None:
+            # time spent paused is not time held under watch
+            r = replace(r, stage_since=r.stage_since + (now - r.paused_at))
+        r = replace(r, state=Phase.PROGRESSING, pause_kind=None, paused_at=None, reason=None)
+        return _event(r, now, "resume", cmd.reason, cmd.actor)
+    # promote
+    last = len(policy.stages) - 1
+    if cmd.full or r.stage >= last:
+        r = replace(r, stage=last, weight=100, finishing=True, state=Phase.PROGRESSING,
+                    pause_kind=None, paused_at=None, reason=None,
+                    stage_since=r.stage_since if r.weight == 100 else None)
+        r = _event(r, now, "promote", f"{cmd.reason} (to 100%)", cmd.actor)
+        return _finish_if_done(r, now)
+    r = _event(r, now, "promote", cmd.reason, cmd.actor)
+    return _enter_stage(r, policy, r.stage + 1, now, cmd.actor, f"promoted by {cmd.actor}")
+
+
+# ---- what the router says ---------------------------------------------------------------
+
+
+def applied(r: Rollout, weight: int, now: float) -> Rollout:
+    """The router confirmed it carries `weight`."""
+    if r.state.final:
+        return r
+    r = replace(r, applied_weight=weight, updated_at=now)
+    if weight == r.weight and r.stage_since is None:
+        r = replace(r, stage_since=now)
+    return _finish_if_done(r, now)
+
+
+def apply_failed(r: Rollout, error: str, now: float) -> Rollout:
+    """The router could not apply `r.weight`. A rollback keeps trying; anything else pauses
+    at the weight still in force and says why."""
+    if r.state.final:
+        return r
+    if r.state is Phase.ROLLING_BACK:
+        reason = f"rolling back; the router has not yet taken weight 0: {error}"
+        if r.reason != reason:
+            r = _event(replace(r, reason=reason), now, "router_error", error)
+        return r
+    wanted = r.weight
+    in_force = r.applied_weight if r.applied_weight is not None else wanted
+    r = replace(r, weight=in_force, stage_since=r.stage_since if in_force == wanted else None)
+    reason = (f"router could not apply weight {wanted}: {error}; weight {in_force} stays in "
+              "force; fix the router, then resume")
+    r = _pause(r, now, PauseKind.ROUTER, reason)
+    return _event(r, now, "router_error", error)
+
+
+def observed(r: Rollout, weight: int | None, now: float) -> Rollout:
+    """The router's live weight, read back every interval. A change made outside canary is
+    drift: record it and pause; never fight it (except a rollback, which always wins)."""
+    if r.state.final or weight is None:
+        return r
+    if weight == r.applied_weight:
+        return r
+    if r.applied_weight is None or weight == r.weight:
+        # first look after a (re)start, or a write that landed before a crash
+        return applied(r, weight, now)
+    expected = r.applied_weight
+    r = replace(r, applied_weight=weight, updated_at=now)
+    if r.state is Phase.ROLLING_BACK:
+        return _event(r, now, "drift", f"router carries weight {weight} while rolling back; "
+                                       "re-applying 0")
+    message = (f"router carries canary weight {weight}, expected {expected}; changed outside "
+               f"canary. Resume to re-apply {r.weight}, or abort to roll back")
+    r = _event(r, now, "drift", message)
+    if r.state is Phase.PAUSED and r.pause_kind is PauseKind.MANUAL:
+        return replace(r, reason=f"{r.reason}; drift: {message}")
+    return _pause(r, now, PauseKind.DRIFT, f"drift: {message}")
+
+
+# ---- gates and time ---------------------------------------------------------------------
+
+
+def _counts_as(verdict: Verdict, no_data: NoData) -> Verdict:
+    """pass, fail or no_data (hold). A query error is never a pass."""
+    if verdict in (Verdict.PASS, Verdict.FAIL):
+        return verdict
+    if no_data is NoData.FAIL:
+        return Verdict.FAIL
+    if no_data is NoData.PASS and verdict is Verdict.NO_DATA:
+        return Verdict.PASS
+    return Verdict.NO_DATA
+
+
+def _describe(g: GateStatus) -> str:
+    if g.value is None:
+        return f"gate {g.name}: {g.status.value}" + (f" ({g.detail})" if g.detail else "")
+    bound = (f"above max {g.max:g}" if g.max is not None and g.value > g.max
+             else f"below min {g.min:g}" if g.min is not None and g.value < g.min
+             else "within bounds")
+    return f"gate {g.name}: value {g.value:.6g} {bound}"
+
+
+def readings(r: Rollout, policy: Policy, rd: Readings, now: float) -> Rollout:
+    """Fold one evaluation of the stage's gates into the rollout."""
+    watching = r.state is Phase.PROGRESSING or (
+        r.state is Phase.PAUSED and r.pause_kind is PauseKind.APPROVAL)
+    if (not watching or rd.stage != r.stage or r.stage_since is None
+            or r.applied_weight != r.weight or rd.at < r.stage_since):
+        return r  # taken under another weight, or while nobody should judge
+    by_name = {x.gate: x for x in rd.items}
+    gates: list[GateStatus] = []
+    breached: GateStatus | None = None
+    for g in r.gates:
+        x = by_name.get(g.name)
+        if x is None:
+            gates.append(g)
+            continue
+        counted = _counts_as(x.verdict, policy.no_data)
+        failures = (g.failures + 1 if counted is Verdict.FAIL
+                    else 0 if counted is Verdict.PASS else g.failures)
+        ng = replace(g, status=x.verdict, value=x.value, failures=failures, at=rd.at,
+                     detail=x.detail)
+        gates.append(ng)
+        if failures >= policy.failure_limit and breached is None:
+            breached = ng
+    r = replace(r, gates=tuple(gates), updated_at=now)
+    if breached is not None:
+        return _roll_back(r, now, f"{_describe(breached)} for {breached.failures} consecutive "
+                                  f"evaluations (failure_limit {policy.failure_limit})")
+    return r
+
+
+def tick(r: Rollout, policy: Policy, now: float) -> Rollout:
+    """Time-driven rules: move on after a passing hold, wait for approval, give up at the
+    progress deadline."""
+    r = _finish_if_done(r, now)
+    if (r.state is not Phase.PROGRESSING or r.finishing or r.stage_since is None
+            or r.applied_weight != r.weight):
+        return r
+    stage = policy.stages[r.stage]
+    held = now - r.stage_since
+    judged = all(g.at is not None and g.at >= r.stage_since for g in r.gates)
+    passing = judged and all(_counts_as(g.status, policy.no_data) is Verdict.PASS
+                             for g in r.gates)
+    if held >= stage.hold and passing:
+        if stage.approval:
+            r = _pause(r, now, PauseKind.APPROVAL,
+                       f"stage {r.stage} (weight {r.weight}) passed its hold; waiting for "
+                       "approval: promote to continue, abort to roll back")
+            return _event(r, now, "approval", "waiting for promote")
+        if r.stage == len(policy.stages) - 1:
+            return _finish_if_done(replace(r, finishing=True), now)
+        return _enter_stage(r, policy, r.stage + 1, now, "controller",
+                            f"gates passed for {format_duration(held)}")
+    if held > policy.progress_deadline:
+        blockers = [g for g in r.gates
+                    if _counts_as(g.status, policy.no_data) is not Verdict.PASS]
+        why = "; ".join(_describe(g) for g in blockers) or "gates not evaluated"
+        return _roll_back(r, now, f"no progress for {format_duration(policy.progress_deadline)} "
+                                  f"at stage {r.stage} (weight {r.weight}): {why}")
+    return r

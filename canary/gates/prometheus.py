@@ -1,0 +1,95 @@
+"""Prometheus instant queries through prometheus-api-client, off the event loop.
+
+The client blocks (requests), so every call goes through asyncio.to_thread here and
+nowhere else. Retries are tenacity's, on MetricsError only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
+
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
+
+from canary.errors import MetricsError
+from canary.gates.evaluate import judge
+from canary.model import Reading
+from canary.policy import Gate, format_duration, render
+
+
+class MetricSource(Protocol):
+    async def query(self, promql: str) -> float | None:
+        """One number, None for no sample; MetricsError when it cannot say."""
+        ...
+
+
+class PrometheusSource:
+    def __init__(self, url: str, *, timeout: float = 10.0, client: Any = None) -> None:
+        if client is None:
+            from prometheus_api_client import PrometheusConnect
+            from urllib3.util.retry import Retry
+
+            client = PrometheusConnect(url=url, disable_ssl=False, retry=Retry(total=0),
+                                       timeout=timeout)
+        self._client = client
+        self._timeout = timeout
+
+    def _query_blocking(self, promql: str) -> Any:
+        try:
+            return self._client.custom_query(
+                promql, params={"timeout": format_duration(self._timeout)}, timeout=self._timeout)
+        except Exception as e:  # requests and the client raise many kinds; all mean "no answer"
+            text = str(e).replace("\n", " ")
+            raise MetricsError(f"prometheus query failed: {type(e).__name__}: {text[:300]}") from e
+
+    async def query(self, promql: str) -> float | None:
+        result = await asyncio.to_thread(self._query_blocking, promql)
+        return parse_result(result)
+
+
+def parse_result(result: Any) -> float | None:
+    """An instant-query `result` -> one float, None for no sample."""
+    if isinstance(result, list) and len(result) == 2 and not isinstance(result[0], dict):
+        return float(result[1])  # scalar
+    if not isinstance(result, list):
+        raise MetricsError(f"unexpected query result {str(result)[:200]}")
+    if not result:
+        return None
+    if len(result) > 1:
+        raise MetricsError(f"query returned {len(result)} series; a gate needs one number "
+                           "(aggregate it with sum(), max() or similar)")
+    try:
+        value = float(result[0]["value"][1])
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise MetricsError(f"unexpected query result {str(result)[:200]}") from e
+    return value
+
+
+async def measure(source: MetricSource, gates: Iterable[Gate], values: Mapping[str, str], *,
+                  attempts: int = 3, budget: float = 10.0) -> tuple[Reading, ...]:
+    """Query every gate (concurrently), retrying failures with backoff within `budget`
+    seconds; a gate whose query keeps failing reads as `error`, never as a pass."""
+
+    async def one(g: Gate) -> Reading:
+        promql = render(g.query, values)
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(MetricsError),
+                stop=stop_after_attempt(attempts) | stop_after_delay(budget),
+                wait=wait_exponential(multiplier=0.2, max=2.0),
+                reraise=True,
+            ):
+                with attempt:
+                    value = await source.query(promql)
+        except MetricsError as e:
+            return judge(g, None, error=str(e))
+        return judge(g, value)
+
+    return tuple(await asyncio.gather(*(one(g) for g in gates)))

@@ -1,0 +1,54 @@
+"""The controller's own metrics, in its own registry (served at /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from canary.model import Rollout
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.weight = Gauge("canary_rollout_weight_percent",
+                            "Canary weight canary wants in force, per active rollout",
+                            ["target", "rollout"], registry=self.registry)
+        self.applied = Gauge("canary_rollout_applied_weight_percent",
+                             "Canary weight the router is known to carry",
+                             ["target", "rollout"], registry=self.registry)
+        self.stage = Gauge("canary_rollout_stage", "Current stage index",
+                           ["target", "rollout"], registry=self.registry)
+        self.gate_value = Gauge("canary_gate_value", "Latest value of a gate's query",
+                                ["target", "rollout", "gate"], registry=self.registry)
+        self.verdicts = Counter("canary_gate_verdicts", "Gate evaluations by verdict",
+                                ["target", "gate", "verdict"], registry=self.registry)
+        self.outcomes = Counter("canary_rollouts_finished", "Rollouts ended, by outcome",
+                                ["target", "outcome"], registry=self.registry)
+        self.started = Counter("canary_rollouts_started", "Rollouts started",
+                               ["target"], registry=self.registry)
+        self.active = Gauge("canary_rollouts_active", "Rollouts not yet final",
+                            registry=self.registry)
+        self.router_errors = Counter("canary_router_errors", "Failed router operations",
+                                     ["target"], registry=self.registry)
+
+    def observe(self, r: Rollout) -> None:
+        labels = (r.target, r.id)
+        if r.state.final:
+            for g in (self.weight, self.applied, self.stage):
+                try:
+                    g.remove(*labels)
+                except KeyError:
+                    pass
+            for gate in r.gates:
+                try:
+                    self.gate_value.remove(r.target, r.id, gate.name)
+                except KeyError:
+                    pass
+            return
+        self.weight.labels(*labels).set(r.weight)
+        if r.applied_weight is not None:
+            self.applied.labels(*labels).set(r.applied_weight)
+        self.stage.labels(*labels).set(r.stage)
+        for gate in r.gates:
+            if gate.value is not None:
+                self.gate_value.labels(r.target, r.id, gate.name).set(gate.value)

@@ -1,0 +1,164 @@
+"""The rollout record and what acts on it: Phase, Event, GateStatus, Command, Reading.
+
+Frozen dataclasses only; the JSON form here is both the stored form and the API's.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+
+class Phase(enum.StrEnum):
+    PROGRESSING = "progressing"
+    PAUSED = "paused"
+    ROLLING_BACK = "rolling_back"  # weight 0 decided, not yet confirmed by the router
+    SUCCEEDED = "succeeded"
+    ROLLED_BACK = "rolled_back"
+
+    @property
+    def final(self) -> bool:
+        return self in (Phase.SUCCEEDED, Phase.ROLLED_BACK)
+
+
+class PauseKind(enum.StrEnum):
+    MANUAL = "manual"      # on-call said pause
+    APPROVAL = "approval"  # an approval stage waits for promote
+    DRIFT = "drift"        # someone changed the weights outside canary
+    ROUTER = "router"      # the router could not apply the next weight
+
+
+class Verdict(enum.StrEnum):
+    PASS = "pass"
+    FAIL = "fail"
+    NO_DATA = "no_data"
+    ERROR = "error"
+    PENDING = "pending"  # not evaluated at this stage yet
+
+
+class CommandKind(enum.StrEnum):
+    PAUSE = "pause"
+    RESUME = "resume"
+    PROMOTE = "promote"
+    ABORT = "abort"
+
+
+@dataclass(frozen=True)
+class Command:
+    kind: CommandKind
+    actor: str
+    reason: str
+    full: bool = False
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One gate's measurement and verdict at one evaluation."""
+
+    gate: str
+    verdict: Verdict
+    value: float | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class Readings:
+    at: float    # when the queries were sent
+    stage: int   # the stage they were taken for
+    items: tuple[Reading, ...]
+
+
+@dataclass(frozen=True)
+class Event:
+    at: float
+    type: str
+    message: str
+    actor: str = "controller"
+
+
+@dataclass(frozen=True)
+class GateStatus:
+    name: str
+    min: float | None
+    max: float | None
+    status: Verdict = Verdict.PENDING
+    value: float | None = None
+    failures: int = 0
+    at: float | None = None
+    detail: str | None = None
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+@dataclass(frozen=True)
+class Rollout:
+    id: str
+    target: str
+    policy: str
+    policy_spec: dict[str, Any] = field(compare=False)  # the policy as it was at start
+    canary_version: str
+    stable_version: str | None
+    state: Phase
+    stage: int
+    weight: int                       # the weight canary wants in force
+    started_at: float
+    updated_at: float
+    reason: str | None = None
+    applied_weight: int | None = None  # the weight the router is known to carry
+    stage_since: float | None = None   # when this stage's weight came into force
+    paused_at: float | None = None
+    pause_kind: PauseKind | None = None
+    finishing: bool = False            # succeed as soon as weight 100 is in force
+    gates: tuple[GateStatus, ...] = ()
+    events: tuple[Event, ...] = ()
+    version: int = 0                   # the store's optimistic-concurrency counter
+
+    def to_api(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "target": self.target,
+            "policy": self.policy,
+            "canary_version": self.canary_version,
+            "stable_version": self.stable_version,
+            "state": self.state.value,
+            "stage": self.stage,
+            "weight": self.weight,
+            "applied_weight": self.applied_weight,
+            "reason": self.reason,
+            "paused_for": self.pause_kind.value if self.pause_kind else None,
+            "started_at": iso(self.started_at),
+            "updated_at": iso(self.updated_at),
+            "stage_since": iso(self.stage_since),
+            "gates": [
+                {k: v for k, v in {
+                    "name": g.name, "value": g.value, "min": g.min, "max": g.max,
+                    "status": g.status.value, "failures": g.failures, "at": iso(g.at),
+                    "detail": g.detail}.items()
+                 if v is not None or k in ("value", "status", "failures")}
+                for g in self.gates
+            ],
+            "events": [
+                {"at": iso(e.at), "type": e.type, "message": e.message, "actor": e.actor}
+                for e in self.events
+            ],
+        }
+
+    def to_store(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("version")
+        return d
+
+    @classmethod
+    def from_store(cls, d: dict[str, Any], *, version: int) -> Rollout:
+        d = dict(d)
+        d["state"] = Phase(d["state"])
+        d["pause_kind"] = PauseKind(d["pause_kind"]) if d.get("pause_kind") else None
+        d["gates"] = tuple(GateStatus(**{**g, "status": Verdict(g["status"])}) for g in d["gates"])
+        d["events"] = tuple(Event(**e) for e in d["events"])
+        return cls(**d, version=version)

@@ -1,0 +1,94 @@
+"""YAML with line numbers: every value of a document can say which line it came from.
+
+Anchors and aliases are refused: policies and configs have no use for them, and
+they are how a small file expands into a huge one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from canary.errors import Problem, ValidationFailed
+
+Path = tuple[str | int, ...]
+MAX_BYTES = 1 << 20
+
+
+@dataclass
+class Doc:
+    file: str
+    data: Any
+    lines: dict[Path, int] = field(default_factory=dict)
+
+    def line(self, path: Path) -> int:
+        """The line of `path`, or of its nearest parent that has one."""
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return self.lines.get((), 1)
+
+
+def load(text: str | bytes, file: str) -> Doc:
+    if isinstance(text, bytes):
+        if len(text) > MAX_BYTES:
+            raise _fail(file, 1, f"file is {len(text)} bytes; the limit is {MAX_BYTES}")
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _fail(file, 1, f"not UTF-8 text (byte {e.start}); save the file as UTF-8") from e
+    if len(text) > MAX_BYTES:
+        raise _fail(file, 1, f"file is larger than {MAX_BYTES} bytes")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return Doc(file, None, {(): 1})
+        doc = Doc(file, None)
+        doc.data = _convert(loader, node, (), doc, set())
+        return doc
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else 1
+        raise _fail(file, line, f"malformed YAML: {e.problem or e.context}") from e
+    except yaml.YAMLError as e:
+        raise _fail(file, 1, f"malformed YAML: {e}") from e
+    finally:
+        loader.dispose()
+
+
+def _fail(file: str, line: int, message: str) -> ValidationFailed:
+    return ValidationFailed([Problem(file, line, "(file)", message)])
+
+
+def _convert(loader: yaml.SafeLoader, node: yaml.Node, path: Path, doc: Doc, seen: set[int]) -> Any:
+    doc.lines[path] = node.start_mark.line + 1
+    if id(node) in seen:
+        raise yaml.MarkedYAMLError(
+            problem="anchors and aliases (&name, *name) are not supported; write the value out",
+            problem_mark=node.start_mark,
+        )
+    if isinstance(node, yaml.MappingNode):
+        seen.add(id(node))
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise yaml.MarkedYAMLError(
+                    problem="merge keys (<<) are not supported", problem_mark=key_node.start_mark
+                )
+            key = loader.construct_object(key_node)
+            key = str(key)
+            if key in out:
+                raise yaml.MarkedYAMLError(
+                    problem=f"duplicate key {key!r}", problem_mark=key_node.start_mark
+                )
+            out[key] = _convert(loader, value_node, (*path, key), doc, seen)
+            doc.lines[(*path, key)] = key_node.start_mark.line + 1
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        seen.add(id(node))
+        return [_convert(loader, n, (*path, i), doc, seen) for i, n in enumerate(node.value)]
+    return loader.construct_object(node)
