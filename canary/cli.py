@@ -38,7 +38,8 @@ def die(message: str, code: int = EXIT_USAGE) -> NoReturn:
 # ---- serve ----------------------------------------------------------------------------
 
 
-async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None) -> None:
+async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
+                signals: bool = True) -> None:
     from aiohttp import web
 
     from canary.api.app import build_app
@@ -65,7 +66,7 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None) -
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM) if signals else ():
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     try:
@@ -150,18 +151,21 @@ def plan_text(pol: policy_mod.Policy) -> str:
     lines.append(f"{'stage':>5}  {'weight':>6}  {'hold':>8}  {'reached at':>10}  gates")
     at = 0.0
     manual = []
+    full_at = 0.0
     for i, s in enumerate(pol.stages):
         gates = ", ".join(f"{g.name} ({g.bounds()})" for g in pol.gates_for(i)) or "none"
         lines.append(f"{i:>5}  {s.weight:>5}%  {fmt(s.hold):>8}  {fmt(at):>10}  {gates}"
                      + ("  [approval]" if s.approval else ""))
+        if s.weight == 100:
+            full_at = at
         # a stage moves on at the first evaluation at or after its hold
-        at += max(iv, math.ceil(s.hold / iv) * iv) if s.hold > 0 else iv
+        at += max(iv, math.ceil(s.hold / iv) * iv)
         if s.approval:
             manual.append(i)
+    wait = (f", plus the wait for approval at stage {', '.join(map(str, manual))}"
+            if manual else "")
     lines.append("")
-    lines.append(f"fastest time to 100% and success: {fmt(at)}"
-                 + (f" plus the wait for approval at stage(s) {', '.join(map(str, manual))}"
-                    if manual else ""))
+    lines.append(f"fastest time to 100%: {fmt(full_at)}; to success: {fmt(at)}{wait}")
     breach = (pol.failure_limit) * iv
     lines.append(f"slowest time from a breach to rollback: {fmt(breach)} "
                  f"({pol.failure_limit} failing evaluations, {fmt(iv)} apart, the first up to "

@@ -335,14 +335,17 @@ class _Checker:
             for bad in re.findall(r"\{\{(?![^{}]*\}\})|\{\{\s*[^A-Za-z_\s][^}]*\}\}", query):
                 self.problem((*gpath, "query"), f"malformed template {bad!r}; write {{{{ name }}}}")
             bounds: dict[str, float | None] = {}
+            bad_bound = False
             for key in ("min", "max"):
                 value = item.get(key, getattr(base, key) if base else None)
                 if value is not None and (isinstance(value, bool)
                                           or not isinstance(value, int | float)):
                     self.problem((*gpath, key), "must be a number")
-                    value = None
+                    value, bad_bound = None, True
                 bounds[key] = float(value) if value is not None else None
-            if bounds["min"] is None and bounds["max"] is None:
+            if bad_bound:
+                pass
+            elif bounds["min"] is None and bounds["max"] is None:
                 self.problem(gpath, "a gate needs min or max (or both): the bound it must stay within")
             elif (bounds["min"] is not None and bounds["max"] is not None
                   and bounds["min"] > bounds["max"]):

@@ -80,7 +80,7 @@ class Nginx:
 
     def write_conf(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        for sub in ("body", "proxy"):
+        for sub in ("body", "proxy", "conf.d"):
             (self.dir / sub).mkdir(exist_ok=True)
         self.conf.write_text(f"""
 worker_processes 1;
@@ -92,6 +92,7 @@ http {{
     client_body_temp_path {self.dir}/body;
     proxy_temp_path {self.dir}/proxy;
     include {self.upstream_file};
+    include {self.dir}/conf.d/*.conf;
     server {{
         listen 127.0.0.1:{self.port};
         location / {{

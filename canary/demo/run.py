@@ -53,7 +53,7 @@ async def demo(keep: bool) -> int:
                              weights=(10, 25, 50, 100), max_error=0.02, progress_deadline="1m")
         cfg = config_mod.load_file(pg.write_config([policy]))
         ready = asyncio.Event()
-        server = asyncio.create_task(serve(cfg, ready=ready))
+        server = asyncio.create_task(serve(cfg, ready=ready, signals=False))
         load = Load(pg.url, rate=40, limit=20_000)
         code = 0
         try:

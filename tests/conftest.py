@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+async def no_tasks_left_running() -> AsyncIterator[None]:
+    """A test that leaves tasks running has leaked a rollout loop or a server."""
+    before = asyncio.all_tasks()
+    yield
+    await asyncio.sleep(0)
+    left = [t for t in asyncio.all_tasks() - before
+            if not t.done() and t is not asyncio.current_task()]
+    assert not left, f"tasks left running: {left}"

@@ -1,0 +1,172 @@
+"""Writing policies and configs: `canary validate` and `canary plan` as an SRE uses them."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from canary import policy
+from canary.cli import main, validate_files
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = """\
+name: p
+interval: 10s
+stages:
+  - weight: 10
+    hold: 1m
+  - weight: 100
+    hold: 1m
+gates:
+  - name: errors
+    query: sum(rate(x{service="{{ service }}"}[1m]))
+    max: 0.01
+"""
+
+
+def write(tmp_path: Path, name: str, text: str) -> str:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+def problems(tmp_path: Path, text: str) -> list[str]:
+    return [str(p) for p in validate_files([write(tmp_path, "pol.yaml", text)])]
+
+
+def test_shipped_example_policies_and_config_are_valid(capsys):
+    files = [str(p) for p in sorted((ROOT / "policies").glob("*.yaml"))]
+    assert len(files) >= 3
+    assert main(["validate", *files, str(ROOT / "docs" / "canary.example.yaml")]) == 0
+    assert "valid" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text,expected", [
+    (GOOD.replace("weight: 100", "weight: 5"),
+     ["pol.yaml:6: stages[1].weight: 5 is not above the previous stage's 10",
+      "pol.yaml:6: stages[1].weight: the last stage must have weight 100"]),
+    (GOOD.replace("weight: 100", "weight: 90"),
+     ["pol.yaml:6: stages[1].weight: the last stage must have weight 100"]),
+    (GOOD.replace("hold: 1m\n  - weight: 100", "hold: 1 minute\n  - weight: 100"),
+     ["pol.yaml:5: stages[0].hold: '1 minute' is not a duration"]),
+    (GOOD.replace("interval: 10s", "interval: 10s\nintervall: 5s"),
+     ["pol.yaml:3: intervall: unknown field"]),
+    (GOOD.replace("    max: 0.01\n", ""), ["pol.yaml:9: gates[0]: a gate needs min or max"]),
+    (GOOD.replace("max: 0.01", "max: lots"), ["pol.yaml:11: gates[0].max: must be a number"]),
+    (GOOD.replace("{{ service }}", "{{ service"), ["pol.yaml:10: gates[0].query: malformed template"]),
+    (GOOD + "no_data: maybe\n", ["pol.yaml:12: no_data: must be one of hold, fail, pass"]),
+    (GOOD + "failure_limit: 0\n", ["pol.yaml:12: failure_limit: must be a whole number"]),
+    (GOOD + "progress_deadline: 1m\n", ["pol.yaml:12: progress_deadline: 1m is not longer"]),
+    ("stages: [\n", ["pol.yaml:2: (file): malformed YAML"]),
+    ("base: &b {weight: 5}\nstages: [*b]\n", ["pol.yaml:1: (file): malformed YAML: anchors and aliases"]),
+])
+def test_each_problem_is_reported_as_file_line_field_message(tmp_path, text, expected):
+    found = problems(tmp_path, text)
+    assert len(found) == len(expected), found
+    for want, got in zip(expected, found, strict=True):
+        assert got.startswith(str(tmp_path) + "/" + want) or got.startswith(want), (want, got)
+
+
+def test_all_problems_of_a_file_are_reported_at_once(tmp_path):
+    text = GOOD.replace("interval: 10s", "interval: fast").replace("weight: 100", "weight: 7")
+    assert len(problems(tmp_path, text)) == 3
+
+
+def test_validate_exits_1_with_one_line_per_problem_and_no_traceback(tmp_path):
+    bad = write(tmp_path, "bad.yaml", GOOD.replace("hold: 1m", "hold: soon", 1))
+    run = subprocess.run([sys.executable, "-m", "canary.cli", "validate", bad],
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 1
+    assert run.stdout.strip() == f"{bad}:5: stages[0].hold: 'soon' is not a duration; write it like " \
+                                 "500ms, 30s, 2m, 1h or 1m30s"
+    assert "Traceback" not in run.stderr
+
+
+def test_hostile_files_get_a_clear_error(tmp_path):
+    bomb = "a: &a [x, x]\nb: &b [*a, *a]\nc: &c [*b, *b]\nstages: [*c]\n"
+    assert "aliases" in problems(tmp_path, bomb)[0]
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    assert "not UTF-8" in str(validate_files([str(p)])[0])
+    p.write_bytes(b"a: " + b"x" * (2 << 20))
+    assert "limit" in str(validate_files([str(p)])[0])
+
+
+def test_durations():
+    assert policy.parse_duration("1m30s") == 90
+    assert policy.parse_duration("500ms") == 0.5
+    assert policy.parse_duration("1h") == 3600
+    for bad in ("", "10", "m", "1d", "1m 30s", 5):
+        with pytest.raises(ValueError):
+            policy.parse_duration(bad)
+    assert policy.format_duration(90) == "1m30s"
+
+
+def test_stage_gates_add_and_override_policy_wide_gates(tmp_path):
+    pol = policy.load_file(ROOT / "policies" / "standard.yaml")
+    at_50 = {g.name: g for g in pol.gates_for(2)}
+    assert at_50["p99-latency"].max == 0.3
+    assert at_50["p99-latency"].query == {g.name: g for g in pol.gates}["p99-latency"].query
+    assert {g.name: g for g in pol.gates_for(1)}["p99-latency"].max == 0.5
+
+
+def config_text(tmp_path: Path, **over: str) -> str:
+    pdir = tmp_path / "policies"
+    pdir.mkdir(exist_ok=True)
+    (pdir / "p.yaml").write_text(GOOD)
+    digest = hashlib.sha256(b"secret").hexdigest()
+    base = {
+        "tokens": f'    - {{name: ci, sha256: "{digest}", role: pipeline}}',
+        "vars": "{service: web}",
+        "policy": "p",
+        "router": "nginx",
+    }
+    base.update(over)
+    return textwrap.dedent(f"""\
+        listen: 127.0.0.1:8080
+        state: sqlite:state.db
+        prometheus: {{url: http://127.0.0.1:9090}}
+        policies: policies/
+        auth:
+          tokens:
+        {base["tokens"]}
+        targets:
+          web:
+            router: {base["router"]}
+            file: up.conf
+            upstream: web
+            stable: ["127.0.0.1:9001"]
+            canary: ["127.0.0.1:9002"]
+            policy: {base["policy"]}
+            vars: {base["vars"]}
+        """)
+
+
+def test_controller_config_is_checked_with_its_policies(tmp_path):
+    ok = write(tmp_path, "canary.yaml", config_text(tmp_path))
+    assert validate_files([ok]) == []
+    cases = {
+        "policy": ("nope", "targets.web.policy: no policy named 'nope'"),
+        "vars": ("{}", "targets.web.vars: policy 'p' uses service; add them to vars"),
+        "router": ("haproxy", "targets.web.router: must be nginx or istio"),
+        "tokens": ('    - {name: ci, sha256: "abc", role: pipeline}',
+                   "auth.tokens[0].sha256: must be 64 hex digits"),
+    }
+    for key, (value, want) in cases.items():
+        f = write(tmp_path, f"c-{key}.yaml", config_text(tmp_path, **{key: value}))
+        found = [str(p) for p in validate_files([f])]
+        assert any(want in line for line in found), (key, found)
+        assert all(line.startswith(f + ":") for line in found)
+
+
+def test_plan_prints_stages_fastest_time_to_100_and_slowest_rollback(capsys):
+    assert main(["plan", str(ROOT / "policies" / "standard.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "fastest time to 100%: 12m; to success: 17m" in out
+    assert "approval" in out
+    assert "slowest time from a breach to rollback: 1m" in out
