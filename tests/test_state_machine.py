@@ -50,7 +50,7 @@ class Sim:
         if self.router_works and self.r.weight != self.r.applied_weight:
             self.r = decide.applied(self.r, self.r.weight, self.now)
 
-    def read(self, **values: float | None | str) -> None:
+    def read(self, **values: float | str | None) -> None:
         items = []
         for g in self.pol.gates_for(self.r.stage):
             v = values.get(g.name.replace("-", "_"), 0.0)
@@ -65,7 +65,7 @@ class Sim:
         self.r = decide.readings(self.r, self.pol, Readings(self.now, self.r.stage, tuple(items)),
                                  self.now)
 
-    def step(self, seconds: float = 10.0, **values: float | None | str) -> Rollout:
+    def step(self, seconds: float = 10.0, **values: float | str | None) -> Rollout:
         """One interval: time passes, gates are read, time rules run, weights applied."""
         self.now += seconds
         self.read(**values)

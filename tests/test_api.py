@@ -1,0 +1,186 @@
+"""The HTTP API as the pipeline and on-call use it: roles, validation, conflicts, and that a
+refused request changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import SetSource, controller, eventually, simple_policy
+
+
+async def snapshot(api, target):
+    status, data = await api.call("GET", "/api/v1/rollouts", role="viewer")
+    assert status == 200
+    text = target.file.read_text() if target.file.exists() else None
+    return data, text
+
+
+async def test_health_readiness_and_metrics_need_no_token_and_leak_nothing(tmp_path):
+    async with controller(tmp_path) as (api, _ctl, _t):
+        assert (await api.call("GET", "/healthz", role=None))[0] == 200
+        status, data = await api.call("GET", "/readyz", role=None)
+        assert status == 200 and data["status"] == "ready"
+        await api.start(canary_version="v2")
+        status, text = await api.call("GET", "/metrics", role=None)
+        assert status == 200
+        assert 'canary_rollouts_started_total{target="web"} 1.0' in text
+        assert "tok-" not in text and "sha256" not in text
+
+
+@pytest.mark.parametrize("method,path,body,role,token,status", [
+    ("GET", "/api/v1/rollouts", None, None, None, 401),
+    ("GET", "/api/v1/rollouts", None, None, "not-a-token", 401),
+    ("POST", "/api/v1/rollouts", {"target": "web", "canary_version": "v2"}, "viewer", None, 403),
+    ("GET", "/api/v1/targets", None, None, None, 401),
+])
+async def test_unknown_or_weak_tokens_are_refused(tmp_path, method, path, body, role, token, status):
+    async with controller(tmp_path) as (api, _ctl, target):
+        before = await snapshot(api, target)
+        got, data = await api.call(method, path, body, role=role, token=token)
+        assert got == status and "error" in data
+        assert await snapshot(api, target) == before
+
+
+async def test_roles_viewer_reads_pipeline_starts_and_aborts_oncall_overrides(tmp_path):
+    async with controller(tmp_path, policies=[simple_policy(hold=3600)]) as (api, _ctl, _target):
+        for path in ("/api/v1/targets", "/api/v1/policies", "/api/v1/rollouts"):
+            assert (await api.call("GET", path, role="viewer"))[0] == 200
+        r = await api.start(canary_version="v2")
+        for kind in ("pause", "resume", "promote"):
+            status, data = await api.call("POST", f"/api/v1/rollouts/{r['id']}/{kind}",
+                                          {"reason": "x"}, role="pipeline")
+            assert status == 403, data
+            assert "oncall" in data["error"]
+        status, data = await api.call("POST", f"/api/v1/rollouts/{r['id']}/abort",
+                                      {"reason": "bad build"}, role="pipeline")
+        assert status == 200 and data["state"] in ("rolling_back", "rolled_back")
+
+
+@pytest.mark.parametrize("body,raw,status,words", [
+    (None, b"{not json", 400, "not valid JSON"),
+    (None, b"[1, 2]", 400, "JSON object"),
+    ({"target": "web"}, None, 400, "canary_version: required"),
+    ({"target": "web", "canary_version": 2}, None, 400, "canary_version: must be a string"),
+    ({"target": "web", "canary_version": "v2", "colour": "red"}, None, 400, "colour: unknown field"),
+    ({"target": "web", "canary_version": 'v2"} or vector(1)'}, None, 400, "canary_version"),
+    ({"target": "web", "canary_version": "v1"}, None, 400, "both 'v1'"),
+    ({"target": "nope", "canary_version": "v2"}, None, 404, "no target named 'nope'"),
+    ({"target": "web", "canary_version": "v2", "policy": "nope"}, None, 404, "no policy named"),
+    (None, b'{"target": "web", "canary_version": "' + b"x" * 70000 + b'"}', 413, "larger than"),
+])
+async def test_bad_start_requests_get_a_clear_4xx_and_change_nothing(tmp_path, body, raw, status, words):
+    async with controller(tmp_path) as (api, _ctl, target):
+        before = await snapshot(api, target)
+        got, data = await api.call("POST", "/api/v1/rollouts", body, role="pipeline", raw=raw)
+        assert got == status, data
+        assert words in data["error"]
+        assert await snapshot(api, target) == before
+
+
+async def test_a_query_template_the_target_cannot_fill_is_refused_at_start(tmp_path):
+    pol = simple_policy()
+    pol = type(pol)(**{**pol.__dict__, "gates": (type(pol.gates[0])(
+        "errors", 'errors{team="{{ team }}"}', max=0.1),)})
+    async with controller(tmp_path, policies=[pol]) as (api, _ctl, target):
+        before = await snapshot(api, target)
+        status, data = await api.call("POST", "/api/v1/rollouts",
+                                      {"target": "web", "canary_version": "v2"}, role="pipeline")
+        assert status == 400 and "team" in data["error"] and "vars" in data["error"]
+        assert await snapshot(api, target) == before
+
+
+async def test_second_start_on_a_busy_target_is_409_and_unknown_ids_404(tmp_path):
+    async with controller(tmp_path, policies=[simple_policy(hold=3600)]) as (api, _ctl, target):
+        r = await api.start(canary_version="v2")
+        await api.until(r["id"], lambda r: r["applied_weight"] == 10)
+        before = await snapshot(api, target)
+        status, data = await api.call("POST", "/api/v1/rollouts",
+                                      {"target": "web", "canary_version": "v3"}, role="pipeline")
+        assert status == 409 and r["id"] in data["error"]
+        status, data = await api.call("GET", "/api/v1/rollouts/nope", role="viewer")
+        assert status == 404
+        status, data = await api.call("POST", "/api/v1/rollouts/nope/pause", {"reason": "x"})
+        assert status == 404
+        assert await snapshot(api, target) == before
+
+
+async def test_overrides_need_a_reason_and_clash_with_state_as_409(tmp_path):
+    async with controller(tmp_path, policies=[simple_policy(hold=3600)]) as (api, _ctl, target):
+        r = await api.start(canary_version="v2")
+        rid = r["id"]
+        await api.until(rid, lambda r: r["applied_weight"] == 10)
+        before = await snapshot(api, target)
+        for body in (None, {}, {"reason": ""}, {"reason": 5}, {"reason": "x", "full": "yes"}):
+            status, data = await api.call("POST", f"/api/v1/rollouts/{rid}/promote", body)
+            assert status == 400, (body, data)
+        status, data = await api.call("POST", f"/api/v1/rollouts/{rid}/resume", {"reason": "go"})
+        assert status == 409 and "not paused" in data["error"]
+        assert await snapshot(api, target) == before
+        status, data = await api.call("POST", f"/api/v1/rollouts/{rid}/abort", {"reason": "stop"})
+        assert status == 200
+        await api.until(rid, lambda r: r["state"] == "rolled_back")
+        before = await snapshot(api, target)
+        status, data = await api.call("POST", f"/api/v1/rollouts/{rid}/abort", {"reason": "again"})
+        assert status == 409 and "rolled_back" in data["error"]
+        assert await snapshot(api, target) == before
+
+
+async def test_every_override_is_an_event_with_the_token_name_and_reason(tmp_path):
+    async with controller(tmp_path, policies=[simple_policy(hold=3600)]) as (api, _ctl, _t):
+        rid = (await api.start(canary_version="v2"))["id"]
+        await api.until(rid, lambda r: r["applied_weight"] == 10)
+        for kind, reason in (("pause", "checking dashboards"), ("resume", "looks fine"),
+                             ("promote", "skip the wait")):
+            status, data = await api.call("POST", f"/api/v1/rollouts/{rid}/{kind}",
+                                          {"reason": reason})
+            assert status == 200, data
+        r = await api.rollout(rid)
+        mine = [(e["type"], e["actor"], e["message"]) for e in r["events"]
+                if e["actor"] == "oncall-token"]
+        assert mine[:3] == [("pause", "oncall-token", "checking dashboards"),
+                            ("resume", "oncall-token", "looks fine"),
+                            ("promote", "oncall-token", "skip the wait")]
+        assert r["events"][0]["actor"] == "pipeline-token"
+
+
+async def test_abort_wakes_the_rollout_instead_of_waiting_for_the_interval(tmp_path):
+    pol = simple_policy(hold=7200, interval=3600, progress_deadline=20000)
+    async with controller(tmp_path, policies=[pol]) as (api, _ctl, target):
+        rid = (await api.start(canary_version="v2"))["id"]
+        await api.until(rid, lambda r: r["applied_weight"] == 10)
+        status, _ = await api.call("POST", f"/api/v1/rollouts/{rid}/abort", {"reason": "bad"},
+                                   role="pipeline")
+        assert status == 200
+        # the next interval is an hour away: only a woken task can get here
+        r = await api.until(rid, lambda r: r["state"] == "rolled_back", deadline=20)
+        assert r["weight"] == 0 and "pipeline-token: bad" in r["reason"]
+        assert "server 127.0.0.1:9002 down;" in target.file.read_text()
+
+
+async def test_racing_starts_on_one_target_yield_exactly_one_rollout(tmp_path):
+    import asyncio
+
+    async with controller(tmp_path, policies=[simple_policy(hold=3600)]) as (api, _ctl, _t):
+        results = await asyncio.gather(*(
+            api.call("POST", "/api/v1/rollouts", {"target": "web", "canary_version": f"v{i + 2}"},
+                     role="pipeline") for i in range(8)))
+        assert sorted(s for s, _ in results) == [201] + [409] * 7
+        _, data = await api.call("GET", "/api/v1/rollouts", role="viewer")
+        assert len(data["rollouts"]) == 1
+
+
+async def test_query_errors_hold_and_show_the_reason(tmp_path):
+    source = SetSource(RuntimeError("connection refused"))
+    async with controller(tmp_path, policies=[simple_policy(hold=0.2)], source=source) as (api, _c, _t):
+        rid = (await api.start(canary_version="v2"))["id"]
+        r = await api.until(rid, lambda r: r["gates"][0]["status"] == "error")
+        assert "connection refused" in r["gates"][0]["detail"]
+        await eventually(lambda: _count(source, 10), what="several evaluations")
+        r = await api.rollout(rid)
+        assert r["stage"] == 0 and r["state"] == "progressing"
+        source.value = 0.0
+        await api.until(rid, lambda r: r["state"] == "succeeded")
+
+
+async def _count(source: SetSource, n: int) -> bool:
+    return len(source.queries) >= n
