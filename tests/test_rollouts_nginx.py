@@ -61,6 +61,10 @@ async def test_canary_failing_requests_is_rolled_back_by_the_error_rate_gate(tmp
         assert await gate_verdicts(api, "error-rate", "fail") == 2
         await traffic_settles_at(pg, 0, tolerance=0)
         assert file_weight(pg) == 0
+        failed = load.codes[("v2", 500)]
+        assert failed > 0, "the breach was real: clients saw the canary's errors"
+        await asyncio.sleep(1)
+        assert load.codes[("v2", 500)] == failed, "and none after the rollback"
 
 
 async def test_slow_canary_is_rolled_back_by_the_latency_gate(tmp_path):
@@ -112,7 +116,7 @@ async def test_approval_stage_waits_for_promote(tmp_path):
         assert "promote" in r["reason"]
         await steady(api, rid, 4, state="paused", stage=2)
         status, data = await api.call("POST", f"/api/v1/rollouts/{rid}/resume", {"reason": "go"})
-        assert status == 409
+        assert status == 409 and "approval" in data["error"]
         status, _ = await api.call("POST", f"/api/v1/rollouts/{rid}/promote", {"reason": "approved"})
         assert status == 200
         await api.until(rid, lambda r: r["state"] == "succeeded", deadline=60)
