@@ -211,7 +211,7 @@ def test_rollback_is_not_final_until_the_router_carries_weight_0():
     s = Sim()
     s.r = decide.command(s.r, s.pol, Command(CommandKind.ABORT, "bob", "bad"), s.now)
     assert s.r.state is Phase.ROLLING_BACK and s.r.weight == 0
-    s.r = decide.apply_failed(s.r, "reload failed", s.now)
+    s.r = decide.apply_failed(s.r, s.pol, "reload failed", s.now)
     assert s.r.state is Phase.ROLLING_BACK and "reload failed" in s.r.reason
     s.r = decide.tick(s.r, s.pol, s.now + 100)
     assert s.r.state is Phase.ROLLING_BACK
@@ -240,15 +240,31 @@ def test_failed_apply_pauses_at_the_weight_still_in_force():
     for _ in range(6):
         s.step()
     assert s.r.stage == 1 and s.r.weight == 25 and s.r.applied_weight == 5  # apply pending
-    s.r = decide.apply_failed(s.r, "nginx test failed: bad config", s.now)
+    s.r = decide.apply_failed(s.r, s.pol, "nginx test failed: bad config", s.now)
     assert (s.r.state, s.r.pause_kind, s.r.weight) == (Phase.PAUSED, PauseKind.ROUTER, 5)
     assert "nginx test failed" in s.r.reason and "weight 5 stays" in s.r.reason
     for _ in range(10):
         s.step()
-    assert (s.r.state, s.r.weight) == (Phase.PAUSED, 5), "a paused rollout does not retry alone"
+    assert (s.r.state, s.r.weight) == (Phase.PAUSED, 5)
+    events = len(s.r.events)
+    s.r = decide.apply_failed(s.r, s.pol, "nginx test failed: bad config", s.now)
+    assert len(s.r.events) == events, "the same failure again is not a new event"
     s.router_works = True
     s.cmd(CommandKind.RESUME)
     assert s.r.weight == 25 and s.r.applied_weight == 25 and s.r.stage == 1
+
+
+def test_a_router_that_recovers_lets_the_rollout_continue_by_itself():
+    s = Sim()
+    s.router_works = False
+    for _ in range(6):
+        s.step()
+    s.r = decide.apply_failed(s.r, s.pol, "reload failed", s.now)
+    assert s.r.state is Phase.PAUSED and s.r.weight == 5
+    s.now += 30
+    s.r = decide.router_recovered(s.r, s.pol, 25, s.now)
+    assert (s.r.state, s.r.stage, s.r.weight, s.r.applied_weight) == (Phase.PROGRESSING, 1, 25, 25)
+    assert s.r.stage_since == s.now and s.r.events[-1].type == "router_recovered"
 
 
 def test_drift_pauses_and_says_what_it_found_and_expected():

@@ -38,6 +38,21 @@ log = logging.getLogger("canary.controller")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
 
 
+class Backoff:
+    """0.5 s doubling up to `cap`; reset after a success."""
+
+    def __init__(self, cap: float, first: float = 0.5) -> None:
+        self.cap, self.first, self.delay = cap, first, first
+
+    def next(self) -> float:
+        d = self.delay
+        self.delay = min(self.delay * 2, self.cap)
+        return d
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+
 @dataclass
 class Controller:
     store: Store
@@ -192,9 +207,10 @@ class Controller:
 
     async def _run(self, rollout_id: str) -> None:
         wakeup = self._wakeups[rollout_id]
-        forced = False   # re-apply the stored weight once after every (re)start
+        forced = False       # re-apply the stored weight once after every (re)start
         next_eval = 0.0
-        retry = 0.5
+        next_router_try = 0.0
+        backoff = Backoff(self.retry_max)
         while True:
             try:
                 r = await self.store.load(rollout_id)
@@ -205,24 +221,30 @@ class Controller:
                 live = await router.get_weight()
                 r = await self._update(rollout_id, partial(decide.observed, weight=live,
                                                            now=self.clock.now()))
-                if r.state is not Phase.PAUSED or r.pause_kind is not PauseKind.ROUTER:
-                    if r.weight != r.applied_weight or not forced:
-                        want = r.weight
+                now = self.clock.now()
+                router_paused = r.state is Phase.PAUSED and r.pause_kind is PauseKind.ROUTER
+                if router_paused or r.weight != r.applied_weight or not forced:
+                    want = decide.stage_weight(r, pol) if router_paused else r.weight
+                    if not router_paused or now >= next_router_try:
                         try:
                             await router.set_weight(want)
                         except RouterError as e:
                             self.metrics.router_errors.labels(r.target).inc()
                             r = await self._update(rollout_id, partial(
-                                decide.apply_failed, error=str(e), now=self.clock.now()))
+                                decide.apply_failed, policy=pol, error=str(e),
+                                now=self.clock.now()))
+                            delay = backoff.next()
                             if r.state is Phase.ROLLING_BACK:
-                                await self.clock.sleep(retry, wakeup)
-                                retry = min(retry * 2, self.retry_max)
+                                await self.clock.sleep(delay, wakeup)
                                 continue
+                            next_router_try = self.clock.now() + delay
                         else:
                             forced = True
-                            retry = 0.5
-                            r = await self._update(rollout_id, partial(
-                                decide.applied, weight=want, now=self.clock.now()))
+                            backoff.reset()
+                            step = (partial(decide.router_recovered, policy=pol)
+                                    if router_paused else decide.applied)
+                            await self._update(rollout_id, partial(step, weight=want,
+                                                                   now=self.clock.now()))
                             continue
                 now = self.clock.now()
                 watching = r.state is Phase.PROGRESSING or r.pause_kind is PauseKind.APPROVAL
@@ -237,19 +259,21 @@ class Controller:
                                                            now=self.clock.now()))
                 if r.state.final:
                     break
-                if r.weight != r.applied_weight and r.pause_kind is not PauseKind.ROUTER:
+                router_paused = r.state is Phase.PAUSED and r.pause_kind is PauseKind.ROUTER
+                if r.weight != r.applied_weight and not router_paused:
                     continue
-                if next_eval <= self.clock.now():
-                    next_eval = self.clock.now() + pol.interval
-                await self.clock.sleep(next_eval - self.clock.now(), wakeup)
+                now = self.clock.now()
+                if next_eval <= now:
+                    next_eval = now + pol.interval
+                wake_at = min(next_eval, next_router_try) if router_paused else next_eval
+                await self.clock.sleep(wake_at - now, wakeup)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 # A bug or an unexpected failure must not end the rollout's task: say so
                 # loudly, back off, and try again from the stored state.
                 log.exception("rollout loop failed; retrying", extra={"rollout": rollout_id})
-                await self.clock.sleep(retry, wakeup)
-                retry = min(retry * 2, self.retry_max)
+                await self.clock.sleep(backoff.next(), wakeup)
         self._locks.pop(rollout_id, None)
         self._wakeups.pop(rollout_id, None)
         self.metrics.active.set(max(0, len(self._tasks) - 1))

@@ -105,7 +105,7 @@ def command(r: Rollout, policy: Policy, cmd: Command, now: float) -> Rollout:
         if r.pause_kind is PauseKind.APPROVAL:
             raise Conflict(f"rollout {r.id} waits for approval at weight {r.weight}; "
                            "promote it to continue, or abort it")
-        target_weight = policy.stages[r.stage].weight if not r.finishing else 100
+        target_weight = stage_weight(r, policy)
         if r.weight != target_weight or r.applied_weight != r.weight:
             # the weight in force is not this stage's: re-apply it and serve the hold anew
             r = replace(r, weight=target_weight, stage_since=None)
@@ -139,9 +139,9 @@ def applied(r: Rollout, weight: int, now: float) -> Rollout:
     return _finish_if_done(r, now)
 
 
-def apply_failed(r: Rollout, error: str, now: float) -> Rollout:
+def apply_failed(r: Rollout, policy: Policy, error: str, now: float) -> Rollout:
     """The router could not apply `r.weight`. A rollback keeps trying; anything else pauses
-    at the weight still in force and says why."""
+    at the weight still in force, says why, and is retried by the loop."""
     if r.state.final:
         return r
     if r.state is Phase.ROLLING_BACK:
@@ -149,13 +149,36 @@ def apply_failed(r: Rollout, error: str, now: float) -> Rollout:
         if r.reason != reason:
             r = _event(replace(r, reason=reason), now, "router_error", error)
         return r
+    if r.state is Phase.PAUSED and r.pause_kind is PauseKind.ROUTER:
+        # still failing while paused for it: say so only when the error changes
+        if error in (r.reason or ""):
+            return r
+        r = replace(r, reason=f"router still cannot apply weight {stage_weight(r, policy)}: "
+                              f"{error}; weight {r.weight} stays in force; retrying")
+        return _event(r, now, "router_error", error)
     wanted = r.weight
     in_force = r.applied_weight if r.applied_weight is not None else wanted
     r = replace(r, weight=in_force, stage_since=r.stage_since if in_force == wanted else None)
     reason = (f"router could not apply weight {wanted}: {error}; weight {in_force} stays in "
-              "force; fix the router, then resume")
+              "force; retrying with backoff, or fix the router and resume")
     r = _pause(r, now, PauseKind.ROUTER, reason)
     return _event(r, now, "router_error", error)
+
+
+def stage_weight(r: Rollout, policy: Policy) -> int:
+    """The weight the rollout's current stage asks for."""
+    return 100 if r.finishing else policy.stages[r.stage].weight
+
+
+def router_recovered(r: Rollout, policy: Policy, weight: int, now: float) -> Rollout:
+    """A rollout paused because the router failed got its stage's weight applied on a
+    retry: carry on by itself, serving the stage's hold from now."""
+    if r.state is not Phase.PAUSED or r.pause_kind is not PauseKind.ROUTER:
+        return applied(r, weight, now)
+    r = replace(r, state=Phase.PROGRESSING, pause_kind=None, paused_at=None, reason=None,
+                weight=weight, applied_weight=weight, stage_since=now)
+    r = _event(r, now, "router_recovered", f"weight {weight} applied; continuing")
+    return _finish_if_done(r, now)
 
 
 def observed(r: Rollout, weight: int | None, now: float) -> Rollout:
