@@ -15,3 +15,11 @@ async def no_tasks_left_running() -> AsyncIterator[None]:
     left = [t for t in asyncio.all_tasks() - before
             if not t.done() and t is not asyncio.current_task()]
     assert not left, f"tasks left running: {left}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):  # type: ignore[no-untyped-def]
+    """Print the counts the crash loop gathered (guarantee 1 in docs/guarantees.md)."""
+    from tests import test_crash
+
+    if test_crash.REPORT:
+        terminalreporter.write_line(f"crash loop report: {test_crash.REPORT}")

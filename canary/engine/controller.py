@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
+from canary import faults
 from canary import policy as policy_mod
 from canary.clock import Clock
 from canary.config import Target
@@ -164,6 +165,7 @@ class Controller:
         pol = policy_mod.from_dict(r.policy_spec)
         r = await self._update(rollout_id, partial(decide.command, policy=pol, cmd=cmd,
                                                    now=self.clock.now()))
+        faults.point("after_command")
         self.wake(rollout_id)
         return r
 
@@ -177,10 +179,12 @@ class Controller:
                 new = step(old)
                 if new == old:
                     return old
+                faults.point("before_save")
                 try:
                     saved = await self.store.save(rollout=new, expected_version=old.version)
                 except StoreConflict:
                     continue
+                faults.point("after_save")
                 self._log_new_events(old, saved)
                 self.metrics.observe(saved)
                 if saved.state.final and not old.state.final:
@@ -226,6 +230,7 @@ class Controller:
                 if router_paused or r.weight != r.applied_weight or not forced:
                     want = decide.stage_weight(r, pol) if router_paused else r.weight
                     if not router_paused or now >= next_router_try:
+                        faults.point("before_apply")
                         try:
                             await router.set_weight(want)
                         except RouterError as e:
@@ -239,6 +244,7 @@ class Controller:
                                 continue
                             next_router_try = self.clock.now() + delay
                         else:
+                            faults.point("after_apply")
                             forced = True
                             backoff.reset()
                             step = (partial(decide.router_recovered, policy=pol)

@@ -12,6 +12,7 @@ import re
 import tempfile
 from pathlib import Path
 
+from canary import faults
 from canary.config import NginxTarget
 from canary.errors import RouterError
 
@@ -97,8 +98,10 @@ class NginxRouter:
             # died between writing and reloading must still get nginx to load it.
             if old != new:
                 await asyncio.to_thread(_write_atomic, path, new)
+            faults.point("nginx_written")
             try:
                 await _run(self.target.test, "test")
+                faults.point("nginx_tested")
                 await _run(self.target.reload, "reload")
             except RouterError:
                 # keep the file saying what nginx really runs, so a retry writes it again
