@@ -20,6 +20,7 @@ from canary.config import NginxTarget, Role, Token
 from canary.demo.procs import free_port
 from canary.engine.controller import Controller
 from canary.errors import MetricsError
+from canary.gates.prometheus import MetricSource
 from canary.policy import Gate, NoData, Policy, Stage
 from canary.routers.nginx import NginxRouter
 from canary.store.sqlite import SqliteStore
@@ -114,19 +115,21 @@ def tokens() -> tuple[Token, ...]:
 
 @asynccontextmanager
 async def controller(tmp_path: Path, *, policies: list[Policy] | None = None,
-                     source: SetSource | None = None,
+                     source: MetricSource | None = None,
                      test_cmd: tuple[str, ...] = ("true",),
+                     reload_cmd: tuple[str, ...] = ("true",),
+                     file: Path | None = None,
                      ) -> AsyncIterator[tuple[Api, Controller, NginxTarget]]:
-    """A controller on a free port whose nginx target runs `test_cmd` and `true` as reload."""
+    """A controller on a free port whose nginx target runs `test_cmd` and `reload_cmd`."""
     pols = {p.name: p for p in (policies or [simple_policy()])}
-    target = NginxTarget(name="web", file=tmp_path / "upstream.conf", upstream="web",
+    target = NginxTarget(name="web", file=file or tmp_path / "upstream.conf", upstream="web",
                          stable=("127.0.0.1:9001",), canary=("127.0.0.1:9002",), test=test_cmd,
-                         reload=("true",), policy=next(iter(pols)), vars={"service": "web"},
+                         reload=reload_cmd, policy=next(iter(pols)), vars={"service": "web"},
                          stable_version="v1")
     store = SqliteStore(str(tmp_path / "state.db"))
     ctl = Controller(store=store, policies=pols, targets={"web": target},
                      routers={"web": NginxRouter(target)}, source=source or SetSource(),
-                     clock=RealClock())
+                     clock=RealClock(), retry_max=1.0)
     runner = web.AppRunner(build_app(ctl, tokens()), access_log=None)
     await runner.setup()
     port = free_port()

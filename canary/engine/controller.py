@@ -31,11 +31,12 @@ from canary.errors import (
 )
 from canary.gates.prometheus import MetricSource, measure
 from canary.metrics import Metrics
-from canary.model import Command, PauseKind, Phase, Readings, Rollout
+from canary.model import Command, PauseKind, Phase, Readings, Rollout, Verdict
 from canary.routers import Router
 from canary.store import Store
 
 log = logging.getLogger("canary.controller")
+_LOUD_EVENTS = {"router_error", "drift", "rollback", "rolled_back"}
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
 
 
@@ -195,10 +196,20 @@ class Controller:
     def _log_new_events(self, old: Rollout | None, new: Rollout) -> None:
         fresh = new.events[len(old.events):] if old is not None else new.events
         for e in fresh:
-            log.info(e.message, extra={"rollout": new.id, "target": new.target,
+            level = logging.WARNING if e.type in _LOUD_EVENTS else logging.INFO
+            log.log(level, e.message, extra={"rollout": new.id, "target": new.target,
                                        "event": e.type, "actor": e.actor,
                                        "state": new.state.value, "stage": new.stage,
                                        "weight": new.weight})
+
+    def _log_gate_changes(self, r: Rollout, before: Mapping[str, Verdict]) -> None:
+        for g in r.gates:
+            if before.get(g.name) is not g.status and g.status is not Verdict.PENDING:
+                level = logging.INFO if g.status is Verdict.PASS else logging.WARNING
+                log.log(level, f"gate {g.name}: {g.status.value}"
+                        + (f" ({g.detail})" if g.detail else ""),
+                        extra={"rollout": r.id, "target": r.target, "gate": g.name,
+                               "value": g.value, "status": g.status.value})
 
     def _template_values(self, tgt: Target, canary_version: str, stable_version: str | None,
                          rollout_id: str, pol: policy_mod.Policy) -> dict[str, str]:
@@ -259,8 +270,10 @@ class Controller:
                     rd = await self._measure(r, pol, now)
                     for x in rd.items:
                         self.metrics.verdicts.labels(r.target, x.gate, x.verdict.value).inc()
+                    before = {g.name: g.status for g in r.gates}
                     r = await self._update(rollout_id, partial(
                         decide.readings, policy=pol, rd=rd, now=self.clock.now()))
+                    self._log_gate_changes(r, before)
                 r = await self._update(rollout_id, partial(decide.tick, policy=pol,
                                                            now=self.clock.now()))
                 if r.state.final:
