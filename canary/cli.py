@@ -62,7 +62,9 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
                                                     timeout=cfg.prometheus_timeout),
                             clock=RealClock())
     app = build_app(controller, cfg.tokens)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # idle keep-alive connections are closed after 15 s, so slow or stalled clients do
+    # not pile up (bodies have their own 10 s limit in the API)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=15)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -70,7 +72,13 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     try:
-        site = web.TCPSite(runner, cfg.listen_host, cfg.listen_port)
+        ssl_ctx = None
+        if cfg.tls_cert and cfg.tls_key:
+            import ssl
+
+            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        site = web.TCPSite(runner, cfg.listen_host, cfg.listen_port, ssl_context=ssl_ctx)
         await site.start()
         log.info("canary serving", extra={"listen": f"{cfg.listen_host}:{cfg.listen_port}",
                                           "policies": sorted(policies),
@@ -96,6 +104,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except (UserError, OSError) as e:
         die(str(e))
+    except ImportError:
+        raise
+    except Exception as e:  # e.g. ssl.SSLError for a bad certificate
+        die(f"{type(e).__name__}: {e}")
     return EXIT_OK
 
 
@@ -205,8 +217,14 @@ def call(args: argparse.Namespace, method: str, path: str,
     token = os.environ.get("CANARY_TOKEN")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
+    context = None
+    cafile = os.environ.get("CANARY_CA_FILE")
+    if cafile:
+        import ssl
+
+        context = ssl.create_default_context(cafile=cafile)
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
+        with urllib.request.urlopen(req, timeout=30, context=context) as resp:
             return json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as e:
         try:

@@ -77,12 +77,14 @@ class Config:
     tokens: tuple[Token, ...]
     targets: Mapping[str, Target]
     source: str = ""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     def load_policies(self) -> dict[str, policy_mod.Policy]:
         return policy_mod.load_many(self.policy_paths)
 
 
-_TOP = {"listen", "state", "prometheus", "policies", "auth", "targets"}
+_TOP = {"listen", "state", "prometheus", "policies", "auth", "targets", "tls"}
 _NGINX = {"router", "file", "upstream", "stable", "canary", "test", "reload", "policy", "vars",
           "stable_version"}
 _ISTIO = {"router", "namespace", "virtual_service", "route", "stable", "canary", "policy", "vars",
@@ -188,11 +190,33 @@ class _Checker:
         policy_paths = self.policy_paths(data.get("policies", "policies/"))
         tokens = self.tokens(data.get("auth"))
         targets = self.targets(data.get("targets"))
+        cert, key = self.tls(data.get("tls"))
         if self.problems:
             raise ValidationFailed(self.problems)
         return Config(listen_host=host, listen_port=port, state=state, prometheus_url=url,
                       prometheus_timeout=timeout, policy_paths=policy_paths, tokens=tokens,
-                      targets=targets, source=self.doc.file)
+                      targets=targets, source=self.doc.file, tls_cert=cert, tls_key=key)
+
+    def tls(self, raw: Any) -> tuple[Path | None, Path | None]:
+        """Optional TLS for the API: `tls: {cert: FILE, key: FILE}` (PEM)."""
+        if raw is None:
+            return None, None
+        if not isinstance(raw, dict):
+            self.problem(("tls",), "must be a mapping {cert, key} of PEM files")
+            return None, None
+        self.unknown(raw, {"cert", "key"}, ("tls",))
+        out: list[Path | None] = []
+        for key in ("cert", "key"):
+            value = self.string(raw, key, ("tls",))
+            if value is None:
+                out.append(None)
+                continue
+            p = Path(value)
+            p = p if p.is_absolute() else self.base / p
+            if not p.is_file():
+                self.problem(("tls", key), f"{p} is not a readable file")
+            out.append(p)
+        return out[0], out[1]
 
     def policy_paths(self, raw: Any) -> tuple[Path, ...]:
         items = [raw] if isinstance(raw, str) else raw

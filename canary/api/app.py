@@ -6,6 +6,7 @@ controller, which wakes the rollout's task; the handler never moves traffic itse
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,6 +16,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from canary.api.auth import Forbidden, Unauthorized, require
+from canary.api.openapi import SPEC
 from canary.config import NginxTarget, Role, Token
 from canary.engine.controller import Controller
 from canary.errors import Conflict, InvalidInput, NotFound, UserError
@@ -23,7 +25,15 @@ from canary.model import Command, CommandKind
 log = logging.getLogger("canary.api")
 CONTROLLER = web.AppKey("controller", Controller)
 TOKENS = web.AppKey("tokens", tuple[Token, ...])
+ACTOR = web.RequestKey("actor", str)
+REASON = web.RequestKey("reason", str)
+ROLLOUT = web.RequestKey("rollout", str)
 MAX_BODY = 64 * 1024
+BODY_TIMEOUT = 10.0
+
+
+class SlowClient(Exception):
+    pass
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -33,9 +43,25 @@ def error(status: int, message: str) -> web.Response:
 
 
 @web.middleware
+async def audit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every mutating call is logged: who, what, when (the log's ts), reason and result,
+    whether it was accepted or refused. Tokens themselves are never logged."""
+    response = await handler(request)
+    if request.method not in ("GET", "HEAD", "OPTIONS"):
+        log.info("audit", extra={
+            "audit": True, "actor": request.get(ACTOR, "anonymous"),
+            "method": request.method, "path": request.path, "status": response.status,
+            "reason": request.get(REASON), "rollout": request.get(ROLLOUT),
+            "peer": request.remote})
+    return response
+
+
+@web.middleware
 async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except SlowClient as e:
+        return error(408, str(e))
     except Unauthorized as e:
         return error(401, str(e))
     except Forbidden as e:
@@ -61,7 +87,11 @@ async def body(request: web.Request, allowed: dict[str, type | tuple[type, ...]]
                required: tuple[str, ...]) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=request.content_length)
-    raw = await request.read()
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            raw = await request.read()
+    except TimeoutError:
+        raise SlowClient(f"the request body did not arrive within {BODY_TIMEOUT:g}s") from None
     if not raw.strip():
         data: Any = {}
     else:
@@ -90,7 +120,9 @@ async def body(request: web.Request, allowed: dict[str, type | tuple[type, ...]]
 
 def _auth(request: web.Request, role: Role) -> Token:
     tokens: tuple[Token, ...] = request.app[TOKENS]
-    return require(request, tokens, role)
+    token = require(request, tokens, role)
+    request[ACTOR] = token.name
+    return token
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -112,6 +144,10 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     data = generate_latest(request.app[CONTROLLER].metrics.registry)
     return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(SPEC)
 
 
 async def targets(request: web.Request) -> web.Response:
@@ -161,6 +197,7 @@ async def create_rollout(request: web.Request) -> web.Response:
     r = await request.app[CONTROLLER].create(
         target=data["target"], canary_version=data["canary_version"],
         stable_version=data.get("stable_version"), policy=data.get("policy"), actor=token.name)
+    request[ROLLOUT] = r.id
     return web.json_response(r.to_api(), status=201)
 
 
@@ -170,11 +207,13 @@ _ROLES = {CommandKind.PAUSE: Role.ONCALL, CommandKind.RESUME: Role.ONCALL,
 
 def override(kind: CommandKind) -> Handler:
     async def handler(request: web.Request) -> web.Response:
+        request[ROLLOUT] = request.match_info["id"][:100]
         token = _auth(request, _ROLES[kind])
         fields: dict[str, type | tuple[type, ...]] = {"reason": str}
         if kind is CommandKind.PROMOTE:
             fields["full"] = bool
         data = await body(request, fields, required=("reason",))
+        request[REASON] = data["reason"]
         cmd = Command(kind=kind, actor=token.name, reason=data["reason"].strip(),
                       full=bool(data.get("full")))
         r = await request.app[CONTROLLER].command(request.match_info["id"], cmd)
@@ -184,7 +223,7 @@ def override(kind: CommandKind) -> Handler:
 
 
 def build_app(controller: Controller, tokens: tuple[Token, ...]) -> web.Application:
-    app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[audit, errors_as_json], client_max_size=MAX_BODY)
     app[CONTROLLER] = controller
     app[TOKENS] = tokens
 
@@ -197,6 +236,7 @@ def build_app(controller: Controller, tokens: tuple[Token, ...]) -> web.Applicat
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/v1/openapi.json", openapi)
     app.router.add_get("/api/v1/targets", targets)
     app.router.add_get("/api/v1/policies", policies)
     app.router.add_get("/api/v1/rollouts", list_rollouts)
