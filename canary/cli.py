@@ -63,8 +63,10 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
                             clock=RealClock())
     app = build_app(controller, cfg.tokens)
     # idle keep-alive connections are closed after 15 s, so slow or stalled clients do
-    # not pile up (bodies have their own 10 s limit in the API)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=15)
+    # not pile up; bodies have their own 10 s limit in the API, and an unread body is
+    # drained for at most 1 s before the connection closes
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=15,
+                           lingering_time=1.0)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -119,6 +119,7 @@ async def controller(tmp_path: Path, *, policies: list[Policy] | None = None,
                      test_cmd: tuple[str, ...] = ("true",),
                      reload_cmd: tuple[str, ...] = ("true",),
                      file: Path | None = None,
+                     body_timeout: float = 10.0,
                      ) -> AsyncIterator[tuple[Api, Controller, NginxTarget]]:
     """A controller on a free port whose nginx target runs `test_cmd` and `reload_cmd`."""
     pols = {p.name: p for p in (policies or [simple_policy()])}
@@ -130,7 +131,8 @@ async def controller(tmp_path: Path, *, policies: list[Policy] | None = None,
     ctl = Controller(store=store, policies=pols, targets={"web": target},
                      routers={"web": NginxRouter(target)}, source=source or SetSource(),
                      clock=RealClock(), retry_max=1.0)
-    runner = web.AppRunner(build_app(ctl, tokens()), access_log=None)
+    runner = web.AppRunner(build_app(ctl, tokens(), body_timeout=body_timeout), access_log=None,
+                           lingering_time=0.5)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()

@@ -24,11 +24,11 @@ import aiohttp
 import pytest
 import yaml
 
+from canary.config import NginxTarget
 from canary.demo.procs import free_port
 from canary.routers.nginx import parse_weight
-from canary.config import NginxTarget
 from tests.doubles import PrometheusDouble
-from tests.helpers import TOKENS, Api, tokens
+from tests.helpers import Api, tokens
 
 pytestmark = pytest.mark.e2e
 
@@ -135,7 +135,7 @@ async def drive(api: Api, acked: set[str], rng: random.Random, deadline: float) 
                     await api.call("POST", f"/api/v1/rollouts/{r['id']}/{kind}", {"reason": "go"})
                 elif r["state"] == "progressing" and rng.random() < 0.05:
                     await api.call("POST", f"/api/v1/rollouts/{r['id']}/pause", {"reason": "look"})
-        except (aiohttp.ClientError, asyncio.TimeoutError, TypeError, KeyError):
+        except (TimeoutError, aiohttp.ClientError, TypeError, KeyError):
             pass  # the controller is down or restarting: that is the point
         await asyncio.sleep(0.05)
 

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from canary.api.auth import Forbidden, Unauthorized, require
+from canary.api.auth import Forbidden, Unauthorized, authenticate
 from canary.api.openapi import SPEC
 from canary.config import NginxTarget, Role, Token
 from canary.engine.controller import Controller
@@ -29,7 +29,7 @@ ACTOR = web.RequestKey("actor", str)
 REASON = web.RequestKey("reason", str)
 ROLLOUT = web.RequestKey("rollout", str)
 MAX_BODY = 64 * 1024
-BODY_TIMEOUT = 10.0
+BODY_TIMEOUT = web.AppKey("body_timeout", float)
 
 
 class SlowClient(Exception):
@@ -61,7 +61,9 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     try:
         return await handler(request)
     except SlowClient as e:
-        return error(408, str(e))
+        response = error(408, str(e))
+        response.force_close()  # the rest of its body may never come: drop the connection
+        return response
     except Unauthorized as e:
         return error(401, str(e))
     except Forbidden as e:
@@ -88,10 +90,11 @@ async def body(request: web.Request, allowed: dict[str, type | tuple[type, ...]]
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=request.content_length)
     try:
-        async with asyncio.timeout(BODY_TIMEOUT):
+        async with asyncio.timeout(request.app[BODY_TIMEOUT]):
             raw = await request.read()
     except TimeoutError:
-        raise SlowClient(f"the request body did not arrive within {BODY_TIMEOUT:g}s") from None
+        raise SlowClient(f"the request body did not arrive within "
+                         f"{request.app[BODY_TIMEOUT]:g}s") from None
     if not raw.strip():
         data: Any = {}
     else:
@@ -120,8 +123,11 @@ async def body(request: web.Request, allowed: dict[str, type | tuple[type, ...]]
 
 def _auth(request: web.Request, role: Role) -> Token:
     tokens: tuple[Token, ...] = request.app[TOKENS]
-    token = require(request, tokens, role)
-    request[ACTOR] = token.name
+    token = authenticate(request.headers.get("Authorization"), tokens)
+    request[ACTOR] = token.name  # refused for its role or not, the audit log names it
+    if token.role < role:
+        raise Forbidden(f"token {token.name!r} has role {token.role.name.lower()}; this needs "
+                        f"{role.name.lower()} or above")
     return token
 
 
@@ -222,8 +228,10 @@ def override(kind: CommandKind) -> Handler:
     return handler
 
 
-def build_app(controller: Controller, tokens: tuple[Token, ...]) -> web.Application:
+def build_app(controller: Controller, tokens: tuple[Token, ...], *,
+              body_timeout: float = 10.0) -> web.Application:
     app = web.Application(middlewares=[audit, errors_as_json], client_max_size=MAX_BODY)
+    app[BODY_TIMEOUT] = body_timeout
     app[CONTROLLER] = controller
     app[TOKENS] = tokens
 

@@ -7,9 +7,7 @@ import hashlib
 import hmac
 from collections.abc import Sequence
 
-from aiohttp import web
-
-from canary.config import Role, Token
+from canary.config import Token
 
 
 class Unauthorized(Exception):
@@ -33,10 +31,3 @@ def authenticate(header: str | None, tokens: Sequence[Token]) -> Token:
         raise Unauthorized("unknown token; ask for a token listed in the controller's auth.tokens")
     return found
 
-
-def require(request: web.Request, tokens: Sequence[Token], role: Role) -> Token:
-    token = authenticate(request.headers.get("Authorization"), tokens)
-    if token.role < role:
-        raise Forbidden(f"token {token.name!r} has role {token.role.name.lower()}; this needs "
-                        f"{role.name.lower()} or above")
-    return token
