@@ -90,6 +90,7 @@ def command(r: Rollout, policy: Policy, cmd: Command, now: float) -> Rollout:
     if cmd.kind is CommandKind.ABORT:
         if r.state is Phase.ROLLING_BACK:
             raise Conflict(f"rollout {r.id} is already rolling back")
+        r = _event(r, now, "abort", cmd.reason, cmd.actor)
         return _roll_back(r, now, f"aborted by {who}", cmd.actor)
     if r.state is Phase.ROLLING_BACK:
         raise Conflict(f"rollout {r.id} is rolling back; it cannot {cmd.kind.value}")
