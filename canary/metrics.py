@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from canary.model import Rollout
 
@@ -28,6 +28,13 @@ class Metrics:
                                ["target"], registry=self.registry)
         self.active = Gauge("canary_rollouts_active", "Rollouts not yet final",
                             registry=self.registry)
+        self.eval_delay = Histogram(
+            "canary_evaluation_delay_seconds",
+            "How late a gate evaluation started against its planned time",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=self.registry)
+        self.missed = Counter("canary_missed_intervals",
+                              "Evaluations that started more than one interval late",
+                              registry=self.registry)
         self.router_errors = Counter("canary_router_errors", "Failed router operations",
                                      ["target"], registry=self.registry)
 

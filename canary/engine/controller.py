@@ -265,7 +265,14 @@ class Controller:
                             continue
                 now = self.clock.now()
                 watching = r.state is Phase.PROGRESSING or r.pause_kind is PauseKind.APPROVAL
+                if not watching:
+                    next_eval = 0.0  # time paused is not lateness
                 if watching and now >= next_eval and r.stage_since is not None:
+                    if next_eval:
+                        late = now - next_eval
+                        self.metrics.eval_delay.observe(late)
+                        if late > pol.interval:
+                            self.metrics.missed.inc()
                     next_eval = now + pol.interval
                     rd = await self._measure(r, pol, now)
                     for x in rd.items:

@@ -1,0 +1,208 @@
+"""Load benchmark (guarantee 7): one controller holding many concurrent rollouts against
+a fast router double and a Prometheus HTTP double, while the API serves a steady stream
+of reads and overrides. Prints evaluation lateness, missed intervals, and abort latency
+(request sent -> router carries weight 0) as percentiles.
+
+    .venv/bin/python -m bench.load --rollouts 200 --interval 10 --duration 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import random
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from canary.api.app import build_app
+from canary.clock import RealClock
+from canary.config import NginxTarget
+from canary.demo.procs import free_port
+from canary.engine.controller import Controller
+from canary.gates.prometheus import PrometheusSource
+from canary.policy import Gate, NoData, Policy, Stage
+from canary.store.sqlite import SqliteStore
+from tests.doubles import PrometheusDouble
+from tests.helpers import TOKENS, tokens
+
+
+class MemoryRouter:
+    """A router that applies at once and remembers when each weight came into force."""
+
+    def __init__(self) -> None:
+        self.weight: int | None = 0
+        self.changes: list[tuple[float, int]] = []
+
+    async def get_weight(self) -> int | None:
+        return self.weight
+
+    async def set_weight(self, weight: int) -> None:
+        await asyncio.sleep(0.001)
+        self.weight = weight
+        self.changes.append((time.monotonic(), weight))
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def run(n: int, interval: float, duration: float, aborts: int, hold: float,
+              reads_per_s: float) -> dict[str, Any]:
+    prom = PrometheusDouble(0.001)
+    await prom.start()
+    tmp = Path(tempfile.mkdtemp(prefix="canary-bench-"))
+    pol = Policy(name="bench", interval=interval, failure_limit=2, no_data=NoData.HOLD,
+                 progress_deadline=hold * 10 + interval * 10,
+                 stages=(Stage(5, hold), Stage(25, hold), Stage(50, hold), Stage(100, hold)),
+                 gates=(Gate("errors", 'sum(rate(errors{svc="{{ target }}"}[1m]))', max=0.01),
+                        Gate("latency", 'p99{svc="{{ target }}"}', max=0.5)))
+    targets = {f"t{i}": NginxTarget(name=f"t{i}", file=tmp / f"t{i}.conf", upstream=f"t{i}",
+                                    stable=("127.0.0.1:1",), canary=("127.0.0.1:2",),
+                                    policy="bench") for i in range(n)}
+    routers = {name: MemoryRouter() for name in targets}
+    store = SqliteStore(str(tmp / "state.db"))
+    ctl = Controller(store=store, policies={"bench": pol}, targets=targets, routers=routers,
+                     source=PrometheusSource(prom.url, timeout=5), clock=RealClock())
+    runner = web.AppRunner(build_app(ctl, tokens()), access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    base = f"http://127.0.0.1:{port}"
+    cpu0 = time.process_time()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    read_latency: list[float] = []
+    abort_latency: list[float] = []
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=50)) as s:
+            pipe = {"Authorization": f"Bearer {TOKENS['pipeline']}"}
+            view = {"Authorization": f"Bearer {TOKENS['viewer']}"}
+            ids = []
+            for name in targets:
+                async with s.post(f"{base}/api/v1/rollouts", headers=pipe,
+                                  json={"target": name, "canary_version": "v2",
+                                        "stable_version": "v1"}) as r:
+                    ids.append((name, (await r.json())["id"]))
+            start = time.monotonic()
+            stop = start + duration
+
+            async def reader() -> None:
+                rng = random.Random(1)
+                while time.monotonic() < stop:
+                    rid = rng.choice(ids)[1]
+                    t0 = time.monotonic()
+                    path = f"/api/v1/rollouts/{rid}" if rng.random() < 0.9 else "/api/v1/rollouts"
+                    async with s.get(base + path, headers=view) as r:
+                        await r.read()
+                    read_latency.append(time.monotonic() - t0)
+                    await asyncio.sleep(1 / reads_per_s)
+
+            async def aborter() -> None:
+                rng = random.Random(2)
+                victims = rng.sample(ids, min(aborts, len(ids)))
+                for name, rid in victims:
+                    await asyncio.sleep(duration / (len(victims) + 1))
+                    t0 = time.monotonic()
+                    async with s.post(f"{base}/api/v1/rollouts/{rid}/abort", headers=pipe,
+                                      json={"reason": "bench"}) as r:
+                        if r.status != 200:
+                            continue
+                    while routers[name].weight != 0:
+                        await asyncio.sleep(0.001)
+                    abort_latency.append(time.monotonic() - t0)
+
+            await asyncio.gather(reader(), aborter())
+            async with s.get(f"{base}/metrics") as r:
+                metrics = await r.text()
+            settle = time.monotonic() + 10
+            while True:  # the last abort's confirmation may still be on its way to the store
+                async with s.get(f"{base}/api/v1/rollouts", headers=view) as r:
+                    final = (await r.json())["rollouts"]
+                if time.monotonic() > settle or all(x["state"] != "rolling_back" for x in final):
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        await runner.cleanup()
+        await store.close()
+        await prom.stop()
+    cpu = time.process_time() - cpu0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    delays = _histogram(metrics, "canary_evaluation_delay_seconds")
+    missed = _value(metrics, "canary_missed_intervals_total")
+    states: dict[str, int] = {}
+    stages: dict[int, int] = {}
+    for r in final:
+        states[r["state"]] = states.get(r["state"], 0) + 1
+        stages[r["stage"]] = stages.get(r["stage"], 0) + 1
+    evals = prom.queries / max(1, len(pol.gates))
+    return {
+        "rollouts": n, "interval_s": interval, "duration_s": duration,
+        "evaluations": int(evals),
+        "evaluation_delay_s": delays,
+        "missed_intervals": missed,
+        "abort_to_weight0_ms": {"n": len(abort_latency),
+                                "p50": round(pct(abort_latency, 0.5) * 1000, 1),
+                                "p99": round(pct(abort_latency, 0.99) * 1000, 1),
+                                "max": round(max(abort_latency, default=float("nan")) * 1000, 1)},
+        "read_latency_ms": {"n": len(read_latency),
+                            "p50": round(pct(read_latency, 0.5) * 1000, 1),
+                            "p99": round(pct(read_latency, 0.99) * 1000, 1)},
+        "prometheus_queries_per_tick": round(prom.queries / max(1, duration / interval), 1),
+        "cpu_s_per_rollout_per_min": round(cpu / n / (duration / 60), 4),
+        "cpu_share_of_one_core": round(cpu / duration, 3),
+        "max_rss_mb_growth_per_rollout": round((rss - rss0) / 1024 / n, 3),
+        "states": states,
+        "stages": dict(sorted(stages.items())),
+    }
+
+
+def _value(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def _histogram(text: str, name: str) -> dict[str, float]:
+    """Approximate p50/p99 from the histogram's cumulative buckets (upper bounds)."""
+    buckets: list[tuple[float, float]] = []
+    for line in text.splitlines():
+        if line.startswith(name + "_bucket{"):
+            le = line.split('le="')[1].split('"')[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.split()[-1])))
+    total = buckets[-1][1] if buckets else 0.0
+    out = {"n": total}
+    for q in (0.5, 0.99):
+        out[f"p{int(q * 100)}_at_most"] = next((le for le, c in buckets if c >= q * total),
+                                               float("nan"))
+    out["mean"] = round(_value(text, name + "_sum") / total, 4) if total else float("nan")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rollouts", type=int, default=200)
+    p.add_argument("--interval", type=float, default=10.0)
+    p.add_argument("--hold", type=float, default=3600.0, help="stage hold (long: stay busy)")
+    p.add_argument("--duration", type=float, default=60.0)
+    p.add_argument("--aborts", type=int, default=20)
+    p.add_argument("--reads-per-s", type=float, default=20.0)
+    args = p.parse_args()
+    logging.disable(logging.WARNING)  # the rollouts' own story is not the benchmark's output
+    result = asyncio.run(run(args.rollouts, args.interval, args.duration, args.aborts, args.hold,
+                             args.reads_per_s))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
