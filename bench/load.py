@@ -40,6 +40,7 @@ class MemoryRouter:
     def __init__(self) -> None:
         self.weight: int | None = 0
         self.changes: list[tuple[float, int]] = []
+        self.zeroed = asyncio.Event()
 
     async def get_weight(self) -> int | None:
         return self.weight
@@ -48,6 +49,8 @@ class MemoryRouter:
         await asyncio.sleep(0.001)
         self.weight = weight
         self.changes.append((time.monotonic(), weight))
+        if weight == 0 and len(self.changes) > 1:
+            self.zeroed.set()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -117,8 +120,7 @@ async def run(n: int, interval: float, duration: float, aborts: int, hold: float
                                       json={"reason": "bench"}) as r:
                         if r.status != 200:
                             continue
-                    while routers[name].weight != 0:
-                        await asyncio.sleep(0.001)
+                    await routers[name].zeroed.wait()
                     abort_latency.append(time.monotonic() - t0)
 
             await asyncio.gather(reader(), aborter())
