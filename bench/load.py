@@ -45,6 +45,9 @@ class MemoryRouter:
     async def get_weight(self) -> int | None:
         return self.weight
 
+    async def check(self) -> None:
+        return None
+
     async def set_weight(self, weight: int) -> None:
         await asyncio.sleep(0.001)
         self.weight = weight

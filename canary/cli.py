@@ -50,10 +50,16 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
     from canary.store import open_store
 
     policies = cfg.load_policies()
+    kube_api = None
+    if cfg.state.startswith("kubernetes:") or any(t.router == "istio"
+                                                  for t in cfg.targets.values()):
+        from canary.kube import api_client
+
+        kube_api = api_client()
     routers: dict[str, Router] = {}
     for name, target in cfg.targets.items():
         try:
-            routers[name] = for_target(target)
+            routers[name] = for_target(target, kube_api=kube_api)
         except RouterError as e:
             log.warning(str(e), extra={"target": name})
     store = open_store(cfg.state)

@@ -16,13 +16,15 @@ from aiohttp import web
 
 from canary.api.app import build_app
 from canary.clock import RealClock
-from canary.config import NginxTarget, Role, Token
+from canary.config import NginxTarget, Role, Target, Token
 from canary.demo.procs import free_port
 from canary.engine.controller import Controller
 from canary.errors import MetricsError
 from canary.gates.prometheus import MetricSource
 from canary.policy import Gate, NoData, Policy, Stage
+from canary.routers import Router
 from canary.routers.nginx import NginxRouter
+from canary.store import Store
 from canary.store.sqlite import SqliteStore
 
 T = TypeVar("T")
@@ -120,16 +122,21 @@ async def controller(tmp_path: Path, *, policies: list[Policy] | None = None,
                      reload_cmd: tuple[str, ...] = ("true",),
                      file: Path | None = None,
                      body_timeout: float = 10.0,
-                     ) -> AsyncIterator[tuple[Api, Controller, NginxTarget]]:
+                     target: Target | None = None, router: Router | None = None,
+                     store: Store | None = None,
+                     ) -> AsyncIterator[tuple[Api, Controller, Any]]:
     """A controller on a free port whose nginx target runs `test_cmd` and `reload_cmd`."""
     pols = {p.name: p for p in (policies or [simple_policy()])}
-    target = NginxTarget(name="web", file=file or tmp_path / "upstream.conf", upstream="web",
-                         stable=("127.0.0.1:9001",), canary=("127.0.0.1:9002",), test=test_cmd,
-                         reload=reload_cmd, policy=next(iter(pols)), vars={"service": "web"},
-                         stable_version="v1")
-    store = SqliteStore(str(tmp_path / "state.db"))
+    if target is None:
+        target = NginxTarget(name="web", file=file or tmp_path / "upstream.conf", upstream="web",
+                             stable=("127.0.0.1:9001",), canary=("127.0.0.1:9002",),
+                             test=test_cmd, reload=reload_cmd, policy=next(iter(pols)),
+                             vars={"service": "web"}, stable_version="v1")
+        router = NginxRouter(target)
+    assert router is not None
+    store = store or SqliteStore(str(tmp_path / "state.db"))
     ctl = Controller(store=store, policies=pols, targets={"web": target},
-                     routers={"web": NginxRouter(target)}, source=source or SetSource(),
+                     routers={"web": router}, source=source or SetSource(),
                      clock=RealClock(), retry_max=1.0)
     runner = web.AppRunner(build_app(ctl, tokens(), body_timeout=body_timeout), access_log=None,
                            lingering_time=0.5)

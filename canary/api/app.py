@@ -19,7 +19,7 @@ from canary.api.auth import Forbidden, Unauthorized, authenticate
 from canary.api.openapi import SPEC
 from canary.config import NginxTarget, Role, Token
 from canary.engine.controller import Controller
-from canary.errors import Conflict, InvalidInput, NotFound, UserError
+from canary.errors import Conflict, InvalidInput, NotFound, TransientError, UserError
 from canary.model import Command, CommandKind
 
 log = logging.getLogger("canary.api")
@@ -74,6 +74,10 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return error(409, str(e))
     except (InvalidInput, UserError) as e:
         return error(400, str(e))
+    except TransientError as e:
+        response = error(503, f"{e}; try again shortly")
+        response.headers["Retry-After"] = "5"
+        return response
     except web.HTTPRequestEntityTooLarge:
         return error(413, f"request body is larger than {MAX_BODY} bytes")
     except web.HTTPException as e:

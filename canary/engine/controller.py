@@ -129,6 +129,7 @@ class Controller:
             if value is not None and not _VERSION.match(value):
                 raise InvalidInput(f"{field_name}: {value!r} must be 1-128 letters, digits or "
                                    "._:+- starting with a letter or digit")
+        await self.routers[target].check()
         async with self._start_lock:
             if stable_version is None:
                 stable_version = await self._last_stable(target) or tgt.stable_version

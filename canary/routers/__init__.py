@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from canary.config import Target
 
@@ -16,9 +16,15 @@ class Router(Protocol):
         """Put `weight` percent on the canary, idempotently; RouterError if it cannot."""
         ...
 
+    async def check(self) -> None:
+        """Before a rollout starts: is everything it needs there? NotFound / InvalidInput
+        say what is missing; RouterError when the backend cannot be asked."""
+        ...
 
-def for_target(target: Target) -> Router:
-    """Map the config's `router:` name to its class."""
+
+def for_target(target: Target, *, kube_api: Any = None) -> Router:
+    """Map the config's `router:` name to its class. `kube_api` is a kubernetes ApiClient
+    (canary.kube.api_client), needed by the istio router."""
     from canary.config import IstioTarget, NginxTarget
     from canary.errors import RouterError
 
@@ -27,6 +33,10 @@ def for_target(target: Target) -> Router:
 
         return NginxRouter(target)
     if isinstance(target, IstioTarget):
-        raise RouterError(f"target {target.name}: the istio router is not available in this "
-                          "version yet (see README, 'Status')")
+        from canary.routers.istio import IstioRouter
+
+        if kube_api is None:
+            raise RouterError(f"target {target.name}: the istio router needs Kubernetes "
+                              "credentials (in-cluster, KUBECONFIG or ~/.kube/config)")
+        return IstioRouter(target, kube_api)
     raise RouterError(f"unknown router for target {target!r}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from canary import faults
 from canary.config import NginxTarget
-from canary.errors import RouterError
+from canary.errors import InvalidInput, RouterError
 
 COMMAND_TIMEOUT = 30.0
 _SERVER = re.compile(r"^\s*server\s+(\S+)((?:\s+[^;\s]+)*)\s*;", re.M)
@@ -83,6 +83,11 @@ class NginxRouter:
         except OSError:
             return None
         return parse_weight(self.target, text)
+
+    async def check(self) -> None:
+        if not await asyncio.to_thread(self.target.file.parent.is_dir):
+            raise InvalidInput(f"target {self.target.name}: directory {self.target.file.parent} "
+                               "for the upstream file does not exist")
 
     async def set_weight(self, weight: int) -> None:
         async with self._lock:

@@ -1,0 +1,58 @@
+"""The Kubernetes client, built the way every Kubernetes tool builds it: the in-cluster
+service account when running in a pod, else KUBECONFIG / ~/.kube/config. Only the
+adapters (routers/istio.py, store/kubernetes.py, leader.py) use it, and only through
+asyncio.to_thread, because the official client blocks."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from canary.errors import NotFound, RouterError
+
+REQUEST_TIMEOUT = 10.0
+
+
+def api_client(kubeconfig: str | None = None, *, user_agent: str | None = None) -> Any:
+    from kubernetes import client, config
+
+    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        cfg = client.Configuration()
+        config.load_incluster_config(client_configuration=cfg)
+        api = client.ApiClient(cfg)
+    else:
+        api = config.new_client_from_config(config_file=kubeconfig)
+    if user_agent:
+        api.user_agent = user_agent
+    return api
+
+
+def status_of(e: BaseException) -> int | None:
+    """The HTTP status of a kubernetes ApiException, else None."""
+    from kubernetes.client.exceptions import ApiException
+
+    return e.status if isinstance(e, ApiException) else None
+
+
+def message_of(e: BaseException) -> str:
+    """The API server's own message (its Status body), or the exception's text."""
+    body = getattr(e, "body", None)
+    if body:
+        try:
+            data = json.loads(body)
+            return str(data.get("message") or data.get("reason") or body)[:500]
+        except (ValueError, AttributeError):
+            return str(body)[:500]
+    return f"{type(e).__name__}: {e}"[:500]
+
+
+def describe(e: BaseException, what: str) -> Exception:
+    """Turn a client exception into ours: 404 NotFound, else a retryable RouterError."""
+    code = status_of(e)
+    if code == 404:
+        return NotFound(f"{what} not found")
+    if code in (401, 403):
+        return RouterError(f"{what}: the API server refused us ({code}): {message_of(e)}; "
+                           "check the controller's ServiceAccount and RBAC")
+    return RouterError(f"{what}: API server error{f' {code}' if code else ''}: {message_of(e)}")

@@ -1,0 +1,165 @@
+"""Istio: shift weights inside the user's own VirtualService.
+
+Only the `weight` of the two destinations named by the target (in the http route named
+by `route:`, or the first) is changed; the object is otherwise written back exactly as it
+was read, fields canary does not know included. Every write is conditional on the
+resourceVersion it read; a 409 means someone edited it in between, so canary reads again
+and retries rather than overwrite their change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any
+
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from canary import kube
+from canary.config import IstioDestination, IstioTarget
+from canary.errors import InvalidInput, NotFound, RouterError, StoreConflict
+
+GROUP, VERSION = "networking.istio.io", "v1"
+
+
+def _matches(route_dest: dict[str, Any], want: IstioDestination) -> bool:
+    d = route_dest.get("destination") or {}
+    return bool(d.get("host") == want.host and d.get("subset") == want.subset)
+
+
+def _same_host(rule_host: str, host: str, namespace: str) -> bool:
+    """A DestinationRule's host may be short (`api`) or fully qualified."""
+    short = host.split(".")[0]
+    return rule_host in (host, short, f"{short}.{namespace}", f"{short}.{namespace}.svc",
+                         f"{short}.{namespace}.svc.cluster.local")
+
+
+class IstioRouter:
+    def __init__(self, target: IstioTarget, api: Any) -> None:
+        self.target = target
+        self._api = api
+        self._lock = asyncio.Lock()
+
+    @property
+    def _what(self) -> str:
+        return f"VirtualService {self.target.namespace}/{self.target.virtual_service}"
+
+    def _custom(self) -> Any:
+        from kubernetes import client
+
+        return client.CustomObjectsApi(self._api)
+
+    def _get(self, plural: str, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._custom().get_namespaced_custom_object(
+            GROUP, VERSION, self.target.namespace, plural, name,
+            _request_timeout=kube.REQUEST_TIMEOUT)
+        return result
+
+    def _replace(self, obj: dict[str, Any]) -> None:
+        self._custom().replace_namespaced_custom_object(
+            GROUP, VERSION, self.target.namespace, "virtualservices",
+            self.target.virtual_service, obj, _request_timeout=kube.REQUEST_TIMEOUT)
+
+    def _list(self, plural: str) -> list[dict[str, Any]]:
+        result = self._custom().list_namespaced_custom_object(
+            GROUP, VERSION, self.target.namespace, plural, _request_timeout=kube.REQUEST_TIMEOUT)
+        items: list[dict[str, Any]] = result.get("items", [])
+        return items
+
+    async def _call(self, what: str, fn: Any, *args: Any) -> Any:
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except Exception as e:  # the client raises ApiException, urllib3 and socket errors
+            if kube.status_of(e) == 409:
+                raise StoreConflict(f"{what}: changed by someone else; re-reading") from e
+            raise kube.describe(e, what) from e
+
+    def route(self, vs: dict[str, Any]) -> dict[str, Any]:
+        routes = (vs.get("spec") or {}).get("http") or []
+        if not routes:
+            raise InvalidInput(f"{self._what} has no http routes")
+        if self.target.route is None:
+            first: dict[str, Any] = routes[0]
+            return first
+        for r in routes:
+            if r.get("name") == self.target.route:
+                found: dict[str, Any] = r
+                return found
+        names = ", ".join(repr(r.get("name")) for r in routes)
+        raise NotFound(f"{self._what} has no http route named {self.target.route!r} "
+                       f"(routes: {names}); set the target's route to one of them")
+
+    def _destinations(self, route: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        entries = route.get("route") or []
+        found = []
+        for side, want in (("stable", self.target.stable), ("canary", self.target.canary)):
+            entry = next((e for e in entries if _matches(e, want)), None)
+            if entry is None:
+                sub = f" subset {want.subset}" if want.subset else ""
+                raise InvalidInput(f"{self._what}: the route has no destination for the {side} "
+                                   f"version (host {want.host}{sub}); list both destinations, "
+                                   "the canary with weight 0")
+            found.append(entry)
+        others = [e for e in entries if not any(e is f for f in found) and e.get("weight")]
+        if others:
+            raise InvalidInput(f"{self._what}: the route sends traffic to destinations other "
+                               "than stable and canary; canary cannot keep weights at 100")
+        return found[0], found[1]
+
+    async def get_weight(self) -> int | None:
+        try:
+            vs = await self._call(self._what, self._get, "virtualservices",
+                                  self.target.virtual_service)
+            stable, canary = self._destinations(self.route(vs))
+        except (RouterError, NotFound, InvalidInput, StoreConflict):
+            return None
+        ws, wc = stable.get("weight"), canary.get("weight")
+        if ws is None and wc is None:
+            return None
+        return int(wc or 0)
+
+    async def set_weight(self, weight: int) -> None:
+        async with self._lock:
+            try:
+                async for attempt in AsyncRetrying(
+                    retry=retry_if_exception_type(StoreConflict),
+                    stop=stop_after_attempt(6), wait=wait_exponential(multiplier=0.05, max=1),
+                    reraise=True,
+                ):
+                    with attempt:
+                        await self._write(weight)
+            except StoreConflict as e:
+                raise RouterError(f"{self._what} kept changing under us: {e}") from e
+            except (NotFound, InvalidInput) as e:
+                raise RouterError(str(e)) from e
+            live = await self.get_weight()
+            if live != weight:
+                raise RouterError(f"{self._what}: wrote canary weight {weight} but read back {live}")
+
+    async def _write(self, weight: int) -> None:
+        vs = await self._call(self._what, self._get, "virtualservices", self.target.virtual_service)
+        new = copy.deepcopy(vs)
+        stable, canary = self._destinations(self.route(new))
+        stable["weight"], canary["weight"] = 100 - weight, weight
+        if new == vs:
+            return
+        await self._call(self._what, self._replace, new)
+
+    async def check(self) -> None:
+        """Everything a rollout will need, before its first step: the VirtualService, its
+        route, both destinations, and the DestinationRule subsets they name."""
+        vs = await self._call(self._what, self._get, "virtualservices", self.target.virtual_service)
+        self._destinations(self.route(vs))
+        for side, dest in (("stable", self.target.stable), ("canary", self.target.canary)):
+            if dest.subset is None:
+                continue
+            rules = await self._call(f"DestinationRules in {self.target.namespace}", self._list,
+                                     "destinationrules")
+            subsets = {s.get("name") for r in rules
+                       if _same_host((r.get("spec") or {}).get("host", ""), dest.host,
+                                     self.target.namespace)
+                       for s in (r.get("spec") or {}).get("subsets") or []}
+            if dest.subset not in subsets:
+                raise InvalidInput(f"no DestinationRule in {self.target.namespace} defines subset "
+                                   f"{dest.subset!r} for host {dest.host} (the {side} version); "
+                                   "define it so Istio knows which pods are which")

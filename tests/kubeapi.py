@@ -1,0 +1,262 @@
+"""A wire-level double of the Kubernetes API server, for the kinds canary uses:
+configmaps, leases, virtualservices and destinationrules.
+
+The real `kubernetes` client talks to it over HTTP through a generated kubeconfig,
+exactly as it would to a cluster. It keeps the API's semantics that canary relies on:
+resourceVersion bumps on every write, 409 Conflict for a stale resourceVersion on PUT
+and for creating an existing name, 404 with a Status body, merge-patch and JSON-patch,
+label selectors on LIST, and 422 Invalid when a VirtualService or DestinationRule fails
+the OpenAPI schema of Istio's own CRD (tests/data/istio/). CEL rules
+(x-kubernetes-validations) are not evaluated, and there is no watch.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonpatch
+import jsonschema
+import yaml
+from aiohttp import web
+
+from canary.demo.procs import free_port
+
+DATA = Path(__file__).parent / "data" / "istio"
+KINDS = {
+    ("", "v1", "configmaps"): "ConfigMap",
+    ("coordination.k8s.io", "v1", "leases"): "Lease",
+    ("networking.istio.io", "v1", "virtualservices"): "VirtualService",
+    ("networking.istio.io", "v1", "destinationrules"): "DestinationRule",
+}
+
+
+def _openapi_to_jsonschema(node: Any) -> Any:
+    """OpenAPI's `nullable: true` is JSON Schema's type [X, "null"]."""
+    if isinstance(node, dict):
+        out = {k: _openapi_to_jsonschema(v) for k, v in node.items()}
+        if out.pop("nullable", False) and "type" in out:
+            out["type"] = [out["type"], "null"]
+        return out
+    if isinstance(node, list):
+        return [_openapi_to_jsonschema(x) for x in node]
+    return node
+
+
+def _crd_schema(file: str) -> dict[str, Any]:
+    crd = yaml.safe_load((DATA / file).read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return _openapi_to_jsonschema(version["schema"]["openAPIV3Schema"])  # type: ignore[no-any-return]
+
+
+SCHEMAS = {"VirtualService": _crd_schema("virtualservices.crd.yaml"),
+           "DestinationRule": _crd_schema("destinationrules.crd.yaml")}
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge_patch(out.get(k), v)
+    return out
+
+
+def status(code: int, reason: str, message: str) -> web.Response:
+    return web.json_response({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                              "status": "Failure", "message": message, "reason": reason,
+                              "code": code}, status=code)
+
+
+@dataclass
+class KubeApiDouble:
+    port: int = field(default_factory=free_port)
+    objects: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
+    writes: list[tuple[float, str, str, str, str]] = field(default_factory=list)
+    fail_next: list[int] = field(default_factory=list)  # statuses to answer next writes with
+    before_write: Callable[[str, str, str], None] | None = None
+    _rv: itertools.count[int] = field(default_factory=lambda: itertools.count(1000))
+    _runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def kubeconfig(self, path: Path, namespace: str = "default") -> Path:
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "double",
+            "clusters": [{"name": "double", "cluster": {"server": self.url}}],
+            "users": [{"name": "canary", "user": {"token": "double-token"}}],
+            "contexts": [{"name": "double", "context": {"cluster": "double", "user": "canary",
+                                                        "namespace": namespace}}]}))
+        return path
+
+    # ---- direct access for tests ---------------------------------------------------
+
+    def put(self, plural: str, namespace: str, obj: dict[str, Any]) -> dict[str, Any]:
+        """Store an object as a user's `kubectl apply` would (schema-checked)."""
+        kind = next(k for (g, v, p), k in KINDS.items() if p == plural)
+        problem = self._invalid(kind, obj)
+        assert problem is None, problem
+        obj = copy.deepcopy(obj)
+        meta = obj.setdefault("metadata", {})
+        meta.setdefault("namespace", namespace)
+        meta.setdefault("uid", str(uuid.uuid4()))
+        meta["resourceVersion"] = str(next(self._rv))
+        self.objects[(plural, namespace, meta["name"])] = obj
+        return obj
+
+    def get(self, plural: str, namespace: str, name: str) -> dict[str, Any]:
+        return copy.deepcopy(self.objects[(plural, namespace, name)])
+
+    # ---- HTTP ------------------------------------------------------------------------
+
+    def _invalid(self, kind: str, obj: dict[str, Any]) -> str | None:
+        schema = SCHEMAS.get(kind)
+        if schema is None:
+            return None
+        errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(obj),
+                        key=lambda e: list(e.path))
+        if not errors:
+            return None
+        e = errors[0]
+        where = ".".join(str(p) for p in e.path) or "(root)"
+        return f'{kind}.networking.istio.io "{obj.get("metadata", {}).get("name")}" is invalid: ' \
+               f"{where}: {e.message}"
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        parts = [p for p in request.path.split("/") if p]
+        # /api/v1/namespaces/{ns}/{plural}[/{name}]
+        # /apis/{group}/{version}/namespaces/{ns}/{plural}[/{name}]
+        if parts[:1] == ["api"]:
+            group, version, rest = "", parts[1], parts[2:]
+        elif parts[:1] == ["apis"] and len(parts) >= 3:
+            group, version, rest = parts[1], parts[2], parts[3:]
+        else:
+            return status(404, "NotFound", f"the server could not find {request.path}")
+        if len(rest) < 3 or rest[0] != "namespaces":
+            return status(404, "NotFound", f"the server could not find {request.path}")
+        ns, plural = rest[1], rest[2]
+        name = rest[3] if len(rest) > 3 else None
+        kind = KINDS.get((group, version, plural))
+        if kind is None:
+            return status(404, "NotFound", f"the server could not find the requested resource "
+                                           f"({group}/{version} {plural})")
+        api_version = f"{group}/{version}" if group else version
+        key = (plural, ns, name or "")
+        method = request.method
+        if method != "GET":
+            if self.fail_next:
+                code = self.fail_next.pop(0)
+                return status(code, "InternalError" if code >= 500 else "Conflict",
+                              f"injected failure {code}")
+            if self.before_write is not None:
+                self.before_write(method, plural, name or "")
+        if method == "GET" and name is None:
+            selector = request.query.get("labelSelector", "")
+            want = dict(x.split("=", 1) for x in selector.split(",") if "=" in x)
+            items = [copy.deepcopy(o) for (p, n, _), o in sorted(self.objects.items())
+                     if p == plural and n == ns
+                     and all(o["metadata"].get("labels", {}).get(k) == v for k, v in want.items())]
+            return web.json_response({"apiVersion": api_version, "kind": f"{kind}List",
+                                      "metadata": {"resourceVersion": str(next(self._rv))},
+                                      "items": items})
+        if method == "POST" and name is None:
+            obj = await request.json()
+            name = obj.get("metadata", {}).get("name")
+            if not name:
+                return status(422, "Invalid", "metadata.name: Required value")
+            if (plural, ns, name) in self.objects:
+                return status(409, "AlreadyExists", f'{plural} "{name}" already exists')
+            return self._store(kind, api_version, plural, ns, name, obj, request, 201)
+        if name is None:
+            return status(405, "MethodNotAllowed", f"{method} on a collection")
+        current = self.objects.get(key)
+        if current is None:
+            return status(404, "NotFound", f'{plural} "{name}" not found')
+        if method == "GET":
+            return web.json_response(current)
+        if method == "DELETE":
+            del self.objects[key]
+            self.writes.append((time.monotonic(), method, plural, name, request.headers.get(
+                "User-Agent", "")))
+            return web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Success"})
+        if method == "PUT":
+            obj = await request.json()
+            rv = obj.get("metadata", {}).get("resourceVersion")
+            if rv and rv != current["metadata"]["resourceVersion"]:
+                return status(409, "Conflict",
+                              f'Operation cannot be fulfilled on {plural} "{name}": the object '
+                              "has been modified; please apply your changes to the latest "
+                              "version and try again")
+            return self._store(kind, api_version, plural, ns, name, obj, request, 200, current)
+        if method == "PATCH":
+            ctype = request.content_type
+            patch = await request.json()
+            if ctype == "application/merge-patch+json":
+                if not isinstance(patch, dict):
+                    return status(400, "BadRequest", "a merge patch must be a JSON object")
+                obj = merge_patch(current, patch)
+            elif ctype == "application/json-patch+json":
+                try:
+                    obj = jsonpatch.apply_patch(current, patch)
+                except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as e:
+                    return status(422, "Invalid", f"json patch: {e}")
+            else:
+                return status(415, "UnsupportedMediaType",
+                              f"the body of the request was in an unknown format - accepted "
+                              f"media types include: application/json-patch+json, "
+                              f"application/merge-patch+json (got {ctype})")
+            rv = patch.get("metadata", {}).get("resourceVersion") if isinstance(patch, dict) \
+                else None
+            if rv and rv != current["metadata"]["resourceVersion"]:
+                return status(409, "Conflict", f'Operation cannot be fulfilled on {plural} "{name}"')
+            return self._store(kind, api_version, plural, ns, name, obj, request, 200, current)
+        return status(405, "MethodNotAllowed", method)
+
+    def _store(self, kind: str, api_version: str, plural: str, ns: str, name: str,
+               obj: dict[str, Any], request: web.Request, code: int,
+               current: dict[str, Any] | None = None) -> web.Response:
+        obj.setdefault("apiVersion", api_version)
+        obj.setdefault("kind", kind)
+        meta = obj.setdefault("metadata", {})
+        if meta.get("name", name) != name:
+            return status(400, "BadRequest", "the name of the object does not match the URL")
+        problem = self._invalid(kind, obj)
+        if problem:
+            return status(422, "Invalid", problem)
+        meta.update(name=name, namespace=ns)
+        meta["uid"] = current["metadata"]["uid"] if current else str(uuid.uuid4())
+        meta["resourceVersion"] = str(next(self._rv))
+        meta.setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        self.objects[(plural, ns, name)] = obj
+        self.writes.append((time.monotonic(), request.method, plural, name,
+                            request.headers.get("User-Agent", "")))
+        return web.json_response(obj, status=code)
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=10 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True)
