@@ -89,6 +89,7 @@ async def run(n: int, interval: float, duration: float, aborts: int, hold: float
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     read_latency: list[float] = []
     abort_latency: list[float] = []
+    abort_status: list[int] = []
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=50)) as s:
             pipe = {"Authorization": f"Bearer {TOKENS['pipeline']}"}
@@ -121,8 +122,9 @@ async def run(n: int, interval: float, duration: float, aborts: int, hold: float
                     t0 = time.monotonic()
                     async with s.post(f"{base}/api/v1/rollouts/{rid}/abort", headers=pipe,
                                       json={"reason": "bench"}) as r:
+                        abort_status.append(r.status)
                         if r.status != 200:
-                            continue
+                            continue  # 409: it had already finished
                     await routers[name].zeroed.wait()
                     abort_latency.append(time.monotonic() - t0)
 
@@ -155,6 +157,7 @@ async def run(n: int, interval: float, duration: float, aborts: int, hold: float
         "evaluations": int(evals),
         "evaluation_delay_s": delays,
         "missed_intervals": missed,
+        "aborts_accepted": abort_status.count(200),
         "abort_to_weight0_ms": {"n": len(abort_latency),
                                 "p50": round(pct(abort_latency, 0.5) * 1000, 1),
                                 "p99": round(pct(abort_latency, 0.99) * 1000, 1),
