@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import time
 import urllib.error
@@ -24,7 +25,7 @@ from typing import Any, NoReturn
 from canary import config as config_mod
 from canary import policy as policy_mod
 from canary import yamlsrc
-from canary.errors import Problem, RouterError, UserError, ValidationFailed
+from canary.errors import InvalidInput, Problem, RouterError, UserError, ValidationFailed
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 log = logging.getLogger("canary.cli")
@@ -51,23 +52,45 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
 
     policies = cfg.load_policies()
     kube_api = None
+    identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
     if cfg.state.startswith("kubernetes:") or any(t.router == "istio"
                                                   for t in cfg.targets.values()):
         from canary.kube import api_client
 
-        kube_api = api_client()
+        try:
+            kube_api = api_client(user_agent=f"canary/{identity}")
+        except Exception as e:  # the client's ConfigException and OSError
+            raise InvalidInput(f"Kubernetes credentials: {e}") from e
     routers: dict[str, Router] = {}
     for name, target in cfg.targets.items():
         try:
             routers[name] = for_target(target, kube_api=kube_api)
         except RouterError as e:
             log.warning(str(e), extra={"target": name})
-    store = open_store(cfg.state)
+    store = open_store(cfg.state, kube_api=kube_api)
     controller = Controller(store=store, policies=policies, targets=cfg.targets, routers=routers,
                             source=PrometheusSource(cfg.prometheus_url,
                                                     timeout=cfg.prometheus_timeout),
                             clock=RealClock())
-    app = build_app(controller, cfg.tokens)
+    elector = None
+    if cfg.state.startswith("kubernetes:"):
+        from canary.leader import LeaderElector
+
+        le = cfg.leader_election
+
+        async def lead() -> None:
+            controller.leading = True
+            await controller.start()
+
+        async def follow() -> None:
+            controller.leading = False
+            await controller.stop()
+
+        elector = LeaderElector(kube_api, cfg.state.removeprefix("kubernetes:"), identity,
+                                name=le.name, lease_duration=le.lease_duration,
+                                renew_deadline=le.renew_deadline, retry_period=le.retry_period,
+                                on_start=lead, on_stop=follow)
+    app = build_app(controller, cfg.tokens, elector=elector)
     # idle keep-alive connections are closed after 15 s, so slow or stalled clients do
     # not pile up; bodies have their own 10 s limit in the API, and an unread body is
     # drained for at most 1 s before the connection closes

@@ -67,6 +67,16 @@ Target = NginxTarget | IstioTarget
 
 
 @dataclass(frozen=True)
+class LeaderElection:
+    """Only with state: kubernetes:NS. Defaults as client-go's."""
+
+    name: str = "canary-leader"
+    lease_duration: float = 15.0
+    renew_deadline: float = 10.0
+    retry_period: float = 2.0
+
+
+@dataclass(frozen=True)
 class Config:
     listen_host: str
     listen_port: int
@@ -79,12 +89,14 @@ class Config:
     source: str = ""
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    leader_election: LeaderElection = field(default_factory=LeaderElection)
 
     def load_policies(self) -> dict[str, policy_mod.Policy]:
         return policy_mod.load_many(self.policy_paths)
 
 
-_TOP = {"listen", "state", "prometheus", "policies", "auth", "targets", "tls"}
+_TOP = {"listen", "state", "prometheus", "policies", "auth", "targets", "tls",
+        "leader_election"}
 _NGINX = {"router", "file", "upstream", "stable", "canary", "test", "reload", "policy", "vars",
           "stable_version"}
 _ISTIO = {"router", "namespace", "virtual_service", "route", "stable", "canary", "policy", "vars",
@@ -191,11 +203,37 @@ class _Checker:
         tokens = self.tokens(data.get("auth"))
         targets = self.targets(data.get("targets"))
         cert, key = self.tls(data.get("tls"))
+        election = self.election(data.get("leader_election"))
         if self.problems:
             raise ValidationFailed(self.problems)
         return Config(listen_host=host, listen_port=port, state=state, prometheus_url=url,
                       prometheus_timeout=timeout, policy_paths=policy_paths, tokens=tokens,
-                      targets=targets, source=self.doc.file, tls_cert=cert, tls_key=key)
+                      targets=targets, source=self.doc.file, tls_cert=cert, tls_key=key,
+                      leader_election=election)
+
+    def election(self, raw: Any) -> LeaderElection:
+        if raw is None:
+            return LeaderElection()
+        path: yamlsrc.Path = ("leader_election",)
+        if not isinstance(raw, dict):
+            self.problem(path, "must be a mapping {name, lease_duration, renew_deadline, "
+                               "retry_period}")
+            return LeaderElection()
+        self.unknown(raw, {"name", "lease_duration", "renew_deadline", "retry_period"}, path)
+        d = LeaderElection()
+        name = self.string(raw, "name", path, default=d.name) or d.name
+        times = {}
+        for key in ("lease_duration", "renew_deadline", "retry_period"):
+            times[key] = getattr(d, key)
+            if key in raw:
+                try:
+                    times[key] = policy_mod.parse_duration(raw[key])
+                except ValueError as e:
+                    self.problem((*path, key), str(e))
+        if not times["retry_period"] < times["renew_deadline"] < times["lease_duration"]:
+            self.problem(path, "need retry_period < renew_deadline < lease_duration, so a leader "
+                               "that cannot renew steps down before anyone else takes over")
+        return LeaderElection(name=name, **times)
 
     def tls(self, raw: Any) -> tuple[Path | None, Path | None]:
         """Optional TLS for the API: `tls: {cert: FILE, key: FILE}` (PEM)."""

@@ -9,7 +9,8 @@
     └── TransientError            a dependency failed; worth a retry with backoff
         ├── RouterError           nginx test/reload failed, file not writable, API server error
         ├── MetricsError          Prometheus unreachable, slow or answering an error
-        └── StoreConflict         someone else wrote the rollout first (expected version moved)
+        ├── StoreConflict         someone else wrote the rollout first (expected version moved)
+        └── NotLeader             a write sent to a replica that does not hold the lease (-> 503)
 
 tenacity retries only TransientError subclasses, and only where the caller says so.
 """
@@ -71,4 +72,8 @@ class MetricsError(TransientError):
 
 
 class StoreConflict(TransientError):
+    pass
+
+
+class NotLeader(TransientError):
     pass

@@ -11,7 +11,9 @@ from typing import Any
 
 from canary.errors import NotFound, RouterError
 
-REQUEST_TIMEOUT = 10.0
+# every call is bounded so a leader that loses its lease (renew deadline 10 s) cannot
+# still be writing when the lease expires for the others (15 s)
+REQUEST_TIMEOUT = 4.0
 
 
 def api_client(kubeconfig: str | None = None, *, user_agent: str | None = None) -> Any:

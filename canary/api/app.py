@@ -7,6 +7,7 @@ controller, which wakes the rollout's task; the handler never moves traffic itse
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,6 +21,7 @@ from canary.api.openapi import SPEC
 from canary.config import NginxTarget, Role, Token
 from canary.engine.controller import Controller
 from canary.errors import Conflict, InvalidInput, NotFound, TransientError, UserError
+from canary.leader import LeaderElector
 from canary.model import Command, CommandKind
 
 log = logging.getLogger("canary.api")
@@ -148,7 +150,7 @@ async def readyz(request: web.Request) -> web.Response:
     if not ctl.policies:
         return error(503, "no policies loaded")
     return web.json_response({"status": "ready", "policies": len(ctl.policies),
-                              "active_rollouts": ctl.running()})
+                              "active_rollouts": ctl.running(), "leader": ctl.leading})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -233,16 +235,26 @@ def override(kind: CommandKind) -> Handler:
 
 
 def build_app(controller: Controller, tokens: tuple[Token, ...], *,
-              body_timeout: float = 10.0) -> web.Application:
+              body_timeout: float = 10.0, elector: LeaderElector | None = None) -> web.Application:
     app = web.Application(middlewares=[audit, errors_as_json], client_max_size=MAX_BODY)
     app[BODY_TIMEOUT] = body_timeout
     app[CONTROLLER] = controller
     app[TOKENS] = tokens
 
     async def run_controller(app: web.Application) -> AsyncIterator[None]:
-        await controller.start()
+        if elector is None:
+            await controller.start()
+            yield
+            await controller.stop()
+            return
+        # with leader election, rollouts run only while this replica holds the lease
+        controller.leading = False
+        controller.leader = lambda: elector.leader
+        task = asyncio.create_task(elector.run(), name="leader-election")
         yield
-        await controller.stop()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     app.cleanup_ctx.append(run_controller)
     app.router.add_get("/healthz", healthz)

@@ -26,6 +26,7 @@ from canary.engine import decide
 from canary.errors import (
     InvalidInput,
     NotFound,
+    NotLeader,
     RouterError,
     StoreConflict,
 )
@@ -65,6 +66,8 @@ class Controller:
     clock: Clock
     metrics: Metrics = field(default_factory=Metrics)
     retry_max: float = 30.0
+    leading: bool = True   # only the leader runs rollouts and accepts writes
+    leader: Callable[[], str | None] = lambda: None  # who leads, for followers' answers
     _tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     _wakeups: dict[str, asyncio.Event] = field(default_factory=dict)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
@@ -74,6 +77,7 @@ class Controller:
     # ---- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._stopping = False
         for r in await self.store.list(active_only=True):
             log.info("resuming rollout", extra={"rollout": r.id, "target": r.target,
                                                 "state": r.state.value, "stage": r.stage,
@@ -109,8 +113,16 @@ class Controller:
 
     # ---- requests -------------------------------------------------------------------
 
+    def _must_lead(self) -> None:
+        if not self.leading:
+            leader = self.leader()
+            raise NotLeader("this replica is not the leader"
+                            + (f" ({leader} is)" if leader else "")
+                            + "; writes go to the leader: retry, the Service will route you")
+
     async def create(self, *, target: str, canary_version: str, stable_version: str | None,
                      policy: str | None, actor: str) -> Rollout:
+        self._must_lead()
         tgt = self.targets.get(target)
         if tgt is None:
             raise NotFound(f"no target named {target!r}; configured: "
@@ -163,6 +175,7 @@ class Controller:
 
     async def command(self, rollout_id: str, cmd: Command) -> Rollout:
         """Record an override and wake the rollout's task; Conflict if it does not fit."""
+        self._must_lead()
         r = await self.store.load(rollout_id)
         pol = policy_mod.from_dict(r.policy_spec)
         r = await self._update(rollout_id, partial(decide.command, policy=pol, cmd=cmd,

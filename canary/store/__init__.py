@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from canary.model import Rollout
 
@@ -31,12 +31,18 @@ class Store(Protocol):
         ...
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, *, kube_api: Any = None) -> Store:
     from canary.errors import InvalidInput
 
     if url.startswith("sqlite:"):
         from canary.store.sqlite import SqliteStore
 
         return SqliteStore(url[len("sqlite:"):])
-    raise InvalidInput(f"state {url!r}: only sqlite:PATH is available in this version "
-                       "(kubernetes: is planned; see README, 'Status')")
+    if url.startswith("kubernetes:"):
+        from canary.store.kubernetes import KubernetesStore
+
+        if kube_api is None:
+            raise InvalidInput(f"state {url!r} needs Kubernetes credentials (in-cluster, "
+                               "KUBECONFIG or ~/.kube/config)")
+        return KubernetesStore(url[len("kubernetes:"):], kube_api)
+    raise InvalidInput(f"state {url!r}: use sqlite:PATH or kubernetes:NAMESPACE")

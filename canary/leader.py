@@ -1,0 +1,144 @@
+"""Leader election with a coordination.k8s.io/v1 Lease, as client-go does it.
+
+One replica holds the Lease and renews it every `retry_period`; the others watch its
+renewals and take it over only after it went `lease_duration` without one (measured on
+their own clock, so clocks need not agree). A leader that cannot renew for
+`renew_deadline` (< lease_duration, and every API call is bounded well under the
+difference) steps down and stops acting before anyone else may start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from canary import kube
+
+log = logging.getLogger("canary.leader")
+
+
+def _now_micro() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class LeaderElector:
+    def __init__(self, api: Any, namespace: str, identity: str, *,
+                 name: str = "canary-leader", lease_duration: float = 15.0,
+                 renew_deadline: float = 10.0, retry_period: float = 2.0,
+                 on_start: Callable[[], Awaitable[None]], on_stop: Callable[[], Awaitable[None]]
+                 ) -> None:
+        assert renew_deadline < lease_duration
+        self._api, self.namespace, self.identity, self.name = api, namespace, identity, name
+        self.lease_duration, self.renew_deadline = lease_duration, renew_deadline
+        self.retry_period = retry_period
+        self._on_start, self._on_stop = on_start, on_stop
+        self.leading = False
+        self.leader: str | None = None
+        self._last_renew = 0.0
+        self._observed: tuple[Any, ...] | None = None
+        self._observed_at = 0.0
+
+    def _coord(self) -> Any:
+        from kubernetes import client
+
+        return client.CoordinationV1Api(self._api)
+
+    async def _call(self, fn: Any, *args: Any, **kw: Any) -> Any:
+        return await asyncio.to_thread(fn, *args, _request_timeout=kube.REQUEST_TIMEOUT, **kw)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                try:
+                    await self._try()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    log.warning("lease: %s", kube.message_of(e),
+                                extra={"lease": self.name, "identity": self.identity})
+                if self.leading and time.monotonic() - self._last_renew > self.renew_deadline:
+                    log.warning("lost the lease: could not renew it in time; stepping down",
+                                extra={"identity": self.identity})
+                    await self._stop_leading()
+                await asyncio.sleep(self.retry_period)
+        finally:
+            if self.leading:
+                await self._stop_leading()
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._release())
+
+    async def _try(self) -> None:
+        coord = self._coord()
+        try:
+            resp = await self._call(coord.read_namespaced_lease, self.name, self.namespace,
+                                    _preload_content=False)
+            lease = json.loads(resp.data)
+        except Exception as e:
+            if kube.status_of(e) != 404:
+                raise
+            body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": self.name, "namespace": self.namespace},
+                    "spec": self._spec(transitions=0, acquire=True)}
+            await self._call(coord.create_namespaced_lease, self.namespace, body)
+            await self._became_leader()
+            return
+        spec = lease.get("spec") or {}
+        holder = spec.get("holderIdentity")
+        self.leader = holder
+        record = (holder, spec.get("renewTime"), spec.get("leaseTransitions"))
+        now = time.monotonic()
+        if record != self._observed:
+            self._observed, self._observed_at = record, now
+        if holder == self.identity:
+            lease["spec"] = {**spec, **self._spec(spec.get("leaseTransitions", 0), acquire=False)}
+            await self._call(coord.replace_namespaced_lease, self.name, self.namespace, lease)
+            if self.leading:
+                self._last_renew = time.monotonic()
+            else:
+                await self._became_leader()
+            return
+        if self.leading:
+            # someone else holds it now: we must not act
+            await self._stop_leading()
+        expired = not holder or now - self._observed_at > self.lease_duration
+        if not expired:
+            return
+        lease["spec"] = self._spec(int(spec.get("leaseTransitions") or 0) + 1, acquire=True)
+        await self._call(coord.replace_namespaced_lease, self.name, self.namespace, lease)
+        log.info("took over the lease", extra={"identity": self.identity, "from": holder})
+        await self._became_leader()
+
+    def _spec(self, transitions: int, *, acquire: bool) -> dict[str, Any]:
+        now = _now_micro()
+        spec: dict[str, Any] = {"holderIdentity": self.identity,
+                                "leaseDurationSeconds": max(1, round(self.lease_duration)),
+                                "renewTime": now, "leaseTransitions": transitions}
+        if acquire:
+            spec["acquireTime"] = now
+        return spec
+
+    async def _became_leader(self) -> None:
+        self._last_renew = time.monotonic()
+        self.leading, self.leader = True, self.identity
+        log.info("leading", extra={"identity": self.identity, "lease": self.name})
+        await self._on_start()
+
+    async def _stop_leading(self) -> None:
+        self.leading = False
+        await self._on_stop()
+
+    async def _release(self) -> None:
+        """On a clean shutdown, hand the lease over at once instead of letting it expire."""
+        coord = self._coord()
+        resp = await self._call(coord.read_namespaced_lease, self.name, self.namespace,
+                                _preload_content=False)
+        lease = json.loads(resp.data)
+        if (lease.get("spec") or {}).get("holderIdentity") == self.identity:
+            lease["spec"]["holderIdentity"] = None
+            await self._call(coord.replace_namespaced_lease, self.name, self.namespace, lease)

@@ -1,0 +1,153 @@
+"""Cluster state: one ConfigMap per rollout in the controller's namespace, so a new
+controller pod resumes every rollout.
+
+- `canary-rollout-<id>`: the rollout as JSON under `rollout.json`, and our version
+  counter under `version`. Labels: managed-by, target, active.
+- `canary-target-<name>`: which rollout holds the target (`active`). Starting a rollout
+  claims it with a resourceVersion-guarded write, so two racing starts give one rollout.
+
+Every write is conditional on the resourceVersion it read (409 -> StoreConflict).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+from typing import Any
+
+from canary import kube
+from canary.errors import Conflict, NotFound, StoreConflict, TransientError
+from canary.model import Rollout
+
+MANAGED = {"app.kubernetes.io/managed-by": "canary"}
+
+
+def _dns(text: str) -> str:
+    clean = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:40] or "x"
+    return f"{clean}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+class KubernetesStore:
+    def __init__(self, namespace: str, api: Any) -> None:
+        self.namespace = namespace
+        self._api = api
+
+    def _core(self) -> Any:
+        from kubernetes import client
+
+        return client.CoreV1Api(self._api)
+
+    async def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("_request_timeout", kube.REQUEST_TIMEOUT)
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except Exception as e:
+            code = kube.status_of(e)
+            if code == 404:
+                raise NotFound(f"{what} not found") from e
+            if code == 409:
+                raise StoreConflict(f"{what}: changed by someone else") from e
+            raise TransientError(f"state store ({what}): {kube.message_of(e)}") from e
+
+    async def _get(self, name: str) -> dict[str, Any]:
+        resp = await self._call(f"ConfigMap {self.namespace}/{name}",
+                                self._core().read_namespaced_config_map, name, self.namespace,
+                                _preload_content=False)
+        data: dict[str, Any] = json.loads(resp.data)
+        return data
+
+    @staticmethod
+    def _name(rollout_id: str) -> str:
+        return f"canary-rollout-{rollout_id.lower()}"
+
+    def _body(self, r: Rollout, version: int, rv: str | None = None) -> dict[str, Any]:
+        meta: dict[str, Any] = {
+            "name": self._name(r.id), "namespace": self.namespace,
+            "labels": {**MANAGED, "canary.dev/target": _dns(r.target),
+                       "canary.dev/active": "false" if r.state.final else "true"},
+            "annotations": {"canary.dev/target": r.target}}
+        if rv:
+            meta["resourceVersion"] = rv
+        return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
+                "data": {"rollout.json": json.dumps(r.to_store()), "version": str(version)}}
+
+    @staticmethod
+    def _parse(cm: dict[str, Any]) -> Rollout:
+        data = cm.get("data") or {}
+        return Rollout.from_store(json.loads(data["rollout.json"]), version=int(data["version"]))
+
+    async def create(self, *, rollout: Rollout) -> Rollout:
+        lock = f"canary-target-{_dns(rollout.target)}"
+        core = self._core()
+        try:
+            cm = await self._get(lock)
+        except NotFound:
+            cm = None
+        if cm is not None:
+            holder = (cm.get("data") or {}).get("active")
+            if holder:
+                try:
+                    other = await self.load(holder)
+                    if not other.state.final:
+                        raise Conflict(f"target {rollout.target} already has an active rollout "
+                                       f"({other.id}); abort it or wait for it to end")
+                except NotFound:
+                    pass  # a claim whose rollout was never written (a crash): free
+            cm["data"] = {**(cm.get("data") or {}), "active": rollout.id}
+            try:
+                await self._call(f"ConfigMap {lock}", core.replace_namespaced_config_map, lock,
+                                 self.namespace, cm)
+            except StoreConflict as e:
+                raise Conflict(f"target {rollout.target}: another start won the race") from e
+        else:
+            body = {"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": lock, "namespace": self.namespace, "labels": MANAGED,
+                                 "annotations": {"canary.dev/target": rollout.target}},
+                    "data": {"active": rollout.id}}
+            try:
+                await self._call(f"ConfigMap {lock}", core.create_namespaced_config_map,
+                                 self.namespace, body)
+            except StoreConflict as e:
+                raise Conflict(f"target {rollout.target}: another start won the race") from e
+        await self._call(f"ConfigMap {self._name(rollout.id)}", core.create_namespaced_config_map,
+                         self.namespace, self._body(rollout, 1))
+        return Rollout.from_store(rollout.to_store(), version=1)
+
+    async def load(self, rollout_id: str) -> Rollout:
+        try:
+            return self._parse(await self._get(self._name(rollout_id)))
+        except NotFound:
+            raise NotFound(f"no rollout with id {rollout_id!r}") from None
+        except (KeyError, ValueError) as e:
+            raise TransientError(f"rollout {rollout_id}: stored data unreadable: {e}") from e
+
+    async def save(self, *, rollout: Rollout, expected_version: int) -> Rollout:
+        name = self._name(rollout.id)
+        cm = await self._get(name)
+        current = int((cm.get("data") or {}).get("version", "0"))
+        if current != expected_version:
+            raise StoreConflict(f"rollout {rollout.id} changed since version {expected_version}")
+        body = self._body(rollout, expected_version + 1, cm["metadata"]["resourceVersion"])
+        await self._call(f"ConfigMap {name}", self._core().replace_namespaced_config_map, name,
+                         self.namespace, body)
+        return Rollout.from_store(rollout.to_store(), version=expected_version + 1)
+
+    async def list(self, *, active_only: bool = False) -> list[Rollout]:
+        selector = ",".join(f"{k}={v}" for k, v in MANAGED.items())
+        if active_only:
+            selector += ",canary.dev/active=true"
+        resp = await self._call("ConfigMaps", self._core().list_namespaced_config_map,
+                                self.namespace, label_selector=selector, _preload_content=False)
+        items = json.loads(resp.data).get("items", [])
+        out = [self._parse(cm) for cm in items if "rollout.json" in (cm.get("data") or {})]
+        out.sort(key=lambda r: (r.started_at, r.id), reverse=True)
+        return out
+
+    async def ping(self) -> None:
+        await self._call("ConfigMaps", self._core().list_namespaced_config_map, self.namespace,
+                         limit=1, _preload_content=False)
+
+    async def close(self) -> None:
+        return None
