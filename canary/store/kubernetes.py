@@ -3,8 +3,10 @@ controller pod resumes every rollout.
 
 - `canary-rollout-<id>`: the rollout as JSON under `rollout.json`, and our version
   counter under `version`. Labels: managed-by, target, active.
-- `canary-target-<name>`: which rollout holds the target (`active`). Starting a rollout
-  claims it with a resourceVersion-guarded write, so two racing starts give one rollout.
+- `canary-target-<name>`: which rollout holds the target (`active`). A start writes its
+  rollout as `pending`, claims the target with a resourceVersion-guarded write, then
+  marks the rollout active, so two racing starts give one rollout, and a claim always
+  names a rollout that exists.
 
 Every write is conditional on the resourceVersion it read (409 -> StoreConflict).
 """
@@ -12,9 +14,11 @@ Every write is conditional on the resourceVersion it read (409 -> StoreConflict)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import re
+import time
 from typing import Any
 
 from canary import kube
@@ -22,6 +26,7 @@ from canary.errors import Conflict, NotFound, StoreConflict, TransientError
 from canary.model import Rollout
 
 MANAGED = {"app.kubernetes.io/managed-by": "canary"}
+PENDING_GRACE = 60.0  # a start takes three quick writes; one pending longer than this crashed
 
 
 def _dns(text: str) -> str:
@@ -62,11 +67,12 @@ class KubernetesStore:
     def _name(rollout_id: str) -> str:
         return f"canary-rollout-{rollout_id.lower()}"
 
-    def _body(self, r: Rollout, version: int, rv: str | None = None) -> dict[str, Any]:
+    def _body(self, r: Rollout, version: int, rv: str | None = None, *,
+              active: str | None = None) -> dict[str, Any]:
         meta: dict[str, Any] = {
             "name": self._name(r.id), "namespace": self.namespace,
             "labels": {**MANAGED, "canary.dev/target": _dns(r.target),
-                       "canary.dev/active": "false" if r.state.final else "true"},
+                       "canary.dev/active": active or ("false" if r.state.final else "true")},
             "annotations": {"canary.dev/target": r.target}}
         if rv:
             meta["resourceVersion"] = rv
@@ -79,29 +85,34 @@ class KubernetesStore:
         return Rollout.from_store(json.loads(data["rollout.json"]), version=int(data["version"]))
 
     async def create(self, *, rollout: Rollout) -> Rollout:
+        """Write the rollout as `pending`, claim the target, then mark it active. A claim
+        always points at a rollout that exists, so a racing start can tell a live claim
+        from one left by a crash (pending for over PENDING_GRACE seconds)."""
+        core = self._core()
+        name = self._name(rollout.id)
+        await self._call(f"ConfigMap {name}", core.create_namespaced_config_map, self.namespace,
+                         self._body(rollout, 1, active="pending"))
+        try:
+            await self._claim(rollout)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._call(f"ConfigMap {name}", core.delete_namespaced_config_map, name,
+                                 self.namespace)
+            raise
+        cm = await self._get(name)
+        await self._call(f"ConfigMap {name}", core.replace_namespaced_config_map, name,
+                         self.namespace,
+                         self._body(rollout, 1, cm["metadata"]["resourceVersion"]))
+        return Rollout.from_store(rollout.to_store(), version=1)
+
+    async def _claim(self, rollout: Rollout) -> None:
         lock = f"canary-target-{_dns(rollout.target)}"
         core = self._core()
         try:
-            cm = await self._get(lock)
+            cm: dict[str, Any] | None = await self._get(lock)
         except NotFound:
             cm = None
-        if cm is not None:
-            holder = (cm.get("data") or {}).get("active")
-            if holder:
-                try:
-                    other = await self.load(holder)
-                    if not other.state.final:
-                        raise Conflict(f"target {rollout.target} already has an active rollout "
-                                       f"({other.id}); abort it or wait for it to end")
-                except NotFound:
-                    pass  # a claim whose rollout was never written (a crash): free
-            cm["data"] = {**(cm.get("data") or {}), "active": rollout.id}
-            try:
-                await self._call(f"ConfigMap {lock}", core.replace_namespaced_config_map, lock,
-                                 self.namespace, cm)
-            except StoreConflict as e:
-                raise Conflict(f"target {rollout.target}: another start won the race") from e
-        else:
+        if cm is None:
             body = {"apiVersion": "v1", "kind": "ConfigMap",
                     "metadata": {"name": lock, "namespace": self.namespace, "labels": MANAGED,
                                  "annotations": {"canary.dev/target": rollout.target}},
@@ -111,9 +122,27 @@ class KubernetesStore:
                                  self.namespace, body)
             except StoreConflict as e:
                 raise Conflict(f"target {rollout.target}: another start won the race") from e
-        await self._call(f"ConfigMap {self._name(rollout.id)}", core.create_namespaced_config_map,
-                         self.namespace, self._body(rollout, 1))
-        return Rollout.from_store(rollout.to_store(), version=1)
+            return
+        holder = (cm.get("data") or {}).get("active")
+        if holder:
+            try:
+                other_cm = await self._get(self._name(holder))
+            except NotFound:
+                other_cm = None
+            if other_cm is not None:
+                other = self._parse(other_cm)
+                pending = other_cm["metadata"].get("labels", {}).get("canary.dev/active") == \
+                    "pending"
+                stale = pending and time.time() - other.started_at > PENDING_GRACE
+                if not other.state.final and not stale:
+                    raise Conflict(f"target {rollout.target} already has an active rollout "
+                                   f"({other.id}); abort it or wait for it to end")
+        cm["data"] = {**(cm.get("data") or {}), "active": rollout.id}
+        try:
+            await self._call(f"ConfigMap {lock}", core.replace_namespaced_config_map, lock,
+                             self.namespace, cm)
+        except StoreConflict as e:
+            raise Conflict(f"target {rollout.target}: another start won the race") from e
 
     async def load(self, rollout_id: str) -> Rollout:
         try:
@@ -141,7 +170,8 @@ class KubernetesStore:
         resp = await self._call("ConfigMaps", self._core().list_namespaced_config_map,
                                 self.namespace, label_selector=selector, _preload_content=False)
         items = json.loads(resp.data).get("items", [])
-        out = [self._parse(cm) for cm in items if "rollout.json" in (cm.get("data") or {})]
+        out = [self._parse(cm) for cm in items if "rollout.json" in (cm.get("data") or {})
+               and cm["metadata"].get("labels", {}).get("canary.dev/active") != "pending"]
         out.sort(key=lambda r: (r.started_at, r.id), reverse=True)
         return out
 

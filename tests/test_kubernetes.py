@@ -1,0 +1,172 @@
+"""canary as a Kubernetes controller: rollouts kept in ConfigMaps, one leader at a time
+through a Lease. Controllers run as real processes that reach the API double
+(tests/kubeapi.py) through KUBECONFIG, as they would a cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from canary.engine import decide
+from canary.errors import Conflict, StoreConflict
+from canary.kube import api_client
+from canary.model import Phase
+from canary.store.kubernetes import KubernetesStore
+from tests.doubles import PrometheusDouble
+from tests.helpers import Api, eventually, simple_policy, tokens
+from tests.kubeapi import KubeApiDouble
+from tests.test_istio import DR, NS, VS, weights
+
+pytestmark = pytest.mark.e2e
+
+
+def rollout(rid: str, target: str = "api") -> Any:
+    return decide.start(rollout_id=rid, target=target, policy=simple_policy(),
+                        canary_version="v2", stable_version="v1", now=time.time(), actor="t")
+
+
+async def test_the_cluster_store_keeps_one_active_rollout_per_target_and_guards_writes(tmp_path):
+    kube = KubeApiDouble()
+    await kube.start()
+    api = api_client(str(kube.kubeconfig(tmp_path / "kubeconfig")))
+    try:
+        store = KubernetesStore(NS, api)
+        results = await asyncio.gather(*(store.create(rollout=rollout(f"r{i}")) for i in range(6)),
+                                       return_exceptions=True)
+        won = [r for r in results if not isinstance(r, Exception)]
+        assert len(won) == 1 and all(isinstance(r, Conflict) for r in results if r not in won)
+        r = await store.load(won[0].id)
+        saved = await store.save(rollout=r, expected_version=r.version)
+        with pytest.raises(StoreConflict):
+            await store.save(rollout=r, expected_version=r.version)  # stale
+        assert [x.id for x in await store.list(active_only=True)] == [r.id]
+        from dataclasses import replace
+
+        await store.save(rollout=replace(saved, state=Phase.ROLLED_BACK),
+                         expected_version=saved.version)
+        assert await store.list(active_only=True) == []
+        nxt = await store.create(rollout=rollout("next"))  # the target is free again
+        assert {x.id for x in await store.list()} == {r.id, nxt.id}
+        cm = kube.get("configmaps", NS, f"canary-rollout-{r.id}")
+        assert cm["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "canary"
+    finally:
+        api.close()
+        await kube.stop()
+
+
+class Replica:
+    def __init__(self, tmp: Path, name: str, kubeconfig: Path, prom: str) -> None:
+        self.name, self.port = name, _free()
+        self.dir = tmp / name
+        self.dir.mkdir()
+        pdir = self.dir / "policies"
+        pdir.mkdir()
+        (pdir / "p.yaml").write_text(yaml.safe_dump({
+            "name": "p", "interval": "300ms", "failure_limit": 2, "progress_deadline": "1m",
+            "stages": [{"weight": 10, "hold": "1500ms"}, {"weight": 25, "hold": "1500ms"},
+                       {"weight": 50, "hold": "1500ms"}, {"weight": 100, "hold": "1s"}],
+            "gates": [{"name": "errors", "query": 'errors{svc="{{ service }}"}', "max": 0.1}]}))
+        (self.dir / "canary.yaml").write_text(yaml.safe_dump({
+            "listen": f"127.0.0.1:{self.port}", "state": f"kubernetes:{NS}",
+            "prometheus": {"url": prom, "timeout": "1s"}, "policies": str(pdir),
+            "leader_election": {"lease_duration": "3s", "renew_deadline": "2s",
+                                "retry_period": "300ms"},
+            "auth": {"tokens": [{"name": t.name, "sha256": t.sha256, "role": t.role.name.lower()}
+                                for t in tokens()]},
+            "targets": {"api": {
+                "router": "istio", "namespace": NS, "virtual_service": "api", "route": "primary",
+                "stable": {"host": "api.prod.svc.cluster.local", "subset": "stable"},
+                "canary": {"host": "api.prod.svc.cluster.local", "subset": "canary"},
+                "policy": "p", "vars": {"service": "api"}, "stable_version": "v1"}}}))
+        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig), "POD_NAME": name}
+        self.proc: asyncio.subprocess.Process | None = None
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        with open(self.dir / "log", "ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "canary.cli", "serve", "--config",
+                str(self.dir / "canary.yaml"), env=self.env, stdout=log, stderr=log,
+                stdin=asyncio.subprocess.DEVNULL)
+
+    async def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+            await self.proc.wait()
+
+    async def ready(self, s: aiohttp.ClientSession) -> dict[str, Any] | None:
+        try:
+            async with s.get(self.base + "/readyz") as r:
+                return await r.json() if r.status == 200 else None
+        except aiohttp.ClientError:
+            return None
+
+
+def _free() -> int:
+    from canary.demo.procs import free_port
+
+    return free_port()
+
+
+async def test_one_leader_acts_and_the_other_takes_over_when_it_is_killed(tmp_path):
+    kube = KubeApiDouble()
+    await kube.start()
+    kube.put("virtualservices", NS, VS)
+    kube.put("destinationrules", NS, DR)
+    prom = PrometheusDouble(0.0)
+    await prom.start()
+    kubeconfig = kube.kubeconfig(tmp_path / "kubeconfig")
+    a = Replica(tmp_path, "a", kubeconfig, prom.url)
+    b = Replica(tmp_path, "b", kubeconfig, prom.url)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+            await a.start()
+            await eventually(lambda: _leading(a, s), what="a leads")
+            await b.start()
+            await eventually(lambda: b.ready(s), what="b ready")
+            assert (await b.ready(s))["leader"] is False
+            api_a, api_b = Api(a.base, s), Api(b.base, s)
+            status, data = await api_b.call("POST", "/api/v1/rollouts",
+                                            {"target": "api", "canary_version": "v2"},
+                                            role="pipeline")
+            assert status == 503 and "not the leader" in data["error"] and "(a is)" in data["error"]
+            rid = (await api_a.start(target="api", canary_version="v2"))["id"]
+            assert (await api_b.rollout(rid))["id"] == rid, "followers serve reads"
+
+            async def at_25() -> bool:
+                return weights(kube) == [75, 25]
+            await eventually(at_25, what="stage 1 in the VirtualService")
+            await a.kill()
+            killed = time.monotonic()
+            await eventually(lambda: _leading(b, s), deadline=30, what="b takes over")
+            r = await api_b.until(rid, lambda r: r["state"] == "succeeded", deadline=60)
+        assert weights(kube) == [0, 100]
+        stages = [e["message"].split(" (")[0] for e in r["events"] if e["type"] == "stage"]
+        assert stages == ["stage 1: weight 25", "stage 2: weight 50", "stage 3: weight 100"]
+        acting = [(t, ua) for t, _m, plural, name, ua in kube.writes
+                  if plural == "virtualservices" or name.startswith("canary-rollout-")]
+        by_a = [t for t, ua in acting if ua.startswith("canary/a")]
+        by_b = [t for t, ua in acting if ua.startswith("canary/b")]
+        assert by_a and by_b, acting
+        assert max(by_a) < killed < min(by_b), "the two replicas never both acted"
+    finally:
+        await a.kill()
+        await b.kill(signal.SIGTERM)
+        await prom.stop()
+        await kube.stop()
+
+
+async def _leading(replica: Replica, s: aiohttp.ClientSession) -> bool:
+    ready = await replica.ready(s)
+    return bool(ready and ready.get("leader"))
