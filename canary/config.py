@@ -279,41 +279,63 @@ class _Checker:
             self.problem(("auth",), "required: auth.tokens lists who may call the API")
             return ()
         if not isinstance(raw, dict):
-            self.problem(("auth",), "must be a mapping with tokens")
+            self.problem(("auth",), "must be a mapping with tokens and/or tokens_file")
             return ()
-        self.unknown(raw, {"tokens"}, ("auth",))
-        items = raw.get("tokens")
-        if not isinstance(items, list) or not items:
-            self.problem(("auth", "tokens"), "must be a non-empty list of {name, sha256, role}")
-            return ()
+        self.unknown(raw, {"tokens", "tokens_file"}, ("auth",))
+        items = raw.get("tokens", [])
+        if not isinstance(items, list):
+            self.problem(("auth", "tokens"), "must be a list of {name, sha256, role}")
+            items = []
+        out = self.token_list(items, ("auth", "tokens"), self)
+        if "tokens_file" in raw:
+            # token hashes kept apart from the config, e.g. in a Kubernetes Secret
+            path = Path(str(raw["tokens_file"]))
+            path = path if path.is_absolute() else self.base / path
+            try:
+                doc = yamlsrc.load(path.read_bytes(), str(path))
+            except OSError as e:
+                self.problem(("auth", "tokens_file"), f"cannot read {path}: {e.strerror}")
+            except ValidationFailed as e:
+                self.problems.extend(e.problems)
+            else:
+                sub = _Checker(doc, self.base)
+                data = doc.data.get("tokens") if isinstance(doc.data, dict) else doc.data
+                if not isinstance(data, list):
+                    sub.problem((), "must be a list of {name, sha256, role} (or tokens: [...])")
+                    data = []
+                path_: yamlsrc.Path = ("tokens",) if isinstance(doc.data, dict) else ()
+                out += sub.token_list(data, path_, sub)
+                self.problems.extend(sub.problems)
+        if not out and not self.problems:
+            self.problem(("auth", "tokens"), "no tokens: list at least one {name, sha256, role}")
+        names = [t.name for t in out]
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            self.problem(("auth", "tokens"), f"token name {name!r} is used twice")
+        return tuple(out)
+
+    @staticmethod
+    def token_list(items: list[Any], at: yamlsrc.Path, where: _Checker) -> tuple[Token, ...]:
         out: list[Token] = []
-        names: set[str] = set()
         for i, item in enumerate(items):
-            path: yamlsrc.Path = ("auth", "tokens", i)
+            path: yamlsrc.Path = (*at, i)
             if not isinstance(item, dict):
-                self.problem(path, "must be a mapping {name, sha256, role}")
+                where.problem(path, "must be a mapping {name, sha256, role}")
                 continue
-            self.unknown(item, {"name", "sha256", "role"}, path)
-            name = self.string(item, "name", path)
+            where.unknown(item, {"name", "sha256", "role"}, path)
+            name = where.string(item, "name", path)
             digest = item.get("sha256")
             if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
-                self.problem((*path, "sha256"),
-                             "must be 64 hex digits: the sha256 of the token, e.g. "
-                             "`printf %s \"$TOKEN\" | sha256sum`")
+                where.problem((*path, "sha256"),
+                              "must be 64 hex digits: the sha256 of the token, e.g. "
+                              "`printf %s \"$TOKEN\" | sha256sum`")
                 continue
-            role_raw = item.get("role")
             try:
-                role = Role[str(role_raw).upper()]
+                role = Role[str(item.get("role")).upper()]
             except KeyError:
-                self.problem((*path, "role"), "must be one of viewer, pipeline, oncall")
+                where.problem((*path, "role"), "must be one of viewer, pipeline, oncall")
                 continue
-            if name is None:
-                continue
-            if name in names:
-                self.problem((*path, "name"), f"token name {name!r} is used twice")
-                continue
-            names.add(name)
-            out.append(Token(name=name, sha256=digest.lower(), role=role))
+            if name is not None:
+                out.append(Token(name=name, sha256=digest.lower(), role=role))
         return tuple(out)
 
     def targets(self, raw: Any) -> dict[str, Target]:

@@ -84,6 +84,8 @@ class KubeApiDouble:
     port: int = field(default_factory=free_port)
     objects: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
     writes: list[tuple[float, str, str, str, str]] = field(default_factory=list)
+    requests: list[tuple[str, str, str, bool]] = field(default_factory=list)  # verb, group,
+    #   plural, named: every request, for checking RBAC against what is really used
     fail_next: list[int] = field(default_factory=list)  # statuses to answer next writes with
     before_write: Callable[[str, str, str], None] | None = None
     _rv: itertools.count[int] = field(default_factory=lambda: itertools.count(1000))
@@ -156,6 +158,9 @@ class KubeApiDouble:
         api_version = f"{group}/{version}" if group else version
         key = (plural, ns, name or "")
         method = request.method
+        verb = {"GET": "get" if name else "list", "POST": "create", "PUT": "update",
+                "PATCH": "patch", "DELETE": "delete"}.get(method, method.lower())
+        self.requests.append((verb, group, plural, name is not None))
         if method != "GET":
             if self.fail_next:
                 code = self.fail_next.pop(0)
