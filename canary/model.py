@@ -36,6 +36,7 @@ class Verdict(enum.StrEnum):
     NO_DATA = "no_data"
     ERROR = "error"
     PENDING = "pending"  # not evaluated at this stage yet
+    INCONCLUSIVE = "inconclusive"  # a sequential gate has not seen enough yet: hold
 
 
 class CommandKind(enum.StrEnum):
@@ -61,6 +62,7 @@ class Reading:
     verdict: Verdict
     value: float | None = None
     detail: str | None = None
+    raw: dict[str, float | None] | None = None  # counters, for gates judged with state
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class GateStatus:
     failures: int = 0
     at: float | None = None
     detail: str | None = None
+    state: dict[str, Any] | None = None  # a sequential gate's evidence so far
 
 
 def iso(ts: float | None) -> str | None:
@@ -139,7 +142,8 @@ class Rollout:
                 {k: v for k, v in {
                     "name": g.name, "value": g.value, "min": g.min, "max": g.max,
                     "status": g.status.value, "failures": g.failures, "at": iso(g.at),
-                    "detail": g.detail}.items()
+                    "detail": g.detail, "kind": "errors" if g.state is not None else None
+                }.items()
                  if v is not None or k in ("value", "status", "failures")}
                 for g in self.gates
             ],

@@ -18,7 +18,9 @@ from canary.errors import InvalidInput, Problem, ValidationFailed
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _TEMPLATE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
-BUILTIN_VARS = frozenset({"target", "canary_version", "stable_version", "rollout_id", "interval"})
+BUILTIN_VARS = frozenset({"target", "canary_version", "stable_version", "rollout_id", "interval",
+                          "version"})
+GATE_KINDS = ("threshold", "compare", "errors")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -73,18 +75,38 @@ class NoData(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Gate:
+    """A check of the canary. `threshold` (the default): one query, bounded by min/max.
+    `compare`: the same query for canary and stable ({{ version }}), or an explicit
+    `baseline`, bounded by max_increase and/or max_ratio. `errors`: request and error
+    counters of both versions, judged by the sequential test in gates/sequential.py."""
+
     name: str
-    query: str
+    query: str = ""
     min: float | None = None
     max: float | None = None
+    kind: str = "threshold"
+    baseline: str | None = None
+    max_increase: float | None = None
+    max_ratio: float | None = None
+    requests: str | None = None
+    errors: str | None = None
+    tolerance: float = 1.0
+    alpha: float = 0.01
+    gross: float = 5.0
+    detect_rate: float = 0.01
 
     def bounds(self) -> str:
+        if self.kind == "errors":
+            return f"errors <= stable x {self.tolerance:g}, alpha {self.alpha:g}"
         parts = []
-        if self.min is not None:
-            parts.append(f"min {self.min:g}")
-        if self.max is not None:
-            parts.append(f"max {self.max:g}")
+        for key in ("min", "max", "max_increase", "max_ratio"):
+            value = getattr(self, key)
+            if value is not None:
+                parts.append(f"{key.replace('_', ' ')} {value:g}")
         return ", ".join(parts)
+
+    def queries(self) -> list[str]:
+        return [q for q in (self.query, self.baseline, self.requests, self.errors) if q]
 
 
 @dataclass(frozen=True)
@@ -116,20 +138,24 @@ class Policy:
 
     def template_names(self) -> set[str]:
         names: set[str] = set()
-        for g in self.gates:
-            names |= template_names(g.query)
-        for s in self.stages:
-            for g in s.gates:
-                names |= template_names(g.query)
-        return names
+        for g in (*self.gates, *(g for s in self.stages for g in s.gates)):
+            for q in g.queries():
+                names |= template_names(q)
+            if g.kind != "threshold":
+                names.add("stable_version")  # the other side of every comparison
+        return names - {"version"}
 
     def to_dict(self) -> dict[str, Any]:
         def gate(g: Gate) -> dict[str, Any]:
-            d: dict[str, Any] = {"name": g.name, "query": g.query}
-            if g.min is not None:
-                d["min"] = g.min
-            if g.max is not None:
-                d["max"] = g.max
+            d: dict[str, Any] = {"name": g.name}
+            defaults = Gate(name=g.name)
+            for key in ("kind", "query", "min", "max", "baseline", "max_increase", "max_ratio",
+                        "requests", "errors", "tolerance", "alpha", "gross", "detect_rate"):
+                value = getattr(g, key)
+                if value is not None and (value != getattr(defaults, key) or key == "query"):
+                    d[key] = value
+            if not d.get("query"):
+                d.pop("query", None)
             return d
 
         return {
@@ -195,7 +221,8 @@ def load_many(paths: Iterable[str | Path]) -> dict[str, Policy]:
 
 _POLICY_KEYS = {"name", "interval", "failure_limit", "no_data", "progress_deadline", "stages", "gates"}
 _STAGE_KEYS = {"weight", "hold", "approval", "gates"}
-_GATE_KEYS = {"name", "query", "min", "max"}
+_GATE_KEYS = {"name", "query", "min", "max", "kind", "baseline", "max_increase", "max_ratio",
+              "requests", "errors", "tolerance", "alpha", "gross", "detect_rate"}
 
 
 class _Checker:
@@ -327,28 +354,66 @@ class _Checker:
                 continue
             names.add(name)
             base = inherited.get(name)
-            query = item.get("query", base.query if base else None)
-            if not isinstance(query, str) or not query.strip():
-                self.problem((*gpath, "query"),
-                             "required: a PromQL query that returns one number")
-                query = ""
-            for bad in re.findall(r"\{\{(?![^{}]*\}\})|\{\{\s*[^A-Za-z_\s][^}]*\}\}", query):
-                self.problem((*gpath, "query"), f"malformed template {bad!r}; write {{{{ name }}}}")
-            bounds: dict[str, float | None] = {}
-            bad_bound = False
-            for key in ("min", "max"):
+            kind = item.get("kind", base.kind if base else "threshold")
+            if kind not in GATE_KINDS:
+                self.problem((*gpath, "kind"), f"must be one of {', '.join(GATE_KINDS)}")
+                continue
+            texts: dict[str, str | None] = {}
+            for key in ("query", "baseline", "requests", "errors"):
+                value = item.get(key, getattr(base, key) if base else None)
+                if value is not None and (not isinstance(value, str) or not value.strip()):
+                    self.problem((*gpath, key), "must be a PromQL query")
+                    value = None
+                texts[key] = value.strip() if isinstance(value, str) else None
+                for bad in re.findall(r"\{\{(?![^{}]*\}\})|\{\{\s*[^A-Za-z_\s][^}]*\}\}",
+                                      value or ""):
+                    self.problem((*gpath, key), f"malformed template {bad!r}; write {{{{ name }}}}")
+            nums: dict[str, float | None] = {}
+            bad_number = False
+            for key in ("min", "max", "max_increase", "max_ratio", "tolerance", "alpha", "gross",
+                        "detect_rate"):
                 value = item.get(key, getattr(base, key) if base else None)
                 if value is not None and (isinstance(value, bool)
                                           or not isinstance(value, int | float)):
                     self.problem((*gpath, key), "must be a number")
-                    value, bad_bound = None, True
-                bounds[key] = float(value) if value is not None else None
-            if bad_bound:
-                pass
-            elif bounds["min"] is None and bounds["max"] is None:
-                self.problem(gpath, "a gate needs min or max (or both): the bound it must stay within")
-            elif (bounds["min"] is not None and bounds["max"] is not None
-                  and bounds["min"] > bounds["max"]):
-                self.problem((*gpath, "min"), "min is above max; no value could pass")
-            out.append(Gate(name=name, query=query.strip(), min=bounds["min"], max=bounds["max"]))
+                    value, bad_number = None, True
+                nums[key] = float(value) if value is not None else None
+            fields: dict[str, Any] = {k: v for k, v in nums.items() if v is not None}
+            if kind == "threshold":
+                if not texts["query"]:
+                    self.problem((*gpath, "query"), "required: a PromQL query that returns one "
+                                                    "number")
+                if bad_number:
+                    pass
+                elif nums["min"] is None and nums["max"] is None:
+                    self.problem(gpath, "a gate needs min or max (or both): the bound it must "
+                                        "stay within")
+                elif (nums["min"] is not None and nums["max"] is not None
+                      and nums["min"] > nums["max"]):
+                    self.problem((*gpath, "min"), "min is above max; no value could pass")
+            elif kind == "compare":
+                q = texts["query"] or ""
+                if not q:
+                    self.problem((*gpath, "query"), "required: the query for the canary, with "
+                                                    "{{ version }} where the version goes")
+                elif not texts["baseline"] and "version" not in template_names(q):
+                    self.problem((*gpath, "query"), "use {{ version }} so the same query reads "
+                                                    "canary and stable, or give a baseline query")
+                if nums["max_increase"] is None and nums["max_ratio"] is None and not bad_number:
+                    self.problem(gpath, "a compare gate needs max_increase or max_ratio")
+            else:
+                for key in ("requests", "errors"):
+                    if not texts[key]:
+                        self.problem((*gpath, key), f"required: a counter query of {key}, with "
+                                                    "{{ version }} where the version goes")
+                    elif "version" not in template_names(texts[key] or ""):
+                        self.problem((*gpath, key), "use {{ version }}: it is read for canary "
+                                                    "and for stable")
+                if (nums["alpha"] is not None and not 0 < nums["alpha"] < 0.5):
+                    self.problem((*gpath, "alpha"), "must be between 0 and 0.5, e.g. 0.01")
+                if nums["tolerance"] is not None and nums["tolerance"] <= 0:
+                    self.problem((*gpath, "tolerance"), "must be above 0 (1 = no worse than "
+                                                        "stable)")
+            fields.update({k: v for k, v in texts.items() if v is not None})
+            out.append(Gate(name=name, kind=kind, **fields))
         return out

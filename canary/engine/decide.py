@@ -7,9 +7,11 @@ that failed, an on-call command) comes back through here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from canary.errors import Conflict
+from canary.gates import sequential
 from canary.model import (
     Command,
     CommandKind,
@@ -17,11 +19,12 @@ from canary.model import (
     GateStatus,
     PauseKind,
     Phase,
+    Reading,
     Readings,
     Rollout,
     Verdict,
 )
-from canary.policy import NoData, Policy, format_duration
+from canary.policy import Gate, NoData, Policy, format_duration
 
 MAX_EVENTS = 1000
 
@@ -31,8 +34,19 @@ def _event(r: Rollout, now: float, type_: str, message: str, actor: str = "contr
     return replace(r, events=events[-MAX_EVENTS:], updated_at=now)
 
 
-def fresh_gates(policy: Policy, stage: int) -> tuple[GateStatus, ...]:
-    return tuple(GateStatus(name=g.name, min=g.min, max=g.max) for g in policy.gates_for(stage))
+def fresh_gates(policy: Policy, stage: int,
+                previous: tuple[GateStatus, ...] = ()) -> tuple[GateStatus, ...]:
+    """The stage's gates, unjudged. A sequential gate keeps its evidence across stages
+    (its false-rollback budget is per rollout)."""
+    kept = {g.name: g.state for g in previous if g.state is not None}
+    out = []
+    for g in policy.gates_for(stage):
+        if g.kind == "errors":
+            out.append(GateStatus(name=g.name, min=None, max=math.log10(1 / g.alpha),
+                                  state=kept.get(g.name, {})))
+        else:
+            out.append(GateStatus(name=g.name, min=g.min, max=g.max))
+    return tuple(out)
 
 
 def start(*, rollout_id: str, target: str, policy: Policy, canary_version: str,
@@ -51,7 +65,8 @@ def _enter_stage(r: Rollout, policy: Policy, stage: int, now: float, actor: str,
                  why: str) -> Rollout:
     weight = policy.stages[stage].weight
     r = replace(r, stage=stage, weight=weight, stage_since=None, state=Phase.PROGRESSING,
-                pause_kind=None, paused_at=None, reason=None, gates=fresh_gates(policy, stage))
+                pause_kind=None, paused_at=None, reason=None,
+                gates=fresh_gates(policy, stage, r.gates))
     return _event(r, now, "stage", f"stage {stage}: weight {weight} ({why})", actor)
 
 
@@ -209,9 +224,12 @@ def observed(r: Rollout, weight: int | None, now: float) -> Rollout:
 
 
 def _counts_as(verdict: Verdict, no_data: NoData) -> Verdict:
-    """pass, fail or no_data (hold). A query error is never a pass."""
+    """pass, fail or no_data (hold). A query error is never a pass; an inconclusive
+    sequential gate always holds."""
     if verdict in (Verdict.PASS, Verdict.FAIL):
         return verdict
+    if verdict in (Verdict.INCONCLUSIVE, Verdict.PENDING):
+        return Verdict.NO_DATA
     if no_data is NoData.FAIL:
         return Verdict.FAIL
     if no_data is NoData.PASS and verdict is Verdict.NO_DATA:
@@ -236,12 +254,21 @@ def readings(r: Rollout, policy: Policy, rd: Readings, now: float) -> Rollout:
             or r.applied_weight != r.weight or rd.at < r.stage_since):
         return r  # taken under another weight, or while nobody should judge
     by_name = {x.gate: x for x in rd.items}
+    specs = {g.name: g for g in policy.gates_for(r.stage)}
     gates: list[GateStatus] = []
     breached: GateStatus | None = None
+    fired: GateStatus | None = None
     for g in r.gates:
         x = by_name.get(g.name)
         if x is None:
             gates.append(g)
+            continue
+        spec = specs.get(g.name)
+        if spec is not None and spec.kind == "errors" and x.raw is not None:
+            ng = _sequential(g, spec, x, rd.at)
+            gates.append(ng)
+            if ng.status is Verdict.FAIL and fired is None:
+                fired = ng
             continue
         counted = _counts_as(x.verdict, policy.no_data)
         failures = (g.failures + 1 if counted is Verdict.FAIL
@@ -252,10 +279,24 @@ def readings(r: Rollout, policy: Policy, rd: Readings, now: float) -> Rollout:
         if failures >= policy.failure_limit and breached is None:
             breached = ng
     r = replace(r, gates=tuple(gates), updated_at=now)
+    if fired is not None:
+        # sequential evidence already bounds false alarms: no failure_limit on top
+        return _roll_back(r, now, f"gate {fired.name}: {fired.detail}")
     if breached is not None:
         return _roll_back(r, now, f"{_describe(breached)} for {breached.failures} consecutive "
                                   f"evaluations (failure_limit {policy.failure_limit})")
     return r
+
+
+def _sequential(g: GateStatus, spec: Gate, x: Reading, at: float) -> GateStatus:
+    gate = sequential.ErrorGate(tolerance=spec.tolerance, alpha=spec.alpha, gross=spec.gross,
+                                detect_rate=spec.detect_rate)
+    state = sequential.State.from_json(g.state)
+    out = sequential.update(gate, state, x.raw or {}, new_stage=g.at is None)
+    verdict = {"fail": Verdict.FAIL, "pass": Verdict.PASS, "no_data": Verdict.NO_DATA,
+               "inconclusive": Verdict.INCONCLUSIVE}[out.verdict]
+    return replace(g, status=verdict, value=out.value, at=at, detail=out.detail,
+                   state=out.state.to_json(), failures=g.failures + (verdict is Verdict.FAIL))
 
 
 def tick(r: Rollout, policy: Policy, now: float) -> Rollout:

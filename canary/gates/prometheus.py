@@ -19,8 +19,8 @@ from tenacity import (
 )
 
 from canary.errors import MetricsError
-from canary.gates.evaluate import judge
-from canary.model import Reading
+from canary.gates.evaluate import judge, judge_compare
+from canary.model import Reading, Verdict
 from canary.policy import Gate, format_duration, render
 
 
@@ -75,21 +75,39 @@ def parse_result(result: Any) -> float | None:
 async def measure(source: MetricSource, gates: Iterable[Gate], values: Mapping[str, str], *,
                   attempts: int = 3, budget: float = 10.0) -> tuple[Reading, ...]:
     """Query every gate (concurrently), retrying failures with backoff within `budget`
-    seconds; a gate whose query keeps failing reads as `error`, never as a pass."""
+    seconds; a gate whose query keeps failing reads as `error`, never as a pass.
+    `{{ version }}` is the canary's version, or stable's for the other side of a
+    comparison."""
+    canary = {**values, "version": values.get("canary_version", "")}
+    stable = {**values, "version": values.get("stable_version", "")}
+
+    async def ask(promql: str) -> float | None:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(MetricsError),
+            stop=stop_after_attempt(attempts) | stop_after_delay(budget),
+            wait=wait_exponential(multiplier=0.2, max=2.0),
+            reraise=True,
+        ):
+            with attempt:
+                return await source.query(promql)
+        return None  # pragma: no cover - AsyncRetrying either returns or raises
 
     async def one(g: Gate) -> Reading:
-        promql = render(g.query, values)
         try:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type(MetricsError),
-                stop=stop_after_attempt(attempts) | stop_after_delay(budget),
-                wait=wait_exponential(multiplier=0.2, max=2.0),
-                reraise=True,
-            ):
-                with attempt:
-                    value = await source.query(promql)
+            if g.kind == "compare":
+                c, b = await asyncio.gather(
+                    ask(render(g.query, canary)),
+                    ask(render(g.baseline, stable) if g.baseline else render(g.query, stable)))
+                return judge_compare(g, c, b)
+            if g.kind == "errors":
+                assert g.requests and g.errors
+                got = await asyncio.gather(*(ask(render(q, side)) for side in (canary, stable)
+                                             for q in (g.requests, g.errors)))
+                raw = dict(zip(("canary_requests", "canary_errors", "stable_requests",
+                                "stable_errors"), got, strict=True))
+                return Reading(gate=g.name, verdict=Verdict.PENDING, raw=raw)
+            return judge(g, await ask(render(g.query, canary)))
         except MetricsError as e:
             return judge(g, None, error=str(e))
-        return judge(g, value)
 
     return tuple(await asyncio.gather(*(one(g) for g in gates)))
