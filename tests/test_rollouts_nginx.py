@@ -171,3 +171,30 @@ async def test_prometheus_down_means_no_promotion_until_it_is_back(tmp_path):
 
 async def _more(api, n):
     return await gate_verdicts(api, "error-rate", "error") >= n
+
+
+def sequential_policy() -> dict:
+    counter = 'sum(http_requests_total{service="{{ service }}",version="{{ version }}"%s})'
+    return {
+        "name": "seq", "interval": "1s", "failure_limit": 2, "progress_deadline": "2m",
+        "stages": [{"weight": 20, "hold": "3s"}, {"weight": 50, "hold": "3s"},
+                   {"weight": 100, "hold": "2s"}],
+        "gates": [{"name": "errors", "kind": "errors", "requests": counter % "",
+                   "errors": counter % ',code=~"5.."' + " or vector(0)", "alpha": 0.01,
+                   "detect_rate": 0.05}],
+    }
+
+
+async def test_sequential_gate_promotes_a_healthy_canary_and_rolls_back_a_failing_one(tmp_path):
+    async with playground(tmp_path) as pg, running(pg, [sequential_policy()], rate=40) as (api,
+                                                                                          load):
+        rid = (await api.start(canary_version="v2", stable_version="v1"))["id"]
+        r = await api.until(rid, lambda r: r["state"] == "succeeded", deadline=120)
+        assert r["gates"][0]["status"] == "pass"
+        pg.stable.version, pg.canary.version, pg.canary.error_rate = "v2", "v3", 0.3
+        rid = (await api.start(canary_version="v3", stable_version="v2"))["id"]
+        r = await api.until(rid, lambda r: r["state"] == "rolled_back", deadline=60)
+        assert "gate errors" in r["reason"] and "above stable's" in r["reason"]
+        assert r["stage"] == 0, "caught at the first stage"
+        await traffic_settles_at(pg, 0, tolerance=0)
+        assert load.codes[("v3", 500)] > 0

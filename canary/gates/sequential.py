@@ -148,5 +148,10 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
                                       f"{1 / gate.alpha:g}); {rates}", state)
     if could_detect(gate, state.stage):
         return Outcome("pass", value, rates, state)
+    if n_s == 0 and n_c > 0:
+        # at 100% there is nothing to compare with: the stages before judged the canary
+        # (and the hard guard still watches it)
+        return Outcome("pass", value, f"stable serves no traffic at this weight; judged by "
+                                      f"the stages before; {rates}", state)
     return Outcome("inconclusive", value, f"not enough canary traffic yet to rule out a "
                                           f"{gate.gross:g}x regression; {rates}", state)
