@@ -213,6 +213,10 @@ def plan_text(pol: policy_mod.Policy) -> str:
     lines.append(f"slowest time from a breach to rollback: {fmt(breach)} "
                  f"({pol.failure_limit} failing evaluations, {fmt(iv)} apart, the first up to "
                  "one interval after the breach shows in Prometheus)")
+    if any(g.kind == "errors" for s in range(len(pol.stages)) for g in pol.gates_for(s)):
+        lines.append("sequential (kind: errors) gates roll back as soon as their evidence "
+                     "crosses 1/alpha, a crashing canary on its first full interval; a stage "
+                     "they have not seen enough traffic to judge stays inconclusive and holds")
     if pol.no_data.value == "hold":
         lines.append(f"with no data (Prometheus down): held, then rolled back after "
                      f"{fmt(pol.progress_deadline)} without progress")
@@ -446,6 +450,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE"):  # `canary status | head` ends quietly, as Unix tools do
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = parser().parse_args(argv)
     try:
         code: int = args.fn(args)

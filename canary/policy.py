@@ -93,6 +93,7 @@ class Gate:
     tolerance: float = 1.0
     alpha: float = 0.01
     gross: float = 5.0
+    final_gross: float = 2.0
     detect_rate: float = 0.01
 
     def bounds(self) -> str:
@@ -150,7 +151,8 @@ class Policy:
             d: dict[str, Any] = {"name": g.name}
             defaults = Gate(name=g.name)
             for key in ("kind", "query", "min", "max", "baseline", "max_increase", "max_ratio",
-                        "requests", "errors", "tolerance", "alpha", "gross", "detect_rate"):
+                        "requests", "errors", "tolerance", "alpha", "gross", "final_gross",
+                        "detect_rate"):
                 value = getattr(g, key)
                 if value is not None and (value != getattr(defaults, key) or key == "query"):
                     d[key] = value
@@ -222,7 +224,7 @@ def load_many(paths: Iterable[str | Path]) -> dict[str, Policy]:
 _POLICY_KEYS = {"name", "interval", "failure_limit", "no_data", "progress_deadline", "stages", "gates"}
 _STAGE_KEYS = {"weight", "hold", "approval", "gates"}
 _GATE_KEYS = {"name", "query", "min", "max", "kind", "baseline", "max_increase", "max_ratio",
-              "requests", "errors", "tolerance", "alpha", "gross", "detect_rate"}
+              "requests", "errors", "tolerance", "alpha", "gross", "final_gross", "detect_rate"}
 
 
 class _Checker:
@@ -371,7 +373,7 @@ class _Checker:
             nums: dict[str, float | None] = {}
             bad_number = False
             for key in ("min", "max", "max_increase", "max_ratio", "tolerance", "alpha", "gross",
-                        "detect_rate"):
+                        "final_gross", "detect_rate"):
                 value = item.get(key, getattr(base, key) if base else None)
                 if value is not None and (isinstance(value, bool)
                                           or not isinstance(value, int | float)):

@@ -181,7 +181,7 @@ def sequential_policy() -> dict:
                    {"weight": 100, "hold": "2s"}],
         "gates": [{"name": "errors", "kind": "errors", "requests": counter % "",
                    "errors": counter % ',code=~"5.."' + " or vector(0)", "alpha": 0.01,
-                   "detect_rate": 0.05}],
+                   "detect_rate": 0.05, "final_gross": 5}],
     }
 
 

@@ -265,7 +265,7 @@ def readings(r: Rollout, policy: Policy, rd: Readings, now: float) -> Rollout:
             continue
         spec = specs.get(g.name)
         if spec is not None and spec.kind == "errors" and x.raw is not None:
-            ng = _sequential(g, spec, x, rd.at)
+            ng = _sequential(g, spec, x, rd.at, before_full=r.stage == len(policy.stages) - 2)
             gates.append(ng)
             if ng.status is Verdict.FAIL and fired is None:
                 fired = ng
@@ -288,11 +288,13 @@ def readings(r: Rollout, policy: Policy, rd: Readings, now: float) -> Rollout:
     return r
 
 
-def _sequential(g: GateStatus, spec: Gate, x: Reading, at: float) -> GateStatus:
+def _sequential(g: GateStatus, spec: Gate, x: Reading, at: float, *,
+                before_full: bool) -> GateStatus:
     gate = sequential.ErrorGate(tolerance=spec.tolerance, alpha=spec.alpha, gross=spec.gross,
-                                detect_rate=spec.detect_rate)
+                                final_gross=spec.final_gross, detect_rate=spec.detect_rate)
     state = sequential.State.from_json(g.state)
-    out = sequential.update(gate, state, x.raw or {}, new_stage=g.at is None)
+    out = sequential.update(gate, state, x.raw or {}, new_stage=g.at is None,
+                            before_full=before_full)
     verdict = {"fail": Verdict.FAIL, "pass": Verdict.PASS, "no_data": Verdict.NO_DATA,
                "inconclusive": Verdict.INCONCLUSIVE}[out.verdict]
     return replace(g, status=verdict, value=out.value, at=at, detail=out.detail,

@@ -31,6 +31,7 @@ class ErrorGate:
     tolerance: float = 1.0        # healthy: canary rate <= stable rate x tolerance
     alpha: float = 0.01           # false-rollback budget per rollout
     gross: float = 5.0            # the regression a stage must have been able to catch
+    final_gross: float | None = None  # ...before the step to 100% (non-inferiority margin)
     detect_rate: float = 0.01     # ...or at least this error rate, when stable has ~none
     guard_share: float = 0.5      # hard guard: this share of canary requests failing...
     guard_min: int = 20           # ...out of at least this many in one interval
@@ -91,14 +92,15 @@ def step(gate: ErrorGate, state: State, e_c: float, n_c: float, e_s: float,
     return State(last=state.last, t=t, s=s, stage=state.stage)
 
 
-def could_detect(gate: ErrorGate, stage: dict[str, float]) -> bool:
+def could_detect(gate: ErrorGate, stage: dict[str, float], gross: float | None = None) -> bool:
     """Would a gross regression have fired on the traffic this stage has seen? Replays
     the stage's totals as one interval with the canary failing at the gross rate."""
+    gross = gross or gate.gross
     n_c, n_s, e_s = stage.get("n_c", 0.0), stage.get("n_s", 0.0), stage.get("e_s", 0.0)
     if n_c <= 0 or n_s <= 0:
         return False
     p_s = e_s / n_s
-    p_bad = min(0.99, max(gate.gross * gate.tolerance * p_s, gate.detect_rate))
+    p_bad = min(0.99, max(gross * gate.tolerance * p_s, gate.detect_rate))
     e_c = n_c * p_bad
     pi_0 = _pi(n_c, n_s, gate.tolerance)
     best = max(_log_lr(e_c, e_s, _pi(n_c, n_s, gate.tolerance * r), pi_0) for r in GRID)
@@ -115,7 +117,7 @@ class Outcome:
 
 
 def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
-           *, new_stage: bool = False) -> Outcome:
+           *, new_stage: bool = False, before_full: bool = False) -> Outcome:
     """One evaluation: raw holds the counters `canary_requests`, `canary_errors`,
     `stable_requests`, `stable_errors` (None where the query had no sample)."""
     if new_stage:
@@ -146,7 +148,8 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
         return Outcome("fail", value, f"canary's error rate is above stable's x "
                                       f"{gate.tolerance:g} (evidence {m:.3g} >= "
                                       f"{1 / gate.alpha:g}); {rates}", state)
-    if could_detect(gate, state.stage):
+    gross = (gate.final_gross or gate.gross) if before_full else gate.gross
+    if could_detect(gate, state.stage, gross):
         return Outcome("pass", value, rates, state)
     if n_s == 0 and n_c > 0:
         # at 100% there is nothing to compare with: the stages before judged the canary
@@ -154,4 +157,4 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
         return Outcome("pass", value, f"stable serves no traffic at this weight; judged by "
                                       f"the stages before; {rates}", state)
     return Outcome("inconclusive", value, f"not enough canary traffic yet to rule out a "
-                                          f"{gate.gross:g}x regression; {rates}", state)
+                                          f"{gross:g}x regression; {rates}", state)

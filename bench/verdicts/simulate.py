@@ -1,0 +1,233 @@
+"""Verdict benchmark: canary's sequential error gate against the fixed-threshold rule.
+
+A simulator makes per-scrape (15 s) request and error counts for stable and canary:
+Poisson arrivals split by the current weight, binomial errors (beta-binomial when
+overdispersed), with the weight following a staged policy (5/25/50/100%, holds
+2/5/5/5 min, progress deadline 30 min). The same seeds drive every rule.
+
+- canary: `canary.gates.sequential.update` (the controller's own code) on the cumulative
+  counters each scrape; a stage moves on after its hold once the gate passes;
+  inconclusive holds; a fired gate rolls back.
+- fixed threshold (Flagger semantics): every `interval` the canary-only error rate over
+  the last 1 m is checked against 1% (success rate >= 99%); no requests in the window is a
+  failed check, as Flagger counts "no values found"; failed checks are counted
+  cumulatively and the rollout rolls back at `threshold`; a stage moves on after its hold
+  when the latest check passed. Tried at intervals 15/30/60 s x thresholds 1/2/5/10.
+
+    .venv/bin/python -m bench.verdicts.simulate --healthy-runs 2000 --bad-runs 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from canary.gates import sequential
+
+SCRAPE = 15.0
+WEIGHTS = (5, 25, 50, 100)
+HOLDS = (120.0, 300.0, 300.0, 300.0)
+DEADLINE = 1800.0
+MAX_TIME = 3600.0
+BASE = 0.005
+FLAGGER = [(i, t) for i in (15, 30, 60) for t in (1, 2, 5, 10)]
+MAX_ERROR = 0.01
+GATE = sequential.ErrorGate(tolerance=1.0, alpha=0.01, gross=5.0, final_gross=2.0)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    p_stable: float
+    canary: Callable[[float], float]  # time since start -> canary error probability
+    onset: float | None               # when the canary went bad (None: healthy)
+    burst: bool = False               # both versions x10 for 2 minutes at 6 min
+    shared_noise: float = 0.0         # bursty errors: both versions' rates x Gamma shock
+    own_noise: float = 0.0            # each version's rate x its own Gamma shock
+
+    def rates(self, t: float, rng: np.random.Generator) -> tuple[float, float]:
+        p_c, p_s = self.canary(t), self.p_stable
+        if self.burst and 360 <= t < 480:
+            p_c, p_s = p_c * 10, p_s * 10
+        if self.shared_noise:
+            k = 1 / self.shared_noise
+            shock = float(rng.gamma(k, 1 / k))
+            p_c, p_s = p_c * shock, p_s * shock
+        if self.own_noise:
+            k = 1 / self.own_noise
+            p_c, p_s = p_c * float(rng.gamma(k, 1 / k)), p_s * float(rng.gamma(k, 1 / k))
+        return min(1.0, p_c), min(1.0, p_s)
+
+
+def scenarios() -> list[Scenario]:
+    def const(p: float) -> Callable[[float], float]:
+        return lambda t: p
+
+    out = [Scenario(f"healthy {p:.1%}", p, const(p), None) for p in (0.002, 0.005, 0.008)]
+    out += [
+        Scenario("burst on both", BASE, const(BASE), None, burst=True),
+        Scenario("bursty, shared", BASE, const(BASE), None, shared_noise=1.0),
+        Scenario("bursty, per version", BASE, const(BASE), None, own_noise=0.3),
+        Scenario("errors x2", BASE, const(BASE * 2), 0.0),
+        Scenario("errors x5", BASE, const(BASE * 5), 0.0),
+        Scenario("errors x10", BASE, const(BASE * 10), 0.0),
+        Scenario("crash at start", BASE, const(1.0), 0.0),
+        Scenario("crash at 10 min", BASE, lambda t: 1.0 if t >= 600 else BASE, 600.0),
+        Scenario("slow leak", BASE, lambda t: BASE * (1 + 9 * min(1.0, t / 900)), 0.0),
+    ]
+    return out
+
+
+@dataclass
+class Result:
+    outcome: str          # "promoted" | "rolled_back" | "inconclusive"
+    time: float           # when it ended
+    excess: float         # canary errors above stable's rate, from onset to the end
+
+
+def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) -> Result:
+    """One rollout. rule None: canary's gate; (interval, threshold): the fixed rule."""
+    rng = np.random.default_rng(seed)
+    stage, since, t = 0, 0.0, 0.0
+    counts = dict.fromkeys(("canary_requests", "canary_errors", "stable_requests",
+                            "stable_errors"), 0.0)
+    gate = GATE
+    state = sequential.State()
+    last_verdict = "inconclusive"
+    new_stage = True
+    window: list[tuple[float, float]] = []  # canary (requests, errors) per scrape, last 1 m
+    failed, last_check_ok, next_check = 0, False, 0.0
+    excess = 0.0
+    while t < MAX_TIME:
+        w = WEIGHTS[stage] / 100
+        n = rng.poisson(rps * SCRAPE)
+        n_c = rng.binomial(n, w)
+        n_s = n - n_c
+        p_c, p_s = sc.rates(t, rng)
+        e_c = rng.binomial(n_c, p_c)
+        e_s = rng.binomial(n_s, p_s)
+        t += SCRAPE
+        if sc.onset is not None and t > sc.onset:
+            excess += e_c - n_c * sc.p_stable
+        counts["canary_requests"] += n_c
+        counts["canary_errors"] += e_c
+        counts["stable_requests"] += n_s
+        counts["stable_errors"] += e_s
+        window = [*window, (n_c, e_c)][-4:]
+        if rule is None:
+            out = sequential.update(gate, state, dict(counts), new_stage=new_stage,
+                                    before_full=stage == len(WEIGHTS) - 2)
+            new_stage = False
+            state, last_verdict = out.state, out.verdict
+            if last_verdict == "fail":
+                return Result("rolled_back", t, excess)
+            ok = last_verdict == "pass"
+        else:
+            interval, threshold = rule
+            if t + 1e-9 < next_check:
+                continue
+            next_check = t + interval
+            req = sum(r for r, _ in window)
+            err = sum(e for _, e in window)
+            last_check_ok = req > 0 and err / req <= MAX_ERROR
+            if not last_check_ok:
+                failed += 1
+                if failed >= threshold:
+                    return Result("rolled_back", t, excess)
+            ok = last_check_ok
+        if t - since >= HOLDS[stage] and ok:
+            if stage == len(WEIGHTS) - 1:
+                return Result("promoted", t, excess)
+            stage, since, new_stage = stage + 1, t, True
+        elif t - since > DEADLINE:
+            return Result("inconclusive", t, excess)
+    return Result("inconclusive", t, excess)
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (math.nan, math.nan)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def summarize(results: list[Result], sc: Scenario) -> dict[str, float]:
+    n = len(results)
+    rb = [r for r in results if r.outcome == "rolled_back"]
+    out: dict[str, float] = {"n": n, "rolled_back": len(rb) / n,
+                             "inconclusive": sum(r.outcome == "inconclusive" for r in results) / n}
+    lo, hi = wilson(len(rb), n)
+    out["rb_lo"], out["rb_hi"] = lo, hi
+    if sc.onset is None:
+        promoted = [r.time for r in results if r.outcome == "promoted"]
+        out["promote_median_min"] = float(np.median(promoted)) / 60 if promoted else math.nan
+    else:
+        det = [r.time - sc.onset for r in rb]
+        out["miss"] = 1 - len(rb) / n
+        out["detect_median_s"] = float(np.median(det)) if det else math.nan
+        out["detect_p90_s"] = float(np.percentile(det, 90)) if det else math.nan
+        out["excess_mean"] = float(np.mean([max(0.0, r.excess) for r in results]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--healthy-runs", type=int, default=2000)
+    ap.add_argument("--bad-runs", type=int, default=300)
+    ap.add_argument("--rps", type=float, nargs="*", default=[0.5, 2, 20, 200])
+    args = ap.parse_args()
+    t0 = time.time()
+    print(f"# {args.healthy_runs} runs per healthy condition, {args.bad_runs} per bad one; "
+          f"error bound 1% for the fixed rule; alpha 0.01 for canary's gate\n")
+    print("| scenario | rps | canary: rolled back | canary: inconclusive | canary: detect "
+          "median / p90 s | canary: excess bad | canary: promote min | best fixed rule "
+          "(FR <= canary's or 1%) | its rolled back | its detect median s | its excess bad |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for rps in args.rps:
+        healthy_fr: dict[tuple[int, int] | None, float] = {}
+        for sc in scenarios():
+            runs = args.healthy_runs if sc.onset is None else args.bad_runs
+            seeds = range(runs)
+            ours = summarize([simulate(sc, rps, s, None) for s in seeds], sc)
+            fixed = {rule: summarize([simulate(sc, rps, s, rule) for s in seeds], sc)
+                     for rule in FLAGGER}
+            if sc.name == f"healthy {BASE:.1%}":
+                healthy_fr = {None: ours["rolled_back"],
+                              **{k: v["rolled_back"] for k, v in fixed.items()}}
+            if sc.onset is None:
+                fair = fixed
+            else:
+                bound = max(healthy_fr.get(None, 0.0), 0.01)
+                fair = {k: v for k, v in fixed.items() if healthy_fr.get(k, 1.0) <= bound}
+            if sc.onset is None:
+                best = min(fixed, key=lambda k: fixed[k]["rolled_back"])
+            elif fair:
+                best = min(fair, key=lambda k: fair[k]["excess_mean"])
+            else:
+                best = None
+            b = fixed[best] if best else {}
+            rb = f"{ours['rolled_back']:.2%} [{ours['rb_lo']:.2%}, {ours['rb_hi']:.2%}]"
+            det = (f"{ours.get('detect_median_s', math.nan):.0f} / "
+                   f"{ours.get('detect_p90_s', math.nan):.0f}" if sc.onset is not None else "-")
+            ex = f"{ours['excess_mean']:.1f}" if sc.onset is not None else "-"
+            pro = f"{ours['promote_median_min']:.1f}" if sc.onset is None else "-"
+            bname = f"interval {best[0]}s, threshold {best[1]}" if best else "none qualifies"
+            brb = f"{b['rolled_back']:.2%}" if b else "-"
+            bdet = f"{b.get('detect_median_s', math.nan):.0f}" if b and sc.onset is not None \
+                else "-"
+            bex = f"{b['excess_mean']:.1f}" if b and sc.onset is not None else "-"
+            print(f"| {sc.name} | {rps:g} | {rb} | {ours['inconclusive']:.1%} | {det} | {ex} | "
+                  f"{pro} | {bname} | {brb} | {bdet} | {bex} |", flush=True)
+    print(f"\n({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
