@@ -46,7 +46,7 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
     from canary.api.app import build_app
     from canary.clock import RealClock
     from canary.engine.controller import Controller
-    from canary.gates.prometheus import PrometheusSource
+    from canary.gates.prometheus import CoalescingSource, PrometheusSource
     from canary.routers import Router, for_target
     from canary.store import open_store
 
@@ -69,8 +69,8 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
             log.warning(str(e), extra={"target": name})
     store = open_store(cfg.state, kube_api=kube_api)
     controller = Controller(store=store, policies=policies, targets=cfg.targets, routers=routers,
-                            source=PrometheusSource(cfg.prometheus_url,
-                                                    timeout=cfg.prometheus_timeout),
+                            source=CoalescingSource(PrometheusSource(
+                                cfg.prometheus_url, timeout=cfg.prometheus_timeout)),
                             clock=RealClock())
     elector = None
     if cfg.state.startswith("kubernetes:"):

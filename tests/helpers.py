@@ -121,7 +121,7 @@ async def controller(tmp_path: Path, *, policies: list[Policy] | None = None,
                      test_cmd: tuple[str, ...] = ("true",),
                      reload_cmd: tuple[str, ...] = ("true",),
                      file: Path | None = None,
-                     body_timeout: float = 10.0,
+                     body_timeout: float = 10.0, keepalive_timeout: float = 75.0,
                      target: Target | None = None, router: Router | None = None,
                      store: Store | None = None,
                      ) -> AsyncIterator[tuple[Api, Controller, Any]]:
@@ -139,7 +139,7 @@ async def controller(tmp_path: Path, *, policies: list[Policy] | None = None,
                      routers={"web": router}, source=source or SetSource(),
                      clock=RealClock(), retry_max=1.0)
     runner = web.AppRunner(build_app(ctl, tokens(), body_timeout=body_timeout), access_log=None,
-                           lingering_time=0.5)
+                           lingering_time=0.5, keepalive_timeout=keepalive_timeout)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()

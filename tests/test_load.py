@@ -30,3 +30,35 @@ async def test_two_hundred_concurrent_rollouts_progress_and_every_abort_lands():
         "healthy rollouts move through their stages"
     assert result["evaluations"] >= 200 * 4, "every rollout is evaluated again and again"
     assert result["read_latency_ms"]["n"] > 50
+
+
+async def test_identical_queries_across_rollouts_are_sent_once_per_window():
+    import asyncio
+
+    from canary.errors import MetricsError
+    from canary.gates.prometheus import CoalescingSource
+
+    class Counting:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+            self.fail = False
+
+        async def query(self, promql: str) -> float | None:
+            self.calls.append(promql)
+            await asyncio.sleep(0.01)
+            if self.fail:
+                raise MetricsError("down")
+            return float(len(promql))
+
+    now = [0.0]
+    inner = Counting()
+    source = CoalescingSource(inner, window=1.0, clock=lambda: now[0])
+    got = await asyncio.gather(*(source.query("up") for _ in range(50)),
+                               source.query("down"))
+    assert got == [2.0] * 50 + [4.0] and inner.calls == ["up", "down"]
+    now[0] = 1.5  # the next tick asks again
+    inner.fail = True
+    results = await asyncio.gather(source.query("up"), source.query("up"),
+                                   return_exceptions=True)
+    assert all(isinstance(r, MetricsError) for r in results), "every waiter sees the error"
+    assert inner.calls == ["up", "down", "up"]

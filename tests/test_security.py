@@ -58,6 +58,19 @@ async def test_a_client_that_stalls_mid_body_gets_408_and_changes_nothing(tmp_pa
         assert status == 200 and data == {"rollouts": []}
 
 
+async def test_a_client_that_stalls_mid_headers_is_disconnected(tmp_path):
+    # `canary serve` uses 15 s; the same mechanism at 1 s here
+    async with controller(tmp_path, keepalive_timeout=1.0) as (api, _c, _t):
+        host, port = api.base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /api/v1/rollouts HTTP/1.1\r\nHost: x\r\n")  # never finished
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 10) == b"", "the server hung up"
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
 async def test_health_metrics_and_openapi_leak_no_secret(tmp_path):
     async with controller(tmp_path) as (api, _c, _t):
         await api.start(canary_version="v2")

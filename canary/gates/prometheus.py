@@ -7,7 +7,8 @@ nowhere else. Retries are tenacity's, on MetricsError only.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from tenacity import (
@@ -52,6 +53,37 @@ class PrometheusSource:
     async def query(self, promql: str) -> float | None:
         result = await asyncio.to_thread(self._query_blocking, promql)
         return parse_result(result)
+
+
+class CoalescingSource:
+    """Identical queries asked within `window` seconds share one request: rollouts whose
+    gates read the same series (the same service-wide query) cost Prometheus one query
+    per tick, not one each."""
+
+    def __init__(self, inner: MetricSource, *, window: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._inner, self._window, self._clock = inner, window, clock
+        self._recent: dict[str, tuple[float, asyncio.Future[float | None]]] = {}
+        self.sent = 0
+
+    async def query(self, promql: str) -> float | None:
+        now = self._clock()
+        hit = self._recent.get(promql)
+        if hit is not None and now - hit[0] < self._window:
+            return await asyncio.shield(hit[1])
+        if len(self._recent) > 10_000:
+            self._recent = {q: v for q, v in self._recent.items() if now - v[0] < self._window}
+        future = asyncio.ensure_future(self._inner.query(promql))
+        future.add_done_callback(_consume)
+        self._recent[promql] = (now, future)
+        self.sent += 1
+        return await asyncio.shield(future)
+
+
+def _consume(future: asyncio.Future[float | None]) -> None:
+    """Mark a shared query's error as seen even when no one is waiting any more."""
+    if not future.cancelled():
+        future.exception()
 
 
 def parse_result(result: Any) -> float | None:
