@@ -136,7 +136,7 @@ async def run(aborts: int, breaches: int) -> dict[str, Any]:
             await pg.stop()
     return {
         "abort_http_call": spread(call_ms),
-        "abort_to_nginx_file_and_reload": spread(file_ms),
+        "abort_to_upstream_file_written": spread(file_ms),
         "abort_to_no_request_on_canary": spread(traffic_ms),
         "breach_visible_to_rollback_applied": spread(breach_ms),
         "note": "breach: policy interval 1s, failure_limit 2, threshold gate on a 5s rate",

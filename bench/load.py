@@ -27,7 +27,7 @@ from canary.clock import RealClock
 from canary.config import NginxTarget
 from canary.demo.procs import free_port
 from canary.engine.controller import Controller
-from canary.gates.prometheus import PrometheusSource
+from canary.gates.prometheus import CoalescingSource, PrometheusSource
 from canary.policy import Gate, NoData, Policy, Stage
 from canary.store.sqlite import SqliteStore
 from tests.doubles import PrometheusDouble
@@ -64,22 +64,25 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def run(n: int, interval: float, duration: float, aborts: int, hold: float,
-              reads_per_s: float) -> dict[str, Any]:
+              reads_per_s: float, shared_queries: bool = False) -> dict[str, Any]:
     prom = PrometheusDouble(0.001)
+    # per-target queries (the usual case), or one service-wide query every rollout shares
+    svc = "shared" if shared_queries else "{{ target }}"
     await prom.start()
     tmp = Path(tempfile.mkdtemp(prefix="canary-bench-"))
     pol = Policy(name="bench", interval=interval, failure_limit=2, no_data=NoData.HOLD,
                  progress_deadline=hold * 10 + interval * 10,
                  stages=(Stage(5, hold), Stage(25, hold), Stage(50, hold), Stage(100, hold)),
-                 gates=(Gate("errors", 'sum(rate(errors{svc="{{ target }}"}[1m]))', max=0.01),
-                        Gate("latency", 'p99{svc="{{ target }}"}', max=0.5)))
+                 gates=(Gate("errors", "sum(rate(errors{svc=\"" + svc + "\"}[1m]))", max=0.01),
+                        Gate("latency", "p99{svc=\"" + svc + "\"}", max=0.5)))
     targets = {f"t{i}": NginxTarget(name=f"t{i}", file=tmp / f"t{i}.conf", upstream=f"t{i}",
                                     stable=("127.0.0.1:1",), canary=("127.0.0.1:2",),
                                     policy="bench") for i in range(n)}
     routers = {name: MemoryRouter() for name in targets}
     store = SqliteStore(str(tmp / "state.db"))
     ctl = Controller(store=store, policies={"bench": pol}, targets=targets, routers=routers,
-                     source=PrometheusSource(prom.url, timeout=5), clock=RealClock())
+                     source=CoalescingSource(PrometheusSource(prom.url, timeout=5)),
+                     clock=RealClock())
     runner = web.AppRunner(build_app(ctl, tokens()), access_log=None)
     await runner.setup()
     port = free_port()
@@ -102,6 +105,7 @@ async def run(n: int, interval: float, duration: float, aborts: int, hold: float
                     ids.append((name, (await r.json())["id"]))
             start = time.monotonic()
             stop = start + duration
+            cpu0 = time.process_time()  # from here: the steady state, not the creation burst
 
             async def reader() -> None:
                 rng = random.Random(1)
@@ -205,10 +209,12 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--aborts", type=int, default=20)
     p.add_argument("--reads-per-s", type=float, default=20.0)
+    p.add_argument("--shared-queries", action="store_true",
+                   help="every rollout's gates read the same series (shows query coalescing)")
     args = p.parse_args()
     logging.disable(logging.WARNING)  # the rollouts' own story is not the benchmark's output
     result = asyncio.run(run(args.rollouts, args.interval, args.duration, args.aborts, args.hold,
-                             args.reads_per_s))
+                             args.reads_per_s, args.shared_queries))
     print(json.dumps(result, indent=2))
 
 

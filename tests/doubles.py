@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from canary.demo.procs import free_port
+from canary.demo.procs import free_port, serve_app
 
 
 @dataclass
@@ -43,9 +43,7 @@ class PrometheusDouble:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_route("*", "/api/v1/query", self.handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        self._runner = await serve_app(app, self.port)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -27,7 +27,7 @@ import jsonschema
 import yaml
 from aiohttp import web
 
-from canary.demo.procs import free_port
+from canary.demo.procs import free_port, serve_app
 
 DATA = Path(__file__).parent / "data" / "istio"
 KINDS = {
@@ -253,9 +253,7 @@ class KubeApiDouble:
     async def start(self) -> None:
         app = web.Application(client_max_size=10 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self.handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        self._runner = await serve_app(app, self.port)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+from aiohttp import web
 
 
 def free_port() -> int:
@@ -23,6 +24,14 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+async def serve_app(app: web.Application, port: int) -> web.AppRunner:
+    """Serve an aiohttp app on 127.0.0.1:port; stop it with `runner.cleanup()`."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
 
 
 def require(binary: str, package: str) -> str:
