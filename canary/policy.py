@@ -95,6 +95,7 @@ class Gate:
     gross: float = 5.0
     final_gross: float = 2.0
     detect_rate: float = 0.01
+    warmup: float = 0.0
 
     def bounds(self) -> str:
         if self.kind == "errors":
@@ -152,8 +153,10 @@ class Policy:
             defaults = Gate(name=g.name)
             for key in ("kind", "query", "min", "max", "baseline", "max_increase", "max_ratio",
                         "requests", "errors", "tolerance", "alpha", "gross", "final_gross",
-                        "detect_rate"):
+                        "detect_rate", "warmup"):
                 value = getattr(g, key)
+                if key == "warmup" and value:
+                    value = format_duration(value)
                 if value is not None and (value != getattr(defaults, key) or key == "query"):
                     d[key] = value
             if not d.get("query"):
@@ -224,7 +227,8 @@ def load_many(paths: Iterable[str | Path]) -> dict[str, Policy]:
 _POLICY_KEYS = {"name", "interval", "failure_limit", "no_data", "progress_deadline", "stages", "gates"}
 _STAGE_KEYS = {"weight", "hold", "approval", "gates"}
 _GATE_KEYS = {"name", "query", "min", "max", "kind", "baseline", "max_increase", "max_ratio",
-              "requests", "errors", "tolerance", "alpha", "gross", "final_gross", "detect_rate"}
+              "requests", "errors", "tolerance", "alpha", "gross", "final_gross", "detect_rate",
+              "warmup"}
 
 
 class _Checker:
@@ -416,6 +420,12 @@ class _Checker:
                 if nums["tolerance"] is not None and nums["tolerance"] <= 0:
                     self.problem((*gpath, "tolerance"), "must be above 0 (1 = no worse than "
                                                         "stable)")
+            if "warmup" in item or (base and base.warmup):
+                try:
+                    fields["warmup"] = (parse_duration(item["warmup"]) if "warmup" in item
+                                        else base.warmup if base else 0.0)
+                except ValueError as e:
+                    self.problem((*gpath, "warmup"), str(e))
             fields.update({k: v for k, v in texts.items() if v is not None})
             out.append(Gate(name=name, kind=kind, **fields))
         return out

@@ -185,3 +185,24 @@ def test_a_sequential_failure_rolls_back_at_once_and_inconclusive_holds():
     r = feed(r, {"canary_requests": 60, "canary_errors": 40, "stable_requests": 600,
                  "stable_errors": 1}, now + 60)
     assert r.state is Phase.ROLLING_BACK and r.weight == 0 and "gate errors" in r.reason
+
+
+def test_warmup_ignores_a_slow_start_but_judges_what_follows():
+    gate = sequential.ErrorGate(tolerance=1.2, alpha=0.01, warmup=120)
+    state = sequential.State()
+    counts = {"canary_requests": 0.0, "canary_errors": 0.0, "stable_requests": 0.0,
+              "stable_errors": 0.0}
+    verdicts = []
+    for i in range(40):
+        slow = 0.9 if i < 6 else 0.02  # most canary requests slow while it warms up
+        counts["canary_requests"] += 300
+        counts["canary_errors"] += 300 * slow
+        counts["stable_requests"] += 900
+        counts["stable_errors"] += 900 * 0.02
+        out = sequential.update(gate, state, dict(counts), now=15.0 * i)
+        state = out.state
+        verdicts.append(out.verdict)
+    assert "fail" not in verdicts and verdicts[-1] == "pass"
+    assert verdicts[1] == "inconclusive" and "warming up" in sequential.update(
+        gate, sequential.State(last={"canary_requests": 1}, first_at=0.0),
+        dict(counts), now=1.0).detail

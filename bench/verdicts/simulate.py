@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -90,6 +91,128 @@ class Result:
     excess: float         # canary errors above stable's rate, from onset to the end
 
 
+# Latency: a lognormal body (median 60 ms) with a 2% slow tail (median 250 ms), seen
+# through Prometheus' default histogram buckets. The latency gates judge the share of
+# requests slower than SLOW_AT (ours) or the p99 interpolated from the buckets (fixed).
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.inf)
+SLOW_AT = (0.1, 0.5)  # two boundaries: near stable's p90 and in its tail
+MAX_P99 = 0.5   # Flagger's request-duration default bound, 500 ms
+LAT_GATE = sequential.ErrorGate(tolerance=1.2, alpha=0.005, gross=3.0, final_gross=1.5,
+                                detect_rate=0.05, warmup=120.0)
+
+
+def _lognorm_cdf(x: float, median: float, sigma: float) -> float:
+    if x <= 0:
+        return 0.0
+    if math.isinf(x):
+        return 1.0
+    return 0.5 * (1 + math.erf(math.log(x / median) / (sigma * math.sqrt(2))))
+
+
+def bucket_probs(shift_all: float, shift_tail: float) -> np.ndarray:
+    """P(latency in each bucket) for the body+tail mixture, shifted by seconds."""
+    cdf = np.array([0.98 * _lognorm_cdf(b - shift_all, 0.06, 0.5)
+                    + 0.02 * _lognorm_cdf(b - shift_all - shift_tail, 0.25, 0.6)
+                    for b in BUCKETS])
+    return np.diff(np.concatenate([[0.0], cdf]))
+
+
+def p99_from_buckets(counts: np.ndarray) -> float | None:
+    """histogram_quantile(0.99, ...): linear interpolation inside the bucket."""
+    total = counts.sum()
+    if total == 0:
+        return None
+    rank = 0.99 * total
+    cum = np.cumsum(counts)
+    i = int(np.searchsorted(cum, rank))
+    if math.isinf(BUCKETS[i]):
+        return BUCKETS[i - 1]
+    lo = BUCKETS[i - 1] if i else 0.0
+    below = cum[i - 1] if i else 0.0
+    return lo + (BUCKETS[i] - lo) * (rank - below) / max(counts[i], 1e-12)
+
+
+@dataclass(frozen=True)
+class LatencyScenario:
+    name: str
+    shift: Callable[[float], tuple[float, float]]  # time -> (shift all, shift tail), canary
+    onset: float | None
+
+
+def latency_scenarios() -> list[LatencyScenario]:
+    return [
+        LatencyScenario("latency healthy", lambda t: (0.0, 0.0), None),
+        LatencyScenario("warm-up slowness (healthy)",
+                        lambda t: (0.2, 0.0) if t < 90 else (0.0, 0.0), None),
+        LatencyScenario("+50 ms everywhere", lambda t: (0.05, 0.0), 0.0),
+        LatencyScenario("+50 ms in the tail only", lambda t: (0.0, 0.05), 0.0),
+    ]
+
+
+def simulate_latency(sc: LatencyScenario, rps: float, seed: int,
+                     rule: tuple[int, int] | None) -> Result:
+    """Ours: two `errors` gates on the share of requests slower than 100 ms and 500 ms
+    (alpha 0.005 each, 0.01 together); fixed: p99 from the buckets against 500 ms."""
+    rng = np.random.default_rng(seed)
+    stage, since, t = 0, 0.0, 0.0
+    counts = [dict.fromkeys(("canary_requests", "canary_errors", "stable_requests",
+                             "stable_errors"), 0.0) for _ in SLOW_AT]
+    states = [sequential.State() for _ in SLOW_AT]
+    new_stage = True
+    base = bucket_probs(0.0, 0.0)
+    at = [BUCKETS.index(b) + 1 for b in SLOW_AT]
+    p_slow_base = float(base[at[0]:].sum())
+    window: list[np.ndarray] = []
+    failed, next_check, excess = 0, 0.0, 0.0
+    while t < MAX_TIME:
+        w = WEIGHTS[stage] / 100
+        n = rng.poisson(rps * SCRAPE)
+        n_c = int(rng.binomial(n, w))
+        n_s = n - n_c
+        probs = bucket_probs(*sc.shift(t))
+        b_c = rng.multinomial(n_c, probs)
+        b_s = rng.multinomial(n_s, base)
+        t += SCRAPE
+        if sc.onset is not None and t > sc.onset:
+            excess += float(b_c[at[0]:].sum()) - n_c * p_slow_base
+        for c, i in zip(counts, at, strict=True):
+            c["canary_requests"] += n_c
+            c["canary_errors"] += float(b_c[i:].sum())
+            c["stable_requests"] += n_s
+            c["stable_errors"] += float(b_s[i:].sum())
+        window = [*window, b_c][-4:]
+        if rule is None:
+            verdicts = []
+            for k in range(len(SLOW_AT)):
+                out = sequential.update(LAT_GATE, states[k], dict(counts[k]),
+                                        new_stage=new_stage, now=t,
+                                        before_full=stage == len(WEIGHTS) - 2)
+                states[k] = out.state
+                verdicts.append(out.verdict)
+            new_stage = False
+            if "fail" in verdicts:
+                return Result("rolled_back", t, excess)
+            ok = all(v == "pass" for v in verdicts)
+        else:
+            interval, threshold = rule
+            if t + 1e-9 < next_check:
+                continue
+            next_check = t + interval
+            p99 = p99_from_buckets(np.sum(window, axis=0))
+            ok = p99 is not None and p99 <= MAX_P99
+            if not ok:
+                failed += 1
+                if failed >= threshold:
+                    return Result("rolled_back", t, excess)
+        if t - since >= HOLDS[stage] and ok:
+            if stage == len(WEIGHTS) - 1:
+                return Result("promoted", t, excess)
+            stage, since, new_stage = stage + 1, t, True
+        elif t - since > DEADLINE:
+            return Result("inconclusive", t, excess)
+    return Result("inconclusive", t, excess)
+
+
 def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) -> Result:
     """One rollout. rule None: canary's gate; (interval, threshold): the fixed rule."""
     rng = np.random.default_rng(seed)
@@ -120,7 +243,7 @@ def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) 
         counts["stable_errors"] += e_s
         window = [*window, (n_c, e_c)][-4:]
         if rule is None:
-            out = sequential.update(gate, state, dict(counts), new_stage=new_stage,
+            out = sequential.update(gate, state, dict(counts), new_stage=new_stage, now=t,
                                     before_full=stage == len(WEIGHTS) - 2)
             new_stage = False
             state, last_verdict = out.state, out.verdict
@@ -159,7 +282,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, c - h), min(1.0, c + h))
 
 
-def summarize(results: list[Result], sc: Scenario) -> dict[str, float]:
+def summarize(results: list[Result], sc: Any) -> dict[str, float]:
     n = len(results)
     rb = [r for r in results if r.outcome == "rolled_back"]
     out: dict[str, float] = {"n": n, "rolled_back": len(rb) / n,
@@ -193,13 +316,15 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for rps in args.rps:
         healthy_fr: dict[tuple[int, int] | None, float] = {}
-        for sc in scenarios():
+        cases: list[tuple[Any, Callable[..., Result]]] = [(sc, simulate) for sc in scenarios()]
+        cases += [(sc, simulate_latency) for sc in latency_scenarios()]
+        for sc, sim in cases:
             runs = args.healthy_runs if sc.onset is None else args.bad_runs
             seeds = range(runs)
-            ours = summarize([simulate(sc, rps, s, None) for s in seeds], sc)
-            fixed = {rule: summarize([simulate(sc, rps, s, rule) for s in seeds], sc)
+            ours = summarize([sim(sc, rps, s, None) for s in seeds], sc)
+            fixed = {rule: summarize([sim(sc, rps, s, rule) for s in seeds], sc)
                      for rule in FLAGGER}
-            if sc.name == f"healthy {BASE:.1%}":
+            if sc.name in (f"healthy {BASE:.1%}", "latency healthy"):
                 healthy_fr = {None: ours["rolled_back"],
                               **{k: v["rolled_back"] for k, v in fixed.items()}}
             if sc.onset is None:

@@ -291,10 +291,11 @@ def readings(r: Rollout, policy: Policy, rd: Readings, now: float) -> Rollout:
 def _sequential(g: GateStatus, spec: Gate, x: Reading, at: float, *,
                 before_full: bool) -> GateStatus:
     gate = sequential.ErrorGate(tolerance=spec.tolerance, alpha=spec.alpha, gross=spec.gross,
-                                final_gross=spec.final_gross, detect_rate=spec.detect_rate)
+                                final_gross=spec.final_gross, detect_rate=spec.detect_rate,
+                                warmup=spec.warmup)
     state = sequential.State.from_json(g.state)
     out = sequential.update(gate, state, x.raw or {}, new_stage=g.at is None,
-                            before_full=before_full)
+                            before_full=before_full, now=at)
     verdict = {"fail": Verdict.FAIL, "pass": Verdict.PASS, "no_data": Verdict.NO_DATA,
                "inconclusive": Verdict.INCONCLUSIVE}[out.verdict]
     return replace(g, status=verdict, value=out.value, at=at, detail=out.detail,

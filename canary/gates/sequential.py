@@ -35,6 +35,7 @@ class ErrorGate:
     detect_rate: float = 0.01     # ...or at least this error rate, when stable has ~none
     guard_share: float = 0.5      # hard guard: this share of canary requests failing...
     guard_min: int = 20           # ...out of at least this many in one interval
+    warmup: float = 0.0           # seconds after the first reading whose evidence is ignored
 
 
 @dataclass
@@ -43,16 +44,19 @@ class State:
     t: int = 0                                              # intervals with errors seen
     s: list[float] = field(default_factory=lambda: [0.0] * len(GRID))
     stage: dict[str, float] = field(default_factory=dict)  # this stage's totals
+    first_at: float | None = None                          # when counting began
 
     def to_json(self) -> dict[str, Any]:
-        return {"last": self.last, "t": self.t, "s": self.s, "stage": self.stage}
+        return {"last": self.last, "t": self.t, "s": self.s, "stage": self.stage,
+                "first_at": self.first_at}
 
     @classmethod
     def from_json(cls, d: dict[str, Any] | None) -> State:
         if not d:
             return cls()
         return cls(last=dict(d.get("last", {})), t=int(d.get("t", 0)),
-                   s=list(d.get("s", [0.0] * len(GRID))), stage=dict(d.get("stage", {})))
+                   s=list(d.get("s", [0.0] * len(GRID))), stage=dict(d.get("stage", {})),
+                   first_at=d.get("first_at"))
 
 
 def _delta(new: float, old: float | None) -> float:
@@ -89,7 +93,7 @@ def step(gate: ErrorGate, state: State, e_c: float, n_c: float, e_s: float,
         pi_k = _pi(n_c, n_s, gate.tolerance * r)
         lr = math.exp(min(700.0, _log_lr(e_c, e_s, pi_k, pi_0)))
         s.append((state.s[k] + q) * lr)
-    return State(last=state.last, t=t, s=s, stage=state.stage)
+    return State(last=state.last, t=t, s=s, stage=state.stage, first_at=state.first_at)
 
 
 def could_detect(gate: ErrorGate, stage: dict[str, float], gross: float | None = None) -> bool:
@@ -117,23 +121,29 @@ class Outcome:
 
 
 def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
-           *, new_stage: bool = False, before_full: bool = False) -> Outcome:
+           *, new_stage: bool = False, before_full: bool = False, now: float = 0.0) -> Outcome:
     """One evaluation: raw holds the counters `canary_requests`, `canary_errors`,
     `stable_requests`, `stable_errors` (None where the query had no sample)."""
     if new_stage:
-        state = State(last=state.last, t=state.t, s=state.s, stage={})
+        state = State(last=state.last, t=state.t, s=state.s, stage={}, first_at=state.first_at)
     if any(raw.get(k) is None for k in ("canary_requests", "stable_requests")):
         return Outcome("no_data", None, "no request counters yet", state)
     cur = {k: float(v or 0.0) for k, v in raw.items()}
     first = not state.last
     d = {k: _delta(cur[k], state.last.get(k)) for k in cur}
-    state = State(last=cur, t=state.t, s=state.s, stage=dict(state.stage))
+    state = State(last=cur, t=state.t, s=state.s, stage=dict(state.stage),
+                  first_at=now if first else state.first_at)
     if first:
         return Outcome("inconclusive", None, "first reading; counting from here", state)
+    warming = state.first_at is not None and now - state.first_at < gate.warmup
     n_c, e_c = d["canary_requests"], min(d["canary_errors"], d["canary_requests"])
     n_s, e_s = d["stable_requests"], min(d["stable_errors"], d["stable_requests"])
     for k, v in (("n_c", n_c), ("e_c", e_c), ("n_s", n_s), ("e_s", e_s)):
         state.stage[k] = state.stage.get(k, 0.0) + v
+    if warming:
+        # a canary warming up (cold caches, JIT) is slow or flaky for a while: this gate
+        # does not judge it until `warmup` has passed (give crash-catching gates none)
+        return Outcome("inconclusive", None, f"warming up for {gate.warmup:g}s", state)
     if (n_c >= gate.guard_min and e_c >= gate.guard_share * n_c
             and e_s < gate.guard_share * n_s):  # (both failing is an outage, not the canary)
         return Outcome("fail", None, f"hard guard: canary failed {e_c:.0f} of {n_c:.0f} "
