@@ -91,6 +91,39 @@ class Result:
     excess: float         # canary errors above stable's rate, from onset to the end
 
 
+@dataclass
+class Schedule:
+    """The staged policy both rules follow, and the fixed rule's failed-check counter."""
+
+    stage: int = 0
+    since: float = 0.0
+    new_stage: bool = True
+    failed: int = 0
+    next_check: float = 0.0
+
+    def check_due(self, t: float, interval: float) -> bool:
+        if t + 1e-9 < self.next_check:
+            return False
+        self.next_check = t + interval
+        return True
+
+    def fixed_check(self, ok: bool, threshold: int) -> bool:
+        """Count a failed check; True when the rule rolls back (cumulative count)."""
+        if not ok:
+            self.failed += 1
+        return self.failed >= threshold
+
+    def advance(self, t: float, ok: bool) -> str | None:
+        """After a judgement: "promoted", "inconclusive" (deadline), or None to go on."""
+        if t - self.since >= HOLDS[self.stage] and ok:
+            if self.stage == len(WEIGHTS) - 1:
+                return "promoted"
+            self.stage, self.since, self.new_stage = self.stage + 1, t, True
+        elif t - self.since > DEADLINE:
+            return "inconclusive"
+        return None
+
+
 # Latency: a lognormal body (median 60 ms) with a 2% slow tail (median 250 ms), seen
 # through Prometheus' default histogram buckets. The latency gates judge the share of
 # requests slower than SLOW_AT (ours) or the p99 interpolated from the buckets (fixed).
@@ -154,18 +187,17 @@ def simulate_latency(sc: LatencyScenario, rps: float, seed: int,
     """Ours: two `errors` gates on the share of requests slower than 100 ms and 500 ms
     (alpha 0.005 each, 0.01 together); fixed: p99 from the buckets against 500 ms."""
     rng = np.random.default_rng(seed)
-    stage, since, t = 0, 0.0, 0.0
+    sch, t = Schedule(), 0.0
     counts = [dict.fromkeys(("canary_requests", "canary_errors", "stable_requests",
                              "stable_errors"), 0.0) for _ in SLOW_AT]
     states = [sequential.State() for _ in SLOW_AT]
-    new_stage = True
     base = bucket_probs(0.0, 0.0)
     at = [BUCKETS.index(b) + 1 for b in SLOW_AT]
     p_slow_base = float(base[at[0]:].sum())
     window: list[np.ndarray] = []
-    failed, next_check, excess = 0, 0.0, 0.0
+    excess = 0.0
     while t < MAX_TIME:
-        w = WEIGHTS[stage] / 100
+        w = WEIGHTS[sch.stage] / 100
         n = rng.poisson(rps * SCRAPE)
         n_c = int(rng.binomial(n, w))
         n_s = n - n_c
@@ -185,49 +217,39 @@ def simulate_latency(sc: LatencyScenario, rps: float, seed: int,
             verdicts = []
             for k in range(len(SLOW_AT)):
                 out = sequential.update(LAT_GATE, states[k], dict(counts[k]),
-                                        new_stage=new_stage, now=t,
-                                        before_full=stage == len(WEIGHTS) - 2)
+                                        new_stage=sch.new_stage, now=t,
+                                        before_full=sch.stage == len(WEIGHTS) - 2)
                 states[k] = out.state
                 verdicts.append(out.verdict)
-            new_stage = False
+            sch.new_stage = False
             if "fail" in verdicts:
                 return Result("rolled_back", t, excess)
             ok = all(v == "pass" for v in verdicts)
         else:
             interval, threshold = rule
-            if t + 1e-9 < next_check:
+            if not sch.check_due(t, interval):
                 continue
-            next_check = t + interval
             p99 = p99_from_buckets(np.sum(window, axis=0))
             ok = p99 is not None and p99 <= MAX_P99
-            if not ok:
-                failed += 1
-                if failed >= threshold:
-                    return Result("rolled_back", t, excess)
-        if t - since >= HOLDS[stage] and ok:
-            if stage == len(WEIGHTS) - 1:
-                return Result("promoted", t, excess)
-            stage, since, new_stage = stage + 1, t, True
-        elif t - since > DEADLINE:
-            return Result("inconclusive", t, excess)
+            if sch.fixed_check(ok, threshold):
+                return Result("rolled_back", t, excess)
+        end = sch.advance(t, ok)
+        if end:
+            return Result(end, t, excess)
     return Result("inconclusive", t, excess)
 
 
 def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) -> Result:
     """One rollout. rule None: canary's gate; (interval, threshold): the fixed rule."""
     rng = np.random.default_rng(seed)
-    stage, since, t = 0, 0.0, 0.0
+    sch, t = Schedule(), 0.0
     counts = dict.fromkeys(("canary_requests", "canary_errors", "stable_requests",
                             "stable_errors"), 0.0)
-    gate = GATE
     state = sequential.State()
-    last_verdict = "inconclusive"
-    new_stage = True
     window: list[tuple[float, float]] = []  # canary (requests, errors) per scrape, last 1 m
-    failed, last_check_ok, next_check = 0, False, 0.0
     excess = 0.0
     while t < MAX_TIME:
-        w = WEIGHTS[stage] / 100
+        w = WEIGHTS[sch.stage] / 100
         n = rng.poisson(rps * SCRAPE)
         n_c = rng.binomial(n, w)
         n_s = n - n_c
@@ -243,32 +265,25 @@ def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) 
         counts["stable_errors"] += e_s
         window = [*window, (n_c, e_c)][-4:]
         if rule is None:
-            out = sequential.update(gate, state, dict(counts), new_stage=new_stage, now=t,
-                                    before_full=stage == len(WEIGHTS) - 2)
-            new_stage = False
-            state, last_verdict = out.state, out.verdict
-            if last_verdict == "fail":
+            out = sequential.update(GATE, state, dict(counts), new_stage=sch.new_stage, now=t,
+                                    before_full=sch.stage == len(WEIGHTS) - 2)
+            sch.new_stage = False
+            state = out.state
+            if out.verdict == "fail":
                 return Result("rolled_back", t, excess)
-            ok = last_verdict == "pass"
+            ok = out.verdict == "pass"
         else:
             interval, threshold = rule
-            if t + 1e-9 < next_check:
+            if not sch.check_due(t, interval):
                 continue
-            next_check = t + interval
             req = sum(r for r, _ in window)
             err = sum(e for _, e in window)
-            last_check_ok = req > 0 and err / req <= MAX_ERROR
-            if not last_check_ok:
-                failed += 1
-                if failed >= threshold:
-                    return Result("rolled_back", t, excess)
-            ok = last_check_ok
-        if t - since >= HOLDS[stage] and ok:
-            if stage == len(WEIGHTS) - 1:
-                return Result("promoted", t, excess)
-            stage, since, new_stage = stage + 1, t, True
-        elif t - since > DEADLINE:
-            return Result("inconclusive", t, excess)
+            ok = req > 0 and err / req <= MAX_ERROR
+            if sch.fixed_check(ok, threshold):
+                return Result("rolled_back", t, excess)
+        end = sch.advance(t, ok)
+        if end:
+            return Result(end, t, excess)
     return Result("inconclusive", t, excess)
 
 
