@@ -198,3 +198,29 @@ async def test_sequential_gate_promotes_a_healthy_canary_and_rolls_back_a_failin
         assert r["stage"] == 0, "caught at the first stage"
         await traffic_settles_at(pg, 0, tolerance=0)
         assert load.codes[("v3", 500)] > 0
+
+
+async def test_weights_changed_outside_canary_are_drift_not_a_fight(tmp_path):
+    from canary.routers.nginx import render
+
+    slow = fast_policy("slow", interval="1s", holds=("10m",) * 4, progress_deadline="1h")
+    async with playground(tmp_path) as pg, running(pg, [slow]) as (api, _load):
+        rid = (await api.start(canary_version="v2"))["id"]
+        await api.until(rid, lambda r: r["applied_weight"] == 5)
+        # someone edits the upstream by hand and reloads nginx
+        pg.nginx.upstream_file.write_text(render(pg.target(), 40))
+        import subprocess
+
+        subprocess.run(pg.nginx.reload_cmd, check=True, capture_output=True)
+        r = await api.until(rid, lambda r: r["state"] == "paused")
+        assert r["paused_for"] == "drift"
+        assert "router carries canary weight 40, expected 5" in r["reason"]
+        assert any(e["type"] == "drift" for e in r["events"])
+        await steady(api, rid, 3, state="paused")
+        assert file_weight(pg) == 40, "canary does not fight the change"
+        status, _ = await api.call("POST", f"/api/v1/rollouts/{rid}/resume",
+                                   {"reason": "that was a test; carry on"})
+        assert status == 200
+        await api.until(rid, lambda r: r["state"] == "progressing" and r["applied_weight"] == 5)
+        assert file_weight(pg) == 5
+        await traffic_settles_at(pg, 5)

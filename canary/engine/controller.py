@@ -252,7 +252,10 @@ class Controller:
                                                            now=self.clock.now()))
                 now = self.clock.now()
                 router_paused = r.state is Phase.PAUSED and r.pause_kind is PauseKind.ROUTER
-                if router_paused or r.weight != r.applied_weight or not forced:
+                # weights changed outside canary are on-call's call: never fight them
+                drift_paused = r.state is Phase.PAUSED and r.pause_kind is PauseKind.DRIFT
+                if not drift_paused and (router_paused or r.weight != r.applied_weight
+                                         or not forced):
                     want = decide.stage_weight(r, pol) if router_paused else r.weight
                     if not router_paused or now >= next_router_try:
                         faults.point("before_apply")
@@ -300,7 +303,8 @@ class Controller:
                 if r.state.final:
                     break
                 router_paused = r.state is Phase.PAUSED and r.pause_kind is PauseKind.ROUTER
-                if r.weight != r.applied_weight and not router_paused:
+                drift_paused = r.state is Phase.PAUSED and r.pause_kind is PauseKind.DRIFT
+                if r.weight != r.applied_weight and not (router_paused or drift_paused):
                     continue
                 now = self.clock.now()
                 if next_eval <= now:

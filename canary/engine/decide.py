@@ -215,8 +215,10 @@ def observed(r: Rollout, weight: int | None, now: float) -> Rollout:
     message = (f"router carries canary weight {weight}, expected {expected}; changed outside "
                f"canary. Resume to re-apply {r.weight}, or abort to roll back")
     r = _event(r, now, "drift", message)
-    if r.state is Phase.PAUSED and r.pause_kind is PauseKind.MANUAL:
-        return replace(r, reason=f"{r.reason}; drift: {message}")
+    if r.state is Phase.PAUSED and r.pause_kind is not PauseKind.DRIFT:
+        # already paused (by on-call, for approval, ...): now it is drift that holds it
+        return replace(r, pause_kind=PauseKind.DRIFT, reason=f"drift: {message}; "
+                                                            f"before that: {r.reason}")
     return _pause(r, now, PauseKind.DRIFT, f"drift: {message}")
 
 
