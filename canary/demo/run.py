@@ -105,7 +105,8 @@ async def demo(keep: bool) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    # the demo prints its own story; the controller's log lines would repeat it
+    logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
     try:
         code: int = asyncio.run(demo(args.keep))
         return code
