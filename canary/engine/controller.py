@@ -72,6 +72,7 @@ class Controller:
     _wakeups: dict[str, asyncio.Event] = field(default_factory=dict)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _start_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _policy_cache: dict[str, policy_mod.Policy] = field(default_factory=dict)
     _stopping: bool = False
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -176,10 +177,9 @@ class Controller:
     async def command(self, rollout_id: str, cmd: Command) -> Rollout:
         """Record an override and wake the rollout's task; Conflict if it does not fit."""
         self._must_lead()
-        r = await self.store.load(rollout_id)
-        pol = policy_mod.from_dict(r.policy_spec)
-        r = await self._update(rollout_id, partial(decide.command, policy=pol, cmd=cmd,
-                                                   now=self.clock.now()))
+        now = self.clock.now()
+        r = await self._update(rollout_id, lambda r: decide.command(
+            r, self._policy_of(r), cmd, now))
         faults.point("after_command")
         self.wake(rollout_id)
         return r
@@ -206,6 +206,14 @@ class Controller:
                     self.metrics.outcomes.labels(saved.target, saved.state.value).inc()
                 return saved
         raise StoreConflict(f"rollout {rollout_id} kept changing under us; try again")
+
+    def _policy_of(self, r: Rollout) -> policy_mod.Policy:
+        """The policy the rollout started with, parsed once: its spec never changes, and
+        re-validating it every interval of every rollout is wasted work."""
+        pol = self._policy_cache.get(r.id)
+        if pol is None:
+            pol = self._policy_cache[r.id] = policy_mod.from_dict(r.policy_spec)
+        return pol
 
     def _log_new_events(self, old: Rollout | None, new: Rollout) -> None:
         fresh = new.events[len(old.events):] if old is not None else new.events
@@ -245,7 +253,7 @@ class Controller:
                 r = await self.store.load(rollout_id)
                 if r.state.final:
                     break
-                pol = policy_mod.from_dict(r.policy_spec)
+                pol = self._policy_of(r)
                 router = self.routers[r.target]
                 live = await router.get_weight()
                 r = await self._update(rollout_id, partial(decide.observed, weight=live,
@@ -320,6 +328,7 @@ class Controller:
                 await self.clock.sleep(backoff.next(), wakeup)
         self._locks.pop(rollout_id, None)
         self._wakeups.pop(rollout_id, None)
+        self._policy_cache.pop(rollout_id, None)
         self.metrics.active.set(max(0, len(self._tasks) - 1))
 
     async def _measure(self, r: Rollout, pol: policy_mod.Policy, now: float) -> Readings:
