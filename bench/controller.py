@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
@@ -27,7 +26,7 @@ from typing import Any
 import aiohttp
 
 from canary import config as config_mod
-from canary.cli import serve
+from canary.cli import serving
 from canary.demo import procs
 from canary.demo.playground import ERROR_RATE, Playground, fast_policy
 from canary.policy import render
@@ -63,76 +62,71 @@ async def run(aborts: int, breaches: int) -> dict[str, Any]:
         quick = fast_policy("fast", interval="1s", holds=("1h",) * 4, progress_deadline="2h",
                             max_error=0.05)
         cfg = config_mod.load_file(pg.write_config([slow, quick]))
-        ready = asyncio.Event()
-        server = asyncio.create_task(serve(cfg, ready=ready, signals=False))
         load = procs.Load(pg.url, rate=40, limit=40 * 3600)
         call_ms: list[float] = []
         file_ms: list[float] = []
         traffic_ms: list[float] = []
         breach_ms: list[float] = []
         try:
-            await asyncio.wait_for(ready.wait(), 30)
-            load.start()
-            target = pg.target()
-            pipe = {"Authorization": f"Bearer {pg.tokens['pipeline']}"}
-            async with aiohttp.ClientSession() as s:
-                async def start(policy: str, version: str) -> str:
-                    async with s.post(f"{pg.api}/api/v1/rollouts", headers=pipe, json={
-                            "target": "web", "canary_version": version, "policy": policy,
-                            "stable_version": "v1"}) as r:
-                        data = await r.json()
-                    rid: str = data["id"]
-                    await file_says(target, 5)
-                    return rid
+            async with serving(cfg):
+                load.start()
+                target = pg.target()
+                pipe = {"Authorization": f"Bearer {pg.tokens['pipeline']}"}
+                async with aiohttp.ClientSession() as s:
+                    async def start(policy: str, version: str) -> str:
+                        async with s.post(f"{pg.api}/api/v1/rollouts", headers=pipe, json={
+                                "target": "web", "canary_version": version, "policy": policy,
+                                "stable_version": "v1"}) as r:
+                            data = await r.json()
+                        rid: str = data["id"]
+                        await file_says(target, 5)
+                        return rid
 
-                async def one_abort(i: int) -> None:
-                    rid = await start("slow", f"a{i}")
-                    await procs.split(pg.url, 40)  # nginx serves the 5% split
-                    t0 = time.monotonic()
-                    async with s.post(f"{pg.api}/api/v1/rollouts/{rid}/abort", headers=pipe,
-                                      json={"reason": "bench"}) as r:
-                        assert r.status == 200
-                    call_ms.append(time.monotonic() - t0)
-                    await file_says(target, 0)
-                    file_ms.append(time.monotonic() - t0)
-                    # requests stop reaching the canary: 20 in a row answered by stable
-                    while (await procs.split(pg.url, 20)).get(pg.canary.version, 0):
-                        pass
-                    traffic_ms.append(time.monotonic() - t0)
-                    await asyncio.sleep(1.5)  # let the rollout finish its bookkeeping
+                    async def one_abort(i: int) -> None:
+                        rid = await start("slow", f"a{i}")
+                        await procs.split(pg.url, 40)  # nginx serves the 5% split
+                        t0 = time.monotonic()
+                        async with s.post(f"{pg.api}/api/v1/rollouts/{rid}/abort", headers=pipe,
+                                          json={"reason": "bench"}) as r:
+                            assert r.status == 200
+                        call_ms.append(time.monotonic() - t0)
+                        await file_says(target, 0)
+                        file_ms.append(time.monotonic() - t0)
+                        # requests stop reaching the canary: 20 in a row answered by stable
+                        while (await procs.split(pg.url, 20)).get(pg.canary.version, 0):
+                            pass
+                        traffic_ms.append(time.monotonic() - t0)
+                        await asyncio.sleep(1.5)  # let the rollout finish its bookkeeping
 
-                async def one_breach(i: int) -> None:
-                    version = f"b{i}"
-                    pg.canary.version = version
-                    await start("fast", version)
-                    await asyncio.sleep(8)  # a clean window first
-                    pg.canary.error_rate = 0.5
-                    query = render(ERROR_RATE, {"service": "web", "canary_version": version,
-                                                "window": pg.window})
-                    while True:
-                        async with s.get(f"{pg.prometheus.url}/api/v1/query",
-                                          params={"query": query}) as r:
-                            res = (await r.json())["data"]["result"]
-                        if res and float(res[0]["value"][1]) > 0.05:
-                            break
-                        await asyncio.sleep(0.05)
-                    t0 = time.monotonic()
-                    await file_says(target, 0)
-                    breach_ms.append(time.monotonic() - t0)
-                    pg.canary.error_rate = 0.0
-                    await asyncio.sleep(2)
+                    async def one_breach(i: int) -> None:
+                        version = f"b{i}"
+                        pg.canary.version = version
+                        await start("fast", version)
+                        await asyncio.sleep(8)  # a clean window first
+                        pg.canary.error_rate = 0.5
+                        query = render(ERROR_RATE, {"service": "web", "canary_version": version,
+                                                    "window": pg.window})
+                        while True:
+                            async with s.get(f"{pg.prometheus.url}/api/v1/query",
+                                              params={"query": query}) as r:
+                                res = (await r.json())["data"]["result"]
+                            if res and float(res[0]["value"][1]) > 0.05:
+                                break
+                            await asyncio.sleep(0.05)
+                        t0 = time.monotonic()
+                        await file_says(target, 0)
+                        breach_ms.append(time.monotonic() - t0)
+                        pg.canary.error_rate = 0.0
+                        await asyncio.sleep(2)
 
-                for i in range(aborts):
-                    async with asyncio.timeout(60):  # bounded: a stuck step ends the run
-                        await one_abort(i)
-                for i in range(breaches):
-                    async with asyncio.timeout(90):
-                        await one_breach(i)
+                    for i in range(aborts):
+                        async with asyncio.timeout(60):  # bounded: a stuck step ends the run
+                            await one_abort(i)
+                    for i in range(breaches):
+                        async with asyncio.timeout(90):
+                            await one_breach(i)
         finally:
             await load.stop()
-            server.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await server
             await pg.stop()
     return {
         "abort_http_call": spread(call_ms),

@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -120,6 +121,28 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
     finally:
         await runner.cleanup()
         await store.close()
+
+
+@contextlib.asynccontextmanager
+async def serving(cfg: config_mod.Config) -> AsyncIterator[None]:
+    """The controller running in this event loop (the demo, benchmarks and tests), up and
+    listening inside the block, stopped after it."""
+    ready = asyncio.Event()
+    task = asyncio.create_task(serve(cfg, ready=ready, signals=False))
+    try:
+        waiter = asyncio.ensure_future(ready.wait())
+        done, _ = await asyncio.wait({task, waiter}, timeout=30,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if waiter not in done:
+            waiter.cancel()
+            if task.done():
+                task.result()  # serve() failed: raise its error
+            raise TimeoutError("the controller did not start listening within 30 s")
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -3,8 +3,6 @@ versions) and the real controller serving its HTTP API, all on loopback."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,7 +11,7 @@ from typing import Any
 import aiohttp
 
 from canary import config as config_mod
-from canary.cli import serve
+from canary.cli import serving
 from canary.demo import procs
 from canary.demo.playground import Playground
 from canary.demo.procs import Load
@@ -37,19 +35,14 @@ async def running(pg: Playground, policies: list[dict[str, Any]], *,
                   rate: float = 30.0) -> AsyncIterator[tuple[Api, Load]]:
     """The controller in this process, and steady load through nginx."""
     cfg = config_mod.load_file(pg.write_config(policies))
-    ready = asyncio.Event()
-    server = asyncio.create_task(serve(cfg, ready=ready, signals=False))
     load = Load(pg.url, rate=rate, limit=int(rate * 600))
-    try:
-        await asyncio.wait_for(ready.wait(), 30)
-        load.start()
-        async with aiohttp.ClientSession() as s:
-            yield Api(pg.api, s), load
-    finally:
-        await load.stop()
-        server.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await server
+    async with serving(cfg):
+        try:
+            load.start()
+            async with aiohttp.ClientSession() as s:
+                yield Api(pg.api, s), load
+        finally:
+            await load.stop()
 
 
 def file_weight(pg: Playground) -> int | None:

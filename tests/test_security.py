@@ -13,7 +13,7 @@ import subprocess
 import aiohttp
 
 from canary import config as config_mod
-from canary.cli import serve
+from canary.cli import serving
 from canary.demo.procs import free_port
 from tests.helpers import TOKENS, controller, simple_policy
 
@@ -95,10 +95,7 @@ async def test_the_api_serves_tls_when_given_a_certificate(tmp_path):
     raw = path.read_text() + f"tls: {{cert: {cert}, key: {key}}}\n"
     path.write_text(raw)
     cfg = config_mod.load_file(path)
-    ready = asyncio.Event()
-    task = asyncio.create_task(serve(cfg, ready=ready, signals=False))
-    try:
-        await asyncio.wait_for(ready.wait(), 20)
+    async with serving(cfg):
         ctx = ssl.create_default_context(cafile=str(cert))
         async with aiohttp.ClientSession() as s:
             async with s.get(f"https://127.0.0.1:{cfg.listen_port}/healthz", ssl=ctx) as r:
@@ -110,10 +107,6 @@ async def test_the_api_serves_tls_when_given_a_certificate(tmp_path):
             except aiohttp.ClientError:
                 plain_refused = True
             assert plain_refused
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def test_tls_files_are_checked_by_validate(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import sys
 import tempfile
@@ -43,7 +42,7 @@ async def follow(s: aiohttp.ClientSession, pg: Playground, rollout_id: str) -> d
 
 
 async def demo(keep: bool) -> int:
-    from canary.cli import serve
+    from canary.cli import serving
 
     with tempfile.TemporaryDirectory(prefix="canary-demo-") as tmp:
         pg = Playground(Path(tmp))
@@ -52,52 +51,47 @@ async def demo(keep: bool) -> int:
         policy = fast_policy("demo", interval="2s", holds=("6s", "6s", "6s", "4s"),
                              weights=(10, 25, 50, 100), max_error=0.02, progress_deadline="1m")
         cfg = config_mod.load_file(pg.write_config([policy]))
-        ready = asyncio.Event()
-        server = asyncio.create_task(serve(cfg, ready=ready, signals=False))
         load = Load(pg.url, rate=40, limit=20_000)
         code = 0
         try:
-            await asyncio.wait_for(ready.wait(), 30)
-            say(f"controller on {pg.api}; sending 40 requests/s through nginx at {pg.url}")
-            load.start()
-            await asyncio.sleep(3)
-            auth = {"Authorization": f"Bearer {pg.tokens['pipeline']}"}
-            async with aiohttp.ClientSession() as s:
-                say("rollout 1: web v2, a healthy release (policy: 10% -> 25% -> 50% -> 100%)")
-                async with s.post(f"{pg.api}/api/v1/rollouts", headers=auth,
-                                  json={"target": "web", "canary_version": "v2",
-                                        "stable_version": "v1"}) as resp:
-                    r = await resp.json()
-                r = await follow(s, pg, r["id"])
-                say(f"rollout 1 ended {r['state']}: traffic so far {dict(load.versions)}")
-                code |= int(r["state"] != "succeeded")
+            async with serving(cfg):
+                say(f"controller on {pg.api}; sending 40 requests/s through nginx at {pg.url}")
+                load.start()
+                await asyncio.sleep(3)
+                auth = {"Authorization": f"Bearer {pg.tokens['pipeline']}"}
+                async with aiohttp.ClientSession() as s:
+                    say("rollout 1: web v2, a healthy release (policy: 10% -> 25% -> 50% -> 100%)")
+                    async with s.post(f"{pg.api}/api/v1/rollouts", headers=auth,
+                                      json={"target": "web", "canary_version": "v2",
+                                            "stable_version": "v1"}) as resp:
+                        r = await resp.json()
+                    r = await follow(s, pg, r["id"])
+                    say(f"rollout 1 ended {r['state']}: traffic so far {dict(load.versions)}")
+                    code |= int(r["state"] != "succeeded")
 
-                say("v2 is now stable everywhere; deploying v3 to the canary server, with a bug "
-                    "that fails 1 request in 5")
-                pg.stable.version, pg.canary.version, pg.canary.error_rate = "v2", "v3", 0.2
-                before = load.codes.copy()
-                async with s.post(f"{pg.api}/api/v1/rollouts", headers=auth,
-                                  json={"target": "web", "canary_version": "v3",
-                                        "stable_version": "v2"}) as resp:
-                    r = await resp.json()
-                say("rollout 2: web v3")
-                r = await follow(s, pg, r["id"])
-                say(f"rollout 2 ended {r['state']}: {r['reason']}")
-                failed = sum(n for (v, c), n in (load.codes - before).items()
-                             if v == "v3" and c >= 500)
-                say(f"requests failed by v3 before the rollback: {failed}")
-                code |= int(r["state"] != "rolled_back")
-                await asyncio.sleep(2)
-                split = await procs.split(pg.url, 20)
-                say(f"after the rollback, 20 requests went to: {dict(split)}")
-                if keep:
-                    say(f"playground left running; API {pg.api}, tokens {pg.tokens}; Ctrl-C ends")
-                    await asyncio.Event().wait()
+                    say("v2 is now stable everywhere; deploying v3 to the canary server, with a bug "
+                        "that fails 1 request in 5")
+                    pg.stable.version, pg.canary.version, pg.canary.error_rate = "v2", "v3", 0.2
+                    before = load.codes.copy()
+                    async with s.post(f"{pg.api}/api/v1/rollouts", headers=auth,
+                                      json={"target": "web", "canary_version": "v3",
+                                            "stable_version": "v2"}) as resp:
+                        r = await resp.json()
+                    say("rollout 2: web v3")
+                    r = await follow(s, pg, r["id"])
+                    say(f"rollout 2 ended {r['state']}: {r['reason']}")
+                    failed = sum(n for (v, c), n in (load.codes - before).items()
+                                 if v == "v3" and c >= 500)
+                    say(f"requests failed by v3 before the rollback: {failed}")
+                    code |= int(r["state"] != "rolled_back")
+                    await asyncio.sleep(2)
+                    split = await procs.split(pg.url, 20)
+                    say(f"after the rollback, 20 requests went to: {dict(split)}")
+                    if keep:
+                        say(f"playground left running; API {pg.api}, tokens {pg.tokens}; Ctrl-C ends")
+                        await asyncio.Event().wait()
         finally:
             await load.stop()
-            server.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await server
             await pg.stop()
         say("demo " + ("passed: the healthy release was promoted, the faulty one rolled back"
                        if code == 0 else "FAILED: see above"))
