@@ -15,6 +15,17 @@ nonnegative supermartingale with mean <= 1 under "healthy", so by Ville's inequa
 crosses 1/alpha with probability at most alpha, however often it is looked at. Mixing
 over the change point (in the manner of the Shiryaev-Roberts statistic) keeps a long
 healthy stretch from blunting detection of a failure that starts late.
+
+Two additions:
+- Overdispersion. When each version's error rate wanders on its own from interval to
+  interval, pi wanders too, and the binomial likelihood ratio is no longer an e-value.
+  The spread is estimated from stable's own interval-to-interval variation, and each
+  interval's log-likelihood ratio is divided by the dispersion factor phi it implies
+  (quasi-likelihood tempering: for a score with variance phi x the binomial one,
+  exp(l / phi) has mean <= 1 again). With no extra spread phi = 1 and nothing changes.
+- Non-inferiority. Before the step to 100%, a second anytime-valid test must show the
+  canary is *not* worse than stable x tolerance x final_gross: likelihood ratios of
+  ratios below that margin against the margin, multiplied over the whole rollout.
 """
 
 from __future__ import annotations
@@ -24,6 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 GRID = (1.5, 2.0, 3.0, 5.0, 10.0, 30.0)  # ratios of error rates, x tolerance
+NI_GRID = (0.25, 0.5, 0.75)              # ratios, x the non-inferiority margin
+DISPERSION_CAP = 3.0    # one interval pair's say in the spread estimate
+PRIOR_SPREAD = 0.5      # sigma^2 assumed before stable has shown its own
+SPREAD_Z = 2.0          # standard errors added to the estimate
 
 
 @dataclass(frozen=True)
@@ -31,7 +46,7 @@ class ErrorGate:
     tolerance: float = 1.0        # healthy: canary rate <= stable rate x tolerance
     alpha: float = 0.01           # false-rollback budget per rollout
     gross: float = 5.0            # the regression a stage must have been able to catch
-    final_gross: float | None = None  # ...before the step to 100% (non-inferiority margin)
+    final_gross: float | None = None  # non-inferiority margin before the step to 100%
     detect_rate: float = 0.01     # ...or at least this error rate, when stable has ~none
     guard_share: float = 0.5      # hard guard: this share of canary requests failing...
     guard_min: int = 20           # ...out of at least this many in one interval
@@ -45,10 +60,12 @@ class State:
     s: list[float] = field(default_factory=lambda: [0.0] * len(GRID))
     stage: dict[str, float] = field(default_factory=dict)  # this stage's totals
     first_at: float | None = None                          # when counting began
+    ni: list[float] = field(default_factory=lambda: [0.0] * len(NI_GRID))  # log products
+    disp: dict[str, float] = field(default_factory=dict)   # stable's spread estimate
 
     def to_json(self) -> dict[str, Any]:
         return {"last": self.last, "t": self.t, "s": self.s, "stage": self.stage,
-                "first_at": self.first_at}
+                "first_at": self.first_at, "ni": self.ni, "disp": self.disp}
 
     @classmethod
     def from_json(cls, d: dict[str, Any] | None) -> State:
@@ -56,7 +73,8 @@ class State:
             return cls()
         return cls(last=dict(d.get("last", {})), t=int(d.get("t", 0)),
                    s=list(d.get("s", [0.0] * len(GRID))), stage=dict(d.get("stage", {})),
-                   first_at=d.get("first_at"))
+                   first_at=d.get("first_at"), ni=list(d.get("ni", [0.0] * len(NI_GRID))),
+                   disp=dict(d.get("disp", {})))
 
 
 def _delta(new: float, old: float | None) -> float:
@@ -74,26 +92,120 @@ def _log_lr(e_c: float, e_s: float, pi_k: float, pi_0: float) -> float:
     return e_c * math.log(pi_k / pi_0) + e_s * math.log((1 - pi_k) / (1 - pi_0))
 
 
+def _lbeta(a: float, b: float) -> float:
+    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+
+
+def _log_bb(x: float, e: float, pi: float, sigma2: float) -> float:
+    """log P(x of e errors are the canary's), up to a term that does not depend on pi:
+    beta-binomial with mean pi and intra-class correlation rho = pi (1 - pi) 2 v, where
+    v = sigma^2 + sigma^4 / 2 is the variance of the log of a gamma shock of variance
+    sigma^2 (a skewed shock moves the log more than its variance says; binomial when
+    sigma^2 is 0)."""
+    rho = min(0.95, pi * (1 - pi) * 2 * (sigma2 + sigma2 * sigma2 / 2))
+    if rho < 1e-9:
+        return x * math.log(pi) + (e - x) * math.log(1 - pi)
+    a, b = pi * (1 - rho) / rho, (1 - pi) * (1 - rho) / rho
+    return _lbeta(x + a, e - x + b) - _lbeta(a, b)
+
+
+def _log_lr_d(e_c: float, e_s: float, pi_k: float, pi_0: float, sigma2: float) -> float:
+    """The interval's log-likelihood ratio, pi_k against pi_0, allowing for spread."""
+    if sigma2 <= 0:
+        return _log_lr(e_c, e_s, pi_k, pi_0)
+    e = e_c + e_s
+    return _log_bb(e_c, e, pi_k, sigma2) - _log_bb(e_c, e, pi_0, sigma2)
+
+
+def spread(disp: dict[str, float]) -> float:
+    """sigma^2: the relative variance of a version's error rate from one interval to the
+    next, beyond counting noise, as stable shows it. An upper confidence bound (the mean
+    of the per-pair estimates plus SPREAD_Z standard errors), and PRIOR_SPREAD until two
+    pairs have been seen: an estimate that is low by chance would leave the test too
+    trusting, one that is high only costs a little speed. (Where counts are small the
+    bound is loose, but there the binomial noise dwarfs any spread and phi stays ~1.)"""
+    k = disp.get("k", 0.0)
+    if k < 2:
+        return PRIOR_SPREAD
+    mean = disp.get("c", 0.0) / k
+    var = max(0.0, disp.get("c2", 0.0) / k - mean * mean) * k / (k - 1)
+    return max(0.0, mean) + SPREAD_Z * math.sqrt(var / k)
+
+
+def observe_stable(disp: dict[str, float], e_s: float, n_s: float) -> dict[str, float]:
+    """Fold one stable interval into the spread estimate. For consecutive intervals,
+    D = e2/n2 - e1/n1 has E[D^2] = p/n1 + p/n2 + 2 p^2 sigma^2 when the rate is p x a
+    shock of variance sigma^2 each interval; e/n^2 estimates p/n. Differences, not
+    deviations from the mean, so a slow trend in stable's rate is not counted as
+    spread; each pair's say is capped, so one short burst shared by both versions (which
+    the conditional test is immune to anyway) does not blunt the test for the rest of
+    the rollout."""
+    if n_s <= 0:
+        return disp
+    out = dict(disp)
+    out["se"] = disp.get("se", 0.0) + e_s
+    out["sn"] = disp.get("sn", 0.0) + n_s
+    p = out["se"] / out["sn"]
+    n1, e1 = disp.get("n", 0.0), disp.get("e", 0.0)
+    if n1 > 0 and p > 0:
+        d = e_s / n_s - e1 / n1
+        c = min(DISPERSION_CAP, (d * d - e_s / n_s ** 2 - e1 / n1 ** 2) / (2 * p * p))
+        out["c"] = disp.get("c", 0.0) + c
+        out["c2"] = disp.get("c2", 0.0) + c * c
+        out["k"] = disp.get("k", 0.0) + 1
+    out["e"], out["n"] = e_s, n_s
+    return out
+
+
+def phi(sigma2: float, errors: float, pi_0: float) -> float:
+    """Dispersion factor of the canary's share of `errors`: independent shocks of
+    variance sigma^2 on each version give var(logit pi) ~ 2 sigma^2, so the share varies
+    by 1 + (E - 1) pi (1 - pi) 2 sigma^2 times the binomial variance."""
+    return 1.0 + max(0.0, errors - 1) * pi_0 * (1 - pi_0) * 2 * sigma2
+
+
+SPREAD = spread
+
+
 def evidence(state: State) -> float:
     """The mixture statistic M_t: >= 1/alpha means the canary is worse than tolerated."""
     pending = 1.0 / (state.t + 1)  # q mass of change points not yet reached
     return sum(state.s) / len(GRID) + pending
 
 
+def ni_evidence(state: State) -> float:
+    """Evidence that the canary is no worse than the margin (>= 1/alpha: shown)."""
+    return sum(math.exp(min(700.0, x)) for x in state.ni) / len(NI_GRID)
+
+
+def _margin(gate: ErrorGate) -> float:
+    return gate.tolerance * (gate.final_gross or gate.gross)
+
+
 def step(gate: ErrorGate, state: State, e_c: float, n_c: float, e_s: float,
          n_s: float) -> State:
-    """Fold one interval's counts into the statistic."""
+    """Fold one interval's counts into the statistics."""
     if e_c + e_s <= 0 or n_c <= 0 or n_s <= 0:
         return state  # no errors, or one side idle: the split says nothing
     t = state.t + 1
     q = 1.0 / (t * (t + 1))
     pi_0 = _pi(n_c, n_s, gate.tolerance)
+    sigma2 = SPREAD(state.disp)
+    f = phi(sigma2, e_c + e_s, pi_0)
     s = []
     for k, r in enumerate(GRID):
         pi_k = _pi(n_c, n_s, gate.tolerance * r)
-        lr = math.exp(min(700.0, _log_lr(e_c, e_s, pi_k, pi_0)))
+        lr = math.exp(min(700.0, _log_lr_d(e_c, e_s, pi_k, pi_0, sigma2)))
         s.append((state.s[k] + q) * lr)
-    return State(last=state.last, t=t, s=s, stage=state.stage, first_at=state.first_at)
+    margin = _margin(gate)
+    pi_m = _pi(n_c, n_s, margin)
+    ni = [x + _log_lr_d(e_c, e_s, _pi(n_c, n_s, margin * r), pi_m, sigma2)
+          for x, r in zip(state.ni, NI_GRID, strict=True)]
+    stage = dict(state.stage)
+    stage["phi"] = stage.get("phi", 0.0) + f
+    stage["k"] = stage.get("k", 0.0) + 1
+    return State(last=state.last, t=t, s=s, stage=stage, first_at=state.first_at, ni=ni,
+                 disp=state.disp)
 
 
 def could_detect(gate: ErrorGate, stage: dict[str, float], gross: float | None = None) -> bool:
@@ -108,8 +220,22 @@ def could_detect(gate: ErrorGate, stage: dict[str, float], gross: float | None =
     e_c = n_c * p_bad
     pi_0 = _pi(n_c, n_s, gate.tolerance)
     best = max(_log_lr(e_c, e_s, _pi(n_c, n_s, gate.tolerance * r), pi_0) for r in GRID)
+    # the test tempers each interval by its dispersion factor: so does the replay
+    f = stage.get("phi", 0.0) / stage["k"] if stage.get("k") else 1.0
     # the full mixture pays log(#grid) and the change-point prior; be as strict
-    return best - math.log(len(GRID)) - math.log(2) >= math.log(1 / gate.alpha)
+    return best / f - math.log(len(GRID)) - math.log(2) >= math.log(1 / gate.alpha)
+
+
+def shown_not_worse(gate: ErrorGate, state: State) -> bool:
+    """May the canary take all traffic? When the non-inferiority test has shown it no
+    worse than the margin; or, where errors are too rare for a ratio to mean anything
+    (margin x stable's rate below detect_rate), when this stage's traffic would have
+    caught a canary failing at detect_rate."""
+    if ni_evidence(state) >= 1 / gate.alpha:
+        return True
+    se, sn = state.disp.get("se", 0.0), state.disp.get("sn", 0.0)
+    rare = sn > 0 and _margin(gate) * se / sn < gate.detect_rate
+    return rare and could_detect(gate, state.stage, gate.final_gross)
 
 
 @dataclass(frozen=True)
@@ -125,14 +251,15 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
     """One evaluation: raw holds the counters `canary_requests`, `canary_errors`,
     `stable_requests`, `stable_errors` (None where the query had no sample)."""
     if new_stage:
-        state = State(last=state.last, t=state.t, s=state.s, stage={}, first_at=state.first_at)
+        state = State(last=state.last, t=state.t, s=state.s, stage={}, first_at=state.first_at,
+                      ni=state.ni, disp=state.disp)
     if any(raw.get(k) is None for k in ("canary_requests", "stable_requests")):
         return Outcome("no_data", None, "no request counters yet", state)
     cur = {k: float(v or 0.0) for k, v in raw.items()}
     first = not state.last
     d = {k: _delta(cur[k], state.last.get(k)) for k in cur}
     state = State(last=cur, t=state.t, s=state.s, stage=dict(state.stage),
-                  first_at=now if first else state.first_at)
+                  first_at=now if first else state.first_at, ni=state.ni, disp=state.disp)
     if first:
         return Outcome("inconclusive", None, "first reading; counting from here", state)
     warming = state.first_at is not None and now - state.first_at < gate.warmup
@@ -140,6 +267,7 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
     n_s, e_s = d["stable_requests"], min(d["stable_errors"], d["stable_requests"])
     for k, v in (("n_c", n_c), ("e_c", e_c), ("n_s", n_s), ("e_s", e_s)):
         state.stage[k] = state.stage.get(k, 0.0) + v
+    state.disp = observe_stable(state.disp, e_s, n_s)  # stable's spread, warm or not
     if warming:
         # a canary warming up (cold caches, JIT) is slow or flaky for a while: this gate
         # does not judge it until `warmup` has passed (give crash-catching gates none)
@@ -154,17 +282,28 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
     st = state.stage
     rates = (f"canary {st.get('e_c', 0):.0f}/{st.get('n_c', 0):.0f} errors, stable "
              f"{st.get('e_s', 0):.0f}/{st.get('n_s', 0):.0f} this stage")
+    sigma2 = spread(state.disp)
+    if sigma2 > 0.01:
+        rates += f"; stable's rate varies by ±{math.sqrt(sigma2):.0%} between intervals"
     if m >= 1 / gate.alpha:
         return Outcome("fail", value, f"canary's error rate is above stable's x "
                                       f"{gate.tolerance:g} (evidence {m:.3g} >= "
                                       f"{1 / gate.alpha:g}); {rates}", state)
-    gross = (gate.final_gross or gate.gross) if before_full else gate.gross
-    if could_detect(gate, state.stage, gross):
-        return Outcome("pass", value, rates, state)
     if n_s == 0 and n_c > 0:
         # at 100% there is nothing to compare with: the stages before judged the canary
         # (and the hard guard still watches it)
         return Outcome("pass", value, f"stable serves no traffic at this weight; judged by "
                                       f"the stages before; {rates}", state)
+    if before_full:
+        if shown_not_worse(gate, state):
+            return Outcome("pass", value, f"shown no worse than stable x {_margin(gate):g} "
+                                          f"(evidence {ni_evidence(state):.3g}); {rates}",
+                           state)
+        return Outcome("inconclusive", value, f"not yet shown no worse than stable x "
+                                              f"{_margin(gate):g} (evidence "
+                                              f"{ni_evidence(state):.3g} of "
+                                              f"{1 / gate.alpha:g} needed); {rates}", state)
+    if could_detect(gate, state.stage):
+        return Outcome("pass", value, rates, state)
     return Outcome("inconclusive", value, f"not enough canary traffic yet to rule out a "
-                                          f"{gross:g}x regression; {rates}", state)
+                                          f"{gate.gross:g}x regression; {rates}", state)
