@@ -35,6 +35,10 @@ WEIGHTS = (5, 25, 50, 100)
 HOLDS = (120.0, 300.0, 300.0, 300.0)
 DEADLINE = 1800.0
 MAX_TIME = 3600.0
+# a longer policy, so a release that breaks after half an hour is still a canary then:
+# 5% for 10 min, 25% for 15, 50% for 15 (the crash lands here), 100% for 5
+SOAK_HOLDS = (600.0, 900.0, 900.0, 300.0)
+SOAK_DEADLINE = 3600.0
 BASE = 0.005
 FLAGGER = [(i, t) for i in (15, 30, 60) for t in (1, 2, 5, 10)]
 MAX_ERROR = 0.01
@@ -50,6 +54,8 @@ class Scenario:
     burst: bool = False               # both versions x10 for 2 minutes at 6 min
     shared_noise: float = 0.0         # bursty errors: both versions' rates x Gamma shock
     own_noise: float = 0.0            # each version's rate x its own Gamma shock
+    holds: tuple[float, ...] = HOLDS  # the staged policy both rules follow...
+    deadline: float = DEADLINE        # ...and its progress deadline
 
     def rates(self, t: float, rng: np.random.Generator) -> tuple[float, float]:
         p_c, p_s = self.canary(t), self.p_stable
@@ -79,6 +85,9 @@ def scenarios() -> list[Scenario]:
         Scenario("errors x10", BASE, const(BASE * 10), 0.0),
         Scenario("crash at start", BASE, const(1.0), 0.0),
         Scenario("crash at 10 min", BASE, lambda t: 1.0 if t >= 600 else BASE, 600.0),
+        Scenario("crash at 30 min (45 min policy)", BASE,
+                 lambda t: 1.0 if t >= 1800 else BASE, 1800.0, holds=SOAK_HOLDS,
+                 deadline=SOAK_DEADLINE),
         Scenario("slow leak", BASE, lambda t: BASE * (1 + 9 * min(1.0, t / 900)), 0.0),
     ]
     return out
@@ -95,6 +104,8 @@ class Result:
 class Schedule:
     """The staged policy both rules follow, and the fixed rule's failed-check counter."""
 
+    holds: tuple[float, ...] = HOLDS
+    deadline: float = DEADLINE
     stage: int = 0
     since: float = 0.0
     new_stage: bool = True
@@ -115,11 +126,11 @@ class Schedule:
 
     def advance(self, t: float, ok: bool) -> str | None:
         """After a judgement: "promoted", "inconclusive" (deadline), or None to go on."""
-        if t - self.since >= HOLDS[self.stage] and ok:
+        if t - self.since >= self.holds[self.stage] and ok:
             if self.stage == len(WEIGHTS) - 1:
                 return "promoted"
             self.stage, self.since, self.new_stage = self.stage + 1, t, True
-        elif t - self.since > DEADLINE:
+        elif t - self.since > self.deadline:
             return "inconclusive"
         return None
 
@@ -128,10 +139,15 @@ class Schedule:
 # through Prometheus' default histogram buckets. The latency gates judge the share of
 # requests slower than SLOW_AT (ours) or the p99 interpolated from the buckets (fixed).
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.inf)
-SLOW_AT = (0.1, 0.5)  # two boundaries: near stable's p90 and in its tail
+SLOW_AT = (0.1, 0.25)  # two boundaries: near stable's p80 and at its p99 (the SLO)
 MAX_P99 = 0.5   # Flagger's request-duration default bound, 500 ms
-LAT_GATE = sequential.ErrorGate(tolerance=1.2, alpha=0.005, gross=3.0, final_gross=1.5,
-                                detect_rate=0.05, warmup=120.0)
+LAT_GATES = (  # one per boundary; alpha 0.005 each, 0.01 together
+    sequential.ErrorGate(tolerance=1.0, alpha=0.005, gross=3.0, final_gross=1.5,
+                         detect_rate=0.05, warmup=120.0),
+    sequential.ErrorGate(tolerance=1.0, alpha=0.005, gross=3.0, final_gross=2.0,
+                         detect_rate=0.05, warmup=120.0),
+)
+EXCESS_AT = 0.25  # "a bad request" in the latency rows: slower than stable's p99
 
 
 def _lognorm_cdf(x: float, median: float, sigma: float) -> float:
@@ -184,7 +200,7 @@ def latency_scenarios() -> list[LatencyScenario]:
 
 def simulate_latency(sc: LatencyScenario, rps: float, seed: int,
                      rule: tuple[int, int] | None) -> Result:
-    """Ours: two `errors` gates on the share of requests slower than 100 ms and 500 ms
+    """Ours: two `errors` gates on the share of requests slower than 100 ms and 250 ms
     (alpha 0.005 each, 0.01 together); fixed: p99 from the buckets against 500 ms."""
     rng = np.random.default_rng(seed)
     sch, t = Schedule(), 0.0
@@ -193,7 +209,8 @@ def simulate_latency(sc: LatencyScenario, rps: float, seed: int,
     states = [sequential.State() for _ in SLOW_AT]
     base = bucket_probs(0.0, 0.0)
     at = [BUCKETS.index(b) + 1 for b in SLOW_AT]
-    p_slow_base = float(base[at[0]:].sum())
+    ex_at = BUCKETS.index(EXCESS_AT) + 1
+    p_slow_base = float(base[ex_at:].sum())
     window: list[np.ndarray] = []
     excess = 0.0
     while t < MAX_TIME:
@@ -206,7 +223,7 @@ def simulate_latency(sc: LatencyScenario, rps: float, seed: int,
         b_s = rng.multinomial(n_s, base)
         t += SCRAPE
         if sc.onset is not None and t > sc.onset:
-            excess += float(b_c[at[0]:].sum()) - n_c * p_slow_base
+            excess += float(b_c[ex_at:].sum()) - n_c * p_slow_base
         for c, i in zip(counts, at, strict=True):
             c["canary_requests"] += n_c
             c["canary_errors"] += float(b_c[i:].sum())
@@ -216,7 +233,7 @@ def simulate_latency(sc: LatencyScenario, rps: float, seed: int,
         if rule is None:
             verdicts = []
             for k in range(len(SLOW_AT)):
-                out = sequential.update(LAT_GATE, states[k], dict(counts[k]),
+                out = sequential.update(LAT_GATES[k], states[k], dict(counts[k]),
                                         new_stage=sch.new_stage, now=t,
                                         before_full=sch.stage == len(WEIGHTS) - 2)
                 states[k] = out.state
@@ -242,13 +259,13 @@ def simulate_latency(sc: LatencyScenario, rps: float, seed: int,
 def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) -> Result:
     """One rollout. rule None: canary's gate; (interval, threshold): the fixed rule."""
     rng = np.random.default_rng(seed)
-    sch, t = Schedule(), 0.0
+    sch, t = Schedule(holds=sc.holds, deadline=sc.deadline), 0.0
     counts = dict.fromkeys(("canary_requests", "canary_errors", "stable_requests",
                             "stable_errors"), 0.0)
     state = sequential.State()
     window: list[tuple[float, float]] = []  # canary (requests, errors) per scrape, last 1 m
     excess = 0.0
-    while t < MAX_TIME:
+    while t < max(MAX_TIME, sc.deadline + sum(sc.holds)):
         w = WEIGHTS[sch.stage] / 100
         n = rng.poisson(rps * SCRAPE)
         n_c = rng.binomial(n, w)
@@ -308,7 +325,7 @@ def summarize(results: list[Result], sc: Any) -> dict[str, float]:
         promoted = [r.time for r in results if r.outcome == "promoted"]
         out["promote_median_min"] = float(np.median(promoted)) / 60 if promoted else math.nan
     else:
-        det = [r.time - sc.onset for r in rb]
+        det = [r.time - sc.onset for r in rb if r.time >= sc.onset]  # (before: a false one)
         out["miss"] = 1 - len(rb) / n
         out["detect_median_s"] = float(np.median(det)) if det else math.nan
         out["detect_p90_s"] = float(np.percentile(det, 90)) if det else math.nan
@@ -321,6 +338,8 @@ def main() -> None:
     ap.add_argument("--healthy-runs", type=int, default=2000)
     ap.add_argument("--bad-runs", type=int, default=300)
     ap.add_argument("--rps", type=float, nargs="*", default=[0.5, 2, 20, 200])
+    ap.add_argument("--only", default="", help="run the scenarios whose name contains this "
+                    "(the healthy baselines always run: the fair comparison needs them)")
     args = ap.parse_args()
     t0 = time.time()
     print(f"# {args.healthy_runs} runs per healthy condition, {args.bad_runs} per bad one; "
@@ -334,6 +353,9 @@ def main() -> None:
         cases: list[tuple[Any, Callable[..., Result]]] = [(sc, simulate) for sc in scenarios()]
         cases += [(sc, simulate_latency) for sc in latency_scenarios()]
         for sc, sim in cases:
+            if args.only not in sc.name and sc.name not in (f"healthy {BASE:.1%}",
+                                                            "latency healthy"):
+                continue
             runs = args.healthy_runs if sc.onset is None else args.bad_runs
             seeds = range(runs)
             ours = summarize([sim(sc, rps, s, None) for s in seeds], sc)

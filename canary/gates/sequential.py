@@ -34,7 +34,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-GRID = (1.5, 2.0, 3.0, 5.0, 10.0, 30.0)  # ratios of error rates, x tolerance
+GRID = (1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)  # ratios of error rates, x tolerance
 NI_GRID = (0.25, 0.5, 0.75)              # ratios, x the non-inferiority margin
 DISPERSION_CAP = 3.0    # one interval pair's say in the spread estimate
 PRIOR_SPREAD = 0.5      # sigma^2 assumed before stable has shown its own
