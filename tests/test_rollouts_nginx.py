@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from canary.demo.playground import fast_policy
+from canary.demo.playground import fast_policy, sequential_policy
 from tests.e2e import (
     canary_share,
     file_weight,
@@ -173,21 +173,9 @@ async def _more(api, n):
     return await gate_verdicts(api, "error-rate", "error") >= n
 
 
-def sequential_policy() -> dict:
-    counter = 'sum(http_requests_total{service="{{ service }}",version="{{ version }}"%s})'
-    return {
-        "name": "seq", "interval": "1s", "failure_limit": 2, "progress_deadline": "2m",
-        "stages": [{"weight": 20, "hold": "3s"}, {"weight": 50, "hold": "3s"},
-                   {"weight": 100, "hold": "2s"}],
-        "gates": [{"name": "errors", "kind": "errors", "requests": counter % "",
-                   "errors": counter % ',code=~"5.."' + " or vector(0)", "alpha": 0.01,
-                   "detect_rate": 0.05, "final_gross": 5}],
-    }
-
-
 async def test_sequential_gate_promotes_a_healthy_canary_and_rolls_back_a_failing_one(tmp_path):
-    async with playground(tmp_path) as pg, running(pg, [sequential_policy()], rate=40) as (api,
-                                                                                          load):
+    policy = sequential_policy(alpha=0.01, detect_rate=0.05, final_gross=5)
+    async with playground(tmp_path) as pg, running(pg, [policy], rate=40) as (api, load):
         rid = (await api.start(canary_version="v2", stable_version="v1"))["id"]
         r = await api.until(rid, lambda r: r["state"] == "succeeded", deadline=120)
         assert r["gates"][0]["status"] == "pass"

@@ -44,6 +44,21 @@ def fast_policy(name: str = "fast", *, interval: str = "1s", holds: tuple[str, .
     }
 
 
+def sequential_policy(name: str = "seq", *, interval: str = "1s",
+                      holds: tuple[str, ...] = ("3s", "3s", "2s"),
+                      weights: tuple[int, ...] = (20, 50, 100), progress_deadline: str = "2m",
+                      **gate: Any) -> dict[str, Any]:
+    """A policy judged by one `errors` gate on the services' raw request counters."""
+    counter = 'sum(http_requests_total{service="{{ service }}",version="{{ version }}"%s})'
+    return {
+        "name": name, "interval": interval, "failure_limit": 2,
+        "progress_deadline": progress_deadline,
+        "stages": [{"weight": w, "hold": h} for w, h in zip(weights, holds, strict=True)],
+        "gates": [{"name": "errors", "kind": "errors", "requests": counter % "",
+                   "errors": counter % ',code=~"5.."' + " or vector(0)", **gate}],
+    }
+
+
 @dataclass
 class Playground:
     dir: Path

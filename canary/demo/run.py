@@ -1,4 +1,5 @@
-"""`canary demo`: one healthy and one faulty rollout on a real local playground."""
+"""`canary demo`: a healthy, a faulty and a subtly worse rollout on a real local
+playground."""
 
 from __future__ import annotations
 
@@ -15,12 +16,19 @@ import aiohttp
 
 from canary import config as config_mod
 from canary.demo import procs
-from canary.demo.playground import Playground, fast_policy
+from canary.demo.playground import Playground, fast_policy, sequential_policy
 from canary.demo.procs import Load
 
 
 def say(text: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {text}", flush=True)
+
+
+def _gate(g: dict[str, Any]) -> str:
+    value = "-" if g["value"] is None else format(g["value"], ".3g")
+    if g.get("kind") == "errors":  # a sequential gate: its value is log10 of the evidence
+        return f"{g['name']}: log10(evidence)={value}(fires at {g['max']:g}) {g['status']}"
+    return f"{g['name']}={value}(max {g['max']:g}) {g['status']}"
 
 
 async def follow(s: aiohttp.ClientSession, pg: Playground, rollout_id: str) -> dict[str, Any]:
@@ -29,9 +37,7 @@ async def follow(s: aiohttp.ClientSession, pg: Playground, rollout_id: str) -> d
     while True:
         async with s.get(f"{pg.api}/api/v1/rollouts/{rollout_id}", headers=headers) as resp:
             r: dict[str, Any] = await resp.json()
-        gates = ", ".join(
-            f"{g['name']}={'-' if g['value'] is None else format(g['value'], '.3g')}"
-            f"(max {g['max']:g}) {g['status']}" for g in r["gates"])
+        gates = ", ".join(_gate(g) for g in r["gates"])
         line = f"  {r['state']:<12} stage {r['stage']} weight {r['weight']:>3}%  {gates}"
         if line != last:
             say(line)
@@ -50,7 +56,10 @@ async def demo(keep: bool) -> int:
         await pg.start()
         policy = fast_policy("demo", interval="2s", holds=("6s", "6s", "6s", "4s"),
                              weights=(10, 25, 50, 100), max_error=0.02, progress_deadline="1m")
-        cfg = config_mod.load_file(pg.write_config([policy]))
+        # the third rollout compares the canary with stable, sequentially (docs/verdicts.md)
+        compare = sequential_policy("demo-compare", interval="1s", holds=("6s",) * 4,
+                                    weights=(10, 25, 50, 100), progress_deadline="1m")
+        cfg = config_mod.load_file(pg.write_config([policy, compare]))
         load = Load(pg.url, rate=40, limit=20_000)
         code = 0
         try:
@@ -87,13 +96,38 @@ async def demo(keep: bool) -> int:
                     await asyncio.sleep(2)
                     split = await procs.split(pg.url, 20)
                     say(f"after the rollback, 20 requests went to: {dict(split)}")
+
+                    say("rollout 3: web v4, a subtle regression: it fails 6% of requests where v2 "
+                        "fails 2%. A fixed 10% bound would promote it; this rollout's policy has "
+                        "an `errors` gate that compares the canary with stable")
+                    pg.stable.error_rate, pg.canary.version, pg.canary.error_rate = 0.02, "v4", 0.06
+                    more = Load(pg.url, rate=160, limit=20_000)  # 200 requests/s in all
+                    more.start()
+                    try:
+                        before = load.codes + more.codes
+                        async with s.post(f"{pg.api}/api/v1/rollouts", headers=auth,
+                                          json={"target": "web", "canary_version": "v4",
+                                                "stable_version": "v2",
+                                                "policy": "demo-compare"}) as resp:
+                            r = await resp.json()
+                        r = await follow(s, pg, r["id"])
+                    finally:
+                        await more.stop()
+                    say(f"rollout 3 ended {r['state']}: {r['reason']}")
+                    served = load.codes + more.codes - before
+                    failed = sum(n for (v, c), n in served.items() if v == "v4" and c >= 500)
+                    say(f"requests failed by v4 before the rollback: {failed} of "
+                        f"{sum(n for (v, _), n in served.items() if v == 'v4')} it served")
+                    code |= int(r["state"] != "rolled_back")
+                    pg.stable.error_rate = 0.0
                     if keep:
                         say(f"playground left running; API {pg.api}, tokens {pg.tokens}; Ctrl-C ends")
                         await asyncio.Event().wait()
         finally:
             await load.stop()
             await pg.stop()
-        say("demo " + ("passed: the healthy release was promoted, the faulty one rolled back"
+        say("demo " + ("passed: the healthy release was promoted, the faulty and the subtly "
+                       "worse ones rolled back"
                        if code == 0 else "FAILED: see above"))
         return code
 

@@ -1,0 +1,19 @@
+"""`canary demo`, the README's first command, end to end: it must keep working."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_the_demo_promotes_the_healthy_release_and_rolls_back_both_bad_ones():
+    canary = Path(sys.executable).with_name("canary")
+    out = subprocess.run([str(canary), "demo"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    text = out.stdout
+    assert "rollout 1 ended succeeded" in text
+    assert "rollout 2 ended rolled_back" in text
+    assert "rollout 3 ended rolled_back: gate errors: canary's error rate is above stable's" \
+        in text
+    assert "Traceback" not in out.stderr
