@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import tempfile
@@ -25,6 +26,14 @@ from bench.controller import spread
 from canary.routers.istio import IstioRouter
 from tests.helpers import controller, simple_policy
 from tests.test_istio import cluster, target, weights
+
+
+async def vs_says(kube: Any, weight: int) -> None:
+    """Poll the stored VirtualService every 1 ms until the canary route carries `weight`."""
+    for _ in itertools.count():
+        if weights(kube)[1] == weight:
+            return
+        await asyncio.sleep(0.001)
 
 
 async def run(aborts: int) -> dict[str, Any]:
@@ -44,8 +53,7 @@ async def run(aborts: int) -> dict[str, Any]:
                                                     {"reason": "bench"})
                         assert status == 200, status
                         call_s.append(time.monotonic() - t0)
-                        while weights(kube)[1] != 0:
-                            await asyncio.sleep(0.001)
+                        await vs_says(kube, 0)
                         written_s.append(time.monotonic() - t0)
                         await http.until(rid, lambda r: r["state"] == "rolled_back")
     return {"abort_http_call": spread(call_s),
