@@ -7,6 +7,8 @@ import json
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from canary.engine import decide
 from canary.gates import sequential
@@ -207,6 +209,11 @@ def test_sequential_and_compare_gates_in_a_policy(tmp_path):
                     "requests: sum(http_requests_total)"), "use {{ version }}"),
     (POLICY.replace("    max_ratio: 1.5\n", ""), "needs max_increase or max_ratio"),
     (POLICY.replace("kind: errors", "kind: magic"), "must be one of threshold, compare, errors"),
+    (POLICY.replace("    alpha: 0.01\n", "    final_gross: 0\n"),
+     "final_gross: must be above 1 and at most 1000"),
+    (POLICY.replace("    alpha: 0.01\n", "    gross: 1\n"), "gross: must be above 1"),
+    (POLICY.replace("    alpha: 0.01\n", "    detect_rate: 5\n"),
+     "detect_rate: must be between 0 and 1"),
 ])
 def test_bad_sequential_and_compare_gates_are_reported(text, words):
     from canary.errors import ValidationFailed
@@ -260,3 +267,23 @@ def test_warmup_ignores_a_slow_start_but_judges_what_follows():
     assert verdicts[1] == "inconclusive" and "warming up" in sequential.update(
         gate, sequential.State(last={"canary_requests": 1}, first_at=0.0),
         dict(counts), now=1.0).detail
+
+
+@settings(max_examples=1000, deadline=None)
+@given(tolerance=st.floats(0.01, 1000), alpha=st.floats(1e-12, 0.49),
+       gross=st.floats(1.001, 1000), final_gross=st.floats(1.001, 1000),
+       detect_rate=st.floats(1e-9, 0.999),
+       steps=st.lists(st.tuples(*[st.floats(0, 1e12) | st.floats() | st.none()] * 4),
+                      min_size=1, max_size=12))
+def test_any_counters_and_any_valid_gate_give_a_verdict_never_an_exception(
+        tolerance, alpha, gross, final_gross, detect_rate, steps):
+    gate = sequential.ErrorGate(tolerance=tolerance, alpha=alpha, gross=gross,
+                                final_gross=final_gross, detect_rate=detect_rate)
+    state = sequential.State()
+    for i, (n_c, e_c, n_s, e_s) in enumerate(steps):  # counters may go down: resets
+        out = sequential.update(gate, state, {"canary_requests": n_c, "canary_errors": e_c,
+                                              "stable_requests": n_s, "stable_errors": e_s},
+                                before_full=i % 2 == 1, now=15.0 * i)
+        state = sequential.State.from_json(json.loads(json.dumps(out.state.to_json())))
+        assert out.verdict in ("fail", "pass", "inconclusive", "no_data")
+        json.dumps(out.state.to_json(), allow_nan=False)  # stored and served as JSON

@@ -85,7 +85,8 @@ def _delta(new: float, old: float | None) -> float:
 
 
 def _pi(n_c: float, n_s: float, r: float) -> float:
-    return n_c * r / (n_c * r + n_s)
+    # kept off 0 and 1, where the logarithms below would fail (extreme splits x ratios)
+    return min(1 - 1e-12, max(1e-12, n_c * r / (n_c * r + n_s)))
 
 
 def _log_lr(e_c: float, e_s: float, pi_k: float, pi_0: float) -> float:
@@ -147,7 +148,7 @@ def observe_stable(disp: dict[str, float], e_s: float, n_s: float) -> dict[str, 
     out["sn"] = disp.get("sn", 0.0) + n_s
     p = out["se"] / out["sn"]
     n1, e1 = disp.get("n", 0.0), disp.get("e", 0.0)
-    if n1 > 0 and p > 0:
+    if n1 >= 1 and n_s >= 1 and p * p > 0:  # (fractional or vanishing counts: skip)
         d = e_s / n_s - e1 / n1
         c = min(DISPERSION_CAP, (d * d - e_s / n_s ** 2 - e1 / n1 ** 2) / (2 * p * p))
         out["c"] = disp.get("c", 0.0) + c
@@ -255,6 +256,12 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
                       ni=state.ni, disp=state.disp)
     if any(raw.get(k) is None for k in ("canary_requests", "stable_requests")):
         return Outcome("no_data", None, "no request counters yet", state)
+    odd = [k for k, v in raw.items() if v is not None and not (math.isfinite(v) and v >= 0)]
+    if odd:  # a query that is not a plain counter (a division, a negative offset...)
+        return Outcome("no_data", None, f"{', '.join(sorted(odd))} read "
+                                        f"{', '.join(str(raw[k]) for k in sorted(odd))}: "
+                                        "a counter is a finite number >= 0; check the query",
+                       state)
     cur = {k: float(v or 0.0) for k, v in raw.items()}
     first = not state.last
     d = {k: _delta(cur[k], state.last.get(k)) for k in cur}
