@@ -421,10 +421,12 @@ class _Checker:
                     self.problem((*gpath, "tolerance"), "must be above 0 (1 = no worse than "
                                                         "stable)")
                 for key, example in (("gross", "5"), ("final_gross", "2")):
-                    if nums[key] is not None and not 1 < nums[key] <= 1000:
+                    factor = nums[key]
+                    if factor is not None and not 1 < factor <= 1000:
                         self.problem((*gpath, key), f"must be above 1 and at most 1000, e.g. "
                                                     f"{example} (a {example}x regression)")
-                if nums["detect_rate"] is not None and not 0 < nums["detect_rate"] < 1:
+                rate = nums["detect_rate"]
+                if rate is not None and not 0 < rate < 1:
                     self.problem((*gpath, "detect_rate"), "must be between 0 and 1, e.g. 0.01 "
                                                           "(1% errors)")
             if "warmup" in item or (base and base.warmup):
