@@ -22,7 +22,12 @@ Two additions:
   The spread is estimated from stable's own interval-to-interval variation, and each
   interval's log-likelihood ratio is divided by the dispersion factor phi it implies
   (quasi-likelihood tempering: for a score with variance phi x the binomial one,
-  exp(l / phi) has mean <= 1 again). With no extra spread phi = 1 and nothing changes.
+  exp(l / phi) has mean <= 1 again). Tempering is safe when the estimate is too high:
+  if the split is in fact binomial, E[L^(1/phi)] <= E[L]^(1/phi) <= 1 (Jensen), so a
+  spread that is shared by both versions, and so cancels out, costs speed but never
+  validity. (A beta-binomial likelihood ratio was tried first: with the spread
+  overestimated it is *not* an e-value under a binomial truth, and bursts shared by
+  both versions then rolled back a third of healthy canaries.)
 - Non-inferiority. Before the step to 100%, a second anytime-valid test must show the
   canary is *not* worse than stable x tolerance x final_gross: likelihood ratios of
   ratios below that margin against the margin, multiplied over the whole rollout.
@@ -37,8 +42,8 @@ from typing import Any
 GRID = (1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)  # ratios of error rates, x tolerance
 NI_GRID = (0.25, 0.5, 0.75)              # ratios, x the non-inferiority margin
 DISPERSION_CAP = 3.0    # one interval pair's say in the spread estimate
-PRIOR_SPREAD = 0.5      # sigma^2 assumed before stable has shown its own
-SPREAD_Z = 2.0          # standard errors added to the estimate
+PRIOR_SPREAD = 0.75     # sigma^2 assumed before stable has shown its own
+SPREAD_Z = 2.5          # standard errors added to the estimate
 
 
 @dataclass(frozen=True)
@@ -93,31 +98,6 @@ def _log_lr(e_c: float, e_s: float, pi_k: float, pi_0: float) -> float:
     return e_c * math.log(pi_k / pi_0) + e_s * math.log((1 - pi_k) / (1 - pi_0))
 
 
-def _lbeta(a: float, b: float) -> float:
-    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
-
-
-def _log_bb(x: float, e: float, pi: float, sigma2: float) -> float:
-    """log P(x of e errors are the canary's), up to a term that does not depend on pi:
-    beta-binomial with mean pi and intra-class correlation rho = pi (1 - pi) 2 v, where
-    v = sigma^2 + sigma^4 / 2 is the variance of the log of a gamma shock of variance
-    sigma^2 (a skewed shock moves the log more than its variance says; binomial when
-    sigma^2 is 0)."""
-    rho = min(0.95, pi * (1 - pi) * 2 * (sigma2 + sigma2 * sigma2 / 2))
-    if rho < 1e-9:
-        return x * math.log(pi) + (e - x) * math.log(1 - pi)
-    a, b = pi * (1 - rho) / rho, (1 - pi) * (1 - rho) / rho
-    return _lbeta(x + a, e - x + b) - _lbeta(a, b)
-
-
-def _log_lr_d(e_c: float, e_s: float, pi_k: float, pi_0: float, sigma2: float) -> float:
-    """The interval's log-likelihood ratio, pi_k against pi_0, allowing for spread."""
-    if sigma2 <= 0:
-        return _log_lr(e_c, e_s, pi_k, pi_0)
-    e = e_c + e_s
-    return _log_bb(e_c, e, pi_k, sigma2) - _log_bb(e_c, e, pi_0, sigma2)
-
-
 def spread(disp: dict[str, float]) -> float:
     """sigma^2: the relative variance of a version's error rate from one interval to the
     next, beyond counting noise, as stable shows it. An upper confidence bound (the mean
@@ -160,9 +140,12 @@ def observe_stable(disp: dict[str, float], e_s: float, n_s: float) -> dict[str, 
 
 def phi(sigma2: float, errors: float, pi_0: float) -> float:
     """Dispersion factor of the canary's share of `errors`: independent shocks of
-    variance sigma^2 on each version give var(logit pi) ~ 2 sigma^2, so the share varies
-    by 1 + (E - 1) pi (1 - pi) 2 sigma^2 times the binomial variance."""
-    return 1.0 + max(0.0, errors - 1) * pi_0 * (1 - pi_0) * 2 * sigma2
+    variance sigma^2 on each version give var(logit pi) ~ 2 v, where v = sigma^2 +
+    sigma^4 / 2 is the variance of the log of a gamma shock (a skewed shock moves the log
+    more than its variance says), so the share varies by 1 + (E - 1) pi (1 - pi) 2 v
+    times the binomial variance."""
+    v = sigma2 + sigma2 * sigma2 / 2
+    return 1.0 + max(0.0, errors - 1) * pi_0 * (1 - pi_0) * 2 * v
 
 
 SPREAD = spread
@@ -196,11 +179,12 @@ def step(gate: ErrorGate, state: State, e_c: float, n_c: float, e_s: float,
     s = []
     for k, r in enumerate(GRID):
         pi_k = _pi(n_c, n_s, gate.tolerance * r)
-        lr = math.exp(min(700.0, _log_lr_d(e_c, e_s, pi_k, pi_0, sigma2)))
+        lr = math.exp(min(700.0, _log_lr(e_c, e_s, pi_k, pi_0) / f))
         s.append((state.s[k] + q) * lr)
     margin = _margin(gate)
     pi_m = _pi(n_c, n_s, margin)
-    ni = [x + _log_lr_d(e_c, e_s, _pi(n_c, n_s, margin * r), pi_m, sigma2)
+    f_m = phi(sigma2, e_c + e_s, pi_m)
+    ni = [x + _log_lr(e_c, e_s, _pi(n_c, n_s, margin * r), pi_m) / f_m
           for x, r in zip(state.ni, NI_GRID, strict=True)]
     stage = dict(state.stage)
     stage["phi"] = stage.get("phi", 0.0) + f
