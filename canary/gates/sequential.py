@@ -42,6 +42,7 @@ from typing import Any
 GRID = (1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)  # ratios of error rates, x tolerance
 NI_GRID = (0.25, 0.5, 0.75)              # ratios, x the non-inferiority margin
 DISPERSION_CAP = 3.0    # one interval pair's say in the spread estimate
+MAX_COUNTER = 1e15      # a quadrillion requests: anything above is not a counter
 PRIOR_SPREAD = 0.75     # sigma^2 assumed before stable has shown its own
 SPREAD_Z = 2.5          # standard errors added to the estimate
 
@@ -130,7 +131,8 @@ def observe_stable(disp: dict[str, float], e_s: float, n_s: float) -> dict[str, 
     n1, e1 = disp.get("n", 0.0), disp.get("e", 0.0)
     if n1 >= 1 and n_s >= 1 and p * p > 0:  # (fractional or vanishing counts: skip)
         d = e_s / n_s - e1 / n1
-        c = min(DISPERSION_CAP, (d * d - e_s / n_s ** 2 - e1 / n1 ** 2) / (2 * p * p))
+        c = (d * d - e_s / (n_s * n_s) - e1 / (n1 * n1)) / (2 * p * p)
+        c = max(-DISPERSION_CAP, min(DISPERSION_CAP, c))
         out["c"] = disp.get("c", 0.0) + c
         out["c2"] = disp.get("c2", 0.0) + c * c
         out["k"] = disp.get("k", 0.0) + 1
@@ -240,11 +242,13 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
                       ni=state.ni, disp=state.disp)
     if any(raw.get(k) is None for k in ("canary_requests", "stable_requests")):
         return Outcome("no_data", None, "no request counters yet", state)
-    odd = [k for k, v in raw.items() if v is not None and not (math.isfinite(v) and v >= 0)]
+    odd = [k for k, v in raw.items() if v is not None and not (math.isfinite(v) and
+                                                               0 <= v <= MAX_COUNTER)]
     if odd:  # a query that is not a plain counter (a division, a negative offset...)
         return Outcome("no_data", None, f"{', '.join(sorted(odd))} read "
                                         f"{', '.join(str(raw[k]) for k in sorted(odd))}: "
-                                        "a counter is a finite number >= 0; check the query",
+                                        f"a counter is a number from 0 to {MAX_COUNTER:.0e}; "
+                                        "check the query",
                        state)
     cur = {k: float(v or 0.0) for k, v in raw.items()}
     first = not state.last
