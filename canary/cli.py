@@ -239,7 +239,9 @@ def plan_text(pol: policy_mod.Policy) -> str:
     if any(g.kind == "errors" for s in range(len(pol.stages)) for g in pol.gates_for(s)):
         lines.append("sequential (kind: errors) gates roll back as soon as their evidence "
                      "crosses 1/alpha, a crashing canary on its first full interval; a stage "
-                     "they have not seen enough traffic to judge stays inconclusive and holds")
+                     "they have not seen enough traffic to judge stays inconclusive and holds, "
+                     "and the step to 100% waits until the canary is shown no worse than "
+                     "stable x tolerance x final_gross")
     if pol.no_data.value == "hold":
         lines.append(f"with no data (Prometheus down): held, then rolled back after "
                      f"{fmt(pol.progress_deadline)} without progress")
