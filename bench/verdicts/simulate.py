@@ -39,6 +39,7 @@ MAX_TIME = 3600.0
 # 5% for 10 min, 25% for 15, 50% for 15 (the crash lands here), 100% for 5
 SOAK_HOLDS = (600.0, 900.0, 900.0, 300.0)
 SOAK_DEADLINE = 3600.0
+ONE_PERCENT = (1, 25, 50, 100)  # a more careful first step
 BASE = 0.005
 FLAGGER = [(i, t) for i in (15, 30, 60) for t in (1, 2, 5, 10)]
 MAX_ERROR = 0.01
@@ -55,7 +56,8 @@ class Scenario:
     shared_noise: float = 0.0         # bursty errors: both versions' rates x Gamma shock
     own_noise: float = 0.0            # each version's rate x its own Gamma shock
     holds: tuple[float, ...] = HOLDS  # the staged policy both rules follow...
-    deadline: float = DEADLINE        # ...and its progress deadline
+    deadline: float = DEADLINE        # ...and its progress deadline...
+    weights: tuple[int, ...] = WEIGHTS  # ...and its weights
 
     def rates(self, t: float, rng: np.random.Generator) -> tuple[float, float]:
         p_c, p_s = self.canary(t), self.p_stable
@@ -89,6 +91,8 @@ def scenarios() -> list[Scenario]:
                  lambda t: 1.0 if t >= 1800 else BASE, 1800.0, holds=SOAK_HOLDS,
                  deadline=SOAK_DEADLINE),
         Scenario("slow leak", BASE, lambda t: BASE * (1 + 9 * min(1.0, t / 900)), 0.0),
+        Scenario("healthy, 1% first stage", BASE, const(BASE), None, weights=ONE_PERCENT),
+        Scenario("errors x5, 1% first stage", BASE, const(BASE * 5), 0.0, weights=ONE_PERCENT),
     ]
     return out
 
@@ -106,6 +110,7 @@ class Schedule:
 
     holds: tuple[float, ...] = HOLDS
     deadline: float = DEADLINE
+    weights: tuple[int, ...] = WEIGHTS
     stage: int = 0
     since: float = 0.0
     new_stage: bool = True
@@ -127,7 +132,7 @@ class Schedule:
     def advance(self, t: float, ok: bool) -> str | None:
         """After a judgement: "promoted", "inconclusive" (deadline), or None to go on."""
         if t - self.since >= self.holds[self.stage] and ok:
-            if self.stage == len(WEIGHTS) - 1:
+            if self.stage == len(self.weights) - 1:
                 return "promoted"
             self.stage, self.since, self.new_stage = self.stage + 1, t, True
         elif t - self.since > self.deadline:
@@ -259,14 +264,14 @@ def simulate_latency(sc: LatencyScenario, rps: float, seed: int,
 def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) -> Result:
     """One rollout. rule None: canary's gate; (interval, threshold): the fixed rule."""
     rng = np.random.default_rng(seed)
-    sch, t = Schedule(holds=sc.holds, deadline=sc.deadline), 0.0
+    sch, t = Schedule(holds=sc.holds, deadline=sc.deadline, weights=sc.weights), 0.0
     counts = dict.fromkeys(("canary_requests", "canary_errors", "stable_requests",
                             "stable_errors"), 0.0)
     state = sequential.State()
     window: list[tuple[float, float]] = []  # canary (requests, errors) per scrape, last 1 m
     excess = 0.0
     while t < max(MAX_TIME, sc.deadline + sum(sc.holds)):
-        w = WEIGHTS[sch.stage] / 100
+        w = sch.weights[sch.stage] / 100
         n = rng.poisson(rps * SCRAPE)
         n_c = rng.binomial(n, w)
         n_s = n - n_c
@@ -283,7 +288,7 @@ def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) 
         window = [*window, (n_c, e_c)][-4:]
         if rule is None:
             out = sequential.update(GATE, state, dict(counts), new_stage=sch.new_stage, now=t,
-                                    before_full=sch.stage == len(WEIGHTS) - 2)
+                                    before_full=sch.stage == len(sch.weights) - 2)
             sch.new_stage = False
             state = out.state
             if out.verdict == "fail":
