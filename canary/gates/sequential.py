@@ -278,8 +278,9 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
     rates = (f"canary {st.get('e_c', 0):.0f}/{st.get('n_c', 0):.0f} errors, stable "
              f"{st.get('e_s', 0):.0f}/{st.get('n_s', 0):.0f} this stage")
     sigma2 = spread(state.disp)
-    if sigma2 > 0.01:
-        rates += f"; stable's rate varies by ±{math.sqrt(sigma2):.0%} between intervals"
+    if sigma2 > 0.01 and state.disp.get("k", 0.0) >= 2:
+        rates += (f"; allowing for error rates that vary by up to ±{math.sqrt(sigma2):.0%} "
+                  "between intervals, as stable's does")
     if m >= 1 / gate.alpha:
         return Outcome("fail", value, f"canary's error rate is above stable's x "
                                       f"{gate.tolerance:g} (evidence {m:.3g} >= "
