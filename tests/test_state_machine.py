@@ -291,3 +291,21 @@ def test_readings_taken_before_a_stage_was_in_force_are_ignored():
     s.r = decide.readings(s.r, s.pol, old, s.now)
     s.r = decide.readings(s.r, s.pol, old, s.now)
     assert s.r.state is Phase.PROGRESSING and all(g.failures == 0 for g in s.r.gates)
+
+
+def test_a_long_rollout_keeps_its_beginning_and_its_latest_events_and_says_what_it_dropped():
+    sim = Sim()
+    first = sim.r.events[0]
+    made = len(sim.r.events)
+    for i in range(1200):  # an on-call engineer pausing and resuming all night
+        before = len(sim.r.events)
+        sim.cmd(CommandKind.PAUSE if i % 2 == 0 else CommandKind.RESUME)
+        made += max(1, len(sim.r.events) - before)
+    events = sim.r.events
+    assert len(events) == decide.MAX_EVENTS
+    assert events[0] == first and first.actor == "pipeline", "who started it is kept"
+    marks = [e for e in events if e.type == "trimmed"]
+    assert len(marks) == 1 and events[decide.FIRST_EVENTS] == marks[0]
+    dropped = int(marks[0].message.split()[0])
+    assert dropped == made - (decide.MAX_EVENTS - 1), "every event is kept or counted"
+    assert events[-1].type == "resume" and events[-1].at == sim.now

@@ -26,12 +26,32 @@ from canary.model import (
 )
 from canary.policy import Gate, NoData, Policy, format_duration
 
-MAX_EVENTS = 1000
+MAX_EVENTS = 1000  # per rollout: the first FIRST_EVENTS, a marker, and the latest ones
+FIRST_EVENTS = 100
 
 
 def _event(r: Rollout, now: float, type_: str, message: str, actor: str = "controller") -> Rollout:
     events = (*r.events, Event(at=now, type=type_, message=message, actor=actor))
-    return replace(r, events=events[-MAX_EVENTS:], updated_at=now)
+    return replace(r, events=_trim(events), updated_at=now)
+
+
+def _trim(events: tuple[Event, ...]) -> tuple[Event, ...]:
+    """Keep how the rollout began (who started it, its first stages) and what happened
+    last; say how many in between were dropped, in one `trimmed` event."""
+    if len(events) <= MAX_EVENTS:
+        return events
+    head, rest = events[:FIRST_EVENTS], events[FIRST_EVENTS:]
+    dropped = 0
+    if rest[0].type == "trimmed":
+        dropped = int(rest[0].message.split()[0])
+        rest = rest[1:]
+    keep = MAX_EVENTS - FIRST_EVENTS - 1
+    dropped += len(rest) - keep
+    gone = rest[len(rest) - keep - 1]
+    marker = Event(at=gone.at, type="trimmed", actor="controller",
+                   message=f"{dropped} events omitted here (a rollout keeps its first "
+                           f"{FIRST_EVENTS} and its latest {keep})")
+    return (*head, marker, *rest[-keep:])
 
 
 def fresh_gates(policy: Policy, stage: int,
