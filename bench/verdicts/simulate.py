@@ -5,9 +5,10 @@ Poisson arrivals split by the current weight, binomial errors (beta-binomial whe
 overdispersed), with the weight following a staged policy (5/25/50/100%, holds
 2/5/5/5 min, progress deadline 30 min). The same seeds drive every rule.
 
-- canary: `canary.gates.sequential.update` (the controller's own code) on the cumulative
-  counters each scrape; a stage moves on after its hold once the gate passes;
-  inconclusive holds; a fired gate rolls back.
+- canary: the controller's own state machine (`canary.engine.decide`, which runs
+  `canary.gates.sequential`) fed the cumulative counters each scrape, with the router
+  applying each weight at once: its holds, its inconclusive-holds, its non-inferiority
+  step to 100%, its progress deadline (a rollback there is reported as inconclusive).
 - fixed threshold (Flagger semantics): every `interval` the canary-only error rate over
   the last 1 m is checked against 1% (success rate >= 99%); no requests in the window is a
   failed check, as Flagger counts "no values found"; failed checks are counted
@@ -28,7 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from canary.engine import decide
 from canary.gates import sequential
+from canary.model import Phase, Reading, Readings, Verdict
+from canary.policy import Gate, NoData, Policy, Stage
 
 SCRAPE = 15.0
 WEIGHTS = (5, 25, 50, 100)
@@ -113,7 +117,6 @@ class Schedule:
     weights: tuple[int, ...] = WEIGHTS
     stage: int = 0
     since: float = 0.0
-    new_stage: bool = True
     failed: int = 0
     next_check: float = 0.0
 
@@ -134,10 +137,49 @@ class Schedule:
         if t - self.since >= self.holds[self.stage] and ok:
             if self.stage == len(self.weights) - 1:
                 return "promoted"
-            self.stage, self.since, self.new_stage = self.stage + 1, t, True
+            self.stage, self.since = self.stage + 1, t
         elif t - self.since > self.deadline:
             return "inconclusive"
         return None
+
+
+class Ours:
+    """canary's own state machine (canary.engine.decide, the controller's code) with the
+    given `errors` gates, judging every scrape; the router applies each weight at once."""
+
+    def __init__(self, gates: tuple[sequential.ErrorGate, ...], holds: tuple[float, ...],
+                 deadline: float, weights: tuple[int, ...]) -> None:
+        specs = tuple(Gate(name=f"gate{k}", kind="errors", requests="r{{ version }}",
+                           errors="e{{ version }}", tolerance=g.tolerance, alpha=g.alpha,
+                           gross=g.gross, final_gross=g.final_gross or 2.0,
+                           detect_rate=g.detect_rate, warmup=g.warmup)
+                      for k, g in enumerate(gates))
+        self.policy = Policy(name="sim", stages=tuple(Stage(w, h) for w, h in
+                                                      zip(weights, holds, strict=True)),
+                             gates=specs, interval=SCRAPE, failure_limit=1,
+                             no_data=NoData.HOLD, progress_deadline=deadline)
+        r = decide.start(rollout_id="sim", target="sim", policy=self.policy,
+                         canary_version="v2", stable_version="v1", now=0.0, actor="sim")
+        self.r = decide.applied(r, r.weight, 0.0)
+
+    @property
+    def weight(self) -> int:
+        return self.r.weight
+
+    def step(self, t: float, raws: list[dict[str, float]]) -> str | None:
+        """One scrape's cumulative counters per gate: "promoted", "rolled_back",
+        "inconclusive" (rolled back at the progress deadline), or None to go on."""
+        rd = Readings(t, self.r.stage, tuple(
+            Reading(g.name, Verdict.PENDING, raw=dict(raw))
+            for g, raw in zip(self.policy.gates, raws, strict=True)))
+        r = decide.tick(decide.readings(self.r, self.policy, rd, t), self.policy, t)
+        if r.weight != r.applied_weight:
+            r = decide.tick(decide.applied(r, r.weight, t), self.policy, t)
+        self.r = r
+        if r.state is Phase.ROLLED_BACK:
+            return "inconclusive" if (r.reason or "").startswith("no progress") else \
+                "rolled_back"
+        return "promoted" if r.state is Phase.SUCCEEDED else None
 
 
 # Latency: a lognormal body (median 60 ms) with a 2% slow tail (median 250 ms), seen
@@ -211,7 +253,7 @@ def simulate_latency(sc: LatencyScenario, rps: float, seed: int,
     sch, t = Schedule(), 0.0
     counts = [dict.fromkeys(("canary_requests", "canary_errors", "stable_requests",
                              "stable_errors"), 0.0) for _ in SLOW_AT]
-    states = [sequential.State() for _ in SLOW_AT]
+    ours = Ours(LAT_GATES, HOLDS, DEADLINE, WEIGHTS) if rule is None else None
     base = bucket_probs(0.0, 0.0)
     at = [BUCKETS.index(b) + 1 for b in SLOW_AT]
     ex_at = BUCKETS.index(EXCESS_AT) + 1
@@ -219,7 +261,7 @@ def simulate_latency(sc: LatencyScenario, rps: float, seed: int,
     window: list[np.ndarray] = []
     excess = 0.0
     while t < MAX_TIME:
-        w = WEIGHTS[sch.stage] / 100
+        w = (ours.weight if ours else WEIGHTS[sch.stage]) / 100
         n = rng.poisson(rps * SCRAPE)
         n_c = int(rng.binomial(n, w))
         n_s = n - n_c
@@ -235,26 +277,19 @@ def simulate_latency(sc: LatencyScenario, rps: float, seed: int,
             c["stable_requests"] += n_s
             c["stable_errors"] += float(b_s[i:].sum())
         window = [*window, b_c][-4:]
-        if rule is None:
-            verdicts = []
-            for k in range(len(SLOW_AT)):
-                out = sequential.update(LAT_GATES[k], states[k], dict(counts[k]),
-                                        new_stage=sch.new_stage, now=t,
-                                        before_full=sch.stage == len(WEIGHTS) - 2)
-                states[k] = out.state
-                verdicts.append(out.verdict)
-            sch.new_stage = False
-            if "fail" in verdicts:
-                return Result("rolled_back", t, excess)
-            ok = all(v == "pass" for v in verdicts)
-        else:
-            interval, threshold = rule
-            if not sch.check_due(t, interval):
-                continue
-            p99 = p99_from_buckets(np.sum(window, axis=0))
-            ok = p99 is not None and p99 <= MAX_P99
-            if sch.fixed_check(ok, threshold):
-                return Result("rolled_back", t, excess)
+        if ours is not None:
+            end = ours.step(t, counts)
+            if end:
+                return Result(end, t, excess)
+            continue
+        assert rule is not None
+        interval, threshold = rule
+        if not sch.check_due(t, interval):
+            continue
+        p99 = p99_from_buckets(np.sum(window, axis=0))
+        ok = p99 is not None and p99 <= MAX_P99
+        if sch.fixed_check(ok, threshold):
+            return Result("rolled_back", t, excess)
         end = sch.advance(t, ok)
         if end:
             return Result(end, t, excess)
@@ -267,11 +302,11 @@ def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) 
     sch, t = Schedule(holds=sc.holds, deadline=sc.deadline, weights=sc.weights), 0.0
     counts = dict.fromkeys(("canary_requests", "canary_errors", "stable_requests",
                             "stable_errors"), 0.0)
-    state = sequential.State()
+    ours = Ours((GATE,), sc.holds, sc.deadline, sc.weights) if rule is None else None
     window: list[tuple[float, float]] = []  # canary (requests, errors) per scrape, last 1 m
     excess = 0.0
     while t < max(MAX_TIME, sc.deadline + sum(sc.holds)):
-        w = sch.weights[sch.stage] / 100
+        w = (ours.weight if ours else sch.weights[sch.stage]) / 100
         n = rng.poisson(rps * SCRAPE)
         n_c = rng.binomial(n, w)
         n_s = n - n_c
@@ -286,23 +321,20 @@ def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) 
         counts["stable_requests"] += n_s
         counts["stable_errors"] += e_s
         window = [*window, (n_c, e_c)][-4:]
-        if rule is None:
-            out = sequential.update(GATE, state, dict(counts), new_stage=sch.new_stage, now=t,
-                                    before_full=sch.stage == len(sch.weights) - 2)
-            sch.new_stage = False
-            state = out.state
-            if out.verdict == "fail":
-                return Result("rolled_back", t, excess)
-            ok = out.verdict == "pass"
-        else:
-            interval, threshold = rule
-            if not sch.check_due(t, interval):
-                continue
-            req = sum(r for r, _ in window)
-            err = sum(e for _, e in window)
-            ok = req > 0 and err / req <= MAX_ERROR
-            if sch.fixed_check(ok, threshold):
-                return Result("rolled_back", t, excess)
+        if ours is not None:
+            end = ours.step(t, [counts])
+            if end:
+                return Result(end, t, excess)
+            continue
+        assert rule is not None
+        interval, threshold = rule
+        if not sch.check_due(t, interval):
+            continue
+        req = sum(r for r, _ in window)
+        err = sum(e for _, e in window)
+        ok = req > 0 and err / req <= MAX_ERROR
+        if sch.fixed_check(ok, threshold):
+            return Result("rolled_back", t, excess)
         end = sch.advance(t, ok)
         if end:
             return Result(end, t, excess)
