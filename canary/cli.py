@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -263,9 +263,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
 
 
 def call(args: argparse.Namespace, method: str, path: str,
@@ -291,16 +292,44 @@ def call(args: argparse.Namespace, method: str, path: str,
             message = json.loads(e.read()).get("error", e.reason)
         except (ValueError, AttributeError):
             message = str(e.reason)
-        raise ApiError(e.code, message) from None
+        try:
+            retry_after: float | None = float(e.headers.get("Retry-After", ""))
+        except ValueError:
+            retry_after = None
+        raise ApiError(e.code, message, retry_after) from None
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         reason = getattr(e, "reason", e)
         raise ApiError(0, f"cannot reach the controller at {args.server}: {reason}") from None
 
 
+RETRY_FOR = 30.0  # seconds the CLI keeps retrying a 503 (a follower, a store hiccup)
+
+
+def call_retrying(args: argparse.Namespace, method: str, path: str,
+                  body: dict[str, Any] | None = None, *,
+                  sleep: Callable[[float], None] = time.sleep) -> Any:
+    """`call`, retrying 503 answers for up to RETRY_FOR seconds. A 503 means the
+    controller did not act: a follower replica (with leader election; each new connection
+    may reach another replica through the Service) or a state store that is briefly
+    unreachable. Retrying is safe: a command that did land is refused the second time
+    with 409 and says why."""
+    waited = 0.0
+    while True:
+        try:
+            return call(args, method, path, body)
+        except ApiError as e:
+            if e.status != 503 or waited >= RETRY_FOR:
+                raise
+            pause = min(e.retry_after or 1.0, 5.0, RETRY_FOR - waited)
+            print(f"canary: {e}; retrying in {pause:g}s", file=sys.stderr)
+            sleep(pause)
+            waited += pause
+
+
 def api(args: argparse.Namespace, method: str, path: str,
         body: dict[str, Any] | None = None) -> Any:
     try:
-        return call(args, method, path, body)
+        return call_retrying(args, method, path, body)
     except ApiError as e:
         die(f"{e} (HTTP {e.status})" if e.status else str(e))
 
@@ -346,9 +375,10 @@ def wait_for(args: argparse.Namespace, rollout_id: str) -> int:
             r = call(args, "GET", f"/api/v1/rollouts/{rollout_id}")
             unreachable_since = None
         except ApiError as e:
-            if e.status:
+            if e.status and e.status != 503:
                 die(f"{e} (HTTP {e.status})")
-            # the controller may be restarting; keep waiting for a while
+            # the controller may be restarting, or its store briefly unreachable (503);
+            # keep waiting for a while
             unreachable_since = unreachable_since or time.monotonic()
             if time.monotonic() - unreachable_since > args.unreachable_timeout:
                 die(str(e))

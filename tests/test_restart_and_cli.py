@@ -138,3 +138,51 @@ async def test_oncall_overrides_and_status_from_the_cli(tmp_path):
         assert json.loads(out)["rollouts"][0]["id"] == rid
         code, _out, err = await cli("abort", rid, "--reason", "late", server=api.base)
         assert code == 2 and "409" in err
+
+
+async def test_the_cli_retries_a_503_from_a_follower_and_stops_at_other_errors(tmp_path):
+    import argparse
+
+    from aiohttp import web
+
+    from canary.cli import RETRY_FOR, ApiError, call_retrying
+    from canary.demo.procs import free_port
+
+    answers: list[int] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        status = answers.pop(0) if answers else 200
+        if status == 503:
+            return web.json_response({"error": "this replica is not the leader (leader: pod-b); "
+                                               "try again shortly"}, status=503,
+                                     headers={"Retry-After": "5"})
+        if status == 409:
+            return web.json_response({"error": "rollout r1 is already paused"}, status=409)
+        return web.json_response({"id": "r1", "state": "paused"})
+
+    app = web.Application()
+    app.router.add_post("/api/v1/rollouts/r1/pause", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    args = argparse.Namespace(server=f"http://127.0.0.1:{port}")
+    slept: list[float] = []
+    try:
+        answers[:] = [503, 503]  # two followers, then the leader
+        r = await asyncio.to_thread(call_retrying, args, "POST", "/api/v1/rollouts/r1/pause",
+                                    {"reason": "x"}, sleep=slept.append)
+        assert r["state"] == "paused" and slept == [5.0, 5.0]
+        answers[:] = [409]  # a refusal is an answer: no retry
+        with pytest.raises(ApiError) as e:
+            await asyncio.to_thread(call_retrying, args, "POST", "/api/v1/rollouts/r1/pause",
+                                    {"reason": "x"}, sleep=slept.append)
+        assert e.value.status == 409 and slept == [5.0, 5.0]
+        answers[:] = [503] * 100  # no leader for good: give up after RETRY_FOR seconds
+        slept.clear()
+        with pytest.raises(ApiError) as e:
+            await asyncio.to_thread(call_retrying, args, "POST", "/api/v1/rollouts/r1/pause",
+                                    {"reason": "x"}, sleep=slept.append)
+        assert e.value.status == 503 and sum(slept) == RETRY_FOR
+    finally:
+        await runner.cleanup()
