@@ -150,8 +150,6 @@ def phi(sigma2: float, errors: float, pi_0: float) -> float:
     return 1.0 + max(0.0, errors - 1) * pi_0 * (1 - pi_0) * 2 * v
 
 
-SPREAD = spread
-
 
 def evidence(state: State) -> float:
     """The mixture statistic M_t: >= 1/alpha means the canary is worse than tolerated."""
@@ -176,7 +174,7 @@ def step(gate: ErrorGate, state: State, e_c: float, n_c: float, e_s: float,
     t = state.t + 1
     q = 1.0 / (t * (t + 1))
     pi_0 = _pi(n_c, n_s, gate.tolerance)
-    sigma2 = SPREAD(state.disp)
+    sigma2 = spread(state.disp)
     f = phi(sigma2, e_c + e_s, pi_0)
     s = []
     for k, r in enumerate(GRID):
