@@ -248,6 +248,63 @@ def plan_text(pol: policy_mod.Policy) -> str:
     return "\n".join(lines)
 
 
+def plan_on_traffic(pol: policy_mod.Policy, rps: float, rates: dict[str, float],
+                    default_rate: float) -> str:
+    """How long the policy's `errors` gates take to let each stage go, on `rps` requests/s
+    with each gate's error (or slow) share the same on both versions: the controller's own
+    state machine fed the expected counts, interval by interval (no noise, so real
+    rollouts vary around this; approvals taken as immediate)."""
+    from dataclasses import replace as dc_replace
+
+    from canary.engine.dryrun import DryRun
+
+    fmt = policy_mod.format_duration
+    stages = tuple(dc_replace(s, approval=False) for s in pol.stages)
+    dry = DryRun(dc_replace(pol, stages=stages))
+    names = sorted({g.name for i in range(len(stages)) for g in pol.gates_for(i)
+                    if g.kind == "errors"})
+    if not names:
+        return "(no errors gates: the stages move on at their holds, as above)"
+    counts = {n: dict.fromkeys(("canary_requests", "canary_errors", "stable_requests",
+                                "stable_errors"), 0.0) for n in names}
+    shares = ", ".join(f"{n} {rates.get(n, default_rate):.2%}" for n in names)
+    lines = [f"on {rps:g} requests/s, with the same share on both versions for each errors "
+             f"gate ({shares}):"]
+    iv, t, entered, end = pol.interval, 0.0, [0.0], None
+    horizon = sum(s.hold for s in stages) + len(stages) * (pol.progress_deadline + iv) + iv
+    while end is None and t <= horizon:
+        w, n = dry.weight / 100, rps * iv
+        for name, c in counts.items():
+            p = rates.get(name, default_rate)
+            c["canary_requests"] += n * w
+            c["canary_errors"] += n * w * p
+            c["stable_requests"] += n * (1 - w)
+            c["stable_errors"] += n * (1 - w) * p
+        t += iv
+        stage = dry.r.stage
+        end = dry.step(t, counts)
+        if dry.r.stage != stage:
+            entered.append(t)
+    for i, at in enumerate(entered):
+        s = stages[i]
+        if i + 1 < len(entered):
+            took = entered[i + 1] - at
+            wait = " (waiting for evidence)" if took > max(s.hold, iv) + iv else ""
+            lines.append(f"  stage {i} ({s.weight}%): from about {fmt(at)}, moves on after "
+                         f"{fmt(took)}{wait}; hold {fmt(s.hold)}")
+        elif end == "promoted":
+            lines.append(f"  stage {i} ({s.weight}%): from about {fmt(at)}; succeeded at "
+                         f"about {fmt(t)}")
+        else:
+            lines.append(f"  stage {i} ({s.weight}%): from about {fmt(at)}; still "
+                         f"inconclusive at the progress deadline, so rolled back at about "
+                         f"{fmt(t)}: on this traffic the gates cannot tell a healthy canary "
+                         "from a bad one in time; give it more traffic (a bigger first "
+                         "weight), longer holds and progress_deadline, or threshold gates")
+    lines.append("(expected counts without noise: real rollouts vary around these times)")
+    return "\n".join(lines)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     try:
         pol = policy_mod.load_file(args.policy_file)
@@ -256,6 +313,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(p)
         return EXIT_FAILED
     print(plan_text(pol))
+    if args.rps is not None:
+        rates: dict[str, float] = {}
+        default = 0.005
+        for item in args.error_rate or []:
+            name, _, value = item.rpartition("=")
+            try:
+                rate = float(value)
+            except ValueError:
+                die(f"--error-rate {item!r}: give a share like 0.005, or GATE=0.005")
+            if not 0 <= rate < 1:
+                die(f"--error-rate {item!r}: the share must be from 0 to below 1")
+            if name:
+                rates[name] = rate
+            else:
+                default = rate
+        if not 0 < args.rps <= 1e6:
+            die(f"--rps {args.rps:g}: give requests per second, above 0")
+        print()
+        print(plan_on_traffic(pol, args.rps, rates, default))
     return EXIT_OK
 
 
@@ -466,6 +542,11 @@ def parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("plan", help="print a policy's stage timeline")
     sp.add_argument("policy_file", metavar="POLICY_FILE")
+    sp.add_argument("--rps", type=float, help="also estimate how long the errors gates take "
+                    "to let each stage go on this many requests per second")
+    sp.add_argument("--error-rate", action="append", metavar="[GATE=]SHARE",
+                    help="with --rps: the share of errors (or of slow requests, for a "
+                         "latency gate) on both versions; default 0.005; repeat per gate")
     sp.set_defaults(fn=cmd_plan)
 
     sp = sub.add_parser("start", help="start a rollout")

@@ -170,3 +170,35 @@ def test_plan_prints_stages_fastest_time_to_100_and_slowest_rollback(capsys):
     assert "fastest time to 100%: 12m; to success: 17m" in out
     assert "approval" in out
     assert "slowest time from a breach to rollback: 1m" in out
+
+
+def test_plan_on_traffic_says_how_long_the_errors_gates_take_and_when_they_cannot_decide(
+        capsys):
+    seq = str(ROOT / "policies" / "sequential.yaml")
+    assert main(["plan", seq, "--rps", "200", "--error-rate", "slow-requests=0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "errors 0.50%, slow-requests 1.00%" in out
+    assert "waiting for evidence" not in out, "200 requests/s: every stage at its hold"
+    assert "succeeded at about 17m15s" in out
+    assert main(["plan", seq, "--rps", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 0 (5%): from about 0s, moves on after" in out
+    assert "(waiting for evidence)" in out and "succeeded at about" in out
+    assert main(["plan", seq, "--rps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "still inconclusive at the progress deadline" in out
+    assert "succeeded" not in out.split("on 2 requests/s")[1]
+    # a policy without errors gates moves at its holds
+    assert main(["plan", str(ROOT / "policies" / "standard.yaml"), "--rps", "5"]) == 0
+    assert "no errors gates" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--rps", "0"], "--rps 0: give requests per second"),
+    (["--rps", "10", "--error-rate", "lots"], "give a share like 0.005"),
+    (["--rps", "10", "--error-rate", "errors=1.5"], "from 0 to below 1"),
+])
+def test_plan_on_traffic_refuses_nonsense_with_a_message(capsys, args, words):
+    with pytest.raises(SystemExit) as e:
+        main(["plan", str(ROOT / "policies" / "sequential.yaml"), *args])
+    assert e.value.code == 2 and words in capsys.readouterr().err

@@ -29,9 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from canary.engine import decide
+from canary.engine.dryrun import DryRun
 from canary.gates import sequential
-from canary.model import Phase, Reading, Readings, Verdict
 from canary.policy import Gate, NoData, Policy, Stage
 
 SCRAPE = 15.0
@@ -143,7 +142,7 @@ class Schedule:
         return None
 
 
-class Ours:
+class Ours(DryRun):
     """canary's own state machine (canary.engine.decide, the controller's code) with the
     given `errors` gates, judging every scrape; the router applies each weight at once."""
 
@@ -154,32 +153,14 @@ class Ours:
                            gross=g.gross, final_gross=g.final_gross or 2.0,
                            detect_rate=g.detect_rate, warmup=g.warmup)
                       for k, g in enumerate(gates))
-        self.policy = Policy(name="sim", stages=tuple(Stage(w, h) for w, h in
-                                                      zip(weights, holds, strict=True)),
-                             gates=specs, interval=SCRAPE, failure_limit=1,
-                             no_data=NoData.HOLD, progress_deadline=deadline)
-        r = decide.start(rollout_id="sim", target="sim", policy=self.policy,
-                         canary_version="v2", stable_version="v1", now=0.0, actor="sim")
-        self.r = decide.applied(r, r.weight, 0.0)
+        super().__init__(Policy(name="sim", stages=tuple(Stage(w, h) for w, h in
+                                                         zip(weights, holds, strict=True)),
+                                gates=specs, interval=SCRAPE, failure_limit=1,
+                                no_data=NoData.HOLD, progress_deadline=deadline))
 
-    @property
-    def weight(self) -> int:
-        return self.r.weight
-
-    def step(self, t: float, raws: list[dict[str, float]]) -> str | None:
-        """One scrape's cumulative counters per gate: "promoted", "rolled_back",
-        "inconclusive" (rolled back at the progress deadline), or None to go on."""
-        rd = Readings(t, self.r.stage, tuple(
-            Reading(g.name, Verdict.PENDING, raw=dict(raw))
-            for g, raw in zip(self.policy.gates, raws, strict=True)))
-        r = decide.tick(decide.readings(self.r, self.policy, rd, t), self.policy, t)
-        if r.weight != r.applied_weight:
-            r = decide.tick(decide.applied(r, r.weight, t), self.policy, t)
-        self.r = r
-        if r.state is Phase.ROLLED_BACK:
-            return "inconclusive" if (r.reason or "").startswith("no progress") else \
-                "rolled_back"
-        return "promoted" if r.state is Phase.SUCCEEDED else None
+    def judge(self, t: float, raws: list[dict[str, float]]) -> str | None:
+        return self.step(t, {g.name: raw for g, raw in zip(self.policy.gates, raws,
+                                                            strict=True)})
 
 
 # Latency: a lognormal body (median 60 ms) with a 2% slow tail (median 250 ms), seen
@@ -278,7 +259,7 @@ def simulate_latency(sc: LatencyScenario, rps: float, seed: int,
             c["stable_errors"] += float(b_s[i:].sum())
         window = [*window, b_c][-4:]
         if ours is not None:
-            end = ours.step(t, counts)
+            end = ours.judge(t, counts)
             if end:
                 return Result(end, t, excess)
             continue
@@ -322,7 +303,7 @@ def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) 
         counts["stable_errors"] += e_s
         window = [*window, (n_c, e_c)][-4:]
         if ours is not None:
-            end = ours.step(t, [counts])
+            end = ours.judge(t, [counts])
             if end:
                 return Result(end, t, excess)
             continue
