@@ -163,6 +163,30 @@ class Ours(DryRun):
                                                             strict=True)})
 
 
+def rate_ok(window: list[tuple[float, float]]) -> bool:
+    """Flagger's check: the canary's error rate over the last minute within MAX_ERROR."""
+    req = sum(r for r, _ in window)
+    return req > 0 and sum(e for _, e in window) / req <= MAX_ERROR
+
+
+def judge(ours: Ours | None, sch: Schedule, rule: tuple[int, int] | None, t: float,
+          raws: list[dict[str, float]], fixed_ok: Callable[[Any], bool],
+          window: Any) -> str | None:
+    """One scrape's verdict: canary's state machine, or the fixed rule when its check is
+    due (`fixed_ok(window)`: does the check on the last minute pass). "promoted",
+    "rolled_back", "inconclusive", or None to go on."""
+    if ours is not None:
+        return ours.judge(t, raws)
+    assert rule is not None
+    interval, threshold = rule
+    if not sch.check_due(t, interval):
+        return None
+    ok = fixed_ok(window)
+    if sch.fixed_check(ok, threshold):
+        return "rolled_back"
+    return sch.advance(t, ok)
+
+
 # Latency: a lognormal body (median 60 ms) with a 2% slow tail (median 250 ms), seen
 # through Prometheus' default histogram buckets. The latency gates judge the share of
 # requests slower than SLOW_AT (ours) or the p99 interpolated from the buckets (fixed).
@@ -207,6 +231,12 @@ def p99_from_buckets(counts: np.ndarray) -> float | None:
     lo = BUCKETS[i - 1] if i else 0.0
     below = cum[i - 1] if i else 0.0
     return lo + (BUCKETS[i] - lo) * (rank - below) / max(counts[i], 1e-12)
+
+
+def p99_ok(window: list[np.ndarray]) -> bool:
+    """Flagger's latency check: the p99 over the last minute within MAX_P99."""
+    p99 = p99_from_buckets(np.sum(window, axis=0))
+    return p99 is not None and p99 <= MAX_P99
 
 
 @dataclass(frozen=True)
@@ -258,20 +288,7 @@ def simulate_latency(sc: LatencyScenario, rps: float, seed: int,
             c["stable_requests"] += n_s
             c["stable_errors"] += float(b_s[i:].sum())
         window = [*window, b_c][-4:]
-        if ours is not None:
-            end = ours.judge(t, counts)
-            if end:
-                return Result(end, t, excess)
-            continue
-        assert rule is not None
-        interval, threshold = rule
-        if not sch.check_due(t, interval):
-            continue
-        p99 = p99_from_buckets(np.sum(window, axis=0))
-        ok = p99 is not None and p99 <= MAX_P99
-        if sch.fixed_check(ok, threshold):
-            return Result("rolled_back", t, excess)
-        end = sch.advance(t, ok)
+        end = judge(ours, sch, rule, t, counts, p99_ok, window)
         if end:
             return Result(end, t, excess)
     return Result("inconclusive", t, excess)
@@ -302,21 +319,7 @@ def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) 
         counts["stable_requests"] += n_s
         counts["stable_errors"] += e_s
         window = [*window, (n_c, e_c)][-4:]
-        if ours is not None:
-            end = ours.judge(t, [counts])
-            if end:
-                return Result(end, t, excess)
-            continue
-        assert rule is not None
-        interval, threshold = rule
-        if not sch.check_due(t, interval):
-            continue
-        req = sum(r for r, _ in window)
-        err = sum(e for _, e in window)
-        ok = req > 0 and err / req <= MAX_ERROR
-        if sch.fixed_check(ok, threshold):
-            return Result("rolled_back", t, excess)
-        end = sch.advance(t, ok)
+        end = judge(ours, sch, rule, t, [counts], rate_ok, window)
         if end:
             return Result(end, t, excess)
     return Result("inconclusive", t, excess)
