@@ -410,10 +410,16 @@ def api(args: argparse.Namespace, method: str, path: str,
         die(f"{e} (HTTP {e.status})" if e.status else str(e))
 
 
-def gate_line(g: dict[str, Any]) -> str:
-    bounds = " ".join(f"{k} {g[k]:g}" for k in ("min", "max") if g.get(k) is not None)
+def gate_line(g: dict[str, Any], *, detail: bool = False) -> str:
     value = "-" if g.get("value") is None else f"{g['value']:.4g}"
-    return f"{g['name']} {value} ({bounds}) {g['status']} {g['failures']}"
+    if g.get("kind") == "errors" and g.get("max") is not None:
+        bounds = f"log10 evidence, fires at {g['max']:g}"
+    else:
+        bounds = " ".join(f"{k} {g[k]:g}" for k in ("min", "max") if g.get(k) is not None)
+    line = f"{g['name']} {value} ({bounds}) {g['status']} {g['failures']}"
+    if detail and g.get("detail"):
+        line += f": {g['detail']}"
+    return line
 
 
 def summary(r: dict[str, Any]) -> str:
@@ -482,7 +488,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  started {r['started_at']}, updated {r['updated_at']}, policy {r['policy']}, "
               f"stable {r['stable_version']}")
         for g in r["gates"]:
-            print(f"  gate {gate_line(g)}")
+            print(f"  gate {gate_line(g, detail=True)}")
         for e in r["events"]:
             print(f"  {e['at']} {e['type']:<12} {e['actor']:<16} {e['message']}")
         return EXIT_OK

@@ -186,3 +186,17 @@ async def test_the_cli_retries_a_503_from_a_follower_and_stops_at_other_errors(t
         assert e.value.status == 503 and sum(slept) == RETRY_FOR
     finally:
         await runner.cleanup()
+
+
+def test_status_explains_a_sequential_gate_and_its_verdict():
+    from canary.cli import gate_line
+
+    g = {"name": "errors", "kind": "errors", "value": 1.44, "min": None, "max": 2.0,
+         "status": "inconclusive", "failures": 0,
+         "detail": "not enough canary traffic yet to rule out a 5x regression"}
+    assert gate_line(g) == "errors 1.44 (log10 evidence, fires at 2) inconclusive 0"
+    assert gate_line(g, detail=True).endswith(": not enough canary traffic yet to rule out "
+                                              "a 5x regression")
+    t = {"name": "error-rate", "kind": "threshold", "value": 0.01, "min": None, "max": 0.05,
+         "status": "pass", "failures": 0, "detail": None}
+    assert gate_line(t, detail=True) == "error-rate 0.01 (max 0.05) pass 0"
