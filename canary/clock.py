@@ -25,6 +25,10 @@ class RealClock:
             await asyncio.sleep(max(0.0, seconds))
             return
         if seconds > 0 and not wakeup.is_set():
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation that arrives as the event fires, and a rollout task that ignores
+            # its cancellation keeps Controller.stop() waiting for ever
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wakeup.wait(), seconds)
+                async with asyncio.timeout(seconds):
+                    await wakeup.wait()
         wakeup.clear()

@@ -49,3 +49,29 @@ async def test_racing_overrides_give_one_consistent_outcome(tmp_path, seed):
     # the abort in the burst is accepted unless a promote to 100% ended the rollout first
     assert done == (r["state"] == "rolled_back")
     assert [k for k, _ in accepted].count("abort") <= 1
+
+
+async def test_a_rollout_task_woken_as_it_is_cancelled_still_stops():
+    # Python 3.11's wait_for returns the result instead of raising when the cancellation
+    # and the wakeup land together; a rollout task that lost its cancellation that way
+    # kept the controller's shutdown waiting for ever (a hung test found it)
+    from canary.clock import RealClock
+
+    wakeup = asyncio.Event()
+    task = asyncio.create_task(RealClock().sleep(3600, wakeup))
+    await asyncio.sleep(0)  # the task is now waiting
+    wakeup.set()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert task.cancelled()
+
+
+async def test_stopping_the_controller_ends_every_rollout_task(tmp_path):
+    async with controller(tmp_path, policies=[simple_policy(hold=3600)]) as (api, ctl, _t):
+        rid = (await api.start(canary_version="v2"))["id"]
+        await api.until(rid, lambda r: r["applied_weight"] == 10)
+        status, _ = await api.call("POST", f"/api/v1/rollouts/{rid}/pause", {"reason": "x"})
+        assert status == 200
+        await asyncio.wait_for(ctl.stop(), 15)
+        assert ctl.running() == 0

@@ -9,7 +9,6 @@ starts again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import secrets
@@ -37,6 +36,7 @@ from canary.routers import Router
 from canary.store import Store
 
 log = logging.getLogger("canary.controller")
+STOP_TIMEOUT = 10.0  # seconds stop() waits for the rollout tasks to end
 _LOUD_EVENTS = {"router_error", "drift", "rollback", "rolled_back"}
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
 
@@ -87,13 +87,17 @@ class Controller:
         self.metrics.active.set(len(self._tasks))
 
     async def stop(self) -> None:
+        """Cancel every rollout task and wait for them (bounded). asyncio.wait neither
+        raises the tasks' CancelledError nor swallows one aimed at the caller."""
         self._stopping = True
         tasks = list(self._tasks.values())
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        if tasks:
+            _done, stuck = await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
+            for t in stuck:
+                log.error("rollout task did not stop within %gs; leaving it", STOP_TIMEOUT,
+                          extra={"task": t.get_name()})
         self._tasks.clear()
 
     def running(self) -> int:
@@ -248,7 +252,7 @@ class Controller:
         next_eval = 0.0
         next_router_try = 0.0
         backoff = Backoff(self.retry_max)
-        while True:
+        while not self._stopping:  # (also ends a task whose cancellation got lost)
             try:
                 r = await self.store.load(rollout_id)
                 if r.state.final:

@@ -153,7 +153,8 @@ async def _run(argv: tuple[str, ...], what: str) -> None:
     except OSError as e:
         raise RouterError(f"nginx {what} command {argv[0]!r} could not start: {e.strerror}") from e
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), COMMAND_TIMEOUT)
+        async with asyncio.timeout(COMMAND_TIMEOUT):  # (not wait_for: see clock.py)
+            out, _ = await proc.communicate()
     except TimeoutError as e:
         proc.kill()
         await proc.wait()
