@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 
 from canary.engine.dryrun import DryRun
-from canary.gates import sequential
 from canary.policy import Gate, NoData, Policy, Stage
 
 SCRAPE = 15.0
@@ -46,7 +45,8 @@ ONE_PERCENT = (1, 25, 50, 100)  # a more careful first step
 BASE = 0.005
 FLAGGER = [(i, t) for i in (15, 30, 60) for t in (1, 2, 5, 10)]
 MAX_ERROR = 0.01
-GATE = sequential.ErrorGate(tolerance=1.0, alpha=0.01, gross=5.0, final_gross=2.0)
+GATE = Gate(name="errors", kind="errors", requests="r{{ version }}", errors="e{{ version }}",
+            tolerance=1.0, alpha=0.01, gross=5.0, final_gross=2.0)
 
 
 @dataclass(frozen=True)
@@ -146,16 +146,11 @@ class Ours(DryRun):
     """canary's own state machine (canary.engine.decide, the controller's code) with the
     given `errors` gates, judging every scrape; the router applies each weight at once."""
 
-    def __init__(self, gates: tuple[sequential.ErrorGate, ...], holds: tuple[float, ...],
-                 deadline: float, weights: tuple[int, ...]) -> None:
-        specs = tuple(Gate(name=f"gate{k}", kind="errors", requests="r{{ version }}",
-                           errors="e{{ version }}", tolerance=g.tolerance, alpha=g.alpha,
-                           gross=g.gross, final_gross=g.final_gross or 2.0,
-                           detect_rate=g.detect_rate, warmup=g.warmup)
-                      for k, g in enumerate(gates))
+    def __init__(self, gates: tuple[Gate, ...], holds: tuple[float, ...], deadline: float,
+                 weights: tuple[int, ...]) -> None:
         super().__init__(Policy(name="sim", stages=tuple(Stage(w, h) for w, h in
                                                          zip(weights, holds, strict=True)),
-                                gates=specs, interval=SCRAPE, failure_limit=1,
+                                gates=gates, interval=SCRAPE, failure_limit=1,
                                 no_data=NoData.HOLD, progress_deadline=deadline))
 
     def judge(self, t: float, raws: list[dict[str, float]]) -> str | None:
@@ -193,12 +188,11 @@ def judge(ours: Ours | None, sch: Schedule, rule: tuple[int, int] | None, t: flo
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.inf)
 SLOW_AT = (0.1, 0.25)  # two boundaries: near stable's p80 and at its p99 (the SLO)
 MAX_P99 = 0.5   # Flagger's request-duration default bound, 500 ms
-LAT_GATES = (  # one per boundary; alpha 0.005 each, 0.01 together
-    sequential.ErrorGate(tolerance=1.0, alpha=0.005, gross=3.0, final_gross=1.5,
-                         detect_rate=0.05, warmup=120.0),
-    sequential.ErrorGate(tolerance=1.0, alpha=0.005, gross=3.0, final_gross=2.0,
-                         detect_rate=0.05, warmup=120.0),
-)
+LAT_GATES = tuple(  # one per boundary; alpha 0.005 each, 0.01 together
+    Gate(name=f"slower-than-{b:g}s", kind="errors", requests="r{{ version }}",
+         errors="e{{ version }}", tolerance=1.0, alpha=0.005, gross=3.0, final_gross=fg,
+         detect_rate=0.05, warmup=120.0)
+    for b, fg in zip(SLOW_AT, (1.5, 2.0), strict=True))
 EXCESS_AT = 0.25  # "a bad request" in the latency rows: slower than stable's p99
 
 
