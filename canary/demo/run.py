@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 
 from canary import config as config_mod
+from canary.cli import gate_line, serving
 from canary.demo import procs
 from canary.demo.playground import Playground, fast_policy, sequential_policy
 from canary.demo.procs import Load
@@ -24,20 +25,13 @@ def say(text: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {text}", flush=True)
 
 
-def _gate(g: dict[str, Any]) -> str:
-    value = "-" if g["value"] is None else format(g["value"], ".3g")
-    if g.get("kind") == "errors":  # a sequential gate: its value is log10 of the evidence
-        return f"{g['name']}: log10(evidence)={value}(fires at {g['max']:g}) {g['status']}"
-    return f"{g['name']}={value}(max {g['max']:g}) {g['status']}"
-
-
 async def follow(s: aiohttp.ClientSession, pg: Playground, rollout_id: str) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {pg.tokens['viewer']}"}
     last = ""
     while True:
         async with s.get(f"{pg.api}/api/v1/rollouts/{rollout_id}", headers=headers) as resp:
             r: dict[str, Any] = await resp.json()
-        gates = ", ".join(_gate(g) for g in r["gates"])
+        gates = ", ".join(gate_line(g) for g in r["gates"])
         line = f"  {r['state']:<12} stage {r['stage']} weight {r['weight']:>3}%  {gates}"
         if line != last:
             say(line)
@@ -48,8 +42,6 @@ async def follow(s: aiohttp.ClientSession, pg: Playground, rollout_id: str) -> d
 
 
 async def demo(keep: bool) -> int:
-    from canary.cli import serving
-
     with tempfile.TemporaryDirectory(prefix="canary-demo-") as tmp:
         pg = Playground(Path(tmp))
         say(f"starting the playground in {tmp}: nginx, Prometheus, web v1 (stable) and v2 (canary)")

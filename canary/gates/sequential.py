@@ -150,7 +150,6 @@ def phi(sigma2: float, errors: float, pi_0: float) -> float:
     return 1.0 + max(0.0, errors - 1) * pi_0 * (1 - pi_0) * 2 * v
 
 
-
 def evidence(state: State) -> float:
     """The mixture statistic M_t: >= 1/alpha means the canary is worse than tolerated."""
     pending = 1.0 / (state.t + 1)  # q mass of change points not yet reached
