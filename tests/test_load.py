@@ -16,8 +16,11 @@ pytestmark = pytest.mark.e2e
 async def test_two_hundred_concurrent_rollouts_progress_and_every_abort_lands():
     logging.disable(logging.WARNING)
     try:
-        # holds long enough that every abort meets a rollout still in flight
-        result = await run(200, interval=1.0, duration=12.0, aborts=10, hold=6.0, reads_per_s=20)
+        # holds long enough that every abort meets a rollout still in flight; after the
+        # 12 s of reads and aborts, it runs on until every rollout reached its third stage
+        # (or finished) - a busy CI machine gets there later, not differently
+        result = await run(200, interval=1.0, duration=12.0, aborts=10, hold=6.0, reads_per_s=20,
+                           wait_stage=2)
     finally:
         logging.disable(logging.NOTSET)
     states = result["states"]
@@ -26,10 +29,12 @@ async def test_two_hundred_concurrent_rollouts_progress_and_every_abort_lands():
     assert accepted >= 5, result  # (an abort that meets a finished rollout is a 409)
     assert states.get("rolled_back") == accepted == result["abort_to_weight0_ms"]["n"]
     assert set(states) <= {"progressing", "succeeded", "rolled_back"}
-    assert sum(n for stage, n in result["stages"].items() if stage >= 2) >= 150, \
-        "healthy rollouts move through their stages"
+    healthy = 200 - accepted
+    assert sum(n for stage, n in result["stages"].items() if stage >= 2) >= healthy, \
+        "every healthy rollout moves through its stages"
     assert result["evaluations"] >= 200 * 4, "every rollout is evaluated again and again"
-    assert result["read_latency_ms"]["n"] > 50
+    # reads are answered throughout (how fast is bench/load.py's business, not a test's)
+    assert result["read_latency_ms"]["n"] >= 10 and result["reads_failed"] == 0
 
 
 async def test_identical_queries_across_rollouts_are_sent_once_per_window():
