@@ -58,6 +58,7 @@ class Scenario:
     burst: bool = False               # both versions x10 for 2 minutes at 6 min
     shared_noise: float = 0.0         # bursty errors: both versions' rates x Gamma shock
     own_noise: float = 0.0            # each version's rate x its own Gamma shock
+    canary_noise: float = 0.0         # the canary's rate alone x a Gamma shock
     holds: tuple[float, ...] = HOLDS  # the staged policy both rules follow...
     deadline: float = DEADLINE        # ...and its progress deadline...
     weights: tuple[int, ...] = WEIGHTS  # ...and its weights
@@ -73,6 +74,9 @@ class Scenario:
         if self.own_noise:
             k = 1 / self.own_noise
             p_c, p_s = p_c * float(rng.gamma(k, 1 / k)), p_s * float(rng.gamma(k, 1 / k))
+        if self.canary_noise:  # one canary pod wanders; stable's many average out
+            k = 1 / self.canary_noise
+            p_c = p_c * float(rng.gamma(k, 1 / k))
         return min(1.0, p_c), min(1.0, p_s)
 
 
@@ -85,6 +89,8 @@ def scenarios() -> list[Scenario]:
         Scenario("burst on both", BASE, const(BASE), None, burst=True),
         Scenario("bursty, shared", BASE, const(BASE), None, shared_noise=1.0),
         Scenario("bursty, per version", BASE, const(BASE), None, own_noise=0.3),
+        Scenario("bursty, canary only", BASE, const(BASE), None, canary_noise=0.3),
+        Scenario("very bursty, canary only", BASE, const(BASE), None, canary_noise=1.0),
         Scenario("errors x2", BASE, const(BASE * 2), 0.0),
         Scenario("errors x5", BASE, const(BASE * 5), 0.0),
         Scenario("errors x10", BASE, const(BASE * 10), 0.0),

@@ -19,7 +19,9 @@ healthy stretch from blunting detection of a failure that starts late.
 Two additions:
 - Overdispersion. When each version's error rate wanders on its own from interval to
   interval, pi wanders too, and the binomial likelihood ratio is no longer an e-value.
-  The spread is estimated from stable's own interval-to-interval variation, and each
+  The spread is estimated from each version's own interval-to-interval variation (the
+  larger of the two: a canary on one pod wanders more than stable on ten, whose pods'
+  bursts average out), and each
   interval's log-likelihood ratio is divided by the dispersion factor phi it implies
   (quasi-likelihood tempering: for a score with variance phi x the binomial one,
   exp(l / phi) has mean <= 1 again). Tempering is safe when the estimate is too high:
@@ -45,6 +47,13 @@ DISPERSION_CAP = 3.0    # one interval pair's say in the spread estimate
 MAX_COUNTER = 1e15      # a quadrillion requests: anything above is not a counter
 PRIOR_SPREAD = 0.75     # sigma^2 assumed before stable has shown its own
 SPREAD_Z = 2.5          # standard errors added to the estimate
+# The canary's own spread counts only from interval pairs expected to hold this many of
+# its errors, and once there are CANARY_MIN_PAIRS of them: at a 5% weight its counts are
+# a handful, their noise would swamp the estimate (and make the test needlessly slow),
+# and there wandering is dwarfed by counting noise anyway - it matters where counts are
+# large, which is where the canary's estimate becomes precise.
+CANARY_MIN_ERRORS = 2.0
+CANARY_MIN_PAIRS = 4
 
 
 @dataclass(frozen=True)
@@ -68,10 +77,12 @@ class State:
     first_at: float | None = None                          # when counting began
     ni: list[float] = field(default_factory=lambda: [0.0] * len(NI_GRID))  # log products
     disp: dict[str, float] = field(default_factory=dict)   # stable's spread estimate
+    disp_c: dict[str, float] = field(default_factory=dict)  # the canary's
 
     def to_json(self) -> dict[str, Any]:
         return {"last": self.last, "t": self.t, "s": self.s, "stage": self.stage,
-                "first_at": self.first_at, "ni": self.ni, "disp": self.disp}
+                "first_at": self.first_at, "ni": self.ni, "disp": self.disp,
+                "disp_c": self.disp_c}
 
     @classmethod
     def from_json(cls, d: dict[str, Any] | None) -> State:
@@ -80,7 +91,7 @@ class State:
         return cls(last=dict(d.get("last", {})), t=int(d.get("t", 0)),
                    s=list(d.get("s", [0.0] * len(GRID))), stage=dict(d.get("stage", {})),
                    first_at=d.get("first_at"), ni=list(d.get("ni", [0.0] * len(NI_GRID))),
-                   disp=dict(d.get("disp", {})))
+                   disp=dict(d.get("disp", {})), disp_c=dict(d.get("disp_c", {})))
 
 
 def _delta(new: float, old: float | None) -> float:
@@ -99,9 +110,9 @@ def _log_lr(e_c: float, e_s: float, pi_k: float, pi_0: float) -> float:
     return e_c * math.log(pi_k / pi_0) + e_s * math.log((1 - pi_k) / (1 - pi_0))
 
 
-def spread(disp: dict[str, float]) -> float:
+def spread(disp: dict[str, float], z: float = SPREAD_Z) -> float:
     """sigma^2: the relative variance of a version's error rate from one interval to the
-    next, beyond counting noise, as stable shows it. An upper confidence bound (the mean
+    next, beyond counting noise, as that version shows it. An upper confidence bound (the mean
     of the per-pair estimates plus SPREAD_Z standard errors), and PRIOR_SPREAD until two
     pairs have been seen: an estimate that is low by chance would leave the test too
     trusting, one that is high only costs a little speed. (Where counts are small the
@@ -111,17 +122,29 @@ def spread(disp: dict[str, float]) -> float:
         return PRIOR_SPREAD
     mean = disp.get("c", 0.0) / k
     var = max(0.0, disp.get("c2", 0.0) / k - mean * mean) * k / (k - 1)
-    return max(0.0, mean) + SPREAD_Z * math.sqrt(var / k)
+    return max(0.0, mean) + z * math.sqrt(var / k)
 
 
-def observe_stable(disp: dict[str, float], e_s: float, n_s: float) -> dict[str, float]:
-    """Fold one stable interval into the spread estimate. For consecutive intervals,
+def spread_of(state: State) -> float:
+    """The spread the test allows for: stable's (its upper bound, as the test's anchor),
+    or the canary's where it has shown a larger one on enough traffic. The canary's is
+    its plain estimate, without the bound: a bad canary's counts feed it too, and at a
+    few errors an interval an upper bound would temper the test - and slow the catch of a
+    real regression - for noise alone."""
+    own = spread(state.disp_c, 0.0) if state.disp_c.get("k", 0.0) >= CANARY_MIN_PAIRS else 0.0
+    return max(spread(state.disp), own)
+
+
+def observe(disp: dict[str, float], e_s: float, n_s: float,
+            min_errors: float = 0.0) -> dict[str, float]:
+    """Fold one interval of a version into its spread estimate. For consecutive intervals,
     D = e2/n2 - e1/n1 has E[D^2] = p/n1 + p/n2 + 2 p^2 sigma^2 when the rate is p x a
     shock of variance sigma^2 each interval; e/n^2 estimates p/n. Differences, not
     deviations from the mean, so a slow trend in stable's rate is not counted as
     spread; each pair's say is capped, so one short burst shared by both versions (which
     the conditional test is immune to anyway) does not blunt the test for the rest of
-    the rollout."""
+    the rollout. A pair counts only when both intervals were expected (at the pooled
+    rate, not their own, so a spike cannot select itself) to hold `min_errors`."""
     if n_s <= 0:
         return disp
     out = dict(disp)
@@ -129,7 +152,8 @@ def observe_stable(disp: dict[str, float], e_s: float, n_s: float) -> dict[str, 
     out["sn"] = disp.get("sn", 0.0) + n_s
     p = out["se"] / out["sn"]
     n1, e1 = disp.get("n", 0.0), disp.get("e", 0.0)
-    if n1 >= 1 and n_s >= 1 and p * p > 0:  # (fractional or vanishing counts: skip)
+    if (n1 >= 1 and n_s >= 1 and p * p > 0  # (fractional or vanishing counts: skip)
+            and p * min(n1, n_s) >= min_errors):
         d = e_s / n_s - e1 / n1
         c = (d * d - e_s / (n_s * n_s) - e1 / (n1 * n1)) / (2 * p * p)
         c = max(-DISPERSION_CAP, min(DISPERSION_CAP, c))
@@ -173,7 +197,7 @@ def step(gate: ErrorGate, state: State, e_c: float, n_c: float, e_s: float,
     t = state.t + 1
     q = 1.0 / (t * (t + 1))
     pi_0 = _pi(n_c, n_s, gate.tolerance)
-    sigma2 = spread(state.disp)
+    sigma2 = spread_of(state)
     f = phi(sigma2, e_c + e_s, pi_0)
     s = []
     for k, r in enumerate(GRID):
@@ -189,7 +213,7 @@ def step(gate: ErrorGate, state: State, e_c: float, n_c: float, e_s: float,
     stage["phi"] = stage.get("phi", 0.0) + f
     stage["k"] = stage.get("k", 0.0) + 1
     return State(last=state.last, t=t, s=s, stage=stage, first_at=state.first_at, ni=ni,
-                 disp=state.disp)
+                 disp=state.disp, disp_c=state.disp_c)
 
 
 def could_detect(gate: ErrorGate, stage: dict[str, float], gross: float | None = None) -> bool:
@@ -236,7 +260,7 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
     `stable_requests`, `stable_errors` (None where the query had no sample)."""
     if new_stage:
         state = State(last=state.last, t=state.t, s=state.s, stage={}, first_at=state.first_at,
-                      ni=state.ni, disp=state.disp)
+                      ni=state.ni, disp=state.disp, disp_c=state.disp_c)
     if any(raw.get(k) is None for k in ("canary_requests", "stable_requests")):
         return Outcome("no_data", None, "no request counters yet", state)
     odd = [k for k, v in raw.items() if v is not None and not (math.isfinite(v) and
@@ -251,7 +275,8 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
     first = not state.last
     d = {k: _delta(cur[k], state.last.get(k)) for k in cur}
     state = State(last=cur, t=state.t, s=state.s, stage=dict(state.stage),
-                  first_at=now if first else state.first_at, ni=state.ni, disp=state.disp)
+                  first_at=now if first else state.first_at, ni=state.ni, disp=state.disp,
+                  disp_c=state.disp_c)
     if first:
         return Outcome("inconclusive", None, "first reading; counting from here", state)
     warming = state.first_at is not None and now - state.first_at < gate.warmup
@@ -259,7 +284,9 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
     n_s, e_s = d["stable_requests"], min(d["stable_errors"], d["stable_requests"])
     for k, v in (("n_c", n_c), ("e_c", e_c), ("n_s", n_s), ("e_s", e_s)):
         state.stage[k] = state.stage.get(k, 0.0) + v
-    state.disp = observe_stable(state.disp, e_s, n_s)  # stable's spread, warm or not
+    state.disp = observe(state.disp, e_s, n_s)  # stable's spread, warm or not
+    if not warming:  # (a warming canary's errors are not its settled behaviour)
+        state.disp_c = observe(state.disp_c, e_c, n_c, CANARY_MIN_ERRORS)
     if warming:
         # a canary warming up (cold caches, JIT) is slow or flaky for a while: this gate
         # does not judge it until `warmup` has passed (give crash-catching gates none)
@@ -274,10 +301,11 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
     st = state.stage
     rates = (f"canary {st.get('e_c', 0):.0f}/{st.get('n_c', 0):.0f} errors, stable "
              f"{st.get('e_s', 0):.0f}/{st.get('n_s', 0):.0f} this stage")
-    sigma2 = spread(state.disp)
+    sigma2 = spread_of(state)
     if sigma2 > 0.01 and state.disp.get("k", 0.0) >= 2:
+        who = "the canary's" if sigma2 > spread(state.disp) else "stable's"
         rates += (f"; allowing for error rates that vary by up to ±{math.sqrt(sigma2):.0%} "
-                  "between intervals, as stable's does")
+                  f"between intervals, as {who} does")
     if m >= 1 / gate.alpha:
         return Outcome("fail", value, f"canary's error rate is above stable's x "
                                       f"{gate.tolerance:g} (evidence {m:.3g} >= "
