@@ -38,7 +38,7 @@ Two additions:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 GRID = (1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)  # ratios of error rates, x tolerance
@@ -135,32 +135,32 @@ def spread_of(state: State) -> float:
     return max(spread(state.disp), own)
 
 
-def observe(disp: dict[str, float], e_s: float, n_s: float,
+def observe(disp: dict[str, float], e: float, n: float,
             min_errors: float = 0.0) -> dict[str, float]:
     """Fold one interval of a version into its spread estimate. For consecutive intervals,
     D = e2/n2 - e1/n1 has E[D^2] = p/n1 + p/n2 + 2 p^2 sigma^2 when the rate is p x a
     shock of variance sigma^2 each interval; e/n^2 estimates p/n. Differences, not
-    deviations from the mean, so a slow trend in stable's rate is not counted as
+    deviations from the mean, so a slow trend in the rate is not counted as
     spread; each pair's say is capped, so one short burst shared by both versions (which
     the conditional test is immune to anyway) does not blunt the test for the rest of
     the rollout. A pair counts only when both intervals were expected (at the pooled
     rate, not their own, so a spike cannot select itself) to hold `min_errors`."""
-    if n_s <= 0:
+    if n <= 0:
         return disp
     out = dict(disp)
-    out["se"] = disp.get("se", 0.0) + e_s
-    out["sn"] = disp.get("sn", 0.0) + n_s
+    out["se"] = disp.get("se", 0.0) + e
+    out["sn"] = disp.get("sn", 0.0) + n
     p = out["se"] / out["sn"]
     n1, e1 = disp.get("n", 0.0), disp.get("e", 0.0)
-    if (n1 >= 1 and n_s >= 1 and p * p > 0  # (fractional or vanishing counts: skip)
-            and p * min(n1, n_s) >= min_errors):
-        d = e_s / n_s - e1 / n1
-        c = (d * d - e_s / (n_s * n_s) - e1 / (n1 * n1)) / (2 * p * p)
+    if (n1 >= 1 and n >= 1 and p * p > 0  # (fractional or vanishing counts: skip)
+            and p * min(n1, n) >= min_errors):
+        d = e / n - e1 / n1
+        c = (d * d - e / (n * n) - e1 / (n1 * n1)) / (2 * p * p)
         c = max(-DISPERSION_CAP, min(DISPERSION_CAP, c))
         out["c"] = disp.get("c", 0.0) + c
         out["c2"] = disp.get("c2", 0.0) + c * c
         out["k"] = disp.get("k", 0.0) + 1
-    out["e"], out["n"] = e_s, n_s
+    out["e"], out["n"] = e, n
     return out
 
 
@@ -212,8 +212,7 @@ def step(gate: ErrorGate, state: State, e_c: float, n_c: float, e_s: float,
     stage = dict(state.stage)
     stage["phi"] = stage.get("phi", 0.0) + f
     stage["k"] = stage.get("k", 0.0) + 1
-    return State(last=state.last, t=t, s=s, stage=stage, first_at=state.first_at, ni=ni,
-                 disp=state.disp, disp_c=state.disp_c)
+    return replace(state, t=t, s=s, stage=stage, ni=ni)
 
 
 def could_detect(gate: ErrorGate, stage: dict[str, float], gross: float | None = None) -> bool:
@@ -259,8 +258,7 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
     """One evaluation: raw holds the counters `canary_requests`, `canary_errors`,
     `stable_requests`, `stable_errors` (None where the query had no sample)."""
     if new_stage:
-        state = State(last=state.last, t=state.t, s=state.s, stage={}, first_at=state.first_at,
-                      ni=state.ni, disp=state.disp, disp_c=state.disp_c)
+        state = replace(state, stage={})
     if any(raw.get(k) is None for k in ("canary_requests", "stable_requests")):
         return Outcome("no_data", None, "no request counters yet", state)
     odd = [k for k, v in raw.items() if v is not None and not (math.isfinite(v) and
@@ -274,9 +272,8 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
     cur = {k: float(v or 0.0) for k, v in raw.items()}
     first = not state.last
     d = {k: _delta(cur[k], state.last.get(k)) for k in cur}
-    state = State(last=cur, t=state.t, s=state.s, stage=dict(state.stage),
-                  first_at=now if first else state.first_at, ni=state.ni, disp=state.disp,
-                  disp_c=state.disp_c)
+    state = replace(state, last=cur, stage=dict(state.stage),
+                    first_at=now if first else state.first_at)
     if first:
         return Outcome("inconclusive", None, "first reading; counting from here", state)
     warming = state.first_at is not None and now - state.first_at < gate.warmup
