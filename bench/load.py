@@ -154,7 +154,6 @@ async def run(n: int, interval: float, duration: float, aborts: int, hold: float
         await store.close()
         await prom.stop()
     cpu = time.process_time() - cpu0
-    duration = elapsed
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     delays = _histogram(metrics, "canary_evaluation_delay_seconds")
     missed = _value(metrics, "canary_missed_intervals_total")
@@ -165,7 +164,7 @@ async def run(n: int, interval: float, duration: float, aborts: int, hold: float
         stages[r["stage"]] = stages.get(r["stage"], 0) + 1
     evals = prom.queries / max(1, len(pol.gates))
     return {
-        "rollouts": n, "interval_s": interval, "duration_s": duration,
+        "rollouts": n, "interval_s": interval, "duration_s": round(elapsed, 1),
         "evaluations": int(evals),
         "evaluation_delay_s": delays,
         "missed_intervals": missed,
@@ -178,9 +177,9 @@ async def run(n: int, interval: float, duration: float, aborts: int, hold: float
         "read_latency_ms": {"n": len(read_latency),
                             "p50": round(pct(read_latency, 0.5) * 1000, 1),
                             "p99": round(pct(read_latency, 0.99) * 1000, 1)},
-        "prometheus_queries_per_tick": round(prom.queries / max(1, duration / interval), 1),
-        "cpu_s_per_rollout_per_min": round(cpu / n / (duration / 60), 4),
-        "cpu_share_of_one_core": round(cpu / duration, 3),
+        "prometheus_queries_per_tick": round(prom.queries / max(1, elapsed / interval), 1),
+        "cpu_s_per_rollout_per_min": round(cpu / n / (elapsed / 60), 4),
+        "cpu_share_of_one_core": round(cpu / elapsed, 3),
         "max_rss_mb_growth_per_rollout": round((rss - rss0) / 1024 / n, 3),
         "states": states,
         "stages": dict(sorted(stages.items())),
