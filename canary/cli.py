@@ -312,10 +312,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         for p in e.problems:
             print(p)
         return EXIT_FAILED
-    print(plan_text(pol))
-    if args.rps is not None:
-        rates: dict[str, float] = {}
-        default = 0.005
+    rates: dict[str, float] = {}
+    default = 0.005
+    if args.rps is not None:  # (checked before anything is printed)
         for item in args.error_rate or []:
             name, _, value = item.rpartition("=")
             try:
@@ -330,6 +329,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 default = rate
         if not 0 < args.rps <= 1e6:
             die(f"--rps {args.rps:g}: give requests per second, above 0")
+    print(plan_text(pol))
+    if args.rps is not None:
         print()
         print(plan_on_traffic(pol, args.rps, rates, default))
     return EXIT_OK
