@@ -48,7 +48,10 @@ class MemoryRouter:
     async def check(self) -> None:
         return None
 
-    async def set_weight(self, weight: int) -> None:
+    async def decision(self) -> str | None:
+        return None
+
+    async def set_weight(self, weight: int, *, decision: str | None = None) -> None:
         await asyncio.sleep(0.001)
         self.weight = weight
         self.changes.append((time.monotonic(), weight))

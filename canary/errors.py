@@ -10,6 +10,8 @@
         ├── RouterError           nginx test/reload failed, file not writable, API server error
         ├── MetricsError          Prometheus unreachable, slow or answering an error
         ├── StoreConflict         someone else wrote the rollout first (expected version moved)
+        ├── StoreUnavailable      the state store cannot be read or written (full, read-only,
+        │                         corrupt, deleted); rollbacks still reach the router (-> 503)
         └── NotLeader             a write sent to a replica that does not hold the lease (-> 503)
 
 tenacity retries only TransientError subclasses, and only where the caller says so.
@@ -72,6 +74,10 @@ class MetricsError(TransientError):
 
 
 class StoreConflict(TransientError):
+    pass
+
+
+class StoreUnavailable(TransientError):
     pass
 
 

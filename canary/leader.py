@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from canary import kube
+from canary.executors import Pool
 
 log = logging.getLogger("canary.leader")
 
@@ -43,6 +44,8 @@ class LeaderElector:
         self._last_renew = 0.0
         self._observed: tuple[Any, ...] | None = None
         self._observed_at = 0.0
+        # renewals have a pool of their own: nothing else may delay them past the deadline
+        self._pool = Pool("kube-lease", 2)
 
     def _coord(self) -> Any:
         from kubernetes import client
@@ -50,7 +53,7 @@ class LeaderElector:
         return client.CoordinationV1Api(self._api)
 
     async def _call(self, fn: Any, *args: Any, **kw: Any) -> Any:
-        return await asyncio.to_thread(fn, *args, _request_timeout=kube.REQUEST_TIMEOUT, **kw)
+        return await self._pool.run(fn, *args, _request_timeout=kube.REQUEST_TIMEOUT, **kw)
 
     async def run(self) -> None:
         try:

@@ -35,6 +35,13 @@ class Metrics:
         self.missed = Counter("canary_missed_intervals",
                               "Evaluations that started more than one interval late",
                               registry=self.registry)
+        self.store_failures = Counter(
+            "canary_store_failures", "State store operations that failed (full, read-only, "
+            "corrupt, deleted or unreachable store)", registry=self.registry)
+        self.store_writable = Gauge("canary_store_writable",
+                                    "1 while the state store accepts writes, else 0",
+                                    registry=self.registry)
+        self.store_writable.set(1)
         self.router_errors = Counter("canary_router_errors", "Failed router operations",
                                      ["target"], registry=self.registry)
 

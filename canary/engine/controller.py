@@ -4,12 +4,20 @@ Every change goes through `_update`: load the stored rollout, run a pure step of
 `decide` on it, save it with its expected version. The router is told only what was
 saved first, so a controller killed at any point re-applies the stored weight when it
 starts again.
+
+One exception, in the safe direction: while the store cannot be written, a rollout
+keeps judging its gates from memory, and a rollback (a breach, or an abort) goes to
+the router at once, with the decision written into the router's own state
+(`decide.decision_note`). It is saved as soon as the store takes writes again, or
+adopted from the router by a controller that restarts in between.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import re
 import secrets
 import time
@@ -23,20 +31,25 @@ from canary.clock import Clock
 from canary.config import Target
 from canary.engine import decide
 from canary.errors import (
+    Conflict,
     InvalidInput,
     NotFound,
     NotLeader,
     RouterError,
     StoreConflict,
+    StoreUnavailable,
 )
 from canary.gates.prometheus import MetricSource, measure
 from canary.metrics import Metrics
-from canary.model import Command, PauseKind, Phase, Readings, Rollout, Verdict
+from canary.model import Command, CommandKind, PauseKind, Phase, Readings, Rollout, Verdict
 from canary.routers import Router
 from canary.store import Store
 
 log = logging.getLogger("canary.controller")
 STOP_TIMEOUT = 10.0  # seconds stop() waits for the rollout tasks to end
+STORE_RETRY = 1.0    # seconds between write attempts while the store is failing
+STORE_CHECK = 2.0    # seconds between background checks that the store takes writes
+_ROLLBACK = (Phase.ROLLING_BACK, Phase.ROLLED_BACK)
 _LOUD_EVENTS = {"router_error", "drift", "rollback", "rolled_back"}
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
 
@@ -74,22 +87,45 @@ class Controller:
     _start_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _policy_cache: dict[str, policy_mod.Policy] = field(default_factory=dict)
     _stopping: bool = False
+    # why the state store cannot be written now (None: it can), and per target, canary
+    # traffic that no rollout in the store explains (e.g. the state file went missing)
+    store_error: str | None = None
+    warnings: dict[str, str] = field(default_factory=dict)
+    _last: dict[str, Rollout] = field(default_factory=dict)      # last stored, per task
+    _unsaved: dict[str, Rollout] = field(default_factory=dict)   # a rollback not yet saved
+    _pending_abort: dict[str, Command] = field(default_factory=dict)
+    _invalid_policy: dict[str, str] = field(default_factory=dict)
+    _monitor: asyncio.Task[None] | None = None
 
     # ---- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
         self._stopping = False
-        for r in await self.store.list(active_only=True):
+        active = await self.store.list(active_only=True)
+        if active:  # stored times never go back, even after a wall-clock step
+            self.clock.not_before(max(r.updated_at for r in active))
+        for r in active:
             log.info("resuming rollout", extra={"rollout": r.id, "target": r.target,
                                                 "state": r.state.value, "stage": r.stage,
                                                 "weight": r.weight})
             self._spawn(r.id)
         self.metrics.active.set(len(self._tasks))
+        busy = {r.target for r in active}
+        for name in self.routers:
+            if name not in busy:
+                await self._check_unexplained(name)
+        if self._monitor is None:
+            self._monitor = asyncio.create_task(self._watch_store(), name="store-health")
 
     async def stop(self) -> None:
         """Cancel every rollout task and wait for them (bounded). asyncio.wait neither
         raises the tasks' CancelledError nor swallows one aimed at the caller."""
         self._stopping = True
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+            self._monitor = None
         tasks = list(self._tasks.values())
         for t in tasks:
             t.cancel()
@@ -147,6 +183,10 @@ class Controller:
                 raise InvalidInput(f"{field_name}: {value!r} must be 1-128 letters, digits or "
                                    "._:+- starting with a letter or digit")
         await self.routers[target].check()
+        if target in self.warnings:
+            message = await self._check_unexplained(target)
+            if message:
+                raise Conflict(message)
         async with self._start_lock:
             if stable_version is None:
                 stable_version = await self._last_stable(target) or tgt.stable_version
@@ -179,14 +219,91 @@ class Controller:
         return None
 
     async def command(self, rollout_id: str, cmd: Command) -> Rollout:
-        """Record an override and wake the rollout's task; Conflict if it does not fit."""
+        """Record an override and wake the rollout's task; Conflict if it does not fit.
+        An abort that the store cannot record is carried out all the same (StoreUnavailable
+        says so): the rollout's task takes the traffic to 0 and saves it later."""
         self._must_lead()
         now = self.clock.now()
-        r = await self._update(rollout_id, lambda r: decide.command(
-            r, self._policy_of(r), cmd, now))
+        try:
+            r = await self._update(rollout_id, lambda r: decide.command(
+                r, self._policy_of(r), cmd, now))
+        except StoreUnavailable as e:
+            if cmd.kind is not CommandKind.ABORT or rollout_id not in self._tasks:
+                raise
+            self._pending_abort[rollout_id] = cmd
+            self.wake(rollout_id)
+            raise StoreUnavailable(f"{e}. The abort is carried out anyway: the canary's "
+                                   "traffic goes to 0 now, and the rollback is saved as soon "
+                                   "as the store can be written") from e
         faults.point("after_command")
         self.wake(rollout_id)
         return r
+
+    # ---- the state store's health, and traffic nobody explains ---------------------------
+
+    def _store_failed(self, error: str) -> None:
+        self.metrics.store_failures.inc()
+        self.metrics.store_writable.set(0)
+        if self.store_error is None:
+            log.error(f"state store cannot be written: {error}; rollbacks still reach the "
+                      "router, everything else waits for the store", extra={"store": "down"})
+        self.store_error = error
+
+    def _store_ok(self) -> None:
+        if self.store_error is not None:
+            log.warning("state store takes writes again", extra={"store": "up"})
+            self.store_error = None
+            self.metrics.store_writable.set(1)
+
+    async def check_store(self) -> str | None:
+        """Write to the store (reads succeed on a full, read-only or deleted file); None
+        when it worked, else why not."""
+        try:
+            await self.store.ping()
+        except Exception as e:  # every store failure means "not ready"
+            self._store_failed(str(e) or type(e).__name__)
+        else:
+            self._store_ok()
+        return self.store_error
+
+    async def _watch_store(self) -> None:
+        while True:
+            await self.check_store()
+            await asyncio.sleep(STORE_CHECK)
+
+    async def _check_unexplained(self, target: str) -> str | None:
+        """A target with no active rollout whose router carries canary traffic that its
+        last rollout does not explain (100 after a success, else 0): say so loudly, and
+        leave the traffic alone. Re-checked on every start and readiness probe."""
+        router = self.routers.get(target)
+        live = await router.get_weight() if router else None
+        last = None
+        if live:
+            last = next((r for r in await self.store.list()
+                         if r.target == target and r.state.final), None)
+        if not live or (last is not None and last.state is Phase.SUCCEEDED and live == 100):
+            if self.warnings.pop(target, None):
+                log.warning("target's canary traffic is explained again", extra={"target": target})
+            return None
+        assert router is not None
+        note = await router.decision()
+        known = (f"its last rollout {last.id} ended {last.state.value}" if last is not None
+                 else "the state store has no rollout of it")
+        message = (f"target {target} carries {live}% canary traffic, but no active rollout "
+                   f"and {known}" + (f" (the router notes: {note})" if note else "")
+                   + ": the state store may be missing or replaced. canary leaves this "
+                   "traffic alone; set the router back by hand (or restore the state file "
+                   "and restart) before starting a rollout here")
+        if self.warnings.get(target) != message:
+            log.error(message, extra={"target": target})
+        self.warnings[target] = message
+        return message
+
+    async def unexplained(self) -> dict[str, str]:
+        """The current warnings, each re-checked (on-call may have fixed the router)."""
+        for target in list(self.warnings):
+            await self._check_unexplained(target)
+        return dict(self.warnings)
 
     # ---- the loop -------------------------------------------------------------------
 
@@ -194,7 +311,13 @@ class Controller:
         lock = self._locks.setdefault(rollout_id, asyncio.Lock())
         async with lock:
             for _ in range(20):
-                old = await self.store.load(rollout_id)
+                try:
+                    old = await self.store.load(rollout_id)
+                except StoreUnavailable as e:
+                    self._store_failed(str(e))
+                    raise
+                if rollout_id in self._tasks:
+                    self._last[rollout_id] = old
                 new = step(old)
                 if new == old:
                     return old
@@ -203,6 +326,15 @@ class Controller:
                     saved = await self.store.save(rollout=new, expected_version=old.version)
                 except StoreConflict:
                     continue
+                except StoreUnavailable as e:
+                    self._store_failed(str(e))
+                    if (rollout_id in self._tasks and new.state in _ROLLBACK
+                            and old.state not in _ROLLBACK):
+                        self._unsaved[rollout_id] = new  # the safe direction goes ahead
+                    raise
+                self._store_ok()
+                if rollout_id in self._tasks:
+                    self._last[rollout_id] = saved
                 faults.point("after_save")
                 self._log_new_events(old, saved)
                 self.metrics.observe(saved)
@@ -216,7 +348,14 @@ class Controller:
         re-validating it every interval of every rollout is wasted work."""
         pol = self._policy_cache.get(r.id)
         if pol is None:
-            pol = self._policy_cache[r.id] = policy_mod.from_dict(r.policy_spec)
+            try:
+                pol = policy_mod.from_dict(r.policy_spec)
+            except InvalidInput as e:
+                # e.g. stored by an older canary that allowed what this one refuses: the
+                # rollout must still be abortable, so hold it where it is, without gates
+                pol = _frozen_policy(r)
+                self._invalid_policy[r.id] = str(e).replace("\n", "; ")[:500]
+            self._policy_cache[r.id] = pol
         return pol
 
     def _log_new_events(self, old: Rollout | None, new: Rollout) -> None:
@@ -255,11 +394,32 @@ class Controller:
         while not self._stopping:  # (also ends a task whose cancellation got lost)
             try:
                 r = await self.store.load(rollout_id)
+                self._last[rollout_id] = r
                 if r.state.final:
                     break
                 pol = self._policy_of(r)
                 router = self.routers[r.target]
+                cmd = self._pending_abort.get(rollout_id)
+                if cmd is not None:  # an abort the store could not take before
+                    with contextlib.suppress(Conflict):
+                        r = await self._update(rollout_id, partial(
+                            decide.command, policy=pol, cmd=cmd, now=self.clock.now()))
+                    self._pending_abort.pop(rollout_id, None)
+                invalid = self._invalid_policy.get(rollout_id)
+                if invalid and r.state is Phase.PROGRESSING:
+                    r = await self._update(rollout_id, partial(
+                        decide.hold, now=self.clock.now(),
+                        reason=f"its stored policy no longer validates ({invalid}); held at "
+                               f"weight {r.weight} without gates: abort it, or promote"))
                 live = await router.get_weight()
+                if live == 0 and r.weight != 0:
+                    # a rollback made while the store could not record it, kept by the router
+                    note = await router.decision()
+                    if note:
+                        r = await self._update(rollout_id, partial(
+                            decide.adopt_rollback, note=note, now=self.clock.now()))
+                        if r.state.final:
+                            break
                 r = await self._update(rollout_id, partial(decide.observed, weight=live,
                                                            now=self.clock.now()))
                 now = self.clock.now()
@@ -325,15 +485,68 @@ class Controller:
                 await self.clock.sleep(wake_at - now, wakeup)
             except asyncio.CancelledError:
                 raise
+            except StoreUnavailable:
+                await self._store_down(rollout_id, wakeup)
             except Exception:
                 # A bug or an unexpected failure must not end the rollout's task: say so
                 # loudly, back off, and try again from the stored state.
                 log.exception("rollout loop failed; retrying", extra={"rollout": rollout_id})
                 await self.clock.sleep(backoff.next(), wakeup)
-        self._locks.pop(rollout_id, None)
-        self._wakeups.pop(rollout_id, None)
-        self._policy_cache.pop(rollout_id, None)
+        for cache in (self._locks, self._wakeups, self._policy_cache, self._last, self._unsaved,
+                      self._pending_abort, self._invalid_policy):
+            cache.pop(rollout_id, None)
         self.metrics.active.set(max(0, len(self._tasks) - 1))
+
+    async def _store_down(self, rollout_id: str, wakeup: asyncio.Event) -> None:
+        """The store cannot be written. Keep judging the gates from the last stored state;
+        a rollback (a breach, or an abort sent meanwhile) goes to the router at once with
+        the decision in the router's own state; nothing else moves. Return as soon as the
+        store takes a write again, having saved any rollback made meanwhile."""
+        r = self._unsaved.pop(rollout_id, None) or self._last.get(rollout_id)
+        if r is None or r.state.final:
+            await self.clock.sleep(STORE_RETRY, wakeup)
+            return
+        pol = self._policy_of(r)
+        router = self.routers[r.target]
+        next_eval = self.clock.now() + pol.interval
+        log.warning("rollout held while the state store cannot be written; its gates are "
+                    "still judged and a rollback still reaches the router",
+                    extra={"rollout": rollout_id, "target": r.target})
+        while not self._stopping:
+            now = self.clock.now()
+            cmd = self._pending_abort.pop(rollout_id, None)
+            if cmd is not None:
+                with contextlib.suppress(Conflict):
+                    r = decide.command(r, pol, cmd, now)
+            watching = r.state is Phase.PROGRESSING or r.pause_kind is PauseKind.APPROVAL
+            if watching and now >= next_eval and r.stage_since is not None:
+                next_eval = now + pol.interval
+                rd = await self._measure(r, pol, now)
+                r = decide.readings(r, pol, rd, self.clock.now())
+            if r.state is Phase.ROLLING_BACK and r.applied_weight != 0:
+                try:
+                    await router.set_weight(0, decision=decide.decision_note(r))
+                except RouterError as e:
+                    self.metrics.router_errors.labels(r.target).inc()
+                    log.error(f"rollback could not reach the router either: {e}",
+                              extra={"rollout": rollout_id, "target": r.target})
+                else:
+                    r = decide.applied(r, 0, self.clock.now())
+                    log.warning(f"rolled back while the state store cannot be written: "
+                                f"{r.reason}; saved once the store is back",
+                                extra={"rollout": rollout_id, "target": r.target})
+            if await self.check_store() is None:
+                break
+            wait = STORE_RETRY if r.state.final else min(STORE_RETRY, next_eval - now)
+            await self.clock.sleep(max(0.0, wait), wakeup)
+        if r.state in _ROLLBACK:
+            note = decide.decision_note(r)
+            if r.applied_weight == 0:
+                await self._update(rollout_id, partial(decide.adopt_rollback, note=note,
+                                                       now=self.clock.now()))
+            else:  # decided, not yet in force: the loop applies it as usual
+                await self._update(rollout_id, partial(decide.roll_back_for, reason=r.reason
+                                                       or note, now=self.clock.now()))
 
     async def _measure(self, r: Rollout, pol: policy_mod.Policy, now: float) -> Readings:
         tgt = self.targets[r.target]
@@ -341,3 +554,18 @@ class Controller:
         items = await measure(self.source, pol.gates_for(r.stage), values,
                               budget=max(1.0, min(10.0, pol.interval / 2)))
         return Readings(at=now, stage=r.stage, items=items)
+
+
+def _frozen_policy(r: Rollout) -> policy_mod.Policy:
+    """A stand-in for a stored policy that no longer validates: the stored stages'
+    weights where they can be read, no gates, holds and deadline that never end."""
+    weights: list[int] = []
+    for s in r.policy_spec.get("stages") or []:
+        w = s.get("weight") if isinstance(s, dict) else None
+        if isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= 100:
+            weights.append(w)
+    if len(weights) <= r.stage or weights[-1] != 100:
+        weights = [max(1, min(100, r.weight))] * r.stage + [100]
+    stages = tuple(policy_mod.Stage(weight=w, hold=math.inf) for w in weights)
+    return policy_mod.Policy(name=r.policy, stages=stages, interval=30.0,
+                             progress_deadline=math.inf)

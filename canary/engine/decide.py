@@ -165,6 +165,40 @@ def command(r: Rollout, policy: Policy, cmd: Command, now: float) -> Rollout:
 # ---- what the router says ---------------------------------------------------------------
 
 
+def decision_note(r: Rollout) -> str:
+    """What the router keeps beside weight 0 when the store cannot record a rollback:
+    enough for a controller that restarts to record it (see `adopt_rollback`)."""
+    return f"rollback {r.id}: {r.reason or 'rolled back'}"
+
+
+def roll_back_for(r: Rollout, reason: str, now: float) -> Rollout:
+    """Record a rollback decided while the store could not take it."""
+    if r.state.final or r.state is Phase.ROLLING_BACK:
+        return r
+    return _roll_back(r, now, reason)
+
+
+def hold(r: Rollout, reason: str, now: float) -> Rollout:
+    """Pause by the controller's own decision (not drift, router or approval)."""
+    r = _pause(r, now, PauseKind.MANUAL, reason)
+    return _event(r, now, "pause", reason)
+
+
+def adopt_rollback(r: Rollout, note: str, now: float) -> Rollout:
+    """The router carries weight 0 with a rollback decision for this rollout, made while
+    the state store could not record it (by this process before a restart, or before
+    the store came back): record it now. Traffic never goes back to the canary."""
+    prefix = f"rollback {r.id}: "
+    if r.state.final or not note.startswith(prefix):
+        return r
+    if r.state is not Phase.ROLLING_BACK:
+        r = _roll_back(r, now, note[len(prefix):] + " (decided while the state store could "
+                                                   "not be written)")
+    return applied(r, 0, now)
+
+
+
+
 def applied(r: Rollout, weight: int, now: float) -> Rollout:
     """The router confirmed it carries `weight`."""
     if r.state.final:

@@ -12,8 +12,14 @@ class Router(Protocol):
         """The canary's live share in percent; None when it cannot be read."""
         ...
 
-    async def set_weight(self, weight: int) -> None:
-        """Put `weight` percent on the canary, idempotently; RouterError if it cannot."""
+    async def set_weight(self, weight: int, *, decision: str | None = None) -> None:
+        """Put `weight` percent on the canary, idempotently; RouterError if it cannot.
+        `decision` is kept in the router's own state beside the weight (a rollback made
+        while the state store could not record it); any later write without one clears it."""
+        ...
+
+    async def decision(self) -> str | None:
+        """The decision the last write kept, if any (None when it cannot be read)."""
         ...
 
     async def check(self) -> None:

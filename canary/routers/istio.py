@@ -18,8 +18,11 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from canary import kube
 from canary.config import IstioDestination, IstioTarget
 from canary.errors import InvalidInput, NotFound, RouterError, StoreConflict
+from canary.executors import Pool
 
 GROUP, VERSION = "networking.istio.io", "v1"
+# a rollback decided while the state store could not record it; cleared by the next write
+DECISION = "canary.dev/decision"
 
 
 def _matches(route_dest: dict[str, Any], want: IstioDestination) -> bool:
@@ -39,6 +42,7 @@ class IstioRouter:
         self.target = target
         self._api = api
         self._lock = asyncio.Lock()
+        self._pool = Pool(f"kube-router-{target.name}"[:40], 2)
 
     @property
     def _what(self) -> str:
@@ -68,7 +72,7 @@ class IstioRouter:
 
     async def _call(self, what: str, fn: Any, *args: Any) -> Any:
         try:
-            return await asyncio.to_thread(fn, *args)
+            return await self._pool.run(fn, *args)
         except Exception as e:  # the client raises ApiException, urllib3 and socket errors
             if kube.status_of(e) == 409:
                 raise StoreConflict(f"{what}: changed by someone else; re-reading") from e
@@ -118,7 +122,16 @@ class IstioRouter:
             return None
         return int(wc or 0)
 
-    async def set_weight(self, weight: int) -> None:
+    async def decision(self) -> str | None:
+        try:
+            vs = await self._call(self._what, self._get, "virtualservices",
+                                  self.target.virtual_service)
+        except (RouterError, NotFound, StoreConflict):
+            return None
+        value = ((vs.get("metadata") or {}).get("annotations") or {}).get(DECISION)
+        return str(value) if value else None
+
+    async def set_weight(self, weight: int, *, decision: str | None = None) -> None:
         async with self._lock:
             try:
                 async for attempt in AsyncRetrying(
@@ -127,7 +140,7 @@ class IstioRouter:
                     reraise=True,
                 ):
                     with attempt:
-                        await self._write(weight)
+                        await self._write(weight, decision)
             except StoreConflict as e:
                 raise RouterError(f"{self._what} kept changing under us: {e}") from e
             except (NotFound, InvalidInput) as e:
@@ -136,11 +149,18 @@ class IstioRouter:
             if live != weight:
                 raise RouterError(f"{self._what}: wrote canary weight {weight} but read back {live}")
 
-    async def _write(self, weight: int) -> None:
+    async def _write(self, weight: int, decision: str | None = None) -> None:
         vs = await self._call(self._what, self._get, "virtualservices", self.target.virtual_service)
         new = copy.deepcopy(vs)
         stable, canary = self._destinations(self.route(new))
         stable["weight"], canary["weight"] = 100 - weight, weight
+        meta = new.setdefault("metadata", {})
+        if decision:
+            meta.setdefault("annotations", {})[DECISION] = decision[:2000]
+        elif DECISION in (meta.get("annotations") or {}):
+            del meta["annotations"][DECISION]
+            if not meta["annotations"]:
+                del meta["annotations"]
         if new == vs:
             return
         await self._call(self._what, self._replace, new)

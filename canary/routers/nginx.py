@@ -15,6 +15,7 @@ from pathlib import Path
 from canary import faults
 from canary.config import NginxTarget
 from canary.errors import InvalidInput, RouterError
+from canary.executors import Pool
 
 COMMAND_TIMEOUT = 30.0
 _SERVER = re.compile(r"^\s*server\s+(\S+)((?:\s+[^;\s]+)*)\s*;", re.M)
@@ -33,13 +34,20 @@ def server_weights(n_stable: int, n_canary: int, weight: int) -> tuple[int, int]
     return s // g, c // g
 
 
-def render(target: NginxTarget, weight: int) -> str:
+_DECISION = re.compile(r"^# canary-decision: (.*)$", re.M)
+
+
+def render(target: NginxTarget, weight: int, decision: str | None = None) -> str:
     ws, wc = server_weights(len(target.stable), len(target.canary), weight)
     lines = [
         f"# Written by canary for target {target.name}: canary weight {weight}%.",
         "# canary owns this file and rewrites it at every step; edits here show up as drift.",
-        f"upstream {target.upstream} {{",
     ]
+    if decision:
+        # one printable line: a controller restarted without its store reads it back
+        text = "".join(c if c.isprintable() else " " for c in decision)[:2000]
+        lines.append(f"# canary-decision: {text}")
+    lines.append(f"upstream {target.upstream} {{")
     for addr in target.stable:
         lines.append(f"    server {addr} weight={ws};" if ws else f"    server {addr} down;")
     for addr in target.canary:
@@ -76,25 +84,34 @@ class NginxRouter:
     def __init__(self, target: NginxTarget) -> None:
         self.target = target
         self._lock = asyncio.Lock()
+        self._pool = Pool(f"nginx-{target.name}"[:40], 2)
 
     async def get_weight(self) -> int | None:
         try:
-            text = await asyncio.to_thread(self.target.file.read_text)
+            text = await self._pool.run(self.target.file.read_text)
         except OSError:
             return None
         return parse_weight(self.target, text)
 
+    async def decision(self) -> str | None:
+        try:
+            text = await self._pool.run(self.target.file.read_text)
+        except OSError:
+            return None
+        m = _DECISION.search(text)
+        return m.group(1).strip() if m else None
+
     async def check(self) -> None:
-        if not await asyncio.to_thread(self.target.file.parent.is_dir):
+        if not await self._pool.run(self.target.file.parent.is_dir):
             raise InvalidInput(f"target {self.target.name}: directory {self.target.file.parent} "
                                "for the upstream file does not exist")
 
-    async def set_weight(self, weight: int) -> None:
+    async def set_weight(self, weight: int, *, decision: str | None = None) -> None:
         async with self._lock:
             path = self.target.file
-            new = render(self.target, weight)
+            new = render(self.target, weight, decision)
             try:
-                old: str | None = await asyncio.to_thread(path.read_text)
+                old: str | None = await self._pool.run(path.read_text)
             except FileNotFoundError:
                 old = None
             except OSError as e:
@@ -102,7 +119,7 @@ class NginxRouter:
             # Test and reload even when the file already says `weight`: a controller that
             # died between writing and reloading must still get nginx to load it.
             if old != new:
-                await asyncio.to_thread(_write_atomic, path, new)
+                await self._pool.run(_write_atomic, path, new)
             faults.point("nginx_written")
             try:
                 await _run(self.target.test, "test")
@@ -111,7 +128,7 @@ class NginxRouter:
             except RouterError:
                 # keep the file saying what nginx really runs, so a retry writes it again
                 if old != new:
-                    await asyncio.to_thread(_restore, path, old)
+                    await self._pool.run(_restore, path, old)
                 raise
 
 

@@ -13,7 +13,6 @@ Every write is conditional on the resourceVersion it read (409 -> StoreConflict)
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -23,6 +22,7 @@ from typing import Any
 
 from canary import kube
 from canary.errors import Conflict, NotFound, StoreConflict, TransientError
+from canary.executors import Pool
 from canary.model import Rollout
 
 MANAGED = {"app.kubernetes.io/managed-by": "canary"}
@@ -38,6 +38,7 @@ class KubernetesStore:
     def __init__(self, namespace: str, api: Any) -> None:
         self.namespace = namespace
         self._api = api
+        self._pool = Pool("kube-store", 4)
 
     def _core(self) -> Any:
         from kubernetes import client
@@ -47,7 +48,7 @@ class KubernetesStore:
     async def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("_request_timeout", kube.REQUEST_TIMEOUT)
         try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
+            return await self._pool.run(fn, *args, **kwargs)
         except Exception as e:
             code = kube.status_of(e)
             if code == 404:
@@ -180,4 +181,4 @@ class KubernetesStore:
                          limit=1, _preload_content=False)
 
     async def close(self) -> None:
-        return None
+        self._pool.shutdown()

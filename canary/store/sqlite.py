@@ -1,18 +1,25 @@
 """The embedded store: one SQLite file, one row per rollout, WAL and full fsync.
 
 A partial unique index allows one active rollout per target, so two racing starts
-yield exactly one rollout.
+yield exactly one rollout. Only one controller may act on a file: `lock()` takes an
+exclusive lock on it for the life of the process. A file that cannot be written (disk
+full, read-only, corrupt, deleted while running) raises StoreUnavailable, never a bare
+sqlite3 error, so callers can tell "try again" from "bug".
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
+import fcntl
 import json
+import os
 import sqlite3
 import threading
+import time
 from typing import Any
 
-from canary.errors import Conflict, NotFound, StoreConflict
+from canary.errors import Conflict, NotFound, StoreConflict, StoreUnavailable, UserError
+from canary.executors import Pool
 from canary.model import Rollout
 
 _SCHEMA = """
@@ -26,24 +33,103 @@ CREATE TABLE IF NOT EXISTS rollouts (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_active_per_target ON rollouts(target) WHERE active = 1;
 CREATE INDEX IF NOT EXISTS by_start ON rollouts(started_at);
+CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY, at REAL NOT NULL);
 """
+
+
+class StoreLocked(UserError):
+    """Another process holds the state file: this one must not act on it."""
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _unavailable(path: str, e: BaseException) -> StoreUnavailable:
+    text = str(e)
+    hint = ""
+    low = text.lower()
+    if "full" in low:
+        hint = "; free space on its filesystem"
+    elif "readonly" in low or "read-only" in low:
+        hint = "; make its filesystem and file writable"
+    elif "malformed" in low or "not a database" in low:
+        hint = "; the file is damaged: restore it from a backup"
+    return StoreUnavailable(f"state store {path} cannot be used: {text}{hint}")
 
 
 class SqliteStore:
     def __init__(self, path: str) -> None:
         self.path = path
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self.existed = os.path.exists(path)  # False: a fresh store, with no memory of the past
+        self._pool = Pool("sqlite", 1)
         self._mutex = threading.Lock()
+        self._lock_fd: int | None = None
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as e:
+            raise _unavailable(path, e) from e
+        self._identity = _identity(path)
 
-    def _run(self, fn: Any, *args: Any) -> Any:
+    # ---- one controller per file ------------------------------------------------------
+
+    def lock(self) -> None:
+        """Take the file for this process, or raise StoreLocked naming who has it. The
+        lock is flock(2) on the database file itself (SQLite's own locks are fcntl(2)
+        byte ranges, which flock does not touch), held until close()."""
+        pid_file = self.path + ".pid"
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            who = ""
+            with contextlib.suppress(OSError, ValueError):
+                with open(pid_file) as f:
+                    who = f" (pid {int(f.read().split()[0])}, per {pid_file})"
+            raise StoreLocked(f"state file {self.path} is in use by another canary "
+                              f"controller{who}: only one may act on a state file; stop the "
+                              "other one, or give this one its own `state:`") from None
+        self._lock_fd = fd
+        with contextlib.suppress(OSError):
+            with open(pid_file, "w") as f:
+                f.write(f"{os.getpid()}\n")
+
+    # ---- plumbing ---------------------------------------------------------------------
+
+    def _check_identity(self) -> None:
+        """A file deleted or replaced under us would take every later write with it."""
+        now = _identity(self.path)
+        if now != self._identity:
+            what = "deleted" if now is None else "replaced by another file"
+            raise StoreUnavailable(f"state file {self.path} was {what} while canary was "
+                                   "running; nothing more is written to it. Restart the "
+                                   "controller once the file is back in place (or to start "
+                                   "from an empty store)")
+
+    def _run(self, fn: Any, *args: Any, write: bool = False) -> Any:
         with self._mutex:
-            return fn(*args)
+            if write:
+                self._check_identity()
+            try:
+                return fn(*args)
+            except sqlite3.IntegrityError:
+                raise
+            except sqlite3.Error as e:
+                # a failed write leaves SQLite's transaction rolled back; nothing half-saved
+                raise _unavailable(self.path, e) from e
 
-    async def _call(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.to_thread(self._run, fn, *args)
+    async def _call(self, fn: Any, *args: Any, write: bool = False) -> Any:
+        return await self._pool.run(self._run, fn, *args, write=write)
+
+    # ---- the Store protocol -----------------------------------------------------------
 
     def _create(self, r: Rollout) -> Rollout:
         try:
@@ -61,7 +147,7 @@ class SqliteStore:
         return Rollout.from_store(r.to_store(), version=1)
 
     async def create(self, *, rollout: Rollout) -> Rollout:
-        result: Rollout = await self._call(self._create, rollout)
+        result: Rollout = await self._call(self._create, rollout, write=True)
         return result
 
     def _load(self, rollout_id: str) -> Rollout:
@@ -85,7 +171,7 @@ class SqliteStore:
         return Rollout.from_store(r.to_store(), version=expected + 1)
 
     async def save(self, *, rollout: Rollout, expected_version: int) -> Rollout:
-        result: Rollout = await self._call(self._save, rollout, expected_version)
+        result: Rollout = await self._call(self._save, rollout, expected_version, write=True)
         return result
 
     def _list(self, active_only: bool) -> list[Rollout]:
@@ -100,7 +186,19 @@ class SqliteStore:
         return result
 
     async def ping(self) -> None:
-        await self._call(lambda: self._db.execute("SELECT 1").fetchone())
+        """A real write, fsynced like every save: `SELECT 1` succeeds on a full,
+        read-only or deleted file."""
+        await self._call(lambda: self._db.execute(
+            "INSERT OR REPLACE INTO health (id, at) VALUES (1, ?)", (time.time(),)), write=True)
+
+    def _close(self) -> None:
+        self._db.close()
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path + ".pid")
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
     async def close(self) -> None:
-        await self._call(self._db.close)
+        await self._call(self._close)
+        self._pool.shutdown()
