@@ -52,6 +52,12 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
     from canary.store import open_store
 
     policies = cfg.load_policies()
+    ssl_ctx = None
+    if cfg.tls_cert and cfg.tls_key:
+        import ssl
+
+        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
     kube_api = None
     identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
     if cfg.state.startswith("kubernetes:") or any(t.router == "istio"
@@ -69,6 +75,15 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
         except RouterError as e:
             log.warning(str(e), extra={"target": name})
     store = open_store(cfg.state, kube_api=kube_api)
+    lock = getattr(store, "lock", None)
+    try:
+        if lock is not None:
+            lock()  # one controller per state file, taken before anything is resumed
+        # bind before resuming anything: a controller that cannot listen must not act
+        sock = _bind(cfg.listen_host, cfg.listen_port)
+    except BaseException:
+        await store.close()
+        raise
     controller = Controller(store=store, policies=policies, targets=cfg.targets, routers=routers,
                             source=CoalescingSource(PrometheusSource(
                                 cfg.prometheus_url, timeout=cfg.prometheus_timeout)),
@@ -97,20 +112,19 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
     # drained for at most 1 s before the connection closes
     runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=15,
                            lingering_time=1.0)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except BaseException:
+        sock.close()
+        await store.close()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM) if signals else ():
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     try:
-        ssl_ctx = None
-        if cfg.tls_cert and cfg.tls_key:
-            import ssl
-
-            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ssl_ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-        site = web.TCPSite(runner, cfg.listen_host, cfg.listen_port, ssl_context=ssl_ctx)
+        site = web.SockSite(runner, sock, ssl_context=ssl_ctx)
         await site.start()
         log.info("canary serving", extra={"listen": f"{cfg.listen_host}:{cfg.listen_port}",
                                           "policies": sorted(policies),
@@ -121,6 +135,27 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
     finally:
         await runner.cleanup()
         await store.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, or InvalidInput naming the address and why."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise InvalidInput(f"listen: cannot resolve {host!r}: {e.strerror}") from e
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(1024)
+    except OSError as e:
+        sock.close()
+        raise InvalidInput(f"listen: cannot listen on {host}:{port}: {e.strerror}; is another "
+                           "process using it?") from e
+    sock.setblocking(False)
+    return sock
 
 
 @contextlib.asynccontextmanager

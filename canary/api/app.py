@@ -143,12 +143,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     ctl = request.app[CONTROLLER]
-    try:
-        await ctl.store.ping()
-    except Exception as e:
-        return error(503, f"state store unreachable: {type(e).__name__}")
+    problem = await ctl.check_store()
+    if problem:
+        return error(503, f"state store cannot be written: {problem}")
     if not ctl.policies:
         return error(503, "no policies loaded")
+    warnings = await ctl.unexplained()
+    if warnings:
+        return error(503, "; ".join(warnings[t] for t in sorted(warnings)))
     return web.json_response({"status": "ready", "policies": len(ctl.policies),
                               "active_rollouts": ctl.running(), "leader": ctl.leading})
 
@@ -176,6 +178,8 @@ async def targets(request: web.Request) -> web.Response:
             item.update(namespace=t.namespace, virtual_service=t.virtual_service, route=t.route)
         router = ctl.routers.get(name)
         item["live_weight"] = await router.get_weight() if router else None
+        if name in ctl.warnings:
+            item["warning"] = ctl.warnings[name]
         out.append(item)
     return web.json_response({"targets": out})
 
