@@ -3,11 +3,14 @@
 - abort request -> new weight in force: the HTTP call returns, then nginx has been
   reloaded (the upstream file says 0) and requests really stop reaching the canary;
 - breach visible in Prometheus -> rollback applied: the canary starts failing, the test
-  polls the gate's own query until it shows the breach, then waits for the router.
+  polls the gate's own query until it shows the breach, then waits for the router;
+- the same abort while Prometheus hangs: the controller's Prometheus accepts connections
+  and never answers (canary.demo.procs.Blackhole), with --hung-rollouts other rollouts
+  evaluating against it every second, each query waiting out its 10 s timeout.
 
 Each is repeated and printed as p50/p99 with the spread.
 
-    .venv/bin/python -m bench.controller --aborts 20 --breaches 5
+    .venv/bin/python -m bench.controller --aborts 20 --breaches 5 --hung-rollouts 24
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 
 from canary import config as config_mod
 from canary.cli import serving
@@ -52,6 +56,88 @@ def spread(xs: list[float]) -> dict[str, float]:
             "min_ms": round(min(xs) * 1000, 1) if xs else float("nan"),
             "max_ms": round(max(xs) * 1000, 1) if xs else float("nan"),
             "stdev_ms": round(statistics.pstdev(xs) * 1000, 1) if xs else float("nan")}
+
+
+async def measure_abort(s: aiohttp.ClientSession, pg: Playground, rid: str,
+                        call_ms: list[float], file_ms: list[float],
+                        traffic_ms: list[float]) -> None:
+    """Abort `rid` (at 5%); record the HTTP call, the upstream file at 0, and the moment
+    no request reaches the canary any more."""
+    target = pg.target()
+    await procs.split(pg.url, 40)  # nginx serves the 5% split
+    t0 = time.monotonic()
+    async with s.post(f"{pg.api}/api/v1/rollouts/{rid}/abort", json={"reason": "bench"},
+                      headers={"Authorization": f"Bearer {pg.tokens['pipeline']}"}) as r:
+        assert r.status == 200, await r.text()
+    call_ms.append(time.monotonic() - t0)
+    await file_says(target, 0)
+    file_ms.append(time.monotonic() - t0)
+    # requests stop reaching the canary: 20 in a row answered by stable
+    while (await procs.split(pg.url, 20)).get(pg.canary.version, 0):
+        pass
+    traffic_ms.append(time.monotonic() - t0)
+    await asyncio.sleep(1.5)  # let the rollout finish its bookkeeping
+
+
+async def run_hung(aborts: int, rollouts: int) -> dict[str, Any]:
+    """Aborts on the real nginx target while `rollouts` others evaluate against a
+    Prometheus that accepts connections and never answers."""
+    with tempfile.TemporaryDirectory(prefix="canary-bench-") as tmp:
+        pg = Playground(Path(tmp))
+        await pg.start()
+        slow = fast_policy("slow", interval="1s", holds=("1h",) * 4, progress_deadline="2h")
+        extra = {f"t{i}": {"router": "nginx", "file": f"{tmp}/t{i}.conf", "upstream": f"t{i}",
+                           "stable": ["127.0.0.1:1"], "canary": ["127.0.0.1:2"],
+                           "test": ["true"], "reload": ["true"], "policy": "slow",
+                           "vars": {"service": f"t{i}", "window": pg.window}}
+                 for i in range(rollouts)}
+        path = pg.write_config([slow], extra_targets=extra)
+        load = procs.Load(pg.url, rate=40, limit=40 * 3600)
+        call_ms: list[float] = []
+        file_ms: list[float] = []
+        traffic_ms: list[float] = []
+        list_ms: list[float] = []
+        hole = procs.Blackhole()
+        try:
+            async with hole as url:
+                raw = yaml.safe_load(path.read_text())
+                raw["prometheus"] = {"url": url, "timeout": "10s"}
+                path.write_text(yaml.safe_dump(raw, sort_keys=False))
+                async with serving(config_mod.load_file(path)):
+                    load.start()
+                    pipe = {"Authorization": f"Bearer {pg.tokens['pipeline']}"}
+                    async with aiohttp.ClientSession() as s:
+                        async def start(target: str, version: str) -> str:
+                            async with s.post(f"{pg.api}/api/v1/rollouts", headers=pipe, json={
+                                    "target": target, "canary_version": version,
+                                    "policy": "slow", "stable_version": "v1"}) as r:
+                                data = await r.json()
+                            return str(data["id"])
+
+                        for i in range(rollouts):
+                            await start(f"t{i}", "v2")
+                        await asyncio.sleep(5)  # every gate's queries now hang
+                        for i in range(aborts):
+                            async with asyncio.timeout(60):
+                                rid = await start("web", f"h{i}")
+                                await file_says(pg.target(), 5)
+                                await measure_abort(s, pg, rid, call_ms, file_ms, traffic_ms)
+                                t0 = time.monotonic()
+                                async with s.get(f"{pg.api}/api/v1/rollouts", headers=pipe) as r:
+                                    assert r.status == 200
+                                list_ms.append(time.monotonic() - t0)
+        finally:
+            await load.stop()
+            await pg.stop()
+    return {
+        "abort_http_call": spread(call_ms),
+        "abort_to_upstream_file_written": spread(file_ms),
+        "abort_to_no_request_on_canary": spread(traffic_ms),
+        "list_rollouts": spread(list_ms),
+        "note": f"Prometheus accepts and never answers (timeout 10s); {rollouts} other "
+                "rollouts evaluate against it every second",
+        "prometheus_connections_accepted": hole.accepted,
+    }
 
 
 async def run(aborts: int, breaches: int) -> dict[str, Any]:
@@ -84,19 +170,7 @@ async def run(aborts: int, breaches: int) -> dict[str, Any]:
 
                     async def one_abort(i: int) -> None:
                         rid = await start("slow", f"a{i}")
-                        await procs.split(pg.url, 40)  # nginx serves the 5% split
-                        t0 = time.monotonic()
-                        async with s.post(f"{pg.api}/api/v1/rollouts/{rid}/abort", headers=pipe,
-                                          json={"reason": "bench"}) as r:
-                            assert r.status == 200
-                        call_ms.append(time.monotonic() - t0)
-                        await file_says(target, 0)
-                        file_ms.append(time.monotonic() - t0)
-                        # requests stop reaching the canary: 20 in a row answered by stable
-                        while (await procs.split(pg.url, 20)).get(pg.canary.version, 0):
-                            pass
-                        traffic_ms.append(time.monotonic() - t0)
-                        await asyncio.sleep(1.5)  # let the rollout finish its bookkeeping
+                        await measure_abort(s, pg, rid, call_ms, file_ms, traffic_ms)
 
                     async def one_breach(i: int) -> None:
                         version = f"b{i}"
@@ -141,9 +215,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--aborts", type=int, default=20)
     ap.add_argument("--breaches", type=int, default=5)
+    ap.add_argument("--hung-rollouts", type=int, default=24,
+                    help="rollouts evaluating against a hung Prometheus during the hung-"
+                         "Prometheus aborts (0 skips that case)")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
-    print(json.dumps(asyncio.run(run(args.aborts, args.breaches)), indent=2))
+    out = {"normal": asyncio.run(run(args.aborts, args.breaches))}
+    if args.hung_rollouts:
+        out["prometheus_hung"] = asyncio.run(run_hung(args.aborts, args.hung_rollouts))
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

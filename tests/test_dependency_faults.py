@@ -174,3 +174,30 @@ async def _errors(api, n: int) -> bool:
         if line.startswith("canary_router_errors_total{"):
             return float(line.rsplit(" ", 1)[1]) >= n
     return False
+
+
+async def test_abort_lands_while_prometheus_accepts_and_never_answers(tmp_path):
+    """A hung Prometheus costs only its own gates: the abort does not wait for the
+    rollout's evaluation in flight (30 s query timeout; the abort lands within 10 s,
+    in milliseconds in bench/controller.py's prometheus_hung rows)."""
+    from canary.demo.procs import Blackhole
+
+    hole = Blackhole()
+    async with hole as url:
+        source = PrometheusSource(url, timeout=30.0)
+        pol = simple_policy(hold=60.0, interval=0.2)
+        async with controller(tmp_path, policies=[pol], source=source) as (api, _c, target):
+            rid = (await api.start(canary_version="v2"))["id"]
+            await api.until(rid, lambda r: r["applied_weight"] == 10)
+            await eventually(lambda: _true(hole.accepted > 0), what="a query in flight")
+            status, _ = await api.call("POST", f"/api/v1/rollouts/{rid}/abort",
+                                       {"reason": "bad"}, role="pipeline")
+            assert status == 200
+            await api.until(rid, lambda r: r["state"] == "rolled_back", deadline=10)
+            assert parse_weight(target, target.file.read_text()) == 0
+            status, _ = await api.call("GET", "/api/v1/rollouts", role="viewer")
+            assert status == 200
+
+
+async def _true(value: bool) -> bool:
+    return value

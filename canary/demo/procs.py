@@ -34,6 +34,36 @@ async def serve_app(app: web.Application, port: int) -> web.AppRunner:
     return runner
 
 
+class Blackhole:
+    """A server that accepts connections and never answers: the hung dependency (a
+    Prometheus behind a wedged proxy, a stopped VM) that a timeout alone does not make
+    cheap. `async with Blackhole() as url:`; every connection is closed on exit."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.accepted = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def _hold(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self._writers.append(writer)
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):  # read what comes, answer nothing
+                pass
+
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self._hold, "127.0.0.1", self.port)
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for w in self._writers:
+            w.close()
+        await self._server.wait_closed()
+
+
 def require(binary: str, package: str) -> str:
     path = shutil.which(binary) or (f"/usr/sbin/{binary}" if os.path.exists(f"/usr/sbin/{binary}")
                                     else None)

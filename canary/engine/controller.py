@@ -463,7 +463,9 @@ class Controller:
                         if late > pol.interval:
                             self.metrics.missed.inc()
                     next_eval = now + pol.interval
-                    rd = await self._measure(r, pol, now)
+                    rd = await self._measure(r, pol, now, wakeup)
+                    if rd is None:
+                        continue  # a command came first: act on it, measure again later
                     for x in rd.items:
                         self.metrics.verdicts.labels(r.target, x.gate, x.verdict.value).inc()
                     before = {g.name: g.status for g in r.gates}
@@ -521,8 +523,11 @@ class Controller:
             watching = r.state is Phase.PROGRESSING or r.pause_kind is PauseKind.APPROVAL
             if watching and now >= next_eval and r.stage_since is not None:
                 next_eval = now + pol.interval
-                rd = await self._measure(r, pol, now)
-                r = decide.readings(r, pol, rd, self.clock.now())
+                rd = await self._measure(r, pol, now, wakeup)
+                if rd is not None:
+                    r = decide.readings(r, pol, rd, self.clock.now())
+                else:
+                    next_eval = now  # an abort came first; measure again after it
             if r.state is Phase.ROLLING_BACK and r.applied_weight != 0:
                 try:
                     await router.set_weight(0, decision=decide.decision_note(r))
@@ -548,12 +553,27 @@ class Controller:
                 await self._update(rollout_id, partial(decide.roll_back_for, reason=r.reason
                                                        or note, now=self.clock.now()))
 
-    async def _measure(self, r: Rollout, pol: policy_mod.Policy, now: float) -> Readings:
+    async def _measure(self, r: Rollout, pol: policy_mod.Policy, now: float,
+                       wakeup: asyncio.Event) -> Readings | None:
+        """The stage's gates, or None when a command (an abort) wakes the rollout first: a
+        slow or hung Prometheus must never stand between on-call and the router."""
         tgt = self.targets[r.target]
         values = self._template_values(tgt, r.canary_version, r.stable_version, r.id, pol)
-        items = await measure(self.source, pol.gates_for(r.stage), values,
-                              budget=max(1.0, min(10.0, pol.interval / 2)))
-        return Readings(at=now, stage=r.stage, items=items)
+        task = asyncio.ensure_future(measure(self.source, pol.gates_for(r.stage), values,
+                                             budget=max(1.0, min(10.0, pol.interval / 2))))
+        woken = asyncio.ensure_future(wakeup.wait())
+        try:
+            await asyncio.wait({task, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if task.cancelled():
+            wakeup.clear()
+            return None
+        return Readings(at=now, stage=r.stage, items=task.result())
 
 
 def _frozen_policy(r: Rollout) -> policy_mod.Policy:
