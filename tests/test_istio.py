@@ -15,7 +15,7 @@ import pytest
 from canary.config import IstioDestination, IstioTarget
 from canary.kube import api_client
 from canary.routers.istio import IstioRouter
-from tests.helpers import SetSource, controller, simple_policy
+from tests.helpers import SetSource, controller, eventually, simple_policy
 from tests.kubeapi import KubeApiDouble
 
 NS = "prod"
@@ -217,3 +217,42 @@ async def test_the_double_enforces_istios_schema_like_an_api_server(tmp_path):
                              {"metadata": {"labels": {"team": None, "tier": "1"}}},
                              _content_type="application/merge-patch+json")
         assert patched["metadata"]["labels"] == {"tier": "1"}
+
+
+async def test_a_rollback_decided_while_the_store_is_full_is_kept_in_the_virtualservice(tmp_path):
+    """docs/guarantees.md section 9 on Istio: weight 0 and a `canary.dev/decision`
+    annotation; a controller restarted after the store is back records the rollback and
+    the next write removes the annotation."""
+    from canary.store.sqlite import SqliteStore
+    from tests.test_store_faults import fill, mounted_tmpfs
+
+    with mounted_tmpfs(tmp_path / "fs") as fs:
+        async with cluster(tmp_path) as (kube, api):
+            t = target()
+            source = SetSource(0.0)
+            pol = simple_policy(hold=30.0, interval=0.2)
+            async with controller(tmp_path, policies=[pol], target=t, source=source,
+                                  router=IstioRouter(t, api),
+                                  store=SqliteStore(str(fs / "state.db"))) as (http, _c, _t):
+                rid = (await http.start(canary_version="v2"))["id"]
+                await http.until(rid, lambda r: r["applied_weight"] == 10)
+                filler = fill(fs)
+                source.value = 0.5
+
+                async def zeroed() -> bool:
+                    return weights(kube) == [100, 0]
+                await eventually(zeroed, what="VirtualService at weight 0")
+                vs = kube.get("virtualservices", NS, "api")
+                assert vs["metadata"]["annotations"]["canary.dev/decision"].startswith(
+                    f"rollback {rid}: gate errors")
+                assert vs["metadata"]["annotations"]["owner"] == "sre"
+            filler.unlink()
+            async with controller(tmp_path, policies=[pol], target=t, source=source,
+                                  router=IstioRouter(t, api),
+                                  store=SqliteStore(str(fs / "state.db"))) as (http, _c, _t):
+                r = await http.until(rid, lambda r: r["state"] == "rolled_back")
+                assert "state store" in r["reason"]
+                rid2 = (await http.start(canary_version="v3"))["id"]
+                await http.until(rid2, lambda r: r["applied_weight"] == 10)
+                vs = kube.get("virtualservices", NS, "api")
+                assert vs["metadata"]["annotations"] == {"owner": "sre"}

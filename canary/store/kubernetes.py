@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from canary import kube
-from canary.errors import Conflict, NotFound, StoreConflict, TransientError
+from canary.errors import Conflict, NotFound, StoreConflict, StoreUnavailable
 from canary.executors import Pool
 from canary.model import Rollout
 
@@ -55,7 +55,7 @@ class KubernetesStore:
                 raise NotFound(f"{what} not found") from e
             if code == 409:
                 raise StoreConflict(f"{what}: changed by someone else") from e
-            raise TransientError(f"state store ({what}): {kube.message_of(e)}") from e
+            raise StoreUnavailable(f"state store ({what}): {kube.message_of(e)}") from e
 
     async def _get(self, name: str) -> dict[str, Any]:
         resp = await self._call(f"ConfigMap {self.namespace}/{name}",
@@ -151,7 +151,7 @@ class KubernetesStore:
         except NotFound:
             raise NotFound(f"no rollout with id {rollout_id!r}") from None
         except (KeyError, ValueError) as e:
-            raise TransientError(f"rollout {rollout_id}: stored data unreadable: {e}") from e
+            raise StoreUnavailable(f"rollout {rollout_id}: stored data unreadable: {e}") from e
 
     async def save(self, *, rollout: Rollout, expected_version: int) -> Rollout:
         name = self._name(rollout.id)
