@@ -58,24 +58,35 @@ def spread(xs: list[float]) -> dict[str, float]:
             "stdev_ms": round(statistics.pstdev(xs) * 1000, 1) if xs else float("nan")}
 
 
-async def measure_abort(s: aiohttp.ClientSession, pg: Playground, rid: str,
-                        call_ms: list[float], file_ms: list[float],
-                        traffic_ms: list[float]) -> None:
-    """Abort `rid` (at 5%); record the HTTP call, the upstream file at 0, and the moment
-    no request reaches the canary any more."""
+class Aborts:
+    """Abort latencies: the HTTP call, the upstream file at 0, no request on the canary."""
+
+    def __init__(self) -> None:
+        self.call: list[float] = []
+        self.file: list[float] = []
+        self.traffic: list[float] = []
+
+    def rows(self) -> dict[str, Any]:
+        return {"abort_http_call": spread(self.call),
+                "abort_to_upstream_file_written": spread(self.file),
+                "abort_to_no_request_on_canary": spread(self.traffic)}
+
+
+async def measure_abort(s: aiohttp.ClientSession, pg: Playground, rid: str, out: Aborts) -> None:
+    """Abort `rid` (at 5%) and record how long each step took."""
     target = pg.target()
     await procs.split(pg.url, 40)  # nginx serves the 5% split
     t0 = time.monotonic()
     async with s.post(f"{pg.api}/api/v1/rollouts/{rid}/abort", json={"reason": "bench"},
                       headers={"Authorization": f"Bearer {pg.tokens['pipeline']}"}) as r:
         assert r.status == 200, await r.text()
-    call_ms.append(time.monotonic() - t0)
+    out.call.append(time.monotonic() - t0)
     await file_says(target, 0)
-    file_ms.append(time.monotonic() - t0)
+    out.file.append(time.monotonic() - t0)
     # requests stop reaching the canary: 20 in a row answered by stable
     while (await procs.split(pg.url, 20)).get(pg.canary.version, 0):
         pass
-    traffic_ms.append(time.monotonic() - t0)
+    out.traffic.append(time.monotonic() - t0)
     await asyncio.sleep(1.5)  # let the rollout finish its bookkeeping
 
 
@@ -93,9 +104,7 @@ async def run_hung(aborts: int, rollouts: int) -> dict[str, Any]:
                  for i in range(rollouts)}
         path = pg.write_config([slow], extra_targets=extra)
         load = procs.Load(pg.url, rate=40, limit=40 * 3600)
-        call_ms: list[float] = []
-        file_ms: list[float] = []
-        traffic_ms: list[float] = []
+        aborts_ms = Aborts()
         list_ms: list[float] = []
         hole = procs.Blackhole()
         try:
@@ -121,7 +130,7 @@ async def run_hung(aborts: int, rollouts: int) -> dict[str, Any]:
                             async with asyncio.timeout(60):
                                 rid = await start("web", f"h{i}")
                                 await file_says(pg.target(), 5)
-                                await measure_abort(s, pg, rid, call_ms, file_ms, traffic_ms)
+                                await measure_abort(s, pg, rid, aborts_ms)
                                 t0 = time.monotonic()
                                 async with s.get(f"{pg.api}/api/v1/rollouts", headers=pipe) as r:
                                     assert r.status == 200
@@ -130,9 +139,7 @@ async def run_hung(aborts: int, rollouts: int) -> dict[str, Any]:
             await load.stop()
             await pg.stop()
     return {
-        "abort_http_call": spread(call_ms),
-        "abort_to_upstream_file_written": spread(file_ms),
-        "abort_to_no_request_on_canary": spread(traffic_ms),
+        **aborts_ms.rows(),
         "list_rollouts": spread(list_ms),
         "note": f"Prometheus accepts and never answers (timeout 10s); {rollouts} other "
                 "rollouts evaluate against it every second",
@@ -149,9 +156,7 @@ async def run(aborts: int, breaches: int) -> dict[str, Any]:
                             max_error=0.05)
         cfg = config_mod.load_file(pg.write_config([slow, quick]))
         load = procs.Load(pg.url, rate=40, limit=40 * 3600)
-        call_ms: list[float] = []
-        file_ms: list[float] = []
-        traffic_ms: list[float] = []
+        aborts_ms = Aborts()
         breach_ms: list[float] = []
         try:
             async with serving(cfg):
@@ -170,7 +175,7 @@ async def run(aborts: int, breaches: int) -> dict[str, Any]:
 
                     async def one_abort(i: int) -> None:
                         rid = await start("slow", f"a{i}")
-                        await measure_abort(s, pg, rid, call_ms, file_ms, traffic_ms)
+                        await measure_abort(s, pg, rid, aborts_ms)
 
                     async def one_breach(i: int) -> None:
                         version = f"b{i}"
@@ -203,9 +208,7 @@ async def run(aborts: int, breaches: int) -> dict[str, Any]:
             await load.stop()
             await pg.stop()
     return {
-        "abort_http_call": spread(call_ms),
-        "abort_to_upstream_file_written": spread(file_ms),
-        "abort_to_no_request_on_canary": spread(traffic_ms),
+        **aborts_ms.rows(),
         "breach_visible_to_rollback_applied": spread(breach_ms),
         "note": "breach: policy interval 1s, failure_limit 2, threshold gate on a 5s rate",
     }
