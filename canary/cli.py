@@ -68,10 +68,11 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
             routers[name] = for_target(target, kube_api=kube_api)
         except RouterError as e:
             log.warning(str(e), extra={"target": name})
+    prometheus = PrometheusSource(cfg.prometheus_url, timeout=cfg.prometheus_timeout,
+                                  access=cfg.prometheus_access)
     store = open_store(cfg.state, kube_api=kube_api)
     controller = Controller(store=store, policies=policies, targets=cfg.targets, routers=routers,
-                            source=CoalescingSource(PrometheusSource(
-                                cfg.prometheus_url, timeout=cfg.prometheus_timeout)),
+                            source=CoalescingSource(prometheus),
                             clock=RealClock())
     elector = None
     if cfg.state.startswith("kubernetes:"):
@@ -121,6 +122,7 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
     finally:
         await runner.cleanup()
         await store.close()
+        prometheus.close()
 
 
 @contextlib.asynccontextmanager

@@ -24,6 +24,7 @@ from typing import Any
 from canary import kube
 from canary.errors import Conflict, NotFound, StoreConflict, TransientError
 from canary.model import Rollout
+from canary.store import no_such_rollout
 
 MANAGED = {"app.kubernetes.io/managed-by": "canary"}
 PENDING_GRACE = 60.0  # a start takes three quick writes; one pending longer than this crashed
@@ -148,7 +149,7 @@ class KubernetesStore:
         try:
             return self._parse(await self._get(self._name(rollout_id)))
         except NotFound:
-            raise NotFound(f"no rollout with id {rollout_id!r}") from None
+            raise no_such_rollout(rollout_id) from None
         except (KeyError, ValueError) as e:
             raise TransientError(f"rollout {rollout_id}: stored data unreadable: {e}") from e
 
