@@ -74,6 +74,8 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
             routers[name] = for_target(target, kube_api=kube_api)
         except RouterError as e:
             log.warning(str(e), extra={"target": name})
+    prometheus = PrometheusSource(cfg.prometheus_url, timeout=cfg.prometheus_timeout,
+                                  access=cfg.prometheus_access)
     store = open_store(cfg.state, kube_api=kube_api)
     lock = getattr(store, "lock", None)
     try:
@@ -85,8 +87,7 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
         await store.close()
         raise
     controller = Controller(store=store, policies=policies, targets=cfg.targets, routers=routers,
-                            source=CoalescingSource(PrometheusSource(
-                                cfg.prometheus_url, timeout=cfg.prometheus_timeout)),
+                            source=CoalescingSource(prometheus),
                             clock=RealClock())
     elector = None
     if cfg.state.startswith("kubernetes:"):
@@ -135,6 +136,7 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
     finally:
         await runner.cleanup()
         await store.close()
+        prometheus.close()
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -4,7 +4,11 @@ policies, tokens and targets, checked field by field with file:line problems."""
 from __future__ import annotations
 
 import enum
+import fnmatch
+import os
 import re
+import ssl
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +30,11 @@ class Token:
     name: str
     sha256: str
     role: Role
+    # globs of the targets this token may read or act on; None: every target
+    targets: tuple[str, ...] | None = None
+
+    def may_see(self, target: str) -> bool:
+        return self.targets is None or any(fnmatch.fnmatchcase(target, g) for g in self.targets)
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,27 @@ class LeaderElection:
 
 
 @dataclass(frozen=True)
+class PrometheusAccess:
+    """How canary reaches Prometheus beyond its URL. It names where secrets are (a file, an
+    environment variable), never holds their values, and keeps header values out of reprs."""
+
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    bearer_token_file: Path | None = None
+    basic_auth_username: str | None = None
+    basic_auth_password_env: str | None = None
+    ca_file: Path | None = None
+    concurrency: int = 8  # queries in flight at once, each on its own thread
+
+
+# headers that carry credentials: their values belong in a file or the environment
+_SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie"}
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# a target name, or a glob over target names: *, ?, [abc], [!abc], [a-z]
+_TARGET_GLOB = re.compile(r"^(?:[A-Za-z0-9_.*?-]|\[!?[A-Za-z0-9_.-]+\])+$")
+
+
+@dataclass(frozen=True)
 class Config:
     listen_host: str
     listen_port: int
@@ -90,6 +120,7 @@ class Config:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     leader_election: LeaderElection = field(default_factory=LeaderElection)
+    prometheus_access: PrometheusAccess = field(default_factory=PrometheusAccess)
 
     def load_policies(self) -> dict[str, policy_mod.Policy]:
         return policy_mod.load_many(self.policy_paths)
@@ -187,18 +218,25 @@ class _Checker:
             self.problem(("state",), "must be sqlite:PATH or kubernetes:NAMESPACE")
         prom = data.get("prometheus", {})
         url, timeout = "http://127.0.0.1:9090", 10.0
+        access = PrometheusAccess()
         if not isinstance(prom, dict):
             self.problem(("prometheus",), "must be a mapping with url")
         else:
-            self.unknown(prom, {"url", "timeout"}, ("prometheus",))
+            self.unknown(prom, {"url", "timeout", "headers", "bearer_token_file", "basic_auth",
+                                "ca_file", "concurrency"}, ("prometheus",))
             url = self.string(prom, "url", ("prometheus",), default=url) or url
             if not re.match(r"^https?://", url):
                 self.problem(("prometheus", "url"), "must start with http:// or https://")
+            elif urllib.parse.urlsplit(url).username is not None:
+                self.problem(("prometheus", "url"), "carries credentials (user@ or user:password@); "
+                             "a secret is never written in the config: use prometheus.basic_auth "
+                             "{username, password_env}")
             if "timeout" in prom:
                 try:
                     timeout = policy_mod.parse_duration(prom["timeout"])
                 except ValueError as e:
                     self.problem(("prometheus", "timeout"), str(e))
+            access = self.prometheus_access(prom)
         policy_paths = self.policy_paths(data.get("policies", "policies/"))
         tokens = self.tokens(data.get("auth"))
         targets = self.targets(data.get("targets"))
@@ -209,7 +247,107 @@ class _Checker:
         return Config(listen_host=host, listen_port=port, state=state, prometheus_url=url,
                       prometheus_timeout=timeout, policy_paths=policy_paths, tokens=tokens,
                       targets=targets, source=self.doc.file, tls_cert=cert, tls_key=key,
-                      leader_election=election)
+                      leader_election=election, prometheus_access=access)
+
+    def prometheus_access(self, prom: Mapping[str, Any]) -> PrometheusAccess:
+        """headers, bearer_token_file, basic_auth, ca_file, concurrency. A secret is named
+        (a file, an environment variable), never written here: one that is is refused."""
+        at: yamlsrc.Path = ("prometheus",)
+        headers: dict[str, str] = {}
+        raw = prom.get("headers", {})
+        if not isinstance(raw, dict):
+            self.problem((*at, "headers"), "must be a mapping of header name -> value, like "
+                                           "{X-Scope-OrgID: team-a}")
+            raw = {}
+        for name, value in raw.items():
+            where = (*at, "headers", name)
+            if not isinstance(name, str) or not _HEADER_NAME.match(name):
+                self.problem(where, "is not an HTTP header name")
+            elif name.lower() in _SECRET_HEADERS:
+                self.problem(where, "carries a credential, and a secret is never written in the "
+                                    "config: put a bearer token in a file named by "
+                                    "prometheus.bearer_token_file, or use prometheus.basic_auth "
+                                    "{username, password_env}")
+            elif not isinstance(value, str | int) or isinstance(value, bool):
+                self.problem(where, "must be a plain string")
+            elif any(ord(c) < 0x20 or ord(c) == 0x7F for c in str(value)):
+                self.problem(where, "must not contain control characters (line breaks, tabs)")
+            else:
+                headers[name] = str(value)
+        token_file = None
+        if "bearer_token_file" in prom:
+            value = self.string(prom, "bearer_token_file", at)
+            if value is not None:
+                token_file = self.path(value)
+                try:
+                    text = token_file.read_text(encoding="utf-8")
+                except (OSError, UnicodeDecodeError) as e:
+                    why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+                    self.problem((*at, "bearer_token_file"), f"cannot read {token_file}: {why}")
+                else:
+                    if not text.strip():
+                        self.problem((*at, "bearer_token_file"), f"{token_file} is empty")
+        username = password_env = None
+        if "basic_auth" in prom:
+            username, password_env = self.basic_auth(prom["basic_auth"], (*at, "basic_auth"))
+            if token_file is not None:
+                self.problem((*at, "basic_auth"), "use basic_auth or bearer_token_file, not both: "
+                                                  "each sets the Authorization header")
+        ca_file = None
+        if "ca_file" in prom:
+            value = self.string(prom, "ca_file", at)
+            if value is not None:
+                ca_file = self.path(value)
+                try:
+                    ssl.create_default_context(cafile=str(ca_file))
+                except FileNotFoundError:
+                    self.problem((*at, "ca_file"), f"{ca_file} does not exist")
+                except (OSError, ssl.SSLError) as e:
+                    self.problem((*at, "ca_file"), f"{ca_file} is not a PEM CA certificate "
+                                                   f"bundle: {e}")
+        concurrency = prom.get("concurrency", PrometheusAccess.concurrency)
+        if not isinstance(concurrency, int) or isinstance(concurrency, bool) \
+                or not 1 <= concurrency <= 256:
+            self.problem((*at, "concurrency"), "must be a whole number from 1 to 256: how many "
+                                               "queries may wait on Prometheus at once")
+            concurrency = PrometheusAccess.concurrency
+        return PrometheusAccess(headers=headers, bearer_token_file=token_file,
+                                basic_auth_username=username, basic_auth_password_env=password_env,
+                                ca_file=ca_file, concurrency=concurrency)
+
+    def basic_auth(self, raw: Any, at: yamlsrc.Path) -> tuple[str | None, str | None]:
+        if not isinstance(raw, dict):
+            self.problem(at, "must be a mapping {username, password_env}")
+            return None, None
+        if "password" in raw:
+            self.problem((*at, "password"), "a secret is never written in the config: put the "
+                                            "password in an environment variable and name it in "
+                                            "basic_auth.password_env")
+        self.unknown({k: v for k, v in raw.items() if k != "password"},
+                     {"username", "password_env"}, at)
+        username = self.string(raw, "username", at)
+        if username is not None and ":" in username:
+            self.problem((*at, "username"), "cannot contain ':' (HTTP basic auth)")
+            username = None
+        env = self.string(raw, "password_env", at)
+        if env is not None:
+            if not _ENV_NAME.match(env):
+                self.problem((*at, "password_env"), "must name an environment variable "
+                                                    "(letters, digits and _)")
+                env = None
+            elif env not in os.environ:
+                self.problem((*at, "password_env"), f"environment variable {env} is not set; "
+                                                    f"export it with the Prometheus password "
+                                                    "before starting canary")
+                env = None
+            elif not os.environ[env]:
+                self.problem((*at, "password_env"), f"environment variable {env} is empty")
+                env = None
+        return username, env
+
+    def path(self, value: str) -> Path:
+        p = Path(value)
+        return p if p.is_absolute() else self.base / p
 
     def election(self, raw: Any) -> LeaderElection:
         if raw is None:
@@ -321,7 +459,7 @@ class _Checker:
             if not isinstance(item, dict):
                 where.problem(path, "must be a mapping {name, sha256, role}")
                 continue
-            where.unknown(item, {"name", "sha256", "role"}, path)
+            where.unknown(item, {"name", "sha256", "role", "targets"}, path)
             name = where.string(item, "name", path)
             digest = item.get("sha256")
             if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
@@ -334,9 +472,28 @@ class _Checker:
             except KeyError:
                 where.problem((*path, "role"), "must be one of viewer, pipeline, oncall")
                 continue
+            scope: tuple[str, ...] | None = None
+            if "targets" in item:
+                scope = where.token_scope(item["targets"], (*path, "targets"))
+                if scope is None:
+                    continue
             if name is not None:
-                out.append(Token(name=name, sha256=digest.lower(), role=role))
+                out.append(Token(name=name, sha256=digest.lower(), role=role, targets=scope))
         return tuple(out)
+
+    def token_scope(self, raw: Any, at: yamlsrc.Path) -> tuple[str, ...] | None:
+        """A token's `targets`: target names or globs (fnmatch: *, ?, [...])."""
+        if not isinstance(raw, list) or not raw:
+            self.problem(at, "must be a non-empty list of target names or globs, like "
+                             "[\"shop\", \"shop-*\"]; leave it out for every target")
+            return None
+        ok = True
+        for j, glob in enumerate(raw):
+            if not isinstance(glob, str) or not _TARGET_GLOB.match(glob):
+                self.problem((*at, j), f"{glob!r} is not a target name or glob: letters, digits, "
+                                       "'.', '_', '-' and the wildcards * ? [abc] [!abc] [a-z]")
+                ok = False
+        return tuple(raw) if ok else None
 
     def targets(self, raw: Any) -> dict[str, Target]:
         if not isinstance(raw, dict) or not raw:

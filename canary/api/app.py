@@ -23,6 +23,7 @@ from canary.engine.controller import Controller
 from canary.errors import Conflict, InvalidInput, NotFound, TransientError, UserError
 from canary.leader import LeaderElector
 from canary.model import Command, CommandKind
+from canary.store import no_such_rollout
 
 log = logging.getLogger("canary.api")
 CONTROLLER = web.AppKey("controller", Controller)
@@ -165,10 +166,12 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 async def targets(request: web.Request) -> web.Response:
-    _auth(request, Role.VIEWER)
+    token = _auth(request, Role.VIEWER)
     ctl = request.app[CONTROLLER]
     out = []
     for name, t in sorted(ctl.targets.items()):
+        if not token.may_see(name):
+            continue
         item: dict[str, Any] = {"name": name, "router": t.router, "policy": t.policy,
                                 "vars": dict(t.vars), "stable_version": t.stable_version}
         if isinstance(t, NginxTarget):
@@ -191,9 +194,9 @@ async def policies(request: web.Request) -> web.Response:
 
 
 async def list_rollouts(request: web.Request) -> web.Response:
-    _auth(request, Role.VIEWER)
+    token = _auth(request, Role.VIEWER)
     ctl = request.app[CONTROLLER]
-    rollouts = await ctl.store.list()
+    rollouts = [r for r in await ctl.store.list() if token.may_see(r.target)]
     target = request.query.get("target")
     if target:
         rollouts = [r for r in rollouts if r.target == target]
@@ -201,8 +204,10 @@ async def list_rollouts(request: web.Request) -> web.Response:
 
 
 async def get_rollout(request: web.Request) -> web.Response:
-    _auth(request, Role.VIEWER)
+    token = _auth(request, Role.VIEWER)
     r = await request.app[CONTROLLER].store.load(request.match_info["id"])
+    if not token.may_see(r.target):  # out of scope reads exactly like an unknown id
+        raise no_such_rollout(request.match_info["id"])
     return web.json_response(r.to_api())
 
 
@@ -212,7 +217,8 @@ async def create_rollout(request: web.Request) -> web.Response:
                                 "policy": str}, required=("target", "canary_version"))
     r = await request.app[CONTROLLER].create(
         target=data["target"], canary_version=data["canary_version"],
-        stable_version=data.get("stable_version"), policy=data.get("policy"), actor=token.name)
+        stable_version=data.get("stable_version"), policy=data.get("policy"), actor=token.name,
+        scope=token.may_see)
     request[ROLLOUT] = r.id
     return web.json_response(r.to_api(), status=201)
 
@@ -232,7 +238,8 @@ def override(kind: CommandKind) -> Handler:
         request[REASON] = data["reason"]
         cmd = Command(kind=kind, actor=token.name, reason=data["reason"].strip(),
                       full=bool(data.get("full")))
-        r = await request.app[CONTROLLER].command(request.match_info["id"], cmd)
+        r = await request.app[CONTROLLER].command(request.match_info["id"], cmd,
+                                                  scope=token.may_see)
         return web.json_response(r.to_api())
 
     return handler

@@ -176,10 +176,14 @@ class Prometheus:
     targets: list[int]
     scrape_interval: str = "1s"
     proc: subprocess.Popen[bytes] | None = None
+    # Prometheus's --web.config.file (basic_auth_users, tls_server_config), for tests of
+    # a Prometheus that wants credentials; with tls_server_config set scheme to https
+    web_config: str | None = None
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         binary = require("prometheus", "prometheus")
@@ -190,12 +194,16 @@ class Prometheus:
             f"  evaluation_interval: {self.scrape_interval}\n"
             f"scrape_configs:\n  - job_name: app\n    static_configs:\n"
             f"      - targets: [{targets}]\n")
+        extra = []
+        if self.web_config is not None:
+            (self.dir / "web.yml").write_text(self.web_config)
+            extra.append(f"--web.config.file={self.dir / 'web.yml'}")
         log = open(self.dir / "prometheus.log", "wb")
         self.proc = subprocess.Popen(
             [binary, f"--config.file={self.dir / 'prometheus.yml'}",
              f"--storage.tsdb.path={self.dir / 'data'}",
              f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn",
-             "--storage.tsdb.retention.time=1h"],
+             "--storage.tsdb.retention.time=1h", *extra],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
 

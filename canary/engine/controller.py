@@ -43,7 +43,7 @@ from canary.gates.prometheus import MetricSource, measure
 from canary.metrics import Metrics
 from canary.model import Command, CommandKind, PauseKind, Phase, Readings, Rollout, Verdict
 from canary.routers import Router
-from canary.store import Store
+from canary.store import Store, no_such_rollout
 
 log = logging.getLogger("canary.controller")
 STOP_TIMEOUT = 10.0  # seconds stop() waits for the rollout tasks to end
@@ -52,6 +52,10 @@ STORE_CHECK = 2.0    # seconds between background checks that the store takes wr
 _ROLLBACK = (Phase.ROLLING_BACK, Phase.ROLLED_BACK)
 _LOUD_EVENTS = {"router_error", "drift", "rollback", "rolled_back"}
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
+
+
+def _every_target(target: str) -> bool:
+    return True
 
 
 class Backoff:
@@ -162,12 +166,15 @@ class Controller:
                             + "; writes go to the leader: retry, the Service will route you")
 
     async def create(self, *, target: str, canary_version: str, stable_version: str | None,
-                     policy: str | None, actor: str) -> Rollout:
+                     policy: str | None, actor: str,
+                     scope: Callable[[str], bool] = _every_target) -> Rollout:
+        """`scope`: the targets the caller may see; any other is answered exactly as an
+        unknown one."""
         self._must_lead()
-        tgt = self.targets.get(target)
+        tgt = self.targets.get(target) if scope(target) else None
         if tgt is None:
             raise NotFound(f"no target named {target!r}; configured: "
-                           f"{', '.join(sorted(self.targets))}")
+                           f"{', '.join(sorted(t for t in self.targets if scope(t))) or 'none'}")
         if target not in self.routers:
             raise InvalidInput(f"target {target!r} has no working router in this controller")
         policy_name = policy or tgt.policy
@@ -218,15 +225,22 @@ class Controller:
                 return r.canary_version
         return None
 
-    async def command(self, rollout_id: str, cmd: Command) -> Rollout:
-        """Record an override and wake the rollout's task; Conflict if it does not fit.
-        An abort that the store cannot record is carried out all the same (StoreUnavailable
-        says so): the rollout's task takes the traffic to 0 and saves it later."""
+    async def command(self, rollout_id: str, cmd: Command, *,
+                      scope: Callable[[str], bool] = _every_target) -> Rollout:
+        """Record an override and wake the rollout's task; Conflict if it does not fit. A
+        rollout whose target is outside `scope` is answered as an unknown id. An abort
+        that the store cannot record is carried out all the same (StoreUnavailable says
+        so): the rollout's task takes the traffic to 0 and saves it later."""
         self._must_lead()
         now = self.clock.now()
+
+        def step(r: Rollout) -> Rollout:
+            if not scope(r.target):
+                raise no_such_rollout(rollout_id)
+            return decide.command(r, self._policy_of(r), cmd, now)
+
         try:
-            r = await self._update(rollout_id, lambda r: decide.command(
-                r, self._policy_of(r), cmd, now))
+            r = await self._update(rollout_id, step)
         except StoreUnavailable as e:
             if cmd.kind is not CommandKind.ABORT or rollout_id not in self._tasks:
                 raise

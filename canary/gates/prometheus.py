@@ -1,14 +1,23 @@
 """Prometheus instant queries through prometheus-api-client, off the event loop.
 
-The client blocks (requests), so every call goes through asyncio.to_thread here and
-nowhere else. Retries are tenacity's, on MetricsError only.
+The client blocks (requests), so every call runs here, and nowhere else, on a small
+thread pool of Prometheus's own: a Prometheus that accepts connections and never answers
+can hold those threads, never the default pool that the store, the routers and leader
+election use. Credentials (headers, a bearer token file, basic auth) and a CA file come
+from the config's `prometheus:` block; no secret value reaches a log line or an error.
+Retries are tenacity's, on MetricsError only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import concurrent.futures
+import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 from tenacity import (
@@ -19,7 +28,8 @@ from tenacity import (
     wait_exponential,
 )
 
-from canary.errors import MetricsError
+from canary.config import PrometheusAccess
+from canary.errors import InvalidInput, MetricsError
 from canary.gates.evaluate import judge, judge_compare
 from canary.model import Reading, Verdict
 from canary.policy import Gate, format_duration, render
@@ -31,28 +41,149 @@ class MetricSource(Protocol):
         ...
 
 
+class TokenFile:
+    """A bearer token kept in a file (a mounted Secret, a sidecar's output), re-read when the
+    file changes (another inode, mtime or size), so a rotated token is used at the next
+    query without a restart; and every few seconds anyway, since a same-size rewrite within
+    one tick of the file system's clock leaves mtime as it was. Called from the query
+    threads, hence the lock."""
+
+    REREAD = 5.0  # seconds
+
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = path
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._seen: tuple[int, int, int] | None = None
+        self._read_at = 0.0
+        self._token = ""
+
+    @property
+    def last(self) -> str:
+        """The token read last ("" before the first read), for redaction."""
+        return self._token
+
+    def token(self) -> str:
+        """The current token; MetricsError (naming the file, never its contents) if it
+        cannot be read or cannot be sent as a header."""
+        try:
+            st = os.stat(self.path)
+            seen = (st.st_ino, st.st_mtime_ns, st.st_size)
+            with self._lock:
+                now = self._clock()
+                if seen != self._seen or now - self._read_at >= self.REREAD:
+                    text = self.path.read_bytes().decode("utf-8").strip()
+                    if not text:
+                        raise MetricsError(f"bearer_token_file {self.path} is empty")
+                    if not all(0x20 < ord(c) < 0x7F for c in text):
+                        raise MetricsError(f"bearer_token_file {self.path} holds characters a "
+                                           "token cannot have (spaces, line breaks, non-ASCII)")
+                    self._token, self._seen, self._read_at = text, seen, now
+                return self._token
+        except OSError as e:
+            raise MetricsError(f"cannot read bearer_token_file {self.path}: "
+                               f"{e.strerror or type(e).__name__}") from None
+        except UnicodeDecodeError:
+            raise MetricsError(f"bearer_token_file {self.path} is not UTF-8 text") from None
+
+
+class _Authorization:
+    """A requests auth hook (any callable taking the prepared request): sets Authorization
+    from basic auth or the current bearer token, per request."""
+
+    def __init__(self, *, basic: tuple[str, str] | None, token_file: TokenFile | None) -> None:
+        self._basic = None
+        if basic is not None:
+            self._basic = "Basic " + base64.b64encode(":".join(basic).encode()).decode()
+        self._token_file = token_file
+
+    def __call__(self, request: Any) -> Any:
+        if self._basic is not None:
+            request.headers["Authorization"] = self._basic
+        elif self._token_file is not None:
+            request.headers["Authorization"] = f"Bearer {self._token_file.token()}"
+        return request
+
+
 class PrometheusSource:
-    def __init__(self, url: str, *, timeout: float = 10.0, client: Any = None) -> None:
+    def __init__(self, url: str, *, timeout: float = 10.0, client: Any = None,
+                 access: PrometheusAccess | None = None) -> None:
+        access = access or PrometheusAccess()
+        self._secrets: list[str] = [v for v in access.headers.values() if len(v) >= 4]
+        self._token_file = (TokenFile(access.bearer_token_file)
+                            if access.bearer_token_file is not None else None)
+        self._session: Any = None
         if client is None:
+            import requests
             from prometheus_api_client import PrometheusConnect
             from urllib3.util.retry import Retry
 
-            client = PrometheusConnect(url=url, disable_ssl=False, retry=Retry(total=0),
+            basic = None
+            if access.basic_auth_username is not None and access.basic_auth_password_env:
+                password = os.environ.get(access.basic_auth_password_env)
+                if not password:
+                    raise InvalidInput(f"prometheus.basic_auth.password_env: environment variable "
+                                       f"{access.basic_auth_password_env} is not set")
+                basic = (access.basic_auth_username, password)
+                self._secrets += [password, base64.b64encode(":".join(basic).encode()).decode()]
+            if self._token_file is not None:
+                try:
+                    self._secrets.append(self._token_file.token())
+                except MetricsError as e:
+                    raise InvalidInput(f"prometheus.{e}") from None
+            self._session = requests.Session()
+            # requests takes a CA bundle's path where it takes True/False
+            self._session.verify = str(access.ca_file) if access.ca_file else True
+            auth = (_Authorization(basic=basic, token_file=self._token_file)
+                    if basic or self._token_file else None)
+            client = PrometheusConnect(url=url, headers=dict(access.headers) or None,
+                                       retry=Retry(total=0), auth=auth, session=self._session,
                                        timeout=timeout)
         self._client = client
         self._timeout = timeout
+        # requests' timeout bounds connecting and each read; this bounds the whole wait,
+        # queueing for a thread included, a little past it
+        self._deadline = timeout + min(2.0, 0.5 + timeout / 10)
+        self._concurrency = access.concurrency
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=access.concurrency, thread_name_prefix="prometheus")
+
+    def _redact(self, text: str) -> str:
+        secrets = self._secrets
+        if self._token_file is not None and self._token_file.last:
+            secrets = [*secrets, self._token_file.last]
+        for s in secrets:
+            text = text.replace(s, "<redacted>")
+        return text
 
     def _query_blocking(self, promql: str) -> Any:
         try:
             return self._client.custom_query(
                 promql, params={"timeout": format_duration(self._timeout)}, timeout=self._timeout)
+        except MetricsError:
+            raise
         except Exception as e:  # requests and the client raise many kinds; all mean "no answer"
-            text = str(e).replace("\n", " ")
+            text = self._redact(str(e).replace("\n", " "))
             raise MetricsError(f"prometheus query failed: {type(e).__name__}: {text[:300]}") from e
 
     async def query(self, promql: str) -> float | None:
-        result = await asyncio.to_thread(self._query_blocking, promql)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._deadline):
+                result = await loop.run_in_executor(self._executor, self._query_blocking, promql)
+        except TimeoutError:
+            raise MetricsError(f"prometheus did not answer within {self._deadline:g}s "
+                               f"(at most {self._concurrency} queries wait on it at once; "
+                               "prometheus.concurrency)") from None
+        except RuntimeError as e:  # the executor is shut down: the controller is stopping
+            raise MetricsError(f"prometheus source closed: {e}") from None
         return parse_result(result)
+
+    def close(self) -> None:
+        """Stop taking queries; threads still waiting on Prometheus end at their timeout."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._session is not None:
+            self._session.close()
 
 
 class CoalescingSource:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from canary.errors import NotFound
 from canary.model import Rollout
+
+
+def no_such_rollout(rollout_id: str) -> NotFound:
+    """The one 404 for a rollout id: every store raises it, and the API raises the same for
+    a rollout outside a token's scope, so the two cannot be told apart."""
+    return NotFound(f"no rollout with id {rollout_id!r}")
 
 
 class Store(Protocol):

@@ -24,6 +24,7 @@ from canary import kube
 from canary.errors import Conflict, NotFound, StoreConflict, StoreUnavailable
 from canary.executors import Pool
 from canary.model import Rollout
+from canary.store import no_such_rollout
 
 MANAGED = {"app.kubernetes.io/managed-by": "canary"}
 PENDING_GRACE = 60.0  # a start takes three quick writes; one pending longer than this crashed
@@ -149,7 +150,7 @@ class KubernetesStore:
         try:
             return self._parse(await self._get(self._name(rollout_id)))
         except NotFound:
-            raise NotFound(f"no rollout with id {rollout_id!r}") from None
+            raise no_such_rollout(rollout_id) from None
         except (KeyError, ValueError) as e:
             raise StoreUnavailable(f"rollout {rollout_id}: stored data unreadable: {e}") from e
 

@@ -18,9 +18,10 @@ import threading
 import time
 from typing import Any
 
-from canary.errors import Conflict, NotFound, StoreConflict, StoreUnavailable, UserError
+from canary.errors import Conflict, StoreConflict, StoreUnavailable, UserError
 from canary.executors import Pool
 from canary.model import Rollout
+from canary.store import no_such_rollout
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -154,7 +155,7 @@ class SqliteStore:
         row = self._db.execute("SELECT data, version FROM rollouts WHERE id = ?",
                                (rollout_id,)).fetchone()
         if row is None:
-            raise NotFound(f"no rollout with id {rollout_id!r}")
+            raise no_such_rollout(rollout_id)
         return Rollout.from_store(json.loads(row[0]), version=row[1])
 
     async def load(self, rollout_id: str) -> Rollout:
