@@ -23,22 +23,24 @@ from canary.clock import Clock
 from canary.config import Target
 from canary.engine import decide
 from canary.errors import (
+    Conflict,
     InvalidInput,
     NotFound,
     NotLeader,
     RouterError,
     StoreConflict,
+    ValidationFailed,
 )
 from canary.gates.prometheus import MetricSource, measure
 from canary.metrics import Metrics
-from canary.model import Command, PauseKind, Phase, Readings, Rollout, Verdict
+from canary.model import Command, CommandKind, PauseKind, Phase, Readings, Rollout, Verdict
 from canary.routers import Router
 from canary.store import Store
 
 log = logging.getLogger("canary.controller")
 STOP_TIMEOUT = 10.0  # seconds stop() waits for the rollout tasks to end
 _LOUD_EVENTS = {"router_error", "drift", "rollback", "rolled_back"}
-_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}")  # the whole string: fullmatch
 
 
 class Backoff:
@@ -73,6 +75,7 @@ class Controller:
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _start_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _policy_cache: dict[str, policy_mod.Policy] = field(default_factory=dict)
+    _unreadable: dict[str, str] = field(default_factory=dict)  # rollout id -> why
     _stopping: bool = False
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -143,7 +146,7 @@ class Controller:
                            f"{', '.join(sorted(self.policies))}")
         for field_name, value in (("canary_version", canary_version),
                                   ("stable_version", stable_version)):
-            if value is not None and not _VERSION.match(value):
+            if value is not None and not _VERSION.fullmatch(value):
                 raise InvalidInput(f"{field_name}: {value!r} must be 1-128 letters, digits or "
                                    "._:+- starting with a letter or digit")
         await self.routers[target].check()
@@ -182,8 +185,16 @@ class Controller:
         """Record an override and wake the rollout's task; Conflict if it does not fit."""
         self._must_lead()
         now = self.clock.now()
-        r = await self._update(rollout_id, lambda r: decide.command(
-            r, self._policy_of(r), cmd, now))
+
+        def step(r: Rollout) -> Rollout:
+            pol = self._policy_of(r)
+            why = self._unreadable.get(r.id)
+            if why is not None and cmd.kind is not CommandKind.ABORT and not r.state.final:
+                raise Conflict(f"rollout {r.id}'s stored policy can no longer be read "
+                               f"({why}); it can only be aborted")
+            return decide.command(r, pol, cmd, now)
+
+        r = await self._update(rollout_id, step)
         faults.point("after_command")
         self.wake(rollout_id)
         return r
@@ -216,11 +227,26 @@ class Controller:
         re-validating it every interval of every rollout is wasted work."""
         pol = self._policy_cache.get(r.id)
         if pol is None:
-            pol = self._policy_cache[r.id] = policy_mod.from_dict(r.policy_spec)
+            try:
+                pol = policy_mod.from_dict(r.policy_spec)
+            except ValidationFailed as e:
+                # stored by an older version, or a value that did not survive the store:
+                # nothing can be judged by it, but an abort (and the rollback the loop
+                # then makes) needs no policy
+                why = "; ".join(f"{p.field}: {p.message}" for p in e.problems)
+                log.error("the policy stored with this rollout can no longer be read: %s", why,
+                          extra={"rollout": r.id, "target": r.target})
+                self._unreadable[r.id] = why
+                pol = policy_mod.Policy(name=r.policy, stages=(),
+                                        interval=policy_mod.MIN_INTERVAL)
+            self._policy_cache[r.id] = pol
         return pol
 
     def _log_new_events(self, old: Rollout | None, new: Rollout) -> None:
-        fresh = new.events[len(old.events):] if old is not None else new.events
+        fresh = new.events
+        if old is not None:  # (counted with the trimmed ones: a long rollout's count stays flat)
+            added = decide.events_recorded(new) - decide.events_recorded(old)
+            fresh = new.events[len(new.events) - added:] if added > 0 else ()
         for e in fresh:
             level = logging.WARNING if e.type in _LOUD_EVENTS else logging.INFO
             log.log(level, e.message, extra={"rollout": new.id, "target": new.target,
@@ -258,6 +284,10 @@ class Controller:
                 if r.state.final:
                     break
                 pol = self._policy_of(r)
+                if r.id in self._unreadable and r.state is not Phase.ROLLING_BACK:
+                    r = await self._update(rollout_id, partial(
+                        decide.policy_unreadable, error=self._unreadable[r.id],
+                        now=self.clock.now()))
                 router = self.routers[r.target]
                 live = await router.get_weight()
                 r = await self._update(rollout_id, partial(decide.observed, weight=live,
@@ -333,6 +363,7 @@ class Controller:
         self._locks.pop(rollout_id, None)
         self._wakeups.pop(rollout_id, None)
         self._policy_cache.pop(rollout_id, None)
+        self._unreadable.pop(rollout_id, None)
         self.metrics.active.set(max(0, len(self._tasks) - 1))
 
     async def _measure(self, r: Rollout, pol: policy_mod.Policy, now: float) -> Readings:
