@@ -27,13 +27,14 @@ from canary import config as config_mod
 from canary import policy as policy_mod
 from canary import yamlsrc
 from canary.errors import InvalidInput, Problem, RouterError, UserError, ValidationFailed
+from canary.text import escape
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 log = logging.getLogger("canary.cli")
 
 
 def die(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    print(f"canary: {message}", file=sys.stderr)
+    print(f"canary: {escape(message)}", file=sys.stderr)
     raise SystemExit(code)
 
 
@@ -191,7 +192,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         asyncio.run(serve(cfg))
     except ValidationFailed as e:
         for p in e.problems:
-            print(p, file=sys.stderr)
+            print(escape(p), file=sys.stderr)
         return EXIT_USAGE
     except (UserError, OSError) as e:
         die(str(e))
@@ -239,7 +240,7 @@ def validate_files(files: list[str]) -> list[Problem]:
 def cmd_validate(args: argparse.Namespace) -> int:
     problems = validate_files(args.files)
     for p in problems:
-        print(p)
+        print(escape(p))
     if problems:
         return EXIT_FAILED
     print(f"ok: {len(args.files)} file(s) valid")
@@ -347,7 +348,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         pol = policy_mod.load_file(args.policy_file)
     except ValidationFailed as e:
         for p in e.problems:
-            print(p)
+            print(escape(p))
         return EXIT_FAILED
     rates: dict[str, float] = {}
     default = 0.005
@@ -435,7 +436,7 @@ def call_retrying(args: argparse.Namespace, method: str, path: str,
             if e.status != 503 or waited >= RETRY_FOR:
                 raise
             pause = min(e.retry_after or 1.0, 5.0, RETRY_FOR - waited)
-            print(f"canary: {e}; retrying in {pause:g}s", file=sys.stderr)
+            print(f"canary: {escape(str(e))}; retrying in {pause:g}s", file=sys.stderr)
             sleep(pause)
             waited += pause
 
@@ -448,26 +449,31 @@ def api(args: argparse.Namespace, method: str, path: str,
         die(f"{e} (HTTP {e.status})" if e.status else str(e))
 
 
+# Everything printed from an API answer goes through escape(): a reason, a gate's detail
+# or a name may hold control characters (stored before the API refused them, or from
+# Prometheus), and a terminal must show them, not obey them.
+
+
 def gate_line(g: dict[str, Any], *, detail: bool = False) -> str:
     value = "-" if g.get("value") is None else f"{g['value']:.4g}"
     if g.get("kind") == "errors" and g.get("max") is not None:
         bounds = f"log10 evidence, fires at {g['max']:g}"
     else:
         bounds = " ".join(f"{k} {g[k]:g}" for k in ("min", "max") if g.get(k) is not None)
-    line = f"{g['name']} {value} ({bounds}) {g['status']} {g['failures']}"
+    line = f"{escape(g['name'])} {value} ({bounds}) {escape(g['status'])} {g['failures']}"
     if detail and g.get("detail"):
-        line += f": {g['detail']}"
+        line += f": {escape(g['detail'])}"
     return line
 
 
 def summary(r: dict[str, Any]) -> str:
     gates = "; ".join(gate_line(g) for g in r.get("gates", []))
-    line = f"{r['id']} {r['target']} {r['canary_version']}: {r['state']} stage {r['stage']} " \
-           f"weight {r['weight']}%"
+    line = f"{escape(r['id'])} {escape(r['target'])} {escape(r['canary_version'])}: " \
+           f"{escape(r['state'])} stage {r['stage']} weight {r['weight']}%"
     if gates:
         line += f" | {gates}"
     if r.get("reason"):
-        line += f" | {r['reason']}"
+        line += f" | {escape(r['reason'])}"
     return line
 
 
@@ -481,7 +487,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     if args.json and not args.wait:
         print(json.dumps(r, indent=2))
         return EXIT_OK
-    print(f"started {r['id']}: {summary(r)}", flush=True)
+    print(f"started {escape(r['id'])}: {summary(r)}", flush=True)
     if not args.wait:
         return EXIT_OK
     return wait_for(args, r["id"])
@@ -523,12 +529,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(json.dumps(r, indent=2))
             return EXIT_OK
         print(summary(r))
-        print(f"  started {r['started_at']}, updated {r['updated_at']}, policy {r['policy']}, "
-              f"stable {r['stable_version']}")
+        print(f"  started {escape(r['started_at'])}, updated {escape(r['updated_at'])}, "
+              f"policy {escape(r['policy'])}, stable {escape(r['stable_version'])}")
         for g in r["gates"]:
             print(f"  gate {gate_line(g, detail=True)}")
         for e in r["events"]:
-            print(f"  {e['at']} {e['type']:<12} {e['actor']:<16} {e['message']}")
+            print(f"  {escape(e['at'])} {escape(e['type']):<12} {escape(e['actor']):<16} "
+                  f"{escape(e['message'])}")
         return EXIT_OK
     data = api(args, "GET", "/api/v1/rollouts")
     if args.json:

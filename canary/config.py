@@ -182,6 +182,21 @@ class _Checker:
             return None
         return value
 
+    def duration(self, data: Mapping[str, Any], key: str, path: yamlsrc.Path,
+                 default: float) -> float:
+        """A duration above 0 (and, as every duration, whole milliseconds up to 30 days)."""
+        if key not in data:
+            return default
+        try:
+            value = policy_mod.parse_duration(data[key])
+        except ValueError as e:
+            self.problem((*path, key), str(e))
+            return default
+        if value <= 0:
+            self.problem((*path, key), "must be longer than 0, e.g. 10s")
+            return default
+        return value
+
     def strings(self, data: Mapping[str, Any], key: str, path: yamlsrc.Path,
                 default: tuple[str, ...] | None = None) -> tuple[str, ...]:
         value = data.get(key)
@@ -232,10 +247,7 @@ class _Checker:
                              "a secret is never written in the config: use prometheus.basic_auth "
                              "{username, password_env}")
             if "timeout" in prom:
-                try:
-                    timeout = policy_mod.parse_duration(prom["timeout"])
-                except ValueError as e:
-                    self.problem(("prometheus", "timeout"), str(e))
+                timeout = self.duration(prom, "timeout", ("prometheus",), timeout)
             access = self.prometheus_access(prom)
         policy_paths = self.policy_paths(data.get("policies", "policies/"))
         tokens = self.tokens(data.get("auth"))
@@ -360,14 +372,8 @@ class _Checker:
         self.unknown(raw, {"name", "lease_duration", "renew_deadline", "retry_period"}, path)
         d = LeaderElection()
         name = self.string(raw, "name", path, default=d.name) or d.name
-        times = {}
-        for key in ("lease_duration", "renew_deadline", "retry_period"):
-            times[key] = getattr(d, key)
-            if key in raw:
-                try:
-                    times[key] = policy_mod.parse_duration(raw[key])
-                except ValueError as e:
-                    self.problem((*path, key), str(e))
+        times = {key: self.duration(raw, key, path, getattr(d, key))
+                 for key in ("lease_duration", "renew_deadline", "retry_period")}
         if not times["retry_period"] < times["renew_deadline"] < times["lease_duration"]:
             self.problem(path, "need retry_period < renew_deadline < lease_duration, so a leader "
                                "that cannot renew steps down before anyone else takes over")

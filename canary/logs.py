@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 from typing import Any
+
+from canary import jsonsafe
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -25,12 +26,37 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+        return jsonsafe.dumps(out, default=str)
+
+
+class HideRequestContent(logging.Filter):
+    """aiohttp logs a request it cannot parse (a header over its 8 KiB line limit, bytes
+    that are not HTTP) with a traceback whose message quotes the offending line: that line
+    may be `Authorization: Bearer <token>`. Keep the fact, the peer and the kind of error;
+    drop the content."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None:
+            return True
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        if isinstance(exc, HttpProcessingError):
+            peer = record.args[0] if isinstance(record.args, tuple) and record.args else None
+            record.msg = ("refused a malformed HTTP request from %s: %s (HTTP %s); its content "
+                          "is not logged, as it may hold a token")
+            record.args = (peer, type(exc).__name__, exc.code)
+            record.exc_info = None
+            record.exc_text = None
+            if record.levelno > logging.WARNING:
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 def setup(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(HideRequestContent())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

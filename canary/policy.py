@@ -7,9 +7,11 @@ SRE fixes a file in one pass instead of one error per run.
 from __future__ import annotations
 
 import enum
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, localcontext
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +23,51 @@ _TEMPLATE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 BUILTIN_VARS = frozenset({"target", "canary_version", "stable_version", "rollout_id", "interval",
                           "version"})
 GATE_KINDS = ("threshold", "compare", "errors")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_UNIT_MS = {"ms": Decimal(1), "s": Decimal(1000), "m": Decimal(60_000), "h": Decimal(3_600_000)}
+# Every duration is at most 30 days: no stage, deadline or timeout of a canary needs more,
+# and anything bigger is a typo (a 400-digit number once reached the store as infinity).
+MAX_DURATION = 30 * 24 * 3600.0
+MAX_DURATION_TEXT = 32     # characters; `1h59m59s999ms` is 13
+MIN_INTERVAL = 1.0         # seconds; Prometheus rarely has a newer sample sooner
+_HINT = "write it like 500ms, 30s, 2m, 1h or 1m30s"
 
 
 def parse_duration(text: object) -> float:
-    """`500ms`, `10s`, `2m`, `1h`, `1m30s` -> seconds. Raises ValueError with a hint."""
+    """`500ms`, `10s`, `2m`, `1h`, `1m30s` -> seconds. Raises ValueError with a hint.
+
+    Only whole milliseconds up to 30 days: that is what the store keeps
+    (format_duration), so a duration always reads back as itself."""
     if not isinstance(text, str) or not text:
-        raise ValueError(f"{text!r} is not a duration; write it like 500ms, 30s, 2m, 1h or 1m30s")
-    pos, total = 0, 0.0
-    for m in _DURATION_PART.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _UNITS[m.group(2)]
-        pos = m.end()
+        shown = repr(text) if len(repr(text)) <= 40 else repr(text)[:37] + "..."
+        raise ValueError(f"{shown} is not a duration; {_HINT}")
+    if len(text) > MAX_DURATION_TEXT:
+        raise ValueError(f"{text[:20]!r}... is {len(text)} characters, too long for a "
+                         f"duration (at most {MAX_DURATION_TEXT}); {_HINT}, up to 30 days")
+    pos, ms = 0, Decimal(0)
+    with localcontext() as exact:
+        exact.prec = 2 * MAX_DURATION_TEXT + 8  # no rounding: 32 digits times a unit
+        for m in _DURATION_PART.finditer(text):
+            if m.start() != pos:
+                break
+            ms += Decimal(m.group(1)) * _UNIT_MS[m.group(2)]
+            pos = m.end()
     if pos != len(text):
-        raise ValueError(f"{text!r} is not a duration; write it like 500ms, 30s, 2m, 1h or 1m30s")
-    return total
+        raise ValueError(f"{text!r} is not a duration; {_HINT}")
+    if ms > Decimal(int(MAX_DURATION * 1000)):
+        raise ValueError(f"{text!r} is longer than 30 days, the longest duration canary "
+                         "accepts; write 720h or less")
+    if ms != ms.to_integral_value():
+        raise ValueError(f"{text!r} is not a whole number of milliseconds; canary keeps "
+                         "durations to the millisecond: write e.g. 1ms, 250ms or 1.5s")
+    return int(ms) / 1000
+
+
+def _finite(value: float) -> bool:
+    """A number canary can compare with: not NaN, not infinite, not too big for a float."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int of hundreds of digits
+        return False
 
 
 def format_duration(seconds: float) -> str:
@@ -183,8 +214,11 @@ class Policy:
 
 
 def from_dict(data: Mapping[str, Any], *, file: str = "<stored policy>") -> Policy:
-    """Rebuild a Policy from `to_dict` output (a rollout keeps the policy it started with)."""
-    return _Checker(yamlsrc.Doc(file, data, {(): 1}), default_name=str(data.get("name", ""))).policy()
+    """Rebuild a Policy from `to_dict` output (a rollout keeps the policy it started with).
+    Rules that only guard what an SRE writes (the shortest interval) are not applied again:
+    a rollout started under them keeps running after they change."""
+    return _Checker(yamlsrc.Doc(file, data, {(): 1}), default_name=str(data.get("name", "")),
+                    stored=True).policy()
 
 
 def load_file(path: str | Path) -> Policy:
@@ -234,9 +268,10 @@ _GATE_KEYS = {"name", "query", "min", "max", "kind", "baseline", "max_increase",
 class _Checker:
     """Walks one document, collecting every problem before giving up."""
 
-    def __init__(self, doc: yamlsrc.Doc, *, default_name: str) -> None:
+    def __init__(self, doc: yamlsrc.Doc, *, default_name: str, stored: bool = False) -> None:
         self.doc = doc
         self.default_name = default_name
+        self.stored = stored
         self.problems: list[Problem] = []
 
     def problem(self, path: yamlsrc.Path, message: str) -> None:
@@ -277,6 +312,10 @@ class _Checker:
             self.problem(("name",), "must be 1-63 letters, digits, '.', '_' or '-'")
             name = str(name)
         interval = self.duration(data, "interval", (), 30.0)
+        if 0 < interval < MIN_INTERVAL and not self.stored:
+            self.problem(("interval",), f"{format_duration(interval)} is shorter than "
+                                        f"{MIN_INTERVAL:g}s, the shortest interval canary "
+                                        "evaluates at; write 1s or more")
         failure_limit = data.get("failure_limit", 2)
         if isinstance(failure_limit, bool) or not isinstance(failure_limit, int) or failure_limit < 1:
             self.problem(("failure_limit",), "must be a whole number of at least 1")
@@ -382,6 +421,12 @@ class _Checker:
                 if value is not None and (isinstance(value, bool)
                                           or not isinstance(value, int | float)):
                     self.problem((*gpath, key), "must be a number")
+                    value, bad_number = None, True
+                elif value is not None and not _finite(value):
+                    # a NaN bound compares false with every value: the gate would never fail
+                    shown = str(value) if len(str(value)) < 20 else str(value)[:16] + "..."
+                    self.problem((*gpath, key), f"{shown} is not a finite number; write a "
+                                                "number like 0.01, or leave the field out")
                     value, bad_number = None, True
                 nums[key] = float(value) if value is not None else None
             fields: dict[str, Any] = {k: v for k, v in nums.items() if v is not None}

@@ -15,6 +15,26 @@ from canary.errors import Problem, ValidationFailed
 
 Path = tuple[str | int, ...]
 MAX_BYTES = 1 << 20
+MAX_DEPTH = 64  # nested mappings and lists; a policy needs about 6
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's composer recurses once per level of nesting: bound the depth so a file
+    of ten thousand `[` is a clear problem, not a RecursionError."""
+
+    depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise yaml.MarkedYAMLError(
+                    problem=f"nested more than {MAX_DEPTH} levels deep; a policy or config "
+                            "needs only a few levels",
+                    problem_mark=self.peek_event().start_mark)  # type: ignore[no-untyped-call]
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 @dataclass
@@ -42,7 +62,7 @@ def load(text: str | bytes, file: str) -> Doc:
             raise _fail(file, 1, f"not UTF-8 text (byte {e.start}); save the file as UTF-8") from e
     if len(text) > MAX_BYTES:
         raise _fail(file, 1, f"file is larger than {MAX_BYTES} bytes")
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -56,6 +76,8 @@ def load(text: str | bytes, file: str) -> Doc:
         raise _fail(file, line, f"malformed YAML: {e.problem or e.context}") from e
     except yaml.YAMLError as e:
         raise _fail(file, 1, f"malformed YAML: {e}") from e
+    except RecursionError:  # (MAX_DEPTH stops this first; a last line of defence)
+        raise _fail(file, 1, "malformed YAML: nested too deeply") from None
     finally:
         loader.dispose()
 
@@ -64,7 +86,7 @@ def _fail(file: str, line: int, message: str) -> ValidationFailed:
     return ValidationFailed([Problem(file, line, "(file)", message)])
 
 
-def _convert(loader: yaml.SafeLoader, node: yaml.Node, path: Path, doc: Doc, seen: set[int]) -> Any:
+def _convert(loader: _Loader, node: yaml.Node, path: Path, doc: Doc, seen: set[int]) -> Any:
     doc.lines[path] = node.start_mark.line + 1
     if id(node) in seen:
         raise yaml.MarkedYAMLError(

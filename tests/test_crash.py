@@ -43,7 +43,7 @@ def write_config(tmp: Path, prom: str, port: int) -> Path:
     pdir = tmp / "policies"
     pdir.mkdir(exist_ok=True)
     (pdir / "crash.yaml").write_text(yaml.safe_dump({
-        "name": "crash", "interval": "200ms", "failure_limit": 2, "progress_deadline": "1m",
+        "name": "crash", "interval": "1s", "failure_limit": 2, "progress_deadline": "1m",
         "stages": [{"weight": 10, "hold": "600ms"}, {"weight": 30, "hold": "600ms"},
                    {"weight": 60, "hold": "600ms", "approval": True},
                    {"weight": 100, "hold": "400ms"}],

@@ -72,7 +72,7 @@ class Replica:
         pdir = self.dir / "policies"
         pdir.mkdir()
         (pdir / "p.yaml").write_text(yaml.safe_dump({
-            "name": "p", "interval": "300ms", "failure_limit": 2, "progress_deadline": "1m",
+            "name": "p", "interval": "1s", "failure_limit": 2, "progress_deadline": "1m",
             "stages": [{"weight": 10, "hold": "1500ms"}, {"weight": 25, "hold": "1500ms"},
                        {"weight": 50, "hold": "1500ms"}, {"weight": 100, "hold": "1s"}],
             "gates": [{"name": "errors", "query": 'errors{svc="{{ service }}"}', "max": 0.1}]}))

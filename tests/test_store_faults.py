@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from canary.engine import decide
 from canary.model import Phase
 from canary.routers.nginx import parse_weight, render
 from canary.store.sqlite import SqliteStore
@@ -209,23 +208,6 @@ async def test_missing_state_file_with_canary_traffic_is_reported_and_left_alone
         status, _ = await api.call("GET", "/readyz", role=None)
         assert status == 200
         await api.start(canary_version="v2")
-
-
-async def test_a_stored_policy_that_no_longer_validates_can_still_be_aborted(tmp_path):
-    pol = simple_policy(hold=30.0)
-    store = SqliteStore(str(tmp_path / "state.db"))
-    r = decide.start(rollout_id="old-1", target="web", policy=pol, canary_version="v2",
-                     stable_version="v1", now=1.0, actor="pipeline")
-    spec = {**r.policy_spec, "failure_limit": 0}  # what an older canary let through
-    await store.create(rollout=type(r)(**{**r.__dict__, "policy_spec": spec}))
-    async with controller(tmp_path, policies=[pol], store=store) as (api, _ctl, t):
-        got = await api.until("old-1", lambda r: r["state"] == "paused")
-        assert "no longer validates" in got["reason"]
-        status, body = await api.call("POST", "/api/v1/rollouts/old-1/abort",
-                                      {"reason": "clean up"}, role="pipeline")
-        assert status == 200, body
-        await api.until("old-1", lambda r: r["state"] == "rolled_back")
-        assert weight_in(t) == 0
 
 
 async def _async(value: object) -> object:

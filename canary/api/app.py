@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from canary import jsonsafe
 from canary.api.auth import Forbidden, Unauthorized, authenticate
 from canary.api.openapi import SPEC
 from canary.config import NginxTarget, Role, Token
@@ -24,6 +25,7 @@ from canary.errors import Conflict, InvalidInput, NotFound, TransientError, User
 from canary.leader import LeaderElector
 from canary.model import Command, CommandKind
 from canary.store import no_such_rollout
+from canary.text import is_control
 
 log = logging.getLogger("canary.api")
 CONTROLLER = web.AppKey("controller", Controller)
@@ -32,6 +34,7 @@ ACTOR = web.RequestKey("actor", str)
 REASON = web.RequestKey("reason", str)
 ROLLOUT = web.RequestKey("rollout", str)
 MAX_BODY = 64 * 1024
+MAX_DEPTH = 64  # nesting of arrays and objects in a body
 BODY_TIMEOUT = web.AppKey("body_timeout", float)
 
 
@@ -41,8 +44,14 @@ class SlowClient(Exception):
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def json_response(data: Any, *, status: int = 200) -> web.Response:
+    """Strict JSON: a non-finite number (a gate's value, say) is sent as null, never as
+    the `NaN` / `Infinity` that JSON parsers refuse."""
+    return web.json_response(data, status=status, dumps=jsonsafe.dumps)
+
+
 def error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+    return json_response({"error": message}, status=status)
 
 
 @web.middleware
@@ -105,8 +114,18 @@ async def body(request: web.Request, allowed: dict[str, type | tuple[type, ...]]
     if not raw.strip():
         data: Any = {}
     else:
+        depth = json_depth(raw)
+        if depth > MAX_DEPTH:
+            raise InvalidInput(f"body nests {depth} levels deep (at most {MAX_DEPTH}); send a "
+                               "flat JSON object of the documented fields")
         try:
-            data = json.loads(raw)
+            data = json.loads(raw, object_pairs_hook=_no_duplicates,
+                              parse_constant=_no_constants)
+        except DuplicateKey as e:
+            raise InvalidInput(f"{e.key}: appears twice in the body; send each field once") \
+                from None
+        except RecursionError:  # (json_depth already refuses this; a last line of defence)
+            raise InvalidInput("body nests too deep; send a flat JSON object") from None
         except (ValueError, UnicodeDecodeError) as e:
             raise InvalidInput(f"body is not valid JSON: {e}") from e
     if not isinstance(data, dict):
@@ -122,10 +141,61 @@ async def body(request: web.Request, allowed: dict[str, type | tuple[type, ...]]
             raise InvalidInput(f"{key}: must be {'a string' if want == 'str' else want}")
         if isinstance(value, str) and len(value) > 1000:
             raise InvalidInput(f"{key}: at most 1000 characters")
+        if isinstance(value, str):
+            bad = next((c for c in value if is_control(c)), None)
+            if bad is not None:
+                raise InvalidInput(f"{key}: contains the control character U+{ord(bad):04X}; "
+                                   "send plain text on one line (no line breaks, tabs, "
+                                   "escape sequences or bidi controls)")
     for key in required:
         if not isinstance(data.get(key), str) or not data[key].strip():
             raise InvalidInput(f"{key}: required, a non-empty string")
     return data
+
+
+class DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A key sent twice is refused: which one counts would be the parser's choice."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def json_depth(raw: bytes) -> int:
+    """How deeply arrays and objects nest in `raw`, counted outside strings, so a body is
+    refused before the (recursive) parser could run out of stack."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
+        return 1  # (the usual body: too few brackets to nest deeply, no need to scan)
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
 
 
 def _auth(request: web.Request, role: Role) -> Token:
@@ -139,7 +209,7 @@ def _auth(request: web.Request, role: Role) -> Token:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -152,8 +222,8 @@ async def readyz(request: web.Request) -> web.Response:
     warnings = await ctl.unexplained()
     if warnings:
         return error(503, "; ".join(warnings[t] for t in sorted(warnings)))
-    return web.json_response({"status": "ready", "policies": len(ctl.policies),
-                              "active_rollouts": ctl.running(), "leader": ctl.leading})
+    return json_response({"status": "ready", "policies": len(ctl.policies),
+                          "active_rollouts": ctl.running(), "leader": ctl.leading})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -162,7 +232,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(SPEC)
+    return json_response(SPEC)
 
 
 async def targets(request: web.Request) -> web.Response:
@@ -184,13 +254,13 @@ async def targets(request: web.Request) -> web.Response:
         if name in ctl.warnings:
             item["warning"] = ctl.warnings[name]
         out.append(item)
-    return web.json_response({"targets": out})
+    return json_response({"targets": out})
 
 
 async def policies(request: web.Request) -> web.Response:
     _auth(request, Role.VIEWER)
     ctl = request.app[CONTROLLER]
-    return web.json_response({"policies": [p.to_dict() for _, p in sorted(ctl.policies.items())]})
+    return json_response({"policies": [p.to_dict() for _, p in sorted(ctl.policies.items())]})
 
 
 async def list_rollouts(request: web.Request) -> web.Response:
@@ -200,7 +270,7 @@ async def list_rollouts(request: web.Request) -> web.Response:
     target = request.query.get("target")
     if target:
         rollouts = [r for r in rollouts if r.target == target]
-    return web.json_response({"rollouts": [r.to_api() for r in rollouts]})
+    return json_response({"rollouts": [r.to_api() for r in rollouts]})
 
 
 async def get_rollout(request: web.Request) -> web.Response:
@@ -208,7 +278,7 @@ async def get_rollout(request: web.Request) -> web.Response:
     r = await request.app[CONTROLLER].store.load(request.match_info["id"])
     if not token.may_see(r.target):  # out of scope reads exactly like an unknown id
         raise no_such_rollout(request.match_info["id"])
-    return web.json_response(r.to_api())
+    return json_response(r.to_api())
 
 
 async def create_rollout(request: web.Request) -> web.Response:
@@ -220,7 +290,7 @@ async def create_rollout(request: web.Request) -> web.Response:
         stable_version=data.get("stable_version"), policy=data.get("policy"), actor=token.name,
         scope=token.may_see)
     request[ROLLOUT] = r.id
-    return web.json_response(r.to_api(), status=201)
+    return json_response(r.to_api(), status=201)
 
 
 _ROLES = {CommandKind.PAUSE: Role.ONCALL, CommandKind.RESUME: Role.ONCALL,
@@ -240,7 +310,7 @@ def override(kind: CommandKind) -> Handler:
                       full=bool(data.get("full")))
         r = await request.app[CONTROLLER].command(request.match_info["id"], cmd,
                                                   scope=token.may_see)
-        return web.json_response(r.to_api())
+        return json_response(r.to_api())
 
     return handler
 

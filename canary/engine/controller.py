@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import re
 import secrets
 import time
@@ -38,6 +37,7 @@ from canary.errors import (
     RouterError,
     StoreConflict,
     StoreUnavailable,
+    ValidationFailed,
 )
 from canary.gates.prometheus import MetricSource, measure
 from canary.metrics import Metrics
@@ -51,7 +51,7 @@ STORE_RETRY = 1.0    # seconds between write attempts while the store is failing
 STORE_CHECK = 2.0    # seconds between background checks that the store takes writes
 _ROLLBACK = (Phase.ROLLING_BACK, Phase.ROLLED_BACK)
 _LOUD_EVENTS = {"router_error", "drift", "rollback", "rolled_back"}
-_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}")  # the whole string: fullmatch
 
 
 def _every_target(target: str) -> bool:
@@ -90,6 +90,7 @@ class Controller:
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _start_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _policy_cache: dict[str, policy_mod.Policy] = field(default_factory=dict)
+    _unreadable: dict[str, str] = field(default_factory=dict)  # rollout id -> why
     _stopping: bool = False
     # why the state store cannot be written now (None: it can), and per target, canary
     # traffic that no rollout in the store explains (e.g. the state file went missing)
@@ -98,7 +99,6 @@ class Controller:
     _last: dict[str, Rollout] = field(default_factory=dict)      # last stored, per task
     _unsaved: dict[str, Rollout] = field(default_factory=dict)   # a rollback not yet saved
     _pending_abort: dict[str, Command] = field(default_factory=dict)
-    _invalid_policy: dict[str, str] = field(default_factory=dict)
     _monitor: asyncio.Task[None] | None = None
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -186,7 +186,7 @@ class Controller:
                            f"{', '.join(sorted(self.policies))}")
         for field_name, value in (("canary_version", canary_version),
                                   ("stable_version", stable_version)):
-            if value is not None and not _VERSION.match(value):
+            if value is not None and not _VERSION.fullmatch(value):
                 raise InvalidInput(f"{field_name}: {value!r} must be 1-128 letters, digits or "
                                    "._:+- starting with a letter or digit")
         await self.routers[target].check()
@@ -237,7 +237,12 @@ class Controller:
         def step(r: Rollout) -> Rollout:
             if not scope(r.target):
                 raise no_such_rollout(rollout_id)
-            return decide.command(r, self._policy_of(r), cmd, now)
+            pol = self._policy_of(r)
+            why = self._unreadable.get(r.id)
+            if why is not None and cmd.kind is not CommandKind.ABORT and not r.state.final:
+                raise Conflict(f"rollout {r.id}'s stored policy can no longer be read "
+                               f"({why}); it can only be aborted")
+            return decide.command(r, pol, cmd, now)
 
         try:
             r = await self._update(rollout_id, step)
@@ -364,16 +369,24 @@ class Controller:
         if pol is None:
             try:
                 pol = policy_mod.from_dict(r.policy_spec)
-            except InvalidInput as e:
-                # e.g. stored by an older canary that allowed what this one refuses: the
-                # rollout must still be abortable, so hold it where it is, without gates
-                pol = _frozen_policy(r)
-                self._invalid_policy[r.id] = str(e).replace("\n", "; ")[:500]
+            except ValidationFailed as e:
+                # stored by an older version, or a value that did not survive the store:
+                # nothing can be judged by it, but an abort (and the rollback the loop
+                # then makes) needs no policy
+                why = "; ".join(f"{p.field}: {p.message}" for p in e.problems)
+                log.error("the policy stored with this rollout can no longer be read: %s", why,
+                          extra={"rollout": r.id, "target": r.target})
+                self._unreadable[r.id] = why
+                pol = policy_mod.Policy(name=r.policy, stages=(),
+                                        interval=policy_mod.MIN_INTERVAL)
             self._policy_cache[r.id] = pol
         return pol
 
     def _log_new_events(self, old: Rollout | None, new: Rollout) -> None:
-        fresh = new.events[len(old.events):] if old is not None else new.events
+        fresh = new.events
+        if old is not None:  # (counted with the trimmed ones: a long rollout's count stays flat)
+            added = decide.events_recorded(new) - decide.events_recorded(old)
+            fresh = new.events[len(new.events) - added:] if added > 0 else ()
         for e in fresh:
             level = logging.WARNING if e.type in _LOUD_EVENTS else logging.INFO
             log.log(level, e.message, extra={"rollout": new.id, "target": new.target,
@@ -412,6 +425,10 @@ class Controller:
                 if r.state.final:
                     break
                 pol = self._policy_of(r)
+                if r.id in self._unreadable and r.state is not Phase.ROLLING_BACK:
+                    r = await self._update(rollout_id, partial(
+                        decide.policy_unreadable, error=self._unreadable[r.id],
+                        now=self.clock.now()))
                 router = self.routers[r.target]
                 cmd = self._pending_abort.get(rollout_id)
                 if cmd is not None:  # an abort the store could not take before
@@ -419,12 +436,6 @@ class Controller:
                         r = await self._update(rollout_id, partial(
                             decide.command, policy=pol, cmd=cmd, now=self.clock.now()))
                     self._pending_abort.pop(rollout_id, None)
-                invalid = self._invalid_policy.get(rollout_id)
-                if invalid and r.state is Phase.PROGRESSING:
-                    r = await self._update(rollout_id, partial(
-                        decide.hold, now=self.clock.now(),
-                        reason=f"its stored policy no longer validates ({invalid}); held at "
-                               f"weight {r.weight} without gates: abort it, or promote"))
                 live = await router.get_weight()
                 if live == 0 and r.weight != 0:
                     # a rollback made while the store could not record it, kept by the router
@@ -509,7 +520,7 @@ class Controller:
                 log.exception("rollout loop failed; retrying", extra={"rollout": rollout_id})
                 await self.clock.sleep(backoff.next(), wakeup)
         for cache in (self._locks, self._wakeups, self._policy_cache, self._last, self._unsaved,
-                      self._pending_abort, self._invalid_policy):
+                      self._pending_abort, self._unreadable):
             cache.pop(rollout_id, None)
         self.metrics.active.set(max(0, len(self._tasks) - 1))
 
@@ -589,17 +600,3 @@ class Controller:
             return None
         return Readings(at=now, stage=r.stage, items=task.result())
 
-
-def _frozen_policy(r: Rollout) -> policy_mod.Policy:
-    """A stand-in for a stored policy that no longer validates: the stored stages'
-    weights where they can be read, no gates, holds and deadline that never end."""
-    weights: list[int] = []
-    for s in r.policy_spec.get("stages") or []:
-        w = s.get("weight") if isinstance(s, dict) else None
-        if isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= 100:
-            weights.append(w)
-    if len(weights) <= r.stage or weights[-1] != 100:
-        weights = [max(1, min(100, r.weight))] * r.stage + [100]
-    stages = tuple(policy_mod.Stage(weight=w, hold=math.inf) for w in weights)
-    return policy_mod.Policy(name=r.policy, stages=stages, interval=30.0,
-                             progress_deadline=math.inf)

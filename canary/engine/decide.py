@@ -7,6 +7,7 @@ that failed, an on-call command) comes back through here.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -26,32 +27,77 @@ from canary.model import (
 )
 from canary.policy import Gate, NoData, Policy, format_duration
 
-MAX_EVENTS = 1000  # per rollout: the first FIRST_EVENTS, a marker, and the latest ones
+# A rollout's events are bounded in number and in text, so its stored record (rewritten at
+# every evaluation) stays small however often on-call pauses and resumes with long
+# reasons: its first events (how it began), a `trimmed` marker, and the latest ones.
+MAX_EVENTS = 1000
 FIRST_EVENTS = 100
+MAX_EVENT_TEXT = 64 * 1024     # characters of messages and actors, all events together
+FIRST_EVENT_TEXT = 16 * 1024   # ... of which the first events take at most this
+MAX_MESSAGE = 2000             # one event's message (a reason is at most 1,000)
 
 
 def _event(r: Rollout, now: float, type_: str, message: str, actor: str = "controller") -> Rollout:
+    if len(message) > MAX_MESSAGE:
+        message = message[:MAX_MESSAGE - 1] + "…"
     events = (*r.events, Event(at=now, type=type_, message=message, actor=actor))
     return replace(r, events=_trim(events), updated_at=now)
+
+
+def _text_size(text: str) -> int:
+    """Characters as stored: the store's JSON writes a non-ASCII one as \\uXXXX."""
+    return len(text) if text.isascii() else len(json.dumps(text)) - 2
+
+
+def _size(e: Event) -> int:
+    return _text_size(e.message) + _text_size(e.actor)
+
+
+def events_recorded(r: Rollout) -> int:
+    """How many events the rollout has recorded, those its `trimmed` marker stands for
+    included (and the marker itself not)."""
+    for e in r.events:
+        if e.type == "trimmed":
+            return len(r.events) - 1 + int(e.message.split()[0])
+    return len(r.events)
 
 
 def _trim(events: tuple[Event, ...]) -> tuple[Event, ...]:
     """Keep how the rollout began (who started it, its first stages) and what happened
     last; say how many in between were dropped, in one `trimmed` event."""
-    if len(events) <= MAX_EVENTS:
+    sizes = [_size(e) for e in events]
+    if len(events) <= MAX_EVENTS and sum(sizes) <= MAX_EVENT_TEXT:
         return events
-    head, rest = events[:FIRST_EVENTS], events[FIRST_EVENTS:]
-    dropped = 0
-    if rest[0].type == "trimmed":
-        dropped = int(rest[0].message.split()[0])
-        rest = rest[1:]
-    keep = MAX_EVENTS - FIRST_EVENTS - 1
+    mark = next((i for i, e in enumerate(events) if e.type == "trimmed"), None)
+    # the head: a prefix of the events before the marker (all but the newest if none yet)
+    head_n, used = 0, 0
+    while (head_n < min(FIRST_EVENTS, len(events) - 1 if mark is None else mark)
+           and used + sizes[head_n] <= FIRST_EVENT_TEXT):
+        used += sizes[head_n]
+        head_n += 1
+    if mark is not None:
+        dropped = int(events[mark].message.split()[0]) + (mark - head_n)
+        rest = events[mark + 1:]
+        rest_sizes = sizes[mark + 1:]
+    else:
+        dropped = 0
+        rest = events[head_n:]
+        rest_sizes = sizes[head_n:]
+    room_n = MAX_EVENTS - head_n - 1
+    room_text = MAX_EVENT_TEXT - used - 200  # (the marker's own text)
+    keep, kept = 0, 0
+    while keep < len(rest) and keep < room_n and kept + rest_sizes[-1 - keep] <= room_text:
+        kept += rest_sizes[-1 - keep]
+        keep += 1
+    keep = max(keep, 1)  # the newest event is always kept
     dropped += len(rest) - keep
-    gone = rest[len(rest) - keep - 1]
-    marker = Event(at=gone.at, type="trimmed", actor="controller",
+    at = rest[-keep - 1].at if len(rest) > keep else events[mark].at if mark is not None \
+        else rest[-keep].at
+    marker = Event(at=at, type="trimmed", actor="controller",
                    message=f"{dropped} events omitted here (a rollout keeps its first "
-                           f"{FIRST_EVENTS} and its latest {keep})")
-    return (*head, marker, *rest[-keep:])
+                           f"{head_n} and its latest {keep}, within {MAX_EVENTS} events and "
+                           f"{MAX_EVENT_TEXT // 1024} KiB of text)")
+    return (*events[:head_n], marker, *rest[-keep:])
 
 
 def fresh_gates(policy: Policy, stage: int,
@@ -112,6 +158,16 @@ def _finish_if_done(r: Rollout, now: float) -> Rollout:
                     finishing=False)
         return _event(r, now, "succeeded", f"all traffic on {r.canary_version}")
     return r
+
+
+def policy_unreadable(r: Rollout, error: str, now: float) -> Rollout:
+    """The policy stored with the rollout no longer validates (a rule tightened by an
+    upgrade, or a value that did not survive the store): no gate can be judged by it, so
+    the rollout goes the safe way, back to stable."""
+    if r.state.final or r.state is Phase.ROLLING_BACK:
+        return r
+    return _roll_back(r, now, f"the policy stored with this rollout can no longer be read "
+                              f"({error}); rolled back: start it again with a valid policy")
 
 
 # ---- commands from on-call and the pipeline --------------------------------------------
@@ -176,12 +232,6 @@ def roll_back_for(r: Rollout, reason: str, now: float) -> Rollout:
     if r.state.final or r.state is Phase.ROLLING_BACK:
         return r
     return _roll_back(r, now, reason)
-
-
-def hold(r: Rollout, reason: str, now: float) -> Rollout:
-    """Pause by the controller's own decision (not drift, router or approval)."""
-    r = _pause(r, now, PauseKind.MANUAL, reason)
-    return _event(r, now, "pause", reason)
 
 
 def adopt_rollback(r: Rollout, note: str, now: float) -> Rollout:

@@ -16,10 +16,18 @@ def judge(gate: Gate, value: float | None, *, error: str | None = None) -> Readi
     if math.isnan(value):
         return Reading(gate=gate.name, verdict=Verdict.NO_DATA,
                        detail="query returned NaN (no traffic in the window?)")
+    if math.isinf(value):
+        # never judged against a bound: +Inf would pass any `min`, -Inf any `max`
+        return Reading(gate=gate.name, verdict=Verdict.NO_DATA, detail=_infinite(value))
     too_high = gate.max is not None and value > gate.max
     too_low = gate.min is not None and value < gate.min
     return Reading(gate=gate.name, verdict=Verdict.FAIL if too_high or too_low else Verdict.PASS,
                    value=value)
+
+
+def _infinite(value: float) -> str:
+    return (f"the query returned {'+' if value > 0 else '-'}Inf (a division by zero?); "
+            "read as no data, so the policy's no_data decides")
 
 
 def judge_compare(gate: Gate, canary: float | None, stable: float | None, *,
@@ -32,6 +40,10 @@ def judge_compare(gate: Gate, canary: float | None, stable: float | None, *,
         side = "canary" if canary is None or math.isnan(canary) else "stable"
         return Reading(gate=gate.name, verdict=Verdict.NO_DATA,
                        detail=f"no sample for {side}")
+    if math.isinf(canary) or math.isinf(stable):
+        side, value = ("canary", canary) if math.isinf(canary) else ("stable", stable)
+        return Reading(gate=gate.name, verdict=Verdict.NO_DATA,
+                       detail=f"{side}: {_infinite(value)}")
     bad = []
     if gate.max_increase is not None and canary - stable > gate.max_increase:
         bad.append(f"{canary - stable:.4g} above stable, more than {gate.max_increase:g}")

@@ -1,0 +1,464 @@
+"""Bad input, from a policy file, a request or a metric, is a clear problem or a 4xx, never
+a 500, a traceback, a silently disabled gate or a broken rollout."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import sqlite3
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from canary import policy as policy_mod
+from canary.cli import validate_files
+from canary.clock import RealClock
+from canary.demo.procs import free_port, wait_http
+from canary.engine import decide
+from canary.engine.controller import Controller
+from canary.errors import Conflict, ValidationFailed
+from canary.gates.evaluate import judge, judge_compare
+from canary.model import Command, CommandKind, Event, Verdict
+from canary.policy import Gate, NoData
+from canary.routers.nginx import parse_weight
+from canary.store.sqlite import SqliteStore
+from canary.text import is_control
+from tests.helpers import TOKENS, Api, SetSource, controller, simple_policy, tokens
+
+POLICY = """\
+name: p
+interval: 10s
+stages:
+  - weight: 10
+    hold: 1m
+  - weight: 100
+    hold: 1m
+gates:
+  - name: errors
+    query: sum(rate(x[1m]))
+    max: 0.01
+"""
+ERRORS_GATE = """\
+  - name: seq
+    kind: errors
+    requests: sum(r{v="{{ version }}"})
+    errors: sum(e{v="{{ version }}"})
+"""
+
+
+def problems_of(tmp_path: Path, text: str, name: str = "pol.yaml") -> list[str]:
+    p = tmp_path / name
+    p.write_text(text)
+    return [str(x).removeprefix(str(tmp_path) + "/") for x in validate_files([str(p)])]
+
+
+def no_raw_json_constants(text: str) -> Any:
+    def refuse(name: str) -> Any:
+        raise AssertionError(f"the API sent {name}, which is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+# ---- 1. non-finite numbers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field,value,line", [
+    ("max", ".nan", 11), ("max", ".inf", 11), ("min", "-.inf", 12), ("max_increase", ".inf", 13),
+    ("max_ratio", ".nan", 13), ("tolerance", ".nan", 16), ("alpha", ".inf", 16),
+    ("gross", ".inf", 16), ("final_gross", ".inf", 16), ("detect_rate", ".nan", 16),
+    ("max", "1" + "0" * 400, 11),
+])
+def test_a_bound_that_is_nan_or_infinite_is_refused_with_file_line(tmp_path, field, value, line):
+    text = POLICY
+    if field == "min":
+        text += f"    min: {value}\n"
+    elif field in ("max_increase", "max_ratio"):
+        text = text.replace("    max: 0.01\n", f"    kind: compare\n    baseline: y\n"
+                                              f"    {field}: {value}\n")
+    elif field != "max":
+        text += ERRORS_GATE + f"    {field}: {value}\n"
+    else:
+        text = text.replace("max: 0.01", f"max: {value}")
+    found = problems_of(tmp_path, text)
+    gate = 1 if text.count("- name:") == 2 and field not in ("max", "min") else 0
+    assert len(found) == 1, found
+    assert found[0].startswith(f"pol.yaml:{line}: gates[{gate}].{field}: "), found
+    assert "not a finite number; write a number like 0.01" in found[0]
+    with pytest.raises(ValidationFailed):  # and at load, as `canary serve` reads it
+        policy_mod.load_file(tmp_path / "pol.yaml")
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_an_infinite_or_nan_reading_is_no_data_never_a_pass(value):
+    for gate in (Gate("g", "q", max=0.05), Gate("g", "q", min=0.99),
+                 Gate("g", "q", min=0.0, max=1.0)):
+        r = judge(gate, value)
+        assert r.verdict is Verdict.NO_DATA and r.value is None
+        assert ("Inf" if math.isinf(value) else "NaN") in (r.detail or "")
+    cmp = Gate("g", "q", kind="compare", max_increase=0.1, max_ratio=2.0)
+    for canary, stable in ((value, 1.0), (1.0, value)):
+        r = judge_compare(cmp, canary, stable)
+        assert r.verdict is Verdict.NO_DATA, (canary, stable, r)
+
+
+async def test_a_canary_whose_query_reads_minus_inf_is_rolled_back_when_no_data_fails(tmp_path):
+    # -Inf is below every max: read as a number, this failing canary would be promoted
+    pol = dataclasses.replace(simple_policy(hold=0.4), no_data=NoData.FAIL)
+    async with controller(tmp_path, policies=[pol], source=SetSource(-math.inf)) as (api, _c, _t):
+        rid = (await api.start(canary_version="v2"))["id"]
+        r = await api.until(rid, lambda r: r["state"] in ("rolled_back", "succeeded"))
+        assert r["state"] == "rolled_back" and r["weight"] == 0
+        assert "-Inf" in r["reason"], r["reason"]
+
+
+async def test_the_api_never_sends_nan_or_infinity(tmp_path):
+    async with controller(tmp_path, policies=[simple_policy(hold=3600)]) as (api, ctl, _t):
+        rid = (await api.start(canary_version="v2"))["id"]
+        await api.call("POST", f"/api/v1/rollouts/{rid}/pause", {"reason": "hold still"})
+        # a rollout stored holding non-finite numbers (by an older version, or a gate's
+        # evidence that overflowed)
+        for _ in range(10):
+            r = await ctl.store.load(rid)
+            gates = tuple(dataclasses.replace(g, value=v, max=m) for g, v, m in
+                          zip(r.gates, (math.inf, -math.inf), (math.nan, math.inf),
+                              strict=False))
+            try:
+                await ctl.store.save(rollout=dataclasses.replace(r, gates=gates),
+                                     expected_version=r.version)
+                break
+            except Exception:
+                await asyncio.sleep(0.05)
+        headers = {"Authorization": f"Bearer {TOKENS['viewer']}"}
+        for path in (f"/api/v1/rollouts/{rid}", "/api/v1/rollouts"):
+            async with api.s.get(api.base + path, headers=headers) as resp:
+                assert resp.status == 200
+                data = no_raw_json_constants(await resp.text())
+            one = data if "id" in data else data["rollouts"][0]
+            assert one["gates"][0]["value"] is None and one["gates"][0].get("max") is None
+
+
+# ---- 2. durations ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change,want", [
+    (("interval: 10s", "interval: 500ms"),
+     "pol.yaml:2: interval: 500ms is shorter than 1s, the shortest interval canary evaluates "
+     "at; write 1s or more"),
+    (("interval: 10s", "interval: 0.4ms"),
+     "pol.yaml:2: interval: '0.4ms' is not a whole number of milliseconds"),
+    (("hold: 1m\n  - weight: 100", "hold: 1.0005s\n  - weight: 100"),
+     "pol.yaml:5: stages[0].hold: '1.0005s' is not a whole number of milliseconds"),
+    (("hold: 1m\n  - weight: 100", "hold: " + "9" * 400 + "h\n  - weight: 100"),
+     "pol.yaml:5: stages[0].hold: '99999999999999999999'... is 401 characters, too long for a "
+     "duration"),
+    (("hold: 1m\n  - weight: 100", "hold: 721h\n  - weight: 100"),
+     "pol.yaml:5: stages[0].hold: '721h' is longer than 30 days, the longest duration canary "
+     "accepts; write 720h or less"),
+    (("interval: 10s", "interval: 10s\nprogress_deadline: " + "1" * 30 + "s"),
+     "pol.yaml:3: progress_deadline: '111111111111111111111111111111s' is longer than 30 days"),
+])
+def test_durations_too_short_too_long_or_finer_than_a_millisecond_are_refused(tmp_path, change,
+                                                                              want):
+    found = problems_of(tmp_path, POLICY.replace(*change))
+    assert len(found) == 1 and found[0].startswith(want), found
+
+
+def test_every_accepted_duration_reads_back_as_itself():
+    for text in ("1s", "1ms", "1.5s", "0.001s", "1m30s", "720h", "2h0.5s", "59m59.999s"):
+        seconds = policy_mod.parse_duration(text)
+        assert policy_mod.parse_duration(policy_mod.format_duration(seconds)) == seconds
+
+
+def test_controller_config_durations_are_bounded_too(tmp_path):
+    pdir = tmp_path / "policies"
+    pdir.mkdir()
+    (pdir / "p.yaml").write_text(POLICY)
+    digest = hashlib.sha256(b"t").hexdigest()
+    for timeout, want in (("0s", "must be longer than 0"),
+                          ("0.4ms", "not a whole number of milliseconds"),
+                          ("1" * 400 + "s", "too long for a duration")):
+        cfg = tmp_path / "canary.yaml"
+        cfg.write_text(textwrap.dedent(f"""\
+            prometheus: {{url: "http://127.0.0.1:9090", timeout: "{timeout}"}}
+            policies: policies/
+            auth: {{tokens: [{{name: a, sha256: "{digest}", role: viewer}}]}}
+            targets:
+              web: {{router: nginx, file: up.conf, upstream: web, stable: ["127.0.0.1:1"],
+                    canary: ["127.0.0.1:2"], policy: p}}
+            """))
+        found = [str(x) for x in validate_files([str(cfg)])]
+        assert len(found) == 1 and f"{cfg}:1: prometheus.timeout: " in found[0], found
+        assert want in found[0], found
+
+
+async def test_a_rollout_whose_stored_policy_no_longer_reads_is_rolled_back_not_stuck(tmp_path):
+    # stored before durations were checked: `interval: 0.4ms` became "0s", which no
+    # longer validates; such a rollout could be neither run nor aborted
+    pol = simple_policy(hold=3600)
+    store = SqliteStore(str(tmp_path / "state.db"))
+    r = decide.start(rollout_id="r-old", target="web", policy=pol, canary_version="v2",
+                     stable_version="v1", now=1.0e9, actor="pipeline-token")
+    await store.create(rollout=dataclasses.replace(
+        r, policy_spec={**r.policy_spec, "interval": "0s"}))
+    idle = Controller(store=store, policies={pol.name: pol}, targets={}, routers={},
+                      source=SetSource(), clock=RealClock())
+    with pytest.raises(Conflict, match=r"stored policy can no longer be read .*interval: must "
+                                       r"be longer than 0.*it can only be aborted"):
+        await idle.command("r-old", Command(CommandKind.PAUSE, actor="oncall", reason="look"))
+    async with controller(tmp_path, policies=[pol], store=store) as (api, _c, target):
+        status, data = await api.call("POST", "/api/v1/rollouts/r-old/abort", {"reason": "stuck"},
+                                      role="pipeline")
+        assert status == 200 or (status == 409 and "rolling back" in data["error"]), data
+        r2 = await api.until("r-old", lambda r: r["state"] == "rolled_back")
+        assert r2["applied_weight"] == 0 and r2["weight"] == 0
+        assert parse_weight(target, target.file.read_text()) == 0
+        assert "can no longer be read (interval: must be longer than 0)" in r2["reason"] \
+            or "aborted by" in r2["reason"], r2["reason"]
+        # the target is free again
+        assert (await api.start(canary_version="v3"))["state"] == "progressing"
+
+
+# ---- 3. deep nesting ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", [
+    "stages: " + "[" * 100_000 + "]" * 100_000 + "\n",
+    "stages: " + "{a: " * 5_000 + "1" + "}" * 5_000 + "\n",
+    "stages:\n" + "".join("  " * i + "- \n" for i in range(1, 200)),
+])
+def test_deeply_nested_yaml_is_one_clear_problem(tmp_path, text):
+    found = problems_of(tmp_path, text)
+    assert len(found) == 1, found
+    assert found[0].startswith("pol.yaml:") and ": (file): malformed YAML: nested more than 64 " \
+        "levels deep" in found[0], found
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"reason": ' + b"[" * 30_000 + b"]" * 30_000 + b"}",
+    b'{"reason": ' + b"[" * 100 + b"]" * 100 + b"}",
+    b'{"reason": "x", "a": ' + b'{"a": ' * 3000 + b"1" + b"}" * 3000 + b"}",
+])
+async def test_deeply_nested_json_bodies_are_a_400(tmp_path, raw):
+    async with controller(tmp_path, policies=[simple_policy(hold=3600)]) as (api, _c, _t):
+        rid = (await api.start(canary_version="v2"))["id"]
+        status, data = await api.call("POST", f"/api/v1/rollouts/{rid}/pause", raw=raw)
+        assert status == 400 and "nests" in data["error"] and "at most 64" in data["error"], data
+        assert (await api.rollout(rid))["state"] == "progressing"
+
+
+# ---- 4. duplicate keys ----------------------------------------------------------------------
+
+
+async def test_a_body_with_a_key_twice_is_a_400_naming_the_key(tmp_path):
+    async with controller(tmp_path, policies=[simple_policy(hold=3600)]) as (api, _c, _t):
+        rid = (await api.start(canary_version="v2"))["id"]
+        status, data = await api.call("POST", f"/api/v1/rollouts/{rid}/abort",
+                                      raw=b'{"reason": "ok", "reason": "\\u001b[2Jwiped"}',
+                                      role="pipeline")
+        assert status == 400 and data["error"].startswith("reason: appears twice"), data
+        status, data = await api.call("POST", "/api/v1/rollouts", role="pipeline",
+                                      raw=b'{"target": "web", "canary_version": "v3", '
+                                          b'"target": "other"}')
+        assert status == 400 and data["error"].startswith("target: appears twice"), data
+        status, data = await api.call("POST", f"/api/v1/rollouts/{rid}/pause",
+                                      raw=b'{"reason": NaN}')
+        assert status == 400 and "NaN is not JSON" in data["error"], data
+        assert (await api.rollout(rid))["state"] == "progressing"
+
+
+# ---- 5. tokens and headers ------------------------------------------------------------------
+
+
+async def raw_request(base: str, head: bytes) -> bytes:
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_a_token_that_is_not_utf8_is_a_401_and_any_case_of_bearer_works(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    async with controller(tmp_path) as (api, _c, _t):
+        answer = await raw_request(api.base, b"GET /api/v1/rollouts HTTP/1.1\r\nHost: x\r\n"
+                                             b"Authorization: Bearer tok-\xff\xfe\x80\r\n"
+                                             b"Connection: close\r\n\r\n")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 401 "), answer
+        assert "not UTF-8" in json.loads(body)["error"]
+        for scheme in ("bearer", "BEARER", "Bearer"):
+            async with api.s.get(api.base + "/api/v1/rollouts",
+                                 headers={"Authorization": f"{scheme} {TOKENS['viewer']}"}) as r:
+                assert r.status == 200, scheme
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "no traceback logged"
+
+
+async def test_an_oversized_header_never_puts_the_token_in_the_log(tmp_path):
+    secret = "tok-oncall"
+    pdir = tmp_path / "policies"
+    pdir.mkdir()
+    (pdir / "p.yaml").write_text(POLICY)
+    port = free_port()
+    cfg = tmp_path / "canary.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "listen": f"127.0.0.1:{port}", "state": f"sqlite:{tmp_path / 'state.db'}",
+        "prometheus": {"url": "http://127.0.0.1:9", "timeout": "1s"}, "policies": str(pdir),
+        "auth": {"tokens": [{"name": t.name, "sha256": t.sha256, "role": t.role.name.lower()}
+                            for t in tokens()]},
+        "targets": {"web": {"router": "nginx", "file": str(tmp_path / "up.conf"),
+                            "upstream": "web", "stable": ["127.0.0.1:9001"],
+                            "canary": ["127.0.0.1:9002"], "test": ["true"], "reload": ["true"],
+                            "policy": "p"}}}))
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as logf:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "canary.cli", "serve", "--config", str(cfg),
+            stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
+            env={**os.environ, "CANARY_LOG_LEVEL": "DEBUG"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await wait_http(f"{base}/healthz")
+        pad = "SECRETPAD" * 2300  # over aiohttp's 8 KiB line limit: 20 KB
+        for name in (b"Authorization: Bearer ", b"authorization: bearer ", b"X-Token: "):
+            answer = await raw_request(base, b"GET /api/v1/rollouts HTTP/1.1\r\nHost: x\r\n"
+                                       + name + (secret + pad).encode()
+                                       + b"\r\nConnection: close\r\n\r\n")
+            assert answer.startswith((b"HTTP/1.0 400", b"HTTP/1.1 400")) or answer == b"", answer
+        # and the server is still fine
+        async with aiohttp.ClientSession() as s:
+            api = Api(base, s)
+            assert (await api.call("GET", "/api/v1/rollouts", role="viewer"))[0] == 200
+    finally:
+        proc.terminate()
+        await proc.wait()
+    text = log.read_text()
+    assert "refused a malformed HTTP request from 127.0.0.1: LineTooLong" in text, text[-2000:]
+    assert secret not in text and "SECRETPAD" not in text, "header content reached the log"
+    assert "Traceback" not in text
+
+
+# ---- 6. versions ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field,value", [
+    ("canary_version", "v2\n"), ("stable_version", "v1\n"), ("canary_version", "v2\r"),
+    ("canary_version", "v2 "), ("canary_version", "\nv2"),
+])
+async def test_a_version_is_checked_as_a_whole_string(tmp_path, field, value):
+    async with controller(tmp_path, policies=[simple_policy(hold=3600)]) as (api, _c, _t):
+        body = {"target": "web", "canary_version": "v2", field: value}
+        status, data = await api.call("POST", "/api/v1/rollouts", body, role="pipeline")
+        assert status == 400 and data["error"].startswith(f"{field}: "), data
+        assert (await api.call("GET", "/api/v1/rollouts", role="viewer"))[1] == {"rollouts": []}
+
+
+# ---- 7. control characters ------------------------------------------------------------------
+
+CONTROLS = ["\x1b[2J\x1b[31mall good", "ok\rDONE", "nul\x00", "line\nbreak", "tab\there",
+            "c1\x85\x9b31m", "bidi \u202egnp.exe", "isolate \u2066x\u2069", "del\x7f",
+            "sep\u2028x"]
+
+
+@pytest.mark.parametrize("reason", CONTROLS)
+async def test_a_reason_with_control_characters_is_a_400_naming_the_field(tmp_path, reason):
+    async with controller(tmp_path, policies=[simple_policy(hold=3600)]) as (api, _c, _t):
+        rid = (await api.start(canary_version="v2"))["id"]
+        before = await api.rollout(rid)
+        status, data = await api.call("POST", f"/api/v1/rollouts/{rid}/pause", {"reason": reason})
+        assert status == 400 and data["error"].startswith("reason: contains the control "
+                                                          "character U+"), data
+        after = await api.rollout(rid)
+        assert after["state"] == "progressing" and after["events"] == before["events"]
+
+
+async def run_cli(*args: str, server: str) -> tuple[int, str, str]:
+    env = {**os.environ, "CANARY_SERVER": server, "CANARY_TOKEN": TOKENS["viewer"]}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "canary.cli", *args, env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_canary_status_never_prints_control_characters_raw(tmp_path):
+    hostile = "\x1b]0;pwned\x07\x1b[2J\rnul\x00 c1\x9b bidi \u202eexe.txt \u2066x\u2069"
+    async with controller(tmp_path, policies=[simple_policy(hold=3600)]) as (api, ctl, _t):
+        rid = (await api.start(canary_version="v2"))["id"]
+        await api.call("POST", f"/api/v1/rollouts/{rid}/pause", {"reason": "look"})
+        # text stored before the API refused it, or from a gate's detail
+        for _ in range(20):
+            r = await ctl.store.load(rid)
+            gates = tuple(dataclasses.replace(g, detail=hostile) for g in r.gates)
+            events = (*r.events, Event(at=r.updated_at, type="pause", message=hostile,
+                                       actor="on\x1b[8mcall"))
+            try:
+                await ctl.store.save(rollout=dataclasses.replace(
+                    r, reason=hostile, gates=gates, events=events), expected_version=r.version)
+                break
+            except Exception:
+                await asyncio.sleep(0.05)
+        outputs = []
+        for args in (("status", rid), ("status",)):
+            code, out, err = await run_cli(*args, server=api.base)
+            assert code == 0, err
+            assert not [c for c in out if is_control(c) and c != "\n"], repr(out)
+            # shown, escaped, exactly as stored
+            assert "\\x1b]0;pwned\\x07\\x1b[2J\\x0dnul\\x00 c1\\x9b bidi \\u202eexe.txt " \
+                   "\\u2066x\\u2069" in out, out
+            outputs.append(out)
+        assert "on\\x1b[8mcall" in outputs[0]
+
+
+# ---- 8. bounded size ------------------------------------------------------------------------
+
+
+async def test_a_rollout_stays_small_however_often_it_is_paused_with_long_reasons(tmp_path,
+                                                                                  caplog):
+    caplog.set_level(logging.INFO, logger="canary.controller")
+    async with controller(tmp_path, policies=[simple_policy(hold=3600)]) as (api, _c, _t):
+        rid = (await api.start(canary_version="v2"))["id"]
+        reason = "x" * 1000
+        for i in range(1000):
+            for kind in ("pause", "resume"):
+                status, data = await api.call("POST", f"/api/v1/rollouts/{rid}/{kind}",
+                                              {"reason": f"{i} {kind} {reason}"[:1000]})
+                assert status == 200, data
+        status, data = await api.call("POST", f"/api/v1/rollouts/{rid}/abort",
+                                      {"reason": "enough"}, role="pipeline")
+        assert status == 200, data
+        r = await api.until(rid, lambda r: r["state"] == "rolled_back")
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        (size,) = db.execute("SELECT length(data) FROM rollouts WHERE id = ?", (rid,)).fetchone()
+    assert size < 100_000, size  # about 70 KB; it was 1.1 MB
+    events = r["events"]
+    assert events[0]["type"] == "start", "how it began is kept"
+    assert [e["type"] for e in events[-3:]] == ["abort", "rollback", "rolled_back"]
+    marks = [e for e in events if e["type"] == "trimmed"]
+    assert len(marks) == 1
+    dropped = int(marks[0]["message"].split()[0])
+    assert dropped + len(events) - 1 == 1 + 2000 + 3, "every event is kept or counted"
+    times = [e["at"] for e in events]
+    assert times == sorted(times)
+    # events recorded after trimming began are still logged
+    logged = [rec.msg for rec in caplog.records if getattr(rec, "rollout", None) == rid]
+    assert "aborted by pipeline-token: enough" in logged and "all traffic on stable" in logged
