@@ -1,5 +1,6 @@
 """The controller config (`canary serve --config FILE`): listen address, state, Prometheus,
-policies, tokens and targets, checked field by field with file:line problems."""
+policies, tokens and targets. Its shape is written once, as models (ConfigDoc); what only
+the machine can tell (files, environment variables) is checked after, with file:line."""
 
 from __future__ import annotations
 
@@ -12,10 +13,21 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
 
 from canary import policy as policy_mod
-from canary import yamlsrc
+from canary import validation, yamlsrc
 from canary.errors import Problem, ValidationFailed
 
 
@@ -126,15 +138,10 @@ class Config:
         return policy_mod.load_many(self.policy_paths)
 
 
-_TOP = {"listen", "state", "prometheus", "policies", "auth", "targets", "tls",
-        "leader_election"}
-_NGINX = {"router", "file", "upstream", "stable", "canary", "test", "reload", "policy", "vars",
-          "stable_version"}
-_ISTIO = {"router", "namespace", "virtual_service", "route", "stable", "canary", "policy", "vars",
-          "stable_version"}
-_ADDRESS = re.compile(r"^(?:unix:\S+|\[?[A-Za-z0-9.:-]+\]?:\d{1,5})$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_DNS = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_ADDRESS = r"^(?:unix:\S+|\[?[A-Za-z0-9.:-]+\]?:\d{1,5})$"
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+_DNS = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+_LISTEN = re.compile(r"\[?([^\]]*?)\]?:(\d{1,5})")
 
 
 def looks_like_config(data: Any) -> bool:
@@ -150,291 +157,348 @@ def load_file(path: str | Path) -> Config:
     return parse(yamlsrc.load(raw, str(p)), base=p.parent)
 
 
+# ---- the config file's shape: written once, as models --------------------------------------
+
+_Doc = policy_mod._Doc
+Text = Annotated[str, Field(min_length=1, max_length=4096)]
+Name = Annotated[str, Field(pattern=_NAME)]
+Dns = Annotated[str, Field(pattern=_DNS, max_length=253)]
+Version = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")]
+
+
+def _header_name(name: str) -> str:
+    if not _HEADER_NAME.match(name):
+        raise ValueError("is not an HTTP header name")
+    if name.lower() in _SECRET_HEADERS:
+        raise ValueError("carries a credential, and a secret is never written in the config: "
+                         "put a bearer token in a file named by prometheus.bearer_token_file, "
+                         "or use prometheus.basic_auth {username, password_env}")
+    return name
+
+
+def _header_value(value: str) -> str:
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ValueError("must not contain control characters (line breaks, tabs)")
+    return value
+
+
+def _no_password(value: object) -> None:
+    raise ValueError("a secret is never written in the config: put the password in an "
+                     "environment variable and name it in basic_auth.password_env")
+
+
+class BasicAuthDoc(_Doc):
+    username: Annotated[Text, Field(pattern=r"^[^:]*$")]
+    password_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+    password: SkipJsonSchema[Annotated[Any, AfterValidator(_no_password)]] = None
+
+
+class PrometheusDoc(_Doc):
+    url: Annotated[str, Field(pattern=r"^https?://", max_length=2048)] = "http://127.0.0.1:9090"
+    timeout: policy_mod.PositiveDuration = 10.0
+    headers: dict[Annotated[str, AfterValidator(_header_name)],
+                  Annotated[str, Field(max_length=4096), AfterValidator(_header_value)]] = {}
+    bearer_token_file: Text | None = None
+    basic_auth: BasicAuthDoc | None = None
+    ca_file: Text | None = None
+    concurrency: Annotated[int, Field(ge=1, le=256)] = 8
+
+    @field_validator("url")
+    @classmethod
+    def _no_credentials(cls, url: str) -> str:
+        if urllib.parse.urlsplit(url).username is not None:
+            raise ValueError("carries credentials (user@ or user:password@); a secret is never "
+                             "written in the config: use prometheus.basic_auth {username, "
+                             "password_env}")
+        return url
+
+
+
+class TokenDoc(_Doc):
+    name: Annotated[Text, Field(max_length=100)]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]
+    role: Literal["viewer", "pipeline", "oncall"]
+    targets: Annotated[list[Annotated[str, Field(pattern=_TARGET_GLOB.pattern)]],
+                       Field(min_length=1, max_length=1000)] | None = None
+
+
+class AuthDoc(_Doc):
+    tokens: Annotated[list[TokenDoc], Field(max_length=10_000)] = []
+    tokens_file: Text | None = None
+
+
+class TlsDoc(_Doc):
+    cert: Text
+    key: Text
+
+
+class LeaderElectionDoc(_Doc):
+    name: Dns = "canary-leader"
+    lease_duration: policy_mod.PositiveDuration = 15.0
+    renew_deadline: policy_mod.PositiveDuration = 10.0
+    retry_period: policy_mod.PositiveDuration = 2.0
+
+    @model_validator(mode="after")
+    def _order(self) -> LeaderElectionDoc:
+        if not self.retry_period < self.renew_deadline < self.lease_duration:
+            raise ValueError("need retry_period < renew_deadline < lease_duration, so a leader "
+                             "that cannot renew steps down before anyone else takes over")
+        return self
+
+
+def _var_name(name: str) -> str:
+    if name in policy_mod.BUILTIN_VARS:
+        raise ValueError(f"{name!r} is filled by canary itself; pick another name")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ValueError("variable names are letters, digits and _")
+    return name
+
+
+Vars = dict[Annotated[str, AfterValidator(_var_name)],
+            Annotated[str | int | float | bool, Field(union_mode="left_to_right")]]
+Argv = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+Addresses = Annotated[list[Annotated[str, Field(pattern=_ADDRESS)]], Field(min_length=1)]
+
+
+class NginxTargetDoc(_Doc):
+    router: Literal["nginx"]
+    file: Text
+    upstream: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+    stable: Addresses
+    canary: Addresses
+    test: Argv = ["nginx", "-t"]
+    reload: Argv = ["nginx", "-s", "reload"]
+    policy: Name | None = None
+    vars: Vars = {}
+    stable_version: Version | None = None
+
+    @model_validator(mode="after")
+    def _sides_apart(self) -> NginxTargetDoc:
+        if set(self.stable) & set(self.canary):
+            raise ValueError("canary: an address cannot be both stable and canary")
+        return self
+
+
+class IstioDestinationDoc(_Doc):
+    host: Text
+    subset: Text | None = None
+
+
+class IstioTargetDoc(_Doc):
+    router: Literal["istio"]
+    namespace: Dns
+    virtual_service: Dns
+    route: Text | None = None
+    stable: IstioDestinationDoc
+    canary: IstioDestinationDoc
+    policy: Name | None = None
+    vars: Vars = {}
+    stable_version: Version | None = None
+
+
+ROUTERS = ("nginx", "istio")
+
+
+def _router(value: Any) -> str | None:
+    kind = value.get("router") if isinstance(value, dict) else getattr(value, "router", None)
+    return f"router={kind}" if kind in ROUTERS else None
+
+
+TargetDoc = Annotated[
+    Annotated[NginxTargetDoc, validation.tag("router", "nginx")]
+    | Annotated[IstioTargetDoc, validation.tag("router", "istio")],
+    validation.union(_router, "target_router", "router", f"must be {' or '.join(ROUTERS)}",
+                     "must be a mapping with router: nginx or router: istio")]
+
+
+def _listen(value: str) -> str:
+    m = _LISTEN.fullmatch(value)
+    if not m or not 0 < int(m.group(2)) < 65536:
+        raise ValueError("must be host:port, like 127.0.0.1:8080")
+    return value
+
+
+class ConfigDoc(_Doc):
+    """The controller config (interface.md sections 2 and 9)."""
+
+    model_config = ConfigDict(title="canary controller config")
+    listen: Annotated[str, AfterValidator(_listen)] = "127.0.0.1:8080"
+    state: Annotated[str, Field(pattern=r"^(sqlite:.+|kubernetes:[a-z0-9]([-a-z0-9.]*[a-z0-9])?)$",
+                                max_length=4096)] = "sqlite:canary-state.db"
+    prometheus: PrometheusDoc = PrometheusDoc()
+    policies: Text | Annotated[list[Text], Field(min_length=1)] = "policies/"
+    auth: AuthDoc
+    targets: Annotated[dict[Annotated[str, Field(pattern=_NAME)], TargetDoc],
+                       Field(min_length=1, max_length=10_000)]
+    tls: TlsDoc | None = None
+    leader_election: LeaderElectionDoc = LeaderElectionDoc()
+
+
+CONFIG_MESSAGES = {
+    "state": "must be sqlite:PATH or kubernetes:NAMESPACE",
+    "url": "must start with http:// or https://",
+    "sha256": "must be 64 hex digits: the sha256 of the token, e.g. "
+              "`printf %s \"$TOKEN\" | sha256sum`",
+    "role": "must be one of viewer, pipeline, oncall",
+    "concurrency": "must be a whole number from 1 to 256: how many queries may wait on "
+                   "Prometheus at once",
+    "upstream": "letters, digits, '.', '_' and '-' only",
+    "policies": "must be a directory or a list of policy files",
+    "password_env": "must name an environment variable (letters, digits and _)",
+    "username": "cannot contain ':' (HTTP basic auth)",
+    "targets": "must be a non-empty list of target names or globs, like [\"shop\", \"shop-*\"] "
+               "(letters, digits, '.', '_', '-' and the wildcards * ? [abc] [!abc] [a-z]); "
+               "leave it out for every target",
+    "targets[]": "{value} is not a target name or glob: letters, digits, '.', '_', '-' and the "
+                 "wildcards * ? [abc] [!abc] [a-z]",
+    "stable[]": "{value} is not host:port or unix:PATH",
+    "canary[]": "{value} is not host:port or unix:PATH",
+    "stable_version": "must be 1-128 letters, digits or ._:+- starting with a letter or digit",
+    "namespace": "must be a Kubernetes name (lowercase letters, digits, '-' and '.')",
+    "virtual_service": "must be a Kubernetes name (lowercase letters, digits, '-' and '.')",
+    "test": "must be a non-empty list of strings (a command and its arguments)",
+    "reload": "must be a non-empty list of strings (a command and its arguments)",
+    "stable": "must be a non-empty list of host:port or unix:PATH addresses",
+    "canary": "must be a non-empty list of host:port or unix:PATH addresses",
+    "vars": "must be a plain value",
+}
+CONFIG_REQUIRED = {
+    "auth": "required: auth.tokens lists who may call the API",
+    "targets": "required: a mapping of target name -> router settings",
+}
+
+
 def parse(doc: yamlsrc.Doc, *, base: Path) -> Config:
-    return _Checker(doc, base).config()
+    if not isinstance(doc.data, dict):
+        raise ValidationFailed([Problem(doc.file, doc.line(()), "(file)",
+                                        "a controller config is a YAML mapping (listen, state, "
+                                        "prometheus, policies, auth, targets)")])
+    resolver = _Resolver(doc, base)
+    resolver.machine(doc.data)  # reported beside the shape's problems
+    try:
+        model = ConfigDoc.model_validate(doc.data)
+    except ValidationError as e:
+        problems = validation.problems(doc, e, ConfigDoc, messages=CONFIG_MESSAGES,
+                                       required=CONFIG_REQUIRED) + resolver.problems
+        raise ValidationFailed(sorted(problems, key=lambda p: p.line)) from None
+    return resolver.config(model)
 
 
-class _Checker:
+class _Resolver:
+    """What the shape cannot say: files that must exist, variables that must be set, paths
+    relative to the config file, token names used once."""
+
     def __init__(self, doc: yamlsrc.Doc, base: Path) -> None:
-        self.doc = doc
-        self.base = base
+        self.doc, self.base = doc, base
         self.problems: list[Problem] = []
 
     def problem(self, path: yamlsrc.Path, message: str) -> None:
-        name = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in path)
         self.problems.append(Problem(self.doc.file, self.doc.line(path),
-                                     name.replace(".[", "[") or "(file)", message))
-
-    def unknown(self, data: Mapping[str, Any], allowed: set[str], path: yamlsrc.Path) -> None:
-        for key in data:
-            if key not in allowed:
-                self.problem((*path, key), f"unknown field; expected one of {', '.join(sorted(allowed))}")
-
-    def string(self, data: Mapping[str, Any], key: str, path: yamlsrc.Path, *,
-               required: bool = True, default: str | None = None) -> str | None:
-        value = data.get(key, default)
-        if value is None:
-            if required:
-                self.problem((*path, key), "required")
-            return None
-        if not isinstance(value, str) or not value.strip():
-            self.problem((*path, key), "must be a non-empty string")
-            return None
-        return value
-
-    def duration(self, data: Mapping[str, Any], key: str, path: yamlsrc.Path,
-                 default: float) -> float:
-        """A duration above 0 (and, as every duration, whole milliseconds up to 30 days)."""
-        if key not in data:
-            return default
-        try:
-            value = policy_mod.parse_duration(data[key])
-        except ValueError as e:
-            self.problem((*path, key), str(e))
-            return default
-        if value <= 0:
-            self.problem((*path, key), "must be longer than 0, e.g. 10s")
-            return default
-        return value
-
-    def strings(self, data: Mapping[str, Any], key: str, path: yamlsrc.Path,
-                default: tuple[str, ...] | None = None) -> tuple[str, ...]:
-        value = data.get(key)
-        if value is None:
-            if default is None:
-                self.problem((*path, key), "required: a list")
-                return ()
-            return default
-        if (not isinstance(value, list) or not value
-                or not all(isinstance(v, str) and v for v in value)):
-            self.problem((*path, key), "must be a non-empty list of strings")
-            return ()
-        return tuple(value)
-
-    def config(self) -> Config:
-        data = self.doc.data
-        if not isinstance(data, dict):
-            self.problem((), "a controller config is a YAML mapping (listen, state, prometheus, "
-                             "policies, auth, targets)")
-            raise ValidationFailed(self.problems)
-        self.unknown(data, _TOP, ())
-        host, port = "127.0.0.1", 8080
-        listen = data.get("listen", "127.0.0.1:8080")
-        m = re.fullmatch(r"\[?([^\]]*?)\]?:(\d{1,5})", str(listen))
-        if not m or not 0 < int(m.group(2)) < 65536:
-            self.problem(("listen",), "must be host:port, like 127.0.0.1:8080")
-        else:
-            host, port = m.group(1) or "0.0.0.0", int(m.group(2))
-        state = str(data.get("state", "sqlite:canary-state.db"))
-        if state.startswith("sqlite:") and len(state) > len("sqlite:"):
-            path = Path(state[len("sqlite:"):])
-            state = "sqlite:" + str(path if path.is_absolute() else self.base / path)
-        elif not (state.startswith("kubernetes:") and _DNS.match(state[len("kubernetes:"):])):
-            self.problem(("state",), "must be sqlite:PATH or kubernetes:NAMESPACE")
-        prom = data.get("prometheus", {})
-        url, timeout = "http://127.0.0.1:9090", 10.0
-        access = PrometheusAccess()
-        if not isinstance(prom, dict):
-            self.problem(("prometheus",), "must be a mapping with url")
-        else:
-            self.unknown(prom, {"url", "timeout", "headers", "bearer_token_file", "basic_auth",
-                                "ca_file", "concurrency"}, ("prometheus",))
-            url = self.string(prom, "url", ("prometheus",), default=url) or url
-            if not re.match(r"^https?://", url):
-                self.problem(("prometheus", "url"), "must start with http:// or https://")
-            elif urllib.parse.urlsplit(url).username is not None:
-                self.problem(("prometheus", "url"), "carries credentials (user@ or user:password@); "
-                             "a secret is never written in the config: use prometheus.basic_auth "
-                             "{username, password_env}")
-            if "timeout" in prom:
-                timeout = self.duration(prom, "timeout", ("prometheus",), timeout)
-            access = self.prometheus_access(prom)
-        policy_paths = self.policy_paths(data.get("policies", "policies/"))
-        tokens = self.tokens(data.get("auth"))
-        targets = self.targets(data.get("targets"))
-        cert, key = self.tls(data.get("tls"))
-        election = self.election(data.get("leader_election"))
-        if self.problems:
-            raise ValidationFailed(self.problems)
-        return Config(listen_host=host, listen_port=port, state=state, prometheus_url=url,
-                      prometheus_timeout=timeout, policy_paths=policy_paths, tokens=tokens,
-                      targets=targets, source=self.doc.file, tls_cert=cert, tls_key=key,
-                      leader_election=election, prometheus_access=access)
-
-    def prometheus_access(self, prom: Mapping[str, Any]) -> PrometheusAccess:
-        """headers, bearer_token_file, basic_auth, ca_file, concurrency. A secret is named
-        (a file, an environment variable), never written here: one that is is refused."""
-        at: yamlsrc.Path = ("prometheus",)
-        headers: dict[str, str] = {}
-        raw = prom.get("headers", {})
-        if not isinstance(raw, dict):
-            self.problem((*at, "headers"), "must be a mapping of header name -> value, like "
-                                           "{X-Scope-OrgID: team-a}")
-            raw = {}
-        for name, value in raw.items():
-            where = (*at, "headers", name)
-            if not isinstance(name, str) or not _HEADER_NAME.match(name):
-                self.problem(where, "is not an HTTP header name")
-            elif name.lower() in _SECRET_HEADERS:
-                self.problem(where, "carries a credential, and a secret is never written in the "
-                                    "config: put a bearer token in a file named by "
-                                    "prometheus.bearer_token_file, or use prometheus.basic_auth "
-                                    "{username, password_env}")
-            elif not isinstance(value, str | int) or isinstance(value, bool):
-                self.problem(where, "must be a plain string")
-            elif any(ord(c) < 0x20 or ord(c) == 0x7F for c in str(value)):
-                self.problem(where, "must not contain control characters (line breaks, tabs)")
-            else:
-                headers[name] = str(value)
-        token_file = None
-        if "bearer_token_file" in prom:
-            value = self.string(prom, "bearer_token_file", at)
-            if value is not None:
-                token_file = self.path(value)
-                try:
-                    text = token_file.read_text(encoding="utf-8")
-                except (OSError, UnicodeDecodeError) as e:
-                    why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
-                    self.problem((*at, "bearer_token_file"), f"cannot read {token_file}: {why}")
-                else:
-                    if not text.strip():
-                        self.problem((*at, "bearer_token_file"), f"{token_file} is empty")
-        username = password_env = None
-        if "basic_auth" in prom:
-            username, password_env = self.basic_auth(prom["basic_auth"], (*at, "basic_auth"))
-            if token_file is not None:
-                self.problem((*at, "basic_auth"), "use basic_auth or bearer_token_file, not both: "
-                                                  "each sets the Authorization header")
-        ca_file = None
-        if "ca_file" in prom:
-            value = self.string(prom, "ca_file", at)
-            if value is not None:
-                ca_file = self.path(value)
-                try:
-                    ssl.create_default_context(cafile=str(ca_file))
-                except FileNotFoundError:
-                    self.problem((*at, "ca_file"), f"{ca_file} does not exist")
-                except (OSError, ssl.SSLError) as e:
-                    self.problem((*at, "ca_file"), f"{ca_file} is not a PEM CA certificate "
-                                                   f"bundle: {e}")
-        concurrency = prom.get("concurrency", PrometheusAccess.concurrency)
-        if not isinstance(concurrency, int) or isinstance(concurrency, bool) \
-                or not 1 <= concurrency <= 256:
-            self.problem((*at, "concurrency"), "must be a whole number from 1 to 256: how many "
-                                               "queries may wait on Prometheus at once")
-            concurrency = PrometheusAccess.concurrency
-        return PrometheusAccess(headers=headers, bearer_token_file=token_file,
-                                basic_auth_username=username, basic_auth_password_env=password_env,
-                                ca_file=ca_file, concurrency=concurrency)
-
-    def basic_auth(self, raw: Any, at: yamlsrc.Path) -> tuple[str | None, str | None]:
-        if not isinstance(raw, dict):
-            self.problem(at, "must be a mapping {username, password_env}")
-            return None, None
-        if "password" in raw:
-            self.problem((*at, "password"), "a secret is never written in the config: put the "
-                                            "password in an environment variable and name it in "
-                                            "basic_auth.password_env")
-        self.unknown({k: v for k, v in raw.items() if k != "password"},
-                     {"username", "password_env"}, at)
-        username = self.string(raw, "username", at)
-        if username is not None and ":" in username:
-            self.problem((*at, "username"), "cannot contain ':' (HTTP basic auth)")
-            username = None
-        env = self.string(raw, "password_env", at)
-        if env is not None:
-            if not _ENV_NAME.match(env):
-                self.problem((*at, "password_env"), "must name an environment variable "
-                                                    "(letters, digits and _)")
-                env = None
-            elif env not in os.environ:
-                self.problem((*at, "password_env"), f"environment variable {env} is not set; "
-                                                    f"export it with the Prometheus password "
-                                                    "before starting canary")
-                env = None
-            elif not os.environ[env]:
-                self.problem((*at, "password_env"), f"environment variable {env} is empty")
-                env = None
-        return username, env
+                                     validation.field_name(path), message))
 
     def path(self, value: str) -> Path:
         p = Path(value)
         return p if p.is_absolute() else self.base / p
 
-    def election(self, raw: Any) -> LeaderElection:
-        if raw is None:
-            return LeaderElection()
-        path: yamlsrc.Path = ("leader_election",)
-        if not isinstance(raw, dict):
-            self.problem(path, "must be a mapping {name, lease_duration, renew_deadline, "
-                               "retry_period}")
-            return LeaderElection()
-        self.unknown(raw, {"name", "lease_duration", "renew_deadline", "retry_period"}, path)
-        d = LeaderElection()
-        name = self.string(raw, "name", path, default=d.name) or d.name
-        times = {key: self.duration(raw, key, path, getattr(d, key))
-                 for key in ("lease_duration", "renew_deadline", "retry_period")}
-        if not times["retry_period"] < times["renew_deadline"] < times["lease_duration"]:
-            self.problem(path, "need retry_period < renew_deadline < lease_duration, so a leader "
-                               "that cannot renew steps down before anyone else takes over")
-        return LeaderElection(name=name, **times)
+    def machine(self, data: dict[str, Any]) -> None:
+        """Files that must exist and variables that must be set, read from the document
+        itself: these are reported even when the rest of it is malformed."""
+        def text(*path: str) -> str | None:
+            node: Any = data
+            for key in path:
+                node = node.get(key) if isinstance(node, dict) else None
+            return node if isinstance(node, str) and node else None
 
-    def tls(self, raw: Any) -> tuple[Path | None, Path | None]:
-        """Optional TLS for the API: `tls: {cert: FILE, key: FILE}` (PEM)."""
-        if raw is None:
-            return None, None
-        if not isinstance(raw, dict):
-            self.problem(("tls",), "must be a mapping {cert, key} of PEM files")
-            return None, None
-        self.unknown(raw, {"cert", "key"}, ("tls",))
-        out: list[Path | None] = []
+        at: yamlsrc.Path = ("prometheus",)
+        token_file = text("prometheus", "bearer_token_file")
+        if token_file is not None:
+            p = self.path(token_file)
+            try:
+                if not p.read_text(encoding="utf-8").strip():
+                    self.problem((*at, "bearer_token_file"), f"{p} is empty")
+            except (OSError, UnicodeDecodeError) as e:
+                why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+                self.problem((*at, "bearer_token_file"), f"cannot read {p}: {why}")
+        env = text("prometheus", "basic_auth", "password_env")
+        if env is not None and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env) \
+                and not os.environ.get(env):
+            self.problem((*at, "basic_auth", "password_env"),
+                         f"environment variable {env} is "
+                         + ("empty" if env in os.environ else "not set; export it with the "
+                            "Prometheus password before starting canary"))
+        prom = data.get("prometheus")
+        if isinstance(prom, dict) and "basic_auth" in prom and "bearer_token_file" in prom:
+            self.problem((*at, "basic_auth"), "use basic_auth or bearer_token_file, not both: "
+                                              "each sets the Authorization header")
+        ca = text("prometheus", "ca_file")
+        if ca is not None:
+            p = self.path(ca)
+            try:
+                ssl.create_default_context(cafile=str(p))
+            except FileNotFoundError:
+                self.problem((*at, "ca_file"), f"{p} does not exist")
+            except (OSError, ssl.SSLError) as e:
+                self.problem((*at, "ca_file"), f"{p} is not a PEM CA certificate bundle: {e}")
         for key in ("cert", "key"):
-            value = self.string(raw, key, ("tls",))
-            if value is None:
-                out.append(None)
-                continue
-            p = Path(value)
-            p = p if p.is_absolute() else self.base / p
-            if not p.is_file():
-                self.problem(("tls", key), f"{p} is not a readable file")
-            out.append(p)
-        return out[0], out[1]
+            name = text("tls", key)
+            if name is not None and not self.path(name).is_file():
+                self.problem(("tls", key), f"{self.path(name)} is not a readable file")
+        raw = data.get("policies", "policies/")
+        for i, item in enumerate([raw] if isinstance(raw, str) else
+                                 raw if isinstance(raw, list) else []):
+            if isinstance(item, str) and item:
+                p = self.path(item)
+                if not (p.is_dir() or p.is_file()):
+                    where: yamlsrc.Path = ("policies",) if isinstance(raw, str) else ("policies", i)
+                    self.problem(where, f"{p} is neither a directory nor a file")
 
-    def policy_paths(self, raw: Any) -> tuple[Path, ...]:
-        items = [raw] if isinstance(raw, str) else raw
-        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-            self.problem(("policies",), "must be a directory or a list of policy files")
-            return ()
+    def config(self, m: ConfigDoc) -> Config:
+        lm = _LISTEN.fullmatch(m.listen)
+        assert lm is not None
+        state = m.state
+        if state.startswith("sqlite:"):
+            state = "sqlite:" + str(self.path(state[len("sqlite:"):]))
+        access = self.prometheus(m.prometheus)
+        policy_paths = self.policy_paths(m.policies)
+        tokens = self.tokens(m.auth)
+        cert = self.path(m.tls.cert) if m.tls else None
+        key = self.path(m.tls.key) if m.tls else None
+        targets = {name: self.target(name, t) for name, t in m.targets.items()}
+        if self.problems:
+            raise ValidationFailed(self.problems)
+        le = m.leader_election
+        return Config(listen_host=lm.group(1) or "0.0.0.0", listen_port=int(lm.group(2)),
+                      state=state, prometheus_url=m.prometheus.url,
+                      prometheus_timeout=m.prometheus.timeout, policy_paths=policy_paths,
+                      tokens=tokens, targets=targets, source=self.doc.file, tls_cert=cert,
+                      tls_key=key, prometheus_access=access,
+                      leader_election=LeaderElection(
+                          name=le.name, lease_duration=le.lease_duration,
+                          renew_deadline=le.renew_deadline, retry_period=le.retry_period))
+
+    def prometheus(self, p: PrometheusDoc) -> PrometheusAccess:
+        return PrometheusAccess(
+            headers=dict(p.headers),
+            bearer_token_file=self.path(p.bearer_token_file) if p.bearer_token_file else None,
+            basic_auth_username=p.basic_auth.username if p.basic_auth else None,
+            basic_auth_password_env=p.basic_auth.password_env if p.basic_auth else None,
+            ca_file=self.path(p.ca_file) if p.ca_file else None, concurrency=p.concurrency)
+
+    def policy_paths(self, raw: str | list[str]) -> tuple[Path, ...]:
         out: list[Path] = []
-        for i, item in enumerate(items):
-            p = Path(item)
-            p = p if p.is_absolute() else self.base / p
+        for item in [raw] if isinstance(raw, str) else raw:
+            p = self.path(item)
             if p.is_dir():
                 out.extend(sorted([*p.glob("*.yaml"), *p.glob("*.yml")]))
             elif p.is_file():
                 out.append(p)
-            else:
-                where: yamlsrc.Path = ("policies",) if isinstance(raw, str) else ("policies", i)
-                self.problem(where, f"{p} is neither a directory nor a file")
         return tuple(out)
 
-    def tokens(self, raw: Any) -> tuple[Token, ...]:
-        if raw is None:
-            self.problem(("auth",), "required: auth.tokens lists who may call the API")
-            return ()
-        if not isinstance(raw, dict):
-            self.problem(("auth",), "must be a mapping with tokens and/or tokens_file")
-            return ()
-        self.unknown(raw, {"tokens", "tokens_file"}, ("auth",))
-        items = raw.get("tokens", [])
-        if not isinstance(items, list):
-            self.problem(("auth", "tokens"), "must be a list of {name, sha256, role}")
-            items = []
-        out = self.token_list(items, ("auth", "tokens"), self)
-        if "tokens_file" in raw:
+    def tokens(self, auth: AuthDoc) -> tuple[Token, ...]:
+        out = [_token(t) for t in auth.tokens]
+        if auth.tokens_file is not None:
             # token hashes kept apart from the config, e.g. in a Kubernetes Secret
-            path = Path(str(raw["tokens_file"]))
-            path = path if path.is_absolute() else self.base / path
+            path = self.path(auth.tokens_file)
             try:
                 doc = yamlsrc.load(path.read_bytes(), str(path))
             except OSError as e:
@@ -442,14 +506,7 @@ class _Checker:
             except ValidationFailed as e:
                 self.problems.extend(e.problems)
             else:
-                sub = _Checker(doc, self.base)
-                data = doc.data.get("tokens") if isinstance(doc.data, dict) else doc.data
-                if not isinstance(data, list):
-                    sub.problem((), "must be a list of {name, sha256, role} (or tokens: [...])")
-                    data = []
-                path_: yamlsrc.Path = ("tokens",) if isinstance(doc.data, dict) else ()
-                out += sub.token_list(data, path_, sub)
-                self.problems.extend(sub.problems)
+                out += self.tokens_file(doc)
         if not out and not self.problems:
             self.problem(("auth", "tokens"), "no tokens: list at least one {name, sha256, role}")
         names = [t.name for t in out]
@@ -457,129 +514,45 @@ class _Checker:
             self.problem(("auth", "tokens"), f"token name {name!r} is used twice")
         return tuple(out)
 
-    @staticmethod
-    def token_list(items: list[Any], at: yamlsrc.Path, where: _Checker) -> tuple[Token, ...]:
-        out: list[Token] = []
-        for i, item in enumerate(items):
-            path: yamlsrc.Path = (*at, i)
-            if not isinstance(item, dict):
-                where.problem(path, "must be a mapping {name, sha256, role}")
-                continue
-            where.unknown(item, {"name", "sha256", "role", "targets"}, path)
-            name = where.string(item, "name", path)
-            digest = item.get("sha256")
-            if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
-                where.problem((*path, "sha256"),
-                              "must be 64 hex digits: the sha256 of the token, e.g. "
-                              "`printf %s \"$TOKEN\" | sha256sum`")
-                continue
-            try:
-                role = Role[str(item.get("role")).upper()]
-            except KeyError:
-                where.problem((*path, "role"), "must be one of viewer, pipeline, oncall")
-                continue
-            scope: tuple[str, ...] | None = None
-            if "targets" in item:
-                scope = where.token_scope(item["targets"], (*path, "targets"))
-                if scope is None:
-                    continue
-            if name is not None:
-                out.append(Token(name=name, sha256=digest.lower(), role=role, targets=scope))
-        return tuple(out)
+    def tokens_file(self, doc: yamlsrc.Doc) -> list[Token]:
+        wrapped = isinstance(doc.data, dict)
+        data = doc.data.get("tokens") if wrapped else doc.data
+        if not isinstance(data, list):
+            self.problems.append(Problem(doc.file, doc.line(()), "(file)", "must be a list of "
+                                         "{name, sha256, role} (or tokens: [...])"))
+            return []
+        try:
+            items = _TOKEN_LIST.validate_python(data)
+        except ValidationError as e:
+            self.problems.extend(validation.problems(
+                doc, e, AuthDoc, at=("tokens",) if wrapped else (), messages=CONFIG_MESSAGES))
+            return []
+        return [_token(t) for t in items]
 
-    def token_scope(self, raw: Any, at: yamlsrc.Path) -> tuple[str, ...] | None:
-        """A token's `targets`: target names or globs (fnmatch: *, ?, [...])."""
-        if not isinstance(raw, list) or not raw:
-            self.problem(at, "must be a non-empty list of target names or globs, like "
-                             "[\"shop\", \"shop-*\"]; leave it out for every target")
-            return None
-        ok = True
-        for j, glob in enumerate(raw):
-            if not isinstance(glob, str) or not _TARGET_GLOB.match(glob):
-                self.problem((*at, j), f"{glob!r} is not a target name or glob: letters, digits, "
-                                       "'.', '_', '-' and the wildcards * ? [abc] [!abc] [a-z]")
-                ok = False
-        return tuple(raw) if ok else None
+    def target(self, name: str, t: NginxTargetDoc | IstioTargetDoc) -> Target:
+        common: dict[str, Any] = {"policy": t.policy, "stable_version": t.stable_version,
+                                  "vars": {k: _plain(v) for k, v in t.vars.items()}}
+        if isinstance(t, NginxTargetDoc):
+            return NginxTarget(name=name, file=self.path(t.file), upstream=t.upstream,
+                               stable=tuple(t.stable), canary=tuple(t.canary),
+                               test=tuple(t.test), reload=tuple(t.reload), **common)
+        return IstioTarget(name=name, namespace=t.namespace, virtual_service=t.virtual_service,
+                           route=t.route, stable=IstioDestination(t.stable.host, t.stable.subset),
+                           canary=IstioDestination(t.canary.host, t.canary.subset), **common)
 
-    def targets(self, raw: Any) -> dict[str, Target]:
-        if not isinstance(raw, dict) or not raw:
-            self.problem(("targets",), "required: a mapping of target name -> router settings")
-            return {}
-        out: dict[str, Target] = {}
-        for name, item in raw.items():
-            path: yamlsrc.Path = ("targets", name)
-            if not _NAME.match(name):
-                self.problem(path, "target names are 1-63 letters, digits, '.', '_' or '-'")
-                continue
-            if not isinstance(item, dict):
-                self.problem(path, "must be a mapping with router: nginx or router: istio")
-                continue
-            router = item.get("router")
-            common = self.common(item, path)
-            if router == "nginx":
-                self.unknown(item, _NGINX, path)
-                file = self.string(item, "file", path)
-                upstream = self.string(item, "upstream", path)
-                if upstream and not re.fullmatch(r"[A-Za-z0-9_.-]+", upstream):
-                    self.problem((*path, "upstream"), "letters, digits, '.', '_' and '-' only")
-                stable = self.strings(item, "stable", path)
-                canary = self.strings(item, "canary", path)
-                for side, addrs in (("stable", stable), ("canary", canary)):
-                    for j, a in enumerate(addrs):
-                        if not _ADDRESS.match(a):
-                            self.problem((*path, side, j), f"{a!r} is not host:port or unix:PATH")
-                if set(stable) & set(canary):
-                    self.problem((*path, "canary"), "an address cannot be both stable and canary")
-                test = self.strings(item, "test", path, default=("nginx", "-t"))
-                reload = self.strings(item, "reload", path, default=("nginx", "-s", "reload"))
-                if file and upstream:
-                    fp = Path(file)
-                    out[name] = NginxTarget(
-                        name=name, file=fp if fp.is_absolute() else self.base / fp,
-                        upstream=upstream, stable=stable, canary=canary, test=test,
-                        reload=reload, **common)
-            elif router == "istio":
-                self.unknown(item, _ISTIO, path)
-                ns = self.string(item, "namespace", path)
-                vs = self.string(item, "virtual_service", path)
-                route = self.string(item, "route", path, required=False)
-                dests = [self.destination(item.get(side), (*path, side))
-                         for side in ("stable", "canary")]
-                if ns and vs and dests[0] and dests[1]:
-                    out[name] = IstioTarget(name=name, namespace=ns, virtual_service=vs,
-                                            route=route, stable=dests[0], canary=dests[1],
-                                            **common)
-            else:
-                self.problem((*path, "router"), "must be nginx or istio")
-        return out
 
-    def common(self, item: Mapping[str, Any], path: yamlsrc.Path) -> dict[str, Any]:
-        pol = self.string(item, "policy", path, required=False)
-        stable_version = self.string(item, "stable_version", path, required=False)
-        raw_vars = item.get("vars", {})
-        variables: dict[str, str] = {}
-        if not isinstance(raw_vars, dict):
-            self.problem((*path, "vars"), "must be a mapping of name -> value")
-        else:
-            for k, v in raw_vars.items():
-                if k in policy_mod.BUILTIN_VARS:
-                    self.problem((*path, "vars", k), f"{k!r} is filled by canary itself; pick another name")
-                elif not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
-                    self.problem((*path, "vars", k), "variable names are letters, digits and _")
-                elif isinstance(v, dict | list) or v is None:
-                    self.problem((*path, "vars", k), "must be a plain value")
-                else:
-                    variables[k] = str(v)
-        return {"policy": pol, "vars": variables, "stable_version": stable_version}
+_TOKEN_LIST: TypeAdapter[list[TokenDoc]] = TypeAdapter(list[TokenDoc])
 
-    def destination(self, raw: Any, path: yamlsrc.Path) -> IstioDestination | None:
-        if not isinstance(raw, dict):
-            self.problem(path, "must be a mapping {host, subset}")
-            return None
-        self.unknown(raw, {"host", "subset"}, path)
-        host = self.string(raw, "host", path)
-        subset = self.string(raw, "subset", path, required=False)
-        return IstioDestination(host=host, subset=subset) if host else None
+
+def _token(t: TokenDoc) -> Token:
+    return Token(name=t.name, sha256=t.sha256.lower(), role=Role[t.role.upper()],
+                 targets=tuple(t.targets) if t.targets is not None else None)
+
+
+def _plain(value: str | int | float | bool) -> str:
+    if isinstance(value, bool):
+        return str(value)  # as YAML wrote it before: True / False
+    return str(value)
 
 
 def cross_check(cfg: Config, policies: Mapping[str, policy_mod.Policy],

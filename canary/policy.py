@@ -1,7 +1,9 @@
-"""Stage policies: YAML -> frozen Policy/Stage/Gate, checked field by field.
+"""Stage policies: YAML -> frozen Policy/Stage/Gate, through one model of the file.
 
-Every problem is reported as `file:line: field: message`, all of them at once, so an
-SRE fixes a file in one pass instead of one error per run.
+The file's shape is written once, as pydantic models (PolicyDoc and the gate kinds, a
+union discriminated on `kind`); canary validate, the API, the editor's JSON Schema and
+the chart's schema all come from them. Every problem is reported as
+`file:line: field: message`, all of them at once, so an SRE fixes a file in one pass.
 """
 
 from __future__ import annotations
@@ -13,9 +15,22 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, localcontext
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from canary import yamlsrc
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from canary import validation, yamlsrc
 from canary.errors import InvalidInput, Problem, ValidationFailed
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -217,8 +232,8 @@ def from_dict(data: Mapping[str, Any], *, file: str = "<stored policy>") -> Poli
     """Rebuild a Policy from `to_dict` output (a rollout keeps the policy it started with).
     Rules that only guard what an SRE writes (the shortest interval) are not applied again:
     a rollout started under them keeps running after they change."""
-    return _Checker(yamlsrc.Doc(file, data, {(): 1}), default_name=str(data.get("name", "")),
-                    stored=True).policy()
+    return _check(yamlsrc.Doc(file, data, {(): 1}), default_name=str(data.get("name", "")),
+                  stored=True)
 
 
 def load_file(path: str | Path) -> Policy:
@@ -232,7 +247,7 @@ def load_file(path: str | Path) -> Policy:
 
 def parse(text: str | bytes, *, file: str, default_name: str) -> Policy:
     doc = yamlsrc.load(text, file)
-    return _Checker(doc, default_name=default_name).policy()
+    return _check(doc, default_name=default_name)
 
 
 def load_many(paths: Iterable[str | Path]) -> dict[str, Policy]:
@@ -258,228 +273,276 @@ def load_many(paths: Iterable[str | Path]) -> dict[str, Policy]:
     return out
 
 
-_POLICY_KEYS = {"name", "interval", "failure_limit", "no_data", "progress_deadline", "stages", "gates"}
-_STAGE_KEYS = {"weight", "hold", "approval", "gates"}
-_GATE_KEYS = {"name", "query", "min", "max", "kind", "baseline", "max_increase", "max_ratio",
-              "requests", "errors", "tolerance", "alpha", "gross", "final_gross", "detect_rate",
-              "warmup"}
+# ---- the policy file's shape: written once, as models ------------------------------------
+#
+# These models are the edge: they check a document and feed the frozen dataclasses above.
+# `canary schema policy` prints their JSON Schema; the chart, the editor and the OpenAPI
+# description are generated from them.
+
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+_DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
+_MALFORMED = re.compile(r"\{\{(?![^{}]*\}\})|\{\{\s*[^A-Za-z_\s][^}]*\}\}")
+MAX_QUERY = 10_000  # characters
 
 
-class _Checker:
-    """Walks one document, collecting every problem before giving up."""
+def _duration(value: object) -> float:
+    return parse_duration(value)
 
-    def __init__(self, doc: yamlsrc.Doc, *, default_name: str, stored: bool = False) -> None:
-        self.doc = doc
-        self.default_name = default_name
-        self.stored = stored
-        self.problems: list[Problem] = []
 
-    def problem(self, path: yamlsrc.Path, message: str) -> None:
-        name = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in path)
-        name = name.replace(".[", "[") or "(file)"
-        self.problems.append(Problem(self.doc.file, self.doc.line(path), name, message))
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be longer than 0")
+    return value
 
-    def unknown_keys(self, data: Mapping[str, Any], allowed: set[str], path: yamlsrc.Path) -> None:
-        for key in data:
-            if key not in allowed:
-                self.problem((*path, key),
-                             f"unknown field; expected one of {', '.join(sorted(allowed))}")
 
-    def duration(self, data: Mapping[str, Any], key: str, path: yamlsrc.Path,
-                 default: float | None, *, positive: bool = True) -> float:
-        if key not in data:
-            if default is None:
-                self.problem((*path, key) if path else (key,), "required; write a duration like 30s")
-                return 0.0
-            return default
-        try:
-            value = parse_duration(data[key])
-        except ValueError as e:
-            self.problem((*path, key), str(e))
-            return default or 0.0
-        if positive and value <= 0:
-            self.problem((*path, key), "must be longer than 0")
+def _query(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must be a PromQL query")
+    bad = _MALFORMED.search(value)
+    if bad:
+        raise ValueError(f"malformed template {bad.group(0)!r}; write {{{{ name }}}}")
+    return value.strip()
+
+
+Duration = Annotated[float, BeforeValidator(_duration), WithJsonSchema({
+    "type": "string", "pattern": _DURATION_PATTERN, "maxLength": MAX_DURATION_TEXT,
+    "description": "a duration like 500ms, 30s, 2m, 1h or 1m30s (whole milliseconds, at "
+                   "most 30 days)"})]
+PositiveDuration = Annotated[Duration, AfterValidator(_positive)]
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Query = Annotated[str, Field(strict=True, max_length=MAX_QUERY), AfterValidator(_query)]
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ThresholdGateDoc(_Doc):
+    """One query for the canary, bounded by min and/or max."""
+
+    kind: Literal["threshold"] = "threshold"
+    name: Annotated[str, Field(min_length=1, max_length=100)]
+    query: Query
+    min: Number | None = None
+    max: Number | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ThresholdGateDoc:
+        if self.min is None and self.max is None:
+            raise ValueError("a gate needs min or max (or both): the bound it must stay within")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError("min is above max; no value could pass")
+        return self
+
+
+class CompareGateDoc(_Doc):
+    """The same query for canary and stable (`{{ version }}`), or an explicit baseline."""
+
+    kind: Literal["compare"]
+    name: Annotated[str, Field(min_length=1, max_length=100)]
+    query: Query
+    baseline: Query | None = None
+    max_increase: Number | None = None
+    max_ratio: Number | None = None
+
+    @model_validator(mode="after")
+    def _rules(self) -> CompareGateDoc:
+        if not self.baseline and "version" not in template_names(self.query):
+            raise ValueError("query: use {{ version }} so the same query reads canary and "
+                             "stable, or give a baseline query")
+        if self.max_increase is None and self.max_ratio is None:
+            raise ValueError("a compare gate needs max_increase or max_ratio")
+        return self
+
+
+def _versioned(value: str) -> str:
+    if "version" not in template_names(value):
+        raise ValueError("use {{ version }}: it is read for canary and for stable")
+    return value
+
+
+class ErrorsGateDoc(_Doc):
+    """Request and error counters of both versions, judged by the sequential test."""
+
+    kind: Literal["errors"]
+    name: Annotated[str, Field(min_length=1, max_length=100)]
+    requests: Annotated[Query, AfterValidator(_versioned)]
+    errors: Annotated[Query, AfterValidator(_versioned)]
+    tolerance: Annotated[Number, Field(gt=0)] = 1.0
+    alpha: Annotated[Number, Field(gt=0, lt=0.5)] = 0.01
+    gross: Annotated[Number, Field(gt=1, le=1000)] = 5.0
+    final_gross: Annotated[Number, Field(gt=1, le=1000)] = 2.0
+    detect_rate: Annotated[Number, Field(gt=0, lt=1)] = 0.01
+    warmup: Duration = 0.0
+
+
+def _gate_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        kind = value.get("kind", "threshold")
+        return f"kind={kind}" if kind in GATE_KINDS else None
+    kind = getattr(value, "kind", None)
+    return f"kind={kind}" if isinstance(value, _Doc) and kind in GATE_KINDS else None
+
+
+GateDoc = Annotated[
+    Annotated[ThresholdGateDoc, validation.tag("kind", "threshold")]
+    | Annotated[CompareGateDoc, validation.tag("kind", "compare")]
+    | Annotated[ErrorsGateDoc, validation.tag("kind", "errors")],
+    validation.union(_gate_kind, "gate_kind", "kind", f"must be one of {', '.join(GATE_KINDS)}",
+                     "a gate is a mapping with name, query and min or max")]
+_OVERRIDE = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}},
+             "description": "a gate of this stage only, or, under the name of a policy-wide "
+                            "gate, that gate's fields changed for this stage"}
+
+
+class StageDoc(_Doc):
+    weight: Annotated[int, Field(ge=1, le=100)]
+    hold: Duration
+    approval: bool = False
+    gates: Annotated[list[GateDoc], WithJsonSchema({"type": "array", "items": _OVERRIDE})] = []
+
+
+class PolicyDoc(_Doc):
+    """A stage policy (interface.md section 1)."""
+
+    model_config = ConfigDict(title="canary policy")
+    name: Annotated[str, Field(pattern=_NAME_PATTERN)] | None = None
+    interval: PositiveDuration = 30.0
+    failure_limit: Annotated[int, Field(ge=1, le=1000)] = 2
+    no_data: Literal["hold", "fail", "pass"] = "hold"
+    progress_deadline: PositiveDuration = 1800.0
+    stages: Annotated[list[StageDoc], Field(min_length=1, max_length=100)]
+    gates: Annotated[list[GateDoc], Field(max_length=100)] = []
+
+    @field_validator("interval")
+    @classmethod
+    def _schedulable(cls, value: float, info: ValidationInfo) -> float:
+        if 0 < value < MIN_INTERVAL and not (info.context or {}).get("stored"):
+            raise ValueError(f"{format_duration(value)} is shorter than {MIN_INTERVAL:g}s, the "
+                             "shortest interval canary evaluates at; write 1s or more")
         return value
 
-    def policy(self) -> Policy:
-        data = self.doc.data
+    @model_validator(mode="before")
+    @classmethod
+    def _inherit(cls, data: Any) -> Any:
+        """A stage gate named like a policy-wide one changes only the fields it gives."""
         if not isinstance(data, dict):
-            self.problem((), "a policy is a YAML mapping with at least `stages`")
-            raise ValidationFailed(self.problems)
-        self.unknown_keys(data, _POLICY_KEYS, ())
-        name = data.get("name", self.default_name)
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", name):
-            self.problem(("name",), "must be 1-63 letters, digits, '.', '_' or '-'")
-            name = str(name)
-        interval = self.duration(data, "interval", (), 30.0)
-        if 0 < interval < MIN_INTERVAL and not self.stored:
-            self.problem(("interval",), f"{format_duration(interval)} is shorter than "
-                                        f"{MIN_INTERVAL:g}s, the shortest interval canary "
-                                        "evaluates at; write 1s or more")
-        failure_limit = data.get("failure_limit", 2)
-        if isinstance(failure_limit, bool) or not isinstance(failure_limit, int) or failure_limit < 1:
-            self.problem(("failure_limit",), "must be a whole number of at least 1")
-            failure_limit = 1
-        no_data_raw = data.get("no_data", "hold")
-        try:
-            no_data = NoData(no_data_raw)
-        except ValueError:
-            self.problem(("no_data",), "must be one of hold, fail, pass")
-            no_data = NoData.HOLD
-        deadline = self.duration(data, "progress_deadline", (), 1800.0)
-        gates = self.gates(data.get("gates", []), ("gates",), inherited={})
-        stages = self.stages(data.get("stages"), {g.name: g for g in gates})
-        for i, s in enumerate(stages):
-            if s.hold + interval >= deadline:
-                self.problem(("progress_deadline",),
-                             f"{format_duration(deadline)} is not longer than stage {i}'s hold "
-                             f"plus one interval ({format_duration(s.hold + interval)}); "
-                             "a healthy rollout would be rolled back")
-                break
-        if self.problems:
-            raise ValidationFailed(self.problems)
-        return Policy(name=name, stages=tuple(stages), gates=tuple(gates), interval=interval,
-                      failure_limit=failure_limit, no_data=no_data,
-                      progress_deadline=deadline, source=self.doc.file)
+            return data
+        wide = {g["name"]: g for g in data.get("gates") or [] if isinstance(g, dict)
+                and isinstance(g.get("name"), str)} if isinstance(data.get("gates"), list) else {}
+        stages = data.get("stages")
+        if not wide or not isinstance(stages, list):
+            return data
+        out = []
+        for s in stages:
+            if isinstance(s, dict) and isinstance(s.get("gates"), list):
+                s = {**s, "gates": [{**wide[g["name"]], **g} if isinstance(g, dict)
+                                    and g.get("name") in wide else g for g in s["gates"]]}
+            out.append(s)
+        return {**data, "stages": out}
 
-    def stages(self, raw: Any, policy_gates: dict[str, Gate]) -> list[Stage]:
-        if raw is None:
-            self.problem(("stages",), "required: a list of stages, each with weight and hold")
-            return []
-        if not isinstance(raw, list) or not raw:
-            self.problem(("stages",), "must be a non-empty list of stages")
-            return []
-        out: list[Stage] = []
-        last = 0
-        for i, item in enumerate(raw):
-            path: yamlsrc.Path = ("stages", i)
-            if not isinstance(item, dict):
-                self.problem(path, "a stage is a mapping with weight and hold")
-                continue
-            self.unknown_keys(item, _STAGE_KEYS, path)
-            weight = item.get("weight")
-            if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= 100:
-                self.problem((*path, "weight"), "must be a whole percent from 1 to 100")
-                weight = last + 1
-            elif weight <= last:
-                self.problem((*path, "weight"),
-                             f"{weight} is not above the previous stage's {last}; "
-                             "weights must rise strictly")
-            last = max(last, weight)
-            hold = self.duration(item, "hold", path, None, positive=False)
-            approval = item.get("approval", False)
-            if not isinstance(approval, bool):
-                self.problem((*path, "approval"), "must be true or false")
-                approval = False
-            gates = self.gates(item.get("gates", []), (*path, "gates"), inherited=policy_gates)
-            out.append(Stage(weight=weight, hold=hold, approval=approval, gates=tuple(gates)))
-        if out and out[-1].weight != 100:
-            self.problem(("stages", len(raw) - 1, "weight"),
-                         "the last stage must have weight 100 (all traffic on the canary)")
-        return out
 
-    def gates(self, raw: Any, path: yamlsrc.Path, *, inherited: dict[str, Gate]) -> list[Gate]:
-        if not isinstance(raw, list):
-            self.problem(path, "must be a list of gates, each with name, query and min or max")
-            return []
-        out: list[Gate] = []
-        names: set[str] = set()
-        for i, item in enumerate(raw):
-            gpath = (*path, i)
-            if not isinstance(item, dict):
-                self.problem(gpath, "a gate is a mapping with name, query and min or max")
-                continue
-            self.unknown_keys(item, _GATE_KEYS, gpath)
-            name = item.get("name")
-            if not isinstance(name, str) or not name.strip():
-                self.problem((*gpath, "name"), "required: a short name for this gate")
-                continue
-            if name in names:
-                self.problem((*gpath, "name"), f"gate {name!r} appears twice in this list")
-                continue
-            names.add(name)
-            base = inherited.get(name)
-            kind = item.get("kind", base.kind if base else "threshold")
-            if kind not in GATE_KINDS:
-                self.problem((*gpath, "kind"), f"must be one of {', '.join(GATE_KINDS)}")
-                continue
-            texts: dict[str, str | None] = {}
-            for key in ("query", "baseline", "requests", "errors"):
-                value = item.get(key, getattr(base, key) if base else None)
-                if value is not None and (not isinstance(value, str) or not value.strip()):
-                    self.problem((*gpath, key), "must be a PromQL query")
-                    value = None
-                texts[key] = value.strip() if isinstance(value, str) else None
-                for bad in re.findall(r"\{\{(?![^{}]*\}\})|\{\{\s*[^A-Za-z_\s][^}]*\}\}",
-                                      value or ""):
-                    self.problem((*gpath, key), f"malformed template {bad!r}; write {{{{ name }}}}")
-            nums: dict[str, float | None] = {}
-            bad_number = False
-            for key in ("min", "max", "max_increase", "max_ratio", "tolerance", "alpha", "gross",
-                        "final_gross", "detect_rate"):
-                value = item.get(key, getattr(base, key) if base else None)
-                if value is not None and (isinstance(value, bool)
-                                          or not isinstance(value, int | float)):
-                    self.problem((*gpath, key), "must be a number")
-                    value, bad_number = None, True
-                elif value is not None and not _finite(value):
-                    # a NaN bound compares false with every value: the gate would never fail
-                    shown = str(value) if len(str(value)) < 20 else str(value)[:16] + "..."
-                    self.problem((*gpath, key), f"{shown} is not a finite number; write a "
-                                                "number like 0.01, or leave the field out")
-                    value, bad_number = None, True
-                nums[key] = float(value) if value is not None else None
-            fields: dict[str, Any] = {k: v for k, v in nums.items() if v is not None}
-            if kind == "threshold":
-                if not texts["query"]:
-                    self.problem((*gpath, "query"), "required: a PromQL query that returns one "
-                                                    "number")
-                if bad_number:
-                    pass
-                elif nums["min"] is None and nums["max"] is None:
-                    self.problem(gpath, "a gate needs min or max (or both): the bound it must "
-                                        "stay within")
-                elif (nums["min"] is not None and nums["max"] is not None
-                      and nums["min"] > nums["max"]):
-                    self.problem((*gpath, "min"), "min is above max; no value could pass")
-            elif kind == "compare":
-                q = texts["query"] or ""
-                if not q:
-                    self.problem((*gpath, "query"), "required: the query for the canary, with "
-                                                    "{{ version }} where the version goes")
-                elif not texts["baseline"] and "version" not in template_names(q):
-                    self.problem((*gpath, "query"), "use {{ version }} so the same query reads "
-                                                    "canary and stable, or give a baseline query")
-                if nums["max_increase"] is None and nums["max_ratio"] is None and not bad_number:
-                    self.problem(gpath, "a compare gate needs max_increase or max_ratio")
-            else:
-                for key in ("requests", "errors"):
-                    if not texts[key]:
-                        self.problem((*gpath, key), f"required: a counter query of {key}, with "
-                                                    "{{ version }} where the version goes")
-                    elif "version" not in template_names(texts[key] or ""):
-                        self.problem((*gpath, key), "use {{ version }}: it is read for canary "
-                                                    "and for stable")
-                if (nums["alpha"] is not None and not 0 < nums["alpha"] < 0.5):
-                    self.problem((*gpath, "alpha"), "must be between 0 and 0.5, e.g. 0.01")
-                if nums["tolerance"] is not None and nums["tolerance"] <= 0:
-                    self.problem((*gpath, "tolerance"), "must be above 0 (1 = no worse than "
-                                                        "stable)")
-                for key, example in (("gross", "5"), ("final_gross", "2")):
-                    factor = nums[key]
-                    if factor is not None and not 1 < factor <= 1000:
-                        self.problem((*gpath, key), f"must be above 1 and at most 1000, e.g. "
-                                                    f"{example} (a {example}x regression)")
-                rate = nums["detect_rate"]
-                if rate is not None and not 0 < rate < 1:
-                    self.problem((*gpath, "detect_rate"), "must be between 0 and 1, e.g. 0.01 "
-                                                          "(1% errors)")
-            if "warmup" in item or (base and base.warmup):
-                try:
-                    fields["warmup"] = (parse_duration(item["warmup"]) if "warmup" in item
-                                        else base.warmup if base else 0.0)
-                except ValueError as e:
-                    self.problem((*gpath, "warmup"), str(e))
-            fields.update({k: v for k, v in texts.items() if v is not None})
-            out.append(Gate(name=name, kind=kind, **fields))
-        return out
+POLICY_MESSAGES = {
+    "name": "must be 1-63 letters, digits, '.', '_' or '-'",
+    "weight": "must be a whole percent from 1 to 100",
+    "failure_limit": "must be a whole number of at least 1",
+    "no_data": "must be one of hold, fail, pass",
+    "approval": "must be true or false",
+    "query": "must be a PromQL query",
+    "baseline": "must be a PromQL query",
+    "requests": "must be a PromQL query",
+    "errors": "must be a PromQL query",
+    "alpha": "must be between 0 and 0.5, e.g. 0.01",
+    "tolerance": "must be above 0 (1 = no worse than stable)",
+    "gross": "must be above 1 and at most 1000, e.g. 5 (a 5x regression)",
+    "final_gross": "must be above 1 and at most 1000, e.g. 2 (a 2x regression)",
+    "detect_rate": "must be between 0 and 1, e.g. 0.01 (1% errors)",
+    "min": "must be a number", "max": "must be a number", "max_increase": "must be a number",
+    "max_ratio": "must be a number",
+}
+POLICY_REQUIRED = {
+    "stages": "required: a list of stages, each with weight and hold",
+    "hold": "required; write a duration like 30s",
+    "weight": "must be a whole percent from 1 to 100",
+    "name": "required: a short name for this gate",
+    "query": "required: a PromQL query that returns one number",
+    "requests": "required: a counter query of requests, with {{ version }} where the version "
+                "goes",
+    "errors": "required: a counter query of errors, with {{ version }} where the version goes",
+}
+
+
+def _rules(doc: yamlsrc.Doc) -> list[Problem]:
+    """What a single field cannot say: weights that rise to 100, unique gate names, a
+    progress deadline longer than every hold. Read from the raw document, so they are
+    reported beside the models' problems."""
+    out: list[Problem] = []
+    data = doc.data
+
+    def problem(path: yamlsrc.Path, message: str) -> None:
+        out.append(Problem(doc.file, doc.line(path), validation.field_name(path), message))
+
+    stages = data.get("stages") if isinstance(data.get("stages"), list) else []
+    last = 0
+    for i, s in enumerate(stages):
+        w = s.get("weight") if isinstance(s, dict) else None
+        if isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= 100:
+            if w <= last:
+                problem(("stages", i, "weight"), f"{w} is not above the previous stage's "
+                                                 f"{last}; weights must rise strictly")
+            last = max(last, w)
+    if stages:
+        w = stages[-1].get("weight") if isinstance(stages[-1], dict) else None
+        if isinstance(w, int) and w != 100:
+            problem(("stages", len(stages) - 1, "weight"),
+                    "the last stage must have weight 100 (all traffic on the canary)")
+    lists: list[tuple[yamlsrc.Path, Any]] = [(("gates",), data.get("gates"))]
+    lists += [(("stages", i, "gates"), s.get("gates")) for i, s in enumerate(stages)
+              if isinstance(s, dict)]
+    for path, gates in lists:
+        seen: set[str] = set()
+        for j, g in enumerate(gates if isinstance(gates, list) else []):
+            name = g.get("name") if isinstance(g, dict) else None
+            if isinstance(name, str) and name in seen:
+                problem((*path, j, "name"), f"gate {name!r} appears twice in this list")
+            seen.add(name) if isinstance(name, str) else None
+    try:
+        interval = parse_duration(data.get("interval", "30s"))
+        deadline = parse_duration(data.get("progress_deadline", "30m"))
+        holds = [parse_duration(s["hold"]) for s in stages]
+    except (ValueError, TypeError, KeyError):
+        return out  # the models say what is wrong with them
+    for i, hold in enumerate(holds):
+        if hold + interval >= deadline:
+            problem(("progress_deadline",),
+                    f"{format_duration(deadline)} is not longer than stage {i}'s hold plus one "
+                    f"interval ({format_duration(hold + interval)}); a healthy rollout would "
+                    "be rolled back")
+            break
+    return out
+
+
+def _gate(d: ThresholdGateDoc | CompareGateDoc | ErrorsGateDoc) -> Gate:
+    return Gate(**d.model_dump(exclude_none=True))
+
+
+def _check(doc: yamlsrc.Doc, *, default_name: str, stored: bool = False) -> Policy:
+    if not isinstance(doc.data, dict):
+        raise ValidationFailed([Problem(doc.file, doc.line(()), "(file)",
+                                        "a policy is a YAML mapping with at least `stages`")])
+    problems = _rules(doc)
+    try:
+        model = PolicyDoc.model_validate(doc.data, context={"stored": stored})
+    except ValidationError as e:
+        problems = validation.problems(doc, e, PolicyDoc, messages=POLICY_MESSAGES,
+                                       required=POLICY_REQUIRED) + problems
+        model = None
+    if problems or model is None:
+        raise ValidationFailed(sorted(problems, key=lambda p: p.line))
+    return Policy(name=model.name or default_name,
+                  stages=tuple(Stage(weight=s.weight, hold=s.hold, approval=s.approval,
+                                     gates=tuple(_gate(g) for g in s.gates))
+                               for s in model.stages),
+                  gates=tuple(_gate(g) for g in model.gates), interval=model.interval,
+                  failure_limit=model.failure_limit, no_data=NoData(model.no_data),
+                  progress_deadline=model.progress_deadline, source=doc.file)

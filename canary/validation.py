@@ -1,0 +1,179 @@
+"""Turning a model's ValidationError into the problems an SRE reads: `file:line: field:
+message`, every one at once, in canary's words rather than pydantic's.
+
+The models (policy.py, config.py, api/bodies.py) say the shape once; this module says
+how a broken shape is reported. Each model may name, per field, the message for any
+type or range error (`messages`), so `weight: 150` still reads "must be a whole percent
+from 1 to 100" rather than "Input should be less than or equal to 100".
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel, Discriminator, Tag, ValidationError
+
+from canary import yamlsrc
+from canary.errors import Problem
+
+# a union member's tag appears in an error's location; it is never a key of the document
+TAG_MARK = "="
+
+
+def tag(kind_field: str, value: str) -> Tag:
+    return Tag(f"{kind_field}{TAG_MARK}{value}")
+
+
+# a discriminated union's error, by its custom type: (field, message for an unknown
+# value of the field, message for something that is not a mapping at all)
+UNIONS: dict[str, tuple[str, str, str]] = {}
+
+
+def union(pick: Callable[[Any], str | None], error_type: str, field: str, bad_value: str,
+          not_mapping: str) -> Discriminator:
+    """A discriminator on `field` whose errors read `bad_value` (at the field) or
+    `not_mapping` (at the item)."""
+    UNIONS[error_type] = (field, bad_value, not_mapping)
+    return Discriminator(pick, custom_error_type=error_type, custom_error_message=not_mapping)
+
+
+def field_name(path: Sequence[str | int]) -> str:
+    name = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in path)
+    return name.replace(".[", "[") or "(file)"
+
+
+def _members(annotation: Any) -> list[Any]:
+    """The types an annotation may hold, with their tags: [(tag or None, type)]."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        base, *meta = typing.get_args(annotation)
+        tags = [m.tag for m in meta if isinstance(m, Tag)]
+        inner = _members(base)
+        return [(tags[0] if tags else t, tp) for t, tp in inner]
+    if origin in (typing.Union, types.UnionType):
+        out: list[Any] = []
+        for arg in typing.get_args(annotation):
+            out.extend(_members(arg))
+        return out
+    return [(None, annotation)]
+
+
+def model_at(root: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel] | None:
+    """The model class whose fields live at `loc` (a ValidationError location)."""
+    current: Any = root
+    for part in loc:
+        candidates = _members(current)
+        if isinstance(part, str) and TAG_MARK in part:
+            current = next((tp for t, tp in candidates if t == part), None)
+            continue
+        model = next((tp for _, tp in candidates
+                      if isinstance(tp, type) and issubclass(tp, BaseModel)), None)
+        if model is not None and isinstance(part, str):
+            info = model.model_fields.get(part)
+            if info is None:
+                return None
+            current = info.annotation
+            continue
+        container = next((tp for _, tp in candidates
+                          if typing.get_origin(tp) in (list, tuple, dict)), None)
+        if container is None:
+            return None
+        args = [a for a in typing.get_args(container) if a is not Ellipsis]
+        current = args[-1] if args else None
+    for _, tp in _members(current):
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            return tp
+    return None
+
+
+_GENERIC = {
+    "missing": "required",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "tuple_type": "must be a list",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+}
+
+
+def _message(e: Mapping[str, Any], root: type[BaseModel], path: tuple[str | int, ...],
+             loc: tuple[str | int, ...], messages: Mapping[str, str],
+             required: Mapping[str, str]) -> str:
+    kind = e["type"]
+    ctx = e.get("ctx") or {}
+    last = next((p for p in reversed(path) if isinstance(p, str)), "")
+    if kind == "value_error":
+        return str(ctx.get("error", e["msg"]))
+    if kind == "extra_forbidden":
+        model = model_at(root, loc[:-1])
+        allowed = sorted(model.model_fields) if model else []
+        return "unknown field" + (f"; expected one of {', '.join(allowed)}" if allowed else "")
+    if kind == "missing":
+        return required.get(last) or "required"
+    if kind.startswith("union_tag") or e["msg"].startswith("must "):
+        return str(e["msg"])  # a discriminator's own message
+    value = e.get("input")
+    if kind == "finite_number" or (kind == "float_type" and isinstance(value, int)
+                                   and not isinstance(value, bool)):  # too big for a float
+        shown = str(e.get("input"))
+        shown = shown if len(shown) < 20 else shown[:16] + "..."
+        return (f"{shown} is not a finite number; write a number like 0.01, or leave the "
+                "field out")
+    if path and isinstance(path[-1], int) and f"{last}[]" in messages:
+        return messages[f"{last}[]"].format(value=repr(e.get("input")))  # one item of a list
+    if last in messages:
+        return messages[last]
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected', '').replace(chr(39), '')}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        words = {"greater_than": "above", "greater_than_equal": "at least",
+                 "less_than": "below", "less_than_equal": "at most"}[kind]
+        bound = next(iter(ctx.values()), "")
+        return f"must be {words} {bound}"
+    if kind == "too_short":
+        return "must not be empty"
+    if kind == "too_long":
+        return f"at most {ctx.get('max_length')} items"
+    if kind == "string_too_long":
+        return f"at most {ctx.get('max_length')} characters"
+    if kind == "string_too_short":
+        return "must not be empty"
+    return _GENERIC.get(kind, str(e["msg"]))
+
+
+def problems(doc: yamlsrc.Doc, error: ValidationError, root: type[BaseModel], *,
+             at: tuple[str | int, ...] = (), messages: Mapping[str, str] | None = None,
+             required: Mapping[str, str] | None = None) -> list[Problem]:
+    """Each error of `error` as a Problem on `doc`'s lines; `at` is where the validated
+    value sits in the document."""
+    out: list[Problem] = []
+    seen: set[tuple[str, str]] = set()
+    for e in error.errors(include_url=False):
+        loc = tuple(e["loc"])
+        path = (*at, *(p for p in loc if not (isinstance(p, str) and TAG_MARK in p)
+                       and p != "[key]"))
+        if e["type"] in UNIONS:
+            field, bad_value, not_mapping = UNIONS[e["type"]]
+            if isinstance(e.get("input"), dict):
+                path, message = (*path, field), bad_value
+            else:
+                message = not_mapping
+        else:
+            message = _message(e, root, path, loc, messages or {}, required or {})
+        name = field_name(path)
+        if (name, message) in seen:
+            continue
+        seen.add((name, message))
+        out.append(Problem(doc.file, doc.line(path), name, message))
+    return out
