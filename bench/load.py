@@ -28,7 +28,7 @@ from canary.config import NginxTarget
 from canary.demo.procs import free_port
 from canary.engine.controller import Controller
 from canary.gates.prometheus import CoalescingSource, PrometheusSource
-from canary.policy import Gate, NoData, Policy, Stage
+from canary.policy import NoData, Policy, Stage, ThresholdGate
 from canary.store.sqlite import SqliteStore
 from tests.doubles import PrometheusDouble
 from tests.helpers import TOKENS, tokens
@@ -80,8 +80,8 @@ async def run(n: int, interval: float, duration: float, aborts: int, hold: float
     pol = Policy(name="bench", interval=interval, failure_limit=2, no_data=NoData.HOLD,
                  progress_deadline=hold * 10 + interval * 10,
                  stages=(Stage(5, hold), Stage(25, hold), Stage(50, hold), Stage(100, hold)),
-                 gates=(Gate("errors", "sum(rate(errors{svc=\"" + svc + "\"}[1m]))", max=0.01),
-                        Gate("latency", "p99{svc=\"" + svc + "\"}", max=0.5)))
+                 gates=(ThresholdGate("errors", "sum(rate(errors{svc=\"" + svc + "\"}[1m]))", max=0.01),
+                        ThresholdGate("latency", "p99{svc=\"" + svc + "\"}", max=0.5)))
     targets = {f"t{i}": NginxTarget(name=f"t{i}", file=tmp / f"t{i}.conf", upstream=f"t{i}",
                                     stable=("127.0.0.1:1",), canary=("127.0.0.1:2",),
                                     policy="bench") for i in range(n)}

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
+    BaseModel,
     ConfigDict,
     Field,
     TypeAdapter,
@@ -159,7 +160,10 @@ def load_file(path: str | Path) -> Config:
 
 # ---- the config file's shape: written once, as models --------------------------------------
 
-_Doc = policy_mod._Doc
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
 Text = Annotated[str, Field(min_length=1, max_length=4096)]
 Name = Annotated[str, Field(pattern=_NAME)]
 Dns = Annotated[str, Field(pattern=_DNS, max_length=253)]

@@ -12,23 +12,26 @@ import enum
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field, replace
 from decimal import Decimal, localcontext
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
 )
+from pydantic.dataclasses import dataclass
+from pydantic.json_schema import SkipJsonSchema
 
 from canary import validation, yamlsrc
 from canary.errors import InvalidInput, Problem, ValidationFailed
@@ -119,62 +122,229 @@ class NoData(enum.StrEnum):
     PASS = "pass"
 
 
-@dataclass(frozen=True)
-class Gate:
-    """A check of the canary. `threshold` (the default): one query, bounded by min/max.
-    `compare`: the same query for canary and stable ({{ version }}), or an explicit
-    `baseline`, bounded by max_increase and/or max_ratio. `errors`: request and error
-    counters of both versions, judged by the sequential test in gates/sequential.py."""
+# ---- the policy: one definition, validated as a file and used as it is --------------------
+#
+# These frozen pydantic dataclasses are both the policy file's schema (`canary schema
+# policy`, the chart, the editor) and the objects the engine uses. Built in code they take
+# plain numbers; read from a file (context {"file": True}) durations must be text.
 
-    name: str
-    query: str = ""
-    min: float | None = None
-    max: float | None = None
-    kind: str = "threshold"
-    baseline: str | None = None
-    max_increase: float | None = None
-    max_ratio: float | None = None
-    requests: str | None = None
-    errors: str | None = None
-    tolerance: float = 1.0
-    alpha: float = 0.01
-    gross: float = 5.0
-    final_gross: float = 2.0
-    detect_rate: float = 0.01
-    warmup: float = 0.0
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+_DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
+_MALFORMED = re.compile(r"\{\{(?![^{}]*\}\})|\{\{\s*[^A-Za-z_\s][^}]*\}\}")
+MAX_QUERY = 10_000  # characters
+_CONFIG = ConfigDict(extra="forbid")
+
+
+def _from_file(info: ValidationInfo) -> bool:
+    return bool((info.context or {}).get("file"))
+
+
+def _duration(value: object, info: ValidationInfo) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and not _from_file(info):
+        return float(value)
+    return parse_duration(value)
+
+
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be longer than 0")
+    return value
+
+
+def _query(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must be a PromQL query")
+    bad = _MALFORMED.search(value)
+    if bad:
+        raise ValueError(f"malformed template {bad.group(0)!r}; write {{{{ name }}}}")
+    return value.strip()
+
+
+def _versioned(value: str) -> str:
+    if "version" not in template_names(value):
+        raise ValueError("use {{ version }}: it is read for canary and for stable")
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(_duration),
+                     PlainSerializer(format_duration, return_type=str, when_used="json"),
+                     WithJsonSchema({"type": "string", "pattern": _DURATION_PATTERN,
+                                     "maxLength": MAX_DURATION_TEXT,
+                                     "description": "a duration like 500ms, 30s, 2m, 1h or "
+                                                    "1m30s (whole milliseconds, at most 30 "
+                                                    "days)"})]
+PositiveDuration = Annotated[Duration, AfterValidator(_positive)]
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Text = Annotated[str, Field(strict=True)]
+Query = Annotated[Text, Field(max_length=MAX_QUERY), AfterValidator(_query)]
+GateName = Annotated[Text, Field(min_length=1, max_length=100)]
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class ThresholdGate:
+    """One query for the canary, bounded by min and/or max."""
+
+    name: GateName
+    query: Query
+    min: Number | None = None
+    max: Number | None = None
+    kind: Literal["threshold"] = "threshold"
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ThresholdGate:
+        if self.min is None and self.max is None:
+            raise ValueError("a gate needs min or max (or both): the bound it must stay within")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError("min is above max; no value could pass")
+        return self
 
     def bounds(self) -> str:
-        if self.kind == "errors":
-            return f"errors <= stable x {self.tolerance:g}, alpha {self.alpha:g}"
-        parts = []
-        for key in ("min", "max", "max_increase", "max_ratio"):
-            value = getattr(self, key)
-            if value is not None:
-                parts.append(f"{key.replace('_', ' ')} {value:g}")
-        return ", ".join(parts)
+        return ", ".join(f"{k} {v:g}" for k, v in (("min", self.min), ("max", self.max))
+                         if v is not None)
 
     def queries(self) -> list[str]:
-        return [q for q in (self.query, self.baseline, self.requests, self.errors) if q]
+        return [self.query]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
+class CompareGate:
+    """The same query for canary and stable (`{{ version }}`), or an explicit baseline,
+    bounded by max_increase and/or max_ratio."""
+
+    name: GateName
+    query: Query
+    baseline: Query | None = None
+    max_increase: Number | None = None
+    max_ratio: Number | None = None
+    kind: Literal["compare"] = "compare"
+
+    @model_validator(mode="after")
+    def _rules(self) -> CompareGate:
+        wrong = []
+        if not self.baseline and "version" not in template_names(self.query):
+            wrong.append("query: use {{ version }} so the same query reads canary and stable, "
+                         "or give a baseline query")
+        if self.max_increase is None and self.max_ratio is None:
+            wrong.append("a compare gate needs max_increase or max_ratio")
+        if wrong:
+            raise ValueError("; ".join(wrong))
+        return self
+
+    def bounds(self) -> str:
+        return ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in
+                         (("max_increase", self.max_increase), ("max_ratio", self.max_ratio))
+                         if v is not None)
+
+    def queries(self) -> list[str]:
+        return [q for q in (self.query, self.baseline) if q]
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class ErrorsGate:
+    """Request and error counters of both versions, judged by the sequential test in
+    gates/sequential.py."""
+
+    name: GateName
+    requests: Annotated[Query, AfterValidator(_versioned)]
+    errors: Annotated[Query, AfterValidator(_versioned)]
+    tolerance: Annotated[Number, Field(gt=0)] = 1.0
+    alpha: Annotated[Number, Field(gt=0, lt=0.5)] = 0.01
+    gross: Annotated[Number, Field(gt=1, le=1000)] = 5.0
+    final_gross: Annotated[Number, Field(gt=1, le=1000)] = 2.0
+    detect_rate: Annotated[Number, Field(gt=0, lt=1)] = 0.01
+    warmup: Duration = 0.0
+    kind: Literal["errors"] = "errors"
+
+    def bounds(self) -> str:
+        return f"errors <= stable x {self.tolerance:g}, alpha {self.alpha:g}"
+
+    def queries(self) -> list[str]:
+        return [self.requests, self.errors]
+
+
+Gate = ThresholdGate | CompareGate | ErrorsGate
+_KINDS: dict[str, type[Gate]] = {"threshold": ThresholdGate, "compare": CompareGate,
+                                 "errors": ErrorsGate}
+
+
+def _gate_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        kind = value.get("kind", "threshold")
+        return f"kind={kind}" if kind in GATE_KINDS else None
+    kind = getattr(value, "kind", None)
+    return f"kind={kind}" if kind in GATE_KINDS else None
+
+
+GateField = Annotated[
+    Annotated[ThresholdGate, validation.tag("kind", "threshold")]
+    | Annotated[CompareGate, validation.tag("kind", "compare")]
+    | Annotated[ErrorsGate, validation.tag("kind", "errors")],
+    validation.union(_gate_kind, "gate_kind", "kind", f"must be one of {', '.join(GATE_KINDS)}",
+                     "a gate is a mapping with name, query and min or max")]
+_OVERRIDE = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}},
+             "description": "a gate of this stage only, or, under the name of a policy-wide "
+                            "gate, that gate's fields changed for this stage"}
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class Stage:
-    weight: int
-    hold: float
-    approval: bool = False
-    gates: tuple[Gate, ...] = ()
+    weight: Annotated[int, Field(strict=True, ge=1, le=100)]
+    hold: Duration
+    approval: Annotated[bool, Field(strict=True)] = False
+    gates: Annotated[tuple[GateField, ...],
+                     WithJsonSchema({"type": "array", "items": _OVERRIDE})] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=ConfigDict(extra="forbid", title="canary policy"))
 class Policy:
-    name: str
-    stages: tuple[Stage, ...]
-    gates: tuple[Gate, ...] = ()
-    interval: float = 30.0
-    failure_limit: int = 2
+    """A stage policy (interface.md section 1)."""
+
+    name: Annotated[Text, Field(pattern=_NAME_PATTERN)]
+    stages: Annotated[tuple[Stage, ...], Field(max_length=100)]
+    gates: Annotated[tuple[GateField, ...], Field(max_length=100)] = ()
+    interval: PositiveDuration = 30.0
+    failure_limit: Annotated[int, Field(strict=True, ge=1, le=1000)] = 2
     no_data: NoData = NoData.HOLD
-    progress_deadline: float = 1800.0
-    source: str = field(default="", compare=False)
+    progress_deadline: PositiveDuration = 1800.0
+    # where it was read from; not part of the file
+    source: SkipJsonSchema[str] = field(default="", compare=False, repr=False)
+
+    @field_validator("interval")
+    @classmethod
+    def _schedulable(cls, value: float, info: ValidationInfo) -> float:
+        if 0 < value < MIN_INTERVAL and _from_file(info) \
+                and not (info.context or {}).get("stored"):
+            raise ValueError(f"{format_duration(value)} is shorter than {MIN_INTERVAL:g}s, the "
+                             "shortest interval canary evaluates at; write 1s or more")
+        return value
+
+    @field_validator("stages")
+    @classmethod
+    def _some(cls, value: tuple[Stage, ...], info: ValidationInfo) -> tuple[Stage, ...]:
+        if not value and _from_file(info):
+            raise ValueError("must be a non-empty list of stages")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inherit(cls, data: Any) -> Any:
+        """A stage gate named like a policy-wide one changes only the fields it gives."""
+        if not isinstance(data, dict):
+            return data
+        if "source" in data:
+            raise ValueError("source: unknown field")
+        gates, stages = data.get("gates"), data.get("stages")
+        wide = {g["name"]: g for g in gates if isinstance(g, dict)
+                and isinstance(g.get("name"), str)} if isinstance(gates, list) else {}
+        if not wide or not isinstance(stages, list):
+            return data
+        out = []
+        for s in stages:
+            if isinstance(s, dict) and isinstance(s.get("gates"), list):
+                s = {**s, "gates": [{**wide[g["name"]], **g} if isinstance(g, dict)
+                                    and g.get("name") in wide else g for g in s["gates"]]}
+            out.append(s)
+        return {**data, "stages": out}
 
     def gates_for(self, stage: int) -> tuple[Gate, ...]:
         """The policy-wide gates with this stage's additions and bound changes."""
@@ -194,38 +364,13 @@ class Policy:
         return names - {"version"}
 
     def to_dict(self) -> dict[str, Any]:
-        def gate(g: Gate) -> dict[str, Any]:
-            d: dict[str, Any] = {"name": g.name}
-            defaults = Gate(name=g.name)
-            for key in ("kind", "query", "min", "max", "baseline", "max_increase", "max_ratio",
-                        "requests", "errors", "tolerance", "alpha", "gross", "final_gross",
-                        "detect_rate", "warmup"):
-                value = getattr(g, key)
-                if key == "warmup" and value:
-                    value = format_duration(value)
-                if value is not None and (value != getattr(defaults, key) or key == "query"):
-                    d[key] = value
-            if not d.get("query"):
-                d.pop("query", None)
-            return d
+        """The policy as a file would say it (stored with each rollout, served by the API)."""
+        out: dict[str, Any] = _POLICY.dump_python(self, mode="json", exclude_none=True,
+                                                  exclude={"source"})
+        return out
 
-        return {
-            "name": self.name,
-            "interval": format_duration(self.interval),
-            "failure_limit": self.failure_limit,
-            "no_data": self.no_data.value,
-            "progress_deadline": format_duration(self.progress_deadline),
-            "stages": [
-                {
-                    "weight": s.weight,
-                    "hold": format_duration(s.hold),
-                    "approval": s.approval,
-                    **({"gates": [gate(g) for g in s.gates]} if s.gates else {}),
-                }
-                for s in self.stages
-            ],
-            "gates": [gate(g) for g in self.gates],
-        }
+
+_POLICY: TypeAdapter[Policy] = TypeAdapter(Policy)
 
 
 def from_dict(data: Mapping[str, Any], *, file: str = "<stored policy>") -> Policy:
@@ -273,175 +418,6 @@ def load_many(paths: Iterable[str | Path]) -> dict[str, Policy]:
     return out
 
 
-# ---- the policy file's shape: written once, as models ------------------------------------
-#
-# These models are the edge: they check a document and feed the frozen dataclasses above.
-# `canary schema policy` prints their JSON Schema; the chart, the editor and the OpenAPI
-# description are generated from them.
-
-_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
-_DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
-_MALFORMED = re.compile(r"\{\{(?![^{}]*\}\})|\{\{\s*[^A-Za-z_\s][^}]*\}\}")
-MAX_QUERY = 10_000  # characters
-
-
-def _duration(value: object) -> float:
-    return parse_duration(value)
-
-
-def _positive(value: float) -> float:
-    if value <= 0:
-        raise ValueError("must be longer than 0")
-    return value
-
-
-def _query(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must be a PromQL query")
-    bad = _MALFORMED.search(value)
-    if bad:
-        raise ValueError(f"malformed template {bad.group(0)!r}; write {{{{ name }}}}")
-    return value.strip()
-
-
-Duration = Annotated[float, BeforeValidator(_duration), WithJsonSchema({
-    "type": "string", "pattern": _DURATION_PATTERN, "maxLength": MAX_DURATION_TEXT,
-    "description": "a duration like 500ms, 30s, 2m, 1h or 1m30s (whole milliseconds, at "
-                   "most 30 days)"})]
-PositiveDuration = Annotated[Duration, AfterValidator(_positive)]
-Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-Query = Annotated[str, Field(strict=True, max_length=MAX_QUERY), AfterValidator(_query)]
-
-
-class _Doc(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class ThresholdGateDoc(_Doc):
-    """One query for the canary, bounded by min and/or max."""
-
-    kind: Literal["threshold"] = "threshold"
-    name: Annotated[str, Field(min_length=1, max_length=100)]
-    query: Query
-    min: Number | None = None
-    max: Number | None = None
-
-    @model_validator(mode="after")
-    def _bounds(self) -> ThresholdGateDoc:
-        if self.min is None and self.max is None:
-            raise ValueError("a gate needs min or max (or both): the bound it must stay within")
-        if self.min is not None and self.max is not None and self.min > self.max:
-            raise ValueError("min is above max; no value could pass")
-        return self
-
-
-class CompareGateDoc(_Doc):
-    """The same query for canary and stable (`{{ version }}`), or an explicit baseline."""
-
-    kind: Literal["compare"]
-    name: Annotated[str, Field(min_length=1, max_length=100)]
-    query: Query
-    baseline: Query | None = None
-    max_increase: Number | None = None
-    max_ratio: Number | None = None
-
-    @model_validator(mode="after")
-    def _rules(self) -> CompareGateDoc:
-        if not self.baseline and "version" not in template_names(self.query):
-            raise ValueError("query: use {{ version }} so the same query reads canary and "
-                             "stable, or give a baseline query")
-        if self.max_increase is None and self.max_ratio is None:
-            raise ValueError("a compare gate needs max_increase or max_ratio")
-        return self
-
-
-def _versioned(value: str) -> str:
-    if "version" not in template_names(value):
-        raise ValueError("use {{ version }}: it is read for canary and for stable")
-    return value
-
-
-class ErrorsGateDoc(_Doc):
-    """Request and error counters of both versions, judged by the sequential test."""
-
-    kind: Literal["errors"]
-    name: Annotated[str, Field(min_length=1, max_length=100)]
-    requests: Annotated[Query, AfterValidator(_versioned)]
-    errors: Annotated[Query, AfterValidator(_versioned)]
-    tolerance: Annotated[Number, Field(gt=0)] = 1.0
-    alpha: Annotated[Number, Field(gt=0, lt=0.5)] = 0.01
-    gross: Annotated[Number, Field(gt=1, le=1000)] = 5.0
-    final_gross: Annotated[Number, Field(gt=1, le=1000)] = 2.0
-    detect_rate: Annotated[Number, Field(gt=0, lt=1)] = 0.01
-    warmup: Duration = 0.0
-
-
-def _gate_kind(value: Any) -> str | None:
-    if isinstance(value, dict):
-        kind = value.get("kind", "threshold")
-        return f"kind={kind}" if kind in GATE_KINDS else None
-    kind = getattr(value, "kind", None)
-    return f"kind={kind}" if isinstance(value, _Doc) and kind in GATE_KINDS else None
-
-
-GateDoc = Annotated[
-    Annotated[ThresholdGateDoc, validation.tag("kind", "threshold")]
-    | Annotated[CompareGateDoc, validation.tag("kind", "compare")]
-    | Annotated[ErrorsGateDoc, validation.tag("kind", "errors")],
-    validation.union(_gate_kind, "gate_kind", "kind", f"must be one of {', '.join(GATE_KINDS)}",
-                     "a gate is a mapping with name, query and min or max")]
-_OVERRIDE = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}},
-             "description": "a gate of this stage only, or, under the name of a policy-wide "
-                            "gate, that gate's fields changed for this stage"}
-
-
-class StageDoc(_Doc):
-    weight: Annotated[int, Field(ge=1, le=100)]
-    hold: Duration
-    approval: bool = False
-    gates: Annotated[list[GateDoc], WithJsonSchema({"type": "array", "items": _OVERRIDE})] = []
-
-
-class PolicyDoc(_Doc):
-    """A stage policy (interface.md section 1)."""
-
-    model_config = ConfigDict(title="canary policy")
-    name: Annotated[str, Field(pattern=_NAME_PATTERN)] | None = None
-    interval: PositiveDuration = 30.0
-    failure_limit: Annotated[int, Field(ge=1, le=1000)] = 2
-    no_data: Literal["hold", "fail", "pass"] = "hold"
-    progress_deadline: PositiveDuration = 1800.0
-    stages: Annotated[list[StageDoc], Field(min_length=1, max_length=100)]
-    gates: Annotated[list[GateDoc], Field(max_length=100)] = []
-
-    @field_validator("interval")
-    @classmethod
-    def _schedulable(cls, value: float, info: ValidationInfo) -> float:
-        if 0 < value < MIN_INTERVAL and not (info.context or {}).get("stored"):
-            raise ValueError(f"{format_duration(value)} is shorter than {MIN_INTERVAL:g}s, the "
-                             "shortest interval canary evaluates at; write 1s or more")
-        return value
-
-    @model_validator(mode="before")
-    @classmethod
-    def _inherit(cls, data: Any) -> Any:
-        """A stage gate named like a policy-wide one changes only the fields it gives."""
-        if not isinstance(data, dict):
-            return data
-        wide = {g["name"]: g for g in data.get("gates") or [] if isinstance(g, dict)
-                and isinstance(g.get("name"), str)} if isinstance(data.get("gates"), list) else {}
-        stages = data.get("stages")
-        if not wide or not isinstance(stages, list):
-            return data
-        out = []
-        for s in stages:
-            if isinstance(s, dict) and isinstance(s.get("gates"), list):
-                s = {**s, "gates": [{**wide[g["name"]], **g} if isinstance(g, dict)
-                                    and g.get("name") in wide else g for g in s["gates"]]}
-            out.append(s)
-        return {**data, "stages": out}
-
-
 POLICY_MESSAGES = {
     "name": "must be 1-63 letters, digits, '.', '_' or '-'",
     "weight": "must be a whole percent from 1 to 100",
@@ -458,7 +434,8 @@ POLICY_MESSAGES = {
     "final_gross": "must be above 1 and at most 1000, e.g. 2 (a 2x regression)",
     "detect_rate": "must be between 0 and 1, e.g. 0.01 (1% errors)",
     "min": "must be a number", "max": "must be a number", "max_increase": "must be a number",
-    "max_ratio": "must be a number",
+    "max_ratio": "must be a number", "stages": "must be a non-empty list of stages",
+    "gates": "must be a list of gates, each with name, query and min or max",
 }
 POLICY_REQUIRED = {
     "stages": "required: a list of stages, each with weight and hold",
@@ -522,27 +499,19 @@ def _rules(doc: yamlsrc.Doc) -> list[Problem]:
     return out
 
 
-def _gate(d: ThresholdGateDoc | CompareGateDoc | ErrorsGateDoc) -> Gate:
-    return Gate(**d.model_dump(exclude_none=True))
-
-
 def _check(doc: yamlsrc.Doc, *, default_name: str, stored: bool = False) -> Policy:
-    if not isinstance(doc.data, dict):
+    data = doc.data
+    if not isinstance(data, dict):
         raise ValidationFailed([Problem(doc.file, doc.line(()), "(file)",
                                         "a policy is a YAML mapping with at least `stages`")])
     problems = _rules(doc)
+    if "name" not in data:
+        data = {**data, "name": default_name}
     try:
-        model = PolicyDoc.model_validate(doc.data, context={"stored": stored})
+        pol = _POLICY.validate_python(data, context={"file": True, "stored": stored})
     except ValidationError as e:
-        problems = validation.problems(doc, e, PolicyDoc, messages=POLICY_MESSAGES,
+        problems = validation.problems(doc, e, Policy, messages=POLICY_MESSAGES,
                                        required=POLICY_REQUIRED) + problems
-        model = None
-    if problems or model is None:
+    if problems:
         raise ValidationFailed(sorted(problems, key=lambda p: p.line))
-    return Policy(name=model.name or default_name,
-                  stages=tuple(Stage(weight=s.weight, hold=s.hold, approval=s.approval,
-                                     gates=tuple(_gate(g) for g in s.gates))
-                               for s in model.stages),
-                  gates=tuple(_gate(g) for g in model.gates), interval=model.interval,
-                  failure_limit=model.failure_limit, no_data=NoData(model.no_data),
-                  progress_deadline=model.progress_deadline, source=doc.file)
+    return replace(pol, source=doc.file)

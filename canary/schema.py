@@ -12,9 +12,11 @@ SCHEMA_DRAFT = "https://json-schema.org/draft/2020-12/schema"
 
 
 def policy_schema() -> dict[str, Any]:
-    from canary.policy import PolicyDoc
+    from pydantic import TypeAdapter
 
-    return {"$schema": SCHEMA_DRAFT, **PolicyDoc.model_json_schema()}
+    from canary.policy import Policy
+
+    return {"$schema": SCHEMA_DRAFT, **TypeAdapter(Policy).json_schema()}
 
 
 def config_schema() -> dict[str, Any]:

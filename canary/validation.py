@@ -14,7 +14,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from pydantic import BaseModel, Discriminator, Tag, ValidationError
+from pydantic import Discriminator, Tag, ValidationError
 
 from canary import yamlsrc
 from canary.errors import Problem
@@ -61,7 +61,13 @@ def _members(annotation: Any) -> list[Any]:
     return [(None, annotation)]
 
 
-def model_at(root: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel] | None:
+def _fields(tp: Any) -> dict[str, Any] | None:
+    """A model's or a pydantic dataclass's fields, or None for anything else."""
+    fields = getattr(tp, "__pydantic_fields__", None) if isinstance(tp, type) else None
+    return fields if isinstance(fields, dict) else None
+
+
+def model_at(root: type[Any], loc: Sequence[str | int]) -> type[Any] | None:
     """The model class whose fields live at `loc` (a ValidationError location)."""
     current: Any = root
     for part in loc:
@@ -69,10 +75,9 @@ def model_at(root: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel]
         if isinstance(part, str) and TAG_MARK in part:
             current = next((tp for t, tp in candidates if t == part), None)
             continue
-        model = next((tp for _, tp in candidates
-                      if isinstance(tp, type) and issubclass(tp, BaseModel)), None)
+        model = next((tp for _, tp in candidates if _fields(tp) is not None), None)
         if model is not None and isinstance(part, str):
-            info = model.model_fields.get(part)
+            info = (_fields(model) or {}).get(part)
             if info is None:
                 return None
             current = info.annotation
@@ -83,10 +88,7 @@ def model_at(root: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel]
             return None
         args = [a for a in typing.get_args(container) if a is not Ellipsis]
         current = args[-1] if args else None
-    for _, tp in _members(current):
-        if isinstance(tp, type) and issubclass(tp, BaseModel):
-            return tp
-    return None
+    return next((tp for _, tp in _members(current) if _fields(tp) is not None), None)
 
 
 _GENERIC = {
@@ -107,7 +109,7 @@ _GENERIC = {
 }
 
 
-def _message(e: Mapping[str, Any], root: type[BaseModel], path: tuple[str | int, ...],
+def _message(e: Mapping[str, Any], root: type[Any], path: tuple[str | int, ...],
              loc: tuple[str | int, ...], messages: Mapping[str, str],
              required: Mapping[str, str]) -> str:
     kind = e["type"]
@@ -115,11 +117,11 @@ def _message(e: Mapping[str, Any], root: type[BaseModel], path: tuple[str | int,
     last = next((p for p in reversed(path) if isinstance(p, str)), "")
     if kind == "value_error":
         return str(ctx.get("error", e["msg"]))
-    if kind == "extra_forbidden":
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
         model = model_at(root, loc[:-1])
-        allowed = sorted(model.model_fields) if model else []
+        allowed = sorted(_fields(model) or {}) if model else []
         return "unknown field" + (f"; expected one of {', '.join(allowed)}" if allowed else "")
-    if kind == "missing":
+    if kind in ("missing", "missing_argument"):
         return required.get(last) or "required"
     if kind.startswith("union_tag") or e["msg"].startswith("must "):
         return str(e["msg"])  # a discriminator's own message
@@ -152,7 +154,7 @@ def _message(e: Mapping[str, Any], root: type[BaseModel], path: tuple[str | int,
     return _GENERIC.get(kind, str(e["msg"]))
 
 
-def problems(doc: yamlsrc.Doc, error: ValidationError, root: type[BaseModel], *,
+def problems(doc: yamlsrc.Doc, error: ValidationError, root: type[Any], *,
              at: tuple[str | int, ...] = (), messages: Mapping[str, str] | None = None,
              required: Mapping[str, str] | None = None) -> list[Problem]:
     """Each error of `error` as a Problem on `doc`'s lines; `at` is where the validated

@@ -21,7 +21,7 @@ from canary.demo.procs import free_port
 from canary.engine.controller import Controller
 from canary.errors import MetricsError
 from canary.gates.prometheus import MetricSource
-from canary.policy import Gate, NoData, Policy, Stage
+from canary.policy import NoData, Policy, Stage, ThresholdGate
 from canary.routers import Router
 from canary.routers.nginx import NginxRouter
 from canary.store import Store
@@ -107,7 +107,7 @@ def simple_policy(name: str = "p", *, hold: float = 1.0, interval: float = 0.2,
     return Policy(name=name, interval=interval, failure_limit=2, no_data=NoData.HOLD,
                   progress_deadline=kw.pop("progress_deadline", 60.0 + hold + interval),
                   stages=(Stage(10, hold), Stage(50, hold, approval=approval), Stage(100, hold)),
-                  gates=(Gate("errors", 'errors{svc="{{ service }}"}', max=0.05),), **kw)
+                  gates=(ThresholdGate("errors", 'errors{svc="{{ service }}"}', max=0.05),), **kw)
 
 
 def tokens() -> tuple[Token, ...]:

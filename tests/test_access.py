@@ -37,7 +37,7 @@ from canary.engine.controller import Controller
 from canary.errors import MetricsError, ValidationFailed
 from canary.gates.prometheus import PrometheusSource, measure
 from canary.model import Reading, Verdict
-from canary.policy import Gate
+from canary.policy import ThresholdGate
 from canary.routers.nginx import NginxRouter
 from canary.store.sqlite import SqliteStore
 from tests.helpers import TOKENS, Api, SetSource, eventually, simple_policy, tokens
@@ -207,7 +207,7 @@ auth:
 # ---- Prometheus credentials -------------------------------------------------------------
 
 
-GATE = Gate("error-rate", "vector(0.01)", max=0.05)
+GATE = ThresholdGate("error-rate", "vector(0.01)", max=0.05)
 
 
 async def read_gate(source: PrometheusSource) -> Reading:

@@ -30,7 +30,7 @@ from canary.engine.controller import Controller
 from canary.errors import Conflict, ValidationFailed
 from canary.gates.evaluate import judge, judge_compare
 from canary.model import Command, CommandKind, Event, Verdict
-from canary.policy import Gate, NoData
+from canary.policy import CompareGate, NoData, ThresholdGate
 from canary.routers.nginx import parse_weight
 from canary.store.sqlite import SqliteStore
 from canary.text import is_control
@@ -100,12 +100,12 @@ def test_a_bound_that_is_nan_or_infinite_is_refused_with_file_line(tmp_path, fie
 
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
 def test_an_infinite_or_nan_reading_is_no_data_never_a_pass(value):
-    for gate in (Gate("g", "q", max=0.05), Gate("g", "q", min=0.99),
-                 Gate("g", "q", min=0.0, max=1.0)):
+    for gate in (ThresholdGate("g", "q", max=0.05), ThresholdGate("g", "q", min=0.99),
+                 ThresholdGate("g", "q", min=0.0, max=1.0)):
         r = judge(gate, value)
         assert r.verdict is Verdict.NO_DATA and r.value is None
         assert ("Inf" if math.isinf(value) else "NaN") in (r.detail or "")
-    cmp = Gate("g", "q", kind="compare", max_increase=0.1, max_ratio=2.0)
+    cmp = CompareGate("g", "q{{ version }}", max_increase=0.1, max_ratio=2.0)
     for canary, stable in ((value, 1.0), (1.0, value)):
         r = judge_compare(cmp, canary, stable)
         assert r.verdict is Verdict.NO_DATA, (canary, stable, r)

@@ -18,17 +18,17 @@ from canary.model import (
     Rollout,
     Verdict,
 )
-from canary.policy import Gate, NoData, Policy, Stage
+from canary.policy import NoData, Policy, Stage, ThresholdGate
 
-ERR = Gate(name="error-rate", query="q_err", max=0.01)
-LAT = Gate(name="p99", query="q_lat", max=0.5)
+ERR = ThresholdGate(name="error-rate", query="q_err", max=0.01)
+LAT = ThresholdGate(name="p99", query="q_lat", max=0.5)
 
 
 def policy(**kw: object) -> Policy:
     base: dict[str, object] = dict(
         name="p", interval=10.0, failure_limit=2, no_data=NoData.HOLD, progress_deadline=600.0,
         stages=(Stage(5, 60.0), Stage(25, 60.0), Stage(50, 60.0, approval=True,
-                                                    gates=(Gate("p99", "q_lat", max=0.3),)),
+                                                    gates=(ThresholdGate("p99", "q_lat", max=0.3),)),
                 Stage(100, 60.0)),
         gates=(ERR, LAT))
     base.update(kw)

@@ -14,7 +14,7 @@ from canary.engine import decide
 from canary.gates import sequential
 from canary.gates.evaluate import judge_compare
 from canary.model import Phase, Reading, Readings, Verdict
-from canary.policy import Gate, NoData, Policy, Stage, parse
+from canary.policy import CompareGate, ErrorsGate, NoData, Policy, Stage, parse
 
 GATE = sequential.ErrorGate(tolerance=1.0, alpha=0.01)
 
@@ -189,13 +189,13 @@ def test_the_evidence_survives_a_restart():
 
 
 def test_compare_gate_judges_canary_against_stable():
-    g = Gate(name="lat", kind="compare", query="q{{ version }}", max_increase=0.05,
+    g = CompareGate(name="lat", query="q{{ version }}", max_increase=0.05,
              max_ratio=1.5)
     assert judge_compare(g, 0.30, 0.28).verdict is Verdict.PASS
     assert judge_compare(g, 0.40, 0.28).verdict is Verdict.FAIL
     assert judge_compare(g, 0.02, 0.0).verdict is Verdict.PASS  # within max_increase
     assert judge_compare(g, None, 0.3).verdict is Verdict.NO_DATA
-    only_ratio = Gate(name="e", kind="compare", query="q{{ version }}", max_ratio=2)
+    only_ratio = CompareGate(name="e", query="q{{ version }}", max_ratio=2)
     assert judge_compare(only_ratio, 0.01, 0.0).verdict is Verdict.FAIL
 
 
@@ -252,7 +252,7 @@ def test_bad_sequential_and_compare_gates_are_reported(text, words):
 def test_a_sequential_failure_rolls_back_at_once_and_inconclusive_holds():
     pol = Policy(name="p", interval=15, failure_limit=3, no_data=NoData.PASS,
                  progress_deadline=3600, stages=(Stage(10, 30), Stage(100, 30)),
-                 gates=(Gate(name="errors", kind="errors", requests="r{{ version }}",
+                 gates=(ErrorsGate(name="errors", requests="r{{ version }}",
                              errors="e{{ version }}"),))
     now = 1000.0
     r = decide.start(rollout_id="r", target="t", policy=pol, canary_version="v2",

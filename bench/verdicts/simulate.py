@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from canary.engine.dryrun import DryRun
-from canary.policy import Gate, NoData, Policy, Stage
+from canary.policy import ErrorsGate, NoData, Policy, Stage
 
 SCRAPE = 15.0
 WEIGHTS = (5, 25, 50, 100)
@@ -45,7 +45,7 @@ ONE_PERCENT = (1, 25, 50, 100)  # a more careful first step
 BASE = 0.005
 FLAGGER = [(i, t) for i in (15, 30, 60) for t in (1, 2, 5, 10)]
 MAX_ERROR = 0.01
-GATE = Gate(name="errors", kind="errors", requests="r{{ version }}", errors="e{{ version }}",
+GATE = ErrorsGate(name="errors", requests="r{{ version }}", errors="e{{ version }}",
             tolerance=1.0, alpha=0.01, gross=5.0, final_gross=2.0)
 
 
@@ -152,7 +152,7 @@ class Ours(DryRun):
     """canary's own state machine (canary.engine.decide, the controller's code) with the
     given `errors` gates, judging every scrape; the router applies each weight at once."""
 
-    def __init__(self, gates: tuple[Gate, ...], holds: tuple[float, ...], deadline: float,
+    def __init__(self, gates: tuple[ErrorsGate, ...], holds: tuple[float, ...], deadline: float,
                  weights: tuple[int, ...]) -> None:
         super().__init__(Policy(name="sim", stages=tuple(Stage(w, h) for w, h in
                                                          zip(weights, holds, strict=True)),
@@ -195,7 +195,7 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.i
 SLOW_AT = (0.1, 0.25)  # two boundaries: near stable's p80 and at its p99 (the SLO)
 MAX_P99 = 0.5   # Flagger's request-duration default bound, 500 ms
 LAT_GATES = tuple(  # one per boundary; alpha 0.005 each, 0.01 together
-    Gate(name=f"slower-than-{b:g}s", kind="errors", requests="r{{ version }}",
+    ErrorsGate(name=f"slower-than-{b:g}s", requests="r{{ version }}",
          errors="e{{ version }}", tolerance=1.0, alpha=0.005, gross=3.0, final_gross=fg,
          detect_rate=0.05, warmup=120.0)
     for b, fg in zip(SLOW_AT, (1.5, 2.0), strict=True))

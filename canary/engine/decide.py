@@ -25,7 +25,7 @@ from canary.model import (
     Rollout,
     Verdict,
 )
-from canary.policy import Gate, NoData, Policy, format_duration
+from canary.policy import ErrorsGate, NoData, Policy, ThresholdGate, format_duration
 
 # A rollout's events are bounded in number and in text, so its stored record (rewritten at
 # every evaluation) stays small however often on-call pauses and resumes with long
@@ -107,11 +107,13 @@ def fresh_gates(policy: Policy, stage: int,
     kept = {g.name: g.state for g in previous if g.state is not None}
     out = []
     for g in policy.gates_for(stage):
-        if g.kind == "errors":
+        if isinstance(g, ErrorsGate):
             out.append(GateStatus(name=g.name, min=None, max=math.log10(1 / g.alpha),
                                   state=kept.get(g.name, {})))
-        else:
+        elif isinstance(g, ThresholdGate):
             out.append(GateStatus(name=g.name, min=g.min, max=g.max))
+        else:
+            out.append(GateStatus(name=g.name, min=None, max=None))
     return tuple(out)
 
 
@@ -370,7 +372,7 @@ def readings(r: Rollout, policy: Policy, rd: Readings, now: float) -> Rollout:
             gates.append(g)
             continue
         spec = specs.get(g.name)
-        if spec is not None and spec.kind == "errors" and x.raw is not None:
+        if isinstance(spec, ErrorsGate) and x.raw is not None:
             ng = _sequential(g, spec, x, rd.at, before_full=r.stage == len(policy.stages) - 2)
             gates.append(ng)
             if ng.status is Verdict.FAIL and fired is None:
@@ -394,7 +396,7 @@ def readings(r: Rollout, policy: Policy, rd: Readings, now: float) -> Rollout:
     return r
 
 
-def _sequential(g: GateStatus, spec: Gate, x: Reading, at: float, *,
+def _sequential(g: GateStatus, spec: ErrorsGate, x: Reading, at: float, *,
                 before_full: bool) -> GateStatus:
     gate = sequential.ErrorGate(tolerance=spec.tolerance, alpha=spec.alpha, gross=spec.gross,
                                 final_gross=spec.final_gross, detect_rate=spec.detect_rate,

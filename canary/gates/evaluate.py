@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 from canary.model import Reading, Verdict
-from canary.policy import Gate
+from canary.policy import CompareGate, ThresholdGate
 
 
-def judge(gate: Gate, value: float | None, *, error: str | None = None) -> Reading:
+def judge(gate: ThresholdGate, value: float | None, *, error: str | None = None) -> Reading:
     if error is not None:
         return Reading(gate=gate.name, verdict=Verdict.ERROR, detail=error)
     if value is None:
@@ -30,7 +30,7 @@ def _infinite(value: float) -> str:
             "read as no data, so the policy's no_data decides")
 
 
-def judge_compare(gate: Gate, canary: float | None, stable: float | None, *,
+def judge_compare(gate: CompareGate, canary: float | None, stable: float | None, *,
                   error: str | None = None) -> Reading:
     """Canary against stable: fails when canary - stable > max_increase, or canary /
     stable > max_ratio (with stable at 0, any canary value above 0 breaks a ratio)."""

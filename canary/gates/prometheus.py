@@ -32,7 +32,7 @@ from canary.config import PrometheusAccess
 from canary.errors import InvalidInput, MetricsError
 from canary.gates.evaluate import judge, judge_compare
 from canary.model import Reading, Verdict
-from canary.policy import Gate, format_duration, render
+from canary.policy import CompareGate, ErrorsGate, Gate, format_duration, render
 
 
 class MetricSource(Protocol):
@@ -257,13 +257,12 @@ async def measure(source: MetricSource, gates: Iterable[Gate], values: Mapping[s
 
     async def one(g: Gate) -> Reading:
         try:
-            if g.kind == "compare":
+            if isinstance(g, CompareGate):
                 c, b = await asyncio.gather(
                     ask(render(g.query, canary)),
                     ask(render(g.baseline, stable) if g.baseline else render(g.query, stable)))
                 return judge_compare(g, c, b)
-            if g.kind == "errors":
-                assert g.requests and g.errors
+            if isinstance(g, ErrorsGate):
                 got = await asyncio.gather(*(ask(render(q, side)) for side in (canary, stable)
                                              for q in (g.requests, g.errors)))
                 raw = dict(zip(("canary_requests", "canary_errors", "stable_requests",
@@ -271,6 +270,6 @@ async def measure(source: MetricSource, gates: Iterable[Gate], values: Mapping[s
                 return Reading(gate=g.name, verdict=Verdict.PENDING, raw=raw)
             return judge(g, await ask(render(g.query, canary)))
         except MetricsError as e:
-            return judge(g, None, error=str(e))
+            return Reading(gate=g.name, verdict=Verdict.ERROR, detail=str(e))
 
     return tuple(await asyncio.gather(*(one(g) for g in gates)))
