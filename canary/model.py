@@ -8,7 +8,9 @@ from __future__ import annotations
 import enum
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, overload
+
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 
 class Phase(enum.StrEnum):
@@ -93,6 +95,59 @@ class GateStatus:
     state: dict[str, Any] | None = None  # a sequential gate's evidence so far
 
 
+class GateView(BaseModel):
+    """One gate of a rollout, as the API shows it."""
+
+    name: str
+    value: float | None = Field(description="the latest reading (for an errors gate: the "
+                                            "log10 evidence that the canary is worse)")
+    status: Verdict
+    failures: int
+    min: float | None = None
+    max: float | None = None
+    at: str | None = None
+    detail: str | None = None
+    kind: Literal["errors"] | None = None
+
+    @model_serializer(mode="wrap")
+    def _present(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # optional fields are left out when empty; value, status and failures never are
+        out: dict[str, Any] = handler(self)
+        return {k: v for k, v in out.items() if v is not None or k == "value"}
+
+
+class EventView(BaseModel):
+    at: str
+    type: str
+    message: str
+    actor: str
+
+
+class RolloutView(BaseModel):
+    """A rollout as the API shows it (interface.md section 3)."""
+
+    id: str
+    target: str
+    policy: str
+    canary_version: str
+    stable_version: str | None
+    state: Phase
+    stage: int
+    weight: int = Field(ge=0, le=100)
+    applied_weight: int | None
+    reason: str | None
+    paused_for: PauseKind | None
+    started_at: str
+    updated_at: str
+    stage_since: str | None
+    gates: list[GateView]
+    events: list[EventView]
+
+
+@overload
+def iso(ts: float) -> str: ...
+@overload
+def iso(ts: float | None) -> str | None: ...
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
@@ -123,35 +178,21 @@ class Rollout:
     version: int = 0                   # the store's optimistic-concurrency counter
 
     def to_api(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "target": self.target,
-            "policy": self.policy,
-            "canary_version": self.canary_version,
-            "stable_version": self.stable_version,
-            "state": self.state.value,
-            "stage": self.stage,
-            "weight": self.weight,
-            "applied_weight": self.applied_weight,
-            "reason": self.reason,
-            "paused_for": self.pause_kind.value if self.pause_kind else None,
-            "started_at": iso(self.started_at),
-            "updated_at": iso(self.updated_at),
-            "stage_since": iso(self.stage_since),
-            "gates": [
-                {k: v for k, v in {
-                    "name": g.name, "value": g.value, "min": g.min, "max": g.max,
-                    "status": g.status.value, "failures": g.failures, "at": iso(g.at),
-                    "detail": g.detail, "kind": "errors" if g.state is not None else None
-                }.items()
-                 if v is not None or k in ("value", "status", "failures")}
-                for g in self.gates
-            ],
-            "events": [
-                {"at": iso(e.at), "type": e.type, "message": e.message, "actor": e.actor}
-                for e in self.events
-            ],
-        }
+        view = RolloutView(
+            id=self.id, target=self.target, policy=self.policy,
+            canary_version=self.canary_version, stable_version=self.stable_version,
+            state=self.state, stage=self.stage, weight=self.weight,
+            applied_weight=self.applied_weight, reason=self.reason,
+            paused_for=self.pause_kind, started_at=iso(self.started_at),
+            updated_at=iso(self.updated_at), stage_since=iso(self.stage_since),
+            gates=[GateView(name=g.name, value=g.value, min=g.min, max=g.max, status=g.status,
+                            failures=g.failures, at=iso(g.at), detail=g.detail,
+                            kind="errors" if g.state is not None else None)
+                   for g in self.gates],
+            events=[EventView(at=iso(e.at), type=e.type, message=e.message, actor=e.actor)
+                    for e in self.events])
+        out: dict[str, Any] = view.model_dump(mode="json")
+        return out
 
     def to_store(self) -> dict[str, Any]:
         d = asdict(self)

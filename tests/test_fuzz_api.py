@@ -1,5 +1,7 @@
 """Guarantee 5: the API fuzzed from its own OpenAPI description (schemathesis): no 5xx, no
-traceback in a response, and no request changes state without the right role."""
+traceback in a response, every response valid against the description (which is generated
+from the same models that validate requests), and no request changes state without the
+right role."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import requests
 import schemathesis
 import yaml
 from hypothesis import HealthCheck, settings
+from schemathesis.checks import response_schema_conformance, status_code_conformance
 
 from canary.api.openapi import SPEC
 from canary.demo.procs import free_port
@@ -117,6 +120,10 @@ def test_fuzzed_requests_with_any_role_never_get_a_5xx_or_a_traceback(case, serv
     role = ["viewer", "pipeline", "oncall"][sum(map(ord, case.method + case.path)) % 3]
     response = case.call(base_url=base, headers={"Authorization": f"Bearer {TOKENS[role]}"})
     check_response(response)
+    # every answer matches the description generated from the body models: its status is
+    # one the operation lists, and its body validates against that status's schema
+    case.validate_response(response, checks=(status_code_conformance,
+                                             response_schema_conformance))
 
 
 @schema.include(method="POST").parametrize()

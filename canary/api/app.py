@@ -11,12 +11,13 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from canary import jsonsafe
+from canary.api import bodies
 from canary.api.auth import Forbidden, Unauthorized, authenticate
 from canary.api.openapi import SPEC
 from canary.config import NginxTarget, Role, Token
@@ -25,7 +26,6 @@ from canary.errors import Conflict, InvalidInput, NotFound, TransientError, User
 from canary.leader import LeaderElector
 from canary.model import Command, CommandKind
 from canary.store import no_such_rollout
-from canary.text import is_control
 
 log = logging.getLogger("canary.api")
 CONTROLLER = web.AppKey("controller", Controller)
@@ -41,6 +41,7 @@ BODY_TIMEOUT = web.AppKey("body_timeout", float)
 class SlowClient(Exception):
     pass
 
+B = TypeVar("B", bound=bodies._Body)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -101,8 +102,8 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return error(500, "internal error; the controller log has the details")
 
 
-async def body(request: web.Request, allowed: dict[str, type | tuple[type, ...]],
-               required: tuple[str, ...]) -> dict[str, Any]:
+async def body(request: web.Request, model: type[B]) -> B:
+    """The request's JSON body as `model` (api/bodies.py), or a 400 naming the field."""
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=request.content_length)
     try:
@@ -130,27 +131,8 @@ async def body(request: web.Request, allowed: dict[str, type | tuple[type, ...]]
             raise InvalidInput(f"body is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise InvalidInput("body must be a JSON object")
-    for key, value in data.items():
-        if key not in allowed:
-            raise InvalidInput(f"{key}: unknown field; expected {', '.join(allowed)}")
-        kinds = allowed[key]
-        if value is not None and (not isinstance(value, kinds)
-                                  or (isinstance(value, bool) and bool not in
-                                      (kinds if isinstance(kinds, tuple) else (kinds,)))):
-            want = kinds.__name__ if isinstance(kinds, type) else "/".join(k.__name__ for k in kinds)
-            raise InvalidInput(f"{key}: must be {'a string' if want == 'str' else want}")
-        if isinstance(value, str) and len(value) > 1000:
-            raise InvalidInput(f"{key}: at most 1000 characters")
-        if isinstance(value, str):
-            bad = next((c for c in value if is_control(c)), None)
-            if bad is not None:
-                raise InvalidInput(f"{key}: contains the control character U+{ord(bad):04X}; "
-                                   "send plain text on one line (no line breaks, tabs, "
-                                   "escape sequences or bidi controls)")
-    for key in required:
-        if not isinstance(data.get(key), str) or not data[key].strip():
-            raise InvalidInput(f"{key}: required, a non-empty string")
-    return data
+    parsed: B = bodies.parse(model, data)
+    return parsed
 
 
 class DuplicateKey(ValueError):
@@ -283,11 +265,10 @@ async def get_rollout(request: web.Request) -> web.Response:
 
 async def create_rollout(request: web.Request) -> web.Response:
     token = _auth(request, Role.PIPELINE)
-    data = await body(request, {"target": str, "canary_version": str, "stable_version": str,
-                                "policy": str}, required=("target", "canary_version"))
+    data = await body(request, bodies.StartRollout)
     r = await request.app[CONTROLLER].create(
-        target=data["target"], canary_version=data["canary_version"],
-        stable_version=data.get("stable_version"), policy=data.get("policy"), actor=token.name,
+        target=data.target, canary_version=data.canary_version,
+        stable_version=data.stable_version, policy=data.policy, actor=token.name,
         scope=token.may_see)
     request[ROLLOUT] = r.id
     return json_response(r.to_api(), status=201)
@@ -301,13 +282,11 @@ def override(kind: CommandKind) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         request[ROLLOUT] = request.match_info["id"][:100]
         token = _auth(request, _ROLES[kind])
-        fields: dict[str, type | tuple[type, ...]] = {"reason": str}
-        if kind is CommandKind.PROMOTE:
-            fields["full"] = bool
-        data = await body(request, fields, required=("reason",))
-        request[REASON] = data["reason"]
-        cmd = Command(kind=kind, actor=token.name, reason=data["reason"].strip(),
-                      full=bool(data.get("full")))
+        data = await body(request, bodies.Promote if kind is CommandKind.PROMOTE
+                          else bodies.Override)
+        request[REASON] = data.reason
+        cmd = Command(kind=kind, actor=token.name, reason=data.reason.strip(),
+                      full=isinstance(data, bodies.Promote) and data.full)
         r = await request.app[CONTROLLER].command(request.match_info["id"], cmd,
                                                   scope=token.may_see)
         return json_response(r.to_api())

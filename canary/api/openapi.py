@@ -1,101 +1,93 @@
-"""The API's OpenAPI 3.0 description, served at /api/v1/openapi.json and used to fuzz it."""
+"""The API's OpenAPI 3.1 description, generated from the body models (api/bodies.py, and
+the rollout's view in model.py), served at /api/v1/openapi.json and used to fuzz the API
+with every response checked against it."""
 
 from __future__ import annotations
 
 from typing import Any
 
-_ERR = {"$ref": "#/components/schemas/Error"}
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from canary.api import bodies
+from canary.model import RolloutView
+
+_REF = "#/components/schemas/{model}"
+_MODELS: list[type[BaseModel]] = [
+    bodies.StartRollout, bodies.Override, bodies.Promote, bodies.Error, RolloutView,
+    bodies.RolloutList, bodies.TargetList, bodies.PolicyList, bodies.Health, bodies.Ready]
+
+
+def _schemas() -> dict[str, Any]:
+    _, top = models_json_schema([(m, "validation") for m in _MODELS], ref_template=_REF)
+    schemas: dict[str, Any] = top["$defs"]
+    return schemas
+
+
+def _ref(model: type[BaseModel] | str) -> dict[str, str]:
+    name = model if isinstance(model, str) else model.__name__
+    return {"$ref": _REF.format(model=name)}
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
     return {"content": {"application/json": {"schema": schema}}}
 
 
-def _responses(ok: int, ok_schema: dict[str, Any], *errors: int) -> dict[str, Any]:
-    out: dict[str, Any] = {str(ok): {"description": "ok", **_json(ok_schema)}}
+def _responses(ok: int, model: type[BaseModel], *errors: int) -> dict[str, Any]:
+    out: dict[str, Any] = {str(ok): {"description": "ok", **_json(_ref(model))}}
     for code in errors:
-        out[str(code)] = {"description": "error", **_json(_ERR)}
+        out[str(code)] = {"description": "error", **_json(_ref(bodies.Error))}
     return out
 
 
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
-_ROLLOUT = {"$ref": "#/components/schemas/Rollout"}
 _AUTH: list[dict[str, list[str]]] = [{"bearer": []}]
+_WRITE_ERRORS = (400, 401, 403, 404, 409, 413, 503)
 
 
-def _override(kind: str, role: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    props: dict[str, Any] = {"reason": {"type": "string", "minLength": 1, "maxLength": 1000}}
-    props.update(extra or {})
+def _override(kind: str, role: str, body: type[BaseModel]) -> dict[str, Any]:
     return {"post": {
         "summary": f"{kind} a rollout (role {role})", "security": _AUTH, "parameters": [_ID],
-        "requestBody": {"required": True, **_json({
-            "type": "object", "required": ["reason"], "properties": props,
-            "additionalProperties": False})},
-        "responses": _responses(200, _ROLLOUT, 400, 401, 403, 404, 409, 413),
+        "requestBody": {"required": True, **_json(_ref(body))},
+        "responses": _responses(200, RolloutView, *_WRITE_ERRORS),
     }}
 
 
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema,
+            "description": description}
+
+
 SPEC: dict[str, Any] = {
-    "openapi": "3.0.3",
+    "openapi": "3.1.0",
     "info": {"title": "canary", "version": "1", "description":
              "Staged canary releases with automatic rollback. Roles: viewer < pipeline < oncall."},
     "paths": {
-        "/healthz": {"get": {"summary": "liveness", "responses": _responses(200, {"type": "object"})}},
+        "/healthz": {"get": {"summary": "liveness", "responses": _responses(200, bodies.Health)}},
         "/readyz": {"get": {"summary": "readiness",
-                            "responses": _responses(200, {"type": "object"}, 503)}},
+                            "responses": _responses(200, bodies.Ready, 503)}},
         "/api/v1/targets": {"get": {"summary": "configured targets", "security": _AUTH,
-                                    "responses": _responses(200, {"type": "object"}, 401, 403)}},
+                                    "responses": _responses(200, bodies.TargetList, 401, 403)}},
         "/api/v1/policies": {"get": {"summary": "loaded policies", "security": _AUTH,
-                                     "responses": _responses(200, {"type": "object"}, 401, 403)}},
+                                     "responses": _responses(200, bodies.PolicyList, 401, 403)}},
         "/api/v1/rollouts": {
             "get": {"summary": "rollouts, newest first", "security": _AUTH,
-                    "parameters": [{"name": "target", "in": "query", "required": False,
-                                    "schema": {"type": "string"}}],
-                    "responses": _responses(200, {"type": "object", "properties": {
-                        "rollouts": {"type": "array", "items": _ROLLOUT}}}, 401, 403)},
+                    "parameters": [_query("target", {"type": "string"}, "only this target's")],
+                    "responses": _responses(200, bodies.RolloutList, 400, 401, 403, 503)},
             "post": {"summary": "start a rollout (role pipeline)", "security": _AUTH,
-                     "requestBody": {"required": True, **_json({
-                         "type": "object", "required": ["target", "canary_version"],
-                         "additionalProperties": False,
-                         "properties": {
-                             "target": {"type": "string"},
-                             "canary_version": {"type": "string",
-                                                "pattern": "^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$"},
-                             "stable_version": {"type": "string",
-                                                "pattern": "^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$"},
-                             "policy": {"type": "string"}}})},
-                     "responses": _responses(201, _ROLLOUT, 400, 401, 403, 404, 409, 413)},
+                     "requestBody": {"required": True, **_json(_ref(bodies.StartRollout))},
+                     "responses": _responses(201, RolloutView, *_WRITE_ERRORS)},
         },
         "/api/v1/rollouts/{id}": {"get": {
             "summary": "one rollout", "security": _AUTH, "parameters": [_ID],
-            "responses": _responses(200, _ROLLOUT, 401, 403, 404)}},
-        "/api/v1/rollouts/{id}/pause": _override("pause", "oncall"),
-        "/api/v1/rollouts/{id}/resume": _override("resume", "oncall"),
-        "/api/v1/rollouts/{id}/promote": _override("promote", "oncall",
-                                                   {"full": {"type": "boolean"}}),
-        "/api/v1/rollouts/{id}/abort": _override("abort", "pipeline"),
+            "responses": _responses(200, RolloutView, 401, 403, 404, 503)}},
+        "/api/v1/rollouts/{id}/pause": _override("pause", "oncall", bodies.Override),
+        "/api/v1/rollouts/{id}/resume": _override("resume", "oncall", bodies.Override),
+        "/api/v1/rollouts/{id}/promote": _override("promote", "oncall", bodies.Promote),
+        "/api/v1/rollouts/{id}/abort": _override("abort", "pipeline", bodies.Override),
     },
     "components": {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        "schemas": {
-            "Error": {"type": "object", "required": ["error"],
-                      "properties": {"error": {"type": "string"}}},
-            "Rollout": {"type": "object", "required": [
-                "id", "target", "policy", "canary_version", "stable_version", "state", "stage",
-                "weight", "reason", "started_at", "updated_at", "gates", "events"],
-                "properties": {
-                    "id": {"type": "string"}, "target": {"type": "string"},
-                    "policy": {"type": "string"}, "canary_version": {"type": "string"},
-                    "stable_version": {"type": "string", "nullable": True},
-                    "state": {"type": "string", "enum": [
-                        "progressing", "paused", "rolling_back", "succeeded", "rolled_back"]},
-                    "stage": {"type": "integer"}, "weight": {"type": "integer"},
-                    "applied_weight": {"type": "integer", "nullable": True},
-                    "reason": {"type": "string", "nullable": True},
-                    "paused_for": {"type": "string", "nullable": True},
-                    "started_at": {"type": "string"}, "updated_at": {"type": "string"},
-                    "gates": {"type": "array", "items": {"type": "object"}},
-                    "events": {"type": "array", "items": {"type": "object"}}}},
-        },
+        "schemas": _schemas(),
     },
 }

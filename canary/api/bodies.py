@@ -1,0 +1,149 @@
+"""The API's request and response bodies, each written once as a model: the handlers
+validate with them, and the OpenAPI description (api/openapi.py) is generated from them.
+
+Responses are typed here too (`RolloutView` and friends in canary/model.py build the
+rollout's JSON), so a response that drifts from its schema fails the fuzzing test,
+which validates every response against the description.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from canary.errors import InvalidInput
+from canary.model import EventView, GateView, RolloutView
+from canary.policy import Policy
+from canary.text import is_control
+
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$"
+MAX_TEXT = 1000
+
+
+def _plain(value: str) -> str:
+    bad = next((c for c in value if is_control(c)), None)
+    if bad is not None:
+        raise ValueError(f"contains the control character U+{ord(bad):04X}; send plain text on "
+                         "one line (no line breaks, tabs, escape sequences or bidi controls)")
+    return value
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("required, a non-empty string")
+    return value
+
+
+Plain = Annotated[str, Field(max_length=MAX_TEXT), AfterValidator(_plain)]
+Required = Annotated[Plain, Field(min_length=1), AfterValidator(_not_blank)]
+Version = Annotated[str, Field(pattern=VERSION_PATTERN)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class StartRollout(_Body):
+    """POST /api/v1/rollouts"""
+
+    target: Required
+    canary_version: Version
+    stable_version: Version | None = None
+    policy: Plain | None = None
+
+
+class Override(_Body):
+    """POST /api/v1/rollouts/{id}/pause, resume and abort: who asks is the token; why is
+    the reason, kept as an event."""
+
+    reason: Required
+
+
+class Promote(Override):
+    """POST /api/v1/rollouts/{id}/promote; `full` goes straight to 100%."""
+
+    full: bool = False
+
+
+class Error(_Body):
+    error: str = Field(description="what is wrong and how to fix it")
+
+
+class RolloutList(BaseModel):
+    rollouts: list[RolloutView]
+
+
+class TargetView(BaseModel):
+    name: str
+    router: Literal["nginx", "istio"]
+    policy: str | None
+    vars: dict[str, str]
+    stable_version: str | None
+    live_weight: int | None
+    warning: str | None = None
+    file: str | None = None
+    upstream: str | None = None
+    stable: list[str] | None = None
+    canary: list[str] | None = None
+    namespace: str | None = None
+    virtual_service: str | None = None
+    route: str | None = None
+
+
+class TargetList(BaseModel):
+    targets: list[TargetView]
+
+
+class PolicyList(BaseModel):
+    policies: list[Policy] = Field(
+        description="each policy as its file says it (`canary schema policy`)")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+    policies: int
+    active_rollouts: int
+    leader: bool
+
+
+_VERSION_MESSAGE = "must be 1-128 letters, digits or ._:+- starting with a letter or digit"
+_MESSAGES = {
+    "string_type": "must be a string",
+    "bool_type": "must be true or false",
+    "missing": "required, a non-empty string",
+    "string_too_long": f"at most {MAX_TEXT} characters",
+    "string_too_short": "required, a non-empty string",
+}
+
+
+def parse(model: type[_Body], data: Any) -> Any:
+    """`data` (a decoded JSON object) as `model`, or InvalidInput naming each field that
+    is wrong and how to fix it."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        out = []
+        for err in e.errors(include_url=False):
+            field = ".".join(str(p) for p in err["loc"]) or "body"
+            kind = err["type"]
+            if kind == "extra_forbidden":
+                message = f"unknown field; expected {', '.join(model.model_fields)}"
+            elif kind == "value_error":
+                message = str((err.get("ctx") or {}).get("error", err["msg"]))
+            elif kind == "string_pattern_mismatch" and field.endswith("_version"):
+                message = f"{err.get('input')!r} {_VERSION_MESSAGE}"
+            elif kind == "model_type":
+                message = "must be a JSON object"
+            else:
+                message = _MESSAGES.get(kind, err["msg"])
+            out.append(f"{field}: {message}")
+        raise InvalidInput("; ".join(out)) from None
+
+
+__all__ = ["Error", "EventView", "GateView", "Override", "Promote", "RolloutList",
+           "RolloutView", "StartRollout", "TargetList", "parse"]
