@@ -11,20 +11,24 @@ import re
 import ssl
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass as std_dataclass
+from dataclasses import field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     TypeAdapter,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
+from pydantic.dataclasses import dataclass
 from pydantic.json_schema import SkipJsonSchema
 
 from canary import policy as policy_mod
@@ -38,67 +42,148 @@ class Role(enum.IntEnum):
     ONCALL = 3
 
 
-@dataclass(frozen=True)
+# ---- the config's shape: one definition each -------------------------------------------------
+#
+# Targets, tokens and leader election are frozen pydantic dataclasses: the same class
+# validates the file, gives the JSON Schema (`canary schema config`) and is what the
+# controller uses. Config itself is what the file resolves to (paths made absolute,
+# secrets located), so the file's shape is ConfigDoc below.
+
+_ADDRESS = r"^(?:unix:\S+|\[?[A-Za-z0-9.:-]+\]?:\d{1,5})$"
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+_DNS = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+_LISTEN = re.compile(r"\[?([^\]]*?)\]?:(\d{1,5})")
+# headers that carry credentials: their values belong in a file or the environment
+_SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie"}
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# a target name, or a glob over target names: *, ?, [abc], [!abc], [a-z]
+_TARGET_GLOB = r"^(?:[A-Za-z0-9_.*?-]|\[!?[A-Za-z0-9_.-]+\])+$"
+_CONFIG = ConfigDict(extra="forbid")
+
+Text = Annotated[str, Field(strict=True, min_length=1, max_length=4096)]
+Name = Annotated[str, Field(strict=True, pattern=_NAME)]
+Dns = Annotated[str, Field(strict=True, pattern=_DNS, max_length=253)]
+Version = Annotated[str, Field(strict=True, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")]
+
+
+def _role(value: object) -> object:
+    if isinstance(value, str) and value.upper() in Role.__members__:
+        return Role[value.upper()]
+    return value
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class Token:
-    name: str
-    sha256: str
-    role: Role
+    name: Annotated[Text, Field(max_length=100)]
+    sha256: Annotated[str, Field(strict=True, pattern=r"^[0-9a-fA-F]{64}$"),
+                      AfterValidator(str.lower)]
+    role: Annotated[Role, BeforeValidator(_role),
+                    WithJsonSchema({"enum": ["viewer", "pipeline", "oncall"]})]
     # globs of the targets this token may read or act on; None: every target
-    targets: tuple[str, ...] | None = None
+    targets: Annotated[tuple[Annotated[str, Field(strict=True, pattern=_TARGET_GLOB)], ...],
+                       Field(min_length=1, max_length=1000)] | None = None
 
     def may_see(self, target: str) -> bool:
         return self.targets is None or any(fnmatch.fnmatchcase(target, g) for g in self.targets)
 
 
-@dataclass(frozen=True)
+def _var_name(name: str) -> str:
+    if name in policy_mod.BUILTIN_VARS:
+        raise ValueError(f"{name!r} is filled by canary itself; pick another name")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ValueError("variable names are letters, digits and _")
+    return name
+
+
+def _plain_value(value: object) -> str:
+    if isinstance(value, str | int | float) and not isinstance(value, dict | list):
+        return str(value)
+    raise ValueError("must be a plain value")
+
+
+Vars = Mapping[Annotated[str, AfterValidator(_var_name)],
+               Annotated[str, BeforeValidator(_plain_value),
+                         WithJsonSchema({"type": ["string", "number", "boolean"]})]]
+Argv = Annotated[tuple[Annotated[str, Field(strict=True, min_length=1)], ...], Field(min_length=1)]
+Addresses = Annotated[tuple[Annotated[str, Field(strict=True, pattern=_ADDRESS)], ...],
+                      Field(min_length=1)]
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class NginxTarget:
-    name: str
-    file: Path
-    upstream: str
-    stable: tuple[str, ...]
-    canary: tuple[str, ...]
-    test: tuple[str, ...] = ("nginx", "-t")
-    reload: tuple[str, ...] = ("nginx", "-s", "reload")
-    policy: str | None = None
-    vars: Mapping[str, str] = field(default_factory=dict)
-    stable_version: str | None = None
-    router: str = "nginx"
+    file: Annotated[Path, WithJsonSchema({"type": "string", "minLength": 1})]
+    upstream: Annotated[str, Field(strict=True, pattern=r"^[A-Za-z0-9_.-]+$")]
+    stable: Addresses
+    canary: Addresses
+    test: Argv = ("nginx", "-t")
+    reload: Argv = ("nginx", "-s", "reload")
+    policy: Name | None = None
+    vars: Vars = field(default_factory=dict)
+    stable_version: Version | None = None
+    router: Literal["nginx"] = "nginx"
+    name: SkipJsonSchema[str] = ""  # the key it is configured under
+
+    @model_validator(mode="after")
+    def _sides_apart(self) -> NginxTarget:
+        if set(self.stable) & set(self.canary):
+            raise ValueError("canary: an address cannot be both stable and canary")
+        return self
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class IstioDestination:
-    host: str
-    subset: str | None = None
+    host: Text
+    subset: Text | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class IstioTarget:
-    name: str
-    namespace: str
-    virtual_service: str
+    namespace: Dns
+    virtual_service: Dns
     stable: IstioDestination
     canary: IstioDestination
-    route: str | None = None
-    policy: str | None = None
-    vars: Mapping[str, str] = field(default_factory=dict)
-    stable_version: str | None = None
-    router: str = "istio"
+    route: Text | None = None
+    policy: Name | None = None
+    vars: Vars = field(default_factory=dict)
+    stable_version: Version | None = None
+    router: Literal["istio"] = "istio"
+    name: SkipJsonSchema[str] = ""
 
 
 Target = NginxTarget | IstioTarget
+ROUTERS = ("nginx", "istio")
 
 
-@dataclass(frozen=True)
+def _router(value: Any) -> str | None:
+    kind = value.get("router") if isinstance(value, dict) else getattr(value, "router", None)
+    return f"router={kind}" if kind in ROUTERS else None
+
+
+TargetField = Annotated[
+    Annotated[NginxTarget, validation.tag("router", "nginx")]
+    | Annotated[IstioTarget, validation.tag("router", "istio")],
+    validation.union(_router, "target_router", "router", f"must be {' or '.join(ROUTERS)}",
+                     "must be a mapping with router: nginx or router: istio")]
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class LeaderElection:
     """Only with state: kubernetes:NS. Defaults as client-go's."""
 
-    name: str = "canary-leader"
-    lease_duration: float = 15.0
-    renew_deadline: float = 10.0
-    retry_period: float = 2.0
+    name: Dns = "canary-leader"
+    lease_duration: policy_mod.PositiveDuration = 15.0
+    renew_deadline: policy_mod.PositiveDuration = 10.0
+    retry_period: policy_mod.PositiveDuration = 2.0
+
+    @model_validator(mode="after")
+    def _order(self) -> LeaderElection:
+        if not self.retry_period < self.renew_deadline < self.lease_duration:
+            raise ValueError("need retry_period < renew_deadline < lease_duration, so a leader "
+                             "that cannot renew steps down before anyone else takes over")
+        return self
 
 
-@dataclass(frozen=True)
+@std_dataclass(frozen=True)
 class PrometheusAccess:
     """How canary reaches Prometheus beyond its URL. It names where secrets are (a file, an
     environment variable), never holds their values, and keeps header values out of reprs."""
@@ -111,16 +196,10 @@ class PrometheusAccess:
     concurrency: int = 8  # queries in flight at once, each on its own thread
 
 
-# headers that carry credentials: their values belong in a file or the environment
-_SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie"}
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# a target name, or a glob over target names: *, ?, [abc], [!abc], [a-z]
-_TARGET_GLOB = re.compile(r"^(?:[A-Za-z0-9_.*?-]|\[!?[A-Za-z0-9_.-]+\])+$")
-
-
-@dataclass(frozen=True)
+@std_dataclass(frozen=True)
 class Config:
+    """What a config file resolves to: paths absolute, secrets located."""
+
     listen_host: str
     listen_port: int
     state: str
@@ -139,12 +218,6 @@ class Config:
         return policy_mod.load_many(self.policy_paths)
 
 
-_ADDRESS = r"^(?:unix:\S+|\[?[A-Za-z0-9.:-]+\]?:\d{1,5})$"
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
-_DNS = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
-_LISTEN = re.compile(r"\[?([^\]]*?)\]?:(\d{1,5})")
-
-
 def looks_like_config(data: Any) -> bool:
     return isinstance(data, dict) and bool(set(data) & {"targets", "listen", "auth", "prometheus"})
 
@@ -158,16 +231,8 @@ def load_file(path: str | Path) -> Config:
     return parse(yamlsrc.load(raw, str(p)), base=p.parent)
 
 
-# ---- the config file's shape: written once, as models --------------------------------------
-
 class _Doc(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-Text = Annotated[str, Field(min_length=1, max_length=4096)]
-Name = Annotated[str, Field(pattern=_NAME)]
-Dns = Annotated[str, Field(pattern=_DNS, max_length=253)]
-Version = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")]
 
 
 def _header_name(name: str) -> str:
@@ -217,102 +282,14 @@ class PrometheusDoc(_Doc):
         return url
 
 
-
-class TokenDoc(_Doc):
-    name: Annotated[Text, Field(max_length=100)]
-    sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]
-    role: Literal["viewer", "pipeline", "oncall"]
-    targets: Annotated[list[Annotated[str, Field(pattern=_TARGET_GLOB.pattern)]],
-                       Field(min_length=1, max_length=1000)] | None = None
-
-
 class AuthDoc(_Doc):
-    tokens: Annotated[list[TokenDoc], Field(max_length=10_000)] = []
+    tokens: Annotated[list[Token], Field(max_length=10_000)] = []
     tokens_file: Text | None = None
 
 
 class TlsDoc(_Doc):
     cert: Text
     key: Text
-
-
-class LeaderElectionDoc(_Doc):
-    name: Dns = "canary-leader"
-    lease_duration: policy_mod.PositiveDuration = 15.0
-    renew_deadline: policy_mod.PositiveDuration = 10.0
-    retry_period: policy_mod.PositiveDuration = 2.0
-
-    @model_validator(mode="after")
-    def _order(self) -> LeaderElectionDoc:
-        if not self.retry_period < self.renew_deadline < self.lease_duration:
-            raise ValueError("need retry_period < renew_deadline < lease_duration, so a leader "
-                             "that cannot renew steps down before anyone else takes over")
-        return self
-
-
-def _var_name(name: str) -> str:
-    if name in policy_mod.BUILTIN_VARS:
-        raise ValueError(f"{name!r} is filled by canary itself; pick another name")
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-        raise ValueError("variable names are letters, digits and _")
-    return name
-
-
-Vars = dict[Annotated[str, AfterValidator(_var_name)],
-            Annotated[str | int | float | bool, Field(union_mode="left_to_right")]]
-Argv = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
-Addresses = Annotated[list[Annotated[str, Field(pattern=_ADDRESS)]], Field(min_length=1)]
-
-
-class NginxTargetDoc(_Doc):
-    router: Literal["nginx"]
-    file: Text
-    upstream: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
-    stable: Addresses
-    canary: Addresses
-    test: Argv = ["nginx", "-t"]
-    reload: Argv = ["nginx", "-s", "reload"]
-    policy: Name | None = None
-    vars: Vars = {}
-    stable_version: Version | None = None
-
-    @model_validator(mode="after")
-    def _sides_apart(self) -> NginxTargetDoc:
-        if set(self.stable) & set(self.canary):
-            raise ValueError("canary: an address cannot be both stable and canary")
-        return self
-
-
-class IstioDestinationDoc(_Doc):
-    host: Text
-    subset: Text | None = None
-
-
-class IstioTargetDoc(_Doc):
-    router: Literal["istio"]
-    namespace: Dns
-    virtual_service: Dns
-    route: Text | None = None
-    stable: IstioDestinationDoc
-    canary: IstioDestinationDoc
-    policy: Name | None = None
-    vars: Vars = {}
-    stable_version: Version | None = None
-
-
-ROUTERS = ("nginx", "istio")
-
-
-def _router(value: Any) -> str | None:
-    kind = value.get("router") if isinstance(value, dict) else getattr(value, "router", None)
-    return f"router={kind}" if kind in ROUTERS else None
-
-
-TargetDoc = Annotated[
-    Annotated[NginxTargetDoc, validation.tag("router", "nginx")]
-    | Annotated[IstioTargetDoc, validation.tag("router", "istio")],
-    validation.union(_router, "target_router", "router", f"must be {' or '.join(ROUTERS)}",
-                     "must be a mapping with router: nginx or router: istio")]
 
 
 def _listen(value: str) -> str:
@@ -332,10 +309,10 @@ class ConfigDoc(_Doc):
     prometheus: PrometheusDoc = PrometheusDoc()
     policies: Text | Annotated[list[Text], Field(min_length=1)] = "policies/"
     auth: AuthDoc
-    targets: Annotated[dict[Annotated[str, Field(pattern=_NAME)], TargetDoc],
+    targets: Annotated[dict[Annotated[str, Field(pattern=_NAME)], TargetField],
                        Field(min_length=1, max_length=10_000)]
     tls: TlsDoc | None = None
-    leader_election: LeaderElectionDoc = LeaderElectionDoc()
+    leader_election: LeaderElection = LeaderElection()
 
 
 CONFIG_MESSAGES = {
@@ -467,18 +444,16 @@ class _Resolver:
         tokens = self.tokens(m.auth)
         cert = self.path(m.tls.cert) if m.tls else None
         key = self.path(m.tls.key) if m.tls else None
-        targets = {name: self.target(name, t) for name, t in m.targets.items()}
+        targets: dict[str, Target] = {name: replace(t, name=name) for name, t in m.targets.items()}
+        targets = {name: replace(t, file=self.path(str(t.file)))
+                   if isinstance(t, NginxTarget) else t for name, t in targets.items()}
         if self.problems:
             raise ValidationFailed(self.problems)
-        le = m.leader_election
         return Config(listen_host=lm.group(1) or "0.0.0.0", listen_port=int(lm.group(2)),
                       state=state, prometheus_url=m.prometheus.url,
                       prometheus_timeout=m.prometheus.timeout, policy_paths=policy_paths,
                       tokens=tokens, targets=targets, source=self.doc.file, tls_cert=cert,
-                      tls_key=key, prometheus_access=access,
-                      leader_election=LeaderElection(
-                          name=le.name, lease_duration=le.lease_duration,
-                          renew_deadline=le.renew_deadline, retry_period=le.retry_period))
+                      tls_key=key, prometheus_access=access, leader_election=m.leader_election)
 
     def prometheus(self, p: PrometheusDoc) -> PrometheusAccess:
         return PrometheusAccess(
@@ -499,7 +474,7 @@ class _Resolver:
         return tuple(out)
 
     def tokens(self, auth: AuthDoc) -> tuple[Token, ...]:
-        out = [_token(t) for t in auth.tokens]
+        out = list(auth.tokens)
         if auth.tokens_file is not None:
             # token hashes kept apart from the config, e.g. in a Kubernetes Secret
             path = self.path(auth.tokens_file)
@@ -531,32 +506,11 @@ class _Resolver:
             self.problems.extend(validation.problems(
                 doc, e, AuthDoc, at=("tokens",) if wrapped else (), messages=CONFIG_MESSAGES))
             return []
-        return [_token(t) for t in items]
-
-    def target(self, name: str, t: NginxTargetDoc | IstioTargetDoc) -> Target:
-        common: dict[str, Any] = {"policy": t.policy, "stable_version": t.stable_version,
-                                  "vars": {k: _plain(v) for k, v in t.vars.items()}}
-        if isinstance(t, NginxTargetDoc):
-            return NginxTarget(name=name, file=self.path(t.file), upstream=t.upstream,
-                               stable=tuple(t.stable), canary=tuple(t.canary),
-                               test=tuple(t.test), reload=tuple(t.reload), **common)
-        return IstioTarget(name=name, namespace=t.namespace, virtual_service=t.virtual_service,
-                           route=t.route, stable=IstioDestination(t.stable.host, t.stable.subset),
-                           canary=IstioDestination(t.canary.host, t.canary.subset), **common)
+        return items
 
 
-_TOKEN_LIST: TypeAdapter[list[TokenDoc]] = TypeAdapter(list[TokenDoc])
 
-
-def _token(t: TokenDoc) -> Token:
-    return Token(name=t.name, sha256=t.sha256.lower(), role=Role[t.role.upper()],
-                 targets=tuple(t.targets) if t.targets is not None else None)
-
-
-def _plain(value: str | int | float | bool) -> str:
-    if isinstance(value, bool):
-        return str(value)  # as YAML wrote it before: True / False
-    return str(value)
+_TOKEN_LIST: TypeAdapter[list[Token]] = TypeAdapter(list[Token])
 
 
 def cross_check(cfg: Config, policies: Mapping[str, policy_mod.Policy],
