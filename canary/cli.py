@@ -27,6 +27,7 @@ from canary import config as config_mod
 from canary import policy as policy_mod
 from canary import yamlsrc
 from canary.errors import InvalidInput, Problem, RouterError, UserError, ValidationFailed
+from canary.schema import SCHEMAS
 from canary.text import escape
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -560,6 +561,13 @@ def cmd_override(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from canary.schema import published
+
+    print(json.dumps(published(args.name), indent=2, ensure_ascii=False))
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from canary.demo.run import main as demo_main
 
@@ -599,6 +607,11 @@ def parser() -> argparse.ArgumentParser:
                     help="with --rps: the share of errors (or of slow requests, for a "
                          "latency gate) on both versions; default 0.005; repeat per gate")
     sp.set_defaults(fn=cmd_plan)
+
+    sp = sub.add_parser("schema", help="print the JSON Schema of policy files or of the "
+                        "controller config, for an editor's YAML language server")
+    sp.add_argument("name", choices=list(SCHEMAS))
+    sp.set_defaults(fn=cmd_schema)
 
     sp = sub.add_parser("start", help="start a rollout")
     sp.add_argument("target")

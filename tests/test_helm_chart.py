@@ -5,6 +5,7 @@ the API calls canary really makes."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,15 @@ VARIANTS = {
                      "rbac": {"istioNamespaces": ["prod", "staging"]},
                      "config": {"targets": TARGETS}},
     "single": {"replicaCount": 1, "config": {"targets": TARGETS}},
+    # every shipped policy (their key is their name) and more of the controller config
+    "every-policy": {
+        "config": {"targets": TARGETS,
+                   "prometheus": {"url": "https://prometheus.monitoring.svc:9090",
+                                  "timeout": "5s", "concurrency": 4,
+                                  "headers": {"X-Scope-OrgID": "shop"}}},
+        "policies": {p.stem: {k: v for k, v in yaml.safe_load(p.read_text()).items()
+                              if k != "name"}
+                     for p in sorted((CHART.parent.parent / "policies").glob("*.yaml"))}},
 }
 
 
@@ -96,8 +106,9 @@ def test_the_pod_runs_locked_down_with_probes_and_an_identity():
     assert secret["secret"]["secretName"] == "canary-tokens"
 
 
-def test_the_rendered_controller_config_and_policies_pass_canary_validate(tmp_path):
-    docs = render(VARIANTS["ha-monitored"])
+@pytest.mark.parametrize("variant", ["ha-monitored", "every-policy"])
+def test_the_rendered_controller_config_and_policies_pass_canary_validate(tmp_path, variant):
+    docs = render(VARIANTS[variant])
     maps = {d["metadata"]["name"]: d for d in by_kind(docs, "ConfigMap")}
     config = yaml.safe_load(maps["canary-config"]["data"]["canary.yaml"])
     assert config["state"] == "kubernetes:canary-system"
@@ -121,12 +132,60 @@ def test_the_rendered_controller_config_and_policies_pass_canary_validate(tmp_pa
     ({"config": {"state": "sqlite:x.db"}}, "config"),
     ({"auth": {"existingSecret": ""}}, "existingSecret"),
     ({"leaderElection": {"leaseDuration": "soon"}}, "leaseDuration"),
+    # the chart sets these itself: one written in values would be silently replaced
+    ({"config": {"leader_election": {"name": "x"}}}, "'leader_election' not allowed"),
+    ({"policies": {"fast": {"name": "slow", "stages": [{"weight": 100, "hold": "1m"}]}}},
+     "at '/policies/fast': additional properties 'name' not allowed"),
+    ({"policies": {"my policy": {"stages": [{"weight": 100, "hold": "1m"}]}}},
+     "'my policy' does not match pattern"),
 ])
 def test_the_values_schema_refuses_bad_values(values, words):
     chart = helm.Chart.load(str(CHART))
     with pytest.raises(helm.HelmError) as e:
         chart.render(values, name="canary", namespace="canary-system", is_install=True)
     assert words in str(e.value)
+
+
+def standard_with(**change: Any) -> dict[str, Any]:
+    """The chart's default policy with one stage field changed: `stage=1, weight=150`."""
+    policy = copy.deepcopy(helm.Chart.load(str(CHART)).values["policies"]["standard"])
+    stage = change.pop("stage")
+    policy["stages"][stage].update(change)
+    return {"config": {"targets": TARGETS}, "policies": {"standard": policy}}
+
+
+@pytest.mark.parametrize("values,said", [
+    ({"config": {"targets": TARGETS, "prometheus": {"timout": "5s"}}},
+     "- at '/config/prometheus': additional properties 'timout' not allowed"),
+    (standard_with(stage=1, weight=150),
+     "- at '/policies/standard/stages/1/weight': maximum: got 150, want 100"),
+    (standard_with(stage=0, hold="2 minutes"),
+     "- at '/policies/standard/stages/0/hold': '2 minutes' does not match pattern"),
+])
+def test_helm_lint_and_install_refuse_a_config_canary_would_refuse(values, said):
+    """The three mistakes that used to render, pass `helm lint --strict`, and then
+    crash-loop the pod: each is now refused by helm, naming the field."""
+    chart = helm.Chart.load(str(CHART))
+    with pytest.raises(helm.HelmError) as e:
+        chart.render(values, name="canary", namespace="canary-system", is_install=True)
+    assert said in str(e.value)
+    report = helm.lint(str(CHART), values, strict=True)
+    assert any(said in error for error in report["errors"]), report
+
+
+def test_the_chart_defaults_render_once_a_target_is_given():
+    """canary refuses a config without targets, so the chart does too, at install; the
+    defaults plus one target render and lint clean."""
+    chart = helm.Chart.load(str(CHART))
+    with pytest.raises(helm.HelmError) as e:
+        chart.render({}, name="canary", namespace="canary-system", is_install=True)
+    assert "- at '/config/targets': minProperties: got 0, want 1" in str(e.value)
+    docs = render({"config": {"targets": TARGETS}})
+    config = yaml.safe_load(next(d for d in by_kind(docs, "ConfigMap")
+                                 if d["metadata"]["name"] == "canary-config")
+                            ["data"]["canary.yaml"])
+    assert config["prometheus"] == chart.values["config"]["prometheus"]
+    assert not helm.lint(str(CHART), {"config": {"targets": TARGETS}}, strict=True)["errors"]
 
 
 async def used_verbs(tmp_path: Path) -> set[tuple[str, str, str]]:

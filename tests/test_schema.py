@@ -1,0 +1,309 @@
+"""One shape, many readers: `canary schema`, the checked-in schema files an editor reads,
+and the chart's values.schema.json all come from the models that `canary validate` uses,
+and they refuse the same documents."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import pytest
+import yaml
+
+from canary import schema
+from canary.cli import main, validate_files
+from tests.test_helm_chart import CHART, TARGETS
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICIES = sorted((ROOT / "policies").glob("*.yaml"))
+EXAMPLE_CONFIG = ROOT / "docs" / "canary.example.yaml"
+# the keys of the controller config that the chart sets itself
+CHART_SETS = ("listen", "state", "policies", "auth", "leader_election")
+
+
+def editor_validator(name: str) -> jsonschema.Draft7Validator:
+    return jsonschema.Draft7Validator(json.loads((ROOT / f"schemas/{name}.schema.json")
+                                                 .read_text()))
+
+
+def schema_errors(name: str, doc: Any) -> list[str]:
+    """The fields the editor's schema refuses, as `path/to/field` (an unknown key: its
+    own path)."""
+    out = []
+    for e in editor_validator(name).iter_errors(doc):
+        path = "/".join(map(str, e.absolute_path))
+        unknown = re.search(r"\((.*) (?:was|were) unexpected\)", e.message)
+        if e.validator == "additionalProperties" and unknown:
+            out += [f"{path}/{k}".lstrip("/") for k in re.findall(r"'([^']+)'",
+                                                                  unknown.group(1))]
+        else:
+            out.append(path)
+    return out
+
+
+def helm_fields(said: str) -> list[str]:
+    """The fields named in helm's refusal, as `path/to/field` (an unknown key: its path),
+    without the lines that only group the ones below them."""
+    out = []
+    for path, message in re.findall(r"at '/([^']*)': (.*)", said):
+        if re.fullmatch(r"'(allOf|anyOf|oneOf)' failed.*|validation failed", message):
+            continue
+        unknown = re.fullmatch(r"additional properties (.*) not allowed", message)
+        if unknown:
+            out += [f"{path}/{k}" for k in re.findall(r"'([^']+)'", unknown.group(1))]
+        else:
+            out.append(path)
+    return out
+
+
+def model_schema_errors(name: str, doc: Any) -> list[str]:
+    """The models' own (draft 2020-12) schema, before it is published as draft 7."""
+    return [e.message for e in jsonschema.Draft202012Validator(
+        schema.SCHEMAS[name]()).iter_errors(doc)]
+
+
+def helm_error(values: dict[str, Any]) -> str | None:
+    """What `helm install` says about these values (None: it renders), after checking
+    that `helm lint --strict` says the same."""
+    chart = helm.Chart.load(str(CHART))
+    try:
+        chart.render(values, name="canary", namespace="canary-system", is_install=True)
+        rendered = None
+    except helm.HelmError as e:
+        rendered = str(e)
+    lint = helm.lint(str(CHART), values, strict=True)
+    assert bool(lint.get("errors")) == (rendered is not None), (rendered, lint)
+    return rendered
+
+
+def policy_values(doc: dict[str, Any]) -> dict[str, Any]:
+    """A policy document as chart values: the key under policies is its name."""
+    return {"config": {"targets": TARGETS},
+            "policies": {"p": {k: v for k, v in doc.items() if k != "name"}}}
+
+
+# ---- canary schema ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["policy", "config"])
+def test_canary_schema_prints_the_json_schema_an_editor_reads(capsys, name):
+    assert main(["schema", name]) == 0
+    out = capsys.readouterr().out
+    assert out == (ROOT / "schemas" / f"{name}.schema.json").read_text()
+    printed = json.loads(out)
+    jsonschema.Draft7Validator.check_schema(printed)
+    assert printed["$schema"] == "http://json-schema.org/draft-07/schema#"
+    assert out.startswith('{\n  "$schema"')  # indented by 2
+
+
+def test_canary_schema_of_an_unknown_name_is_a_usage_error():
+    run = subprocess.run([sys.executable, "-m", "canary.cli", "schema", "polcy"], cwd=ROOT,
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 2
+    assert run.stdout == ""
+    assert "invalid choice: 'polcy' (choose from 'policy', 'config')" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+# ---- the checked-in files ----------------------------------------------------------------
+
+
+def test_the_checked_in_schema_files_are_what_the_models_give():
+    stale = schema.stale_files()
+    assert not stale, (f"{', '.join(map(str, stale))} out of date with the models: run "
+                       f"`.venv/bin/python -m canary.schema write` and commit the result")
+
+
+def test_schema_write_rewrites_stale_files_and_check_says_which(tmp_path, capsys):
+    shutil.copytree(ROOT / "charts", tmp_path / "charts")
+    (tmp_path / "charts/canary/values.schema.json").write_text("{}\n")
+    assert schema.main(["check", "--root", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    for path in ("schemas/policy.schema.json", "schemas/config.schema.json",
+                 "charts/canary/values.schema.json"):
+        assert f"{path}: out of date with the models; run python -m canary.schema write" in out
+    assert schema.main(["write", "--root", str(tmp_path)]) == 0
+    assert "wrote schemas/policy.schema.json" in capsys.readouterr().out
+    assert schema.main(["check", "--root", str(tmp_path)]) == 0
+    for path in schema.generated_files(tmp_path):
+        assert (tmp_path / path).read_text() == (ROOT / path).read_text()
+    with pytest.raises(SystemExit) as e:
+        schema.main(["write", "--root", str(tmp_path / "nowhere")])
+    assert e.value.code == 2
+    assert "not a canary repository" in capsys.readouterr().err
+
+
+def test_a_chart_template_that_names_a_field_the_models_lost_fails_the_generator():
+    template = json.loads((ROOT / schema.CHART_TEMPLATE).read_text())
+    broken = copy.deepcopy(template)
+    broken["properties"]["config"]["x-canary"]["drop"].append("listn")
+    with pytest.raises(ValueError, match=r"listn: not a field of the config schema any more; "
+                                         r"change charts/canary/values.schema.in.json"):
+        schema.chart_values_schema(broken)
+    broken = copy.deepcopy(template)
+    broken["properties"]["leaderElection"]["properties"]["leaseName"]["x-canary"]["at"] += "x"
+    with pytest.raises(ValueError, match="no such place in the schema"):
+        schema.chart_values_schema(broken)
+
+
+def test_each_shipped_file_names_its_schema_for_the_editor():
+    for path, name in [*((p, "policy") for p in POLICIES), (EXAMPLE_CONFIG, "config")]:
+        first = path.read_text().splitlines()[0]
+        m = re.fullmatch(r"# yaml-language-server: \$schema=(\S+)", first)
+        assert m, (path, first)
+        assert (path.parent / m.group(1)).resolve() == ROOT / "schemas" / f"{name}.schema.json"
+
+
+def test_every_shipped_policy_and_the_example_config_pass_the_schema_and_canary_validate():
+    assert len(POLICIES) >= 3
+    for path in POLICIES:
+        doc = yaml.safe_load(path.read_text())
+        assert schema_errors("policy", doc) == [], path
+        assert model_schema_errors("policy", doc) == [], path
+    doc = yaml.safe_load(EXAMPLE_CONFIG.read_text())
+    assert schema_errors("config", doc) == []
+    assert model_schema_errors("config", doc) == []
+    assert validate_files([str(p) for p in [*POLICIES, EXAMPLE_CONFIG]]) == []
+
+
+def defaults(node: Any, where: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """Every (place, subschema) with a default, through properties and definitions."""
+    if not isinstance(node, dict):
+        return []
+    found = [(where, node)] if "default" in node else []
+    for key in ("properties", "definitions"):
+        for name, sub in node.get(key, {}).items():
+            found += defaults(sub, f"{where}/{name}")
+    return found
+
+
+@pytest.mark.parametrize("name", ["policy", "config"])
+def test_every_default_an_editor_offers_passes_the_schema(name):
+    """An editor inserts a field's default: it must be something canary accepts (a
+    duration's default reads `30s`, not the 30.0 seconds the model holds)."""
+    published = schema.published(name)
+    found = defaults(published)
+    assert len(found) >= 5
+    for where, node in found:
+        check = {**{k: v for k, v in node.items() if k != "default"},
+                 "definitions": published["definitions"]}
+        errors = list(jsonschema.Draft7Validator(check).iter_errors(node["default"]))
+        assert not errors, (where, node["default"], errors[0].message)
+    if name == "policy":
+        assert published["properties"]["interval"]["default"] == "30s"
+        assert published["properties"]["progress_deadline"]["default"] == "30m"
+
+
+# ---- every reader refuses the same documents ----------------------------------------------
+
+
+def good_policy() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "policies" / "sequential.yaml").read_text())
+
+
+def bad_policy(change: str) -> dict[str, Any]:
+    doc = good_policy()
+    if change == "weight":
+        doc["stages"][1]["weight"] = 150
+    elif change == "hold":
+        doc["stages"][0]["hold"] = "2 minutes"
+    elif change == "typo":
+        doc["intervall"] = doc.pop("interval")
+    elif change == "field of another kind":
+        doc["gates"][2]["min"] = 0  # a compare gate has no min
+    elif change == "kind":
+        doc["gates"][0]["kind"] = "bayesian"
+    elif change == "no_data":
+        doc["no_data"] = "maybe"
+    elif change == "alpha":
+        doc["gates"][0]["alpha"] = 0.7
+    return doc
+
+
+@pytest.mark.parametrize("change,field,words", [
+    ("weight", "stages[1].weight", "stages/1/weight"),
+    ("hold", "stages[0].hold", "stages/0/hold"),
+    ("typo", "intervall", "intervall"),
+    ("field of another kind", "gates[2].min", "gates/2/min"),
+    ("kind", "gates[0].kind", "gates/0/kind"),
+    ("no_data", "no_data", "no_data"),
+    ("alpha", "gates[0].alpha", "gates/0/alpha"),
+])
+def test_canary_validate_the_editor_schema_and_helm_refuse_the_same_bad_policy(
+        tmp_path, change, field, words):
+    doc = bad_policy(change)
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    problems = [str(p) for p in validate_files([str(path)])]
+    assert problems and all("p.yaml:" in p for p in problems)
+    assert any(f": {field}: " in p for p in problems), problems
+    assert schema_errors("policy", doc) == [words]
+    assert model_schema_errors("policy", doc)
+    said = helm_error(policy_values(doc))
+    assert said is not None and helm_fields(said) == [f"policies/p/{words}"], said
+
+
+def example_config() -> dict[str, Any]:
+    doc = yaml.safe_load(EXAMPLE_CONFIG.read_text())
+    doc["policies"] = str(ROOT / "policies")
+    return doc
+
+
+def bad_config(change: str) -> dict[str, Any]:
+    doc = example_config()
+    web = doc["targets"]["web"]
+    if change == "typo":
+        doc["prometheus"]["timout"] = doc["prometheus"].pop("timeout")
+    elif change == "timeout":
+        doc["prometheus"]["timeout"] = "2 minutes"
+    elif change == "router":
+        web["router"] = "haproxy"
+    elif change == "address":
+        web["stable"] = ["10.0.0.1"]
+    elif change == "field of another router":
+        web["virtual_service"] = "web"  # an nginx target has no virtual service
+    elif change == "concurrency":
+        doc["prometheus"]["concurrency"] = 0
+    return doc
+
+
+@pytest.mark.parametrize("change,field,words", [
+    ("typo", "prometheus.timout", "prometheus/timout"),
+    ("timeout", "prometheus.timeout", "prometheus/timeout"),
+    ("router", "targets.web.router", "targets/web/router"),
+    ("address", "targets.web.stable[0]", "targets/web/stable/0"),
+    ("field of another router", "targets.web.virtual_service", "targets/web/virtual_service"),
+    ("concurrency", "prometheus.concurrency", "prometheus/concurrency"),
+])
+def test_canary_validate_the_editor_schema_and_helm_refuse_the_same_bad_config(
+        tmp_path, change, field, words):
+    doc = bad_config(change)
+    path = tmp_path / "canary.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    problems = [str(p) for p in validate_files([str(path)])]
+    assert any(f": {field}: " in p for p in problems), problems
+    assert schema_errors("config", doc) == [words]
+    assert model_schema_errors("config", doc)
+    # the chart takes the rest of the config; it sets these keys itself
+    values = {"config": {k: v for k, v in doc.items() if k not in CHART_SETS}}
+    said = helm_error(values)
+    assert said is not None and helm_fields(said) == [f"config/{words}"], said
+
+
+def test_the_good_documents_pass_every_reader(tmp_path):
+    assert schema_errors("policy", good_policy()) == []
+    assert schema_errors("config", example_config()) == []
+    (tmp_path / "canary.yaml").write_text(yaml.safe_dump(example_config()))
+    assert validate_files([str(tmp_path / "canary.yaml")]) == []
+    config = {k: v for k, v in example_config().items() if k not in CHART_SETS}
+    values = policy_values(good_policy())
+    values["config"] = config  # an nginx target, with the sequential policy beside standard
+    assert helm_error(values) is None
