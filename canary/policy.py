@@ -135,6 +135,14 @@ MAX_QUERY = 10_000  # characters
 _CONFIG = ConfigDict(extra="forbid")
 
 
+def _kind_required(schema: dict[str, Any]) -> None:
+    """In a file, only a threshold gate may leave out its kind (code may too, for all)."""
+    schema["required"] = [*schema.get("required", []), "kind"]
+
+
+_KIND_REQUIRED = ConfigDict(extra="forbid", json_schema_extra=_kind_required)
+
+
 def _from_file(info: ValidationInfo) -> bool:
     return bool((info.context or {}).get("file"))
 
@@ -206,7 +214,7 @@ class ThresholdGate:
         return [self.query]
 
 
-@dataclass(frozen=True, config=_CONFIG)
+@dataclass(frozen=True, config=_KIND_REQUIRED)
 class CompareGate:
     """The same query for canary and stable (`{{ version }}`), or an explicit baseline,
     bounded by max_increase and/or max_ratio."""
@@ -239,7 +247,7 @@ class CompareGate:
         return [q for q in (self.query, self.baseline) if q]
 
 
-@dataclass(frozen=True, config=_CONFIG)
+@dataclass(frozen=True, config=_KIND_REQUIRED)
 class ErrorsGate:
     """Request and error counters of both versions, judged by the sequential test in
     gates/sequential.py."""
