@@ -101,6 +101,19 @@ class Controller:
                 sys.executable, "-m", "canary.cli", "serve", "--config", str(self.config),
                 env=env, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf)
 
+    async def listening(self, port: int, deadline: float = 15.0) -> None:
+        """Until the port accepts a connection or the process has ended (bounded)."""
+        end = time.monotonic() + deadline
+        while time.monotonic() < end and self.proc is not None and self.proc.returncode is None:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            await writer.wait_closed()
+            return
+
     async def kill(self) -> bool:
         """SIGKILL; False if it had already died by itself (a failpoint)."""
         assert self.proc is not None
@@ -163,7 +176,10 @@ async def test_sigkill_at_random_points_loses_nothing_and_every_rollout_finishes
                     point = rng.choice(POINTS + ["random"] * 3)
                     before = failpoints(ctl.log)
                     await ctl.start("" if point == "random" else f"{point}=0.3")
-                    await asyncio.sleep(rng.uniform(0.3, 1.5))
+                    # each life is counted from when the controller listens (or has died at
+                    # a failpoint), so a slow start on a busy machine does not eat it
+                    await ctl.listening(port)
+                    await asyncio.sleep(rng.uniform(0.0, 1.5))
                     await ctl.kill()
                     kills[point if failpoints(ctl.log) > before else "random"] += 1
                     for rid, r in stored(db).items():
