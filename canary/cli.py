@@ -622,6 +622,14 @@ def main(argv: list[str] | None = None) -> int:
         code: int = args.fn(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # (`canary demo | head`: the demo has stopped what it started on the way out)
+        # whoever read our output has gone; stop without a traceback, and without
+        # failing again when Python flushes stdout at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_FAILED
     return code
 
 
