@@ -15,6 +15,14 @@ with their ratios (flood / quiet).
 
     .venv/bin/python -m bench.load --rollouts 100 --interval 1 --duration 10 --aborts 10 \
         --flood 500 --flood-requests 3000
+
+With `--stop-after-flood`, instead: `canary serve` as a process, its state file holding
+200 finished rollouts of 1,000 events each, gets `--flood-requests` reads, `--flood` in
+flight, from clients that give up after 5 ms to 2 s, and is sent SIGTERM as soon as
+they are done; printed: how long it took to exit, and its resident memory before the
+flood, after it and at its peak.
+
+    .venv/bin/python -m bench.load --stop-after-flood --flood 500 --flood-requests 3000
 """
 
 from __future__ import annotations
@@ -386,6 +394,34 @@ def _histogram(text: str, name: str) -> dict[str, float]:
     return out
 
 
+async def stop_after_flood(in_flight: int, requests: int) -> dict[str, Any]:
+    """`canary serve` flooded by impatient viewers, then stopped at once."""
+    import signal
+
+    from tests.test_floods_and_pipes import flood, rss_mb, serve
+
+    with tempfile.TemporaryDirectory(prefix="canary-bench-") as tmp:
+        async with serve(Path(tmp), seeded=200, events=1000) as (proc, api):
+            ids = [f"seed-{i:04d}" for i in range(200)]
+            before, _ = rss_mb(proc.pid)
+            t0 = time.monotonic()
+            seen = await flood(api.base, requests=requests, in_flight=in_flight, ids=ids,
+                               give_up=(0.005, 2.0))
+            flooded = time.monotonic() - t0
+            after, peak = rss_mb(proc.pid)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                code: int | str = await asyncio.wait_for(proc.wait(), 120)
+            except TimeoutError:
+                code = "still running after 120 s"
+            took = time.monotonic() - t0
+    return {"flood": {"requests": requests, "in_flight": in_flight,
+                      "seconds": round(flooded, 2), "answers": dict(sorted(seen.items()))},
+            "rss_mb": {"before": round(before), "after": round(after), "peak": round(peak)},
+            "exit_code": code, "sigterm_to_exit_s": round(took, 2)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rollouts", type=int, default=200)
@@ -405,6 +441,8 @@ def main() -> None:
                    help="during the flood, one abort this often (default 0.1)")
     p.add_argument("--flood-timeout", type=float, help="flood clients give up after this "
                    "many seconds (impatient viewers hanging up)")
+    p.add_argument("--stop-after-flood", action="store_true",
+                   help="instead: flood a `canary serve` process and stop it right after")
     p.add_argument("--flood-client", metavar="URL", help=argparse.SUPPRESS)
     p.add_argument("--id", action="append", default=[], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -412,6 +450,10 @@ def main() -> None:
         print(json.dumps(asyncio.run(flood_client(args.flood_client, args.flood,
                                                   args.flood_requests, args.id,
                                                   args.flood_timeout))))
+        return
+    if args.stop_after_flood:
+        print(json.dumps(asyncio.run(stop_after_flood(args.flood or 500, args.flood_requests)),
+                         indent=2))
         return
     logging.disable(logging.WARNING)  # the rollouts' own story is not the benchmark's output
     result = asyncio.run(run(args.rollouts, args.interval, args.duration, args.aborts, args.hold,
