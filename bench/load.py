@@ -96,8 +96,10 @@ class Lateness:
         self.seen.append((time.monotonic(), value))
         self.inner.observe(value)
 
-    def between(self, start: float, end: float) -> list[float]:
-        return [v for at, v in self.seen if start <= at < end]
+    def planned_between(self, start: float, end: float) -> list[float]:
+        """Lateness of the evaluations that were due in [start, end), however late they
+        started (a flood must not hide the evaluations it pushed past its own end)."""
+        return [v for at, v in self.seen if start <= at - v < end]
 
 
 async def run(n: int, interval: float, duration: float, aborts: int, hold: float,
@@ -272,7 +274,8 @@ async def phase(s: aiohttp.ClientSession, base: str, ids: list[tuple[str, str]],
 
     await asyncio.gather(clock(), reader(), aborter())
     end = time.monotonic()
-    late = lateness.between(start, end)
+    await asyncio.sleep(interval + 1)  # every evaluation due in the phase has started
+    late = lateness.planned_between(start, end)
     return {"seconds": round(end - start, 1), "evaluations": len(late),
             "lateness": late, "missed_intervals": sum(1 for x in late if x > interval),
             "abort_latency": abort_latency, "aborts_accepted": abort_status.count(200),
