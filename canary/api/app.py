@@ -115,8 +115,11 @@ async def carry_writes(request: web.Request, handler: Handler) -> web.StreamResp
     if _kind(request) == "read":
         return await handler(request)
     task = asyncio.ensure_future(handler(request))
-    task.add_done_callback(_retrieve)
-    return await asyncio.shield(task)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_retrieve)  # nobody else will look at how it ended
+        raise
 
 
 def _retrieve(task: asyncio.Future[web.StreamResponse]) -> None:
