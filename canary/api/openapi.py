@@ -20,6 +20,7 @@ def _responses(ok: int, ok_schema: dict[str, Any], *errors: int) -> dict[str, An
 
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 _ROLLOUT = {"$ref": "#/components/schemas/Rollout"}
+_SUMMARY = {"$ref": "#/components/schemas/RolloutSummary"}
 _AUTH: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
@@ -38,7 +39,9 @@ def _override(kind: str, role: str, extra: dict[str, Any] | None = None) -> dict
 SPEC: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {"title": "canary", "version": "1", "description":
-             "Staged canary releases with automatic rollback. Roles: viewer < pipeline < oncall."},
+             "Staged canary releases with automatic rollback. Roles: viewer < pipeline < oncall. "
+             "Any call but /healthz and /readyz may be answered 503 with Retry-After when "
+             "too many of its kind (reads, writes) are in flight: retry after that long."},
     "paths": {
         "/healthz": {"get": {"summary": "liveness", "responses": _responses(200, {"type": "object"})}},
         "/readyz": {"get": {"summary": "readiness",
@@ -48,11 +51,33 @@ SPEC: dict[str, Any] = {
         "/api/v1/policies": {"get": {"summary": "loaded policies", "security": _AUTH,
                                      "responses": _responses(200, {"type": "object"}, 401, 403)}},
         "/api/v1/rollouts": {
-            "get": {"summary": "rollouts, newest first", "security": _AUTH,
-                    "parameters": [{"name": "target", "in": "query", "required": False,
-                                    "schema": {"type": "string"}}],
-                    "responses": _responses(200, {"type": "object", "properties": {
-                        "rollouts": {"type": "array", "items": _ROLLOUT}}}, 401, 403)},
+            "get": {"summary": "rollouts, newest first, a page at a time; each without "
+                               "its events (GET /api/v1/rollouts/{id} has them)",
+                    "security": _AUTH,
+                    "parameters": [
+                        {"name": "target", "in": "query", "required": False,
+                         "description": "only this target's rollouts",
+                         "schema": {"type": "string"}},
+                        {"name": "state", "in": "query", "required": False,
+                         "description": "only rollouts in these states, comma-separated; "
+                                        "`active` stands for every state not final",
+                         "schema": {"type": "string"}},
+                        {"name": "limit", "in": "query", "required": False,
+                         "description": "rollouts per page",
+                         "schema": {"type": "integer", "minimum": 1, "maximum": 500,
+                                    "default": 50}},
+                        {"name": "before", "in": "query", "required": False,
+                         "description": "a rollout id: the page starts with the rollout "
+                                        "started just before it (pass the previous page's "
+                                        "`next`)",
+                         "schema": {"type": "string"}}],
+                    "responses": _responses(200, {
+                        "type": "object", "required": ["rollouts", "next"], "properties": {
+                            "rollouts": {"type": "array", "items": _SUMMARY},
+                            "next": {"type": "string", "nullable": True,
+                                     "description": "the `before` of the next page; null "
+                                                    "on the last page"}}},
+                        400, 401, 403, 503)},
             "post": {"summary": "start a rollout (role pipeline)", "security": _AUTH,
                      "requestBody": {"required": True, **_json({
                          "type": "object", "required": ["target", "canary_version"],
@@ -99,3 +124,8 @@ SPEC: dict[str, Any] = {
         },
     },
 }
+_FULL = SPEC["components"]["schemas"]["Rollout"]
+SPEC["components"]["schemas"]["RolloutSummary"] = {
+    "type": "object", "description": "a rollout as listed: every field but `events`",
+    "required": [f for f in _FULL["required"] if f != "events"],
+    "properties": {k: v for k, v in _FULL["properties"].items() if k != "events"}}
