@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -44,9 +45,7 @@ def die(message: str, code: int = EXIT_USAGE) -> NoReturn:
 
 async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
                 signals: bool = True) -> None:
-    from aiohttp import web
-
-    from canary.api.app import build_app
+    from canary.api.app import ApiServer, bind, build_app
     from canary.clock import RealClock
     from canary.engine.controller import Controller
     from canary.gates.prometheus import CoalescingSource, PrometheusSource
@@ -84,7 +83,7 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
         if lock is not None:
             lock()  # one controller per state file, taken before anything is resumed
         # bind before resuming anything: a controller that cannot listen must not act
-        sock = _bind(cfg.listen_host, cfg.listen_port)
+        sock = bind(cfg.listen_host, cfg.listen_port)
     except BaseException:
         await store.close()
         raise
@@ -110,25 +109,21 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
                                 renew_deadline=le.renew_deadline, retry_period=le.retry_period,
                                 on_start=lead, on_stop=follow)
     app = build_app(controller, cfg.tokens, elector=elector)
-    # idle keep-alive connections are closed after 15 s, so slow or stalled clients do
-    # not pile up; bodies have their own 10 s limit in the API, and an unread body is
-    # drained for at most 1 s before the connection closes
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=15,
-                           lingering_time=1.0)
-    try:
-        await runner.setup()
-    except BaseException:
-        sock.close()
-        await store.close()
-        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM) if signals else ():
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    api: ApiServer | None = None
     try:
-        site = web.SockSite(runner, sock, ssl_context=ssl_ctx)
-        await site.start()
+        # the API on its own thread, so no number of requests keeps an evaluation or an
+        # abort waiting for long. Idle keep-alive connections are closed after 15 s, so
+        # slow or stalled clients do not pile up; bodies have their own 10 s limit in the
+        # API, and an unread body is drained for at most 1 s before the connection closes.
+        # It serves on the socket bound above, before anything was resumed.
+        api = ApiServer(app, sock, ssl_context=ssl_ctx, handle_signals=False,
+                        keepalive_timeout=15, lingering_time=1.0)
+        await api.start()
         log.info("canary serving", extra={"listen": f"{cfg.listen_host}:{cfg.listen_port}",
                                           "policies": sorted(policies),
                                           "targets": sorted(cfg.targets)})
@@ -136,30 +131,11 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
             ready.set()
         await stop.wait()
     finally:
-        await runner.cleanup()
+        if api is not None:
+            await api.stop()
+        sock.close()
         await store.close()
         prometheus.close()
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    """The listening socket, or InvalidInput naming the address and why."""
-    try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise InvalidInput(f"listen: cannot resolve {host!r}: {e.strerror}") from e
-    family, kind, proto, _, addr = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-        sock.listen(1024)
-    except OSError as e:
-        sock.close()
-        raise InvalidInput(f"listen: cannot listen on {host}:{port}: {e.strerror}; is another "
-                           "process using it?") from e
-    sock.setblocking(False)
-    return sock
 
 
 @contextlib.asynccontextmanager
@@ -188,6 +164,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from canary import logs
 
     logs.setup(os.environ.get("CANARY_LOG_LEVEL", "INFO"))
+    logging.raiseExceptions = False  # a log that cannot be written is not a reason to stop
     try:
         cfg = config_mod.load_file(args.config)
         asyncio.run(serve(cfg))
@@ -538,7 +515,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"  {escape(e['at'])} {escape(e['type']):<12} {escape(e['actor']):<16} "
                   f"{escape(e['message'])}")
         return EXIT_OK
-    data = api(args, "GET", "/api/v1/rollouts")
+    query = {k: v for k, v in (("limit", args.limit), ("target", args.target),
+                               ("state", args.state), ("before", args.before))
+             if v is not None}
+    path = "/api/v1/rollouts" + ("?" + urllib.parse.urlencode(query) if query else "")
+    data = api(args, "GET", path)
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK
@@ -546,6 +527,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(summary(r))
     if not data["rollouts"]:
         print("no rollouts")
+    if data.get("next"):
+        print(f"canary: newest {len(data['rollouts'])} shown; older ones: --before "
+              f"{data['next']}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -627,8 +611,15 @@ def parser() -> argparse.ArgumentParser:
     client(sp)
     sp.set_defaults(fn=cmd_start)
 
-    sp = sub.add_parser("status", help="one rollout, or all")
+    sp = sub.add_parser("status", help="one rollout, or the newest ones")
     sp.add_argument("id", nargs="?")
+    sp.add_argument("--limit", type=int, help="without ID: how many, newest first (default "
+                    "50, at most 500)")
+    sp.add_argument("--target", help="without ID: only this target's rollouts")
+    sp.add_argument("--state", help="without ID: only these states (comma-separated; "
+                    "`active` for those not yet final)")
+    sp.add_argument("--before", metavar="ID", help="without ID: the rollouts started "
+                    "before this one (the next page)")
     client(sp)
     sp.set_defaults(fn=cmd_status)
 
@@ -649,14 +640,29 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# Long-running commands keep Python's SIGPIPE handling (ignored: a write to a closed pipe
+# or socket is an error to handle): a log reader or an API client going away must never
+# kill the controller.
+LONG_RUNNING = frozenset({"serve", "demo"})
+
+
 def main(argv: list[str] | None = None) -> int:
-    if hasattr(signal, "SIGPIPE"):  # `canary status | head` ends quietly, as Unix tools do
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = parser().parse_args(argv)
+    if hasattr(signal, "SIGPIPE") and args.command not in LONG_RUNNING:
+        # `canary status | head` ends quietly, as Unix tools do
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         code: int = args.fn(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # (`canary demo | head`: the demo has stopped what it started on the way out)
+        # whoever read our output has gone; stop without a traceback, and without
+        # failing again when Python flushes stdout at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_FAILED
     return code
 
 

@@ -1,8 +1,15 @@
-"""Logs are one JSON object per line; anything about a rollout carries its id."""
+"""Logs are one JSON object per line; anything about a rollout carries its id.
+
+A log is never a reason to stop moving traffic safely: when whatever reads the log goes
+away (`canary serve ... 2>&1 | head -1`, a log shipper that dies), lines are dropped and
+the controller keeps serving.
+"""
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -53,8 +60,57 @@ class HideRequestContent(logging.Filter):
         return True
 
 
+class PipeSafeHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that survives its reader going away. On EPIPE (and other errors
+    that mean the stream is gone for good) the stream's descriptor is pointed at
+    /dev/null, so nothing else that writes there later (logging's own error report,
+    Python's flush at exit) fails either, and further lines are counted and dropped."""
+
+    GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.EBADF})  # (not ENOSPC: it passes)
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__(stream)
+        self.gone = False
+        self.dropped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.gone:
+            self.dropped += 1
+            return
+        try:
+            self.stream.write(self.format(record) + self.terminator)
+            self.flush()
+        except OSError as e:
+            if e.errno not in self.GONE:
+                self.handleError(record)
+                return
+            self.dropped += 1
+            self.gone = True
+            self._silence()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+    def flush(self) -> None:
+        if not self.gone:
+            super().flush()
+
+    def _silence(self) -> None:
+        try:
+            fd = self.stream.fileno()
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, fd)
+            finally:
+                os.close(devnull)
+            self.stream.flush()  # what the failed write left buffered goes to /dev/null
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
 def setup(level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = PipeSafeHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     handler.addFilter(HideRequestContent())
     root = logging.getLogger()

@@ -44,6 +44,10 @@ class Metrics:
         self.store_writable.set(1)
         self.router_errors = Counter("canary_router_errors", "Failed router operations",
                                      ["target"], registry=self.registry)
+        self.api_refused = Counter("canary_api_refused",
+                                   "API requests answered 503 because too many of their "
+                                   "kind (read, write) were in flight", ["kind"],
+                                   registry=self.registry)
 
     def observe(self, r: Rollout) -> None:
         labels = (r.target, r.id)

@@ -123,8 +123,8 @@ class EventView(BaseModel):
     actor: str
 
 
-class RolloutView(BaseModel):
-    """A rollout as the API shows it (interface.md section 3)."""
+class RolloutSummary(BaseModel):
+    """A rollout in a listing: all of it but its events."""
 
     id: str
     target: str
@@ -141,6 +141,11 @@ class RolloutView(BaseModel):
     updated_at: str
     stage_since: str | None
     gates: list[GateView]
+
+
+class RolloutView(RolloutSummary):
+    """A rollout as the API shows it (interface.md section 3)."""
+
     events: list[EventView]
 
 

@@ -14,13 +14,14 @@ from typing import Any, TypeVar
 import aiohttp
 from aiohttp import web
 
-from canary.api.app import build_app
+from canary.api.app import build_app, make_runner
 from canary.clock import RealClock
 from canary.config import NginxTarget, Role, Target, Token
 from canary.demo.procs import free_port
 from canary.engine.controller import Controller
 from canary.errors import MetricsError
 from canary.gates.prometheus import MetricSource
+from canary.model import Rollout
 from canary.policy import NoData, Policy, Stage, ThresholdGate
 from canary.routers import Router
 from canary.routers.nginx import NginxRouter
@@ -138,8 +139,8 @@ async def controller(tmp_path: Path, *, policies: list[Policy] | None = None,
     ctl = Controller(store=store, policies=pols, targets={"web": target},
                      routers={"web": router}, source=source or SetSource(),
                      clock=RealClock(), retry_max=1.0)
-    runner = web.AppRunner(build_app(ctl, tokens(), body_timeout=body_timeout), access_log=None,
-                           lingering_time=0.5, keepalive_timeout=keepalive_timeout)
+    runner = make_runner(build_app(ctl, tokens(), body_timeout=body_timeout),
+                         lingering_time=0.5, keepalive_timeout=keepalive_timeout)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -149,3 +150,29 @@ async def controller(tmp_path: Path, *, policies: list[Policy] | None = None,
     finally:
         await runner.cleanup()
         await store.close()
+
+
+async def seed(store: Store, n: int, *, targets: tuple[str, ...] = ("web",), events: int = 3,
+               start: float = 1_700_000_000.0, ties: bool = True) -> list[Rollout]:
+    """`n` finished rollouts written straight to the store, oldest first, spread over
+    `targets`, alternately succeeded and rolled back, each with `events` events; with
+    `ties`, every third shares its start time with the one before (ids break the tie)."""
+    from dataclasses import replace
+
+    from canary.engine import decide
+    from canary.model import Event, Phase
+
+    out = []
+    at = start
+    for i in range(n):
+        if not (ties and i % 3 == 2):
+            at += 1
+        r = decide.start(rollout_id=f"seed-{i:04d}", target=targets[i % len(targets)],
+                         policy=simple_policy(), canary_version=f"v{i + 2}",
+                         stable_version="v1", now=at, actor="seed")
+        r = replace(r, state=Phase.SUCCEEDED if i % 2 else Phase.ROLLED_BACK,
+                    weight=100 if i % 2 else 0,
+                    events=tuple(Event(at + k / 1000, "note", f"event {k} " + "x" * 60, "seed")
+                                 for k in range(events)))
+        out.append(await store.create(rollout=r))
+    return out

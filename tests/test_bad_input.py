@@ -364,7 +364,7 @@ async def test_a_version_is_checked_as_a_whole_string(tmp_path, field, value):
         body = {"target": "web", "canary_version": "v2", field: value}
         status, data = await api.call("POST", "/api/v1/rollouts", body, role="pipeline")
         assert status == 400 and data["error"].startswith(f"{field}: "), data
-        assert (await api.call("GET", "/api/v1/rollouts", role="viewer"))[1] == {"rollouts": []}
+        assert (await api.call("GET", "/api/v1/rollouts", role="viewer"))[1]["rollouts"] == []
 
 
 # ---- 7. control characters ------------------------------------------------------------------

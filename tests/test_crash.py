@@ -131,9 +131,8 @@ async def drive(api: Api, acked: set[str], rng: random.Random, deadline: float) 
     n = 0
     while time.monotonic() < deadline:
         try:
-            _, data = await api.call("GET", "/api/v1/rollouts", role="viewer")
-            active = {r["target"]: r for r in data["rollouts"]
-                      if r["state"] not in ("succeeded", "rolled_back")}
+            _, data = await api.call("GET", "/api/v1/rollouts?state=active", role="viewer")
+            active = {r["target"]: r for r in data["rollouts"]}
             for t in TARGETS:
                 r = active.get(t)
                 if r is None:

@@ -93,9 +93,12 @@ def quiet_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
 
 
 def state(base: str) -> str:
-    r = requests.get(base + "/api/v1/rollouts", timeout=5,
-                     headers={"Authorization": f"Bearer {TOKENS['viewer']}"})
-    rollouts = r.json()["rollouts"]
+    viewer = {"Authorization": f"Bearer {TOKENS['viewer']}"}
+    r = requests.get(base + "/api/v1/rollouts?limit=500", timeout=5, headers=viewer)
+    assert r.json()["next"] is None
+    # (a listing carries no events: each rollout's own answer has them)
+    rollouts = [requests.get(f"{base}/api/v1/rollouts/{x['id']}", timeout=5,
+                             headers=viewer).json() for x in r.json()["rollouts"]]
     return json.dumps([{k: x[k] for k in ("id", "state", "stage", "weight", "events")}
                        for x in rollouts], sort_keys=True)
 

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from canary.engine import decide
-from canary.errors import Conflict, StoreConflict
+from canary.errors import Conflict, NotFound, StoreConflict
 from canary.kube import api_client
 from canary.model import Phase
 from canary.store.kubernetes import KubernetesStore
@@ -60,6 +60,41 @@ async def test_the_cluster_store_keeps_one_active_rollout_per_target_and_guards_
         cm = kube.get("configmaps", NS, f"canary-rollout-{r.id}")
         assert cm["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "canary"
     finally:
+        api.close()
+        await kube.stop()
+
+
+async def test_the_cluster_store_pages_and_filters_like_the_embedded_one(tmp_path):
+    from canary.store.sqlite import SqliteStore
+    from tests.helpers import seed
+
+    kube = KubeApiDouble()
+    await kube.start()
+    api = api_client(str(kube.kubeconfig(tmp_path / "kubeconfig")))
+    sqlite = SqliteStore(str(tmp_path / "state.db"))
+    try:
+        cluster = KubernetesStore(NS, api)
+        seeded = await seed(sqlite, 9, targets=("web", "api"), events=4)
+        for r in seeded:
+            await cluster.create(rollout=r)
+        live = rollout("live", target="web")
+        await sqlite.create(rollout=live)
+        await cluster.create(rollout=live)
+        ref = seeded[4].id
+        for kwargs in ({}, {"limit": 3}, {"before": ref}, {"before": ref, "limit": 2},
+                       {"target": "api"}, {"target": "api", "before": ref},
+                       {"state": Phase.SUCCEEDED}, {"state": [Phase.PROGRESSING,
+                                                               Phase.ROLLED_BACK]},
+                       {"active_only": True}, {"target": "web", "events": False}):
+            a = await sqlite.list(**kwargs)
+            b = await cluster.list(**kwargs)
+            assert [r.id for r in a] == [r.id for r in b], kwargs
+            assert [len(r.events) for r in a] == [len(r.events) for r in b], kwargs
+        assert all(r.events == () for r in await cluster.list(events=False))
+        with pytest.raises(NotFound):
+            await cluster.list(before="no-such-id")
+    finally:
+        await sqlite.close()
         api.close()
         await kube.stop()
 

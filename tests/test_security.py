@@ -55,7 +55,7 @@ async def test_a_client_that_stalls_mid_body_gets_408_and_changes_nothing(tmp_pa
             await writer.wait_closed()
         assert b" 408 " in head
         status, data = await api.call("GET", "/api/v1/rollouts", role="viewer")
-        assert status == 200 and data == {"rollouts": []}
+        assert status == 200 and data == {"rollouts": [], "next": None}
 
 
 async def test_a_client_that_stalls_mid_headers_is_disconnected(tmp_path):

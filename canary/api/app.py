@@ -2,6 +2,15 @@
 
 Handlers validate, call the controller, and render JSON. Overrides are recorded by the
 controller, which wakes the rollout's task; the handler never moves traffic itself.
+In `canary serve` the API has its own thread and event loop (`ApiServer`): HTTP parsing,
+refusals and the reads marked `on_api_thread` run there; every other handler, and the
+controller's start and stop, run on the control loop (`on_control`). An event loop only
+changes task at an await, so a flood of requests on the rollouts' loop would delay every
+evaluation and abort; two threads take turns at least every few milliseconds.
+The API is also bounded: reads and writes each have a cap on requests in flight (beyond
+it: 503 at once, with Retry-After), a read whose client hung up is cancelled
+(`make_runner`), and a write is carried through (`carry_writes`), so an accepted command
+is never half-done.
 """
 
 from __future__ import annotations
@@ -10,7 +19,9 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import socket
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -24,7 +35,7 @@ from canary.config import NginxTarget, Role, Token
 from canary.engine.controller import Controller
 from canary.errors import Conflict, InvalidInput, NotFound, TransientError, UserError
 from canary.leader import LeaderElector
-from canary.model import Command, CommandKind
+from canary.model import Command, CommandKind, Phase, Rollout
 from canary.store import no_such_rollout
 
 log = logging.getLogger("canary.api")
@@ -36,6 +47,24 @@ ROLLOUT = web.RequestKey("rollout", str)
 MAX_BODY = 64 * 1024
 MAX_DEPTH = 64  # nesting of arrays and objects in a body
 BODY_TIMEOUT = web.AppKey("body_timeout", float)
+MAX_READS = 32    # API reads in flight at once (GET); more are refused with 503
+MAX_WRITES = 64   # API writes in flight at once (starts, overrides); more get 503
+SHUTDOWN_TIMEOUT = 5.0  # how long requests in flight get to finish at shutdown
+PAGE_DEFAULT, PAGE_MAX = 50, 500
+UNBOUNDED = frozenset({"/healthz", "/readyz"})  # liveness answers however busy the API is
+
+
+class InFlight:
+    """Requests being handled now, per kind, against their caps."""
+
+    def __init__(self, *, reads: int, writes: int) -> None:
+        self.cap = {"read": reads, "write": writes}
+        self.busy = {"read": 0, "write": 0}
+
+
+IN_FLIGHT = web.AppKey("in_flight", InFlight)
+CONTROL_LOOP = web.AppKey("control_loop", asyncio.AbstractEventLoop)
+T = TypeVar("T")
 
 
 class SlowClient(Exception):
@@ -43,6 +72,23 @@ class SlowClient(Exception):
 
 B = TypeVar("B", bound=bodies._Body)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+H = TypeVar("H", bound=Handler)
+
+
+def on_api_thread(handler: H) -> H:
+    """Mark a handler that may run on the API's own loop: it reads the store (which is
+    thread-safe and loop-agnostic) and nothing else of the controller's, so a flood of it
+    never takes the control loop's time. Unmarked handlers run on the control loop."""
+    handler._on_api_thread = True  # type: ignore[attr-defined]
+    return handler
+
+
+async def on_control(app: web.Application, work: Coroutine[Any, Any, T]) -> T:
+    """Run `work` on the control loop (the rollouts' loop) and wait for it from here."""
+    loop = app.get(CONTROL_LOOP)
+    if loop is None or loop is asyncio.get_running_loop():
+        return await work
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, loop))
 
 
 def json_response(data: Any, *, status: int = 200) -> web.Response:
@@ -67,6 +113,68 @@ async def audit(request: web.Request, handler: Handler) -> web.StreamResponse:
             "reason": request.get(REASON), "rollout": request.get(ROLLOUT),
             "peer": request.remote})
     return response
+
+
+def _kind(request: web.Request) -> str:
+    return "read" if request.method in ("GET", "HEAD", "OPTIONS") else "write"
+
+
+@web.middleware
+async def carry_writes(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A write runs to its end even if its client hangs up (the runner cancels the
+    handlers of gone clients): a start cancelled between the store and the rollout's task
+    would leave a rollout nobody runs. Its answer is dropped; the audit line is kept."""
+    if _kind(request) == "read":
+        return await handler(request)
+    task = asyncio.ensure_future(handler(request))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_retrieve)  # nobody else will look at how it ended
+        raise
+
+
+def _retrieve(task: asyncio.Future[web.StreamResponse]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("request failed after its client left", exc_info=task.exception())
+
+
+@web.middleware
+async def bounded(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """At most `cap` reads (and, apart, writes) in flight; the next one is answered 503
+    at once instead of queueing, so a read flood neither piles up work and memory nor
+    delays the rollouts' evaluations, and never takes a slot an abort needs."""
+    if request.path in UNBOUNDED:
+        return await handler(request)
+    limits = request.app[IN_FLIGHT]
+    kind = _kind(request)
+    if limits.busy[kind] >= limits.cap[kind]:
+        request.app[CONTROLLER].metrics.api_refused.labels(kind).inc()
+        response = error(503, f"the controller is answering {limits.cap[kind]} {kind}s "
+                              "already; try again in a second")
+        response.headers["Retry-After"] = "1"
+        return response
+    limits.busy[kind] += 1
+    try:
+        return await handler(request)
+    finally:
+        limits.busy[kind] -= 1
+
+
+@web.middleware
+async def to_control_loop(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Unmarked handlers run on the control loop. The body is read here first (on the
+    API's loop, which owns the connection), so the handler finds it already read."""
+    if (request.app.get(CONTROL_LOOP) is None
+            or getattr(request.match_info.handler, "_on_api_thread", False)):
+        return await handler(request)
+    if request.body_exists:
+        await read_body(request)
+
+    async def run() -> web.StreamResponse:
+        return await handler(request)
+
+    return await on_control(request.app, run())
 
 
 @web.middleware
@@ -102,16 +210,24 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return error(500, "internal error; the controller log has the details")
 
 
-async def body(request: web.Request, model: type[B]) -> B:
-    """The request's JSON body as `model` (api/bodies.py), or a 400 naming the field."""
+async def read_body(request: web.Request) -> bytes:
+    """The raw body, at most MAX_BODY bytes, arriving within BODY_TIMEOUT (read once,
+    then kept by the request)."""
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=request.content_length)
     try:
         async with asyncio.timeout(request.app[BODY_TIMEOUT]):
-            raw = await request.read()
+            return await request.read()
     except TimeoutError:
         raise SlowClient(f"the request body did not arrive within "
                          f"{request.app[BODY_TIMEOUT]:g}s") from None
+    except ConnectionError:  # the client hung up mid-body: nothing to answer, nothing done
+        raise SlowClient("the client closed the connection before its body arrived") from None
+
+
+async def body(request: web.Request, model: type[B]) -> B:
+    """The request's JSON body as `model` (api/bodies.py), or a 400 naming the field."""
+    raw = await read_body(request)
     if not raw.strip():
         data: Any = {}
     else:
@@ -190,6 +306,7 @@ def _auth(request: web.Request, role: Role) -> Token:
     return token
 
 
+@on_api_thread
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
@@ -208,11 +325,13 @@ async def readyz(request: web.Request) -> web.Response:
                           "active_rollouts": ctl.running(), "leader": ctl.leading})
 
 
+@on_api_thread
 async def metrics(request: web.Request) -> web.Response:
     data = generate_latest(request.app[CONTROLLER].metrics.registry)
     return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+@on_api_thread
 async def openapi(request: web.Request) -> web.Response:
     return json_response(SPEC)
 
@@ -245,16 +364,77 @@ async def policies(request: web.Request) -> web.Response:
     return json_response({"policies": [p.to_dict() for _, p in sorted(ctl.policies.items())]})
 
 
+def summary(r: Rollout) -> dict[str, Any]:
+    """A rollout in a listing: everything but its events (GET /api/v1/rollouts/{id})."""
+    out = r.to_api()
+    out.pop("events", None)
+    return out
+
+
+def _one(request: web.Request, name: str) -> str | None:
+    values = request.query.getall(name, [])
+    if len(values) > 1:
+        raise InvalidInput(f"{name}: given {len(values)} times; give it once")
+    return values[0] if values else None
+
+
+def _states(text: str) -> set[Phase]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    allowed = [p.value for p in Phase]
+    out: set[Phase] = set()
+    for name in names:
+        if name == "active":
+            out.update(p for p in Phase if not p.final)
+        elif name in allowed:
+            out.add(Phase(name))
+        else:
+            raise InvalidInput(f"state: {name[:40]!r} is not a state; use one or more of "
+                               f"{', '.join(allowed)} or active, separated by commas")
+    if not out:
+        raise InvalidInput("state: empty; leave it out for every state")
+    return out
+
+
+LIST_PARAMS = ("target", "state", "limit", "before")
+
+
+@on_api_thread
 async def list_rollouts(request: web.Request) -> web.Response:
+    """Paged, newest first (interface.md section 8): `next` is the `before` of the next
+    page, null on the last. Summaries only; the store pages and filters."""
     token = _auth(request, Role.VIEWER)
-    ctl = request.app[CONTROLLER]
-    rollouts = [r for r in await ctl.store.list() if token.may_see(r.target)]
-    target = request.query.get("target")
-    if target:
-        rollouts = [r for r in rollouts if r.target == target]
-    return json_response({"rollouts": [r.to_api() for r in rollouts]})
+    for name in request.query:
+        if name not in LIST_PARAMS:
+            raise InvalidInput(f"{name[:40]}: unknown query parameter; expected "
+                               f"{', '.join(LIST_PARAMS)}")
+    limit_text = _one(request, "limit")
+    limit = PAGE_DEFAULT
+    if limit_text is not None:
+        if not limit_text.isascii() or not limit_text.isdigit() or not 1 <= int(limit_text) \
+                <= PAGE_MAX:
+            raise InvalidInput(f"limit: {limit_text[:40]!r} must be a whole number from 1 to "
+                               f"{PAGE_MAX} (default {PAGE_DEFAULT})")
+        limit = int(limit_text)
+    state_text = _one(request, "state")
+    states = _states(state_text) if state_text is not None else None
+    target = _one(request, "target") or None
+    before = _one(request, "before")
+    if before is not None and not before.strip():
+        raise InvalidInput("before: empty; pass the `next` of the previous page")
+    try:
+        rollouts = await request.app[CONTROLLER].store.list(
+            target=target, state=states, limit=limit + 1, before=before, events=False)
+    except NotFound:
+        raise InvalidInput(f"before: no rollout with id {str(before)[:100]!r}; pass the `next` "
+                           "of the previous page") from None
+    page = rollouts[:limit]
+    # out of scope reads like nothing there (a page may come back short; `next` still
+    # pages on through the store)
+    return json_response({"rollouts": [summary(r) for r in page if token.may_see(r.target)],
+                          "next": page[-1].id if len(rollouts) > limit else None})
 
 
+@on_api_thread
 async def get_rollout(request: web.Request) -> web.Response:
     token = _auth(request, Role.VIEWER)
     r = await request.app[CONTROLLER].store.load(request.match_info["id"])
@@ -294,27 +474,121 @@ def override(kind: CommandKind) -> Handler:
     return handler
 
 
+def make_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:
+    """The runner every server of this app uses. handler_cancellation: a request whose
+    client has hung up stops being answered (reads are cancelled; writes run to their
+    end, see `carry_writes`), so a flood of impatient clients leaves no work behind and a
+    shutdown waits at most SHUTDOWN_TIMEOUT for what is left."""
+    kwargs.setdefault("access_log", None)
+    kwargs.setdefault("shutdown_timeout", SHUTDOWN_TIMEOUT)
+    return web.AppRunner(app, handler_cancellation=True, **kwargs)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, or InvalidInput naming the address and why."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise InvalidInput(f"listen: cannot resolve {host!r}: {e.strerror}") from e
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(1024)
+    except OSError as e:
+        sock.close()
+        raise InvalidInput(f"listen: cannot listen on {host}:{port}: {e.strerror}; is another "
+                           "process using it?") from e
+    sock.setblocking(False)
+    return sock
+
+
+class ApiServer:
+    """The API listening on its own thread and event loop, started and stopped from the
+    control loop (the one that runs the rollouts, and the controller's start and stop)."""
+
+    def __init__(self, app: web.Application, sock: socket.socket, *,
+                 ssl_context: Any = None, **runner_kwargs: Any) -> None:
+        self.app, self.sock = app, sock
+        self.ssl_context = ssl_context
+        self.runner = make_runner(app, **runner_kwargs)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    async def _on_api(self, work: Coroutine[Any, Any, T]) -> T:
+        assert self._loop is not None
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, self._loop))
+
+    async def start(self) -> None:
+        """Set up the app (which starts the controller, on this loop) and serve on the
+        socket, bound before anything was resumed."""
+        self.app[CONTROL_LOOP] = asyncio.get_running_loop()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="canary-api",
+                                        daemon=True)
+        self._thread.start()
+        await self._on_api(self.runner.setup())
+        site = web.SockSite(self.runner, self.sock, ssl_context=self.ssl_context)
+        await self._on_api(site.start())
+
+    async def stop(self) -> None:
+        """Stop listening, let requests in flight finish (at most SHUTDOWN_TIMEOUT), stop
+        the controller (on this loop), and end the thread."""
+        if self._loop is None or self._thread is None:
+            self.sock.close()
+            return
+        loop, thread = self._loop, self._thread
+        try:
+            await self._on_api(self.runner.cleanup())
+        finally:
+            async def drain() -> None:  # what is left (e.g. the executor's threads)
+                await loop.shutdown_default_executor()
+                loop.stop()
+            asyncio.run_coroutine_threadsafe(drain(), loop)
+            await asyncio.to_thread(thread.join, 10)
+            if not thread.is_alive():
+                loop.close()
+            self._loop = self._thread = None
+            self.sock.close()
+
+
 def build_app(controller: Controller, tokens: tuple[Token, ...], *,
-              body_timeout: float = 10.0, elector: LeaderElector | None = None) -> web.Application:
-    app = web.Application(middlewares=[audit, errors_as_json], client_max_size=MAX_BODY)
+              body_timeout: float = 10.0, elector: LeaderElector | None = None,
+              max_reads: int = MAX_READS, max_writes: int = MAX_WRITES) -> web.Application:
+    # (audit outside the bound, so a refused write is audited too; both inside
+    # carry_writes, so a write whose client left is still audited; errors rendered on the
+    # API's loop, whichever loop raised them)
+    app = web.Application(middlewares=[carry_writes, audit, bounded, errors_as_json,
+                                       to_control_loop], client_max_size=MAX_BODY)
     app[BODY_TIMEOUT] = body_timeout
+    app[IN_FLIGHT] = InFlight(reads=max_reads, writes=max_writes)
     app[CONTROLLER] = controller
     app[TOKENS] = tokens
 
+    async def start_elector() -> asyncio.Task[None]:
+        assert elector is not None
+        return asyncio.create_task(elector.run(), name="leader-election")
+
+    async def stop_elector(task: asyncio.Task[None]) -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
     async def run_controller(app: web.Application) -> AsyncIterator[None]:
+        # (the controller's tasks belong to the control loop, wherever the app runs)
         if elector is None:
-            await controller.start()
+            await on_control(app, controller.start())
             yield
-            await controller.stop()
+            await on_control(app, controller.stop())
             return
         # with leader election, rollouts run only while this replica holds the lease
         controller.leading = False
         controller.leader = lambda: elector.leader
-        task = asyncio.create_task(elector.run(), name="leader-election")
+        task = await on_control(app, start_elector())
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await on_control(app, stop_elector(task))
 
     app.cleanup_ctx.append(run_controller)
     app.router.add_get("/healthz", healthz)

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from canary.errors import InvalidInput
-from canary.model import EventView, GateView, RolloutView
+from canary.model import EventView, GateView, RolloutSummary, RolloutView
 from canary.policy import Policy
 from canary.text import is_control
 
@@ -71,7 +71,10 @@ class Error(_Body):
 
 
 class RolloutList(BaseModel):
-    rollouts: list[RolloutView]
+    """GET /api/v1/rollouts: one page, newest first."""
+
+    rollouts: list[RolloutSummary]
+    next: str | None = Field(description="the `before` of the next page; null on the last")
 
 
 class TargetView(BaseModel):

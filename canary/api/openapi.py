@@ -61,7 +61,9 @@ def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any
 SPEC: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {"title": "canary", "version": "1", "description":
-             "Staged canary releases with automatic rollback. Roles: viewer < pipeline < oncall."},
+             "Staged canary releases with automatic rollback. Roles: viewer < pipeline < oncall. "
+             "Any call but /healthz and /readyz may be answered 503 with Retry-After when "
+             "too many of its kind (reads, writes) are in flight: retry after that long."},
     "paths": {
         "/healthz": {"get": {"summary": "liveness", "responses": _responses(200, bodies.Health)}},
         "/readyz": {"get": {"summary": "readiness",
@@ -71,8 +73,19 @@ SPEC: dict[str, Any] = {
         "/api/v1/policies": {"get": {"summary": "loaded policies", "security": _AUTH,
                                      "responses": _responses(200, bodies.PolicyList, 401, 403)}},
         "/api/v1/rollouts": {
-            "get": {"summary": "rollouts, newest first", "security": _AUTH,
-                    "parameters": [_query("target", {"type": "string"}, "only this target's")],
+            "get": {"summary": "rollouts, newest first, a page at a time; each without "
+                               "its events (GET /api/v1/rollouts/{id} has them)",
+                    "security": _AUTH,
+                    "parameters": [
+                        _query("target", {"type": "string"}, "only this target's rollouts"),
+                        _query("state", {"type": "string"},
+                               "only rollouts in these states, comma-separated; `active` "
+                               "stands for every state not final"),
+                        _query("limit", {"type": "integer", "minimum": 1, "maximum": 500,
+                                         "default": 50}, "rollouts per page"),
+                        _query("before", {"type": "string"},
+                               "a rollout id: the page starts with the rollout started just "
+                               "before it (pass the previous page's `next`)")],
                     "responses": _responses(200, bodies.RolloutList, 400, 401, 403, 503)},
             "post": {"summary": "start a rollout (role pipeline)", "security": _AUTH,
                      "requestBody": {"required": True, **_json(_ref(bodies.StartRollout))},

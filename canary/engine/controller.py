@@ -220,10 +220,9 @@ class Controller:
         return r
 
     async def _last_stable(self, target: str) -> str | None:
-        for r in await self.store.list():
-            if r.target == target and r.state is Phase.SUCCEEDED:
-                return r.canary_version
-        return None
+        last = await self.store.list(target=target, state=Phase.SUCCEEDED, limit=1,
+                                     events=False)
+        return last[0].canary_version if last else None
 
     async def command(self, rollout_id: str, cmd: Command, *,
                       scope: Callable[[str], bool] = _every_target) -> Rollout:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from canary.errors import NotFound
-from canary.model import Rollout
+from canary.model import Phase, Rollout
 
 
 def no_such_rollout(rollout_id: str) -> NotFound:
@@ -27,8 +28,14 @@ class Store(Protocol):
         """Write if the stored version is still `expected_version`, else StoreConflict."""
         ...
 
-    async def list(self, *, active_only: bool = False) -> list[Rollout]:
-        """Newest first."""
+    async def list(self, *, active_only: bool = False, target: str | None = None,
+                   state: Phase | Iterable[Phase] | None = None, limit: int | None = None,
+                   before: str | None = None, events: bool = True) -> list[Rollout]:
+        """Newest first (by start time, then id). `target`, `state` (one phase or any of
+        several) and `active_only` filter; `before` (a rollout id; NotFound if there is no
+        such rollout) starts after that rollout, and `limit` caps the count, so pages never
+        skip or repeat a rollout while new ones are started. `events=False` leaves every
+        rollout's events out (`events == ()`), for listings."""
         ...
 
     async def ping(self) -> None:
@@ -36,6 +43,15 @@ class Store(Protocol):
 
     async def close(self) -> None:
         ...
+
+
+def phases(state: Phase | Iterable[Phase] | None) -> tuple[str, ...] | None:
+    """The phase values a `list(state=...)` asks for; None for any."""
+    if state is None:
+        return None
+    if isinstance(state, Phase):
+        return (state.value,)
+    return tuple(sorted({p.value for p in state}))
 
 
 def open_store(url: str, *, kube_api: Any = None) -> Store:

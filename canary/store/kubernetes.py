@@ -14,17 +14,19 @@ Every write is conditional on the resourceVersion it read (409 -> StoreConflict)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import re
 import time
+from collections.abc import Iterable
 from typing import Any
 
-from canary import kube
+from canary import jsonsafe, kube
 from canary.errors import Conflict, NotFound, StoreConflict, StoreUnavailable
 from canary.executors import Pool
-from canary.model import Rollout
-from canary.store import no_such_rollout
+from canary.model import Phase, Rollout
+from canary.store import no_such_rollout, phases
 
 MANAGED = {"app.kubernetes.io/managed-by": "canary"}
 PENDING_GRACE = 60.0  # a start takes three quick writes; one pending longer than this crashed
@@ -79,7 +81,7 @@ class KubernetesStore:
         if rv:
             meta["resourceVersion"] = rv
         return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
-                "data": {"rollout.json": json.dumps(r.to_store()), "version": str(version)}}
+                "data": {"rollout.json": jsonsafe.dumps(r.to_store()), "version": str(version)}}
 
     @staticmethod
     def _parse(cm: dict[str, Any]) -> Rollout:
@@ -165,16 +167,36 @@ class KubernetesStore:
                          self.namespace, body)
         return Rollout.from_store(rollout.to_store(), version=expected_version + 1)
 
-    async def list(self, *, active_only: bool = False) -> list[Rollout]:
+    async def list(self, *, active_only: bool = False, target: str | None = None,
+                   state: Phase | Iterable[Phase] | None = None, limit: int | None = None,
+                   before: str | None = None, events: bool = True) -> list[Rollout]:
         selector = ",".join(f"{k}={v}" for k, v in MANAGED.items())
         if active_only:
             selector += ",canary.dev/active=true"
+        if target is not None:
+            selector += f",canary.dev/target={_dns(target)}"
         resp = await self._call("ConfigMaps", self._core().list_namespaced_config_map,
                                 self.namespace, label_selector=selector, _preload_content=False)
         items = json.loads(resp.data).get("items", [])
         out = [self._parse(cm) for cm in items if "rollout.json" in (cm.get("data") or {})
                and cm["metadata"].get("labels", {}).get("canary.dev/active") != "pending"]
+        wanted = phases(state)
+        out = [r for r in out if (target is None or r.target == target)
+               and (wanted is None or r.state.value in wanted)]
         out.sort(key=lambda r: (r.started_at, r.id), reverse=True)
+        if before is not None:
+            at = next((i for i, r in enumerate(out) if r.id == before), None)
+            if at is None:
+                try:  # it exists, but another filter leaves it out: start where it would be
+                    ref = await self.load(before)
+                except NotFound:
+                    raise NotFound(f"no rollout with id {before!r}") from None
+                at = sum(1 for r in out if (r.started_at, r.id) > (ref.started_at, ref.id)) - 1
+            out = out[at + 1:]
+        if limit is not None:
+            out = out[:limit]
+        if not events:
+            out = [dataclasses.replace(r, events=()) for r in out]
         return out
 
     async def ping(self) -> None:

@@ -4,7 +4,10 @@ A partial unique index allows one active rollout per target, so two racing start
 yield exactly one rollout. Only one controller may act on a file: `lock()` takes an
 exclusive lock on it for the life of the process. A file that cannot be written (disk
 full, read-only, corrupt, deleted while running) raises StoreUnavailable, never a bare
-sqlite3 error, so callers can tell "try again" from "bug".
+sqlite3 error, so callers can tell "try again" from "bug". Listing is paged and filtered
+in SQL, newest first, and a summary listing leaves each rollout's events inside SQLite
+(`json_remove`), so a read flood costs neither Python time nor the GIL for events nobody
+shows.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
-from canary.errors import Conflict, StoreConflict, StoreUnavailable, UserError
+from canary import jsonsafe
+from canary.errors import Conflict, NotFound, StoreConflict, StoreUnavailable, UserError
 from canary.executors import Pool
-from canary.model import Rollout
-from canary.store import no_such_rollout
+from canary.model import Phase, Rollout
+from canary.store import no_such_rollout, phases
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -35,6 +40,10 @@ CREATE TABLE IF NOT EXISTS rollouts (
 CREATE UNIQUE INDEX IF NOT EXISTS one_active_per_target ON rollouts(target) WHERE active = 1;
 CREATE INDEX IF NOT EXISTS by_start ON rollouts(started_at);
 CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY, at REAL NOT NULL);
+"""
+_PAGING = """
+CREATE INDEX IF NOT EXISTS by_start_id ON rollouts(started_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS by_target_start ON rollouts(target, started_at DESC, id DESC);
 """
 
 
@@ -75,6 +84,12 @@ class SqliteStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(rollouts)")}
+            if "state" not in columns:  # a file written before `state` was a column
+                self._db.executescript(
+                    "BEGIN; ALTER TABLE rollouts ADD COLUMN state TEXT; "
+                    "UPDATE rollouts SET state = json_extract(data, '$.state'); COMMIT;")
+            self._db.executescript(_PAGING)
         except sqlite3.Error as e:
             raise _unavailable(path, e) from e
         self._identity = _identity(path)
@@ -135,10 +150,10 @@ class SqliteStore:
     def _create(self, r: Rollout) -> Rollout:
         try:
             self._db.execute(
-                "INSERT INTO rollouts (id, target, active, started_at, version, data) "
-                "VALUES (?, ?, ?, ?, 1, ?)",
+                "INSERT INTO rollouts (id, target, active, started_at, version, data, state) "
+                "VALUES (?, ?, ?, ?, 1, ?, ?)",
                 (r.id, r.target, 0 if r.state.final else 1, r.started_at,
-                 json.dumps(r.to_store())))
+                 jsonsafe.dumps(r.to_store()), r.state.value))
         except sqlite3.IntegrityError as e:
             row = self._db.execute("SELECT id FROM rollouts WHERE target = ? AND active = 1",
                                    (r.target,)).fetchone()
@@ -164,9 +179,10 @@ class SqliteStore:
 
     def _save(self, r: Rollout, expected: int) -> Rollout:
         cur = self._db.execute(
-            "UPDATE rollouts SET active = ?, version = version + 1, data = ? "
+            "UPDATE rollouts SET active = ?, version = version + 1, data = ?, state = ? "
             "WHERE id = ? AND version = ?",
-            (0 if r.state.final else 1, json.dumps(r.to_store()), r.id, expected))
+            (0 if r.state.final else 1, jsonsafe.dumps(r.to_store()), r.state.value, r.id,
+             expected))
         if cur.rowcount != 1:
             raise StoreConflict(f"rollout {r.id} changed since version {expected}")
         return Rollout.from_store(r.to_store(), version=expected + 1)
@@ -175,15 +191,48 @@ class SqliteStore:
         result: Rollout = await self._call(self._save, rollout, expected_version, write=True)
         return result
 
-    def _list(self, active_only: bool) -> list[Rollout]:
-        sql = "SELECT data, version FROM rollouts"
+    def _list(self, active_only: bool, target: str | None, states: tuple[str, ...] | None,
+              limit: int | None, before: str | None, events: bool) -> list[Rollout]:
+        where: list[str] = []
+        args: list[Any] = []
         if active_only:
-            sql += " WHERE active = 1"
-        rows = self._db.execute(sql + " ORDER BY started_at DESC, id DESC").fetchall()
+            where.append("active = 1")
+        if target is not None:
+            where.append("target = ?")
+            args.append(target)
+        if states is not None:
+            where.append(f"state IN ({', '.join('?' * len(states))})" if states else "0")
+            args.extend(states)
+        if before is not None:
+            row = self._db.execute("SELECT started_at FROM rollouts WHERE id = ?",
+                                   (before,)).fetchone()
+            if row is None:
+                raise NotFound(f"no rollout with id {before!r}")
+            where.append("(started_at, id) < (?, ?)")
+            args.extend((row[0], before))
+        data = "data" if events else "json_set(data, '$.events', json('[]'))"
+        sql = f"SELECT {data}, version FROM rollouts"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY started_at DESC, id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        try:
+            rows = self._db.execute(sql, args).fetchall()
+        except sqlite3.OperationalError as e:
+            if events or "malformed JSON" not in str(e):
+                raise
+            # a row written before stored JSON was kept strict (`Infinity`): drop events here
+            rows = self._db.execute(sql.replace(data, "data", 1), args).fetchall()
+            rows = [(json.dumps({**json.loads(d), "events": []}), v) for d, v in rows]
         return [Rollout.from_store(json.loads(d), version=v) for d, v in rows]
 
-    async def list(self, *, active_only: bool = False) -> list[Rollout]:
-        result: list[Rollout] = await self._call(self._list, active_only)
+    async def list(self, *, active_only: bool = False, target: str | None = None,
+                   state: Phase | Iterable[Phase] | None = None, limit: int | None = None,
+                   before: str | None = None, events: bool = True) -> list[Rollout]:
+        result: list[Rollout] = await self._call(self._list, active_only, target,
+                                                 phases(state), limit, before, events)
         return result
 
     async def ping(self) -> None:

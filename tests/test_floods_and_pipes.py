@@ -1,0 +1,371 @@
+"""`canary serve` as a process, under faults every host sees: whatever reads its log goes
+away, clients hang up in the middle of an answer, hundreds of viewers flood it with reads,
+and it is stopped right after. It keeps serving, every abort lands, evaluations go on,
+and it stops promptly without ballooning. (How late evaluations and aborts get under a
+flood is measured by bench/load.py --flood, not asserted here.)"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+
+from canary.api.app import build_app, make_runner
+from canary.clock import RealClock
+from canary.config import NginxTarget
+from canary.demo.procs import free_port, wait_http
+from canary.engine.controller import Controller
+from canary.routers.nginx import NginxRouter
+from canary.store.sqlite import SqliteStore
+from tests.doubles import PrometheusDouble
+from tests.helpers import TOKENS, Api, SetSource, eventually, seed, simple_policy, tokens
+
+pytestmark = pytest.mark.e2e
+TARGETS = ("web0", "web1", "web2", "web3")
+
+
+def write_config(tmp: Path, prom: str, *, hold: str = "1h") -> tuple[Path, int]:
+    port = free_port()
+    (tmp / "policies").mkdir(exist_ok=True)
+    (tmp / "policies" / "p.yaml").write_text(yaml.safe_dump({
+        "name": "p", "interval": "300ms", "failure_limit": 2, "progress_deadline": "2h",
+        "stages": [{"weight": 10, "hold": hold}, {"weight": 100, "hold": "300ms"}],
+        "gates": [{"name": "errors", "query": 'errors{svc="{{ target }}"}', "max": 0.5}]}))
+    (tmp / "canary.yaml").write_text(yaml.safe_dump({
+        "listen": f"127.0.0.1:{port}", "state": "sqlite:state.db",
+        "prometheus": {"url": prom, "timeout": "1s"}, "policies": "policies",
+        "auth": {"tokens": [{"name": f"{r}-token", "sha256": hashlib.sha256(t.encode()).hexdigest(),
+                             "role": r} for r, t in TOKENS.items()]},
+        "targets": {name: {"router": "nginx", "file": f"{name}.conf", "upstream": name,
+                           "stable": ["127.0.0.1:9001"], "canary": ["127.0.0.1:9002"],
+                           "test": ["true"], "reload": ["true"], "policy": "p",
+                           "stable_version": "v1"} for name in TARGETS}}))
+    return tmp / "canary.yaml", port
+
+
+@contextlib.asynccontextmanager
+async def serve(tmp: Path, *, seeded: int = 0, events: int = 0, hold: str = "1h",
+                out: int | None = None) -> AsyncIterator[tuple[asyncio.subprocess.Process,
+                                                               Api]]:
+    """`canary serve` as a process (its stdout and stderr to `out`, else a log file), with
+    `seeded` finished rollouts of `events` events each already in its state file."""
+    prom = PrometheusDouble(0.0)
+    await prom.start()
+    cfg, port = write_config(tmp, prom.url, hold=hold)
+    if seeded:
+        store = SqliteStore(str(tmp / "state.db"))
+        await seed(store, seeded, targets=TARGETS, events=events)
+        await store.close()
+    log = open(tmp / "controller.log", "ab")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "canary.cli", "serve", "--config", str(cfg),
+        stdin=asyncio.subprocess.DEVNULL, stdout=log if out is None else out,
+        stderr=log if out is None else out, cwd=tmp)
+    log.close()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await wait_http(f"{base}/readyz")
+        async with aiohttp.ClientSession() as s:
+            yield proc, Api(base, s)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await prom.stop()
+
+
+async def until_answered(api: Api, rid: str, check: Any, *, deadline: float = 60.0,
+                         what: str = "state") -> dict[str, Any]:
+    """Poll one rollout; a 503 (too many reads in flight) is asked again, as the CLI does."""
+    async def probe() -> dict[str, Any] | None:
+        status, data = await api.call("GET", f"/api/v1/rollouts/{rid}", role="viewer")
+        assert status in (200, 503), data
+        return data if status == 200 and check(data) else None
+    return await eventually(probe, deadline=deadline, what=what)
+
+
+async def flood(base: str, *, requests: int, in_flight: int, ids: list[str],
+                give_up: tuple[float, float] | None = None,
+                until: asyncio.Event | None = None) -> dict[str, int]:
+    """`requests` reads (or fewer, if `until` is set first), `in_flight` at a time, each
+    sent once and none waiting out a 503: listings of every size and single rollouts.
+    With `give_up` (seconds, from-to), each client hangs up after a random time in that
+    range, often mid-answer."""
+    rng = random.Random(7)
+    paths = ["/api/v1/rollouts", "/api/v1/rollouts?limit=500", "/api/v1/rollouts?state=active",
+             *(f"/api/v1/rollouts/{rid}" for rid in ids[:30])]
+    view = {"Authorization": f"Bearer {TOKENS['viewer']}"}
+    seen: dict[str, int] = {}
+    left = requests
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=in_flight)) as s:
+        async def one() -> None:
+            nonlocal left
+            while left > 0 and not (until and until.is_set()):
+                left -= 1
+                timeout = aiohttp.ClientTimeout(total=rng.uniform(*give_up) if give_up else 60)
+                try:
+                    async with s.get(base + rng.choice(paths), headers=view,
+                                     timeout=timeout) as r:
+                        await r.read()
+                        key = str(r.status)
+                        if r.status == 503:
+                            assert r.headers.get("Retry-After"), "a 503 says when to retry"
+                except (TimeoutError, aiohttp.ClientError):
+                    key = "gave up"
+                seen[key] = seen.get(key, 0) + 1
+
+        await asyncio.gather(*(one() for _ in range(in_flight)))
+    return seen
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    """(resident now, peak resident) of a process, from /proc."""
+    fields = dict(line.split(":", 1) for line in
+                  Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return (int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024)
+
+
+def read_line(fd: int) -> bytes:
+    data = b""
+    while b"\n" not in data:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n")[0]
+
+
+async def test_serve_keeps_working_after_whatever_reads_its_log_goes_away(tmp_path):
+    """`canary serve ... 2>&1 | head -1`: head reads one line and exits."""
+    r, w = os.pipe()
+    try:
+        async with serve(tmp_path, hold="600ms", out=w) as (proc, api):
+            os.close(w)
+            w = -1
+            first = await asyncio.wait_for(asyncio.to_thread(read_line, r), 30)
+            assert first.startswith(b"{"), first
+            os.close(r)  # the reader is gone: every log line from here meets a closed pipe
+            r = -1
+            a = await api.start(target="web0", canary_version="v2")
+            status, data = await api.call("POST", f"/api/v1/rollouts/{a['id']}/abort",
+                                          {"reason": "bad build"}, role="pipeline")
+            assert status == 200, data
+            await api.until(a["id"], lambda x: x["state"] == "rolled_back")
+            b = await api.start(target="web0", canary_version="v3")
+            done = await api.until(b["id"], lambda x: x["state"] == "succeeded", deadline=60)
+            assert done["weight"] == 100
+            status, data = await api.call("POST", "/api/v1/rollouts", {"target": "nope",
+                                          "canary_version": "v4"}, role="pipeline")
+            assert status == 404  # (a refused write is audited: one more line to drop)
+            assert (await api.call("GET", "/healthz", role=None))[0] == 200
+            assert proc.returncode is None
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 30) == 0, "a clean exit, not SIGPIPE"
+    finally:
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)
+
+
+async def test_a_read_command_piped_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`canary status | head -1` keeps the Unix habit: no BrokenPipeError traceback."""
+    async with serve(tmp_path, seeded=30) as (_proc, api):
+        r, w = os.pipe()
+        os.close(r)  # head has already gone
+        env = {**os.environ, "CANARY_SERVER": api.base, "CANARY_TOKEN": TOKENS["viewer"]}
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "canary.cli", "status", env=env, stdout=w,
+            stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
+        os.close(w)
+        _, err = await asyncio.wait_for(cli.communicate(), 60)
+        assert cli.returncode == -signal.SIGPIPE and err == b"", err
+
+
+async def test_clients_hanging_up_mid_answer_under_load_do_not_stop_serve(tmp_path):
+    async with serve(tmp_path, seeded=300, events=200) as (proc, api):
+        ids = [f"seed-{i:04d}" for i in range(300)]
+        # 400 viewers at once, each giving up after 1 to 30 ms: most leave mid-answer
+        for _ in range(2):
+            seen = await flood(api.base, requests=800, in_flight=400, ids=ids,
+                               give_up=(0.001, 0.03))
+            assert seen.get("gave up", 0) > 0, seen
+            assert proc.returncode is None, "the controller died"
+        assert (await api.call("GET", "/healthz", role=None))[0] == 200
+        status, data = await api.call("GET", "/api/v1/rollouts?limit=500", role="viewer")
+        assert status == 200 and len(data["rollouts"]) == 300
+        r = await api.start(target="web1", canary_version="v9")
+        status, _ = await api.call("POST", f"/api/v1/rollouts/{r['id']}/abort",
+                                   {"reason": "after the storm"}, role="pipeline")
+        assert status == 200
+        await api.until(r["id"], lambda x: x["state"] == "rolled_back")
+        assert proc.returncode is None
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    log = (tmp_path / "controller.log").read_text()
+    assert "Traceback" not in log and '"level": "error"' not in log, log[-3000:]
+
+
+async def test_stopping_right_after_a_read_flood_is_prompt_and_memory_stays_bounded(tmp_path):
+    # big rollouts (1,000 events each) make every answer that is built for nobody costly
+    async with serve(tmp_path, seeded=200, events=1000) as (proc, api):
+        ids = [f"seed-{i:04d}" for i in range(200)]
+        before, _ = rss_mb(proc.pid)
+        seen = await flood(api.base, requests=3000, in_flight=500, ids=ids,
+                           give_up=(0.05, 2.0))
+        now, peak = rss_mb(proc.pid)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), 15)  # (waits at most; not a timing claim)
+        took = time.monotonic() - t0
+    print(f"\nflood {seen}; rss before {before:.0f} MB, after {now:.0f} MB, peak {peak:.0f} MB; "
+          f"exit {code} after {took:.2f}s")
+    assert code == 0
+    assert peak - before < 300, f"resident memory grew by {peak - before:.0f} MB"
+
+
+async def test_under_a_read_flood_every_abort_lands_and_evaluations_go_on(tmp_path):
+    async with serve(tmp_path, seeded=100, events=50) as (proc, api):
+        live = {t: (await api.start(target=t, canary_version="v9"))["id"] for t in TARGETS}
+        for rid in live.values():
+            await api.until(rid, lambda x: x["applied_weight"] == 10)
+        ids = list(live.values()) + [f"seed-{i:04d}" for i in range(100)]
+        checked = asyncio.Event()
+        flooding = asyncio.create_task(flood(api.base, requests=200_000, in_flight=500,
+                                             ids=ids, until=checked))
+        try:
+            victims, survivors = list(live.values())[:2], list(live.values())[2:]
+            marks = {}
+            for rid in survivors:
+                marks[rid] = (await until_answered(api, rid, lambda x: True))["gates"][0]["at"]
+            for rid in victims:
+                status, data = await api.call("POST", f"/api/v1/rollouts/{rid}/abort",
+                                              {"reason": "flood drill"}, role="pipeline")
+                assert status == 200, data  # (reads in flight never take a write's place)
+            for rid in victims:
+                await until_answered(api, rid, lambda x: x["state"] == "rolled_back",
+                                     what="the abort in force")
+            for rid in survivors:  # still evaluated, interval after interval
+                await until_answered(api, rid, lambda x, m=marks[rid]: x["gates"][0]["at"] > m,
+                                     what="a fresh evaluation")
+            assert not flooding.done(), "the flood ended before the checks did"
+        finally:
+            checked.set()
+            seen = await flooding
+        assert set(seen) <= {"200", "503"}, seen  # never a 5xx but "busy, retry"
+        assert proc.returncode is None
+
+
+# ---- in one process: the bound itself, and writes whose client left --------------------
+
+
+class GatedStore(SqliteStore):
+    """A store whose listings (and, when asked, creates) wait until the test opens a gate
+    (the controller itself lists only when it starts)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.waiting = 0
+        self.gate_creates = False
+
+    async def list(self, **kwargs: Any) -> Any:
+        await self._wait()
+        return await super().list(**kwargs)
+
+    async def create(self, *, rollout: Any) -> Any:
+        if self.gate_creates:
+            await self._wait()
+        return await super().create(rollout=rollout)
+
+    async def _wait(self) -> None:
+        self.waiting += 1
+        try:
+            await self.gate.wait()
+        finally:
+            self.waiting -= 1
+
+
+@contextlib.asynccontextmanager
+async def app_with(tmp_path: Path, store: GatedStore, **bounds: int) -> AsyncIterator[
+        tuple[Api, Controller]]:
+    """The API in this process (one loop, as the tests' controllers run), over `store`."""
+    t = NginxTarget(name="web", file=tmp_path / "web.conf", upstream="web",
+                    stable=("127.0.0.1:9001",), canary=("127.0.0.1:9002",), test=("true",),
+                    reload=("true",), policy="p", vars={"service": "web"}, stable_version="v1")
+    ctl = Controller(store=store, policies={"p": simple_policy(hold=3600)},
+                     targets={"web": t}, routers={"web": NginxRouter(t)}, source=SetSource(),
+                     clock=RealClock())
+    runner = make_runner(build_app(ctl, tokens(), **bounds))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            yield Api(f"http://127.0.0.1:{port}", s), ctl
+    finally:
+        store.gate.set()
+        await runner.cleanup()
+        await store.close()
+
+
+async def test_reads_beyond_the_bound_get_503_at_once_and_writes_still_pass(tmp_path):
+    store = GatedStore(str(tmp_path / "state.db"))
+    async with app_with(tmp_path, store, max_reads=3) as (api, _ctl):
+        r = await api.start(canary_version="v2")
+        store.gate.clear()
+        held = [asyncio.create_task(api.call("GET", "/api/v1/rollouts", role="viewer"))
+                for _ in range(3)]
+        await eventually(lambda: _true(store.waiting == 3), what="three reads in flight")
+        async with api.s.get(f"{api.base}/api/v1/rollouts/{r['id']}",
+                             headers={"Authorization": f"Bearer {TOKENS['viewer']}"}) as resp:
+            body = await resp.json()
+            assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+            assert "answering 3 reads already; try again" in body["error"]
+        assert (await api.call("GET", "/healthz", role=None))[0] == 200  # never bounded
+        # writes have their own bound: reads in flight never take an override's place
+        status, data = await api.call("POST", f"/api/v1/rollouts/{r['id']}/pause",
+                                      {"reason": "look"}, role="oncall")
+        assert status == 200 and data["state"] == "paused"
+        store.gate.set()
+        assert [s for s, _ in await asyncio.gather(*held)] == [200] * 3
+        assert (await api.call("GET", f"/api/v1/rollouts/{r['id']}", role="viewer"))[0] == 200
+        _, text = await api.call("GET", "/metrics", role=None)
+        assert 'canary_api_refused_total{kind="read"} 1.0' in text
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_a_start_whose_client_hangs_up_is_carried_through(tmp_path):
+    store = GatedStore(str(tmp_path / "state.db"))
+    async with app_with(tmp_path, store) as (api, ctl):
+        store.gate_creates = True
+        store.gate.clear()
+        with pytest.raises(TimeoutError):
+            await api.s.post(f"{api.base}/api/v1/rollouts",
+                             json={"target": "web", "canary_version": "v2"},
+                             headers={"Authorization": f"Bearer {TOKENS['pipeline']}"},
+                             timeout=aiohttp.ClientTimeout(total=0.3))
+        assert store.waiting == 1  # the client has gone; the start is still on its way
+        store.gate.set()
+
+        async def running() -> list[Any]:
+            got = await store.list(active_only=True)
+            return got if got and got[0].applied_weight == 10 else []
+        (r,) = await eventually(running, what="the rollout started and its weight applied")
+        assert ctl.running() == 1 and r.canary_version == "v2"
