@@ -234,15 +234,57 @@ def could_detect(gate: ErrorGate, stage: dict[str, float], gross: float | None =
 
 
 def shown_not_worse(gate: ErrorGate, state: State) -> bool:
-    """May the canary take all traffic? When the non-inferiority test has shown it no
-    worse than the margin; or, where errors are too rare for a ratio to mean anything
-    (margin x stable's rate below detect_rate), when this stage's traffic would have
-    caught a canary failing at detect_rate."""
-    if ni_evidence(state) >= 1 / gate.alpha:
-        return True
+    """May the canary take all traffic? Only when the non-inferiority test has shown it no
+    worse than the margin. There is no other way in: a check of how much traffic a stage
+    saw says nothing about this canary, and where errors are too rare for the test to
+    build evidence the step waits, inconclusive (progress_deadline bounds the wait)."""
+    return ni_evidence(state) >= 1 / gate.alpha
+
+
+def move_cap(gate: ErrorGate) -> float:
+    """A stage moves on only while the evidence that the canary is worse stays below
+    this: 10 at alpha 0.01 (sqrt(1/alpha), never above 10). Evidence between the cap and
+    1/alpha holds the stage - it is not yet enough to roll back, but too much to hand the
+    canary more traffic on; more intervals either push it over 1/alpha or let it fall
+    back (the statistic decays under a healthy canary)."""
+    return min(10.0, math.sqrt(1 / gate.alpha))
+
+
+def share_mismatch(stage: dict[str, float], weight: int | None) -> str | None:
+    """Does the canary get the share of requests its weight promises? Over the stage's
+    totals, observed share against weight/100: a disagreement by more than a factor of 2
+    (either way) and beyond 4 binomial standard deviations says the routing is not doing
+    what canary asked (a subset without pods, a broken route, sticky sessions), and
+    nothing the gates measured at this weight means what it should."""
+    if weight is None or not 0 < weight < 100:
+        return None
+    n_c, n_s = stage.get("n_c", 0.0), stage.get("n_s", 0.0)
+    n = n_c + n_s
+    w = weight / 100
+    mu = n * w
+    if n <= 0 or abs(n_c - mu) <= 4 * math.sqrt(n * w * (1 - w)):
+        return None
+    share = n_c / n
+    if share < w / 2 or (1 - share) < (1 - w) / 2:
+        return (f"the canary served {share:.1%} of requests this stage at weight {weight}% "
+                f"({n_c:.0f} of {n:.0f}): routing does not give it its weight (missing "
+                "canary pods, a broken route?); holding")
+    return None
+
+
+def _rarity(state: State) -> str:
+    """How many canary errors the whole rollout would hold at stable's rate: the
+    expected count (not the canary's observed one) is what says whether the test can
+    decide yet - a ratio of two rates means little over a handful of errors."""
     se, sn = state.disp.get("se", 0.0), state.disp.get("sn", 0.0)
-    rare = sn > 0 and _margin(gate) * se / sn < gate.detect_rate
-    return rare and could_detect(gate, state.stage, gate.final_gross)
+    n_c = state.disp_c.get("sn", 0.0)
+    if sn <= 0 or n_c <= 0:
+        return ""
+    expected = n_c * se / sn
+    if expected >= 20:
+        return ""
+    return (f"; at stable's rate the canary would have made {expected:.1f} errors so far: "
+            "too few to tell yet")
 
 
 @dataclass(frozen=True)
@@ -254,11 +296,20 @@ class Outcome:
 
 
 def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
-           *, new_stage: bool = False, before_full: bool = False, now: float = 0.0) -> Outcome:
+           *, new_stage: bool = False, before_full: bool = False, now: float = 0.0,
+           weight: int | None = None) -> Outcome:
     """One evaluation: raw holds the counters `canary_requests`, `canary_errors`,
-    `stable_requests`, `stable_errors` (None where the query had no sample)."""
+    `stable_requests`, `stable_errors` (None where the query had no sample). `weight`,
+    when given, is the canary weight in force: the canary's observed share of requests
+    is checked against it, and at 100 stable's counters may be gone."""
     if new_stage:
         state = replace(state, stage={})
+    if weight == 100 and raw.get("stable_requests") is None and raw.get(
+            "canary_requests") is not None:
+        # at 100% stable serves nothing, and its series may be gone (scaled to zero after
+        # hand-over, or by an autoscaler): nothing to compare with, not "no data"
+        raw = {**raw, "stable_requests": state.last.get("stable_requests", 0.0),
+               "stable_errors": state.last.get("stable_errors", 0.0)}
     if any(raw.get(k) is None for k in ("canary_requests", "stable_requests")):
         return Outcome("no_data", None, "no request counters yet", state)
     odd = [k for k, v in raw.items() if v is not None and not (math.isfinite(v) and
@@ -307,11 +358,20 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
         return Outcome("fail", value, f"canary's error rate is above stable's x "
                                       f"{gate.tolerance:g} (evidence {m:.3g} >= "
                                       f"{1 / gate.alpha:g}); {rates}", state)
-    if n_s == 0 and n_c > 0:
+    if n_s == 0 and n_c > 0 and weight in (None, 100):
         # at 100% there is nothing to compare with: the stages before judged the canary
         # (and the hard guard still watches it)
-        return Outcome("pass", value, f"stable serves no traffic at this weight; judged by "
-                                      f"the stages before; {rates}", state)
+        return Outcome("pass", value, f"stable serves no traffic at this weight; nothing "
+                                      f"to compare with; judged by the stages before; "
+                                      f"{rates}", state)
+    if m >= move_cap(gate):
+        return Outcome("inconclusive", value, f"evidence that the canary is worse is {m:.3g} "
+                                              f"(a stage moves on only below "
+                                              f"{move_cap(gate):g}; it rolls back at "
+                                              f"{1 / gate.alpha:g}): holding; {rates}", state)
+    mismatch = share_mismatch(st, weight)
+    if mismatch:
+        return Outcome("inconclusive", value, f"{mismatch}; {rates}", state)
     if before_full:
         if shown_not_worse(gate, state):
             return Outcome("pass", value, f"shown no worse than stable x {_margin(gate):g} "
@@ -320,7 +380,8 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
         return Outcome("inconclusive", value, f"not yet shown no worse than stable x "
                                               f"{_margin(gate):g} (evidence "
                                               f"{ni_evidence(state):.3g} of "
-                                              f"{1 / gate.alpha:g} needed); {rates}", state)
+                                              f"{1 / gate.alpha:g} needed{_rarity(state)}); "
+                                              f"{rates}", state)
     if could_detect(gate, state.stage):
         return Outcome("pass", value, rates, state)
     return Outcome("inconclusive", value, f"not enough canary traffic yet to rule out a "
