@@ -366,7 +366,8 @@ class _Checker:
                 continue
             texts: dict[str, str | None] = {}
             for key in ("query", "baseline", "requests", "errors"):
-                value = item.get(key, getattr(base, key) if base else None)
+                # (an inherited errors gate has query "": not given, not a bad query)
+                value = item.get(key, (getattr(base, key) or None) if base else None)
                 if value is not None and (not isinstance(value, str) or not value.strip()):
                     self.problem((*gpath, key), "must be a PromQL query")
                     value = None
