@@ -92,6 +92,8 @@ def scenarios() -> list[Scenario]:
         Scenario("bursty, canary only", BASE, const(BASE), None, canary_noise=0.3),
         Scenario("very bursty, canary only", BASE, const(BASE), None, canary_noise=1.0),
         Scenario("errors x2", BASE, const(BASE * 2), 0.0),
+        Scenario("errors x2, base 0.4%", 0.004, const(0.008), 0.0),
+        Scenario("errors x3, base 0.2%", 0.002, const(0.006), 0.0),
         Scenario("errors x5", BASE, const(BASE * 5), 0.0),
         Scenario("errors x10", BASE, const(BASE * 10), 0.0),
         Scenario("crash at start", BASE, const(1.0), 0.0),
@@ -111,6 +113,7 @@ class Result:
     outcome: str          # "promoted" | "rolled_back" | "inconclusive"
     time: float           # when it ended
     excess: float         # canary errors above stable's rate, from onset to the end
+    max_weight: int = 0   # the highest weight the canary reached
 
 
 @dataclass
@@ -270,9 +273,10 @@ def simulate_latency(sc: LatencyScenario, rps: float, seed: int,
     ex_at = BUCKETS.index(EXCESS_AT) + 1
     p_slow_base = float(base[ex_at:].sum())
     window: list[np.ndarray] = []
-    excess = 0.0
+    excess, top = 0.0, 0
     while t < MAX_TIME:
         w = (ours.weight if ours else WEIGHTS[sch.stage]) / 100
+        top = max(top, round(w * 100))
         n = rng.poisson(rps * SCRAPE)
         n_c = int(rng.binomial(n, w))
         n_s = n - n_c
@@ -290,8 +294,8 @@ def simulate_latency(sc: LatencyScenario, rps: float, seed: int,
         window = [*window, b_c][-4:]
         end = judge(ours, sch, rule, t, counts, p99_ok, window)
         if end:
-            return Result(end, t, excess)
-    return Result("inconclusive", t, excess)
+            return Result(end, t, excess, top)
+    return Result("inconclusive", t, excess, top)
 
 
 def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) -> Result:
@@ -302,9 +306,10 @@ def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) 
                             "stable_errors"), 0.0)
     ours = Ours((GATE,), sc.holds, sc.deadline, sc.weights) if rule is None else None
     window: list[tuple[float, float]] = []  # canary (requests, errors) per scrape, last 1 m
-    excess = 0.0
+    excess, top = 0.0, 0
     while t < max(MAX_TIME, sc.deadline + sum(sc.holds)):
         w = (ours.weight if ours else sch.weights[sch.stage]) / 100
+        top = max(top, round(w * 100))
         n = rng.poisson(rps * SCRAPE)
         n_c = rng.binomial(n, w)
         n_s = n - n_c
@@ -321,8 +326,8 @@ def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) 
         window = [*window, (n_c, e_c)][-4:]
         end = judge(ours, sch, rule, t, [counts], rate_ok, window)
         if end:
-            return Result(end, t, excess)
-    return Result("inconclusive", t, excess)
+            return Result(end, t, excess, top)
+    return Result("inconclusive", t, excess, top)
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -348,6 +353,8 @@ def summarize(results: list[Result], sc: Any) -> dict[str, float]:
     else:
         det = [r.time - sc.onset for r in rb if r.time >= sc.onset]  # (before: a false one)
         out["miss"] = 1 - len(rb) / n
+        out["promoted"] = sum(r.outcome == "promoted" for r in results) / n
+        out["reached_50"] = sum(r.max_weight >= 50 for r in results) / n
         out["detect_median_s"] = float(np.median(det)) if det else math.nan
         out["detect_p90_s"] = float(np.percentile(det, 90)) if det else math.nan
         out["excess_mean"] = float(np.mean([max(0.0, r.excess) for r in results]))
@@ -365,11 +372,12 @@ def main() -> None:
     t0 = time.time()
     print(f"# {args.healthy_runs} runs per healthy condition, {args.bad_runs} per bad one; "
           f"error bound 1% for the fixed rule; alpha 0.01 for canary's gate\n")
-    print("| scenario | rps | canary: rolled back | canary: inconclusive | canary: detect "
+    print("| scenario | rps | canary: rolled back | canary: inconclusive | canary: promoted "
+          "(bad) | canary: reached 50% (bad) | canary: detect "
           "median / p90 s | canary: excess bad | canary: promote min | best fixed rule "
-          "(FR <= canary's or 1%) | its rolled back | its detect median / p90 s | "
-          "its excess bad | its promote min |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "(FR <= canary's or 1%) | its rolled back | its promoted (bad) | its detect "
+          "median / p90 s | its excess bad | its promote min |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for rps in args.rps:
         healthy_fr: dict[tuple[int, int] | None, float] = {}
         cases: list[tuple[Any, Callable[..., Result]]] = [(sc, simulate) for sc in scenarios()]
@@ -410,8 +418,13 @@ def main() -> None:
                     else "-")
             bex = f"{b['excess_mean']:.1f}" if b and sc.onset is not None else "-"
             bpro = f"{b['promote_median_min']:.1f}" if b and sc.onset is None else "-"
-            print(f"| {sc.name} | {rps:g} | {rb} | {ours['inconclusive']:.1%} | {det} | {ex} | "
-                  f"{pro} | {bname} | {brb} | {bdet} | {bex} | {bpro} |", flush=True)
+            bad = sc.onset is not None
+            prom = f"{ours['promoted']:.1%}" if bad else "-"
+            r50 = f"{ours['reached_50']:.1%}" if bad else "-"
+            bprom = f"{b['promoted']:.1%}" if b and bad else "-"
+            print(f"| {sc.name} | {rps:g} | {rb} | {ours['inconclusive']:.1%} | {prom} | {r50} | "
+                  f"{det} | {ex} | {pro} | {bname} | {brb} | {bprom} | {bdet} | {bex} | "
+                  f"{bpro} |", flush=True)
     print(f"\n({time.time() - t0:.0f} s)")
 
 
