@@ -24,7 +24,7 @@ import argparse
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -62,6 +62,8 @@ class Scenario:
     holds: tuple[float, ...] = HOLDS  # the staged policy both rules follow...
     deadline: float = DEADLINE        # ...and its progress deadline...
     weights: tuple[int, ...] = WEIGHTS  # ...and its weights
+    restart_every: float = 0.0        # canary pods restart (counters to 0) this often
+    per_pod: bool = False             # the gate reads each pod's counters, not their sum
 
     def rates(self, t: float, rng: np.random.Generator) -> tuple[float, float]:
         p_c, p_s = self.canary(t), self.p_stable
@@ -101,11 +103,44 @@ def scenarios() -> list[Scenario]:
         Scenario("crash at 30 min (45 min policy)", BASE,
                  lambda t: 1.0 if t >= 1800 else BASE, 1800.0, holds=SOAK_HOLDS,
                  deadline=SOAK_DEADLINE),
+        Scenario("crash loop, 4 pods, x2, summed counters", BASE, const(BASE * 2), 0.0,
+                 restart_every=120.0),
+        Scenario("crash loop, 4 pods, x2, per-pod counters", BASE, const(BASE * 2), 0.0,
+                 restart_every=120.0, per_pod=True),
         Scenario("slow leak", BASE, lambda t: BASE * (1 + 9 * min(1.0, t / 900)), 0.0),
         Scenario("healthy, 1% first stage", BASE, const(BASE), None, weights=ONE_PERCENT),
         Scenario("errors x5, 1% first stage", BASE, const(BASE * 5), 0.0, weights=ONE_PERCENT),
     ]
     return out
+
+
+@dataclass
+class Pods:
+    """A canary on 4 pods, each with its own counters, each restarting (its counters back
+    to 0) at random, `restart_every` seconds apart on average: a crash loop."""
+
+    req: list[float] = field(default_factory=lambda: [0.0] * 4)
+    err: list[float] = field(default_factory=lambda: [0.0] * 4)
+
+    def scrape(self, rng: np.random.Generator, n_c: int, e_c: int, counts: dict[str, float],
+               sc: Scenario) -> dict[str, float]:
+        share = rng.multinomial(n_c, [0.25] * 4)
+        errs = rng.multivariate_hypergeometric(share, e_c) if n_c else np.zeros(4, int)
+        for i in range(4):
+            if rng.random() < SCRAPE / sc.restart_every:
+                # it crashed part-way through the interval: what it counted before the
+                # crash was never scraped; it counts from 0 again after
+                kept = rng.random()
+                self.req[i] = float(round(share[i] * kept))
+                self.err[i] = float(round(errs[i] * kept))
+            else:
+                self.req[i] += float(share[i])
+                self.err[i] += float(errs[i])
+        out = {**counts, "canary_requests": sum(self.req), "canary_errors": sum(self.err)}
+        if sc.per_pod:
+            out.update({f"canary_requests|pod={i}": self.req[i] for i in range(4)})
+            out.update({f"canary_errors|pod={i}": self.err[i] for i in range(4)})
+        return out
 
 
 @dataclass
@@ -307,6 +342,7 @@ def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) 
     ours = Ours((GATE,), sc.holds, sc.deadline, sc.weights) if rule is None else None
     window: list[tuple[float, float]] = []  # canary (requests, errors) per scrape, last 1 m
     excess, top = 0.0, 0
+    pods = Pods()
     while t < max(MAX_TIME, sc.deadline + sum(sc.holds)):
         w = (ours.weight if ours else sch.weights[sch.stage]) / 100
         top = max(top, round(w * 100))
@@ -324,7 +360,10 @@ def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) 
         counts["stable_requests"] += n_s
         counts["stable_errors"] += e_s
         window = [*window, (n_c, e_c)][-4:]
-        end = judge(ours, sch, rule, t, [counts], rate_ok, window)
+        raw = counts
+        if sc.restart_every:
+            raw = pods.scrape(rng, n_c, e_c, counts, sc)
+        end = judge(ours, sch, rule, t, [raw], rate_ok, window)
         if end:
             return Result(end, t, excess, top)
     return Result("inconclusive", t, excess, top)

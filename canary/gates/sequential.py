@@ -45,6 +45,7 @@ GRID = (1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)  # ratios of error rates, x tolera
 NI_GRID = (0.25, 0.5, 0.75)              # ratios, x the non-inferiority margin
 DISPERSION_CAP = 3.0    # one interval pair's say in the spread estimate
 MAX_COUNTER = 1e15      # a quadrillion requests: anything above is not a counter
+MAX_SERIES = 2000       # per-series counters kept in the state (pods x 4 queries)
 PRIOR_SPREAD = 0.75     # sigma^2 assumed before stable has shown its own
 SPREAD_Z = 2.5          # standard errors added to the estimate
 # The canary's own spread counts only from interval pairs expected to hold this many of
@@ -76,12 +77,13 @@ class State:
     stage: dict[str, float] = field(default_factory=dict)  # this stage's totals
     first_at: float | None = None                          # when counting began
     ni: list[float] = field(default_factory=lambda: [0.0] * len(NI_GRID))  # log products
+    ab: list[float] = field(default_factory=lambda: [0.0] * len(NI_GRID))  # ...and absolute
     disp: dict[str, float] = field(default_factory=dict)   # stable's spread estimate
     disp_c: dict[str, float] = field(default_factory=dict)  # the canary's
 
     def to_json(self) -> dict[str, Any]:
         return {"last": self.last, "t": self.t, "s": self.s, "stage": self.stage,
-                "first_at": self.first_at, "ni": self.ni, "disp": self.disp,
+                "first_at": self.first_at, "ni": self.ni, "ab": self.ab, "disp": self.disp,
                 "disp_c": self.disp_c}
 
     @classmethod
@@ -91,6 +93,7 @@ class State:
         return cls(last=dict(d.get("last", {})), t=int(d.get("t", 0)),
                    s=list(d.get("s", [0.0] * len(GRID))), stage=dict(d.get("stage", {})),
                    first_at=d.get("first_at"), ni=list(d.get("ni", [0.0] * len(NI_GRID))),
+                   ab=list(d.get("ab", [0.0] * len(NI_GRID))),
                    disp=dict(d.get("disp", {})), disp_c=dict(d.get("disp_c", {})))
 
 
@@ -99,6 +102,30 @@ def _delta(new: float, old: float | None) -> float:
     if old is None:
         return 0.0
     return new if new < old else new - old
+
+
+def _deltas(cur: dict[str, float], last: dict[str, float], first: bool) -> dict[str, float]:
+    """Each counter's increase since the last reading. Where the query returned several
+    series (one per pod: "canary_requests|pod=web-1", ...) the increase is taken per
+    series and summed: a pod that restarts resets its own counter only, and a drop of the
+    sum must not be read as all of them restarting (which counts the other pods' whole
+    history as new, and loses the restarted pod's). A series new since the last reading
+    started from 0 (a new pod): all of it is new."""
+    out: dict[str, float] = {}
+    for key in ("canary_requests", "canary_errors", "stable_requests", "stable_errors"):
+        per = [k for k in cur if k.startswith(key + "|")]
+        if not per:
+            out[key] = _delta(cur.get(key, 0.0), last.get(key))
+            continue
+        total = 0.0
+        for k in per:
+            old = last.get(k)
+            if old is None:
+                total += 0.0 if first or key not in last else cur[k]
+            else:
+                total += _delta(cur[k], old)
+        out[key] = total
+    return out
 
 
 def _pi(n_c: float, n_s: float, r: float) -> float:
@@ -181,8 +208,30 @@ def evidence(state: State) -> float:
 
 
 def ni_evidence(state: State) -> float:
-    """Evidence that the canary is no worse than the margin (>= 1/alpha: shown)."""
-    return sum(math.exp(min(700.0, x)) for x in state.ni) / len(NI_GRID)
+    """Evidence that the canary is no worse than the margin or fails less than
+    detect_rate (>= 1/alpha: shown): the mean of the two e-processes, each an average
+    over its grid, so it is itself an e-process for a canary that is both at or above the
+    margin and at or above detect_rate."""
+    ratio = sum(math.exp(min(700.0, x)) for x in state.ni) / len(NI_GRID)
+    absolute = sum(math.exp(min(700.0, x)) for x in state.ab) / len(NI_GRID)
+    return (ratio + absolute) / 2
+
+
+def step_absolute(gate: ErrorGate, state: State, e_c: float, n_c: float) -> State:
+    """Fold one interval of the canary's own counts into the test that its error rate is
+    below detect_rate: for rates p1 below it (1/4, 1/2, 3/4 of it) the likelihood ratio
+    of e_c errors in n_c requests, p1 against detect_rate, has mean <= 1 for any canary
+    failing at detect_rate or more. Where stable has almost no errors the ratio test
+    cannot build evidence; this one can, from the canary's own (absent) errors. Tempered
+    by the canary's spread like the ratio test."""
+    if n_c <= 0:
+        return state
+    p0 = gate.detect_rate
+    v = spread_of(state)
+    f = 1.0 + max(0.0, n_c - 1) * p0 * 2 * (v + v * v / 2)
+    ab = [x + (e_c * math.log(r) + (n_c - e_c) * math.log((1 - r * p0) / (1 - p0))) / f
+          for x, r in zip(state.ab, NI_GRID, strict=True)]
+    return replace(state, ab=ab)
 
 
 def _margin(gate: ErrorGate) -> float:
@@ -234,10 +283,11 @@ def could_detect(gate: ErrorGate, stage: dict[str, float], gross: float | None =
 
 
 def shown_not_worse(gate: ErrorGate, state: State) -> bool:
-    """May the canary take all traffic? Only when the non-inferiority test has shown it no
-    worse than the margin. There is no other way in: a check of how much traffic a stage
-    saw says nothing about this canary, and where errors are too rare for the test to
-    build evidence the step waits, inconclusive (progress_deadline bounds the wait)."""
+    """May the canary take all traffic? Only when the non-inferiority evidence (of this
+    canary's own counts: below the margin x stable's rate, or below detect_rate) reaches
+    1/alpha. A check of how much traffic a stage saw says nothing about this canary; where
+    errors are too rare for either test the step waits, inconclusive (progress_deadline
+    bounds the wait)."""
     return ni_evidence(state) >= 1 / gate.alpha
 
 
@@ -322,8 +372,12 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
                        state)
     cur = {k: float(v or 0.0) for k, v in raw.items()}
     first = not state.last
-    d = {k: _delta(cur[k], state.last.get(k)) for k in cur}
-    state = replace(state, last=cur, stage=dict(state.stage),
+    d = _deltas(cur, state.last, first)
+    last = {**{k: v for k, v in state.last.items()  # series gone quiet: kept, so one that
+               if "|" in k and k not in cur}, **cur}  # reappears is not counted from 0
+    if len(last) > MAX_SERIES:
+        last = cur
+    state = replace(state, last=last, stage=dict(state.stage),
                     first_at=now if first else state.first_at)
     if first:
         return Outcome("inconclusive", None, "first reading; counting from here", state)
@@ -343,7 +397,7 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
             and e_s < gate.guard_share * n_s):  # (both failing is an outage, not the canary)
         return Outcome("fail", None, f"hard guard: canary failed {e_c:.0f} of {n_c:.0f} "
                                      "requests in one interval", state)
-    state = step(gate, state, e_c, n_c, e_s, n_s)
+    state = step_absolute(gate, step(gate, state, e_c, n_c, e_s, n_s), e_c, n_c)
     m = evidence(state)
     value = math.log10(m) if m > 0 else None
     st = state.stage
@@ -375,10 +429,11 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
     if before_full:
         if shown_not_worse(gate, state):
             return Outcome("pass", value, f"shown no worse than stable x {_margin(gate):g} "
-                                          f"(evidence {ni_evidence(state):.3g}); {rates}",
-                           state)
+                                          f"or below {gate.detect_rate:g} errors (evidence "
+                                          f"{ni_evidence(state):.3g}); {rates}", state)
         return Outcome("inconclusive", value, f"not yet shown no worse than stable x "
-                                              f"{_margin(gate):g} (evidence "
+                                              f"{_margin(gate):g} or below "
+                                              f"{gate.detect_rate:g} errors (evidence "
                                               f"{ni_evidence(state):.3g} of "
                                               f"{1 / gate.alpha:g} needed{_rarity(state)}); "
                                               f"{rates}", state)
