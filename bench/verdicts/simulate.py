@@ -405,12 +405,19 @@ def main() -> None:
     ap.add_argument("--healthy-runs", type=int, default=2000)
     ap.add_argument("--bad-runs", type=int, default=300)
     ap.add_argument("--rps", type=float, nargs="*", default=[0.5, 2, 20, 200])
-    ap.add_argument("--only", default="", help="run the scenarios whose name contains this "
-                    "(the healthy baselines always run: the fair comparison needs them)")
+    ap.add_argument("--only", nargs="*", default=[""], help="run the scenarios whose name "
+                    "contains one of these (the healthy baselines always run: the fair "
+                    "comparison needs them)")
     ap.add_argument("--no-fixed", action="store_true", help="run canary's gate only (the "
                     "fixed rule's columns read '-'): the fixed rule does not change with "
                     "canary's code, and costs 12 times as much")
+    ap.add_argument("--no-move-cap", action="store_true", help="let a stage move on whatever "
+                    "the evidence against the canary (to measure what the cap buys)")
     args = ap.parse_args()
+    if args.no_move_cap:
+        from canary.gates import sequential
+
+        sequential.move_cap = lambda gate: math.inf  # type: ignore[assignment]
     t0 = time.time()
     print(f"# {args.healthy_runs} runs per healthy condition, {args.bad_runs} per bad one; "
           f"error bound 1% for the fixed rule; alpha 0.01 for canary's gate\n")
@@ -425,7 +432,7 @@ def main() -> None:
         cases: list[tuple[Any, Callable[..., Result]]] = [(sc, simulate) for sc in scenarios()]
         cases += [(sc, simulate_latency) for sc in latency_scenarios()]
         for sc, sim in cases:
-            if args.only not in sc.name and sc.name not in (f"healthy {BASE:.1%}",
+            if not any(o in sc.name for o in args.only) and sc.name not in (f"healthy {BASE:.1%}",
                                                             "latency healthy"):
                 continue
             runs = args.healthy_runs if sc.onset is None else args.bad_runs
