@@ -266,39 +266,74 @@ def plan_text(pol: policy_mod.Policy) -> str:
 
 def plan_on_traffic(pol: policy_mod.Policy, rps: float, rates: dict[str, float],
                     default_rate: float) -> str:
-    """How long the policy's `errors` gates take to let each stage go, on `rps` requests/s
-    with each gate's error (or slow) share the same on both versions: the controller's own
-    state machine fed the expected counts, interval by interval (no noise, so real
-    rollouts vary around this; approvals taken as immediate)."""
+    """How the controller would move this policy's stages on `rps` requests/s, with each
+    gate's error (or slow) share the same on both versions: the controller's own state
+    machine fed the expected counts, interval by interval (no noise, so real rollouts vary
+    around this; approvals taken as immediate). Every gate whose query shape canary
+    models is fed (errors gates, error ratios, request rates, comparisons of two equal
+    versions); the others - a latency threshold, a query it cannot read - are named, and
+    read as passing."""
     from dataclasses import replace as dc_replace
 
-    from canary.engine.dryrun import DryRun
+    from canary.engine.dryrun import DryRun, Shape, Values, gate_shapes
 
     fmt = policy_mod.format_duration
     stages = tuple(dc_replace(s, approval=False) for s in pol.stages)
     dry = DryRun(dc_replace(pol, stages=stages))
-    names = sorted({g.name for i in range(len(stages)) for g in pol.gates_for(i)
-                    if g.kind == "errors"})
-    if not names:
-        return "(no errors gates: the stages move on at their holds, as above)"
+    gates = {g.name: g for i in range(len(stages)) for g in pol.gates_for(i)}
+    names = sorted(n for n, g in gates.items() if g.kind == "errors")
+
+    def predictable(g: policy_mod.Gate) -> bool:
+        shapes = gate_shapes(g)
+        if any(s is None for s in shapes):
+            return False
+        # a latency threshold needs the service's latency, which plan does not know (two
+        # versions compared are taken as equal, so a comparison is predicted)
+        return g.kind != "threshold" or shapes[0] is None or shapes[0].measure != "quantile"
+
+    unknown = sorted(n for n, g in gates.items() if not predictable(g))
     counts = {n: dict.fromkeys(("canary_requests", "canary_errors", "stable_requests",
                                 "stable_errors"), 0.0) for n in names}
-    shares = ", ".join(f"{n} {rates.get(n, default_rate):.2%}" for n in names)
-    lines = [f"on {rps:g} requests/s, with the same share on both versions for each errors "
-             f"gate ({shares}):"]
+    shares = ", ".join(f"{n} {rates.get(n, default_rate):.2%}" for n in sorted(gates)
+                       if n not in unknown)
+    lines = [f"on {rps:g} requests/s, with the same share on both versions for each gate "
+             f"({shares or 'none'}):"]
+    if unknown:
+        lines.append(f"  not predicted, read as passing: {', '.join(unknown)} (a latency "
+                     "threshold, or a query shape canary does not model: plan does not know "
+                     "your service's values)")
     iv, t, entered, end = pol.interval, 0.0, [0.0], None
+    history: list[float] = []  # canary requests per interval
+
+    def windowed(s: Shape, p: float) -> float | None:
+        k = max(1, round(s.window / iv))
+        n = sum(history[-k:])
+        if s.measure == "request_rate":  # (a series younger than the window: its age)
+            return n / min(s.window, len(history) * iv)
+        return None if n <= 0 else n * p / max(n, s.floor)
+
     horizon = sum(s.hold for s in stages) + len(stages) * (pol.progress_deadline + iv) + iv
     while end is None and t <= horizon:
         w, n = dry.weight / 100, rps * iv
+        history.append(n * w)
         for name, c in counts.items():
             p = rates.get(name, default_rate)
             c["canary_requests"] += n * w
             c["canary_errors"] += n * w * p
             c["stable_requests"] += n * (1 - w)
             c["stable_errors"] += n * (1 - w) * p
+        values: dict[str, Values] = {}
+        for name, g in gates.items():
+            shape = gate_shapes(g)[0]
+            if g.kind == "errors" or name in unknown or shape is None:
+                continue
+            if g.kind == "compare":
+                values[name] = (1.0, 1.0)  # the same on both versions: no difference
+            else:
+                values[name] = (windowed(shape, rates.get(name, default_rate)), None)
         t += iv
         stage = dry.r.stage
-        end = dry.step(t, counts)
+        end = dry.step(t, counts, values)
         if dry.r.stage != stage:
             entered.append(t)
     for i, at in enumerate(entered):
@@ -311,6 +346,9 @@ def plan_on_traffic(pol: policy_mod.Policy, rps: float, rates: dict[str, float],
         elif end == "promoted":
             lines.append(f"  stage {i} ({s.weight}%): from about {fmt(at)}; succeeded at "
                          f"about {fmt(t)}")
+        elif end == "rolled_back":
+            lines.append(f"  stage {i} ({s.weight}%): from about {fmt(at)}; rolled back at "
+                         f"about {fmt(t)}: {dry.r.reason}")
         else:
             lines.append(f"  stage {i} ({s.weight}%): from about {fmt(at)}; still "
                          f"inconclusive at the progress deadline, so rolled back at about "

@@ -188,9 +188,24 @@ def test_plan_on_traffic_says_how_long_the_errors_gates_take_and_when_they_canno
     out = capsys.readouterr().out
     assert "still inconclusive at the progress deadline" in out
     assert "succeeded" not in out.split("on 2 requests/s")[1]
-    # a policy without errors gates moves at its holds
+    # threshold gates are fed too; the one plan cannot know (latency) is named
     assert main(["plan", str(ROOT / "policies" / "standard.yaml"), "--rps", "5"]) == 0
-    assert "no errors gates" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "not predicted, read as passing: p99-latency" in out
+    assert "error-rate 0.50%" in out and "succeeded at about 17m" in out
+
+
+def test_plan_on_traffic_shows_a_threshold_gate_that_would_roll_back_on_this_traffic(
+        tmp_path, capsys):
+    # 1% of 20 requests/s is 0.2 requests/s: a gate asking for 0.5 fails at once
+    f = write(tmp_path, "few.yaml", GOOD.replace("weight: 10\n", "weight: 1\n").replace(
+        "query: sum(rate(x{service=\"{{ service }}\"}[1m]))",
+        "query: sum(rate(http_requests_total{version=\"{{ canary_version }}\"}[2m]))").replace(
+        "max: 0.01", "min: 0.5"))
+    assert main(["plan", f, "--rps", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 0 (1%): from about 0s; rolled back at about" in out
+    assert "gate errors: value 0.2 below min 0.5" in out
 
 
 @pytest.mark.parametrize("args,words", [

@@ -188,6 +188,20 @@ async def test_sequential_gate_promotes_a_healthy_canary_and_rolls_back_a_failin
         assert load.codes[("v3", 500)] > 0
 
 
+async def test_sequential_gate_reads_counter_queries_per_series_from_prometheus(tmp_path):
+    # the counters written without sum(): each series read on its own (so a pod restart
+    # resets only its own count), the readings the same rollout as with sum()
+    policy = sequential_policy(alpha=0.01, detect_rate=0.05, final_gross=5)
+    for g in policy["gates"]:
+        for key in ("requests", "errors"):
+            g[key] = g[key].replace("sum(http_requests_total", "(http_requests_total")
+    async with playground(tmp_path) as pg, running(pg, [policy], rate=40) as (api, _load):
+        rid = (await api.start(canary_version="v2", stable_version="v1"))["id"]
+        r = await api.until(rid, lambda r: r["state"] == "succeeded", deadline=120)
+        assert r["gates"][0]["status"] == "pass"
+        assert "shown no worse" in r["gates"][0]["detail"] or r["stage"] == 2
+
+
 async def test_weights_changed_outside_canary_are_drift_not_a_fight(tmp_path):
     from canary.routers.nginx import render
 

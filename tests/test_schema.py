@@ -218,7 +218,7 @@ def bad_policy(change: str) -> dict[str, Any]:
     elif change == "typo":
         doc["intervall"] = doc.pop("interval")
     elif change == "field of another kind":
-        doc["gates"][2]["min"] = 0  # a compare gate has no min
+        doc["gates"][1]["min"] = 0  # an errors gate has no min
     elif change == "kind":
         doc["gates"][0]["kind"] = "bayesian"
     elif change == "no_data":
@@ -232,7 +232,7 @@ def bad_policy(change: str) -> dict[str, Any]:
     ("weight", "stages[1].weight", "stages/1/weight"),
     ("hold", "stages[0].hold", "stages/0/hold"),
     ("typo", "intervall", "intervall"),
-    ("field of another kind", "gates[2].min", "gates/2/min"),
+    ("field of another kind", "gates[1].min", "gates/1/min"),
     ("kind", "gates[0].kind", "gates/0/kind"),
     ("no_data", "no_data", "no_data"),
     ("alpha", "gates[0].alpha", "gates/0/alpha"),

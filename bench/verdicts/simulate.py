@@ -24,7 +24,7 @@ import argparse
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -62,6 +62,8 @@ class Scenario:
     holds: tuple[float, ...] = HOLDS  # the staged policy both rules follow...
     deadline: float = DEADLINE        # ...and its progress deadline...
     weights: tuple[int, ...] = WEIGHTS  # ...and its weights
+    restart_every: float = 0.0        # canary pods restart (counters to 0) this often
+    per_pod: bool = False             # the gate reads each pod's counters, not their sum
 
     def rates(self, t: float, rng: np.random.Generator) -> tuple[float, float]:
         p_c, p_s = self.canary(t), self.p_stable
@@ -92,6 +94,8 @@ def scenarios() -> list[Scenario]:
         Scenario("bursty, canary only", BASE, const(BASE), None, canary_noise=0.3),
         Scenario("very bursty, canary only", BASE, const(BASE), None, canary_noise=1.0),
         Scenario("errors x2", BASE, const(BASE * 2), 0.0),
+        Scenario("errors x2, base 0.4%", 0.004, const(0.008), 0.0),
+        Scenario("errors x3, base 0.2%", 0.002, const(0.006), 0.0),
         Scenario("errors x5", BASE, const(BASE * 5), 0.0),
         Scenario("errors x10", BASE, const(BASE * 10), 0.0),
         Scenario("crash at start", BASE, const(1.0), 0.0),
@@ -99,6 +103,10 @@ def scenarios() -> list[Scenario]:
         Scenario("crash at 30 min (45 min policy)", BASE,
                  lambda t: 1.0 if t >= 1800 else BASE, 1800.0, holds=SOAK_HOLDS,
                  deadline=SOAK_DEADLINE),
+        Scenario("crash loop, 4 pods, x2, summed counters", BASE, const(BASE * 2), 0.0,
+                 restart_every=120.0),
+        Scenario("crash loop, 4 pods, x2, per-pod counters", BASE, const(BASE * 2), 0.0,
+                 restart_every=120.0, per_pod=True),
         Scenario("slow leak", BASE, lambda t: BASE * (1 + 9 * min(1.0, t / 900)), 0.0),
         Scenario("healthy, 1% first stage", BASE, const(BASE), None, weights=ONE_PERCENT),
         Scenario("errors x5, 1% first stage", BASE, const(BASE * 5), 0.0, weights=ONE_PERCENT),
@@ -107,10 +115,40 @@ def scenarios() -> list[Scenario]:
 
 
 @dataclass
+class Pods:
+    """A canary on 4 pods, each with its own counters, each restarting (its counters back
+    to 0) at random, `restart_every` seconds apart on average: a crash loop."""
+
+    req: list[float] = field(default_factory=lambda: [0.0] * 4)
+    err: list[float] = field(default_factory=lambda: [0.0] * 4)
+
+    def scrape(self, rng: np.random.Generator, n_c: int, e_c: int, counts: dict[str, float],
+               sc: Scenario) -> dict[str, float]:
+        share = rng.multinomial(n_c, [0.25] * 4)
+        errs = rng.multivariate_hypergeometric(share, e_c) if n_c else np.zeros(4, int)
+        for i in range(4):
+            if rng.random() < SCRAPE / sc.restart_every:
+                # it crashed part-way through the interval: what it counted before the
+                # crash was never scraped; it counts from 0 again after
+                kept = rng.random()
+                self.req[i] = float(round(share[i] * kept))
+                self.err[i] = float(round(errs[i] * kept))
+            else:
+                self.req[i] += float(share[i])
+                self.err[i] += float(errs[i])
+        out = {**counts, "canary_requests": sum(self.req), "canary_errors": sum(self.err)}
+        if sc.per_pod:
+            out.update({f"canary_requests|pod={i}": self.req[i] for i in range(4)})
+            out.update({f"canary_errors|pod={i}": self.err[i] for i in range(4)})
+        return out
+
+
+@dataclass
 class Result:
     outcome: str          # "promoted" | "rolled_back" | "inconclusive"
     time: float           # when it ended
     excess: float         # canary errors above stable's rate, from onset to the end
+    max_weight: int = 0   # the highest weight the canary reached
 
 
 @dataclass
@@ -270,9 +308,10 @@ def simulate_latency(sc: LatencyScenario, rps: float, seed: int,
     ex_at = BUCKETS.index(EXCESS_AT) + 1
     p_slow_base = float(base[ex_at:].sum())
     window: list[np.ndarray] = []
-    excess = 0.0
+    excess, top = 0.0, 0
     while t < MAX_TIME:
         w = (ours.weight if ours else WEIGHTS[sch.stage]) / 100
+        top = max(top, round(w * 100))
         n = rng.poisson(rps * SCRAPE)
         n_c = int(rng.binomial(n, w))
         n_s = n - n_c
@@ -290,8 +329,8 @@ def simulate_latency(sc: LatencyScenario, rps: float, seed: int,
         window = [*window, b_c][-4:]
         end = judge(ours, sch, rule, t, counts, p99_ok, window)
         if end:
-            return Result(end, t, excess)
-    return Result("inconclusive", t, excess)
+            return Result(end, t, excess, top)
+    return Result("inconclusive", t, excess, top)
 
 
 def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) -> Result:
@@ -302,9 +341,11 @@ def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) 
                             "stable_errors"), 0.0)
     ours = Ours((GATE,), sc.holds, sc.deadline, sc.weights) if rule is None else None
     window: list[tuple[float, float]] = []  # canary (requests, errors) per scrape, last 1 m
-    excess = 0.0
+    excess, top = 0.0, 0
+    pods = Pods()
     while t < max(MAX_TIME, sc.deadline + sum(sc.holds)):
         w = (ours.weight if ours else sch.weights[sch.stage]) / 100
+        top = max(top, round(w * 100))
         n = rng.poisson(rps * SCRAPE)
         n_c = rng.binomial(n, w)
         n_s = n - n_c
@@ -319,10 +360,13 @@ def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) 
         counts["stable_requests"] += n_s
         counts["stable_errors"] += e_s
         window = [*window, (n_c, e_c)][-4:]
-        end = judge(ours, sch, rule, t, [counts], rate_ok, window)
+        raw = counts
+        if sc.restart_every:
+            raw = pods.scrape(rng, n_c, e_c, counts, sc)
+        end = judge(ours, sch, rule, t, [raw], rate_ok, window)
         if end:
-            return Result(end, t, excess)
-    return Result("inconclusive", t, excess)
+            return Result(end, t, excess, top)
+    return Result("inconclusive", t, excess, top)
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -348,6 +392,8 @@ def summarize(results: list[Result], sc: Any) -> dict[str, float]:
     else:
         det = [r.time - sc.onset for r in rb if r.time >= sc.onset]  # (before: a false one)
         out["miss"] = 1 - len(rb) / n
+        out["promoted"] = sum(r.outcome == "promoted" for r in results) / n
+        out["reached_50"] = sum(r.max_weight >= 50 for r in results) / n
         out["detect_median_s"] = float(np.median(det)) if det else math.nan
         out["detect_p90_s"] = float(np.percentile(det, 90)) if det else math.nan
         out["excess_mean"] = float(np.mean([max(0.0, r.excess) for r in results]))
@@ -359,30 +405,41 @@ def main() -> None:
     ap.add_argument("--healthy-runs", type=int, default=2000)
     ap.add_argument("--bad-runs", type=int, default=300)
     ap.add_argument("--rps", type=float, nargs="*", default=[0.5, 2, 20, 200])
-    ap.add_argument("--only", default="", help="run the scenarios whose name contains this "
-                    "(the healthy baselines always run: the fair comparison needs them)")
+    ap.add_argument("--only", nargs="*", default=[""], help="run the scenarios whose name "
+                    "contains one of these (the healthy baselines always run: the fair "
+                    "comparison needs them)")
+    ap.add_argument("--no-fixed", action="store_true", help="run canary's gate only (the "
+                    "fixed rule's columns read '-'): the fixed rule does not change with "
+                    "canary's code, and costs 12 times as much")
+    ap.add_argument("--no-move-cap", action="store_true", help="let a stage move on whatever "
+                    "the evidence against the canary (to measure what the cap buys)")
     args = ap.parse_args()
+    if args.no_move_cap:
+        from canary.gates import sequential
+
+        sequential.move_cap = lambda gate: math.inf  # type: ignore[assignment]
     t0 = time.time()
     print(f"# {args.healthy_runs} runs per healthy condition, {args.bad_runs} per bad one; "
           f"error bound 1% for the fixed rule; alpha 0.01 for canary's gate\n")
-    print("| scenario | rps | canary: rolled back | canary: inconclusive | canary: detect "
+    print("| scenario | rps | canary: rolled back | canary: inconclusive | canary: promoted "
+          "(bad) | canary: reached 50% (bad) | canary: detect "
           "median / p90 s | canary: excess bad | canary: promote min | best fixed rule "
-          "(FR <= canary's or 1%) | its rolled back | its detect median / p90 s | "
-          "its excess bad | its promote min |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "(FR <= canary's or 1%) | its rolled back | its promoted (bad) | its detect "
+          "median / p90 s | its excess bad | its promote min |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for rps in args.rps:
         healthy_fr: dict[tuple[int, int] | None, float] = {}
         cases: list[tuple[Any, Callable[..., Result]]] = [(sc, simulate) for sc in scenarios()]
         cases += [(sc, simulate_latency) for sc in latency_scenarios()]
         for sc, sim in cases:
-            if args.only not in sc.name and sc.name not in (f"healthy {BASE:.1%}",
+            if not any(o in sc.name for o in args.only) and sc.name not in (f"healthy {BASE:.1%}",
                                                             "latency healthy"):
                 continue
             runs = args.healthy_runs if sc.onset is None else args.bad_runs
             seeds = range(runs)
             ours = summarize([sim(sc, rps, s, None) for s in seeds], sc)
             fixed = {rule: summarize([sim(sc, rps, s, rule) for s in seeds], sc)
-                     for rule in FLAGGER}
+                     for rule in ([] if args.no_fixed else FLAGGER)}
             if sc.name in (f"healthy {BASE:.1%}", "latency healthy"):
                 healthy_fr = {None: ours["rolled_back"],
                               **{k: v["rolled_back"] for k, v in fixed.items()}}
@@ -391,7 +448,9 @@ def main() -> None:
             else:
                 bound = max(healthy_fr.get(None, 0.0), 0.01)
                 fair = {k: v for k, v in fixed.items() if healthy_fr.get(k, 1.0) <= bound}
-            if sc.onset is None:
+            if not fixed:
+                best = None
+            elif sc.onset is None:
                 best = min(fixed, key=lambda k: fixed[k]["rolled_back"])
             elif fair:
                 best = min(fair, key=lambda k: fair[k]["excess_mean"])
@@ -403,15 +462,21 @@ def main() -> None:
                    f"{ours.get('detect_p90_s', math.nan):.0f}" if sc.onset is not None else "-")
             ex = f"{ours['excess_mean']:.1f}" if sc.onset is not None else "-"
             pro = f"{ours['promote_median_min']:.1f}" if sc.onset is None else "-"
-            bname = f"interval {best[0]}s, threshold {best[1]}" if best else "none qualifies"
+            bname = (f"interval {best[0]}s, threshold {best[1]}" if best
+                     else "not run" if not fixed else "none qualifies")
             brb = f"{b['rolled_back']:.2%}" if b else "-"
             bdet = (f"{b.get('detect_median_s', math.nan):.0f} / "
                     f"{b.get('detect_p90_s', math.nan):.0f}" if b and sc.onset is not None
                     else "-")
             bex = f"{b['excess_mean']:.1f}" if b and sc.onset is not None else "-"
             bpro = f"{b['promote_median_min']:.1f}" if b and sc.onset is None else "-"
-            print(f"| {sc.name} | {rps:g} | {rb} | {ours['inconclusive']:.1%} | {det} | {ex} | "
-                  f"{pro} | {bname} | {brb} | {bdet} | {bex} | {bpro} |", flush=True)
+            bad = sc.onset is not None
+            prom = f"{ours['promoted']:.1%}" if bad else "-"
+            r50 = f"{ours['reached_50']:.1%}" if bad else "-"
+            bprom = f"{b['promoted']:.1%}" if b and bad else "-"
+            print(f"| {sc.name} | {rps:g} | {rb} | {ours['inconclusive']:.1%} | {prom} | {r50} | "
+                  f"{det} | {ex} | {pro} | {bname} | {brb} | {bprom} | {bdet} | {bex} | "
+                  f"{bpro} |", flush=True)
     print(f"\n({time.time() - t0:.0f} s)")
 
 

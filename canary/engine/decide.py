@@ -351,6 +351,10 @@ def _describe(g: GateStatus) -> str:
     bound = (f"above max {g.max:g}" if g.max is not None and g.value > g.max
              else f"below min {g.min:g}" if g.min is not None and g.value < g.min
              else "within bounds")
+    if g.status is Verdict.INCONCLUSIVE and g.detail:
+        return f"gate {g.name}: inconclusive ({g.detail})"
+    if g.min is None and g.max is None:  # a comparison: its detail says against what
+        return f"gate {g.name}: value {g.value:.6g} ({g.detail or g.status.value})"
     return f"gate {g.name}: value {g.value:.6g} {bound}"
 
 
@@ -373,11 +377,17 @@ def readings(r: Rollout, policy: Policy, rd: Readings, now: float) -> Rollout:
             continue
         spec = specs.get(g.name)
         if isinstance(spec, ErrorsGate) and x.raw is not None:
-            ng = _sequential(g, spec, x, rd.at, before_full=r.stage == len(policy.stages) - 2)
+            ng = _sequential(g, spec, x, rd.at, before_full=r.stage == len(policy.stages) - 2,
+                             weight=r.weight)
             gates.append(ng)
             if ng.status is Verdict.FAIL and fired is None:
                 fired = ng
             continue
+        if spec is not None and spec.kind == "compare" and r.weight == 100:
+            # at 100% stable serves nothing (its series may be gone): a comparison with it
+            # is not judged there; the stages before judged the canary against stable
+            x = Reading(x.gate, Verdict.PASS, detail="not judged at 100%: stable serves no "
+                                                     "traffic to compare with")
         counted = _counts_as(x.verdict, policy.no_data)
         failures = (g.failures + 1 if counted is Verdict.FAIL
                     else 0 if counted is Verdict.PASS else g.failures)
@@ -397,13 +407,13 @@ def readings(r: Rollout, policy: Policy, rd: Readings, now: float) -> Rollout:
 
 
 def _sequential(g: GateStatus, spec: ErrorsGate, x: Reading, at: float, *,
-                before_full: bool) -> GateStatus:
+                before_full: bool, weight: int) -> GateStatus:
     gate = sequential.ErrorGate(tolerance=spec.tolerance, alpha=spec.alpha, gross=spec.gross,
                                 final_gross=spec.final_gross, detect_rate=spec.detect_rate,
                                 warmup=spec.warmup)
     state = sequential.State.from_json(g.state)
     out = sequential.update(gate, state, x.raw or {}, new_stage=g.at is None,
-                            before_full=before_full, now=at)
+                            before_full=before_full, now=at, weight=weight)
     verdict = {"fail": Verdict.FAIL, "pass": Verdict.PASS, "no_data": Verdict.NO_DATA,
                "inconclusive": Verdict.INCONCLUSIVE}[out.verdict]
     return replace(g, status=verdict, value=out.value, at=at, detail=out.detail,

@@ -166,18 +166,26 @@ class PrometheusSource:
             text = self._redact(str(e).replace("\n", " "))
             raise MetricsError(f"prometheus query failed: {type(e).__name__}: {text[:300]}") from e
 
-    async def query(self, promql: str) -> float | None:
+    async def _ask(self, promql: str) -> Any:
+        """The query's raw result, on Prometheus's own threads, within the deadline."""
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._deadline):
-                result = await loop.run_in_executor(self._executor, self._query_blocking, promql)
+                return await loop.run_in_executor(self._executor, self._query_blocking, promql)
         except TimeoutError:
             raise MetricsError(f"prometheus did not answer within {self._deadline:g}s "
                                f"(at most {self._concurrency} queries wait on it at once; "
                                "prometheus.concurrency)") from None
         except RuntimeError as e:  # the executor is shut down: the controller is stopping
             raise MetricsError(f"prometheus source closed: {e}") from None
-        return parse_result(result)
+
+    async def query(self, promql: str) -> float | None:
+        return parse_result(await self._ask(promql))
+
+    async def query_series(self, promql: str) -> dict[str, float]:
+        """Every series the query returns, by its labels: an `errors` gate's counters
+        read per pod, so a pod that restarts resets only its own count."""
+        return parse_series(await self._ask(promql))
 
     def close(self) -> None:
         """Stop taking queries; threads still waiting on Prometheus end at their timeout."""
@@ -195,7 +203,25 @@ class CoalescingSource:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._inner, self._window, self._clock = inner, window, clock
         self._recent: dict[str, tuple[float, asyncio.Future[float | None]]] = {}
+        self._series: dict[str, tuple[float, asyncio.Future[dict[str, float]]]] = {}
         self.sent = 0
+
+    async def query_series(self, promql: str) -> dict[str, float]:
+        inner = getattr(self._inner, "query_series", None)
+        if inner is None:
+            value = await self.query(promql)
+            return {} if value is None else {"": value}
+        now = self._clock()
+        hit = self._series.get(promql)
+        if hit is not None and now - hit[0] < self._window:
+            return await asyncio.shield(hit[1])
+        if len(self._series) > 10_000:
+            self._series = {q: v for q, v in self._series.items() if now - v[0] < self._window}
+        future: asyncio.Future[dict[str, float]] = asyncio.ensure_future(inner(promql))
+        future.add_done_callback(_consume)
+        self._series[promql] = (now, future)
+        self.sent += 1
+        return await asyncio.shield(future)
 
     async def query(self, promql: str) -> float | None:
         now = self._clock()
@@ -211,7 +237,7 @@ class CoalescingSource:
         return await asyncio.shield(future)
 
 
-def _consume(future: asyncio.Future[float | None]) -> None:
+def _consume(future: asyncio.Future[Any]) -> None:
     """Mark a shared query's error as seen even when no one is waiting any more."""
     if not future.cancelled():
         future.exception()
@@ -235,6 +261,23 @@ def parse_result(result: Any) -> float | None:
     return value
 
 
+def parse_series(result: Any) -> dict[str, float]:
+    """An instant-query `result` -> {labels: value} for every series ("" for a scalar or
+    a series without labels)."""
+    if isinstance(result, list) and len(result) == 2 and not isinstance(result[0], dict):
+        return {"": float(result[1])}
+    if not isinstance(result, list):
+        raise MetricsError(f"unexpected query result {str(result)[:200]}")
+    out: dict[str, float] = {}
+    try:
+        for item in result:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(item.get("metric", {}).items()))
+            out[labels] = float(item["value"][1])
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        raise MetricsError(f"unexpected query result {str(result)[:200]}") from e
+    return out
+
+
 async def measure(source: MetricSource, gates: Iterable[Gate], values: Mapping[str, str], *,
                   attempts: int = 3, budget: float = 10.0) -> tuple[Reading, ...]:
     """Query every gate (concurrently), retrying failures with backoff within `budget`
@@ -255,6 +298,22 @@ async def measure(source: MetricSource, gates: Iterable[Gate], values: Mapping[s
                 return await source.query(promql)
         return None  # pragma: no cover - AsyncRetrying either returns or raises
 
+    async def ask_series(promql: str) -> dict[str, float]:
+        many = getattr(source, "query_series", None)
+        if many is None:  # a source that reads one number only
+            value = await ask(promql)
+            return {} if value is None else {"": value}
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(MetricsError),
+            stop=stop_after_attempt(attempts) | stop_after_delay(budget),
+            wait=wait_exponential(multiplier=0.2, max=2.0),
+            reraise=True,
+        ):
+            with attempt:
+                series: dict[str, float] = await many(promql)
+                return series
+        return {}  # pragma: no cover - AsyncRetrying either returns or raises
+
     async def one(g: Gate) -> Reading:
         try:
             if isinstance(g, CompareGate):
@@ -263,10 +322,17 @@ async def measure(source: MetricSource, gates: Iterable[Gate], values: Mapping[s
                     ask(render(g.baseline, stable) if g.baseline else render(g.query, stable)))
                 return judge_compare(g, c, b)
             if isinstance(g, ErrorsGate):
-                got = await asyncio.gather(*(ask(render(q, side)) for side in (canary, stable)
+                got = await asyncio.gather(*(ask_series(render(q, side))
+                                             for side in (canary, stable)
                                              for q in (g.requests, g.errors)))
-                raw = dict(zip(("canary_requests", "canary_errors", "stable_requests",
-                                "stable_errors"), got, strict=True))
+                raw: dict[str, float | None] = {}
+                for key, series in zip(("canary_requests", "canary_errors", "stable_requests",
+                                        "stable_errors"), got, strict=True):
+                    # the total, and each series apart ("key|labels"), so the gate handles
+                    # a counter reset per series (one pod restarting), not of the whole sum
+                    raw[key] = sum(series.values()) if series else None
+                    if len(series) > 1 or (series and next(iter(series))):
+                        raw.update({f"{key}|{labels}": v for labels, v in series.items()})
                 return Reading(gate=g.name, verdict=Verdict.PENDING, raw=raw)
             return judge(g, await ask(render(g.query, canary)))
         except MetricsError as e:

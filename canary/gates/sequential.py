@@ -45,6 +45,7 @@ GRID = (1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)  # ratios of error rates, x tolera
 NI_GRID = (0.25, 0.5, 0.75)              # ratios, x the non-inferiority margin
 DISPERSION_CAP = 3.0    # one interval pair's say in the spread estimate
 MAX_COUNTER = 1e15      # a quadrillion requests: anything above is not a counter
+MAX_SERIES = 2000       # per-series counters kept in the state (pods x 4 queries)
 PRIOR_SPREAD = 0.75     # sigma^2 assumed before stable has shown its own
 SPREAD_Z = 2.5          # standard errors added to the estimate
 # The canary's own spread counts only from interval pairs expected to hold this many of
@@ -76,12 +77,13 @@ class State:
     stage: dict[str, float] = field(default_factory=dict)  # this stage's totals
     first_at: float | None = None                          # when counting began
     ni: list[float] = field(default_factory=lambda: [0.0] * len(NI_GRID))  # log products
+    ab: list[float] = field(default_factory=lambda: [0.0] * len(NI_GRID))  # ...and absolute
     disp: dict[str, float] = field(default_factory=dict)   # stable's spread estimate
     disp_c: dict[str, float] = field(default_factory=dict)  # the canary's
 
     def to_json(self) -> dict[str, Any]:
         return {"last": self.last, "t": self.t, "s": self.s, "stage": self.stage,
-                "first_at": self.first_at, "ni": self.ni, "disp": self.disp,
+                "first_at": self.first_at, "ni": self.ni, "ab": self.ab, "disp": self.disp,
                 "disp_c": self.disp_c}
 
     @classmethod
@@ -91,6 +93,7 @@ class State:
         return cls(last=dict(d.get("last", {})), t=int(d.get("t", 0)),
                    s=list(d.get("s", [0.0] * len(GRID))), stage=dict(d.get("stage", {})),
                    first_at=d.get("first_at"), ni=list(d.get("ni", [0.0] * len(NI_GRID))),
+                   ab=list(d.get("ab", [0.0] * len(NI_GRID))),
                    disp=dict(d.get("disp", {})), disp_c=dict(d.get("disp_c", {})))
 
 
@@ -99,6 +102,30 @@ def _delta(new: float, old: float | None) -> float:
     if old is None:
         return 0.0
     return new if new < old else new - old
+
+
+def _deltas(cur: dict[str, float], last: dict[str, float], first: bool) -> dict[str, float]:
+    """Each counter's increase since the last reading. Where the query returned several
+    series (one per pod: "canary_requests|pod=web-1", ...) the increase is taken per
+    series and summed: a pod that restarts resets its own counter only, and a drop of the
+    sum must not be read as all of them restarting (which counts the other pods' whole
+    history as new, and loses the restarted pod's). A series new since the last reading
+    started from 0 (a new pod): all of it is new."""
+    out: dict[str, float] = {}
+    for key in ("canary_requests", "canary_errors", "stable_requests", "stable_errors"):
+        per = [k for k in cur if k.startswith(key + "|")]
+        if not per:
+            out[key] = _delta(cur.get(key, 0.0), last.get(key))
+            continue
+        total = 0.0
+        for k in per:
+            old = last.get(k)
+            if old is None:
+                total += 0.0 if first or key not in last else cur[k]
+            else:
+                total += _delta(cur[k], old)
+        out[key] = total
+    return out
 
 
 def _pi(n_c: float, n_s: float, r: float) -> float:
@@ -181,8 +208,30 @@ def evidence(state: State) -> float:
 
 
 def ni_evidence(state: State) -> float:
-    """Evidence that the canary is no worse than the margin (>= 1/alpha: shown)."""
-    return sum(math.exp(min(700.0, x)) for x in state.ni) / len(NI_GRID)
+    """Evidence that the canary is no worse than the margin or fails less than
+    detect_rate (>= 1/alpha: shown): the mean of the two e-processes, each an average
+    over its grid, so it is itself an e-process for a canary that is both at or above the
+    margin and at or above detect_rate."""
+    ratio = sum(math.exp(min(700.0, x)) for x in state.ni) / len(NI_GRID)
+    absolute = sum(math.exp(min(700.0, x)) for x in state.ab) / len(NI_GRID)
+    return (ratio + absolute) / 2
+
+
+def step_absolute(gate: ErrorGate, state: State, e_c: float, n_c: float) -> State:
+    """Fold one interval of the canary's own counts into the test that its error rate is
+    below detect_rate: for rates p1 below it (1/4, 1/2, 3/4 of it) the likelihood ratio
+    of e_c errors in n_c requests, p1 against detect_rate, has mean <= 1 for any canary
+    failing at detect_rate or more. Where stable has almost no errors the ratio test
+    cannot build evidence; this one can, from the canary's own (absent) errors. Tempered
+    by the canary's spread like the ratio test."""
+    if n_c <= 0:
+        return state
+    p0 = gate.detect_rate
+    v = spread_of(state)
+    f = 1.0 + max(0.0, n_c - 1) * p0 * 2 * (v + v * v / 2)
+    ab = [x + (e_c * math.log(r) + (n_c - e_c) * math.log((1 - r * p0) / (1 - p0))) / f
+          for x, r in zip(state.ab, NI_GRID, strict=True)]
+    return replace(state, ab=ab)
 
 
 def _margin(gate: ErrorGate) -> float:
@@ -234,15 +283,58 @@ def could_detect(gate: ErrorGate, stage: dict[str, float], gross: float | None =
 
 
 def shown_not_worse(gate: ErrorGate, state: State) -> bool:
-    """May the canary take all traffic? When the non-inferiority test has shown it no
-    worse than the margin; or, where errors are too rare for a ratio to mean anything
-    (margin x stable's rate below detect_rate), when this stage's traffic would have
-    caught a canary failing at detect_rate."""
-    if ni_evidence(state) >= 1 / gate.alpha:
-        return True
+    """May the canary take all traffic? Only when the non-inferiority evidence (of this
+    canary's own counts: below the margin x stable's rate, or below detect_rate) reaches
+    1/alpha. A check of how much traffic a stage saw says nothing about this canary; where
+    errors are too rare for either test the step waits, inconclusive (progress_deadline
+    bounds the wait)."""
+    return ni_evidence(state) >= 1 / gate.alpha
+
+
+def move_cap(gate: ErrorGate) -> float:
+    """A stage moves on only while the evidence that the canary is worse stays below
+    this: 10 at alpha 0.01 (sqrt(1/alpha), never above 10). Evidence between the cap and
+    1/alpha holds the stage - it is not yet enough to roll back, but too much to hand the
+    canary more traffic on; more intervals either push it over 1/alpha or let it fall
+    back (the statistic decays under a healthy canary)."""
+    return min(10.0, math.sqrt(1 / gate.alpha))
+
+
+def share_mismatch(stage: dict[str, float], weight: int | None) -> str | None:
+    """Does the canary get the share of requests its weight promises? Over the stage's
+    totals, observed share against weight/100: a disagreement by more than a factor of 2
+    (either way) and beyond 4 binomial standard deviations says the routing is not doing
+    what canary asked (a subset without pods, a broken route, sticky sessions), and
+    nothing the gates measured at this weight means what it should."""
+    if weight is None or not 0 < weight < 100:
+        return None
+    n_c, n_s = stage.get("n_c", 0.0), stage.get("n_s", 0.0)
+    n = n_c + n_s
+    w = weight / 100
+    mu = n * w
+    if n <= 0 or abs(n_c - mu) <= 4 * math.sqrt(n * w * (1 - w)):
+        return None
+    share = n_c / n
+    if share < w / 2 or (1 - share) < (1 - w) / 2:
+        return (f"the canary served {share:.1%} of requests this stage at weight {weight}% "
+                f"({n_c:.0f} of {n:.0f}): routing does not give it its weight (missing "
+                "canary pods, a broken route?); holding")
+    return None
+
+
+def _rarity(state: State) -> str:
+    """How many canary errors the whole rollout would hold at stable's rate: the
+    expected count (not the canary's observed one) is what says whether the test can
+    decide yet - a ratio of two rates means little over a handful of errors."""
     se, sn = state.disp.get("se", 0.0), state.disp.get("sn", 0.0)
-    rare = sn > 0 and _margin(gate) * se / sn < gate.detect_rate
-    return rare and could_detect(gate, state.stage, gate.final_gross)
+    n_c = state.disp_c.get("sn", 0.0)
+    if sn <= 0 or n_c <= 0:
+        return ""
+    expected = n_c * se / sn
+    if expected >= 20:
+        return ""
+    return (f"; at stable's rate the canary would have made {expected:.1f} errors so far: "
+            "too few to tell yet")
 
 
 @dataclass(frozen=True)
@@ -254,11 +346,20 @@ class Outcome:
 
 
 def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
-           *, new_stage: bool = False, before_full: bool = False, now: float = 0.0) -> Outcome:
+           *, new_stage: bool = False, before_full: bool = False, now: float = 0.0,
+           weight: int | None = None) -> Outcome:
     """One evaluation: raw holds the counters `canary_requests`, `canary_errors`,
-    `stable_requests`, `stable_errors` (None where the query had no sample)."""
+    `stable_requests`, `stable_errors` (None where the query had no sample). `weight`,
+    when given, is the canary weight in force: the canary's observed share of requests
+    is checked against it, and at 100 stable's counters may be gone."""
     if new_stage:
         state = replace(state, stage={})
+    if weight == 100 and raw.get("stable_requests") is None and raw.get(
+            "canary_requests") is not None:
+        # at 100% stable serves nothing, and its series may be gone (scaled to zero after
+        # hand-over, or by an autoscaler): nothing to compare with, not "no data"
+        raw = {**raw, "stable_requests": state.last.get("stable_requests", 0.0),
+               "stable_errors": state.last.get("stable_errors", 0.0)}
     if any(raw.get(k) is None for k in ("canary_requests", "stable_requests")):
         return Outcome("no_data", None, "no request counters yet", state)
     odd = [k for k, v in raw.items() if v is not None and not (math.isfinite(v) and
@@ -271,8 +372,12 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
                        state)
     cur = {k: float(v or 0.0) for k, v in raw.items()}
     first = not state.last
-    d = {k: _delta(cur[k], state.last.get(k)) for k in cur}
-    state = replace(state, last=cur, stage=dict(state.stage),
+    d = _deltas(cur, state.last, first)
+    last = {**{k: v for k, v in state.last.items()  # series gone quiet: kept, so one that
+               if "|" in k and k not in cur}, **cur}  # reappears is not counted from 0
+    if len(last) > MAX_SERIES:
+        last = cur
+    state = replace(state, last=last, stage=dict(state.stage),
                     first_at=now if first else state.first_at)
     if first:
         return Outcome("inconclusive", None, "first reading; counting from here", state)
@@ -292,7 +397,7 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
             and e_s < gate.guard_share * n_s):  # (both failing is an outage, not the canary)
         return Outcome("fail", None, f"hard guard: canary failed {e_c:.0f} of {n_c:.0f} "
                                      "requests in one interval", state)
-    state = step(gate, state, e_c, n_c, e_s, n_s)
+    state = step_absolute(gate, step(gate, state, e_c, n_c, e_s, n_s), e_c, n_c)
     m = evidence(state)
     value = math.log10(m) if m > 0 else None
     st = state.stage
@@ -307,20 +412,31 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
         return Outcome("fail", value, f"canary's error rate is above stable's x "
                                       f"{gate.tolerance:g} (evidence {m:.3g} >= "
                                       f"{1 / gate.alpha:g}); {rates}", state)
-    if n_s == 0 and n_c > 0:
+    if n_s == 0 and n_c > 0 and weight in (None, 100):
         # at 100% there is nothing to compare with: the stages before judged the canary
         # (and the hard guard still watches it)
-        return Outcome("pass", value, f"stable serves no traffic at this weight; judged by "
-                                      f"the stages before; {rates}", state)
+        return Outcome("pass", value, f"stable serves no traffic at this weight; nothing "
+                                      f"to compare with; judged by the stages before; "
+                                      f"{rates}", state)
+    if m >= move_cap(gate):
+        return Outcome("inconclusive", value, f"evidence that the canary is worse is {m:.3g} "
+                                              f"(a stage moves on only below "
+                                              f"{move_cap(gate):g}; it rolls back at "
+                                              f"{1 / gate.alpha:g}): holding; {rates}", state)
+    mismatch = share_mismatch(st, weight)
+    if mismatch:
+        return Outcome("inconclusive", value, f"{mismatch}; {rates}", state)
     if before_full:
         if shown_not_worse(gate, state):
             return Outcome("pass", value, f"shown no worse than stable x {_margin(gate):g} "
-                                          f"(evidence {ni_evidence(state):.3g}); {rates}",
-                           state)
+                                          f"or below {gate.detect_rate:g} errors (evidence "
+                                          f"{ni_evidence(state):.3g}); {rates}", state)
         return Outcome("inconclusive", value, f"not yet shown no worse than stable x "
-                                              f"{_margin(gate):g} (evidence "
+                                              f"{_margin(gate):g} or below "
+                                              f"{gate.detect_rate:g} errors (evidence "
                                               f"{ni_evidence(state):.3g} of "
-                                              f"{1 / gate.alpha:g} needed); {rates}", state)
+                                              f"{1 / gate.alpha:g} needed{_rarity(state)}); "
+                                              f"{rates}", state)
     if could_detect(gate, state.stage):
         return Outcome("pass", value, rates, state)
     return Outcome("inconclusive", value, f"not enough canary traffic yet to rule out a "
