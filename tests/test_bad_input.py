@@ -35,6 +35,7 @@ from canary.routers.nginx import parse_weight
 from canary.store.sqlite import SqliteStore
 from canary.text import is_control
 from tests.helpers import TOKENS, Api, SetSource, controller, simple_policy, tokens
+from tests.test_restart_and_cli import cli
 
 POLICY = """\
 name: p
@@ -387,17 +388,7 @@ async def test_a_reason_with_control_characters_is_a_400_naming_the_field(tmp_pa
 
 
 async def run_cli(*args: str, server: str) -> tuple[int, str, str]:
-    env = {**os.environ, "CANARY_SERVER": server, "CANARY_TOKEN": TOKENS["viewer"]}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "canary.cli", *args, env=env, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await cli(*args, server=server, token=TOKENS["viewer"])
 
 
 async def test_canary_status_never_prints_control_characters_raw(tmp_path):

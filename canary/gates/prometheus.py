@@ -16,9 +16,9 @@ import concurrent.futures
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from tenacity import (
     AsyncRetrying,
@@ -33,6 +33,8 @@ from canary.errors import InvalidInput, MetricsError
 from canary.gates.evaluate import judge, judge_compare
 from canary.model import Reading, Verdict
 from canary.policy import CompareGate, ErrorsGate, Gate, format_duration, render
+
+T = TypeVar("T")
 
 
 class MetricSource(Protocol):
@@ -287,7 +289,7 @@ async def measure(source: MetricSource, gates: Iterable[Gate], values: Mapping[s
     canary = {**values, "version": values.get("canary_version", "")}
     stable = {**values, "version": values.get("stable_version", "")}
 
-    async def ask(promql: str) -> float | None:
+    async def retrying(call: Callable[[str], Awaitable[T]], promql: str) -> T:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(MetricsError),
             stop=stop_after_attempt(attempts) | stop_after_delay(budget),
@@ -295,24 +297,19 @@ async def measure(source: MetricSource, gates: Iterable[Gate], values: Mapping[s
             reraise=True,
         ):
             with attempt:
-                return await source.query(promql)
-        return None  # pragma: no cover - AsyncRetrying either returns or raises
+                return await call(promql)
+        raise AssertionError("unreachable: AsyncRetrying either returns or raises")
+
+    async def ask(promql: str) -> float | None:
+        return await retrying(source.query, promql)
 
     async def ask_series(promql: str) -> dict[str, float]:
         many = getattr(source, "query_series", None)
         if many is None:  # a source that reads one number only
             value = await ask(promql)
             return {} if value is None else {"": value}
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(MetricsError),
-            stop=stop_after_attempt(attempts) | stop_after_delay(budget),
-            wait=wait_exponential(multiplier=0.2, max=2.0),
-            reraise=True,
-        ):
-            with attempt:
-                series: dict[str, float] = await many(promql)
-                return series
-        return {}  # pragma: no cover - AsyncRetrying either returns or raises
+        series: dict[str, float] = await retrying(many, promql)
+        return series
 
     async def one(g: Gate) -> Reading:
         try:
