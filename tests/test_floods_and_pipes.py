@@ -41,7 +41,7 @@ def write_config(tmp: Path, prom: str, *, hold: str = "1h") -> tuple[Path, int]:
     port = free_port()
     (tmp / "policies").mkdir(exist_ok=True)
     (tmp / "policies" / "p.yaml").write_text(yaml.safe_dump({
-        "name": "p", "interval": "300ms", "failure_limit": 2, "progress_deadline": "2h",
+        "name": "p", "interval": "1s", "failure_limit": 2, "progress_deadline": "2h",
         "stages": [{"weight": 10, "hold": hold}, {"weight": 100, "hold": "300ms"}],
         "gates": [{"name": "errors", "query": 'errors{svc="{{ target }}"}', "max": 0.5}]}))
     (tmp / "canary.yaml").write_text(yaml.safe_dump({
