@@ -168,6 +168,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         cfg = config_mod.load_file(args.config)
         asyncio.run(serve(cfg))
+        # everything is closed and saved: leave now rather than wait at exit for a thread
+        # still blocked on a dependency that never answers (its pool cannot cancel it)
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(EXIT_OK)
     except ValidationFailed as e:
         for p in e.problems:
             print(escape(p), file=sys.stderr)
@@ -575,7 +580,17 @@ def cmd_override(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"reason": args.reason}
     if args.command == "promote" and args.full:
         body["full"] = True
-    r = api(args, "POST", f"/api/v1/rollouts/{args.id}/{args.command}", body)
+    try:
+        r = call_retrying(args, "POST", f"/api/v1/rollouts/{args.id}/{args.command}", body)
+    except ApiError as e:
+        if not (args.command == "abort" and e.status == 409):
+            die(f"{e} (HTTP {e.status})" if e.status else str(e))
+        # an abort is done when the rollout is rolled back, whoever (or whichever retry of
+        # ours, after a 503 whose abort was carried out anyway) got there first
+        r = api(args, "GET", f"/api/v1/rollouts/{args.id}")
+        if r.get("state") not in ("rolled_back", "rolling_back"):
+            die(f"{e} (HTTP {e.status})")
+        print(f"canary: {escape(str(e))}", file=sys.stderr)
     if args.json:
         print(json.dumps(r, indent=2))
     else:

@@ -634,3 +634,23 @@ def test_the_installed_prometheus_client_takes_every_argument_canary_passes(tmp_
     assert len(calls) == 6
     for name, args, kwargs in calls:
         inspect.signature(getattr(Real, name)).bind(None, *args, **kwargs)  # TypeError if not
+
+
+async def test_a_scoped_token_never_sees_another_targets_rollout_id_while_paging(tmp_path):
+    """Pages are filled from the token's own targets, and `next` and `before` never name
+    (or confirm) a rollout out of scope."""
+    async with two_teams(tmp_path) as api:
+        shop = (await api.start(target="shop-a", canary_version="v2"))["id"]
+        web = (await api.start(target="web", canary_version="v2"))["id"]  # the newest
+        for limit in (1, 2, 50):
+            status, listed = await api.call("GET", f"/api/v1/rollouts?limit={limit}",
+                                            token=SHOP_TOKEN)
+            assert status == 200
+            assert [r["id"] for r in listed["rollouts"]] == [shop]
+            assert listed["next"] is None, "no further page of this token's own rollouts"
+        status, unknown = await api.call("GET", "/api/v1/rollouts?before=no-such-id",
+                                         token=SHOP_TOKEN)
+        status2, foreign = await api.call("GET", f"/api/v1/rollouts?before={web}",
+                                          token=SHOP_TOKEN)
+        assert (status, status2) == (400, 400)
+        assert foreign["error"] == unknown["error"].replace("no-such-id", web)

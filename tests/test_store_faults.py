@@ -109,9 +109,9 @@ async def test_full_store_still_rolls_back_a_breach_and_saves_it_when_space_retu
             source.value = 0.5  # the canary fails half its requests
             await eventually(lambda: _async(weight_in(t) == 0), what="canary traffic at 0")
             assert "rollback " + rid in t.file.read_text(), "the router keeps the decision"
-            # reads still answer; the stored rollout is behind, and says nothing false
-            stored = await api.rollout(rid)
-            assert stored["state"] == "progressing"
+            # reads still answer, with the rollback in force and the reason it is unsaved
+            shown = await api.until(rid, lambda r: r["state"] == "rolled_back")
+            assert shown["weight"] == 0 and "not saved yet" in shown["reason"]
             _, metrics = await api.call("GET", "/metrics", role=None)
             assert "canary_store_writable 0.0" in metrics
             filler.unlink()
@@ -212,3 +212,21 @@ async def test_missing_state_file_with_canary_traffic_is_reported_and_left_alone
 
 async def _async(value: object) -> object:
     return value
+
+
+async def test_canary_abort_succeeds_once_the_rollout_is_rolled_back_whoever_got_there(tmp_path):
+    """A retried abort (after a 503 whose abort was carried out anyway) meets a rollout
+    already rolled back: the CLI says so and exits 0, the state it was asked for."""
+    from tests.test_restart_and_cli import cli
+
+    async with controller(tmp_path, policies=[simple_policy(hold=60)]) as (api, _ctl, _t):
+        rid = (await api.start(canary_version="v2"))["id"]
+        await api.until(rid, lambda r: r["applied_weight"] == 10)
+        code, _out, err = await cli("abort", rid, "--reason", "bad", server=api.base)
+        assert code == 0, err
+        await api.until(rid, lambda r: r["state"] == "rolled_back")
+        code, out, err = await cli("abort", rid, "--reason", "again", server=api.base)
+        assert code == 0 and "already rolled_back" in err and "rolled_back" in out, (out, err)
+        code, _out, err = await cli("pause", rid, "--reason", "late", server=api.base,
+                                    token="tok-oncall")
+        assert code == 2 and "already rolled_back" in err, "other overrides still refuse"

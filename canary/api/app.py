@@ -51,6 +51,7 @@ MAX_READS = 32    # API reads in flight at once (GET); more are refused with 503
 MAX_WRITES = 64   # API writes in flight at once (starts, overrides); more get 503
 SHUTDOWN_TIMEOUT = 5.0  # how long requests in flight get to finish at shutdown
 PAGE_DEFAULT, PAGE_MAX = 50, 500
+SCOPED_PAGES = 20  # store pages read at most to fill one page for a scoped token
 UNBOUNDED = frozenset({"/healthz", "/readyz"})  # liveness answers however busy the API is
 
 
@@ -244,6 +245,9 @@ async def body(request: web.Request, model: type[B]) -> B:
         except RecursionError:  # (json_depth already refuses this; a last line of defence)
             raise InvalidInput("body nests too deep; send a flat JSON object") from None
         except (ValueError, UnicodeDecodeError) as e:
+            if "int_max_str_digits" in str(e):
+                raise InvalidInput("body holds a number with thousands of digits; send "
+                                   "the documented fields") from None
             raise InvalidInput(f"body is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise InvalidInput("body must be a JSON object")
@@ -339,6 +343,7 @@ async def openapi(request: web.Request) -> web.Response:
 async def targets(request: web.Request) -> web.Response:
     token = _auth(request, Role.VIEWER)
     ctl = request.app[CONTROLLER]
+    await ctl.unexplained()  # re-checked: on-call may have set a router back by hand
     out = []
     for name, t in sorted(ctl.targets.items()):
         if not token.may_see(name):
@@ -421,23 +426,40 @@ async def list_rollouts(request: web.Request) -> web.Response:
     before = _one(request, "before")
     if before is not None and not before.strip():
         raise InvalidInput("before: empty; pass the `next` of the previous page")
-    try:
-        rollouts = await request.app[CONTROLLER].store.list(
-            target=target, state=states, limit=limit + 1, before=before, events=False)
-    except NotFound:
-        raise InvalidInput(f"before: no rollout with id {str(before)[:100]!r}; pass the `next` "
-                           "of the previous page") from None
-    page = rollouts[:limit]
-    # out of scope reads like nothing there (a page may come back short; `next` still
-    # pages on through the store)
-    return json_response({"rollouts": [summary(r) for r in page if token.may_see(r.target)],
-                          "next": page[-1].id if len(rollouts) > limit else None})
+    store = request.app[CONTROLLER].store
+    unknown = InvalidInput(f"before: no rollout with id {str(before)[:100]!r}; pass the `next` "
+                           "of the previous page")
+    if before is not None and token.targets is not None:
+        try:  # a rollout out of scope is as unknown here as anywhere
+            if not token.may_see((await store.load(before)).target):
+                raise unknown
+        except NotFound:
+            raise unknown from None
+    seen: list[Rollout] = []
+    cursor = before
+    for _ in range(SCOPED_PAGES):  # a scoped token's page is filled from several store pages
+        try:
+            batch = await store.list(target=target, state=states, limit=limit + 1,
+                                     before=cursor, events=False)
+        except NotFound:
+            raise unknown from None
+        seen += [r for r in batch if token.may_see(r.target)]
+        if len(seen) > limit or len(batch) <= limit:
+            break
+        cursor = batch[-1].id
+    page = seen[:limit]
+    # `next` names only a rollout this token may see
+    return json_response({"rollouts": [summary(r) for r in page],
+                          "next": page[-1].id if len(seen) > limit else None})
 
 
 @on_api_thread
 async def get_rollout(request: web.Request) -> web.Response:
     token = _auth(request, Role.VIEWER)
-    r = await request.app[CONTROLLER].store.load(request.match_info["id"])
+    ctl = request.app[CONTROLLER]
+    # while the store cannot be written, a rollback in force is shown, not the stale row
+    r = ctl.unsaved_view.get(request.match_info["id"]) or \
+        await ctl.store.load(request.match_info["id"])
     if not token.may_see(r.target):  # out of scope reads exactly like an unknown id
         raise no_such_rollout(request.match_info["id"])
     return json_response(r.to_api())

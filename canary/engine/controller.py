@@ -21,7 +21,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 from canary import faults
@@ -99,6 +99,8 @@ class Controller:
     _last: dict[str, Rollout] = field(default_factory=dict)      # last stored, per task
     _unsaved: dict[str, Rollout] = field(default_factory=dict)   # a rollback not yet saved
     _pending_abort: dict[str, Command] = field(default_factory=dict)
+    # what a rollout is while the store cannot record it (a rollback in force, unsaved)
+    unsaved_view: dict[str, Rollout] = field(default_factory=dict)
     _monitor: asyncio.Task[None] | None = None
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -519,7 +521,7 @@ class Controller:
                 log.exception("rollout loop failed; retrying", extra={"rollout": rollout_id})
                 await self.clock.sleep(backoff.next(), wakeup)
         for cache in (self._locks, self._wakeups, self._policy_cache, self._last, self._unsaved,
-                      self._pending_abort, self._unreadable):
+                      self._pending_abort, self._unreadable, self.unsaved_view):
             cache.pop(rollout_id, None)
         self.metrics.active.set(max(0, len(self._tasks) - 1))
 
@@ -564,10 +566,15 @@ class Controller:
                     log.warning(f"rolled back while the state store cannot be written: "
                                 f"{r.reason}; saved once the store is back",
                                 extra={"rollout": rollout_id, "target": r.target})
+            if r.state in _ROLLBACK:
+                self.unsaved_view[rollout_id] = replace(r, reason=(
+                    f"{r.reason} (not saved yet: the state store cannot be written; saved "
+                    "as soon as it can)"))
             if await self.check_store() is None:
                 break
             wait = STORE_RETRY if r.state.final else min(STORE_RETRY, next_eval - now)
             await self.clock.sleep(max(0.0, wait), wakeup)
+        self.unsaved_view.pop(rollout_id, None)
         if r.state in _ROLLBACK:
             note = decide.decision_note(r)
             if r.applied_weight == 0:
