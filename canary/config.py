@@ -34,6 +34,7 @@ from pydantic.json_schema import SkipJsonSchema
 from canary import policy as policy_mod
 from canary import validation, yamlsrc
 from canary.errors import Problem, ValidationFailed
+from canary.model import VERSION_PATTERN
 
 
 class Role(enum.IntEnum):
@@ -63,7 +64,7 @@ _CONFIG = ConfigDict(extra="forbid")
 Text = Annotated[str, Field(strict=True, min_length=1, max_length=4096)]
 Name = Annotated[str, Field(strict=True, pattern=_NAME)]
 Dns = Annotated[str, Field(strict=True, pattern=_DNS, max_length=253)]
-Version = Annotated[str, Field(strict=True, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")]
+Version = Annotated[str, Field(strict=True, pattern=VERSION_PATTERN)]
 
 
 def _role(value: object) -> object:

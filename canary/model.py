@@ -12,6 +12,9 @@ from typing import Any, Literal, overload
 
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
+# a version's character set, for the whole string (interface.md section 3)
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$"
+
 
 class Phase(enum.StrEnum):
     PROGRESSING = "progressing"

@@ -13,11 +13,10 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from canary.errors import InvalidInput
-from canary.model import EventView, GateView, RolloutSummary, RolloutView
+from canary.model import VERSION_PATTERN, EventView, GateView, RolloutSummary, RolloutView
 from canary.policy import Policy
 from canary.text import is_control
 
-VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$"
 MAX_TEXT = 1000
 
 

@@ -41,7 +41,16 @@ from canary.errors import (
 )
 from canary.gates.prometheus import MetricSource, measure
 from canary.metrics import Metrics
-from canary.model import Command, CommandKind, PauseKind, Phase, Readings, Rollout, Verdict
+from canary.model import (
+    VERSION_PATTERN,
+    Command,
+    CommandKind,
+    PauseKind,
+    Phase,
+    Readings,
+    Rollout,
+    Verdict,
+)
 from canary.routers import Router
 from canary.store import Store, no_such_rollout
 
@@ -51,7 +60,7 @@ STORE_RETRY = 1.0    # seconds between write attempts while the store is failing
 STORE_CHECK = 2.0    # seconds between background checks that the store takes writes
 _ROLLBACK = (Phase.ROLLING_BACK, Phase.ROLLED_BACK)
 _LOUD_EVENTS = {"router_error", "drift", "rollback", "rolled_back"}
-_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}")  # the whole string: fullmatch
+_VERSION = re.compile(VERSION_PATTERN)  # used with fullmatch: "v2\n" does not pass
 
 
 def _every_target(target: str) -> bool:
