@@ -35,6 +35,7 @@ from canary.model import Reading, Verdict
 from canary.policy import CompareGate, ErrorsGate, Gate, format_duration, render
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class MetricSource(Protocol):
@@ -208,35 +209,31 @@ class CoalescingSource:
         self._series: dict[str, tuple[float, asyncio.Future[dict[str, float]]]] = {}
         self.sent = 0
 
+    async def _shared(self, recent: dict[str, tuple[float, asyncio.Future[R]]], promql: str,
+                      ask: Callable[[str], Awaitable[R]]) -> R:
+        """The answer to `promql`, shared with whoever asked the same within the window."""
+        now = self._clock()
+        hit = recent.get(promql)
+        if hit is not None and now - hit[0] < self._window:
+            return await asyncio.shield(hit[1])
+        if len(recent) > 10_000:
+            for q in [q for q, v in recent.items() if now - v[0] >= self._window]:
+                del recent[q]
+        future: asyncio.Future[R] = asyncio.ensure_future(ask(promql))
+        future.add_done_callback(_consume)
+        recent[promql] = (now, future)
+        self.sent += 1
+        return await asyncio.shield(future)
+
     async def query_series(self, promql: str) -> dict[str, float]:
         inner = getattr(self._inner, "query_series", None)
         if inner is None:
             value = await self.query(promql)
             return {} if value is None else {"": value}
-        now = self._clock()
-        hit = self._series.get(promql)
-        if hit is not None and now - hit[0] < self._window:
-            return await asyncio.shield(hit[1])
-        if len(self._series) > 10_000:
-            self._series = {q: v for q, v in self._series.items() if now - v[0] < self._window}
-        future: asyncio.Future[dict[str, float]] = asyncio.ensure_future(inner(promql))
-        future.add_done_callback(_consume)
-        self._series[promql] = (now, future)
-        self.sent += 1
-        return await asyncio.shield(future)
+        return await self._shared(self._series, promql, inner)
 
     async def query(self, promql: str) -> float | None:
-        now = self._clock()
-        hit = self._recent.get(promql)
-        if hit is not None and now - hit[0] < self._window:
-            return await asyncio.shield(hit[1])
-        if len(self._recent) > 10_000:
-            self._recent = {q: v for q, v in self._recent.items() if now - v[0] < self._window}
-        future = asyncio.ensure_future(self._inner.query(promql))
-        future.add_done_callback(_consume)
-        self._recent[promql] = (now, future)
-        self.sent += 1
-        return await asyncio.shield(future)
+        return await self._shared(self._recent, promql, self._inner.query)
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
