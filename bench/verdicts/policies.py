@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.verdicts.simulate import BUCKETS, quantile
 from canary.engine.dryrun import DryRun, Shape, Values, gate_shapes
 from canary.policy import Policy, load_file
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SCRAPE = 15.0
 BASE = 0.005
-BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.inf)
 
 
 def _lognorm_cdf(x: float, median: float, sigma: float) -> float:
@@ -92,18 +92,6 @@ class Series:
         if s.measure == "error_ratio":
             return (self.err[-1] - self.err[back]) / max(dn, s.floor)
         return quantile(s.q, self.hist[-1] - self.hist[back])
-
-
-def quantile(q: float, counts: np.ndarray) -> float:
-    """histogram_quantile: linear interpolation inside the bucket."""
-    rank = q * counts.sum()
-    cum = np.cumsum(counts)
-    i = int(np.searchsorted(cum, rank))
-    if math.isinf(BUCKETS[i]):
-        return BUCKETS[i - 1]
-    lo = BUCKETS[i - 1] if i else 0.0
-    below = cum[i - 1] if i else 0.0
-    return float(lo + (BUCKETS[i] - lo) * (rank - below) / max(counts[i], 1e-12))
 
 
 def readings(policy: Policy, stage: int, canary: Series, stable: Series,

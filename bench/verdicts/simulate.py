@@ -256,19 +256,24 @@ def bucket_probs(shift_all: float, shift_tail: float) -> np.ndarray:
     return np.diff(np.concatenate([[0.0], cdf]))
 
 
-def p99_from_buckets(counts: np.ndarray) -> float | None:
-    """histogram_quantile(0.99, ...): linear interpolation inside the bucket."""
+def quantile(q: float, counts: np.ndarray) -> float | None:
+    """histogram_quantile(q, ...): linear interpolation inside the bucket; None when the
+    histogram is empty."""
     total = counts.sum()
     if total == 0:
         return None
-    rank = 0.99 * total
+    rank = q * total
     cum = np.cumsum(counts)
     i = int(np.searchsorted(cum, rank))
     if math.isinf(BUCKETS[i]):
         return BUCKETS[i - 1]
     lo = BUCKETS[i - 1] if i else 0.0
     below = cum[i - 1] if i else 0.0
-    return lo + (BUCKETS[i] - lo) * (rank - below) / max(counts[i], 1e-12)
+    return float(lo + (BUCKETS[i] - lo) * (rank - below) / max(counts[i], 1e-12))
+
+
+def p99_from_buckets(counts: np.ndarray) -> float | None:
+    return quantile(0.99, counts)
 
 
 def p99_ok(window: list[np.ndarray]) -> bool:
