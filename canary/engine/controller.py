@@ -308,8 +308,9 @@ class Controller:
         live = await router.get_weight() if router else None
         last = None
         if live:
-            last = next((r for r in await self.store.list()
-                         if r.target == target and r.state.final), None)
+            finished = await self.store.list(target=target, limit=1, events=False,
+                                             state=(Phase.SUCCEEDED, Phase.ROLLED_BACK))
+            last = finished[0] if finished else None
         if not live or (last is not None and last.state is Phase.SUCCEEDED and live == 100):
             if self.warnings.pop(target, None):
                 log.warning("target's canary traffic is explained again", extra={"target": target})
