@@ -32,6 +32,7 @@ from pydantic.dataclasses import dataclass
 from pydantic.json_schema import SkipJsonSchema
 
 from canary import policy as policy_mod
+from canary import schema as schema_mod
 from canary import validation, yamlsrc
 from canary.errors import Problem, ValidationFailed
 from canary.model import VERSION_PATTERN
@@ -53,13 +54,26 @@ class Role(enum.IntEnum):
 _ADDRESS = r"^(?:unix:\S+|\[?[A-Za-z0-9.:-]+\]?:\d{1,5})$"
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 _DNS = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
-_LISTEN = re.compile(r"\[?([^\]]*?)\]?:(\d{1,5})")
+# host:port, the port 1-65535 (up to 5 digits, leading zeros allowed)
+_PORT = (r"(0{0,4}[1-9]|0{0,3}[1-9][0-9]|0{0,2}[1-9][0-9]{2}|0?[1-9][0-9]{3}|[1-5][0-9]{4}|6[0-4][0-9]{3}"
+         r"|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])")
+_LISTEN = re.compile(rf"\[?([^\]]*?)\]?:{_PORT}")
 # headers that carry credentials: their values belong in a file or the environment
 _SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie"}
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# the schema's way to say it (no (?i) in editors' regexes): [Cc][Oo][Oo][Kk][Ii][Ee]
+_SECRET_HEADER = "^(" + "|".join("".join(f"[{c.upper()}{c}]" if c.isalpha() else c for c in h)
+                                 for h in sorted(_SECRET_HEADERS)) + ")$"
+_VAR = r"[A-Za-z_][A-Za-z0-9_]*"  # a template variable's or an environment variable's name
+
+
+def _refused_keys(pattern: str) -> Any:
+    """A mapping's keys that match `pattern` are refused in the schema, each at its own
+    place (propertyNames would report them at the mapping)."""
+    return lambda schema: schema.setdefault("patternProperties", {}).update({pattern: schema_mod.REFUSED})
 # a target name, or a glob over target names: *, ?, [abc], [!abc], [a-z]
 _TARGET_GLOB = r"^(?:[A-Za-z0-9_.*?-]|\[!?[A-Za-z0-9_.-]+\])+$"
-_CONFIG = ConfigDict(extra="forbid")
+_CONFIG = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 Text = Annotated[str, Field(strict=True, min_length=1, max_length=4096)]
 Name = Annotated[str, Field(strict=True, pattern=_NAME)]
@@ -76,13 +90,18 @@ def _role(value: object) -> object:
 @dataclass(frozen=True, config=_CONFIG)
 class Token:
     name: Annotated[Text, Field(max_length=100)]
+    """Who holds the token; events and reasons name them by it. Unique."""
     sha256: Annotated[str, Field(strict=True, pattern=r"^[0-9a-fA-F]{64}$"),
                       AfterValidator(str.lower)]
+    """The sha256 of the bearer token, 64 hex digits (`printf %s "$TOKEN" | sha256sum`);
+    the token itself is never stored."""
     role: Annotated[Role, BeforeValidator(_role),
                     WithJsonSchema({"enum": ["viewer", "pipeline", "oncall"]})]
-    # globs of the targets this token may read or act on; None: every target
+    """viewer reads; pipeline reads, starts and aborts; oncall does everything."""
     targets: Annotated[tuple[Annotated[str, Field(strict=True, pattern=_TARGET_GLOB)], ...],
                        Field(min_length=1, max_length=1000)] | None = None
+    """Names or globs (* ? [abc] [!abc]) of the targets this token may read or act on;
+    left out: every target."""
 
     def may_see(self, target: str) -> bool:
         return self.targets is None or any(fnmatch.fnmatchcase(target, g) for g in self.targets)
@@ -91,7 +110,7 @@ class Token:
 def _var_name(name: str) -> str:
     if name in policy_mod.BUILTIN_VARS:
         raise ValueError(f"{name!r} is filled by canary itself; pick another name")
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+    if not re.fullmatch(_VAR, name):
         raise ValueError("variable names are letters, digits and _")
     return name
 
@@ -102,9 +121,12 @@ def _plain_value(value: object) -> str:
     raise ValueError("must be a plain value")
 
 
-Vars = Mapping[Annotated[str, AfterValidator(_var_name)],
+Vars = Annotated[Mapping[Annotated[str, AfterValidator(_var_name),
+                                   WithJsonSchema({"pattern": f"^{_VAR}$"})],
                Annotated[str, BeforeValidator(_plain_value),
-                         WithJsonSchema({"type": ["string", "number", "boolean"]})]]
+                         WithJsonSchema({"type": ["string", "number", "boolean"]})]],
+                Field(json_schema_extra=_refused_keys(
+                    f"^({'|'.join(sorted(policy_mod.BUILTIN_VARS))})$"))]
 Argv = Annotated[tuple[Annotated[str, Field(strict=True, min_length=1)], ...], Field(min_length=1)]
 Addresses = Annotated[tuple[Annotated[str, Field(strict=True, pattern=_ADDRESS)], ...],
                       Field(min_length=1)]
@@ -113,15 +135,26 @@ Addresses = Annotated[tuple[Annotated[str, Field(strict=True, pattern=_ADDRESS)]
 @dataclass(frozen=True, config=_CONFIG)
 class NginxTarget:
     file: Annotated[Path, WithJsonSchema({"type": "string", "minLength": 1})]
+    """The nginx config file canary writes the upstream block to (it owns the file);
+    relative to the config file."""
     upstream: Annotated[str, Field(strict=True, pattern=r"^[A-Za-z0-9_.-]+$")]
+    """The name of the upstream block it writes."""
     stable: Addresses
+    """Server addresses of the stable version: host:port or unix:PATH."""
     canary: Addresses
+    """Server addresses of the canary version, none of them also stable's."""
     test: Argv = ("nginx", "-t")
+    """Command run before every reload; if it fails, nginx is not reloaded."""
     reload: Argv = ("nginx", "-s", "reload")
+    """Command that makes nginx read the file again."""
     policy: Name | None = None
+    """The policy of this target's rollouts when a start names none."""
     vars: Vars = field(default_factory=dict)
+    """Values for {{ name }} in the policy's queries, e.g. {service: web}."""
     stable_version: Version | None = None
+    """The stable version when a start names none."""
     router: Literal["nginx"] = "nginx"
+    """nginx: canary writes weighted upstream servers and reloads nginx."""
     name: SkipJsonSchema[str] = ""  # the key it is configured under
 
     @model_validator(mode="after")
@@ -134,20 +167,31 @@ class NginxTarget:
 @dataclass(frozen=True, config=_CONFIG)
 class IstioDestination:
     host: Text
+    """The destination's host, e.g. api.prod.svc.cluster.local."""
     subset: Text | None = None
+    """The DestinationRule subset of this version, e.g. stable."""
 
 
 @dataclass(frozen=True, config=_CONFIG)
 class IstioTarget:
     namespace: Dns
+    """The namespace of the VirtualService."""
     virtual_service: Dns
+    """The VirtualService whose route weights canary sets."""
     stable: IstioDestination
+    """The stable version's destination."""
     canary: IstioDestination
+    """The canary version's destination."""
     route: Text | None = None
+    """The name of the http route to weigh; default: the first."""
     policy: Name | None = None
+    """The policy of this target's rollouts when a start names none."""
     vars: Vars = field(default_factory=dict)
+    """Values for {{ name }} in the policy's queries, e.g. {service: api}."""
     stable_version: Version | None = None
+    """The stable version when a start names none."""
     router: Literal["istio"] = "istio"
+    """istio: canary sets the weights of a VirtualService's route."""
     name: SkipJsonSchema[str] = ""
 
 
@@ -172,9 +216,13 @@ class LeaderElection:
     """Only with state: kubernetes:NS. Defaults as client-go's."""
 
     name: Dns = "canary-leader"
+    """The name of the coordination.k8s.io Lease the replicas share."""
     lease_duration: policy_mod.PositiveDuration = 15.0
+    """How long the others wait without a renewal before taking over (default 15s)."""
     renew_deadline: policy_mod.PositiveDuration = 10.0
+    """A leader that cannot renew for this long stops acting (default 10s)."""
     retry_period: policy_mod.PositiveDuration = 2.0
+    """How often the lease is renewed or tried (default 2s)."""
 
     @model_validator(mode="after")
     def _order(self) -> LeaderElection:
@@ -233,7 +281,8 @@ def load_file(path: str | Path) -> Config:
 
 
 class _Doc(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True,
+                              use_attribute_docstrings=True)
 
 
 def _header_name(name: str) -> str:
@@ -259,19 +308,35 @@ def _no_password(value: object) -> None:
 
 class BasicAuthDoc(_Doc):
     username: Annotated[Text, Field(pattern=r"^[^:]*$")]
-    password_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+    """The basic-auth user name (no ':')."""
+    password_env: Annotated[str, Field(pattern=f"^{_VAR}$")]
+    """The environment variable that holds the password; it must be set when canary
+    starts."""
     password: SkipJsonSchema[Annotated[Any, AfterValidator(_no_password)]] = None
 
 
 class PrometheusDoc(_Doc):
-    url: Annotated[str, Field(pattern=r"^https?://", max_length=2048)] = "http://127.0.0.1:9090"
+    model_config = ConfigDict(json_schema_extra={  # each sets the Authorization header
+        "not": {"required": ["basic_auth", "bearer_token_file"]}})
+    url: Annotated[str, Field(pattern=r"^https?://", max_length=2048, json_schema_extra={
+        "pattern": r"^https?://[^/?#@]*([/?#]|$)"})] = "http://127.0.0.1:9090"  # no user@
+    """Prometheus's base URL, http:// or https://, without credentials."""
     timeout: policy_mod.PositiveDuration = 10.0
-    headers: dict[Annotated[str, AfterValidator(_header_name)],
-                  Annotated[str, Field(max_length=4096), AfterValidator(_header_value)]] = {}
+    """How long one query may take, a duration (default 10s)."""
+    headers: Annotated[dict[Annotated[str, AfterValidator(_header_name),
+                                      WithJsonSchema({"pattern": _HEADER_NAME.pattern})],
+                  Annotated[str, Field(max_length=4096, json_schema_extra={
+                      "pattern": r"^[^\x00-\x1f\x7f]*$"}), AfterValidator(_header_value)]],
+                       Field(json_schema_extra=_refused_keys(_SECRET_HEADER))] = {}
+    """Headers sent with every query, e.g. {X-Scope-OrgID: team-a}; never credentials."""
     bearer_token_file: Text | None = None
+    """A file whose contents are sent as `Authorization: Bearer`, re-read when it changes."""
     basic_auth: BasicAuthDoc | None = None
+    """Basic auth, the password from an environment variable (not with bearer_token_file)."""
     ca_file: Text | None = None
+    """A PEM bundle of the CAs that Prometheus's TLS certificate is verified against."""
     concurrency: Annotated[int, Field(ge=1, le=256)] = 8
+    """Queries in flight at once, each on its own thread, 1-256 (default 8)."""
 
     @field_validator("url")
     @classmethod
@@ -284,39 +349,48 @@ class PrometheusDoc(_Doc):
 
 
 class AuthDoc(_Doc):
+    model_config = ConfigDict(json_schema_extra={"anyOf": [  # at least one token
+        {"required": ["tokens"], "properties": {"tokens": {"minItems": 1}}},
+        {"required": ["tokens_file"], "properties": {"tokens_file": {"type": "string"}}}]})
     tokens: Annotated[list[Token], Field(max_length=10_000)] = []
+    """Who may call the API: {name, sha256, role, targets?} each."""
     tokens_file: Text | None = None
+    """A YAML file with more tokens (a list, or tokens: [...]), e.g. from a Secret."""
 
 
 class TlsDoc(_Doc):
     cert: Text
+    """The API's certificate chain, a PEM file."""
     key: Text
-
-
-def _listen(value: str) -> str:
-    m = _LISTEN.fullmatch(value)
-    if not m or not 0 < int(m.group(2)) < 65536:
-        raise ValueError("must be host:port, like 127.0.0.1:8080")
-    return value
+    """Its private key, a PEM file."""
 
 
 class ConfigDoc(_Doc):
     """The controller config (interface.md sections 2 and 9)."""
 
     model_config = ConfigDict(title="canary controller config")
-    listen: Annotated[str, AfterValidator(_listen)] = "127.0.0.1:8080"
+    listen: Annotated[str, Field(pattern=f"^{_LISTEN.pattern}$")] = "127.0.0.1:8080"
+    """host:port the API listens on (default 127.0.0.1:8080)."""
     state: Annotated[str, Field(pattern=r"^(sqlite:.+|kubernetes:[a-z0-9]([-a-z0-9.]*[a-z0-9])?)$",
                                 max_length=4096)] = "sqlite:canary-state.db"
+    """Where rollouts are kept: sqlite:PATH (embedded) or kubernetes:NAMESPACE."""
     prometheus: PrometheusDoc = PrometheusDoc()
+    """The Prometheus the gates query."""
     policies: Text | Annotated[list[Text], Field(min_length=1)] = "policies/"
+    """A directory of policy files (*.yaml), or a list of files (default policies/)."""
     auth: AuthDoc
+    """The API's bearer tokens."""
     targets: Annotated[dict[Annotated[str, Field(pattern=_NAME)], TargetField],
                        Field(min_length=1, max_length=10_000)]
+    """What canary moves traffic for: target name -> its router (nginx or istio)."""
     tls: TlsDoc | None = None
+    """Serve the API over TLS with this certificate and key."""
     leader_election: LeaderElection = LeaderElection()
+    """Only with state: kubernetes:NS: the Lease the replicas elect a leader with."""
 
 
 CONFIG_MESSAGES = {
+    "listen": "must be host:port, like 127.0.0.1:8080",
     "state": "must be sqlite:PATH or kubernetes:NAMESPACE",
     "url": "must start with http:// or https://",
     "sha256": "must be 64 hex digits: the sha256 of the token, e.g. "
@@ -402,7 +476,7 @@ class _Resolver:
                 why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
                 self.problem((*at, "bearer_token_file"), f"cannot read {p}: {why}")
         env = text("prometheus", "basic_auth", "password_env")
-        if env is not None and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env) \
+        if env is not None and re.fullmatch(_VAR, env) \
                 and not os.environ.get(env):
             self.problem((*at, "basic_auth", "password_env"),
                          f"environment variable {env} is "

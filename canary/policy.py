@@ -33,7 +33,7 @@ from pydantic import (
 from pydantic.dataclasses import dataclass
 from pydantic.json_schema import SkipJsonSchema
 
-from canary import validation, yamlsrc
+from canary import schema, validation, yamlsrc
 from canary.errors import InvalidInput, Problem, ValidationFailed
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -129,18 +129,29 @@ class NoData(enum.StrEnum):
 # plain numbers; read from a file (context {"file": True}) durations must be text.
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
-_DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
+_PART = r"[0-9]+(\.[0-9]+)?(ms|s|m|h)"
+_DURATION_PATTERN = f"^({_PART})+$"
 _MALFORMED = re.compile(r"\{\{(?![^{}]*\}\})|\{\{\s*[^A-Za-z_\s][^}]*\}\}")
 MAX_QUERY = 10_000  # characters
-_CONFIG = ConfigDict(extra="forbid")
+_CONFIG = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
-def _kind_required(schema: dict[str, Any]) -> None:
-    """In a file, only a threshold gate may leave out its kind (code may too, for all)."""
-    schema["required"] = [*schema.get("required", []), "kind"]
+def _stated(*rules: dict[str, Any], kind_required: bool = True) -> ConfigDict:
+    """A gate kind's config: the rules its validator checks across fields, stated in its
+    schema too, so an editor and helm refuse what canary refuses. In a file, only a
+    threshold gate may leave out its kind (code may, for all)."""
+
+    def extra(schema: dict[str, Any]) -> None:
+        schema["required"] = [*schema.get("required", []), *(["kind"] if kind_required else [])]
+        if rules:
+            schema["allOf"] = list(rules)
+
+    return ConfigDict(extra="forbid", use_attribute_docstrings=True, json_schema_extra=extra)
 
 
-_KIND_REQUIRED = ConfigDict(extra="forbid", json_schema_extra=_kind_required)
+def _given(*fields: str, type: str = "number") -> dict[str, Any]:
+    """At least one of `fields`, not null."""
+    return {"anyOf": [{"required": [f], "properties": {f: {"type": type}}} for f in fields]}
 
 
 def _from_file(info: ValidationInfo) -> bool:
@@ -181,22 +192,37 @@ Duration = Annotated[float, BeforeValidator(_duration),
                                      "description": "a duration like 500ms, 30s, 2m, 1h or "
                                                     "1m30s (whole milliseconds, at most 30 "
                                                     "days)"})]
-PositiveDuration = Annotated[Duration, AfterValidator(_positive)]
+# a duration with a digit other than 0 in it: longer than 0
+_NONZERO = r"([0-9]*[1-9][0-9]*(\.[0-9]+)?|[0-9]+\.[0-9]*[1-9][0-9]*)(ms|s|m|h)"
+PositiveDuration = Annotated[Duration, AfterValidator(_positive), Field(json_schema_extra={
+    "pattern": f"^({_PART})*{_NONZERO}({_PART})*$"})]
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Text = Annotated[str, Field(strict=True)]
 Query = Annotated[Text, Field(max_length=MAX_QUERY), AfterValidator(_query)]
 GateName = Annotated[Text, Field(min_length=1, max_length=100)]
+# {{ version }}: the schema says it too; the validator keeps the message that says why
+_VERSION_TEMPLATE = r"\{\{\s*version\s*\}\}"
+_VERSIONED_QUERY = {"anyOf": [_given("baseline", type="string")["anyOf"][0],
+                              {"properties": {"query": {"pattern": _VERSION_TEMPLATE}}}]}
+Versioned = Annotated[Query, AfterValidator(_versioned),
+                      Field(json_schema_extra={"pattern": _VERSION_TEMPLATE})]
 
 
-@dataclass(frozen=True, config=_CONFIG)
+@dataclass(frozen=True, config=_stated(_given("min", "max"), kind_required=False))
 class ThresholdGate:
     """One query for the canary, bounded by min and/or max."""
 
     name: GateName
+    """The gate's name, unique in its list; readings and rollback reasons show it."""
     query: Query
+    """PromQL giving one number for the canary; {{ name }} is filled from the target's vars
+    and from target, canary_version, stable_version, rollout_id and interval."""
     min: Number | None = None
+    """The gate fails when the value is below this."""
     max: Number | None = None
+    """The gate fails when the value is above this."""
     kind: Literal["threshold"] = "threshold"
+    """threshold (the default): the query's value must stay within min and max."""
 
     @model_validator(mode="after")
     def _bounds(self) -> ThresholdGate:
@@ -214,17 +240,24 @@ class ThresholdGate:
         return [self.query]
 
 
-@dataclass(frozen=True, config=_KIND_REQUIRED)
+@dataclass(frozen=True, config=_stated(_given("max_increase", "max_ratio"), _VERSIONED_QUERY))
 class CompareGate:
     """The same query for canary and stable (`{{ version }}`), or an explicit baseline,
     bounded by max_increase and/or max_ratio."""
 
     name: GateName
+    """The gate's name, unique in its list; readings and rollback reasons show it."""
     query: Query
+    """PromQL giving one number, read for the canary and for stable: {{ version }} is
+    filled with each version (needed unless baseline is given)."""
     baseline: Query | None = None
+    """PromQL giving stable's number, when it is not the query with the other version."""
     max_increase: Number | None = None
+    """The gate fails when the canary's value is above stable's plus this (the query's unit)."""
     max_ratio: Number | None = None
+    """The gate fails when the canary's value is above stable's times this."""
     kind: Literal["compare"] = "compare"
+    """compare: the canary's value is judged against stable's."""
 
     @model_validator(mode="after")
     def _rules(self) -> CompareGate:
@@ -247,21 +280,38 @@ class CompareGate:
         return [q for q in (self.query, self.baseline) if q]
 
 
-@dataclass(frozen=True, config=_KIND_REQUIRED)
+@dataclass(frozen=True, config=_stated())
 class ErrorsGate:
     """Request and error counters of both versions, judged by the sequential test in
     gates/sequential.py."""
 
     name: GateName
-    requests: Annotated[Query, AfterValidator(_versioned)]
-    errors: Annotated[Query, AfterValidator(_versioned)]
+    """The gate's name, unique in its list; readings and rollback reasons show it."""
+    requests: Versioned
+    """PromQL counter of requests, with {{ version }} where the version goes (read for
+    canary and for stable)."""
+    errors: Versioned
+    """PromQL counter of failed requests, with {{ version }} where the version goes."""
     tolerance: Annotated[Number, Field(gt=0)] = 1.0
+    """Healthy means the canary's error rate is at most stable's times this (above 0;
+    default 1: no worse than stable)."""
     alpha: Annotated[Number, Field(gt=0, lt=0.5)] = 0.01
+    """The false-rollback budget per rollout: the chance a healthy canary is rolled back
+    by this gate (between 0 and 0.5; default 0.01)."""
     gross: Annotated[Number, Field(gt=1, le=1000)] = 5.0
+    """A stage passes once a regression this many times stable's error rate would have
+    been caught (above 1, at most 1000; default 5)."""
     final_gross: Annotated[Number, Field(gt=1, le=1000)] = 2.0
+    """The step to 100% waits until the canary is shown below stable's error rate times
+    tolerance times this, or below detect_rate (above 1, at most 1000; default 2)."""
     detect_rate: Annotated[Number, Field(gt=0, lt=1)] = 0.01
+    """When stable has almost no errors, a regression means at least this error rate
+    (between 0 and 1; default 0.01, 1% of requests)."""
     warmup: Duration = 0.0
+    """Ignore the canary for this long after the gate's first reading, a duration like
+    2m (default 0s)."""
     kind: Literal["errors"] = "errors"
+    """errors: a sequential test of the canary's error rate against stable's."""
 
     def bounds(self) -> str:
         return f"errors <= stable x {self.tolerance:g}, alpha {self.alpha:g}"
@@ -289,33 +339,57 @@ GateField = Annotated[
     | Annotated[ErrorsGate, validation.tag("kind", "errors")],
     validation.union(_gate_kind, "gate_kind", "kind", f"must be one of {', '.join(GATE_KINDS)}",
                      "a gate is a mapping with name, query and min or max")]
-_OVERRIDE = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}},
-             "description": "a gate of this stage only, or, under the name of a policy-wide "
-                            "gate, that gate's fields changed for this stage"}
+_OVERRIDE = schema.overrides(
+    "kind", [ThresholdGate, CompareGate, ErrorsGate],
+    "a gate of this stage only, or, under the name of a policy-wide gate, the fields of that "
+    "gate changed at this stage (the others kept)")
 
 
 @dataclass(frozen=True, config=_CONFIG)
 class Stage:
+    """One step of the rollout: a weight held for a time while the gates are evaluated."""
+
     weight: Annotated[int, Field(strict=True, ge=1, le=100)]
+    """Percent of traffic sent to the canary at this stage, 1-100; higher than the
+    previous stage's."""
     hold: Duration
+    """How long the stage lasts, gates evaluated, before the next one: a duration like
+    2m."""
     approval: Annotated[bool, Field(strict=True)] = False
+    """After the hold, wait for a promote (the rollout is paused until then); default
+    false."""
     gates: Annotated[tuple[GateField, ...],
                      WithJsonSchema({"type": "array", "items": _OVERRIDE})] = ()
+    """Gates of this stage only, added to the policy-wide ones; an entry named like a
+    policy-wide gate changes only the fields it gives, at this stage."""
 
 
-@dataclass(frozen=True, config=ConfigDict(extra="forbid", title="canary policy"))
+@dataclass(frozen=True, config=ConfigDict(extra="forbid", title="canary policy",
+                                           use_attribute_docstrings=True))
 class Policy:
     """A stage policy (interface.md section 1)."""
 
     name: Annotated[Text, Field(pattern=_NAME_PATTERN)]
-    stages: Annotated[tuple[Stage, ...], Field(max_length=100)]
+    """Unique among the loaded policies; targets and start requests name it. Default: the
+    file's name without .yaml."""
+    stages: Annotated[tuple[Stage, ...], Field(max_length=100, json_schema_extra={
+        "minItems": 1})]
+    """The weights the canary goes through, in order: rising strictly, the last one 100."""
     gates: Annotated[tuple[GateField, ...], Field(max_length=100)] = ()
+    """Gates evaluated at every stage."""
     interval: PositiveDuration = 30.0
+    """How often every gate is evaluated: a duration of at least 1s (default 30s)."""
     failure_limit: Annotated[int, Field(strict=True, ge=1, le=1000)] = 2
+    """Consecutive failing evaluations of one gate that roll back (default 2; errors gates
+    roll back at once)."""
     no_data: NoData = NoData.HOLD
+    """What a gate whose query returns no sample counts as: hold (wait, the default), fail
+    or pass."""
     progress_deadline: PositiveDuration = 1800.0
-    # where it was read from; not part of the file
+    """Roll back when no stage progress is made (held, no data, errors) for this long:
+    longer than every stage's hold plus one interval (default 30m)."""
     source: SkipJsonSchema[str] = field(default="", compare=False, repr=False)
+    """Where it was read from; not part of the file."""
 
     @field_validator("interval")
     @classmethod

@@ -10,7 +10,7 @@ import copy
 import json
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,44 @@ def config_schema() -> dict[str, Any]:
 
 
 SCHEMAS = {"policy": policy_schema, "config": config_schema}
+
+
+# a field (or key) a document must not have, refused at its own place: validators report a
+# `false` schema at the object around it, `not: {}` at the field
+REFUSED: dict[str, Any] = {"not": {}}
+
+
+def overrides(field: str, models: Sequence[type[Any]], description: str) -> dict[str, Any]:
+    """The schema of a partial entry of a union of `models` discriminated on `field` (a
+    stage's change to a policy-wide gate): `name` required, every other field optional
+    with the type and bounds its model gives it, and no field of one member beside a field
+    (or the `field` value) of another."""
+    from pydantic import TypeAdapter
+
+    own = {m: TypeAdapter(m).json_schema(mode="validation") for m in models}
+    properties: dict[str, Any] = {}
+    for schema in own.values():
+        for name, sub in schema["properties"].items():
+            if name == field:
+                continue
+            sub = {k: v for k, v in sub.items() if k not in ("default", "title")}
+            same = {k: v for k, v in properties.get(name, sub).items() if k != "description"}
+            if same != {k: v for k, v in sub.items() if k != "description"}:
+                raise ValueError(f"{name}: typed differently in two of {models}")
+            properties.setdefault(name, sub)
+    kinds = [schema["properties"][field]["const"] for schema in own.values()]
+    properties[field] = {"enum": kinds, "description": f"{', '.join(kinds)}: when left out, "
+                                                       "the kind of the gate it changes"}
+    rules = []
+    for kind, schema in zip(kinds, own.values(), strict=True):
+        mine = set(schema["properties"])
+        others = set().union(*(set(s["properties"]) for s in own.values() if s is not schema))
+        rules.append({"if": {"anyOf": [{"properties": {field: {"const": kind}},
+                                        "required": [field]},
+                                       *({"required": [f]} for f in sorted(mine - others))]},
+                      "then": {"properties": {f: REFUSED for f in sorted(others - mine)}}})
+    return {"type": "object", "description": description, "required": ["name"],
+            "properties": properties, "additionalProperties": False, "allOf": rules}
 
 
 # ---- the published files: editors, `canary schema`, the Helm chart ------------------------
@@ -153,8 +191,10 @@ def _by_kind(node: dict[str, Any], definitions: dict[str, Any]) -> dict[str, Any
             continue
         required = [field in t.get("required", []) for t in targets]
         rest = {k: v for k, v in node.items() if k != "oneOf"}
+        said = [t["properties"][field].get("description") for t in targets]
         return {**rest, "type": "object",
-                "properties": {field: {"enum": values}},
+                "properties": {field: {"enum": values, **({"description": "; ".join(
+                    d.rstrip(".") for d in said if d) + "."} if any(said) else {})}},
                 **({"required": [field]} if all(required) else {}),
                 "allOf": [{"if": {"properties": {field: {"const": value}},
                                   **({"required": [field]} if req else {})},

@@ -51,10 +51,19 @@ def schema_errors(name: str, doc: Any) -> list[str]:
 
 def helm_fields(said: str) -> list[str]:
     """The fields named in helm's refusal, as `path/to/field` (an unknown key: its path),
-    without the lines that only group the ones below them."""
-    out = []
-    for path, message in re.findall(r"at '/([^']*)': (.*)", said):
-        if re.fullmatch(r"'(allOf|anyOf|oneOf)' failed.*|validation failed", message):
+    without the lines that only group the ones below them; alternatives (anyOf) are
+    named once, by the place they were all tried at."""
+    out: list[str] = []
+    alternatives = None  # the indent of an anyOf's line, while reading its alternatives
+    for indent, path, message in re.findall(r"( *)- at '/([^']*)': (.*)", said):
+        if alternatives is not None and len(indent) > alternatives:
+            continue
+        alternatives = None
+        if re.fullmatch(r"'(anyOf|oneOf)' failed.*", message):
+            alternatives = len(indent)
+            out.append(path)
+            continue
+        if re.fullmatch(r"'allOf' failed.*|validation failed", message):
             continue
         unknown = re.fullmatch(r"additional properties (.*) not allowed", message)
         if unknown:
@@ -202,6 +211,44 @@ def test_every_default_an_editor_offers_passes_the_schema(name):
         assert published["properties"]["progress_deadline"]["default"] == "30m"
 
 
+def documented(node: Any, where: str = "") -> list[tuple[str, Any]]:
+    """Every (place, property) of every object a document may hold: the root, each
+    definition, a stage's gate overrides (not the rules' own small subschemas)."""
+    if isinstance(node, list):
+        return [p for i, n in enumerate(node) for p in documented(n, f"{where}/{i}")]
+    if not isinstance(node, dict):
+        return []
+    found = [(f"{where}/{name}", sub) for name, sub in node.get("properties", {}).items()
+             if node.get("type") == "object"]
+    for key, sub in node.items():
+        if key in ("properties", "definitions", "patternProperties"):
+            found += [p for name, s in sub.items() for p in documented(s, f"{where}/{name}")]
+        elif key in ("items", "allOf", "anyOf", "then", "additionalProperties"):
+            found += documented(sub, f"{where}/{key}")
+    return found
+
+
+@pytest.mark.parametrize("name", ["policy", "config"])
+def test_every_field_an_editor_shows_says_what_it_is(name):
+    """A yaml-language-server hover shows each field's description: every property of the
+    published schema has one, and so do the chart's policies and config."""
+    published = schema.published(name)
+    found = documented(published)
+    assert len(found) >= (25 if name == "policy" else 50)
+    missing = [where for where, prop in found if not (isinstance(prop, dict)
+                                                      and prop.get("description"))]
+    assert missing == []
+    chart = json.loads((ROOT / schema.CHART_SCHEMA).read_text())
+    embedded = [d for k, d in chart["definitions"].items() if k.startswith(f"{name}.")]
+    assert embedded and all(not m for d in embedded for m in
+                            [[w for w, p in documented(d) if not p.get("description")]])
+    if name == "policy":
+        stage = published["definitions"]["Stage"]["properties"]
+        assert "changes only the fields it gives" in stage["gates"]["description"]
+        assert "between 0 and 0.5" in stage["gates"]["items"]["properties"]["alpha"][
+            "description"]
+
+
 # ---- every reader refuses the same documents ----------------------------------------------
 
 
@@ -225,6 +272,22 @@ def bad_policy(change: str) -> dict[str, Any]:
         doc["no_data"] = "maybe"
     elif change == "alpha":
         doc["gates"][0]["alpha"] = 0.7
+    elif change == "override":
+        doc["stages"][2]["gates"] = [{"name": "errors", "alpha": 0.7}]
+    elif change == "override with a field of another kind":
+        doc["stages"][2]["gates"] = [{"name": "errors", "kind": "errors", "max": 0.5}]
+    elif change == "override of an unknown kind":
+        doc["stages"][2]["gates"] = [{"name": "errors", "kind": "bayesian"}]
+    elif change == "threshold without bounds":
+        doc["gates"].append({"name": "up", "query": "up"})
+    elif change == "compare without version":
+        doc["gates"].append({"name": "p99", "kind": "compare", "query": "up", "max_ratio": 2})
+    elif change == "requests without version":
+        doc["gates"][0]["requests"] = "http_requests_total"
+    elif change == "no stages":
+        doc["stages"] = []
+    elif change == "zero interval":
+        doc["interval"] = "0s"
     return doc
 
 
@@ -236,6 +299,15 @@ def bad_policy(change: str) -> dict[str, Any]:
     ("kind", "gates[0].kind", "gates/0/kind"),
     ("no_data", "no_data", "no_data"),
     ("alpha", "gates[0].alpha", "gates/0/alpha"),
+    ("override", "stages[2].gates[0].alpha", "stages/2/gates/0/alpha"),
+    ("override with a field of another kind", "stages[2].gates[0].max",
+     "stages/2/gates/0/max"),
+    ("override of an unknown kind", "stages[2].gates[0].kind", "stages/2/gates/0/kind"),
+    ("threshold without bounds", "gates[2]", "gates/2"),
+    ("compare without version", "gates[2]", "gates/2"),
+    ("requests without version", "gates[0].requests", "gates/0/requests"),
+    ("no stages", "stages", "stages"),
+    ("zero interval", "interval", "interval"),
 ])
 def test_canary_validate_the_editor_schema_and_helm_refuse_the_same_bad_policy(
         tmp_path, change, field, words):
@@ -272,6 +344,25 @@ def bad_config(change: str) -> dict[str, Any]:
         web["virtual_service"] = "web"  # an nginx target has no virtual service
     elif change == "concurrency":
         doc["prometheus"]["concurrency"] = 0
+    elif change == "listen":
+        doc["listen"] = "localhost"
+    elif change == "port":
+        doc["listen"] = "127.0.0.1:65536"
+    elif change == "url with credentials":
+        doc["prometheus"]["url"] = "http://canary:secret@prometheus:9090"
+    elif change == "credential header":
+        doc["prometheus"]["headers"] = {"authorization": "Bearer x"}
+    elif change == "header value":
+        doc["prometheus"]["headers"] = {"X-Scope-OrgID": "a\nb"}
+    elif change == "both credentials":
+        doc["prometheus"]["basic_auth"] = {"username": "canary", "password_env": "HOME"}
+        doc["prometheus"]["bearer_token_file"] = str(EXAMPLE_CONFIG)
+    elif change == "var canary fills":
+        web["vars"]["target"] = "web"
+    elif change == "zero timeout":
+        doc["prometheus"]["timeout"] = "0ms"
+    elif change == "no tokens":
+        doc["auth"]["tokens"] = []
     return doc
 
 
@@ -282,6 +373,16 @@ def bad_config(change: str) -> dict[str, Any]:
     ("address", "targets.web.stable[0]", "targets/web/stable/0"),
     ("field of another router", "targets.web.virtual_service", "targets/web/virtual_service"),
     ("concurrency", "prometheus.concurrency", "prometheus/concurrency"),
+    ("listen", "listen", "listen"),
+    ("port", "listen", "listen"),
+    ("url with credentials", "prometheus.url", "prometheus/url"),
+    ("credential header", "prometheus.headers.authorization",
+     "prometheus/headers/authorization"),
+    ("header value", "prometheus.headers.X-Scope-OrgID", "prometheus/headers/X-Scope-OrgID"),
+    ("both credentials", "prometheus.basic_auth", "prometheus"),
+    ("var canary fills", "targets.web.vars.target", "targets/web/vars/target"),
+    ("zero timeout", "prometheus.timeout", "prometheus/timeout"),
+    ("no tokens", "auth.tokens", "auth"),
 ])
 def test_canary_validate_the_editor_schema_and_helm_refuse_the_same_bad_config(
         tmp_path, change, field, words):
@@ -292,6 +393,8 @@ def test_canary_validate_the_editor_schema_and_helm_refuse_the_same_bad_config(
     assert any(f": {field}: " in p for p in problems), problems
     assert schema_errors("config", doc) == [words]
     assert model_schema_errors("config", doc)
+    if words.split("/")[0] in CHART_SETS:
+        return  # the chart sets this key itself, from values checked on their own
     # the chart takes the rest of the config; it sets these keys itself
     values = {"config": {k: v for k, v in doc.items() if k not in CHART_SETS}}
     said = helm_error(values)
