@@ -116,7 +116,7 @@ def _var_name(name: str) -> str:
 
 
 def _plain_value(value: object) -> str:
-    if isinstance(value, str | int | float) and not isinstance(value, dict | list):
+    if isinstance(value, str | int | float):
         return str(value)
     raise ValueError("must be a plain value")
 
@@ -199,15 +199,11 @@ Target = NginxTarget | IstioTarget
 ROUTERS = ("nginx", "istio")
 
 
-def _router(value: Any) -> str | None:
-    kind = value.get("router") if isinstance(value, dict) else getattr(value, "router", None)
-    return f"router={kind}" if kind in ROUTERS else None
-
-
 TargetField = Annotated[
     Annotated[NginxTarget, validation.tag("router", "nginx")]
     | Annotated[IstioTarget, validation.tag("router", "istio")],
-    validation.union(_router, "target_router", "router", f"must be {' or '.join(ROUTERS)}",
+    validation.union(validation.kind_of("router", ROUTERS), "target_router", "router",
+                     f"must be {' or '.join(ROUTERS)}",
                      "must be a mapping with router: nginx or router: istio")]
 
 
@@ -272,12 +268,7 @@ def looks_like_config(data: Any) -> bool:
 
 
 def load_file(path: str | Path) -> Config:
-    p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise ValidationFailed([Problem(str(p), 1, "(file)", f"cannot read: {e.strerror}")]) from e
-    return parse(yamlsrc.load(raw, str(p)), base=p.parent)
+    return parse(yamlsrc.read(path), base=Path(path).parent)
 
 
 class _Doc(BaseModel):
@@ -407,15 +398,14 @@ CONFIG_MESSAGES = {
                "leave it out for every target",
     "targets[]": "{value} is not a target name or glob: letters, digits, '.', '_', '-' and the "
                  "wildcards * ? [abc] [!abc] [a-z]",
-    "stable[]": "{value} is not host:port or unix:PATH",
-    "canary[]": "{value} is not host:port or unix:PATH",
+    **dict.fromkeys(("stable[]", "canary[]"), "{value} is not host:port or unix:PATH"),
     "stable_version": "must be 1-128 letters, digits or ._:+- starting with a letter or digit",
-    "namespace": "must be a Kubernetes name (lowercase letters, digits, '-' and '.')",
-    "virtual_service": "must be a Kubernetes name (lowercase letters, digits, '-' and '.')",
-    "test": "must be a non-empty list of strings (a command and its arguments)",
-    "reload": "must be a non-empty list of strings (a command and its arguments)",
-    "stable": "must be a non-empty list of host:port or unix:PATH addresses",
-    "canary": "must be a non-empty list of host:port or unix:PATH addresses",
+    **dict.fromkeys(("namespace", "virtual_service"), "must be a Kubernetes name (lowercase "
+                                                      "letters, digits, '-' and '.')"),
+    **dict.fromkeys(("test", "reload"), "must be a non-empty list of strings (a command and "
+                                        "its arguments)"),
+    **dict.fromkeys(("stable", "canary"), "must be a non-empty list of host:port or unix:PATH "
+                                          "addresses"),
     "vars": "must be a plain value",
 }
 CONFIG_REQUIRED = {
@@ -426,9 +416,9 @@ CONFIG_REQUIRED = {
 
 def parse(doc: yamlsrc.Doc, *, base: Path) -> Config:
     if not isinstance(doc.data, dict):
-        raise ValidationFailed([Problem(doc.file, doc.line(()), "(file)",
-                                        "a controller config is a YAML mapping (listen, state, "
-                                        "prometheus, policies, auth, targets)")])
+        raise ValidationFailed([validation.problem(doc, (), "a controller config is a YAML "
+                                                            "mapping (listen, state, prometheus, "
+                                                            "policies, auth, targets)")])
     resolver = _Resolver(doc, base)
     resolver.machine(doc.data)  # reported beside the shape's problems
     try:
@@ -449,8 +439,7 @@ class _Resolver:
         self.problems: list[Problem] = []
 
     def problem(self, path: yamlsrc.Path, message: str) -> None:
-        self.problems.append(Problem(self.doc.file, self.doc.line(path),
-                                     validation.field_name(path), message))
+        self.problems.append(validation.problem(self.doc, path, message))
 
     def path(self, value: str) -> Path:
         p = Path(value)
@@ -572,8 +561,8 @@ class _Resolver:
         wrapped = isinstance(doc.data, dict)
         data = doc.data.get("tokens") if wrapped else doc.data
         if not isinstance(data, list):
-            self.problems.append(Problem(doc.file, doc.line(()), "(file)", "must be a list of "
-                                         "{name, sha256, role} (or tokens: [...])"))
+            self.problems.append(validation.problem(doc, (), "must be a list of {name, sha256, "
+                                                             "role} (or tokens: [...])"))
             return []
         try:
             items = _TOKEN_LIST.validate_python(data)
@@ -594,16 +583,16 @@ def cross_check(cfg: Config, policies: Mapping[str, policy_mod.Policy],
     query templates that no target var fills."""
     problems: list[Problem] = []
     for name, target in cfg.targets.items():
-        path: yamlsrc.Path = ("targets", name)
-        if target.policy is not None and target.policy not in policies:
-            problems.append(Problem(doc.file, doc.line((*path, "policy")), f"targets.{name}.policy",
-                                    f"no policy named {target.policy!r}; loaded: "
-                                    f"{', '.join(sorted(policies)) or 'none'}"))
-        candidates = [policies[target.policy]] if target.policy and target.policy in policies else []
-        for pol in candidates:
-            missing = pol.template_names() - set(target.vars) - policy_mod.BUILTIN_VARS
-            if missing:
-                problems.append(Problem(
-                    doc.file, doc.line((*path, "vars")), f"targets.{name}.vars",
-                    f"policy {pol.name!r} uses {', '.join(sorted(missing))}; add them to vars"))
+        pol = policies.get(target.policy) if target.policy is not None else None
+        if pol is None:
+            if target.policy is not None:
+                problems.append(validation.problem(doc, ("targets", name, "policy"),
+                                                   f"no policy named {target.policy!r}; loaded: "
+                                                   f"{', '.join(sorted(policies)) or 'none'}"))
+            continue
+        missing = pol.template_names() - set(target.vars) - policy_mod.BUILTIN_VARS
+        if missing:
+            problems.append(validation.problem(doc, ("targets", name, "vars"),
+                                               f"policy {pol.name!r} uses "
+                                               f"{', '.join(sorted(missing))}; add them to vars"))
     return problems

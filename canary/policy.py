@@ -9,7 +9,6 @@ the chart's schema all come from them. Every problem is reported as
 from __future__ import annotations
 
 import enum
-import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import field, replace
@@ -36,7 +35,8 @@ from pydantic.json_schema import SkipJsonSchema
 from canary import schema, validation, yamlsrc
 from canary.errors import InvalidInput, Problem, ValidationFailed
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_PART = r"([0-9]+(\.[0-9]+)?)(ms|s|m|h)"  # one part of a duration; the schema's pattern too
+_DURATION_PART = re.compile(_PART)
 _TEMPLATE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 BUILTIN_VARS = frozenset({"target", "canary_version", "stable_version", "rollout_id", "interval",
                           "version"})
@@ -67,7 +67,7 @@ def parse_duration(text: object) -> float:
         for m in _DURATION_PART.finditer(text):
             if m.start() != pos:
                 break
-            ms += Decimal(m.group(1)) * _UNIT_MS[m.group(2)]
+            ms += Decimal(m.group(1)) * _UNIT_MS[m.group(3)]
             pos = m.end()
     if pos != len(text):
         raise ValueError(f"{text!r} is not a duration; {_HINT}")
@@ -78,14 +78,6 @@ def parse_duration(text: object) -> float:
         raise ValueError(f"{text!r} is not a whole number of milliseconds; canary keeps "
                          "durations to the millisecond: write e.g. 1ms, 250ms or 1.5s")
     return int(ms) / 1000
-
-
-def _finite(value: float) -> bool:
-    """A number canary can compare with: not NaN, not infinite, not too big for a float."""
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int of hundreds of digits
-        return False
 
 
 def format_duration(seconds: float) -> str:
@@ -129,7 +121,6 @@ class NoData(enum.StrEnum):
 # plain numbers; read from a file (context {"file": True}) durations must be text.
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
-_PART = r"[0-9]+(\.[0-9]+)?(ms|s|m|h)"
 _DURATION_PATTERN = f"^({_PART})+$"
 _MALFORMED = re.compile(r"\{\{(?![^{}]*\}\})|\{\{\s*[^A-Za-z_\s][^}]*\}\}")
 MAX_QUERY = 10_000  # characters
@@ -325,19 +316,12 @@ _KINDS: dict[str, type[Gate]] = {"threshold": ThresholdGate, "compare": CompareG
                                  "errors": ErrorsGate}
 
 
-def _gate_kind(value: Any) -> str | None:
-    if isinstance(value, dict):
-        kind = value.get("kind", "threshold")
-        return f"kind={kind}" if kind in GATE_KINDS else None
-    kind = getattr(value, "kind", None)
-    return f"kind={kind}" if kind in GATE_KINDS else None
-
-
 GateField = Annotated[
     Annotated[ThresholdGate, validation.tag("kind", "threshold")]
     | Annotated[CompareGate, validation.tag("kind", "compare")]
     | Annotated[ErrorsGate, validation.tag("kind", "errors")],
-    validation.union(_gate_kind, "gate_kind", "kind", f"must be one of {', '.join(GATE_KINDS)}",
+    validation.union(validation.kind_of("kind", GATE_KINDS, "threshold"), "gate_kind", "kind",
+                     f"must be one of {', '.join(GATE_KINDS)}",
                      "a gate is a mapping with name, query and min or max")]
 _OVERRIDE = schema.overrides(
     "kind", [ThresholdGate, CompareGate, ErrorsGate],
@@ -464,17 +448,11 @@ def from_dict(data: Mapping[str, Any], *, file: str = "<stored policy>") -> Poli
 
 
 def load_file(path: str | Path) -> Policy:
-    p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise ValidationFailed([Problem(str(p), 1, "(file)", f"cannot read: {e.strerror}")]) from e
-    return parse(raw, file=str(p), default_name=p.stem)
+    return _check(yamlsrc.read(path), default_name=Path(path).stem)
 
 
 def parse(text: str | bytes, *, file: str, default_name: str) -> Policy:
-    doc = yamlsrc.load(text, file)
-    return _check(doc, default_name=default_name)
+    return _check(yamlsrc.load(text, file), default_name=default_name)
 
 
 def load_many(paths: Iterable[str | Path]) -> dict[str, Policy]:
@@ -505,18 +483,13 @@ POLICY_MESSAGES = {
     "weight": "must be a whole percent from 1 to 100",
     "failure_limit": "must be a whole number of at least 1",
     "no_data": "must be one of hold, fail, pass",
-    "approval": "must be true or false",
-    "query": "must be a PromQL query",
-    "baseline": "must be a PromQL query",
-    "requests": "must be a PromQL query",
-    "errors": "must be a PromQL query",
+    **dict.fromkeys(("query", "baseline", "requests", "errors"), "must be a PromQL query"),
     "alpha": "must be between 0 and 0.5, e.g. 0.01",
     "tolerance": "must be above 0 (1 = no worse than stable)",
     "gross": "must be above 1 and at most 1000, e.g. 5 (a 5x regression)",
     "final_gross": "must be above 1 and at most 1000, e.g. 2 (a 2x regression)",
     "detect_rate": "must be between 0 and 1, e.g. 0.01 (1% errors)",
-    "min": "must be a number", "max": "must be a number", "max_increase": "must be a number",
-    "max_ratio": "must be a number", "stages": "must be a non-empty list of stages",
+    "stages": "must be a non-empty list of stages",
     "gates": "must be a list of gates, each with name, query and min or max",
 }
 POLICY_REQUIRED = {
@@ -539,7 +512,7 @@ def _rules(doc: yamlsrc.Doc) -> list[Problem]:
     data = doc.data
 
     def problem(path: yamlsrc.Path, message: str) -> None:
-        out.append(Problem(doc.file, doc.line(path), validation.field_name(path), message))
+        out.append(validation.problem(doc, path, message))
 
     stages = data.get("stages") if isinstance(data.get("stages"), list) else []
     last = 0
@@ -559,12 +532,11 @@ def _rules(doc: yamlsrc.Doc) -> list[Problem]:
     lists += [(("stages", i, "gates"), s.get("gates")) for i, s in enumerate(stages)
               if isinstance(s, dict)]
     for path, gates in lists:
-        seen: set[str] = set()
-        for j, g in enumerate(gates if isinstance(gates, list) else []):
-            name = g.get("name") if isinstance(g, dict) else None
-            if isinstance(name, str) and name in seen:
+        names = [g.get("name") if isinstance(g, dict) else None
+                 for g in (gates if isinstance(gates, list) else [])]
+        for j, name in enumerate(names):
+            if isinstance(name, str) and name in names[:j]:
                 problem((*path, j, "name"), f"gate {name!r} appears twice in this list")
-            seen.add(name) if isinstance(name, str) else None
     try:
         interval = parse_duration(data.get("interval", "30s"))
         deadline = parse_duration(data.get("progress_deadline", "30m"))
@@ -584,8 +556,8 @@ def _rules(doc: yamlsrc.Doc) -> list[Problem]:
 def _check(doc: yamlsrc.Doc, *, default_name: str, stored: bool = False) -> Policy:
     data = doc.data
     if not isinstance(data, dict):
-        raise ValidationFailed([Problem(doc.file, doc.line(()), "(file)",
-                                        "a policy is a YAML mapping with at least `stages`")])
+        raise ValidationFailed([validation.problem(doc, (), "a policy is a YAML mapping with "
+                                                            "at least `stages`")])
     problems = _rules(doc)
     if "name" not in data:
         data = {**data, "name": default_name}

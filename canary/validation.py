@@ -40,6 +40,24 @@ def union(pick: Callable[[Any], str | None], error_type: str, field: str, bad_va
     return Discriminator(pick, custom_error_type=error_type, custom_error_message=not_mapping)
 
 
+def kind_of(field: str, kinds: Sequence[str], default: str | None = None
+            ) -> Callable[[Any], str | None]:
+    """The discriminator of a union on `field` (a mapping's key or an object's attribute):
+    the member's tag, or None for a value of `field` that is not one of `kinds`."""
+
+    def pick(value: Any) -> str | None:
+        kind = value.get(field, default) if isinstance(value, dict) else getattr(
+            value, field, None)
+        return f"{field}{TAG_MARK}{kind}" if kind in kinds else None
+
+    return pick
+
+
+def problem(doc: yamlsrc.Doc, path: yamlsrc.Path, message: str) -> Problem:
+    """A problem at `path` of `doc`, on its line."""
+    return Problem(doc.file, doc.line(path), field_name(path), message)
+
+
 def field_name(path: Sequence[str | int]) -> str:
     name = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in path)
     return name.replace(".[", "[") or "(file)"

@@ -6,6 +6,7 @@ they are how a small file expands into a huge one.
 
 from __future__ import annotations
 
+import pathlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,16 @@ class Doc:
                 return self.lines[path]
             path = path[:-1]
         return self.lines.get((), 1)
+
+
+def read(path: str | pathlib.Path) -> Doc:
+    """Load a file; a file that cannot be read is its one problem."""
+    try:
+        raw = pathlib.Path(path).read_bytes()
+    except OSError as e:
+        raise ValidationFailed([Problem(str(path), 1, "(file)", f"cannot read: {e.strerror}")]) \
+            from e
+    return load(raw, str(path))
 
 
 def load(text: str | bytes, file: str) -> Doc:
