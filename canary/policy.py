@@ -189,11 +189,12 @@ PositiveDuration = Annotated[Duration, AfterValidator(_positive), Field(json_sch
     "pattern": f"^({_PART})*{_NONZERO}({_PART})*$"})]
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Text = Annotated[str, Field(strict=True)]
-Query = Annotated[Text, Field(max_length=MAX_QUERY), AfterValidator(_query)]
+Query = Annotated[Text, Field(max_length=MAX_QUERY, json_schema_extra={"pattern": r"\S"}),
+                  AfterValidator(_query)]
 GateName = Annotated[Text, Field(min_length=1, max_length=100)]
 # {{ version }}: the schema says it too; the validator keeps the message that says why
 _VERSION_TEMPLATE = r"\{\{\s*version\s*\}\}"
-_VERSIONED_QUERY = {"anyOf": [_given("baseline", type="string")["anyOf"][0],
+_VERSIONED_QUERY = {"anyOf": [{"required": ["baseline"], "properties": {"baseline": {"type": "string"}}},
                               {"properties": {"query": {"pattern": _VERSION_TEMPLATE}}}]}
 Versioned = Annotated[Query, AfterValidator(_versioned),
                       Field(json_schema_extra={"pattern": _VERSION_TEMPLATE})]

@@ -286,6 +286,8 @@ def bad_policy(change: str) -> dict[str, Any]:
         doc["gates"][0]["requests"] = "http_requests_total"
     elif change == "no stages":
         doc["stages"] = []
+    elif change == "blank query":
+        doc["stages"][0]["gates"] = [{"name": "up", "query": " ", "max": 1}]
     elif change == "zero interval":
         doc["interval"] = "0s"
     return doc
@@ -307,6 +309,7 @@ def bad_policy(change: str) -> dict[str, Any]:
     ("compare without version", "gates[2]", "gates/2"),
     ("requests without version", "gates[0].requests", "gates/0/requests"),
     ("no stages", "stages", "stages"),
+    ("blank query", "stages[0].gates[0].query", "stages/0/gates/0/query"),
     ("zero interval", "interval", "interval"),
 ])
 def test_canary_validate_the_editor_schema_and_helm_refuse_the_same_bad_policy(
