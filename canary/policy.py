@@ -303,6 +303,54 @@ class Stage:
                      WithJsonSchema({"type": "array", "items": _OVERRIDE})] = ()
 
 
+HOOK_TIMES = ("pre-rollout", "stage", "pre-promotion", "post-rollout", "rollback")
+GATING_HOOKS = ("pre-rollout", "stage", "pre-promotion")  # asked; the others are told
+_LABEL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _label(value: str) -> str:
+    if not _LABEL.fullmatch(value):
+        raise ValueError(f"{value[:100]!r} is not an Alertmanager label name (letters, digits "
+                         "and _, not starting with a digit)")
+    return value
+
+
+def _hook_url(value: str) -> str:
+    if not re.match(r"^https?://", value):
+        raise ValueError("must start with http:// or https://")
+    bad = _MALFORMED.search(value)
+    if bad:
+        raise ValueError(f"malformed template {bad.group(0)!r}; write {{{{ name }}}}")
+    return value
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class Webhook:
+    """A URL POSTed the rollout's JSON at one moment of its life (interface.md section 6):
+    pre-rollout, stage and pre-promotion hooks gate (2xx lets it go on), post-rollout and
+    rollback hooks are told."""
+
+    name: GateName
+    when: Literal["pre-rollout", "stage", "pre-promotion", "post-rollout", "rollback"]
+    url: Annotated[Text, Field(max_length=2048), AfterValidator(_hook_url)]
+    timeout: PositiveDuration = 10.0
+
+    @property
+    def gates(self) -> bool:
+        return self.when in GATING_HOOKS
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class AlertRule:
+    """Firing Alertmanager alerts whose labels equal every matcher (values rendered like
+    queries) roll back this policy's rollouts."""
+
+    matchers: Annotated[Mapping[Annotated[str, Field(strict=True, max_length=1024),
+                                          AfterValidator(_label)],
+                                Annotated[Text, Field(max_length=1024), AfterValidator(_query)]],
+                        Field(min_length=1, max_length=100)]
+
+
 @dataclass(frozen=True, config=ConfigDict(extra="forbid", title="canary policy"))
 class Policy:
     """A stage policy (interface.md section 1)."""
@@ -314,6 +362,10 @@ class Policy:
     failure_limit: Annotated[int, Field(strict=True, ge=1, le=1000)] = 2
     no_data: NoData = NoData.HOLD
     progress_deadline: PositiveDuration = 1800.0
+    webhooks: Annotated[tuple[Webhook, ...], Field(max_length=100)] = ()
+    alerts: Annotated[tuple[AlertRule, ...], Field(max_length=100)] = ()
+    # an approval stage waiting longer than this is rolled back (None: it waits)
+    approval_timeout: PositiveDuration | None = None
     # where it was read from; not part of the file
     source: SkipJsonSchema[str] = field(default="", compare=False, repr=False)
 
@@ -369,7 +421,15 @@ class Policy:
                 names |= template_names(q)
             if g.kind != "threshold":
                 names.add("stable_version")  # the other side of every comparison
+        for h in self.webhooks:
+            names |= template_names(h.url)
+        for a in self.alerts:
+            for v in a.matchers.values():
+                names |= template_names(v)
         return names - {"version"}
+
+    def hooks(self, when: str) -> tuple[Webhook, ...]:
+        return tuple(h for h in self.webhooks if h.when == when)
 
     def to_dict(self) -> dict[str, Any]:
         """The policy as a file would say it (stored with each rollout, served by the API)."""
@@ -444,6 +504,14 @@ POLICY_MESSAGES = {
     "min": "must be a number", "max": "must be a number", "max_increase": "must be a number",
     "max_ratio": "must be a number", "stages": "must be a non-empty list of stages",
     "gates": "must be a list of gates, each with name, query and min or max",
+    "webhooks": "must be a list of webhooks, each with name, when and url",
+    "when": f"must be one of {', '.join(HOOK_TIMES)}",
+    "url": "must be an http:// or https:// URL (it may use {{ vars }} like queries)",
+    "timeout": "must be a duration like 10s",
+    "alerts": "must be a list of {matchers: {label: value, ...}}",
+    "matchers": "must be a non-empty mapping of Alertmanager label -> value, like "
+                "{alertname: CanaryHighErrorRate, service: \"{{ service }}\"}",
+    "approval_timeout": "must be a duration like 2h: how long an approval stage may wait",
 }
 POLICY_REQUIRED = {
     "stages": "required: a list of stages, each with weight and hold",
@@ -454,6 +522,9 @@ POLICY_REQUIRED = {
     "requests": "required: a counter query of requests, with {{ version }} where the version "
                 "goes",
     "errors": "required: a counter query of errors, with {{ version }} where the version goes",
+    "when": f"required: one of {', '.join(HOOK_TIMES)}",
+    "url": "required: the URL canary POSTs the rollout to",
+    "matchers": "required: a mapping of Alertmanager label -> value",
 }
 
 

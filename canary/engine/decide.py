@@ -424,6 +424,13 @@ def tick(r: Rollout, policy: Policy, now: float) -> Rollout:
     """Time-driven rules: move on after a passing hold, wait for approval, give up at the
     progress deadline."""
     r = _finish_if_done(r, now)
+    if (r.state is Phase.PAUSED and r.pause_kind is PauseKind.APPROVAL
+            and policy.approval_timeout is not None and r.paused_at is not None
+            and now - r.paused_at >= policy.approval_timeout):
+        return _roll_back(r, now, f"approval timed out: stage {r.stage} (weight {r.weight}) "
+                                  f"waited {format_duration(now - r.paused_at)} for a promote, "
+                                  f"longer than approval_timeout "
+                                  f"{format_duration(policy.approval_timeout)}")
     if (r.state is not Phase.PROGRESSING or r.finishing or r.stage_since is None
             or r.applied_weight != r.weight):
         return r
