@@ -20,7 +20,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -267,6 +267,47 @@ class Controller:
         faults.point("after_command")
         self.wake(rollout_id)
         return r
+
+    async def alerts(self, firing: Sequence[tuple[Mapping[str, str], Mapping[str, str]]], *,
+                     actor: str, scope: Callable[[str], bool] = _every_target) -> list[str]:
+        """Alertmanager's firing alerts (labels, annotations): every active rollout whose
+        policy has an `alerts` rule that an alert's labels satisfy (each matcher rendered
+        with the rollout's values, compared for equality) is aborted, the reason naming
+        the alert and its summary. The ids of the rollouts rolled back."""
+        self._must_lead()
+        if not firing:
+            return []
+        out: list[str] = []
+        for r in await self.store.list(active_only=True, events=False):
+            tgt = self.targets.get(r.target)
+            if tgt is None or not scope(r.target) or r.state is Phase.ROLLING_BACK:
+                continue
+            pol = self._policy_of(r)
+            if not pol.alerts:
+                continue
+            values = self._template_values(tgt, r.canary_version, r.stable_version, r.id, pol)
+            try:
+                rules = [{k: policy_mod.render(v, values) for k, v in a.matchers.items()}
+                         for a in pol.alerts]
+            except InvalidInput:
+                continue  # (checked at start; a var gone from the config matches nothing)
+            for labels, notes in firing:
+                if not any(all(labels.get(k) == v for k, v in rule.items()) for rule in rules):
+                    continue
+                name = labels.get("alertname", "(no alertname)")
+                summary = (notes.get("summary") or notes.get("description")
+                           or "no summary")
+                reason = f"alert {name[:200]} firing: {summary[:500]}"
+                try:
+                    await self.command(r.id, Command(CommandKind.ABORT, actor, reason),
+                                       scope=scope)
+                except Conflict:
+                    break  # it ended or started rolling back meanwhile
+                except StoreUnavailable:
+                    pass   # the abort is carried out all the same (see command)
+                out.append(r.id)
+                break
+        return out
 
     # ---- the state store's health, and traffic nobody explains ---------------------------
 
