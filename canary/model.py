@@ -181,6 +181,7 @@ class Rollout:
     paused_at: float | None = None
     pause_kind: PauseKind | None = None
     finishing: bool = False            # succeed as soon as weight 100 is in force
+    pre_rollout: bool = False          # at weight 0, waiting for the pre-rollout hooks
     gates: tuple[GateStatus, ...] = ()
     events: tuple[Event, ...] = ()
     version: int = 0                   # the store's optimistic-concurrency counter

@@ -305,6 +305,7 @@ class Stage:
 
 HOOK_TIMES = ("pre-rollout", "stage", "pre-promotion", "post-rollout", "rollback")
 GATING_HOOKS = ("pre-rollout", "stage", "pre-promotion")  # asked; the others are told
+HOOK_PREFIX = "hook:"  # a gating webhook's name among a rollout's gates
 _LABEL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -430,6 +431,17 @@ class Policy:
 
     def hooks(self, when: str) -> tuple[Webhook, ...]:
         return tuple(h for h in self.webhooks if h.when == when)
+
+    def gating_hooks(self, stage: int, *, pre_rollout: bool = False) -> tuple[Webhook, ...]:
+        """The hooks asked at this stage: `pre-rollout` ones before any traffic moves, else
+        every `stage` hook, and the `pre-promotion` ones at the stage before the step to
+        100% (with a single stage, there is no such step: pre-rollout covers it)."""
+        if pre_rollout:
+            return self.hooks("pre-rollout")
+        out = self.hooks("stage")
+        if len(self.stages) >= 2 and stage == len(self.stages) - 2:
+            out += self.hooks("pre-promotion")
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """The policy as a file would say it (stored with each rollout, served by the API)."""

@@ -24,7 +24,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 
-from canary import faults
+import aiohttp
+
+from canary import faults, hooks
 from canary import policy as policy_mod
 from canary.clock import Clock
 from canary.config import Target
@@ -47,6 +49,7 @@ from canary.model import (
     CommandKind,
     PauseKind,
     Phase,
+    Reading,
     Readings,
     Rollout,
     Verdict,
@@ -111,6 +114,8 @@ class Controller:
     # what a rollout is while the store cannot record it (a rollback in force, unsaved)
     unsaved_view: dict[str, Rollout] = field(default_factory=dict)
     _monitor: asyncio.Task[None] | None = None
+    _http: aiohttp.ClientSession | None = None          # webhooks' client, made when needed
+    _telling: set[asyncio.Task[None]] = field(default_factory=set)  # told hooks in flight
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -150,6 +155,34 @@ class Controller:
                 log.error("rollout task did not stop within %gs; leaving it", STOP_TIMEOUT,
                           extra={"task": t.get_name()})
         self._tasks.clear()
+        for t in list(self._telling):
+            t.cancel()
+        if self._telling:
+            await asyncio.wait(self._telling, timeout=STOP_TIMEOUT)
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(
+                headers={"User-Agent": "canary", "Content-Type": "application/json"},
+                connector=aiohttp.TCPConnector(limit=64, limit_per_host=8))
+        return self._http
+
+    def _tell_hooks(self, r: Rollout) -> None:
+        """A rollout ended: its post-rollout (succeeded) or rollback (rolled back) hooks are
+        told, in the background; nothing waits for them."""
+        pol = self._policy_of(r)
+        told = pol.hooks("post-rollout" if r.state is Phase.SUCCEEDED else "rollback")
+        tgt = self.targets.get(r.target)
+        if not told or tgt is None or self._stopping:
+            return
+        values = self._template_values(tgt, r.canary_version, r.stable_version, r.id, pol)
+        task = asyncio.create_task(hooks.tell(self._session(), told, values, r.to_api()),
+                                   name=f"hooks-{r.id}")
+        self._telling.add(task)
+        task.add_done_callback(self._telling.discard)
 
     def running(self) -> int:
         return len(self._tasks)
@@ -411,6 +444,7 @@ class Controller:
                 self.metrics.observe(saved)
                 if saved.state.final and not old.state.final:
                     self.metrics.outcomes.labels(saved.target, saved.state.value).inc()
+                    self._tell_hooks(saved)
                 return saved
         raise StoreConflict(f"rollout {rollout_id} kept changing under us; try again")
 
@@ -641,8 +675,20 @@ class Controller:
         slow or hung Prometheus must never stand between on-call and the router."""
         tgt = self.targets[r.target]
         values = self._template_values(tgt, r.canary_version, r.stable_version, r.id, pol)
-        task = asyncio.ensure_future(measure(self.source, pol.gates_for(r.stage), values,
-                                             budget=max(1.0, min(10.0, pol.interval / 2))))
+        gates = () if r.pre_rollout else pol.gates_for(r.stage)
+        asked = pol.gating_hooks(r.stage, pre_rollout=r.pre_rollout)
+
+        async def both() -> tuple[Reading, ...]:
+            # the hooks are asked beside the queries, inside this cancellable measurement:
+            # a hung hook costs its own timeout, and an abort does not wait for it
+            got = await asyncio.gather(
+                measure(self.source, gates, values,
+                        budget=max(1.0, min(10.0, pol.interval / 2))),
+                hooks.ask(self._session(), asked, values, r.to_api()) if asked
+                else asyncio.sleep(0, ()))
+            return (*got[0], *got[1])
+
+        task = asyncio.ensure_future(both())
         woken = asyncio.ensure_future(wakeup.wait())
         try:
             await asyncio.wait({task, woken}, return_when=asyncio.FIRST_COMPLETED)
