@@ -203,6 +203,7 @@ class Notification:
     events: Annotated[tuple[NotifyEvent, ...], Field(min_length=1)] = NOTIFY_EVENTS
     # the environment variable holding the HMAC-SHA256 key (X-Canary-Signature)
     secret_env: Annotated[str, Field(strict=True, pattern=_ENV_NAME)] | None = None
+    timeout: policy_mod.PositiveDuration = 10.0   # one delivery attempt
 
 
 @std_dataclass(frozen=True)
@@ -238,6 +239,7 @@ class Config:
     notifications: tuple[Notification, ...] = ()
     # while an approval stage waits, it is announced again this often
     approval_reminder: float = 1800.0
+    public_url: str | None = None  # where people reach this controller (links in messages)
 
     def load_policies(self) -> dict[str, policy_mod.Policy]:
         return policy_mod.load_many(self.policy_paths)
@@ -340,6 +342,7 @@ class ConfigDoc(_Doc):
     leader_election: LeaderElection = LeaderElection()
     notifications: Annotated[list[Notification], Field(max_length=100)] = []
     approval_reminder: policy_mod.PositiveDuration = 1800.0
+    public_url: Annotated[str, Field(pattern=r"^https?://", max_length=2048)] | None = None
 
 
 CONFIG_MESSAGES = {
@@ -376,6 +379,8 @@ CONFIG_MESSAGES = {
     "notifications": "must be a list of receivers, each with name and url",
     "approval_reminder": "must be a duration like 30m: how often a waiting approval is "
                          "announced again",
+    "public_url": "must start with http:// or https://: where people open this controller "
+                  "(links in notifications)",
 }
 CONFIG_REQUIRED = {
     "auth": "required: auth.tokens lists who may call the API",
@@ -508,7 +513,7 @@ class _Resolver:
                       tokens=tokens, targets=targets, source=self.doc.file, tls_cert=cert,
                       tls_key=key, prometheus_access=access, leader_election=m.leader_election,
                       notifications=tuple(m.notifications),
-                      approval_reminder=m.approval_reminder)
+                      approval_reminder=m.approval_reminder, public_url=m.public_url)
 
     def prometheus(self, p: PrometheusDoc) -> PrometheusAccess:
         return PrometheusAccess(

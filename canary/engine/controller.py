@@ -54,6 +54,7 @@ from canary.model import (
     Rollout,
     Verdict,
 )
+from canary.notify import Notifier
 from canary.routers import Router
 from canary.store import Store, no_such_rollout
 
@@ -116,6 +117,7 @@ class Controller:
     _monitor: asyncio.Task[None] | None = None
     _http: aiohttp.ClientSession | None = None          # webhooks' client, made when needed
     _telling: set[asyncio.Task[None]] = field(default_factory=set)  # told hooks in flight
+    notifier: Notifier | None = None   # tells people about events (canary/notify.py)
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -136,11 +138,15 @@ class Controller:
                 await self._check_unexplained(name)
         if self._monitor is None:
             self._monitor = asyncio.create_task(self._watch_store(), name="store-health")
+        if self.notifier is not None:
+            await self.notifier.start()
 
     async def stop(self) -> None:
         """Cancel every rollout task and wait for them (bounded). asyncio.wait neither
         raises the tasks' CancelledError nor swallows one aimed at the caller."""
         self._stopping = True
+        if self.notifier is not None:
+            await self.notifier.stop()
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -259,6 +265,8 @@ class Controller:
             r = await self.store.create(rollout=r)
         self.metrics.started.labels(target).inc()
         self._log_new_events(None, r)
+        if self.notifier is not None:
+            self.notifier.saved(r)
         self._spawn(r.id)
         self.metrics.active.set(len(self._tasks))
         return r
@@ -441,6 +449,8 @@ class Controller:
                     self._last[rollout_id] = saved
                 faults.point("after_save")
                 self._log_new_events(old, saved)
+                if self.notifier is not None:
+                    self.notifier.saved(saved)
                 self.metrics.observe(saved)
                 if saved.state.final and not old.state.final:
                     self.metrics.outcomes.labels(saved.target, saved.state.value).inc()
