@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -30,7 +32,7 @@ from canary.clock import RealClock
 from canary.config import NginxTarget, Notification
 from canary.demo.procs import Blackhole, free_port, serve_app
 from canary.engine.controller import Controller
-from canary.model import Command, CommandKind, Phase
+from canary.model import Command, CommandKind, Phase, Rollout
 from canary.notify import Notifier
 from canary.policy import NoData, Policy, Stage, ThresholdGate, Webhook
 from canary.routers.nginx import NginxRouter
@@ -47,6 +49,14 @@ def policy(hook: str | None) -> Policy:
     return Policy(name="p", interval=0.2, failure_limit=2, no_data=NoData.HOLD,
                   progress_deadline=7200.0, stages=(Stage(10, 3600.0), Stage(100, 1.0)),
                   gates=(ThresholdGate("errors", "errors", max=0.05),), webhooks=hooks)
+
+
+async def until(store: SqliteStore, rollout_id: str, check: Callable[[Rollout], bool]) -> None:
+    """Poll the store every 2 ms until the rollout passes `check`."""
+    for _ in itertools.count():
+        if check(await store.load(rollout_id)):
+            return
+        await asyncio.sleep(0.002)
 
 
 def spread(xs: list[float]) -> dict[str, float]:
@@ -85,13 +95,11 @@ async def run(setup: str, aborts: int, tmp: Path) -> dict[str, float]:
         for i in range(aborts):
             r = await ctl.create(target="web", canary_version=f"v{i + 2}", stable_version="v1",
                                  policy=None, actor="bench")
-            while (await store.load(r.id)).applied_weight != 10:
-                await asyncio.sleep(0.01)
+            await until(store, r.id, lambda x: x.applied_weight == 10)
             await asyncio.sleep(0.3)  # an evaluation (and its hook) under way
             t0 = time.perf_counter()
             await ctl.command(r.id, Command(CommandKind.ABORT, "bench", "bench"))
-            while (await store.load(r.id)).state is not Phase.ROLLED_BACK:
-                await asyncio.sleep(0.002)
+            await until(store, r.id, lambda x: x.state is Phase.ROLLED_BACK)
             took.append(time.perf_counter() - t0)
         return spread(took)
 
