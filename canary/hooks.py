@@ -1,5 +1,6 @@
 """A policy's webhooks on the wire: POST the rollout's JSON and `{"hook", "when"}` to a
-hook's URL, and turn its answer into a Reading (gating hooks) or a log line (told hooks).
+hook's URL, and turn its answer into a Reading (gating hooks; told hooks go through the
+outbox in canary/notify.py).
 
 A call is bounded by the hook's own `timeout`, retries included (tenacity, with backoff,
 for no answer or a 5xx/429): a hook that hangs costs that much and no more. The answer
@@ -93,13 +94,3 @@ async def ask(session: aiohttp.ClientSession, hooks: tuple[Webhook, ...],
                        detail=f"{h.when} hook answered {what}" if what.startswith("HTTP")
                        else f"{h.when} hook: {what}")
     return tuple(await asyncio.gather(*(one(h) for h in hooks)))
-
-
-async def tell(session: aiohttp.ClientSession, hooks: tuple[Webhook, ...],
-               values: Mapping[str, str], rollout: Mapping[str, Any]) -> None:
-    """post-rollout and rollback hooks: told, not asked; their answer is only logged."""
-    async def one(h: Webhook) -> None:
-        ok, what = await call(session, h, values, rollout)
-        log.log(logging.INFO if ok else logging.WARNING, f"{h.when} hook {h.name}: {what}",
-                extra={"rollout": rollout.get("id"), "hook": h.name})
-    await asyncio.gather(*(one(h) for h in hooks))

@@ -33,18 +33,20 @@ import logging
 import os
 import random
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
 
+from canary import hooks
+from canary import policy as policy_mod
 from canary.clock import Clock
-from canary.config import Notification
-from canary.errors import NotFound, StoreConflict, TransientError
+from canary.config import Notification, Target
+from canary.errors import NotFound, StoreConflict, TransientError, ValidationFailed
 from canary.metrics import Metrics
 from canary.model import Event, PauseKind, Phase, Rollout, iso
-from canary.policy import format_duration
+from canary.policy import Webhook, format_duration
 from canary.store import Store
 
 log = logging.getLogger("canary.notify")
@@ -190,13 +192,49 @@ class DeliveryFailed(Exception):
     pass
 
 
+# ---- told hooks: a policy's post-rollout and rollback webhooks, through the same outbox ----
+
+TOLD = "hook:"  # delivered[TOLD + name] = 1 once that hook was told (answered 2xx)
+
+
+def told_hooks(r: Rollout) -> tuple[Webhook, ...]:
+    """The hooks a finished rollout still has to tell."""
+    if r.state is Phase.SUCCEEDED:
+        when = "post-rollout"
+    elif r.state is Phase.ROLLED_BACK:
+        when = "rollback"
+    else:
+        return ()
+    hooks_ = [h for h in r.policy_spec.get("webhooks", ()) if isinstance(h, dict)
+              and h.get("when") == when and not r.delivered.get(TOLD + str(h.get("name")))]
+    if not hooks_:
+        return ()
+    try:
+        return policy_mod.from_dict(r.policy_spec).hooks(when)
+    except ValidationFailed:
+        return ()  # (the controller says so loudly; nothing to tell by)
+
+
+def template_values(tgt: Target, r: Rollout) -> dict[str, str]:
+    """What a hook's URL may use: as the controller fills a query's (controller.py)."""
+    values = dict(tgt.vars)
+    values.update(target=tgt.name, canary_version=r.canary_version, rollout_id=r.id,
+                  interval=str(r.policy_spec.get("interval", "")))
+    if r.stable_version is not None:
+        values["stable_version"] = r.stable_version
+    return values
+
+
 # ---- delivery -------------------------------------------------------------------------------
 
 
 class Notifier:
     def __init__(self, receivers: Sequence[Notification], store: Store, *, clock: Clock,
-                 metrics: Metrics, reminder: float = 1800.0, link: str = "") -> None:
+                 metrics: Metrics, reminder: float = 1800.0, link: str = "",
+                 targets: Mapping[str, Target] | None = None) -> None:
         self.receivers = tuple(receivers)
+        self.targets: Mapping[str, Target] = targets or {}
+        self._told: OrderedDict[str, None] = OrderedDict()  # finished rollouts with hooks due
         self.store, self.clock, self.metrics = store, clock, metrics
         self.reminder = reminder
         self.link = link.rstrip("/")
@@ -207,12 +245,14 @@ class Notifier:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        if not self.receivers or self._tasks:
+        if self._tasks:
             return
         self._session = aiohttp.ClientSession(headers={"User-Agent": "canary"})
         for rx in self.receivers:
             self._wake[rx.name] = asyncio.Event()
             self._tasks.append(asyncio.create_task(self._deliver(rx), name=f"notify-{rx.name}"))
+        self._wake[TOLD] = asyncio.Event()
+        self._tasks.append(asyncio.create_task(self._tell(), name="notify-hooks"))
         self._tasks.append(asyncio.create_task(self._watch(), name="notify-watch"))
 
     async def stop(self) -> None:
@@ -234,6 +274,17 @@ class Notifier:
             msgs, end = pending(rx, r, now, self.reminder)
             if msgs or r.delivered.get(rx.name, 0) < end:
                 self._due(rx, r.id)
+        if told_hooks(r):
+            self._hooks_due(r.id)
+
+    def _hooks_due(self, rollout_id: str) -> None:
+        self._told[rollout_id] = None
+        while len(self._told) > MAX_BACKLOG:
+            dropped, _ = self._told.popitem(last=False)
+            self.metrics.notify_dropped.labels(TOLD).inc()
+            log.error("told-hook backlog full: a rollout's post-rollout or rollback hooks "
+                      "given up", extra={"rollout": dropped})
+        self._wake[TOLD].set()
 
     def _due(self, rx: Notification, rollout_id: str) -> None:
         backlog = self._backlog[rx.name]
@@ -262,7 +313,11 @@ class Notifier:
                     for rx in self.receivers:
                         if pending(rx, r, now, self.reminder)[0]:
                             self._due(rx, r.id)
+                    if first and told_hooks(r):
+                        self._hooks_due(r.id)
                 first = False
+                if not self.receivers:
+                    return  # (no reminders to send: the start's scan was all)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the store is down: try again at the next turn
@@ -300,6 +355,49 @@ class Notifier:
             if not done:
                 backlog[rollout_id] = None  # more to send: after the other rollouts' turn
             self.metrics.notify_backlog.labels(rx.name).set(len(backlog))
+
+    async def _tell(self) -> None:
+        """Finished rollouts' post-rollout and rollback hooks, each told until it answers
+        2xx (its own timeout and retries per try, backoff between tries)."""
+        wake = self._wake[TOLD]
+        failures = 0
+        while True:
+            if not self._told:
+                await wake.wait()
+                wake.clear()
+                continue
+            rollout_id = next(iter(self._told))
+            try:
+                r = await self.store.load(rollout_id)
+                tgt = self.targets.get(r.target)
+                left = told_hooks(r) if tgt is not None else ()
+                for h in left:
+                    assert self._session is not None and tgt is not None
+                    ok, what = await hooks.call(self._session, h, template_values(tgt, r),
+                                                r.to_api())
+                    if not ok:
+                        raise DeliveryFailed(f"{h.when} hook {h.name}: {what}")
+                    log.info(f"{h.when} hook {h.name}: {what}",
+                             extra={"rollout": r.id, "hook": h.name})
+                    await self._advance(rollout_id, {TOLD + h.name: 1})
+            except asyncio.CancelledError:
+                raise
+            except NotFound:
+                pass
+            except (DeliveryFailed, TransientError) as e:
+                failures += 1
+                self.metrics.notify_failures.labels(TOLD).inc()
+                delay = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (failures - 1))
+                log.warning(f"{e}; retrying in {delay:.1f}s", extra={"rollout": rollout_id})
+                self._told.move_to_end(rollout_id)
+                await self.clock.sleep(delay)
+                continue
+            except Exception:
+                log.exception("telling hooks failed", extra={"rollout": rollout_id})
+                await self.clock.sleep(BACKOFF_CAP)
+                continue
+            failures = 0
+            self._told.pop(rollout_id, None)
 
     async def _drain(self, rx: Notification, rollout_id: str) -> bool:
         """Send up to BATCH of what `rx` has not had from this rollout, in order, moving

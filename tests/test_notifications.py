@@ -23,6 +23,8 @@ from tests.receivers import Receiver
 async def telling(tmp_path, receivers: list[Notification], *, reminder: float = 1800.0,
                   **policy: Any) -> AsyncIterator[Any]:
     async with controller(tmp_path, policies=[simple_policy(**policy)]) as (api, ctl, t):
+        if ctl.notifier is not None:
+            await ctl.notifier.stop()  # (the one every controller has: no receivers)
         ctl.notifier = Notifier(receivers, ctl.store, clock=ctl.clock, metrics=ctl.metrics,
                                 reminder=reminder, link="https://canary.example")
         await ctl.notifier.start()

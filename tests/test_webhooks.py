@@ -176,3 +176,22 @@ async def test_post_rollout_and_rollback_hooks_are_told_once_the_rollout_ends(tm
 
 async def _has(rx: Receiver) -> bool:
     return bool(rx.got)
+
+
+async def test_a_told_hook_that_fails_is_told_again_until_it_answers_2xx(tmp_path):
+    back = Receiver(status=503, text="busy")
+    async with back, controller(tmp_path, policies=[simple_policy(
+            hold=3600, webhooks=(hook("rollback", back.url, name="back", timeout=0.5),))]) \
+            as (api, ctl, _t):
+        r = await api.start(canary_version="v2")
+        await api.call("POST", f"/api/v1/rollouts/{r['id']}/abort", {"reason": "no"},
+                       role="pipeline")
+        await eventually(lambda: _has(back), what="the first try")
+        back.status = 200
+        tried = len(back.got)
+
+        async def told():
+            return back.got[tried:] if len(back.got) > tried else None
+        await eventually(told, deadline=60, what="told once it answers 2xx")
+        stored = await ctl.store.load(r["id"])
+        assert stored.delivered.get("hook:back") == 1, "recorded: not told again"

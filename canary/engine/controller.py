@@ -116,8 +116,9 @@ class Controller:
     unsaved_view: dict[str, Rollout] = field(default_factory=dict)
     _monitor: asyncio.Task[None] | None = None
     _http: aiohttp.ClientSession | None = None          # webhooks' client, made when needed
-    _telling: set[asyncio.Task[None]] = field(default_factory=set)  # told hooks in flight
-    notifier: Notifier | None = None   # tells people about events (canary/notify.py)
+    # tells people about events, and finished rollouts' told hooks (canary/notify.py);
+    # made at start when not given
+    notifier: Notifier | None = None
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -138,8 +139,10 @@ class Controller:
                 await self._check_unexplained(name)
         if self._monitor is None:
             self._monitor = asyncio.create_task(self._watch_store(), name="store-health")
-        if self.notifier is not None:
-            await self.notifier.start()
+        if self.notifier is None:
+            self.notifier = Notifier((), self.store, clock=self.clock, metrics=self.metrics,
+                                     targets=self.targets)
+        await self.notifier.start()
 
     async def stop(self) -> None:
         """Cancel every rollout task and wait for them (bounded). asyncio.wait neither
@@ -161,10 +164,6 @@ class Controller:
                 log.error("rollout task did not stop within %gs; leaving it", STOP_TIMEOUT,
                           extra={"task": t.get_name()})
         self._tasks.clear()
-        for t in list(self._telling):
-            t.cancel()
-        if self._telling:
-            await asyncio.wait(self._telling, timeout=STOP_TIMEOUT)
         if self._http is not None:
             await self._http.close()
             self._http = None
@@ -175,20 +174,6 @@ class Controller:
                 headers={"User-Agent": "canary", "Content-Type": "application/json"},
                 connector=aiohttp.TCPConnector(limit=64, limit_per_host=8))
         return self._http
-
-    def _tell_hooks(self, r: Rollout) -> None:
-        """A rollout ended: its post-rollout (succeeded) or rollback (rolled back) hooks are
-        told, in the background; nothing waits for them."""
-        pol = self._policy_of(r)
-        told = pol.hooks("post-rollout" if r.state is Phase.SUCCEEDED else "rollback")
-        tgt = self.targets.get(r.target)
-        if not told or tgt is None or self._stopping:
-            return
-        values = self._template_values(tgt, r.canary_version, r.stable_version, r.id, pol)
-        task = asyncio.create_task(hooks.tell(self._session(), told, values, r.to_api()),
-                                   name=f"hooks-{r.id}")
-        self._telling.add(task)
-        task.add_done_callback(self._telling.discard)
 
     def running(self) -> int:
         return len(self._tasks)
@@ -454,7 +439,6 @@ class Controller:
                 self.metrics.observe(saved)
                 if saved.state.final and not old.state.final:
                     self.metrics.outcomes.labels(saved.target, saved.state.value).inc()
-                    self._tell_hooks(saved)
                 return saved
         raise StoreConflict(f"rollout {rollout_id} kept changing under us; try again")
 
