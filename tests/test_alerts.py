@@ -20,7 +20,7 @@ def payload(*alerts: dict, status: str = "firing") -> dict:
 
 def alert(status: str = "firing", **labels: str) -> dict:
     return {"status": status, "labels": {"alertname": "CanaryHighErrorRate", **labels},
-            "annotations": {"summary": "5xx rate of web above 5%"},
+            "annotations": {"summary": "5xx rate of web\nabove 5%\u202e"},
             "startsAt": "2026-11-25T08:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
             "generatorURL": "http://prom/graph", "fingerprint": "abc"}
 
@@ -35,7 +35,8 @@ async def test_firing_alert_matching_the_policy_rolls_the_rollout_back_naming_it
                                       role="pipeline")
         assert status == 200 and data == {"rolled_back": [r["id"]]}
         done = await api.until(r["id"], lambda x: x["state"] == "rolled_back")
-        assert "CanaryHighErrorRate" in done["reason"] and "5xx rate of web" in done["reason"]
+        assert done["reason"].endswith(
+            "alert CanaryHighErrorRate firing: 5xx rate of web above 5%"), "one plain line"
         assert any(e["type"] == "abort" and e["actor"] == "pipeline-token"
                    for e in done["events"])
 

@@ -57,6 +57,7 @@ from canary.model import (
 from canary.notify import Notifier
 from canary.routers import Router
 from canary.store import Store, no_such_rollout
+from canary.text import is_control
 
 log = logging.getLogger("canary.controller")
 STOP_TIMEOUT = 10.0  # seconds stop() waits for the rollout tasks to end
@@ -323,7 +324,9 @@ class Controller:
                 name = labels.get("alertname", "(no alertname)")
                 summary = (notes.get("summary") or notes.get("description")
                            or "no summary")
-                reason = f"alert {name[:200]} firing: {summary[:500]}"
+                # (Alertmanager's text, shown to on-call: one plain line, bounded)
+                reason = " ".join("".join(" " if is_control(c) else c for c in
+                                          f"alert {name[:200]} firing: {summary[:500]}").split())
                 try:
                     await self.command(r.id, Command(CommandKind.ABORT, actor, reason),
                                        scope=scope)
