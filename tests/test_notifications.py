@@ -154,3 +154,36 @@ async def test_a_receiver_that_hangs_does_not_slow_the_rollout_and_is_bounded(tm
 
 async def _count(rx: Receiver, n: int) -> bool:
     return len(rx.got) >= n
+
+
+async def test_a_signed_receiver_whose_secret_is_unset_gets_nothing_unsigned(tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.delenv("CANARY_TEST_LATE_SECRET", raising=False)
+    async with Receiver() as rx, telling(tmp_path, [
+            Notification(name="ops", url=rx.url, secret_env="CANARY_TEST_LATE_SECRET",
+                         events=("started",))]) as (api, _ctl, _t):
+        await api.start(canary_version="v2")
+
+        async def failed():
+            _, text = await api.call("GET", "/metrics", role=None)
+            return metric(text, "canary_notification_failures_total", "ops") >= 1
+        await eventually(failed, what="a refused send")
+        assert rx.got == []
+        monkeypatch.setenv("CANARY_TEST_LATE_SECRET", "late")
+        await eventually(lambda: _count(rx, 1), deadline=60, what="sent once the secret is set")
+        assert rx.got[0].headers["X-Canary-Signature"].startswith("sha256=")
+
+
+def test_each_event_a_person_cares_about_has_a_name_receivers_pick_from():
+    from canary.config import NOTIFY_EVENTS
+    from canary.notify import category
+    assert {t: category(t) for t in (
+        "start", "stage", "pause", "approval", "drift", "router_error", "router_recovered",
+        "rollback", "rolled_back", "succeeded", "handover", "hook", "resume", "trimmed")} == {
+        "start": "started", "stage": "stage", "pause": "paused", "approval": "approval",
+        "drift": "drift", "router_error": "router", "router_recovered": "router",
+        "rollback": "rolled_back", "rolled_back": "rolled_back", "succeeded": "succeeded",
+        "handover": "handover", "hook": None, "resume": None, "trimmed": None}
+    assert set(NOTIFY_EVENTS) == {c for c in (category(t) for t in (
+        "start", "stage", "pause", "approval", "drift", "router_error", "rollback",
+        "succeeded", "handover")) if c}
