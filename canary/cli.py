@@ -90,6 +90,12 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
     controller = Controller(store=store, policies=policies, targets=cfg.targets, routers=routers,
                             source=CoalescingSource(prometheus),
                             clock=RealClock())
+    from canary.notify import Notifier
+
+    controller.notifier = Notifier(
+        cfg.notifications, store, clock=controller.clock, metrics=controller.metrics,
+        reminder=cfg.approval_reminder, targets=cfg.targets,
+        link=cfg.public_url or f"http://{cfg.listen_host}:{cfg.listen_port}")
     elector = None
     if cfg.state.startswith("kubernetes:"):
         from canary.leader import LeaderElector

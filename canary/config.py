@@ -228,6 +228,34 @@ class LeaderElection:
         return self
 
 
+# what a person cares to hear about; `events` of a notification picks among these
+NotifyEvent = Literal["started", "stage", "paused", "approval", "drift", "router", "rolled_back",
+                      "succeeded", "handover"]
+NOTIFY_EVENTS: tuple[NotifyEvent, ...] = ("started", "stage", "paused", "approval", "drift",
+                                          "router", "rolled_back", "succeeded", "handover")
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class Notification:
+    """A receiver of rollout events (interface.md section 6): a chat's incoming webhook
+    (slack, teams) or any HTTP endpoint (webhook: the rollout's JSON and the event)."""
+
+    name: Name
+    """The receiver's name, unique among notifications (in metrics and logs)."""
+    url: Annotated[str, Field(strict=True, pattern=r"^https?://", max_length=2048)]
+    """http(s) URL messages are POSTed to (a chat's incoming webhook, or any endpoint)."""
+    format: Literal["slack", "teams", "webhook"] = "webhook"
+    """slack or teams (readable text), or webhook (the rollout's JSON and the event)."""
+    events: Annotated[tuple[NotifyEvent, ...], Field(min_length=1)] = NOTIFY_EVENTS
+    """The event types sent (default: every type)."""
+    secret_env: Annotated[str, Field(strict=True, pattern=_ENV_NAME)] | None = None
+    """Environment variable holding the HMAC-SHA256 key: the body is signed in
+    X-Canary-Signature."""
+    timeout: policy_mod.PositiveDuration = 10.0
+    """How long one delivery attempt may take (default 10s)."""
+
+
 @std_dataclass(frozen=True)
 class PrometheusAccess:
     """How canary reaches Prometheus beyond its URL. It names where secrets are (a file, an
@@ -258,6 +286,10 @@ class Config:
     tls_key: Path | None = None
     leader_election: LeaderElection = field(default_factory=LeaderElection)
     prometheus_access: PrometheusAccess = field(default_factory=PrometheusAccess)
+    notifications: tuple[Notification, ...] = ()
+    # while an approval stage waits, it is announced again this often
+    approval_reminder: float = 1800.0
+    public_url: str | None = None  # where people reach this controller (links in messages)
 
     def load_policies(self) -> dict[str, policy_mod.Policy]:
         return policy_mod.load_many(self.policy_paths)
@@ -378,6 +410,12 @@ class ConfigDoc(_Doc):
     """Serve the API over TLS with this certificate and key."""
     leader_election: LeaderElection = LeaderElection()
     """Only with state: kubernetes:NS: the Lease the replicas elect a leader with."""
+    notifications: Annotated[list[Notification], Field(max_length=100)] = []
+    """Chat and webhook receivers told about rollout events (at least once)."""
+    approval_reminder: policy_mod.PositiveDuration = 1800.0
+    """How often a waiting approval is announced again (default 30m)."""
+    public_url: Annotated[str, Field(pattern=r"^https?://", max_length=2048)] | None = None
+    """Where people open this controller: the base of links in notifications."""
 
 
 CONFIG_MESSAGES = {
@@ -407,10 +445,20 @@ CONFIG_MESSAGES = {
     **dict.fromkeys(("stable", "canary"), "must be a non-empty list of host:port or unix:PATH "
                                           "addresses"),
     "vars": "must be a plain value",
+    "format": "must be one of slack, teams, webhook",
+    "events": f"must be a non-empty list of: {', '.join(NOTIFY_EVENTS)}",
+    "events[]": f"{{value}} is not an event type; use one of {', '.join(NOTIFY_EVENTS)}",
+    "secret_env": "must name an environment variable (letters, digits and _)",
+    "notifications": "must be a list of receivers, each with name and url",
+    "approval_reminder": "must be a duration like 30m: how often a waiting approval is "
+                         "announced again",
+    "public_url": "must start with http:// or https://: where people open this controller "
+                  "(links in notifications)",
 }
 CONFIG_REQUIRED = {
     "auth": "required: auth.tokens lists who may call the API",
     "targets": "required: a mapping of target name -> router settings",
+    "url": "required: the URL canary POSTs each message to",
 }
 
 
@@ -488,6 +536,24 @@ class _Resolver:
             name = text("tls", key)
             if name is not None and not self.path(name).is_file():
                 self.problem(("tls", key), f"{self.path(name)} is not a readable file")
+        notes = data.get("notifications")
+        seen: set[str] = set()
+        for i, n in enumerate(notes if isinstance(notes, list) else []):
+            if not isinstance(n, dict):
+                continue
+            name = n.get("name")
+            if isinstance(name, str):
+                if name in seen:
+                    self.problem(("notifications", i, "name"),
+                                 f"receiver name {name!r} is used twice; give each its own")
+                seen.add(name)
+            env = n.get("secret_env")
+            if isinstance(env, str) and re.fullmatch(_ENV_NAME[1:-1], env) \
+                    and not os.environ.get(env):
+                self.problem(("notifications", i, "secret_env"),
+                             f"environment variable {env} is "
+                             + ("empty" if env in os.environ else "not set; export it with the "
+                                "signing secret before starting canary"))
         raw = data.get("policies", "policies/")
         for i, item in enumerate([raw] if isinstance(raw, str) else
                                  raw if isinstance(raw, list) else []):
@@ -517,7 +583,9 @@ class _Resolver:
                       state=state, prometheus_url=m.prometheus.url,
                       prometheus_timeout=m.prometheus.timeout, policy_paths=policy_paths,
                       tokens=tokens, targets=targets, source=self.doc.file, tls_cert=cert,
-                      tls_key=key, prometheus_access=access, leader_election=m.leader_election)
+                      tls_key=key, prometheus_access=access, leader_election=m.leader_election,
+                      notifications=tuple(m.notifications),
+                      approval_reminder=m.approval_reminder, public_url=m.public_url)
 
     def prometheus(self, p: PrometheusDoc) -> PrometheusAccess:
         return PrometheusAccess(

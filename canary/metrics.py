@@ -49,6 +49,21 @@ class Metrics:
                                    "kind (read, write) were in flight", ["kind"],
                                    registry=self.registry)
 
+        self.notify_sent = Counter("canary_notifications_sent",
+                                   "Messages a notification receiver accepted (2xx)",
+                                   ["receiver"], registry=self.registry)
+        self.notify_failures = Counter("canary_notification_failures",
+                                       "Delivery attempts that failed (an error status, no "
+                                       "answer in time, no connection)", ["receiver"],
+                                       registry=self.registry)
+        self.notify_backlog = Gauge("canary_notification_backlog_rollouts",
+                                    "Rollouts with messages not yet delivered to a receiver",
+                                    ["receiver"], registry=self.registry)
+        self.notify_dropped = Counter("canary_notifications_dropped",
+                                      "Messages never delivered: the outbox bound was reached "
+                                      "(the receiver was down too long)", ["receiver"],
+                                      registry=self.registry)
+
     def observe(self, r: Rollout) -> None:
         labels = (r.target, r.id)
         if r.state.final:

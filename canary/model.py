@@ -181,6 +181,10 @@ class Rollout:
     paused_at: float | None = None
     pause_kind: PauseKind | None = None
     finishing: bool = False            # succeed as soon as weight 100 is in force
+    pre_rollout: bool = False          # at weight 0, waiting for the pre-rollout hooks
+    # per notification receiver, how many of the rollout's events it has been sent (and
+    # `NAME#...` keys for its approval reminders): the outbox's cursor (canary/notify.py)
+    delivered: dict[str, int] = field(default_factory=dict)
     gates: tuple[GateStatus, ...] = ()
     events: tuple[Event, ...] = ()
     version: int = 0                   # the store's optimistic-concurrency counter

@@ -349,6 +349,62 @@ class Stage:
     policy-wide gate changes only the fields it gives, at this stage."""
 
 
+HOOK_TIMES = ("pre-rollout", "stage", "pre-promotion", "post-rollout", "rollback")
+GATING_HOOKS = ("pre-rollout", "stage", "pre-promotion")  # asked; the others are told
+HOOK_PREFIX = "hook:"  # a gating webhook's name among a rollout's gates
+_LABEL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _label(value: str) -> str:
+    if not _LABEL.fullmatch(value):
+        raise ValueError(f"{value[:100]!r} is not an Alertmanager label name (letters, digits "
+                         "and _, not starting with a digit)")
+    return value
+
+
+def _hook_url(value: str) -> str:
+    if not re.match(r"^https?://", value):
+        raise ValueError("must start with http:// or https://")
+    bad = _MALFORMED.search(value)
+    if bad:
+        raise ValueError(f"malformed template {bad.group(0)!r}; write {{{{ name }}}}")
+    return value
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class Webhook:
+    """A URL POSTed the rollout's JSON at one moment of its life (interface.md section 6):
+    pre-rollout, stage and pre-promotion hooks gate (2xx lets it go on), post-rollout and
+    rollback hooks are told."""
+
+    name: GateName
+    """The hook's name, unique in the policy; a gating hook shows as gate hook:NAME."""
+    when: Literal["pre-rollout", "stage", "pre-promotion", "post-rollout", "rollback"]
+    """When it is called: pre-rollout, stage and pre-promotion gate (a 2xx lets the rollout
+    go on); post-rollout and rollback are told."""
+    url: Annotated[Text, Field(max_length=2048), AfterValidator(_hook_url)]
+    """http(s) URL POSTed the rollout's JSON; may use {{ vars }} like queries."""
+    timeout: PositiveDuration = 10.0
+    """How long one call may take, retries included (default 10s)."""
+
+    @property
+    def gates(self) -> bool:
+        return self.when in GATING_HOOKS
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class AlertRule:
+    """Firing Alertmanager alerts whose labels equal every matcher (values rendered like
+    queries) roll back this policy's rollouts."""
+
+    matchers: Annotated[Mapping[Annotated[str, Field(strict=True, max_length=1024),
+                                          AfterValidator(_label)],
+                                Annotated[Text, Field(max_length=1024), AfterValidator(_query)]],
+                        Field(min_length=1, max_length=100)]
+    """Alert label -> value; every one must equal the alert's label (values rendered like
+    queries, e.g. {{ service }})."""
+
+
 @dataclass(frozen=True, config=ConfigDict(extra="forbid", title="canary policy",
                                            use_attribute_docstrings=True))
 class Policy:
@@ -373,6 +429,14 @@ class Policy:
     progress_deadline: PositiveDuration = 1800.0
     """Roll back when no stage progress is made (held, no data, errors) for this long:
     longer than every stage's hold plus one interval (default 30m)."""
+    webhooks: Annotated[tuple[Webhook, ...], Field(max_length=100)] = ()
+    """URLs called at moments of the rollout: some gate it (pre-rollout, stage,
+    pre-promotion), some are told (post-rollout, rollback)."""
+    alerts: Annotated[tuple[AlertRule, ...], Field(max_length=100)] = ()
+    """Firing Alertmanager alerts (POST /api/v1/alerts) that roll this policy's rollouts
+    back."""
+    approval_timeout: PositiveDuration | None = None
+    """An approval stage waiting longer than this is rolled back (default: it waits)."""
     source: SkipJsonSchema[str] = field(default="", compare=False, repr=False)
     """Where it was read from; not part of the file."""
 
@@ -428,7 +492,26 @@ class Policy:
                 names |= template_names(q)
             if g.kind != "threshold":
                 names.add("stable_version")  # the other side of every comparison
+        for h in self.webhooks:
+            names |= template_names(h.url)
+        for a in self.alerts:
+            for v in a.matchers.values():
+                names |= template_names(v)
         return names - {"version"}
+
+    def hooks(self, when: str) -> tuple[Webhook, ...]:
+        return tuple(h for h in self.webhooks if h.when == when)
+
+    def gating_hooks(self, stage: int, *, pre_rollout: bool = False) -> tuple[Webhook, ...]:
+        """The hooks asked at this stage: `pre-rollout` ones before any traffic moves, else
+        every `stage` hook, and the `pre-promotion` ones at the stage before the step to
+        100% (with a single stage, there is no such step: pre-rollout covers it)."""
+        if pre_rollout:
+            return self.hooks("pre-rollout")
+        out = self.hooks("stage")
+        if len(self.stages) >= 2 and stage == len(self.stages) - 2:
+            out += self.hooks("pre-promotion")
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """The policy as a file would say it (stored with each rollout, served by the API)."""
@@ -492,6 +575,14 @@ POLICY_MESSAGES = {
     "detect_rate": "must be between 0 and 1, e.g. 0.01 (1% errors)",
     "stages": "must be a non-empty list of stages",
     "gates": "must be a list of gates, each with name, query and min or max",
+    "webhooks": "must be a list of webhooks, each with name, when and url",
+    "when": f"must be one of {', '.join(HOOK_TIMES)}",
+    "url": "must be an http:// or https:// URL (it may use {{ vars }} like queries)",
+    "timeout": "must be a duration like 10s",
+    "alerts": "must be a list of {matchers: {label: value, ...}}",
+    "matchers": "must be a non-empty mapping of Alertmanager label -> value, like "
+                "{alertname: CanaryHighErrorRate, service: \"{{ service }}\"}",
+    "approval_timeout": "must be a duration like 2h: how long an approval stage may wait",
 }
 POLICY_REQUIRED = {
     "stages": "required: a list of stages, each with weight and hold",
@@ -502,6 +593,9 @@ POLICY_REQUIRED = {
     "requests": "required: a counter query of requests, with {{ version }} where the version "
                 "goes",
     "errors": "required: a counter query of errors, with {{ version }} where the version goes",
+    "when": f"required: one of {', '.join(HOOK_TIMES)}",
+    "url": "required: the URL canary POSTs the rollout to",
+    "matchers": "required: a mapping of Alertmanager label -> value",
 }
 
 

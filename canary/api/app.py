@@ -476,6 +476,20 @@ async def create_rollout(request: web.Request) -> web.Response:
     return json_response(r.to_api(), status=201)
 
 
+async def alerts(request: web.Request) -> web.Response:
+    """Alertmanager's webhook (interface.md section 6): firing alerts that match an active
+    rollout's policy `alerts` roll it back; resolved ones change nothing."""
+    token = _auth(request, Role.PIPELINE)
+    data = await body(request, bodies.AlertmanagerWebhook)
+    firing = [(a.labels, a.annotations) for a in data.alerts if a.status == "firing"]
+    request[REASON] = (f"alertmanager: {len(firing)} firing, "
+                       f"{len(data.alerts) - len(firing)} resolved")
+    ids = await request.app[CONTROLLER].alerts(firing, actor=token.name, scope=token.may_see)
+    if ids:
+        request[ROLLOUT] = ",".join(ids)[:1000]
+    return json_response(bodies.AlertsAnswer(rolled_back=ids).model_dump(mode="json"))
+
+
 _ROLES = {CommandKind.PAUSE: Role.ONCALL, CommandKind.RESUME: Role.ONCALL,
           CommandKind.PROMOTE: Role.ONCALL, CommandKind.ABORT: Role.PIPELINE}
 
@@ -624,4 +638,5 @@ def build_app(controller: Controller, tokens: tuple[Token, ...], *,
     app.router.add_get("/api/v1/rollouts/{id}", get_rollout)
     for kind in CommandKind:
         app.router.add_post(f"/api/v1/rollouts/{{id}}/{kind.value}", override(kind))
+    app.router.add_post("/api/v1/alerts", alerts)
     return app

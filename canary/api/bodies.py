@@ -65,6 +65,49 @@ class Promote(Override):
     full: bool = False
 
 
+class _Relaxed(_Body):
+    """A body another program writes (Alertmanager): fields it may add later are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+LabelSet = Annotated[dict[Annotated[str, Field(max_length=1024)],
+                          Annotated[str, Field(max_length=MAX_TEXT * 4)]],
+                     Field(max_length=1000)]
+
+
+class AlertmanagerAlert(_Relaxed):
+    """One alert of an Alertmanager webhook."""
+
+    status: Literal["firing", "resolved"]
+    labels: LabelSet
+    annotations: LabelSet = {}
+    startsAt: str | None = None
+    endsAt: str | None = None
+    generatorURL: str | None = None
+    fingerprint: str | None = None
+
+
+class AlertmanagerWebhook(_Relaxed):
+    """POST /api/v1/alerts: Alertmanager's webhook payload, version 4
+    (prometheus.io/docs/alerting/latest/configuration/#webhook_config)."""
+
+    version: Literal["4"]
+    alerts: Annotated[list[AlertmanagerAlert], Field(max_length=10_000)]
+    status: Literal["firing", "resolved"] | None = None
+    receiver: str | None = None
+    groupKey: str | None = None
+    truncatedAlerts: int | None = None
+    groupLabels: LabelSet = {}
+    commonLabels: LabelSet = {}
+    commonAnnotations: LabelSet = {}
+    externalURL: str | None = None
+
+
+class AlertsAnswer(BaseModel):
+    rolled_back: list[str] = Field(description="ids of the rollouts these alerts rolled back")
+
+
 class Error(_Body):
     error: str = Field(description="what is wrong and how to fix it")
 
@@ -139,13 +182,17 @@ def parse(model: type[_Body], data: Any) -> Any:
                 message = str((err.get("ctx") or {}).get("error", err["msg"]))
             elif kind == "string_pattern_mismatch" and field.endswith("_version"):
                 message = f"{err.get('input')!r} {_VERSION_MESSAGE}"
-            elif kind == "model_type":
+            elif kind in ("model_type", "dict_type"):
                 message = "must be a JSON object"
+            elif kind == "literal_error":
+                message = f"must be {(err.get('ctx') or {}).get('expected', err['msg'])}"
+            elif kind == "list_type":
+                message = "must be a list"
             else:
                 message = _MESSAGES.get(kind, err["msg"])
             out.append(f"{field}: {message}")
         raise InvalidInput("; ".join(out)) from None
 
 
-__all__ = ["Error", "EventView", "GateView", "Override", "Promote", "RolloutList",
-           "RolloutView", "StartRollout", "TargetList", "parse"]
+__all__ = ["AlertmanagerWebhook", "AlertsAnswer", "Error", "EventView", "GateView", "Override",
+           "Promote", "RolloutList", "RolloutView", "StartRollout", "TargetList", "parse"]

@@ -15,7 +15,8 @@ from canary.model import RolloutView
 _REF = "#/components/schemas/{model}"
 _MODELS: list[type[BaseModel]] = [
     bodies.StartRollout, bodies.Override, bodies.Promote, bodies.Error, RolloutView,
-    bodies.RolloutList, bodies.TargetList, bodies.PolicyList, bodies.Health, bodies.Ready]
+    bodies.RolloutList, bodies.TargetList, bodies.PolicyList, bodies.Health, bodies.Ready,
+    bodies.AlertmanagerWebhook, bodies.AlertsAnswer]
 
 
 def _schemas() -> dict[str, Any]:
@@ -98,6 +99,12 @@ SPEC: dict[str, Any] = {
         "/api/v1/rollouts/{id}/resume": _override("resume", "oncall", bodies.Override),
         "/api/v1/rollouts/{id}/promote": _override("promote", "oncall", bodies.Promote),
         "/api/v1/rollouts/{id}/abort": _override("abort", "pipeline", bodies.Override),
+        "/api/v1/alerts": {"post": {
+            "summary": "an Alertmanager webhook (version 4): firing alerts matching an active "
+                       "rollout's policy `alerts` roll it back (role pipeline)",
+            "security": _AUTH,
+            "requestBody": {"required": True, **_json(_ref(bodies.AlertmanagerWebhook))},
+            "responses": _responses(200, bodies.AlertsAnswer, 400, 401, 403, 413, 503)}},
     },
     "components": {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},

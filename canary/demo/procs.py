@@ -180,6 +180,9 @@ class Prometheus:
     # a Prometheus that wants credentials; with tls_server_config set scheme to https
     web_config: str | None = None
     scheme: str = "http"
+    # alerting: rule files' text (written as rules.yml) and the Alertmanagers' ports
+    rules: str | None = None
+    alertmanagers: list[int] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -193,7 +196,7 @@ class Prometheus:
             f"global:\n  scrape_interval: {self.scrape_interval}\n"
             f"  evaluation_interval: {self.scrape_interval}\n"
             f"scrape_configs:\n  - job_name: app\n    static_configs:\n"
-            f"      - targets: [{targets}]\n")
+            f"      - targets: [{targets}]\n" + self._alerting())
         extra = []
         if self.web_config is not None:
             (self.dir / "web.yml").write_text(self.web_config)
@@ -204,6 +207,57 @@ class Prometheus:
              f"--storage.tsdb.path={self.dir / 'data'}",
              f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn",
              "--storage.tsdb.retention.time=1h", *extra],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+
+    def _alerting(self) -> str:
+        out = ""
+        if self.rules is not None:
+            (self.dir / "rules.yml").write_text(self.rules)
+            out += f"rule_files: [{str(self.dir / 'rules.yml')!r}]\n"
+        if self.alertmanagers:
+            ams = ", ".join(f'"127.0.0.1:{p}"' for p in self.alertmanagers)
+            out += f"alerting:\n  alertmanagers:\n    - static_configs:\n        - targets: [{ams}]\n"
+        return out
+
+    async def ready(self) -> None:
+        await wait_http(f"{self.url}/-/ready", 60)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+@dataclass
+class Alertmanager:
+    """Debian's prometheus-alertmanager on 127.0.0.1:port, clustering off, with the config
+    (YAML text) it is given."""
+
+    dir: Path
+    port: int
+    config: str
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        binary = require("prometheus-alertmanager", "prometheus-alertmanager")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "alertmanager.yml").write_text(self.config)
+        log = open(self.dir / "alertmanager.log", "wb")
+        self.proc = subprocess.Popen(
+            [binary, f"--config.file={self.dir / 'alertmanager.yml'}",
+             f"--storage.path={self.dir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}",
+             "--cluster.listen-address=", "--log.level=warn"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
 

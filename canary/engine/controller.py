@@ -20,11 +20,13 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 
-from canary import faults
+import aiohttp
+
+from canary import faults, hooks
 from canary import policy as policy_mod
 from canary.clock import Clock
 from canary.config import Target
@@ -47,12 +49,15 @@ from canary.model import (
     CommandKind,
     PauseKind,
     Phase,
+    Reading,
     Readings,
     Rollout,
     Verdict,
 )
+from canary.notify import Notifier
 from canary.routers import Router
 from canary.store import Store, no_such_rollout
+from canary.text import is_control
 
 log = logging.getLogger("canary.controller")
 STOP_TIMEOUT = 10.0  # seconds stop() waits for the rollout tasks to end
@@ -111,6 +116,10 @@ class Controller:
     # what a rollout is while the store cannot record it (a rollback in force, unsaved)
     unsaved_view: dict[str, Rollout] = field(default_factory=dict)
     _monitor: asyncio.Task[None] | None = None
+    _http: aiohttp.ClientSession | None = None          # webhooks' client, made when needed
+    # tells people about events, and finished rollouts' told hooks (canary/notify.py);
+    # made at start when not given
+    notifier: Notifier | None = None
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -131,11 +140,17 @@ class Controller:
                 await self._check_unexplained(name)
         if self._monitor is None:
             self._monitor = asyncio.create_task(self._watch_store(), name="store-health")
+        if self.notifier is None:
+            self.notifier = Notifier((), self.store, clock=self.clock, metrics=self.metrics,
+                                     targets=self.targets)
+        await self.notifier.start()
 
     async def stop(self) -> None:
         """Cancel every rollout task and wait for them (bounded). asyncio.wait neither
         raises the tasks' CancelledError nor swallows one aimed at the caller."""
         self._stopping = True
+        if self.notifier is not None:
+            await self.notifier.stop()
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -150,6 +165,16 @@ class Controller:
                 log.error("rollout task did not stop within %gs; leaving it", STOP_TIMEOUT,
                           extra={"task": t.get_name()})
         self._tasks.clear()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(
+                headers={"User-Agent": "canary", "Content-Type": "application/json"},
+                connector=aiohttp.TCPConnector(limit=64, limit_per_host=8))
+        return self._http
 
     def running(self) -> int:
         return len(self._tasks)
@@ -226,6 +251,8 @@ class Controller:
             r = await self.store.create(rollout=r)
         self.metrics.started.labels(target).inc()
         self._log_new_events(None, r)
+        if self.notifier is not None:
+            self.notifier.saved(r)
         self._spawn(r.id)
         self.metrics.active.set(len(self._tasks))
         return r
@@ -267,6 +294,49 @@ class Controller:
         faults.point("after_command")
         self.wake(rollout_id)
         return r
+
+    async def alerts(self, firing: Sequence[tuple[Mapping[str, str], Mapping[str, str]]], *,
+                     actor: str, scope: Callable[[str], bool] = _every_target) -> list[str]:
+        """Alertmanager's firing alerts (labels, annotations): every active rollout whose
+        policy has an `alerts` rule that an alert's labels satisfy (each matcher rendered
+        with the rollout's values, compared for equality) is aborted, the reason naming
+        the alert and its summary. The ids of the rollouts rolled back."""
+        self._must_lead()
+        if not firing:
+            return []
+        out: list[str] = []
+        for r in await self.store.list(active_only=True, events=False):
+            tgt = self.targets.get(r.target)
+            if tgt is None or not scope(r.target) or r.state is Phase.ROLLING_BACK:
+                continue
+            pol = self._policy_of(r)
+            if not pol.alerts:
+                continue
+            values = self._template_values(tgt, r.canary_version, r.stable_version, r.id, pol)
+            try:
+                rules = [{k: policy_mod.render(v, values) for k, v in a.matchers.items()}
+                         for a in pol.alerts]
+            except InvalidInput:
+                continue  # (checked at start; a var gone from the config matches nothing)
+            for labels, notes in firing:
+                if not any(all(labels.get(k) == v for k, v in rule.items()) for rule in rules):
+                    continue
+                name = labels.get("alertname", "(no alertname)")
+                summary = (notes.get("summary") or notes.get("description")
+                           or "no summary")
+                # (Alertmanager's text, shown to on-call: one plain line, bounded)
+                reason = " ".join("".join(" " if is_control(c) else c for c in
+                                          f"alert {name[:200]} firing: {summary[:500]}").split())
+                try:
+                    await self.command(r.id, Command(CommandKind.ABORT, actor, reason),
+                                       scope=scope)
+                except Conflict:
+                    break  # it ended or started rolling back meanwhile
+                except StoreUnavailable:
+                    pass   # the abort is carried out all the same (see command)
+                out.append(r.id)
+                break
+        return out
 
     # ---- the state store's health, and traffic nobody explains ---------------------------
 
@@ -367,6 +437,8 @@ class Controller:
                     self._last[rollout_id] = saved
                 faults.point("after_save")
                 self._log_new_events(old, saved)
+                if self.notifier is not None:
+                    self.notifier.saved(saved)
                 self.metrics.observe(saved)
                 if saved.state.final and not old.state.final:
                     self.metrics.outcomes.labels(saved.target, saved.state.value).inc()
@@ -600,8 +672,20 @@ class Controller:
         slow or hung Prometheus must never stand between on-call and the router."""
         tgt = self.targets[r.target]
         values = self._template_values(tgt, r.canary_version, r.stable_version, r.id, pol)
-        task = asyncio.ensure_future(measure(self.source, pol.gates_for(r.stage), values,
-                                             budget=max(1.0, min(10.0, pol.interval / 2))))
+        gates = () if r.pre_rollout else pol.gates_for(r.stage)
+        asked = pol.gating_hooks(r.stage, pre_rollout=r.pre_rollout)
+
+        async def both() -> tuple[Reading, ...]:
+            # the hooks are asked beside the queries, inside this cancellable measurement:
+            # a hung hook costs its own timeout, and an abort does not wait for it
+            got = await asyncio.gather(
+                measure(self.source, gates, values,
+                        budget=max(1.0, min(10.0, pol.interval / 2))),
+                hooks.ask(self._session(), asked, values, r.to_api()) if asked
+                else asyncio.sleep(0, ()))
+            return (*got[0], *got[1])
+
+        task = asyncio.ensure_future(both())
         woken = asyncio.ensure_future(wakeup.wait())
         try:
             await asyncio.wait({task, woken}, return_when=asyncio.FIRST_COMPLETED)

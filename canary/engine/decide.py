@@ -25,7 +25,14 @@ from canary.model import (
     Rollout,
     Verdict,
 )
-from canary.policy import ErrorsGate, NoData, Policy, ThresholdGate, format_duration
+from canary.policy import (
+    HOOK_PREFIX,
+    ErrorsGate,
+    NoData,
+    Policy,
+    ThresholdGate,
+    format_duration,
+)
 
 # A rollout's events are bounded in number and in text, so its stored record (rewritten at
 # every evaluation) stays small however often on-call pauses and resumes with long
@@ -106,6 +113,8 @@ def fresh_gates(policy: Policy, stage: int,
     (its false-rollback budget is per rollout)."""
     kept = {g.name: g.state for g in previous if g.state is not None}
     out = []
+    for h in policy.gating_hooks(stage):
+        out.append(GateStatus(name=HOOK_PREFIX + h.name, min=None, max=None))
     for g in policy.gates_for(stage):
         if isinstance(g, ErrorsGate):
             out.append(GateStatus(name=g.name, min=None, max=math.log10(1 / g.alpha),
@@ -124,6 +133,15 @@ def start(*, rollout_id: str, target: str, policy: Policy, canary_version: str,
                 canary_version=canary_version, stable_version=stable_version,
                 state=Phase.PROGRESSING, stage=0, weight=first.weight, started_at=now,
                 updated_at=now, gates=fresh_gates(policy, 0))
+    asked = policy.hooks("pre-rollout")
+    if asked:
+        # no traffic moves before every pre-rollout hook has said yes
+        r = replace(r, weight=0, pre_rollout=True, gates=tuple(
+            GateStatus(name=HOOK_PREFIX + h.name, min=None, max=None) for h in asked))
+        return _event(r, now, "start",
+                      f"rollout of {canary_version} on {target} with policy {policy.name}; "
+                      f"weight 0 until the pre-rollout hooks "
+                      f"({', '.join(h.name for h in asked)}) answer 2xx", actor)
     return _event(r, now, "start",
                   f"rollout of {canary_version} on {target} with policy {policy.name}, "
                   f"weight {first.weight}", actor)
@@ -133,6 +151,7 @@ def _enter_stage(r: Rollout, policy: Policy, stage: int, now: float, actor: str,
                  why: str) -> Rollout:
     weight = policy.stages[stage].weight
     r = replace(r, stage=stage, weight=weight, stage_since=None, state=Phase.PROGRESSING,
+                pre_rollout=False,
                 pause_kind=None, paused_at=None, reason=None,
                 gates=fresh_gates(policy, stage, r.gates))
     return _event(r, now, "stage", f"stage {stage}: weight {weight} ({why})", actor)
@@ -212,11 +231,13 @@ def command(r: Rollout, policy: Policy, cmd: Command, now: float) -> Rollout:
     last = len(policy.stages) - 1
     if cmd.full or r.stage >= last:
         r = replace(r, stage=last, weight=100, finishing=True, state=Phase.PROGRESSING,
-                    pause_kind=None, paused_at=None, reason=None,
+                    pause_kind=None, paused_at=None, reason=None, pre_rollout=False,
                     stage_since=r.stage_since if r.weight == 100 else None)
         r = _event(r, now, "promote", f"{cmd.reason} (to 100%)", cmd.actor)
         return _finish_if_done(r, now)
     r = _event(r, now, "promote", cmd.reason, cmd.actor)
+    if r.pre_rollout:  # past the pre-rollout hooks, to the first stage
+        return _enter_stage(r, policy, 0, now, cmd.actor, f"promoted by {cmd.actor}")
     return _enter_stage(r, policy, r.stage + 1, now, cmd.actor, f"promoted by {cmd.actor}")
 
 
@@ -289,6 +310,8 @@ def apply_failed(r: Rollout, policy: Policy, error: str, now: float) -> Rollout:
 
 def stage_weight(r: Rollout, policy: Policy) -> int:
     """The weight the rollout's current stage asks for."""
+    if r.pre_rollout:
+        return 0
     return 100 if r.finishing else policy.stages[r.stage].weight
 
 
@@ -370,6 +393,7 @@ def readings(r: Rollout, policy: Policy, rd: Readings, now: float) -> Rollout:
     gates: list[GateStatus] = []
     breached: GateStatus | None = None
     fired: GateStatus | None = None
+    hooks: list[str] = []  # the hooks' answers worth an event: a refusal, or a change
     for g in r.gates:
         x = by_name.get(g.name)
         if x is None:
@@ -394,9 +418,14 @@ def readings(r: Rollout, policy: Policy, rd: Readings, now: float) -> Rollout:
         ng = replace(g, status=x.verdict, value=x.value, failures=failures, at=rd.at,
                      detail=x.detail)
         gates.append(ng)
+        if g.name.startswith(HOOK_PREFIX) and (x.verdict is not g.status
+                                               or x.verdict is not Verdict.PASS):
+            hooks.append(f"{g.name[len(HOOK_PREFIX):]}: {x.verdict.value} ({x.detail})")
         if failures >= policy.failure_limit and breached is None:
             breached = ng
     r = replace(r, gates=tuple(gates), updated_at=now)
+    for message in hooks:
+        r = _event(r, now, "hook", "hook " + message)
     if fired is not None:
         # sequential evidence already bounds false alarms: no failure_limit on top
         return _roll_back(r, now, f"gate {fired.name}: {fired.detail}")
@@ -424,6 +453,13 @@ def tick(r: Rollout, policy: Policy, now: float) -> Rollout:
     """Time-driven rules: move on after a passing hold, wait for approval, give up at the
     progress deadline."""
     r = _finish_if_done(r, now)
+    if (r.state is Phase.PAUSED and r.pause_kind is PauseKind.APPROVAL
+            and policy.approval_timeout is not None and r.paused_at is not None
+            and now - r.paused_at >= policy.approval_timeout):
+        return _roll_back(r, now, f"approval timed out: stage {r.stage} (weight {r.weight}) "
+                                  f"waited {format_duration(now - r.paused_at)} for a promote, "
+                                  f"longer than approval_timeout "
+                                  f"{format_duration(policy.approval_timeout)}")
     if (r.state is not Phase.PROGRESSING or r.finishing or r.stage_since is None
             or r.applied_weight != r.weight):
         return r
@@ -432,7 +468,9 @@ def tick(r: Rollout, policy: Policy, now: float) -> Rollout:
     judged = all(g.at is not None and g.at >= r.stage_since for g in r.gates)
     passing = judged and all(_counts_as(g.status, policy.no_data) is Verdict.PASS
                              for g in r.gates)
-    if held >= stage.hold and passing:
+    if r.pre_rollout and passing:
+        return _enter_stage(r, policy, 0, now, "controller", "pre-rollout hooks answered 2xx")
+    if held >= stage.hold and passing and not r.pre_rollout:
         if stage.approval:
             r = _pause(r, now, PauseKind.APPROVAL,
                        f"stage {r.stage} (weight {r.weight}) passed its hold; waiting for "

@@ -1,0 +1,173 @@
+"""Alertmanager rolls a release back: POST /api/v1/alerts with its webhook payload
+(version 4). Firing alerts whose labels match an active rollout's policy `alerts` roll it
+back; resolved or unmatched alerts change nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from canary.policy import AlertRule
+from tests.helpers import controller, simple_policy
+
+RULE = AlertRule(matchers={"alertname": "CanaryHighErrorRate", "service": "{{ service }}"})
+
+
+def payload(*alerts: dict, status: str = "firing") -> dict:
+    return {"version": "4", "status": status, "receiver": "canary", "groupKey": "{}:{}",
+            "truncatedAlerts": 0, "groupLabels": {}, "commonLabels": {},
+            "commonAnnotations": {}, "externalURL": "http://am", "alerts": list(alerts)}
+
+
+def alert(status: str = "firing", **labels: str) -> dict:
+    return {"status": status, "labels": {"alertname": "CanaryHighErrorRate", **labels},
+            "annotations": {"summary": "5xx rate of web\nabove 5%\u202e"},
+            "startsAt": "2026-11-25T08:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
+            "generatorURL": "http://prom/graph", "fingerprint": "abc"}
+
+
+async def test_firing_alert_matching_the_policy_rolls_the_rollout_back_naming_it(tmp_path):
+    async with controller(tmp_path, policies=[simple_policy(hold=3600, alerts=(RULE,))]) \
+            as (api, _ctl, _t):
+        r = await api.start(canary_version="v2")
+        await api.until(r["id"], lambda x: x["applied_weight"] == 10)
+        status, data = await api.call("POST", "/api/v1/alerts",
+                                      payload(alert(service="web", severity="page")),
+                                      role="pipeline")
+        assert status == 200 and data == {"rolled_back": [r["id"]]}
+        done = await api.until(r["id"], lambda x: x["state"] == "rolled_back")
+        assert done["reason"].endswith(
+            "alert CanaryHighErrorRate firing: 5xx rate of web above 5%"), "one plain line"
+        assert any(e["type"] == "abort" and e["actor"] == "pipeline-token"
+                   for e in done["events"])
+
+
+@pytest.mark.parametrize("body", [
+    payload(alert("resolved", service="web"), status="resolved"),
+    payload(alert(service="api")),                              # another service
+    payload({**alert(service="web"), "labels": {"service": "web"}}),  # no alertname
+    payload(),
+])
+async def test_resolved_or_unmatched_alerts_change_nothing(tmp_path, body):
+    async with controller(tmp_path, policies=[simple_policy(hold=3600, alerts=(RULE,))]) \
+            as (api, _ctl, _t):
+        r = await api.start(canary_version="v2")
+        await api.until(r["id"], lambda x: x["applied_weight"] == 10)
+        status, data = await api.call("POST", "/api/v1/alerts", body, role="pipeline")
+        assert status == 200 and data == {"rolled_back": []}
+        after = await api.rollout(r["id"])
+        assert after["state"] == "progressing" and after["weight"] == 10
+
+
+async def test_a_policy_without_alerts_is_not_rolled_back_by_any_alert(tmp_path):
+    async with controller(tmp_path, policies=[simple_policy(hold=3600)]) as (api, _ctl, _t):
+        r = await api.start(canary_version="v2")
+        status, data = await api.call("POST", "/api/v1/alerts", payload(alert(service="web")),
+                                      role="pipeline")
+        assert status == 200 and data == {"rolled_back": []}
+        assert (await api.rollout(r["id"]))["state"] == "progressing"
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"alerts": []}, "version"),
+    ({"version": "3", "alerts": []}, "version"),
+    ({"version": "4"}, "alerts"),
+    ({"version": "4", "alerts": [{"labels": {}}]}, "alerts.0.status"),
+    ({"version": "4", "alerts": [{"status": "firing", "labels": {"a": 1}}]}, "alerts.0.labels.a"),
+    ({"version": "4", "alerts": "x"}, "alerts"),
+])
+async def test_bad_alert_bodies_are_refused_naming_the_field(tmp_path, body, field):
+    async with controller(tmp_path, policies=[simple_policy(hold=3600, alerts=(RULE,))]) \
+            as (api, _ctl, _t):
+        r = await api.start(canary_version="v2")
+        status, data = await api.call("POST", "/api/v1/alerts", body, role="pipeline")
+        assert status == 400, data
+        assert data["error"].startswith(field + ":"), data
+        assert (await api.rollout(r["id"]))["state"] == "progressing"
+
+
+async def test_alerts_need_a_pipeline_token(tmp_path):
+    async with controller(tmp_path, policies=[simple_policy(hold=3600, alerts=(RULE,))]) \
+            as (api, _ctl, _t):
+        r = await api.start(canary_version="v2")
+        for role, code in ((None, 401), ("viewer", 403)):
+            status, _ = await api.call("POST", "/api/v1/alerts", payload(alert(service="web")),
+                                       role=role)
+            assert status == code
+        assert (await api.rollout(r["id"]))["state"] == "progressing"
+
+
+# ---- end to end: Prometheus's alert rule, through a real Alertmanager, rolls back -----------
+
+ALERT_RULE = """\
+groups:
+  - name: canary
+    interval: 1s
+    rules:
+      - alert: CanaryHighErrorRate
+        expr: |
+          sum by (service, version) (rate(http_requests_total{code=~"5.."}[5s]))
+          /
+          sum by (service, version) (rate(http_requests_total[5s])) > 0.2
+        for: 0s
+        labels: {severity: page}
+        annotations:
+          summary: "5xx rate of {{ $labels.service }} {{ $labels.version }} is {{ $value }}"
+"""
+
+
+def alertmanager_config(api: str, token: str) -> str:
+    return f"""\
+route:
+  receiver: canary
+  group_by: [alertname, service]
+  group_wait: 0s
+  group_interval: 1s
+  repeat_interval: 1h
+receivers:
+  - name: canary
+    webhook_configs:
+      - url: {api}/api/v1/alerts
+        send_resolved: true
+        http_config:
+          authorization: {{type: Bearer, credentials: {token}}}
+"""
+
+
+@pytest.mark.e2e
+async def test_a_real_alertmanager_alert_rolls_a_faulty_canary_back(tmp_path):
+    from canary.demo.playground import Playground, fast_policy
+    from canary.demo.procs import Alertmanager, free_port
+    from tests.e2e import running, traffic_settles_at
+
+    pg = Playground(tmp_path / "pg")
+    pg.tokens.update({"viewer": "tok-viewer", "pipeline": "tok-pipeline",
+                      "oncall": "tok-oncall"})
+    am = Alertmanager(tmp_path / "am", free_port(),
+                      alertmanager_config(pg.api, pg.tokens["pipeline"]))
+    pg.prometheus.rules = ALERT_RULE
+    pg.prometheus.alertmanagers = [am.port]
+    # gates that never judge a breach: only the alert can roll this rollout back
+    policy = {**fast_policy("fast", holds=("10m",) * 4, progress_deadline="30m",
+                            max_error=1.0, max_latency=10.0),
+              "alerts": [{"matchers": {"alertname": "CanaryHighErrorRate",
+                                       "service": "{{ service }}",
+                                       "version": "{{ canary_version }}"}}]}
+    try:
+        am.start()
+        await am.ready()
+        await pg.start()
+        async with running(pg, [policy]) as (api, _load):
+            rid = (await api.start(canary_version="v2", stable_version="v1"))["id"]
+            await api.until(rid, lambda r: r["applied_weight"] == 5)
+            pg.canary.error_rate = 1.0
+            r = await api.until(rid, lambda r: r["state"] == "rolled_back", deadline=60,
+                                what="rolled back by the alert")
+            assert "alert CanaryHighErrorRate firing" in r["reason"]
+            assert "5xx rate of web v2" in r["reason"]
+            assert any(e["type"] == "abort" and e["actor"] == "pipeline-token"
+                       for e in r["events"])
+            assert all(g["status"] != "fail" for g in r["gates"]), "the gates did not do it"
+            assert await traffic_settles_at(pg, 0, tolerance=0.0) == 0.0
+    finally:
+        am.stop()
+        await pg.stop()
