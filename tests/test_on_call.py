@@ -233,3 +233,52 @@ async def test_whoami_names_the_tokens_role_and_what_it_may_do(tmp_path):
                              "may": []}
     assert got["pipeline"]["may"] == ["start", "abort"]
     assert set(got["oncall"]["may"]) == {"start", "pause", "resume", "promote", "abort"}
+
+
+# ---- the controller's own metrics ---------------------------------------------------------
+
+
+async def test_a_rolled_back_rollouts_breaching_reading_stays_on_metrics_to_be_scraped(tmp_path):
+    from tests.helpers import SetSource
+
+    source = SetSource(0.01)
+    async with controller(tmp_path, policies=[simple_policy(hold=3600, interval=0.1)],
+                          source=source) as (api, _c, _t):
+        rid = (await api.start(canary_version="v2"))["id"]
+        await api.until(rid, lambda r: r["gates"][0]["status"] == "pass")
+        source.value = 0.5
+        await api.until(rid, lambda r: r["state"] == "rolled_back")
+        async with api.s.get(f"{api.base}/metrics") as resp:
+            text = await resp.text()
+    labels = f'gate="errors",rollout="{rid}",target="web"'
+    assert f"canary_gate_value{{{labels}}} 0.5" in text
+    assert f"canary_gate_failing{{{labels}}} 1.0" in text
+    assert f'canary_rollout_finished_timestamp_seconds{{outcome="rolled_back",rollout="{rid}"' \
+        in text
+    assert f'canary_rollout_weight_percent{{rollout="{rid}"' not in text  # (no longer live)
+
+
+def test_a_finished_rollouts_series_go_after_the_retention():
+    from dataclasses import replace
+
+    from prometheus_client import generate_latest
+
+    from canary.engine import decide
+    from canary.metrics import Metrics
+    from canary.model import GateStatus, Phase, Verdict
+
+    now = [0.0]
+    m = Metrics(retain=900, clock=lambda: now[0])
+    r = decide.start(rollout_id="r1", target="web", policy=simple_policy(), canary_version="v2",
+                     stable_version="v1", now=1.0, actor="t")
+    gate = GateStatus("errors", None, 0.05, Verdict.FAIL, 0.5, 2, at=2.0)
+    m.observe(replace(r, gates=(gate,)))
+    m.observe(replace(r, gates=(gate,), state=Phase.ROLLED_BACK, weight=0))
+    now[0] = 899.0
+    m.expire()
+    assert b'canary_gate_value{gate="errors",rollout="r1",target="web"} 0.5' in \
+        generate_latest(m.registry)
+    now[0] = 900.0
+    m.expire()
+    text = generate_latest(m.registry)
+    assert b'rollout="r1"' not in text

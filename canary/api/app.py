@@ -333,6 +333,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 @on_api_thread
 async def metrics(request: web.Request) -> web.Response:
+    request.app[CONTROLLER].metrics.expire()
     data = generate_latest(request.app[CONTROLLER].metrics.registry)
     return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
