@@ -28,7 +28,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from canary import history, jsonsafe
-from canary.api import bodies, watch
+from canary.api import bodies, ui, watch
 from canary.api.auth import Forbidden, Unauthorized, authenticate
 from canary.api.openapi import SPEC
 from canary.config import NginxTarget, Role, Token
@@ -722,6 +722,7 @@ def build_app(controller: Controller, tokens: tuple[Token, ...], *,
     app.router.add_get("/api/v1/rollouts/{id}/readings", rollout_readings)
     app.router.add_get("/api/v1/rollouts/{id}/watch", watch_rollout)
     app.router.add_get("/api/v1/whoami", whoami)
+    ui.add_routes(app)
     for kind in CommandKind:
         app.router.add_post(f"/api/v1/rollouts/{{id}}/{kind.value}", override(kind))
     return app
