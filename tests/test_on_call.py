@@ -282,3 +282,16 @@ def test_a_finished_rollouts_series_go_after_the_retention():
     m.expire()
     text = generate_latest(m.registry)
     assert b'rollout="r1"' not in text
+
+
+async def test_a_watcher_that_hangs_up_is_forgotten_quietly(tmp_path, caplog):
+    async with controller(tmp_path, policies=[simple_policy(hold=3600)],
+                          heartbeat=0.05) as (api, ctl, _t):
+        rid = (await api.start(canary_version="v2"))["id"]
+        hub = ctl.listeners[0].__self__
+        for _ in range(3):
+            seen = await events(api, rid, until=1)  # reads one event, then hangs up
+            assert seen[0]["id"] == rid
+        await eventually(lambda: _ready(hub.count() == 0), what="every watcher forgotten")
+        await api.call("POST", f"/api/v1/rollouts/{rid}/pause", {"reason": "after"})
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]

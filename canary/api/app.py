@@ -545,6 +545,7 @@ async def watch_rollout(request: web.Request) -> web.StreamResponse:
         response.headers["Retry-After"] = "5"
         return response
     rid = request.match_info["id"]
+    resp: web.StreamResponse | None = None
     ev = hub.join(rid)  # before the first read, so no change can fall between the two
     try:
         r = await _visible(request, token)
@@ -578,6 +579,10 @@ async def watch_rollout(request: web.Request) -> web.StreamResponse:
             ev.clear()
             latest = hub.latest(rid) or latest
         await resp.write_eof()
+        return resp
+    except ConnectionError:  # the watcher went away: nothing to answer, nothing to log
+        if resp is None:
+            raise
         return resp
     finally:
         hub.leave(rid, ev)
