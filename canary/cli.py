@@ -619,18 +619,14 @@ def ago(stamp: str | None, now: float) -> str:
     return f"{int(d)}s ago"
 
 
-REASON_WIDTH = 60
-
-
 def table(rollouts: list[dict[str, Any]], now: float) -> str:
-    """Rollouts as aligned columns; every text escaped, a reason cut to REASON_WIDTH."""
+    """Rollouts as aligned columns, every text escaped; the reason last and whole (it is
+    what on-call reads)."""
     head = ("ID", "TARGET", "VERSION", "STATE", "STAGE", "WEIGHT", "STARTED", "UPDATED",
             "REASON")
     rows = []
     for r in rollouts:
         reason = escape(r.get("reason") or "")
-        if len(reason) > REASON_WIDTH:
-            reason = reason[:REASON_WIDTH - 1] + "…"
         rows.append((escape(r["id"]), escape(r["target"]), escape(r["canary_version"]),
                      escape(r["state"]), str(r["stage"]), f"{r['weight']}%",
                      ago(r.get("started_at"), now), ago(r.get("updated_at"), now), reason))
