@@ -5,7 +5,7 @@ controller pod resumes every rollout.
   counter under `version`. Labels: managed-by, target, active.
 - `canary-readings-<id>`: the rollout's reading history (canary/history.py) under
   `readings.json`, written after each save that adds to it, so a rollout's own object
-  stays small.
+  stays small (a failure to write it is logged; the rollout's save stands).
 - `canary-target-<name>`: which rollout holds the target (`active`). A start writes its
   rollout as `pending`, claims the target with a resourceVersion-guarded write, then
   marks the rollout active, so two racing starts give one rollout, and a claim always
@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -31,6 +32,7 @@ from canary.executors import Pool
 from canary.model import Phase, Rollout
 from canary.store import no_such_rollout, phases
 
+log = logging.getLogger("canary.store")
 MANAGED = {"app.kubernetes.io/managed-by": "canary"}
 PENDING_GRACE = 60.0  # a start takes three quick writes; one pending longer than this crashed
 
@@ -188,7 +190,11 @@ class KubernetesStore:
         await self._call(f"ConfigMap {name}", self._core().replace_namespaced_config_map, name,
                          self.namespace, body)
         if readings:
-            await self._add_readings(rollout.id, readings)
+            try:
+                await self._add_readings(rollout.id, readings)
+            except (StoreUnavailable, StoreConflict) as e:
+                # the rollout is saved: its history misses these points, nothing else
+                log.warning("reading history not written: %s", e, extra={"rollout": rollout.id})
         return Rollout.from_store(rollout.to_store(), version=expected_version + 1)
 
     @staticmethod
