@@ -295,3 +295,21 @@ async def test_a_watcher_that_hangs_up_is_forgotten_quietly(tmp_path, caplog):
         await eventually(lambda: _ready(hub.count() == 0), what="every watcher forgotten")
         await api.call("POST", f"/api/v1/rollouts/{rid}/pause", {"reason": "after"})
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+async def test_a_scoped_token_sees_no_readings_or_watch_of_a_rollout_out_of_its_scope(tmp_path):
+    from tests.test_access import SHOP_TOKEN, two_teams
+
+    async with two_teams(tmp_path) as api:
+        web_id = (await api.start(canary_version="v2", target="web"))["id"]
+        unknown = "20260101-000000-abcdef"
+        for what in ("readings", "watch"):
+            status, body = await api.call("GET", f"/api/v1/rollouts/{web_id}/{what}",
+                                          token=SHOP_TOKEN)
+            _, not_there = await api.call("GET", f"/api/v1/rollouts/{unknown}/{what}",
+                                          token=SHOP_TOKEN)
+            assert status == 404, (what, body)
+            assert body == {"error": not_there["error"].replace(unknown, web_id)}, \
+                "out of scope answers exactly as an unknown id"
+        status, me = await api.call("GET", "/api/v1/whoami", token=SHOP_TOKEN)
+        assert status == 200 and me["targets"] == ["shop-*"] and me["may"] == ["start", "abort"]
