@@ -16,6 +16,15 @@ with their ratios (flood / quiet).
     .venv/bin/python -m bench.load --rollouts 100 --interval 1 --duration 10 --aborts 10 \
         --flood 500 --flood-requests 3000
 
+With `--watchers N`, a watch phase follows the quiet one (before any flood): another
+process holds N Server-Sent-Event streams (`GET /api/v1/rollouts/{id}/watch`) open over
+the rollouts, round robin, for `--duration` seconds, while `--aborts` aborts are spread
+over it as in the quiet phase. Lateness, missed intervals and abort latency are printed
+for both phases side by side, with the events the watchers received.
+
+    .venv/bin/python -m bench.load --rollouts 200 --interval 1 --duration 20 --aborts 10 \
+        --watchers 500
+
 With `--stop-after-flood`, instead: `canary serve` as a process, its state file holding
 200 finished rollouts of 1,000 events each, gets `--flood-requests` reads, `--flood` in
 flight, from clients that give up after 5 ms to 2 s, and is sent SIGTERM as soon as
@@ -109,7 +118,7 @@ async def run(n: int, interval: float, duration: float, aborts: int, hold: float
               reads_per_s: float, shared_queries: bool = False, wait_stage: int = 0,
               wait_limit: float = 120.0, flood: int = 0, flood_requests: int = 3000,
               flood_abort_every: float = 0.1,
-              flood_timeout: float | None = None) -> dict[str, Any]:
+              flood_timeout: float | None = None, watchers: int = 0) -> dict[str, Any]:
     """Run for `duration`, then (if `flood`) a read flood of `flood_requests` with `flood`
     in flight, then (if `wait_stage`) keep going until every rollout has finished or
     reached that stage, for at most `wait_limit` more seconds: a test asserts on what
@@ -159,6 +168,18 @@ async def run(n: int, interval: float, duration: float, aborts: int, hold: float
             quiet_victims, victims = victims[:aborts], victims[aborts:]
             phases["quiet"] = await phase(s, base, ids, quiet_victims, routers, reads_per_s,
                                           lateness, interval, duration=duration)
+            if watchers:
+                watch_victims, victims = victims[:aborts], victims[aborts:]
+                client = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "bench.load", "--watch-client", base,
+                    "--watchers", str(watchers), "--duration", str(duration),
+                    *[x for _, rid in ids for x in ("--id", rid)],
+                    stdout=asyncio.subprocess.PIPE, stdin=subprocess.DEVNULL)
+                assert client.stdout is not None
+                await client.stdout.readline()  # "ready": every stream is open
+                phases["watch"] = await phase(s, base, ids, watch_victims, routers, reads_per_s,
+                                              lateness, interval, flood=client,
+                                              abort_every=duration / (aborts + 1))
             if flood:
                 flooder = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "bench.load", "--flood-client", base,
@@ -214,6 +235,11 @@ async def run(n: int, interval: float, duration: float, aborts: int, hold: float
     }
     if flood:
         out["read_flood"] = compare(phases["quiet"], phases["flood"], flood)
+    if watchers:
+        w = compare(phases["quiet"], phases["watch"], 0, other="watch")
+        w.pop("reads_in_flight")
+        w["watchers"] = w.pop("flood_requests")
+        out["watchers"] = w
     return out
 
 
@@ -288,21 +314,70 @@ async def phase(s: aiohttp.ClientSession, base: str, ids: list[tuple[str, str]],
             "reads_failed": sum(1 for st in read_status if st != 200)}
 
 
-def compare(quiet: dict[str, Any], flood: dict[str, Any], in_flight: int) -> dict[str, Any]:
-    """The flood phase beside the quiet one: percentiles in ms, and flood / quiet."""
+def compare(quiet: dict[str, Any], flood: dict[str, Any], in_flight: int,
+            other: str = "flood") -> dict[str, Any]:
+    """The flood (or watch) phase beside the quiet one: percentiles in ms, and the
+    ratio other / quiet."""
     def row(key: str) -> dict[str, Any]:
         q, f = _ms(quiet[key]), _ms(flood[key])
         ratio = {p: round(f[p] / q[p], 1) if q[p] else None for p in ("p50", "p99")}
-        return {"quiet": q, "flood": f, "ratio_flood_over_quiet": ratio}
+        return {"quiet": q, other: f, f"ratio_{other}_over_quiet": ratio}
 
     return {"reads_in_flight": in_flight,
             "flood_requests": flood.get("flood_client", {}),
             "evaluation_lateness_ms": row("lateness"),
-            "evaluations": {"quiet": quiet["evaluations"], "flood": flood["evaluations"]},
+            "evaluations": {"quiet": quiet["evaluations"], other: flood["evaluations"]},
             "missed_intervals": {"quiet": quiet["missed_intervals"],
-                                 "flood": flood["missed_intervals"]},
+                                 other: flood["missed_intervals"]},
             "abort_to_weight0_ms": row("abort_latency"),
-            "aborts_refused_during_flood": flood["aborts_refused"]}
+            f"aborts_refused_during_{other}": flood["aborts_refused"]}
+
+
+async def watch_client(base: str, n: int, ids: list[str], seconds: float) -> dict[str, Any]:
+    """`n` watch streams over `ids`, round robin, held `seconds` after all are open;
+    prints "ready" once they are, returns what they received."""
+    view = {"Authorization": f"Bearer {TOKENS['viewer']}"}
+    got = {"streams": n, "open": 0, "refused": 0, "rollout_events": 0, "heartbeats": 0,
+           "ended_final": 0}
+    opened = asyncio.Event()
+    stop = asyncio.Event()
+
+    async def one(s: aiohttp.ClientSession, rid: str) -> None:
+        try:
+            async with s.get(f"{base}/api/v1/rollouts/{rid}/watch", headers=view) as r:
+                if r.status != 200:
+                    got["refused"] += 1
+                    return
+                got["open"] += 1
+                if got["open"] + got["refused"] == n:
+                    opened.set()
+                reading = asyncio.ensure_future(_count_events(r, got))
+                stopping = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                for t in (reading, stopping):
+                    t.cancel()
+        finally:
+            if got["open"] + got["refused"] == n:
+                opened.set()
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=None)) as s:
+        tasks = [asyncio.create_task(one(s, ids[i % len(ids)])) for i in range(n)]
+        await opened.wait()
+        print("ready", flush=True)
+        await asyncio.sleep(seconds)
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return got
+
+
+async def _count_events(r: aiohttp.ClientResponse, got: dict[str, int]) -> None:
+    async for line in r.content:
+        if line.startswith(b"event: rollout"):
+            got["rollout_events"] += 1
+        elif line.startswith(b": heartbeat"):
+            got["heartbeats"] += 1
+    got["ended_final"] += 1
 
 
 def _ms(values: list[float], *, with_max: bool = True) -> dict[str, float]:
@@ -450,6 +525,10 @@ def main() -> None:
                    "many seconds (impatient viewers hanging up)")
     p.add_argument("--stop-after-flood", action="store_true",
                    help="instead: flood a `canary serve` process and stop it right after")
+    p.add_argument("--watchers", type=int, default=0, metavar="STREAMS",
+                   help="add a watch phase: this many /watch streams open, from another "
+                        "process")
+    p.add_argument("--watch-client", metavar="URL", help=argparse.SUPPRESS)
     p.add_argument("--flood-client", metavar="URL", help=argparse.SUPPRESS)
     p.add_argument("--id", action="append", default=[], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -457,6 +536,10 @@ def main() -> None:
         print(json.dumps(asyncio.run(flood_client(args.flood_client, args.flood,
                                                   args.flood_requests, args.id,
                                                   args.flood_timeout))))
+        return
+    if args.watch_client:
+        print(json.dumps(asyncio.run(watch_client(args.watch_client, args.watchers, args.id,
+                                                  args.duration))))
         return
     if args.stop_after_flood:
         print(json.dumps(asyncio.run(stop_after_flood(args.flood or 500, args.flood_requests)),
@@ -467,7 +550,7 @@ def main() -> None:
                              args.reads_per_s, args.shared_queries, flood=args.flood,
                              flood_requests=args.flood_requests,
                              flood_abort_every=args.flood_abort_every,
-                             flood_timeout=args.flood_timeout))
+                             flood_timeout=args.flood_timeout, watchers=args.watchers))
     print(json.dumps(result, indent=2))
 
 

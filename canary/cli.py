@@ -549,7 +549,103 @@ def wait_for(args: argparse.Namespace, rollout_id: str) -> int:
         time.sleep(args.poll)
 
 
+def watch(args: argparse.Namespace, rollout_id: str) -> int:
+    """Follow GET /api/v1/rollouts/{id}/watch (Server-Sent Events) to the rollout's end,
+    a line per change; exit codes as `start --wait`. A dropped stream (the controller
+    restarting) is opened again for up to --unreachable-timeout seconds."""
+    last = ""
+    unreachable_since: float | None = None
+    url = args.server.rstrip("/") + f"/api/v1/rollouts/{urllib.parse.quote(rollout_id)}/watch"
+    while True:
+        req = urllib.request.Request(url, headers={"Accept": "text/event-stream"})
+        token = os.environ.get("CANARY_TOKEN")
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        state = None
+        try:
+            # (a heartbeat comes every 15 s: a minute of silence is a dead connection)
+            with urllib.request.urlopen(req, timeout=60, context=_tls()) as resp:
+                unreachable_since = None
+                kind = None
+                for raw in resp:
+                    line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                    if line.startswith("event:"):
+                        kind = line[6:].strip()
+                    elif line.startswith("data:") and kind == "rollout":
+                        r = json.loads(line[5:])
+                        if args.json:
+                            print(json.dumps(r), flush=True)
+                        else:
+                            text = summary(r)
+                            if text != last:
+                                print(f"{time.strftime('%H:%M:%S')} {text}", flush=True)
+                                last = text
+                        state = r["state"]
+        except urllib.error.HTTPError as e:
+            try:
+                message = json.loads(e.read()).get("error", e.reason)
+            except (ValueError, AttributeError):
+                message = str(e.reason)
+            if e.code != 503:
+                die(f"{message} (HTTP {e.code})")
+        except (urllib.error.URLError, OSError, TimeoutError, ValueError):
+            pass
+        if state == "succeeded":
+            return EXIT_OK
+        if state == "rolled_back":
+            return EXIT_FAILED
+        unreachable_since = unreachable_since or time.monotonic()
+        if time.monotonic() - unreachable_since > args.unreachable_timeout:
+            die(f"lost the controller at {args.server} for longer than "
+                f"{args.unreachable_timeout:g}s while watching {rollout_id}")
+        time.sleep(args.poll)
+
+
+def _tls() -> Any:
+    cafile = os.environ.get("CANARY_CA_FILE")
+    if not cafile:
+        return None
+    import ssl
+
+    return ssl.create_default_context(cafile=cafile)
+
+
+def ago(stamp: str | None, now: float) -> str:
+    """An API time as "5s ago", "3m ago", "2h ago", "4d ago" ("-" when missing)."""
+    if not stamp:
+        return "-"
+    try:
+        at = time.mktime(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+    except ValueError:
+        return escape(stamp)
+    d = max(0.0, now - at)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if d >= size:
+            return f"{int(d // size)}{unit} ago"
+    return f"{int(d)}s ago"
+
+
+def table(rollouts: list[dict[str, Any]], now: float) -> str:
+    """Rollouts as aligned columns, every text escaped; the reason last and whole (it is
+    what on-call reads)."""
+    head = ("ID", "TARGET", "VERSION", "STATE", "STAGE", "WEIGHT", "STARTED", "UPDATED",
+            "REASON")
+    rows = []
+    for r in rollouts:
+        reason = escape(r.get("reason") or "")
+        rows.append((escape(r["id"]), escape(r["target"]), escape(r["canary_version"]),
+                     escape(r["state"]), str(r["stage"]), f"{r['weight']}%",
+                     ago(r.get("started_at"), now), ago(r.get("updated_at"), now), reason))
+    widths = [max(len(x[i]) for x in (head, *rows)) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)).rstrip()
+                     for x in (head, *rows))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.id and args.watch:
+        return watch(args, args.id)
+    if args.watch:
+        die("status --watch: give the ID of the rollout to follow")
     if args.id:
         r = api(args, "GET", f"/api/v1/rollouts/{args.id}")
         if args.json:
@@ -572,9 +668,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK
-    for r in data["rollouts"]:
-        print(summary(r))
-    if not data["rollouts"]:
+    if data["rollouts"]:
+        print(table(data["rollouts"], time.time()))
+    else:
         print("no rollouts")
     if data.get("next"):
         print(f"canary: newest {len(data['rollouts'])} shown; older ones: --before "
@@ -601,6 +697,27 @@ def cmd_override(args: argparse.Namespace) -> int:
         print(json.dumps(r, indent=2))
     else:
         print(summary(r))
+    return EXIT_OK
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        mine = version("canary")
+    except PackageNotFoundError:  # (run from a source tree that was never installed)
+        mine = "unknown"
+    if args.json:
+        print(json.dumps({"version": mine}))
+    else:
+        print(f"canary {mine}")
+    return EXIT_OK
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from canary.completion import SHELLS
+
+    print(SHELLS[args.shell](parser()), end="")
     return EXIT_OK
 
 
@@ -679,6 +796,12 @@ def parser() -> argparse.ArgumentParser:
                     "`active` for those not yet final)")
     sp.add_argument("--before", metavar="ID", help="without ID: the rollouts started "
                     "before this one (the next page)")
+    sp.add_argument("--watch", action="store_true", help="with ID: follow it until it ends; "
+                    "exit 0 succeeded, 1 rolled back, 2 error (as start --wait)")
+    sp.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
+    sp.add_argument("--unreachable-timeout", type=float, default=300.0,
+                    help="with --watch, how long to keep trying while the controller is "
+                         "unreachable (seconds, default 300)")
     client(sp)
     sp.set_defaults(fn=cmd_status)
 
@@ -691,6 +814,15 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--full", action="store_true", help="go straight to 100%%")
         client(sp)
         sp.set_defaults(fn=cmd_override)
+
+    sp = sub.add_parser("version", help="print canary's version")
+    sp.add_argument("--json", action="store_true", help="as JSON")
+    sp.set_defaults(fn=cmd_version)
+
+    sp = sub.add_parser("completion", help="print a shell completion script: "
+                        'eval "$(canary completion bash)"')
+    sp.add_argument("shell", choices=["bash", "zsh", "fish"])
+    sp.set_defaults(fn=cmd_completion)
 
     sp = sub.add_parser("demo", help="a real local playground: nginx, Prometheus, two versions")
     sp.add_argument("--keep", action="store_true", help="leave the playground running at the end "

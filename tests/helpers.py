@@ -124,7 +124,7 @@ async def controller(tmp_path: Path, *, policies: list[Policy] | None = None,
                      file: Path | None = None,
                      body_timeout: float = 10.0, keepalive_timeout: float = 75.0,
                      target: Target | None = None, router: Router | None = None,
-                     store: Store | None = None,
+                     store: Store | None = None, heartbeat: float = 15.0,
                      ) -> AsyncIterator[tuple[Api, Controller, Any]]:
     """A controller on a free port whose nginx target runs `test_cmd` and `reload_cmd`."""
     pols = {p.name: p for p in (policies or [simple_policy()])}
@@ -139,7 +139,8 @@ async def controller(tmp_path: Path, *, policies: list[Policy] | None = None,
     ctl = Controller(store=store, policies=pols, targets={"web": target},
                      routers={"web": router}, source=source or SetSource(),
                      clock=RealClock(), retry_max=1.0)
-    runner = make_runner(build_app(ctl, tokens(), body_timeout=body_timeout),
+    runner = make_runner(build_app(ctl, tokens(), body_timeout=body_timeout,
+                                   heartbeat=heartbeat),
                          lingering_time=0.5, keepalive_timeout=keepalive_timeout)
     await runner.setup()
     port = free_port()

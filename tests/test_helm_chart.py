@@ -242,3 +242,69 @@ async def test_rbac_grants_exactly_what_canary_uses(tmp_path):
                     granted |= {(g, res, v) for g in rule["apiGroups"]
                                 for res in rule["resources"] for v in rule["verbs"]}
         assert granted == used, (variant, sorted(granted - used), sorted(used - granted))
+
+
+# ---- Grafana dashboard and alerts (off by default) --------------------------------------
+
+OBSERVED = {"config": {"targets": TARGETS},
+            "grafana": {"dashboard": {"enabled": True, "annotations": {"grafana_folder": "Canary"}}},
+            "prometheusRule": {"enabled": True, "stuckPausedAfter": "90m"}}
+
+
+def _exported_names() -> set[str]:
+    """Every series name canary's /metrics can carry (canary/metrics.py)."""
+    from canary.metrics import Metrics
+
+    out: set[str] = set()
+    for family in Metrics().registry.collect():
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
+                    "gauge": ("",)}.get(family.type, ("",))
+        out.update(family.name + s for s in suffixes)
+    return out
+
+
+def test_the_dashboard_and_alerts_are_off_by_default_and_render_when_asked(tmp_path):
+    import json
+    import re
+    import shutil
+    import subprocess
+
+    plain = render(VARIANTS["default"])
+    assert not by_kind(plain, "PrometheusRule")
+    assert not [d for d in by_kind(plain, "ConfigMap") if "grafana_dashboard" in
+                d["metadata"].get("labels", {})]
+
+    report = helm.lint(str(CHART), OBSERVED, strict=True)
+    assert not report.get("errors"), report
+    docs = render(OBSERVED)
+    (board,) = [d for d in by_kind(docs, "ConfigMap")
+                if d["metadata"]["labels"].get("grafana_dashboard") == "1"]
+    kubernetes_validate.validate(board, K8S_VERSION, strict=True)
+    assert board["metadata"]["annotations"] == {"grafana_folder": "Canary"}
+    dashboard = json.loads(board["data"]["canary.json"])
+    assert dashboard == json.loads((CHART / "dashboards" / "canary.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 10
+
+    (rule,) = by_kind(docs, "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert set(alerts) == {"CanaryMissedIntervals", "CanaryRouterErrors",
+                           "CanaryStateStoreFailing", "CanaryRolloutStuckPaused"}
+    assert alerts["CanaryRolloutStuckPaused"]["expr"].endswith("> 5400"), "90m in seconds"
+
+    # every metric either one names is one canary exports
+    names = set(re.findall(r"\bcanary_[a-z0-9_]+", " ".join(
+        exprs + [r["expr"] for r in alerts.values()])))
+    assert names and names <= _exported_names(), names - _exported_names()
+    for needed in ("canary_missed_intervals_total", "canary_router_errors_total",
+                   "canary_store_writable", "canary_rollout_paused_since_timestamp_seconds"):
+        assert needed in names
+
+    promtool = shutil.which("promtool")
+    if promtool:  # Prometheus's own checker, when Debian's prometheus brought it
+        path = tmp_path / "canary-rules.yaml"
+        path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+        check = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True,
+                               text=True)
+        assert check.returncode == 0, check.stdout + check.stderr

@@ -99,6 +99,37 @@ async def test_the_cluster_store_pages_and_filters_like_the_embedded_one(tmp_pat
         await kube.stop()
 
 
+async def test_the_cluster_store_keeps_a_rollouts_readings_beside_it_bounded(tmp_path):
+    from canary import history
+
+    kube = KubeApiDouble()
+    await kube.start()
+    api = api_client(str(kube.kubeconfig(tmp_path / "kubeconfig")))
+    try:
+        store = KubernetesStore(NS, api)
+        r = await store.create(rollout=rollout("hist"))
+        assert await store.readings(r.id) == []
+        detail = "canary 3/1000 errors, stable 10/9000 this stage; " * 5
+        for i in range(history.MAX_POINTS + 50):
+            r = await store.save(rollout=r, expected_version=r.version, readings=[
+                {"series": "errors", "at": float(i), "verdict": "pass", "value": 0.1,
+                 "detail": detail}, {"series": "p99", "at": float(i), "verdict": "pass"}])
+        # a new controller (a new store) reads the same history
+        got = await KubernetesStore(NS, api).readings(r.id)
+        assert 0 < len([p for p in got if p["series"] == "errors"]) <= history.MAX_POINTS
+        assert got[-1]["at"] == float(history.MAX_POINTS + 49)
+        cm = kube.get("configmaps", NS, f"canary-readings-{r.id}")
+        assert len(cm["data"]["readings.json"]) < 1024 * 1024
+        # the rollout's own object stays small, and listings never read the history
+        assert "readings" not in kube.get("configmaps", NS, f"canary-rollout-{r.id}")["data"]
+        assert [x.id for x in await store.list()] == [r.id]
+        with pytest.raises(NotFound):
+            await store.readings("no-such-id")
+    finally:
+        api.close()
+        await kube.stop()
+
+
 class Replica:
     def __init__(self, tmp: Path, name: str, kubeconfig: Path, prom: str) -> None:
         self.name, self.port = name, _free()

@@ -169,11 +169,12 @@ async def test_status_lists_the_newest_and_says_how_to_see_older_ones(tmp_path):
         order = newest_first(seeded)
         code, out, err = await cli("status", "--limit", "2", server=api.base,
                                    token="tok-viewer")
-        assert code == 0 and [line.split()[0] for line in out.splitlines()] == order[:2]
+        # (a table: its first line names the columns)
+        assert code == 0 and [line.split()[0] for line in out.splitlines()[1:]] == order[:2]
         assert f"--before {order[1]}" in err
         code, out, err = await cli("status", "--before", order[1], "--state", "rolled_back",
                                    server=api.base, token="tok-viewer")
-        assert code == 0 and [line.split()[0] for line in out.splitlines()] == \
+        assert code == 0 and [line.split()[0] for line in out.splitlines()[1:]] == \
             [rid for rid in order[2:] if int(rid[-1]) % 2 == 0]
         assert err == ""
         code, _out, err = await cli("status", "--limit", "0", server=api.base,

@@ -27,8 +27,8 @@ from typing import Any, TypeVar
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from canary import jsonsafe
-from canary.api import bodies
+from canary import history, jsonsafe
+from canary.api import bodies, ui, watch
 from canary.api.auth import Forbidden, Unauthorized, authenticate
 from canary.api.openapi import SPEC
 from canary.config import NginxTarget, Role, Token
@@ -64,6 +64,8 @@ class InFlight:
 
 
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
+HUB = web.AppKey("watch_hub", watch.Hub)
+HEARTBEAT = web.AppKey("watch_heartbeat", float)
 CONTROL_LOOP = web.AppKey("control_loop", asyncio.AbstractEventLoop)
 T = TypeVar("T")
 
@@ -145,8 +147,8 @@ async def bounded(request: web.Request, handler: Handler) -> web.StreamResponse:
     """At most `cap` reads (and, apart, writes) in flight; the next one is answered 503
     at once instead of queueing, so a read flood neither piles up work and memory nor
     delays the rollouts' evaluations, and never takes a slot an abort needs."""
-    if request.path in UNBOUNDED:
-        return await handler(request)
+    if request.path in UNBOUNDED or _is_watch(request):
+        return await handler(request)  # (streams have their own cap: watch.MAX_WATCHERS)
     limits = request.app[IN_FLIGHT]
     kind = _kind(request)
     if limits.busy[kind] >= limits.cap[kind]:
@@ -331,6 +333,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 @on_api_thread
 async def metrics(request: web.Request) -> web.Response:
+    request.app[CONTROLLER].metrics.expire()
     data = generate_latest(request.app[CONTROLLER].metrics.registry)
     return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -510,6 +513,95 @@ def override(kind: CommandKind) -> Handler:
     return handler
 
 
+def _is_watch(request: web.Request) -> bool:
+    return request.method == "GET" and request.path.endswith("/watch") and \
+        request.path.startswith("/api/v1/rollouts/")
+
+
+async def _visible(request: web.Request, token: Token) -> Rollout:
+    r = await request.app[CONTROLLER].store.load(request.match_info["id"])
+    if not token.may_see(r.target):  # out of scope reads exactly like an unknown id
+        raise no_such_rollout(request.match_info["id"])
+    return r
+
+
+@on_api_thread
+async def rollout_readings(request: web.Request) -> web.Response:
+    """Every gate's readings and the weight over the rollout's life (canary/history.py)."""
+    token = _auth(request, Role.VIEWER)
+    r = await _visible(request, token)
+    points = await request.app[CONTROLLER].store.readings(r.id)
+    return json_response(history.view(r, points))
+
+
+@on_api_thread
+async def whoami(request: web.Request) -> web.Response:
+    token = _auth(request, Role.VIEWER)
+    may = [k.value for k, role in _ROLES.items() if token.role >= role]
+    if token.role >= Role.PIPELINE:
+        may.insert(0, "start")
+    return json_response({"name": token.name, "role": token.role.name.lower(),
+                          "targets": list(token.targets) if token.targets is not None else None,
+                          "may": may})
+
+
+@on_api_thread
+async def watch_rollout(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events: the rollout's JSON (`event: rollout`) now and after each change,
+    until it is final; a comment line every HEARTBEAT seconds keeps proxies from closing a
+    quiet stream. Runs on the API's loop; the control loop only pokes it (watch.Hub)."""
+    token = _auth(request, Role.VIEWER)
+    hub = request.app[HUB]
+    if hub.count() >= watch.MAX_WATCHERS:
+        request.app[CONTROLLER].metrics.api_refused.labels("watch").inc()
+        response = error(503, f"{watch.MAX_WATCHERS} watchers are open already; try again "
+                              "later, or poll GET /api/v1/rollouts/{id}")
+        response.headers["Retry-After"] = "5"
+        return response
+    rid = request.match_info["id"]
+    resp: web.StreamResponse | None = None
+    ev = hub.join(rid)  # before the first read, so no change can fall between the two
+    try:
+        r = await _visible(request, token)
+        ctl = request.app[CONTROLLER]
+        beat = request.app[HEARTBEAT]
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+        await resp.prepare(request)
+        latest = hub.offer(r)
+        sent = -1
+        while True:
+            if latest.version > sent:
+                await resp.write(f"event: rollout\nid: {latest.version}\ndata: {latest.data}"
+                                 "\n\n".encode())
+                sent = latest.version
+                if latest.final:
+                    break
+            if hub.closing:
+                break
+            wait = beat if ctl.leading else min(beat, watch.FOLLOWER_POLL)
+            try:
+                async with asyncio.timeout(wait):
+                    await ev.wait()
+            except TimeoutError:
+                if not ctl.leading:  # another replica saves: read the store
+                    latest = hub.offer(await ctl.store.load(rid))
+                    if latest.version > sent:
+                        continue
+                await resp.write(b": heartbeat\n\n")
+            ev.clear()
+            latest = hub.latest(rid) or latest
+        await resp.write_eof()
+        return resp
+    except ConnectionError:  # the watcher went away: nothing to answer, nothing to log
+        if resp is None:
+            raise
+        return resp
+    finally:
+        hub.leave(rid, ev)
+
+
 def make_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:
     """The runner every server of this app uses. handler_cancellation: a request whose
     client has hung up stops being answered (reads are cancelled; writes run to their
@@ -592,7 +684,8 @@ class ApiServer:
 
 def build_app(controller: Controller, tokens: tuple[Token, ...], *,
               body_timeout: float = 10.0, elector: LeaderElector | None = None,
-              max_reads: int = MAX_READS, max_writes: int = MAX_WRITES) -> web.Application:
+              max_reads: int = MAX_READS, max_writes: int = MAX_WRITES,
+              heartbeat: float = watch.HEARTBEAT) -> web.Application:
     # (audit outside the bound, so a refused write is audited too; both inside
     # carry_writes, so a write whose client left is still audited; errors rendered on the
     # API's loop, whichever loop raised them)
@@ -602,6 +695,15 @@ def build_app(controller: Controller, tokens: tuple[Token, ...], *,
     app[IN_FLIGHT] = InFlight(reads=max_reads, writes=max_writes)
     app[CONTROLLER] = controller
     app[TOKENS] = tokens
+    app[HUB] = hub = watch.Hub()
+    app[HEARTBEAT] = heartbeat
+    controller.listeners.append(hub.notify)
+
+    async def close_watchers(app: web.Application) -> None:
+        hub.close()
+        controller.listeners[:] = [x for x in controller.listeners if x != hub.notify]
+
+    app.on_shutdown.append(close_watchers)
 
     async def start_elector() -> asyncio.Task[None]:
         assert elector is not None
@@ -636,6 +738,10 @@ def build_app(controller: Controller, tokens: tuple[Token, ...], *,
     app.router.add_get("/api/v1/rollouts", list_rollouts)
     app.router.add_post("/api/v1/rollouts", create_rollout)
     app.router.add_get("/api/v1/rollouts/{id}", get_rollout)
+    app.router.add_get("/api/v1/rollouts/{id}/readings", rollout_readings)
+    app.router.add_get("/api/v1/rollouts/{id}/watch", watch_rollout)
+    app.router.add_get("/api/v1/whoami", whoami)
+    ui.add_routes(app)
     for kind in CommandKind:
         app.router.add_post(f"/api/v1/rollouts/{{id}}/{kind.value}", override(kind))
     app.router.add_post("/api/v1/alerts", alerts)

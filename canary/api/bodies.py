@@ -13,7 +13,15 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from canary.errors import InvalidInput
-from canary.model import VERSION_PATTERN, EventView, GateView, RolloutSummary, RolloutView
+from canary.model import (
+    VERSION_PATTERN,
+    EventView,
+    GateView,
+    Phase,
+    RolloutSummary,
+    RolloutView,
+    Verdict,
+)
 from canary.policy import Policy
 from canary.text import is_control
 
@@ -156,6 +164,63 @@ class Ready(BaseModel):
     leader: bool
 
 
+class WeightPoint(BaseModel):
+    at: str = Field(description="when the router was known to carry this weight")
+    weight: int = Field(ge=0, le=100, description="percent of traffic to the canary")
+    stage: int
+
+
+class GateReading(BaseModel):
+    """One evaluation of one gate."""
+
+    at: str
+    stage: int
+    weight: int | None = Field(description="the canary weight in force when it was read")
+    verdict: Verdict
+    value: float | None = Field(description="the gate's value (for an errors gate: log10 of "
+                                            "the evidence that the canary is worse)")
+    min: float | None = None
+    max: float | None = Field(default=None, description="the upper bound (for an errors gate: "
+                                                        "the evidence's threshold, log10)")
+    detail: str | None = None
+    stable: float | None = Field(default=None, description="compare gate: stable's value")
+    bound: float | None = Field(default=None, description="compare gate: the highest canary "
+                                                          "value allowed against stable's")
+    canary_requests: float | None = Field(default=None, description="errors gate: this "
+                                          "stage's canary requests so far")
+    canary_errors: float | None = None
+    stable_requests: float | None = None
+    stable_errors: float | None = None
+
+
+class GateHistory(BaseModel):
+    name: str
+    kind: Literal["threshold", "compare", "errors"]
+    readings: list[GateReading]
+
+
+class ReadingsView(BaseModel):
+    """GET /api/v1/rollouts/{id}/readings: the rollout's history, oldest first."""
+
+    id: str
+    state: Phase
+    started_at: str
+    updated_at: str
+    weights: list[WeightPoint]
+    gates: list[GateHistory]
+    downsampling: str = Field(description="how a long rollout's history is thinned")
+
+
+class WhoAmI(BaseModel):
+    """GET /api/v1/whoami: the calling token, so a page can show what it may do."""
+
+    name: str
+    role: Literal["viewer", "pipeline", "oncall"]
+    targets: list[str] | None = Field(description="the target globs it may see; null: all")
+    may: list[str] = Field(description="the actions it may take: start, pause, resume, "
+                                       "promote, abort, ...")
+
+
 _VERSION_MESSAGE = "must be 1-128 letters, digits or ._:+- starting with a letter or digit"
 _MESSAGES = {
     "string_type": "must be a string",
@@ -195,4 +260,5 @@ def parse(model: type[_Body], data: Any) -> Any:
 
 
 __all__ = ["AlertmanagerWebhook", "AlertsAnswer", "Error", "EventView", "GateView", "Override",
-           "Promote", "RolloutList", "RolloutView", "StartRollout", "TargetList", "parse"]
+           "Promote", "ReadingsView", "RolloutList", "RolloutView", "StartRollout", "TargetList",
+           "WhoAmI", "parse"]

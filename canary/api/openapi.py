@@ -16,7 +16,7 @@ _REF = "#/components/schemas/{model}"
 _MODELS: list[type[BaseModel]] = [
     bodies.StartRollout, bodies.Override, bodies.Promote, bodies.Error, RolloutView,
     bodies.RolloutList, bodies.TargetList, bodies.PolicyList, bodies.Health, bodies.Ready,
-    bodies.AlertmanagerWebhook, bodies.AlertsAnswer]
+    bodies.AlertmanagerWebhook, bodies.AlertsAnswer, bodies.ReadingsView, bodies.WhoAmI]
 
 
 def _schemas() -> dict[str, Any]:
@@ -95,6 +95,23 @@ SPEC: dict[str, Any] = {
         "/api/v1/rollouts/{id}": {"get": {
             "summary": "one rollout", "security": _AUTH, "parameters": [_ID],
             "responses": _responses(200, RolloutView, 401, 403, 404, 503)}},
+        "/api/v1/rollouts/{id}/readings": {"get": {
+            "summary": "every gate's readings and the weight over the rollout's life",
+            "security": _AUTH, "parameters": [_ID],
+            "responses": _responses(200, bodies.ReadingsView, 401, 403, 404, 503)}},
+        "/api/v1/rollouts/{id}/watch": {"get": {
+            "summary": "Server-Sent Events: `rollout` events carrying the rollout's JSON "
+                       "each time it changes, until it is final; a comment line as a "
+                       "heartbeat every 15 s",
+            "security": _AUTH, "parameters": [_ID],
+            "responses": {"200": {"description": "an event stream",
+                                  "content": {"text/event-stream": {"schema": {
+                                      "type": "string"}}}},
+                          **{str(c): {"description": "error", **_json(_ref(bodies.Error))}
+                             for c in (401, 403, 404, 503)}}}},
+        "/api/v1/whoami": {"get": {
+            "summary": "the calling token's name, role and what it may do",
+            "security": _AUTH, "responses": _responses(200, bodies.WhoAmI, 401, 503)}},
         "/api/v1/rollouts/{id}/pause": _override("pause", "oncall", bodies.Override),
         "/api/v1/rollouts/{id}/resume": _override("resume", "oncall", bodies.Override),
         "/api/v1/rollouts/{id}/promote": _override("promote", "oncall", bodies.Promote),

@@ -26,7 +26,7 @@ from functools import partial
 
 import aiohttp
 
-from canary import faults, hooks
+from canary import faults, history, hooks
 from canary import policy as policy_mod
 from canary.clock import Clock
 from canary.config import Target
@@ -120,6 +120,9 @@ class Controller:
     # tells people about events, and finished rollouts' told hooks (canary/notify.py);
     # made at start when not given
     notifier: Notifier | None = None
+    # told of every saved change, on the control loop; each must return at once (the
+    # API's watchers: canary/api/watch.py)
+    listeners: list[Callable[[Rollout], None]] = field(default_factory=list)
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -407,7 +410,22 @@ class Controller:
 
     # ---- the loop -------------------------------------------------------------------
 
-    async def _update(self, rollout_id: str, step: Callable[[Rollout], Rollout]) -> Rollout:
+    def _history(self, old: Rollout, new: Rollout, rd: Readings | None) -> list[history.Point]:
+        """What this change adds to the rollout's reading history (canary/history.py)."""
+        if new.applied_weight == old.applied_weight and new.stage == old.stage and rd is None:
+            return []
+        kinds: dict[str, str] = {}
+        bounds: dict[str, dict[str, float | None]] = {}
+        if rd is not None:
+            for g in self._policy_of(new).gates_for(new.stage):
+                kinds[g.name] = g.kind
+                if isinstance(g, policy_mod.CompareGate):
+                    bounds[g.name] = {"max_increase": g.max_increase, "max_ratio": g.max_ratio}
+        return history.points(old, new, at=self.clock.now(), kinds=kinds, bounds=bounds,
+                              rd=rd)
+
+    async def _update(self, rollout_id: str, step: Callable[[Rollout], Rollout], *,
+                      rd: Readings | None = None) -> Rollout:
         lock = self._locks.setdefault(rollout_id, asyncio.Lock())
         async with lock:
             for _ in range(20):
@@ -423,7 +441,13 @@ class Controller:
                     return old
                 faults.point("before_save")
                 try:
-                    saved = await self.store.save(rollout=new, expected_version=old.version)
+                    points = self._history(old, new, rd)
+                    if points:
+                        saved = await self.store.save(rollout=new, expected_version=old.version,
+                                                      readings=points)
+                    else:
+                        saved = await self.store.save(rollout=new,
+                                                      expected_version=old.version)
                 except StoreConflict:
                     continue
                 except StoreUnavailable as e:
@@ -440,6 +464,8 @@ class Controller:
                 if self.notifier is not None:
                     self.notifier.saved(saved)
                 self.metrics.observe(saved)
+                for listener in self.listeners:
+                    listener(saved)
                 if saved.state.final and not old.state.final:
                     self.metrics.outcomes.labels(saved.target, saved.state.value).inc()
                 return saved
@@ -578,7 +604,7 @@ class Controller:
                         self.metrics.verdicts.labels(r.target, x.gate, x.verdict.value).inc()
                     before = {g.name: g.status for g in r.gates}
                     r = await self._update(rollout_id, partial(
-                        decide.readings, policy=pol, rd=rd, now=self.clock.now()))
+                        decide.readings, policy=pol, rd=rd, now=self.clock.now()), rd=rd)
                     self._log_gate_changes(r, before)
                 r = await self._update(rollout_id, partial(decide.tick, policy=pol,
                                                            now=self.clock.now()))

@@ -53,5 +53,6 @@ def judge_compare(gate: CompareGate, canary: float | None, stable: float | None,
         elif stable <= 0 < canary and gate.max_increase is None:
             bad.append("above 0 while stable is 0")
     detail = f"stable {stable:.6g}" + (f"; {'; '.join(bad)}" if bad else "")
+    # (raw: both sides, for the reading history's plot of canary against stable)
     return Reading(gate=gate.name, verdict=Verdict.FAIL if bad else Verdict.PASS, value=canary,
-                   detail=detail)
+                   detail=detail, raw={"canary": canary, "stable": stable})

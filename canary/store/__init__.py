@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from canary.errors import NotFound
+from canary.history import Point
 from canary.model import Phase, Rollout
 
 
@@ -24,8 +25,16 @@ class Store(Protocol):
         """NotFound if there is no such rollout."""
         ...
 
-    async def save(self, *, rollout: Rollout, expected_version: int) -> Rollout:
-        """Write if the stored version is still `expected_version`, else StoreConflict."""
+    async def save(self, *, rollout: Rollout, expected_version: int,
+                   readings: Sequence[Point] = ()) -> Rollout:
+        """Write if the stored version is still `expected_version`, else StoreConflict.
+        `readings`: points the change adds to the rollout's history (canary/history.py),
+        kept apart from the rollout itself (so saves stay small) and thinned by its rule."""
+        ...
+
+    async def readings(self, rollout_id: str) -> list[Point]:
+        """The rollout's history points, oldest first; NotFound if there is no such
+        rollout."""
         ...
 
     async def list(self, *, active_only: bool = False, target: str | None = None,

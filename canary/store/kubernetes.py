@@ -3,6 +3,9 @@ controller pod resumes every rollout.
 
 - `canary-rollout-<id>`: the rollout as JSON under `rollout.json`, and our version
   counter under `version`. Labels: managed-by, target, active.
+- `canary-readings-<id>`: the rollout's reading history (canary/history.py) under
+  `readings.json`, written after each save that adds to it, so a rollout's own object
+  stays small (a failure to write it is logged; the rollout's save stands).
 - `canary-target-<name>`: which rollout holds the target (`active`). A start writes its
   rollout as `pending`, claims the target with a resourceVersion-guarded write, then
   marks the rollout active, so two racing starts give one rollout, and a claim always
@@ -17,17 +20,19 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from canary import jsonsafe, kube
+from canary import history, jsonsafe, kube
 from canary.errors import Conflict, NotFound, StoreConflict, StoreUnavailable
 from canary.executors import Pool
 from canary.model import Phase, Rollout
 from canary.store import no_such_rollout, phases
 
+log = logging.getLogger("canary.store")
 MANAGED = {"app.kubernetes.io/managed-by": "canary"}
 PENDING_GRACE = 60.0  # a start takes three quick writes; one pending longer than this crashed
 
@@ -35,6 +40,24 @@ PENDING_GRACE = 60.0  # a start takes three quick writes; one pending longer tha
 def _dns(text: str) -> str:
     clean = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:40] or "x"
     return f"{clean}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+READINGS_BYTES = 800_000  # a ConfigMap holds at most 1 MiB
+
+
+def _fit(stored: list[history.Point]) -> str:
+    """The history as JSON within READINGS_BYTES: past it, the details of older readings
+    go first, then every second older point (the newest RECENT are kept whole)."""
+    text = jsonsafe.dumps(stored)
+    while len(text) > READINGS_BYTES and len(stored) > history.RECENT:
+        old = len(stored) - history.RECENT
+        if any("detail" in p for p in stored[:old]):
+            stored = [{k: v for k, v in p.items() if k != "detail"} for p in stored[:old]] \
+                + stored[old:]
+        else:
+            stored = stored[:old:2] + stored[old:]
+        text = jsonsafe.dumps(stored)
+    return text
 
 
 class KubernetesStore:
@@ -156,7 +179,8 @@ class KubernetesStore:
         except (KeyError, ValueError) as e:
             raise StoreUnavailable(f"rollout {rollout_id}: stored data unreadable: {e}") from e
 
-    async def save(self, *, rollout: Rollout, expected_version: int) -> Rollout:
+    async def save(self, *, rollout: Rollout, expected_version: int,
+                   readings: Sequence[history.Point] = ()) -> Rollout:
         name = self._name(rollout.id)
         cm = await self._get(name)
         current = int((cm.get("data") or {}).get("version", "0"))
@@ -165,7 +189,63 @@ class KubernetesStore:
         body = self._body(rollout, expected_version + 1, cm["metadata"]["resourceVersion"])
         await self._call(f"ConfigMap {name}", self._core().replace_namespaced_config_map, name,
                          self.namespace, body)
+        if readings:
+            try:
+                await self._add_readings(rollout.id, readings)
+            except (StoreUnavailable, StoreConflict) as e:
+                # the rollout is saved: its history misses these points, nothing else
+                log.warning("reading history not written: %s", e, extra={"rollout": rollout.id})
         return Rollout.from_store(rollout.to_store(), version=expected_version + 1)
+
+    @staticmethod
+    def _readings_name(rollout_id: str) -> str:
+        return f"canary-readings-{rollout_id.lower()}"
+
+    async def _add_readings(self, rollout_id: str, readings: Sequence[history.Point]) -> None:
+        """Append to the history object (created on first use); a conflicting write (only
+        this rollout's task writes it, so: a retried request) is retried on a fresh read."""
+        name = self._readings_name(rollout_id)
+        core = self._core()
+        for attempt in range(3):
+            try:
+                cm: dict[str, Any] | None = await self._get(name)
+            except NotFound:
+                cm = None
+            stored = json.loads(((cm or {}).get("data") or {}).get("readings.json", "[]"))
+            stored += list(readings)
+            for series in {p["series"] for p in readings}:
+                mine = [i for i, p in enumerate(stored) if p["series"] == series]
+                drop = {mine[i] for i in history.thin([stored[i] for i in mine])}
+                stored = [p for i, p in enumerate(stored) if i not in drop]
+            body: dict[str, Any] = {
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": name, "namespace": self.namespace,
+                                 # (not `managed-by`: listing rollouts never reads these)
+                                 "labels": {"app.kubernetes.io/part-of": "canary",
+                                            "canary.dev/readings": "true"}},
+                    "data": {"readings.json": _fit(stored)}}
+            try:
+                if cm is None:
+                    await self._call(f"ConfigMap {name}", core.create_namespaced_config_map,
+                                     self.namespace, body)
+                else:
+                    body["metadata"]["resourceVersion"] = cm["metadata"]["resourceVersion"]
+                    await self._call(f"ConfigMap {name}", core.replace_namespaced_config_map,
+                                     name, self.namespace, body)
+                return
+            except StoreConflict:
+                if attempt == 2:
+                    raise
+
+    async def readings(self, rollout_id: str) -> list[history.Point]:
+        await self.load(rollout_id)  # NotFound for an unknown rollout
+        try:
+            cm = await self._get(self._readings_name(rollout_id))
+        except NotFound:
+            return []
+        stored: list[history.Point] = json.loads((cm.get("data") or {}).get("readings.json",
+                                                                            "[]"))
+        return sorted(stored, key=lambda p: p["at"])
 
     async def list(self, *, active_only: bool = False, target: str | None = None,
                    state: Phase | Iterable[Phase] | None = None, limit: int | None = None,

@@ -19,10 +19,10 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from canary import jsonsafe
+from canary import history, jsonsafe
 from canary.errors import Conflict, NotFound, StoreConflict, StoreUnavailable, UserError
 from canary.executors import Pool
 from canary.model import Phase, Rollout
@@ -40,6 +40,14 @@ CREATE TABLE IF NOT EXISTS rollouts (
 CREATE UNIQUE INDEX IF NOT EXISTS one_active_per_target ON rollouts(target) WHERE active = 1;
 CREATE INDEX IF NOT EXISTS by_start ON rollouts(started_at);
 CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS readings (
+    n INTEGER PRIMARY KEY AUTOINCREMENT,
+    rollout TEXT NOT NULL,
+    series TEXT NOT NULL,
+    at REAL NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS readings_by_series ON readings(rollout, series, n);
 """
 _PAGING = """
 CREATE INDEX IF NOT EXISTS by_start_id ON rollouts(started_at DESC, id DESC);
@@ -177,7 +185,23 @@ class SqliteStore:
         result: Rollout = await self._call(self._load, rollout_id)
         return result
 
-    def _save(self, r: Rollout, expected: int) -> Rollout:
+    def _save(self, r: Rollout, expected: int,
+              readings: Sequence[history.Point] = ()) -> Rollout:
+        if not readings:
+            return self._save_row(r, expected)
+        # the rollout and the readings it was judged by commit together (one fsync)
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            out = self._save_row(r, expected)
+            self._add_readings(r.id, readings)
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):  # (SQLite may have rolled back already)
+                self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        return out
+
+    def _save_row(self, r: Rollout, expected: int) -> Rollout:
         cur = self._db.execute(
             "UPDATE rollouts SET active = ?, version = version + 1, data = ?, state = ? "
             "WHERE id = ? AND version = ?",
@@ -187,8 +211,37 @@ class SqliteStore:
             raise StoreConflict(f"rollout {r.id} changed since version {expected}")
         return Rollout.from_store(r.to_store(), version=expected + 1)
 
-    async def save(self, *, rollout: Rollout, expected_version: int) -> Rollout:
-        result: Rollout = await self._call(self._save, rollout, expected_version, write=True)
+    def _add_readings(self, rollout_id: str, readings: Sequence[history.Point]) -> None:
+        self._db.executemany(
+            "INSERT INTO readings (rollout, series, at, data) VALUES (?, ?, ?, ?)",
+            [(rollout_id, p["series"], p["at"], jsonsafe.dumps(p)) for p in readings])
+        for series in {p["series"] for p in readings}:
+            (count,) = self._db.execute("SELECT count(*) FROM readings WHERE rollout = ? AND "
+                                        "series = ?", (rollout_id, series)).fetchone()
+            if count <= history.MAX_POINTS:
+                continue
+            rows = self._db.execute("SELECT n, data FROM readings WHERE rollout = ? AND "
+                                    "series = ? ORDER BY n", (rollout_id, series)).fetchall()
+            drop = history.thin([json.loads(d) for _, d in rows])
+            self._db.executemany("DELETE FROM readings WHERE n = ?",
+                                 [(rows[i][0],) for i in drop])
+
+    async def save(self, *, rollout: Rollout, expected_version: int,
+                   readings: Sequence[history.Point] = ()) -> Rollout:
+        result: Rollout = await self._call(self._save, rollout, expected_version, readings,
+                                           write=True)
+        return result
+
+    def _readings(self, rollout_id: str) -> list[history.Point]:
+        if self._db.execute("SELECT 1 FROM rollouts WHERE id = ?", (rollout_id,)).fetchone() \
+                is None:
+            raise no_such_rollout(rollout_id)
+        rows = self._db.execute("SELECT data FROM readings WHERE rollout = ? ORDER BY at, n",
+                                (rollout_id,)).fetchall()
+        return [json.loads(d) for (d,) in rows]
+
+    async def readings(self, rollout_id: str) -> list[history.Point]:
+        result: list[history.Point] = await self._call(self._readings, rollout_id)
         return result
 
     def _list(self, active_only: bool, target: str | None, states: tuple[str, ...] | None,

@@ -32,3 +32,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: ["destinationrules"]
   verbs: ["list"]
 {{- end -}}
+
+{{- define "canary.seconds" -}}
+{{- /* a duration (30s, 15m, 2h, 1d) in seconds, for PromQL */ -}}
+{{- $d := toString . -}}
+{{- if hasSuffix "d" $d -}}{{ mul (trimSuffix "d" $d | int) 86400 }}
+{{- else if hasSuffix "h" $d -}}{{ mul (trimSuffix "h" $d | int) 3600 }}
+{{- else if hasSuffix "m" $d -}}{{ mul (trimSuffix "m" $d | int) 60 }}
+{{- else -}}{{ trimSuffix "s" $d | int }}
+{{- end -}}
+{{- end -}}
