@@ -61,7 +61,7 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
         ssl_ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
     kube_api = None
     identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
-    if cfg.state.startswith("kubernetes:") or any(t.router == "istio"
+    if cfg.state.startswith("kubernetes:") or any(t.router in ("istio", "gateway")
                                                   for t in cfg.targets.values()):
         from canary.kube import api_client
 

@@ -123,11 +123,17 @@ class NginxTarget:
     stable_version: Version | None = None
     router: Literal["nginx"] = "nginx"
     name: SkipJsonSchema[str] = ""  # the key it is configured under
+    # match and mirror stages: a second file canary owns, included in the server block
+    # (README "Traffic shapes"); `file` then also holds the maps that choose the upstream
+    server_file: Annotated[Path | None, WithJsonSchema({"type": "string", "minLength": 1})] = None
 
     @model_validator(mode="after")
     def _sides_apart(self) -> NginxTarget:
         if set(self.stable) & set(self.canary):
             raise ValueError("canary: an address cannot be both stable and canary")
+        if self.server_file is not None and self.server_file == self.file:
+            raise ValueError("server_file: must be another file than `file` (one is included "
+                             "in the http block, the other in the server block)")
         return self
 
 
@@ -151,8 +157,40 @@ class IstioTarget:
     name: SkipJsonSchema[str] = ""
 
 
-Target = NginxTarget | IstioTarget
-ROUTERS = ("nginx", "istio")
+@dataclass(frozen=True, config=_CONFIG)
+class GatewayBackend:
+    """A backendRef of the HTTPRoute rule: a Service in the route's namespace."""
+
+    name: Dns
+    port: Annotated[int, Field(strict=True, ge=1, le=65535)]
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class GatewayTarget:
+    """A Gateway API HTTPRoute (gateway.networking.k8s.io/v1) whose rule carries both
+    backendRefs (interface.md section 7)."""
+
+    namespace: Dns
+    http_route: Dns
+    stable: GatewayBackend
+    canary: GatewayBackend
+    rule: Annotated[str, Field(strict=True, min_length=1, max_length=253)] | Annotated[
+        int, Field(strict=True, ge=0, le=63)] | None = None  # name or index; default the first
+    policy: Name | None = None
+    vars: Vars = field(default_factory=dict)
+    stable_version: Version | None = None
+    router: Literal["gateway"] = "gateway"
+    name: SkipJsonSchema[str] = ""
+
+    @model_validator(mode="after")
+    def _sides_apart(self) -> GatewayTarget:
+        if self.stable == self.canary:
+            raise ValueError("canary: must name another Service or port than stable")
+        return self
+
+
+Target = NginxTarget | IstioTarget | GatewayTarget
+ROUTERS = ("nginx", "istio", "gateway")
 
 
 def _router(value: Any) -> str | None:
@@ -162,9 +200,10 @@ def _router(value: Any) -> str | None:
 
 TargetField = Annotated[
     Annotated[NginxTarget, validation.tag("router", "nginx")]
-    | Annotated[IstioTarget, validation.tag("router", "istio")],
-    validation.union(_router, "target_router", "router", f"must be {' or '.join(ROUTERS)}",
-                     "must be a mapping with router: nginx or router: istio")]
+    | Annotated[IstioTarget, validation.tag("router", "istio")]
+    | Annotated[GatewayTarget, validation.tag("router", "gateway")],
+    validation.union(_router, "target_router", "router", "must be nginx, istio or gateway",
+                     "must be a mapping with router: nginx, istio or gateway")]
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -448,6 +487,9 @@ class _Resolver:
         targets: dict[str, Target] = {name: replace(t, name=name) for name, t in m.targets.items()}
         targets = {name: replace(t, file=self.path(str(t.file)))
                    if isinstance(t, NginxTarget) else t for name, t in targets.items()}
+        targets = {name: replace(t, server_file=self.path(str(t.server_file)))
+                   if isinstance(t, NginxTarget) and t.server_file is not None else t
+                   for name, t in targets.items()}
         if self.problems:
             raise ValidationFailed(self.problems)
         return Config(listen_host=lm.group(1) or "0.0.0.0", listen_port=int(lm.group(2)),

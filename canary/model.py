@@ -12,6 +12,8 @@ from typing import Any, Literal, overload
 
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
+from canary import shapes
+
 # a version's character set, for the whole string (interface.md section 3)
 VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$"
 
@@ -144,6 +146,8 @@ class RolloutSummary(BaseModel):
     updated_at: str
     stage_since: str | None
     gates: list[GateView]
+    shape: str | None = Field(default=None, description="a match or mirror stage's shape in "
+                                                        "words (weight is 0 for users then)")
 
 
 class RolloutView(RolloutSummary):
@@ -181,6 +185,10 @@ class Rollout:
     paused_at: float | None = None
     pause_kind: PauseKind | None = None
     finishing: bool = False            # succeed as soon as weight 100 is in force
+    # a match or mirror stage's shape (shapes.Shape.key) canary wants in force, and the one
+    # the router is known to carry; None: no match rule or mirror
+    shape: str | None = None
+    applied_shape: str | None = None
     gates: tuple[GateStatus, ...] = ()
     events: tuple[Event, ...] = ()
     version: int = 0                   # the store's optimistic-concurrency counter
@@ -197,6 +205,7 @@ class Rollout:
                             failures=g.failures, at=iso(g.at), detail=g.detail,
                             kind="errors" if g.state is not None else None)
                    for g in self.gates],
+            shape=shapes.describe(self.shape) if self.shape else None,
             events=[EventView(at=iso(e.at), type=e.type, message=e.message, actor=e.actor)
                     for e in self.events])
         out: dict[str, Any] = view.model_dump(mode="json")
