@@ -125,7 +125,7 @@ class NginxTarget:
     name: SkipJsonSchema[str] = ""  # the key it is configured under
     # match and mirror stages: a second file canary owns, included in the server block
     # (README "Traffic shapes"); `file` then also holds the maps that choose the upstream
-    server_file: Annotated[Path | None, WithJsonSchema({"type": "string", "minLength": 1})] = None
+    server_file: Annotated[Path, WithJsonSchema({"type": "string", "minLength": 1})] | None = None
 
     @model_validator(mode="after")
     def _sides_apart(self) -> NginxTarget:

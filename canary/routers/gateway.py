@@ -36,7 +36,9 @@ def _is(ref: dict[str, Any], want: GatewayBackend) -> bool:
 
 
 def _ref(b: GatewayBackend) -> dict[str, Any]:
-    return {"name": b.name, "port": b.port}
+    # with the schema's defaults written out: the API server stores them, and canary
+    # compares what it reads back with what it wrote
+    return {"group": "", "kind": "Service", "name": b.name, "port": b.port}
 
 
 def header_matches(shape: shapes.Shape) -> list[dict[str, str]]:
@@ -175,7 +177,7 @@ class GatewayRouter:
         matches = [{**copy.deepcopy(m), "headers": [*(m.get("headers") or []), *ours]}
                    for m in base]
         return {"name": MATCH_RULE, "matches": matches,
-                "backendRefs": [_ref(self.target.canary)]}
+                "backendRefs": [{**_ref(self.target.canary), "weight": 1}]}
 
     def _strip(self, route: dict[str, Any]) -> None:
         meta = route.get("metadata") or {}

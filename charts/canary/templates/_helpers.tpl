@@ -32,3 +32,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: ["destinationrules"]
   verbs: ["list"]
 {{- end -}}
+
+{{- define "canary.gatewayRules" -}}
+# exactly what the gateway router uses (tests/test_helm_chart.py checks it)
+- apiGroups: ["gateway.networking.k8s.io"]
+  resources: ["httproutes"]
+  verbs: ["get", "update"]
+{{- end -}}

@@ -1,0 +1,409 @@
+"""Traffic shapes (interface.md section 7): a rollout that starts with a header/cookie
+stage, then a mirror stage, then weights, on Istio and the Gateway API (the wire-level API
+double, every write checked against the CRD's schema and CEL rules, requests routed by a
+test mesh reading the live object) and on real nginx; rollback from each shape leaves the
+user's route exactly as they wrote it, and removing canary's match rule is drift."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+from collections import Counter
+from typing import Any
+
+import aiohttp
+import pytest
+
+from canary import policy as policy_mod
+from canary.config import GatewayBackend, GatewayTarget, NginxTarget
+from canary.demo.procs import Nginx, free_port
+from canary.demo.service import Service
+from canary.errors import ValidationFailed
+from canary.policy import Match, MatchStage, MirrorStage, NoData, Policy, Stage, ThresholdGate
+from canary.routers.gateway import GatewayRouter
+from canary.routers.istio import IstioRouter
+from canary.routers.nginx import NginxRouter, render_all
+from tests.helpers import controller, eventually
+from tests.mesh import Mesh
+from tests.test_istio import DR, NS, VS, cluster, target
+
+ROUTE: dict[str, Any] = {
+    "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+    "metadata": {"name": "shop", "namespace": NS, "labels": {"team": "shop"}},
+    "spec": {
+        "parentRefs": [{"name": "public", "namespace": "gateways"}],
+        "hostnames": ["shop.example.com"],
+        "rules": [
+            {"name": "admin", "matches": [{"path": {"type": "PathPrefix", "value": "/admin"}}],
+             "backendRefs": [{"name": "admin", "port": 80}]},
+            {"name": "primary",
+             "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+             "filters": [{"type": "RequestHeaderModifier",
+                          "requestHeaderModifier": {"set": [{"name": "x-via", "value": "gw"}]}}],
+             "backendRefs": [{"name": "shop-stable", "port": 8080, "weight": 100},
+                             {"name": "shop-canary", "port": 8080, "weight": 0}]},
+        ],
+    },
+}
+VS_PLAIN = copy.deepcopy(VS)  # the primary route without a mirror of its own
+for _k in ("mirror", "mirrorPercentage"):
+    VS_PLAIN["spec"]["http"][1].pop(_k)
+
+SHAPED = """
+stages:
+  - match:
+      headers: {x-beta: "true"}
+      cookies: {canary: always}
+    hold: 10m
+  - mirror: 100
+    hold: 5m
+  - weight: 5
+    hold: 2m
+  - weight: 100
+    hold: 2m
+"""
+
+
+def gateway_target(**kw: Any) -> GatewayTarget:
+    base: dict[str, Any] = dict(name="web", namespace=NS, http_route="shop", rule="primary",
+                                stable=GatewayBackend("shop-stable", 8080),
+                                canary=GatewayBackend("shop-canary", 8080), policy="p",
+                                vars={"service": "shop"}, stable_version="v1")
+    base.update(kw)
+    return GatewayTarget(**base)
+
+
+def shaped_policy(*, approval: bool = True, mirror: int = 50) -> Policy:
+    """Header+cookie, then mirror, then 50 and 100; each stage waits for a promote so a
+    test can look at it."""
+    return Policy(name="p", interval=0.2, failure_limit=2, no_data=NoData.HOLD,
+                  progress_deadline=60.0,
+                  stages=(MatchStage(Match(headers={"x-beta": "true"},
+                                           cookies={"canary": "always"}), 0.3,
+                                     approval=approval),
+                          MirrorStage(mirror, 0.3, approval=approval),
+                          Stage(50, 0.3, approval=approval), Stage(100, 0.3)),
+                  gates=(ThresholdGate("errors", 'errors{svc="{{ service }}"}', max=0.05),))
+
+
+# ---- the policy file ----------------------------------------------------------------
+
+
+def test_a_policy_with_header_mirror_and_weight_stages_reads_back_as_itself():
+    pol = policy_mod.parse(SHAPED, file="shaped.yaml", default_name="shaped")
+    assert [s.weight for s in pol.stages] == [0, 0, 5, 100]
+    assert pol.stages[0].shape.text() == "match cookie canary = 'always' and header x-beta = 'true'"
+    assert policy_mod.from_dict(pol.to_dict()) == pol
+
+
+@pytest.mark.parametrize("stages, field, words", [
+    ("- match: {headers: {x-id: {regex: 'a('}}}\n    hold: 1m", "stages[0].match.headers.x-id",
+     "does not compile"),
+    ("- match: {headers: {x-beta: true}}\n    hold: 1m", "stages[0].match.headers.x-beta",
+     "quote it"),
+    ("- match: {headers: {x-id: {suffix: '1'}}}\n    hold: 1m", "stages[0].match.headers.x-id",
+     "prefix or regex"),
+    ("- match: {}\n    hold: 1m", "stages[0].match", "at least one header or cookie"),
+    ("- mirror: 0\n    hold: 1m", "stages[0].mirror", "from 1 to 100"),
+    ("- weight: 5\n    mirror: 5\n    hold: 1m", "stages[0].weight", "exactly one of"),
+    ("- weight: 5\n    hold: 1m\n  - mirror: 5\n    hold: 1m", "stages[1].mirror",
+     "comes before every weight stage"),
+])
+def test_a_broken_stage_shape_is_named_with_how_to_fix_it(stages, field, words):
+    text = f"stages:\n  {stages}\n  - weight: 100\n    hold: 1m\n"
+    with pytest.raises(ValidationFailed) as e:
+        policy_mod.parse(text, file="b.yaml", default_name="b")
+    assert any(p.field == field and words in p.message for p in e.value.problems), \
+        e.value.problems
+
+
+# ---- Kubernetes routers: header, then mirror, then weights ------------------------------
+
+
+def _clean(obj: dict[str, Any]) -> dict[str, Any]:
+    obj = copy.deepcopy(obj)
+    for k in ("resourceVersion", "uid", "creationTimestamp"):
+        obj["metadata"].pop(k, None)
+    return obj
+
+
+async def _promote(http: Any, rid: str) -> None:
+    status, body = await http.call("POST", f"/api/v1/rollouts/{rid}/promote", {"reason": "looked"})
+    assert status == 200, body
+
+
+async def _walk(kube: Any, http: Any, plural: str, name: str, send: str) -> list[Any]:
+    """Start the shaped rollout; at each stage count 200 requests per kind through the
+    mesh reading the live object."""
+    rid = (await http.start(canary_version="v2"))["id"]
+    seen = []
+    for stage in range(3):
+        await http.until(rid, lambda r, s=stage: r["stage"] == s and r["state"] == "paused")
+        obj = kube.get(plural, NS, name)
+        mesh = Mesh({"stable": "v1", "canary": "v2", "shop-stable": "v1", "shop-canary": "v2",
+                     "admin": "admin"})
+        route = getattr(mesh, send)
+        beta = Counter(route(obj, headers={"X-Beta": "true"}, cookies={"canary": "always"})
+                       for _ in range(100))
+        plain = Counter(route(obj, headers={"x-beta": "true"}) for _ in range(100))
+        seen.append((dict(beta), dict(plain), dict(mesh.mirrored)))
+        await _promote(http, rid)
+    await http.until(rid, lambda r: r["state"] == "succeeded")
+    return seen
+
+
+EXPECTED = [
+    # header and cookie: only requests with both reach the canary; nothing mirrored
+    ({"v2": 100}, {"v1": 100}, {}),
+    # mirror 50: every user answer from stable, half of the requests copied to the canary
+    ({"v1": 100}, {"v1": 100}, {"v2": 100}),
+    # weight 50
+    ({"v1": 50, "v2": 50}, {"v1": 50, "v2": 50}, {}),
+]
+
+
+async def test_gateway_header_then_mirror_then_weights_route_requests_as_each_stage_says(tmp_path):
+    async with cluster(tmp_path, vs=None, dr=None) as (kube, api):
+        kube.put("httproutes", NS, ROUTE)
+        original = _clean(kube.get("httproutes", NS, "shop"))
+        t = gateway_target()
+        async with controller(tmp_path, policies=[shaped_policy()], target=t,
+                              router=GatewayRouter(t, api)) as (http, _c, _t):
+            assert await _walk(kube, http, "httproutes", "shop", "send_httproute") == EXPECTED
+        writes = [p for k, p in kube.validated if k == "HTTPRoute"]
+        assert len(writes) >= 4 and writes == [None] * len(writes)  # all schema- and CEL-valid
+        assert kube.cel_checked >= len(writes)
+        after = _clean(kube.get("httproutes", NS, "shop"))
+        want = copy.deepcopy(original)
+        for ref, w in zip(want["spec"]["rules"][1]["backendRefs"], (0, 100), strict=True):
+            ref["weight"] = w
+        assert after == want  # only the weights changed
+
+
+async def test_istio_header_then_mirror_then_weights_route_requests_as_each_stage_says(tmp_path):
+    async with cluster(tmp_path, vs=VS_PLAIN) as (kube, api):
+        original = _clean(kube.get("virtualservices", NS, "api"))
+        t = target()
+        async with controller(tmp_path, policies=[shaped_policy()], target=t,
+                              router=IstioRouter(t, api)) as (http, _c, _t):
+            seen = await _walk(kube, http, "virtualservices", "api", "send_virtualservice")
+        assert seen == EXPECTED
+        writes = [p for k, p in kube.validated if k == "VirtualService"]
+        assert len(writes) >= 4 and writes == [None] * len(writes)
+        after = _clean(kube.get("virtualservices", NS, "api"))
+        want = copy.deepcopy(original)
+        for d, w in zip(want["spec"]["http"][1]["route"], (0, 100), strict=True):
+            d["weight"] = w
+        assert after == want
+
+
+@pytest.mark.parametrize("router", ["istio", "gateway"])
+@pytest.mark.parametrize("abort_at", [0, 1])
+async def test_rollback_from_a_match_or_mirror_stage_leaves_the_route_as_the_user_wrote_it(
+        tmp_path, router, abort_at):
+    async with cluster(tmp_path, vs=VS_PLAIN if router == "istio" else None,
+                       dr=DR if router == "istio" else None) as (kube, api):
+        if router == "gateway":
+            kube.put("httproutes", NS, ROUTE)
+            t: Any = gateway_target()
+            r: Any = GatewayRouter(t, api)
+            plural, name = "httproutes", "shop"
+        else:
+            t, plural, name = target(), "virtualservices", "api"
+            r = IstioRouter(t, api)
+        original = _clean(kube.get(plural, NS, name))
+        async with controller(tmp_path, policies=[shaped_policy()], target=t,
+                              router=r) as (http, _c, _t):
+            rid = (await http.start(canary_version="v2"))["id"]
+            for _ in range(abort_at):
+                await http.until(rid, lambda x: x["state"] == "paused")
+                await _promote(http, rid)
+            await http.until(rid, lambda x, s=abort_at: x["stage"] == s
+                             and x["state"] == "paused")
+            assert _clean(kube.get(plural, NS, name)) != original  # canary's addition is live
+            status, _ = await http.call("POST", f"/api/v1/rollouts/{rid}/abort",
+                                        {"reason": "enough"}, role="pipeline")
+            assert status == 200
+            await http.until(rid, lambda x: x["state"] == "rolled_back")
+        assert _clean(kube.get(plural, NS, name)) == original
+
+
+async def test_removing_canarys_match_rule_is_drift_and_is_not_fought(tmp_path):
+    async with cluster(tmp_path, vs=None, dr=None) as (kube, api):
+        kube.put("httproutes", NS, ROUTE)
+        t = gateway_target()
+        async with controller(tmp_path, policies=[shaped_policy(approval=False)], target=t,
+                              router=GatewayRouter(t, api)) as (http, _c, _t):
+            pol = shaped_policy(approval=False)
+            _c.policies = {"p": Policy(**{**pol.__dict__, "stages": (
+                MatchStage(Match(headers={"x-beta": "true"}), 20.0), Stage(100, 0.3))})}
+            rid = (await http.start(canary_version="v2"))["id"]
+            await http.until(rid, lambda x: x["stage_since"] is not None)
+            live = kube.get("httproutes", NS, "shop")
+            live["spec"]["rules"] = [r for r in live["spec"]["rules"]
+                                     if r.get("name") != "canary-match"]
+            kube.put("httproutes", NS, live)  # someone removes canary's rule
+            r = await http.until(rid, lambda x: x["state"] == "paused")
+            assert r["paused_for"] == "drift" and "canary-match" in r["reason"]
+            assert not any(x.get("name") == "canary-match"
+                           for x in kube.get("httproutes", NS, "shop")["spec"]["rules"])
+            status, _ = await http.call("POST", f"/api/v1/rollouts/{rid}/resume",
+                                        {"reason": "put it back"})
+            assert status == 200
+
+            async def back() -> bool:
+                return any(x.get("name") == "canary-match"
+                           for x in kube.get("httproutes", NS, "shop")["spec"]["rules"])
+            await eventually(back, what="match rule re-applied after resume")
+
+
+async def test_a_gateway_start_is_refused_naming_what_is_missing(tmp_path):
+    async with cluster(tmp_path, vs=None, dr=None) as (kube, api):
+        kube.put("httproutes", NS, ROUTE)
+        for t, words in ((gateway_target(http_route="nope"), "HTTPRoute prod/nope not found"),
+                         (gateway_target(rule="blue"), "no rule named 'blue'"),
+                         (gateway_target(canary=GatewayBackend("shop-next", 8080)),
+                          "no backendRef for the canary version (Service shop-next")):
+            async with controller(tmp_path, policies=[shaped_policy()], target=t,
+                                  router=GatewayRouter(t, api)) as (http, _c, _t):
+                status, body = await http.call("POST", "/api/v1/rollouts",
+                                               {"target": "web", "canary_version": "v2"},
+                                               role="pipeline")
+                assert status in (400, 404) and words in body["error"], body
+
+
+# ---- nginx: real nginx on loopback ----------------------------------------------------
+
+
+def _nginx_conf(nginx: Nginx, server_file: Any, t: NginxTarget) -> None:
+    """nginx whose server block includes canary's server file and proxies to the upstream
+    canary's map chooses (README: Traffic shapes), started on the files canary writes
+    between rollouts."""
+    nginx.write_conf()
+    conf = nginx.conf.read_text()
+    conf = conf.replace("        location / {\n            proxy_pass http://web;",
+                        f"        include {server_file};\n        location / {{\n"
+                        "            proxy_pass http://$canary_web_upstream;")
+    nginx.conf.write_text(conf)
+    http, server = render_all(t, 0, None, None)
+    t.file.write_text(http)
+    server_file.write_text(server or "")
+    subprocess.run(nginx.argv(), check=True, capture_output=True, timeout=30)
+
+
+async def _count(url: str, n: int, headers: dict[str, str] | None = None) -> Counter[str]:
+    out: Counter[str] = Counter()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+        for _ in range(n):
+            async with s.get(url, headers=headers or {}) as r:
+                await r.read()
+                out[r.headers.get("X-Version", "?")] += 1
+    return out
+
+
+@pytest.mark.e2e
+async def test_real_nginx_header_cookie_mirror_and_weights_and_rollback_restores_files(tmp_path):
+    stable, canary = Service("web", "v1", free_port()), Service("web", "v2", free_port())
+    nginx = Nginx(tmp_path / "nginx", free_port())
+    server_file = nginx.dir / "canary-server.conf"
+    t = NginxTarget(name="web", file=nginx.upstream_file, server_file=server_file,
+                    upstream="web", stable=(f"127.0.0.1:{stable.port}",),
+                    canary=(f"127.0.0.1:{canary.port}",), test=tuple(nginx.test_cmd),
+                    reload=tuple(nginx.reload_cmd), policy="p", vars={"service": "web"},
+                    stable_version="v1")
+    router = NginxRouter(t)
+    url = f"http://127.0.0.1:{nginx.port}/"
+    beta = {"X-Beta": "true", "Cookie": "theme=dark; canary=always"}
+    try:
+        await stable.start()
+        await canary.start()
+        _nginx_conf(nginx, server_file, t)  # (starts nginx on the files between rollouts)
+        before = (t.file.read_text(), server_file.read_text())
+        await nginx_ready(url)
+        async with controller(tmp_path, policies=[shaped_policy(mirror=100)], target=t,
+                              router=router) as (http, _c, _t):
+            rid = (await http.start(canary_version="v2"))["id"]
+            await http.until(rid, lambda r: r["stage"] == 0 and r["state"] == "paused")
+            # (nginx -s reload returns before the new workers serve: poll)
+            await settled(url, beta, {"v2": 40})
+            assert await _count(url, 40, {"X-Beta": "true"}) == {"v1": 40}   # no cookie
+            assert await _count(url, 40, {"Cookie": "canary=always"}) == {"v1": 40}
+            assert await _count(url, 40) == {"v1": 40}
+            await _promote(http, rid)
+            await http.until(rid, lambda r: r["stage"] == 1 and r["state"] == "paused")
+            await settled(url, beta, {"v1": 40})
+            served_before = canary.served.get("v2", 0)
+            assert await _count(url, 40, beta) == {"v1": 40}   # every answer from stable
+
+            async def mirrored() -> bool:
+                return canary.served.get("v2", 0) - served_before >= 40
+            await eventually(mirrored, deadline=10, what="40 mirrored requests at the canary")
+            await _promote(http, rid)
+            await http.until(rid, lambda r: r["stage"] == 2 and r["state"] == "paused")
+            await settled(url, None, {"v1": 50, "v2": 50})
+            status, _ = await http.call("POST", f"/api/v1/rollouts/{rid}/abort",
+                                        {"reason": "enough"}, role="pipeline")
+            assert status == 200
+            await http.until(rid, lambda r: r["state"] == "rolled_back")
+        assert (t.file.read_text(), server_file.read_text()) == before
+        await settled(url, beta, {"v1": 20})
+    finally:
+        nginx.stop()
+        await stable.stop()
+        await canary.stop()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("abort_at", [0, 1])
+async def test_real_nginx_rollback_from_a_match_or_mirror_stage_restores_the_files(
+        tmp_path, abort_at):
+    stable, canary = Service("web", "v1", free_port()), Service("web", "v2", free_port())
+    nginx = Nginx(tmp_path / "nginx", free_port())
+    server_file = nginx.dir / "canary-server.conf"
+    t = NginxTarget(name="web", file=nginx.upstream_file, server_file=server_file,
+                    upstream="web", stable=(f"127.0.0.1:{stable.port}",),
+                    canary=(f"127.0.0.1:{canary.port}",), test=tuple(nginx.test_cmd),
+                    reload=tuple(nginx.reload_cmd), policy="p", vars={"service": "web"},
+                    stable_version="v1")
+    router = NginxRouter(t)
+    try:
+        await stable.start()
+        await canary.start()
+        _nginx_conf(nginx, server_file, t)
+        before = (t.file.read_text(), server_file.read_text())
+        async with controller(tmp_path, policies=[shaped_policy()], target=t,
+                              router=router) as (http, _c, _t):
+            rid = (await http.start(canary_version="v2"))["id"]
+            for _ in range(abort_at):
+                await http.until(rid, lambda r: r["state"] == "paused")
+                await _promote(http, rid)
+            await http.until(rid, lambda r, s=abort_at: r["stage"] == s
+                             and r["state"] == "paused")
+            assert (t.file.read_text(), server_file.read_text()) != before
+            status, _ = await http.call("POST", f"/api/v1/rollouts/{rid}/abort",
+                                        {"reason": "enough"}, role="pipeline")
+            assert status == 200
+            await http.until(rid, lambda r: r["state"] == "rolled_back")
+        assert (t.file.read_text(), server_file.read_text()) == before
+    finally:
+        nginx.stop()
+        await stable.stop()
+        await canary.stop()
+
+
+async def settled(url: str, headers: dict[str, str] | None, want: dict[str, int]) -> None:
+    """Requests (as many as `want` counts) land as `want` says, once nginx's new workers
+    have taken over."""
+    async def landed() -> bool:
+        return await _count(url, sum(want.values()), headers) == want
+    await eventually(landed, deadline=20, what=f"requests landing as {want}")
+
+
+async def nginx_ready(url: str) -> None:
+    async def up() -> bool:
+        try:
+            await _count(url, 1)
+        except aiohttp.ClientError:
+            return False
+        return True
+    await eventually(up, deadline=20, what="nginx answering")
