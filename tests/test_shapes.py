@@ -407,3 +407,144 @@ async def nginx_ready(url: str) -> None:
             return False
         return True
     await eventually(up, deadline=20, what="nginx answering")
+
+
+# ---- the state machine (pure, on a driven clock) --------------------------------------
+
+
+def _started(pol: Policy | None = None) -> Any:
+    from canary.engine import decide
+
+    return decide.start(rollout_id="r", target="web", policy=pol or shaped_policy(approval=False),
+                        canary_version="v2", stable_version="v1", now=0.0, actor="t")
+
+
+def test_a_match_stage_holds_only_once_its_rule_is_in_force_and_users_stay_at_weight_0():
+    from canary.engine import decide
+
+    r = _started()
+    assert r.weight == 0 and r.shape is not None
+    r = decide.applied(r, 0, 1.0)                  # weight 0 alone is not the stage
+    assert r.stage_since is None
+    r = decide.applied(r, 0, 2.0, shape=r.shape)   # the router carries the match rule
+    assert r.stage_since == 2.0
+    assert r.to_api()["shape"] == "match cookie canary = 'always' and header x-beta = 'true'"
+
+
+def test_a_breach_at_a_match_stage_rolls_back_and_finishes_only_once_the_rule_is_gone():
+    from canary.engine import decide
+    from canary.model import Phase, Reading, Readings, Verdict
+
+    pol = shaped_policy(approval=False)
+    r = decide.applied(_started(pol), 0, 1.0, shape=_started(pol).shape)
+    for t in (2.0, 3.0):  # the canary's gates are judged on the matching traffic
+        r = decide.readings(r, pol, Readings(t, 0, (Reading("errors", Verdict.FAIL, 0.5),)), t)
+    assert r.state is Phase.ROLLING_BACK and r.shape is None and r.weight == 0
+    assert decide.wanted_shape(r, pol) is None
+    r = decide.applied(r, 0, 4.0)                    # weight 0, but the rule still there
+    assert r.state is Phase.ROLLING_BACK
+    r = decide.applied(r, 0, 5.0, shape=None)
+    assert r.state is Phase.ROLLED_BACK
+
+
+def test_a_match_rule_removed_outside_canary_pauses_as_drift_and_resume_reapplies_it():
+    from canary.engine import decide
+    from canary.model import Command, CommandKind, PauseKind, Phase
+
+    pol = shaped_policy(approval=False)
+    r = _started(pol)
+    key = r.shape
+    r = decide.applied(r, 0, 1.0, shape=key)
+    r = decide.observed_shape(r, key, 2.0)
+    assert r.state is Phase.PROGRESSING               # what canary wrote: nothing to say
+    r = decide.observed_shape(r, None, 3.0)
+    assert r.state is Phase.PAUSED and r.pause_kind is PauseKind.DRIFT
+    assert "no match rule or mirror" in (r.reason or "") and "header x-beta" in (r.reason or "")
+    r = decide.command(r, pol, Command(CommandKind.RESUME, "oncall", "put it back"), 4.0)
+    assert r.state is Phase.PROGRESSING and decide.wanted_shape(r, pol) == key
+    assert r.applied_shape is None and r.stage_since is None   # the loop re-applies it
+
+
+def test_the_dry_run_moves_through_match_and_mirror_stages_like_weight_stages():
+    from canary.engine.dryrun import DryRun
+
+    dry = DryRun(shaped_policy(approval=False))
+    outcome = None
+    t = 0.0
+    while outcome is None and t < 30:
+        t += 0.2
+        outcome = dry.step(t, {})
+    assert outcome == "promoted"
+
+
+# ---- what each router refuses or reports -------------------------------------------------
+
+
+async def test_an_nginx_target_without_server_file_refuses_a_shaped_rollout(tmp_path):
+    t = NginxTarget(name="web", file=tmp_path / "up.conf", upstream="web",
+                    stable=("127.0.0.1:9001",), canary=("127.0.0.1:9002",), test=("true",),
+                    reload=("true",), policy="p", vars={"service": "web"}, stable_version="v1")
+    async with controller(tmp_path, policies=[shaped_policy()], target=t,
+                          router=NginxRouter(t)) as (http, _c, _t):
+        status, body = await http.call("POST", "/api/v1/rollouts",
+                                       {"target": "web", "canary_version": "v2"}, role="pipeline")
+    assert status == 400 and "server_file" in body["error"]
+    assert not t.file.exists()  # nothing changed
+
+
+async def test_nginx_files_edited_by_hand_read_back_as_edited(tmp_path):
+    from canary import shapes
+
+    t = NginxTarget(name="web", file=tmp_path / "up.conf", server_file=tmp_path / "srv.conf",
+                    upstream="web", stable=("127.0.0.1:9001",), canary=("127.0.0.1:9002",),
+                    test=("true",), reload=("true",))
+    router = NginxRouter(t)
+    key = shapes.Shape(mirror=20).key()
+    await router.set_weight(0, shape=key)
+    assert await router.get_shape() == key
+    t.server_file.write_text("# someone removed the mirror\n")  # type: ignore[union-attr]
+    assert (await router.get_shape() or "").startswith(shapes.EDITED)
+    await router.set_weight(0)
+    assert await router.get_shape() is None
+
+
+async def test_two_cookies_in_one_stage_are_refused_on_istio_and_gateway(tmp_path):
+    pol = Policy(name="p", interval=0.2, progress_deadline=60.0,
+                 stages=(MatchStage(Match(cookies={"a": "1", "b": "2"}), 0.3), Stage(100, 0.3)),
+                 gates=(ThresholdGate("errors", 'errors{svc="{{ service }}"}', max=0.05),))
+    async with cluster(tmp_path, vs=VS_PLAIN) as (kube, api):
+        kube.put("httproutes", NS, ROUTE)
+        for t, r in ((target(), IstioRouter(target(), api)),
+                     (gateway_target(), GatewayRouter(gateway_target(), api))):
+            async with controller(tmp_path, policies=[pol], target=t,
+                                  router=r) as (http, _c, _t):
+                status, body = await http.call("POST", "/api/v1/rollouts",
+                                               {"target": "web", "canary_version": "v2"},
+                                               role="pipeline")
+                assert status == 400 and "at most one cookie" in body["error"], body
+
+
+async def test_istio_refuses_a_mirror_stage_on_a_route_that_already_mirrors(tmp_path):
+    async with cluster(tmp_path) as (_kube, api):  # VS's primary route mirrors to a shadow
+        t = target()
+        async with controller(tmp_path, policies=[shaped_policy()], target=t,
+                              router=IstioRouter(t, api)) as (http, _c, _t):
+            status, body = await http.call("POST", "/api/v1/rollouts",
+                                           {"target": "web", "canary_version": "v2"},
+                                           role="pipeline")
+        assert status == 400 and "already mirrors" in body["error"], body
+
+
+async def test_a_breach_at_the_header_stage_rolls_back_and_removes_canarys_rule(tmp_path):
+    from tests.helpers import SetSource
+
+    async with cluster(tmp_path, vs=None, dr=None) as (kube, api):
+        kube.put("httproutes", NS, ROUTE)
+        original = _clean(kube.get("httproutes", NS, "shop"))
+        t = gateway_target()
+        async with controller(tmp_path, policies=[shaped_policy()], target=t,
+                              router=GatewayRouter(t, api), source=SetSource(0.5)) as (http, _c, _t):
+            rid = (await http.start(canary_version="v2"))["id"]
+            r = await http.until(rid, lambda x: x["state"] == "rolled_back")
+        assert r["stage"] == 0 and "gate errors" in r["reason"]
+        assert _clean(kube.get("httproutes", NS, "shop")) == original
