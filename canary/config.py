@@ -22,6 +22,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     TypeAdapter,
     ValidationError,
     WithJsonSchema,
@@ -157,6 +158,16 @@ class IstioTarget:
     name: SkipJsonSchema[str] = ""
 
 
+def _rule(value: object) -> str | int:
+    """An HTTPRoute rule: its name, or its index among the route's rules."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 64:
+        return value
+    if isinstance(value, str) and 0 < len(value) <= 253:
+        return value
+    raise ValueError("must be the rule's name, or its index (0 for the first rule); leave it "
+                     "out for the first rule")
+
+
 @dataclass(frozen=True, config=_CONFIG)
 class GatewayBackend:
     """A backendRef of the HTTPRoute rule: a Service in the route's namespace."""
@@ -174,8 +185,9 @@ class GatewayTarget:
     http_route: Dns
     stable: GatewayBackend
     canary: GatewayBackend
-    rule: Annotated[str, Field(strict=True, min_length=1, max_length=253)] | Annotated[
-        int, Field(strict=True, ge=0, le=63)] | None = None  # name or index; default the first
+    rule: Annotated[str | int, PlainValidator(_rule),
+                    WithJsonSchema({"type": ["string", "integer"], "minimum": 0,
+                                    "minLength": 1})] | None = None  # default the first
     policy: Name | None = None
     vars: Vars = field(default_factory=dict)
     stable_version: Version | None = None
@@ -377,6 +389,8 @@ CONFIG_MESSAGES = {
     "stable_version": "must be 1-128 letters, digits or ._:+- starting with a letter or digit",
     "namespace": "must be a Kubernetes name (lowercase letters, digits, '-' and '.')",
     "virtual_service": "must be a Kubernetes name (lowercase letters, digits, '-' and '.')",
+    "http_route": "must be a Kubernetes name (lowercase letters, digits, '-' and '.')",
+    "port": "must be a port number from 1 to 65535",
     "test": "must be a non-empty list of strings (a command and its arguments)",
     "reload": "must be a non-empty list of strings (a command and its arguments)",
     "stable": "must be a non-empty list of host:port or unix:PATH addresses",

@@ -548,3 +548,45 @@ async def test_a_breach_at_the_header_stage_rolls_back_and_removes_canarys_rule(
             r = await http.until(rid, lambda x: x["state"] == "rolled_back")
         assert r["stage"] == 0 and "gate errors" in r["reason"]
         assert _clean(kube.get("httproutes", NS, "shop")) == original
+
+
+async def test_a_failing_nginx_test_keeps_both_files_and_skips_reload(tmp_path):
+    from canary import shapes
+    from canary.errors import RouterError
+
+    marker = tmp_path / "reloaded"
+    t = NginxTarget(name="web", file=tmp_path / "up.conf", server_file=tmp_path / "srv.conf",
+                    upstream="web", stable=("127.0.0.1:9001",), canary=("127.0.0.1:9002",),
+                    test=("false",), reload=("touch", str(marker)))
+    http, server = render_all(t, 0, None, None)
+    t.file.write_text(http)
+    t.server_file.write_text(server or "")  # type: ignore[union-attr]
+    with pytest.raises(RouterError, match="nginx test failed"):
+        await NginxRouter(t).set_weight(0, shape=shapes.Shape(mirror=50).key())
+    assert (t.file.read_text(), t.server_file.read_text()) == (http, server)  # type: ignore[union-attr]
+    assert not marker.exists()
+
+
+def test_a_gateway_target_with_mistakes_is_refused_naming_each_field(tmp_path):
+    from canary.cli import validate_files
+
+    (tmp_path / "shaped.yaml").write_text(SHAPED)
+    (tmp_path / "c.yaml").write_text(f"""
+listen: 127.0.0.1:8080
+state: sqlite:{tmp_path}/s.db
+prometheus: {{url: http://127.0.0.1:9090}}
+policies: {tmp_path}/shaped.yaml
+auth: {{tokens: []}}
+targets:
+  shop:
+    router: gateway
+    namespace: prod
+    http_route: Shop_
+    rule: -1
+    stable: {{name: shop-stable}}
+    canary: {{name: shop-canary, port: 8080}}
+""")
+    problems = [str(p) for p in validate_files([str(tmp_path / "c.yaml")])]
+    assert any("targets.shop.http_route: must be a Kubernetes name" in p for p in problems)
+    assert any("targets.shop.rule: must be the rule's name, or its index" in p for p in problems)
+    assert any("targets.shop.stable.port: required" in p for p in problems), problems
