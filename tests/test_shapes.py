@@ -590,3 +590,67 @@ targets:
     assert any("targets.shop.http_route: must be a Kubernetes name" in p for p in problems)
     assert any("targets.shop.rule: must be the rule's name, or its index" in p for p in problems)
     assert any("targets.shop.stable.port: required" in p for p in problems), problems
+
+
+async def test_a_gateway_edit_made_between_read_and_write_is_never_overwritten(tmp_path):
+    from canary import shapes
+
+    async with cluster(tmp_path, vs=None, dr=None) as (kube, api):
+        kube.put("httproutes", NS, ROUTE)
+        edited = []
+
+        def someone_else_edits(method: str, plural: str, name: str) -> None:
+            if plural == "httproutes" and method == "PUT" and not edited:
+                live = kube.get("httproutes", NS, "shop")
+                live["spec"]["hostnames"] = ["shop.example.com", "www.shop.example.com"]
+                kube.put("httproutes", NS, live)  # an SRE's change, landing first
+                edited.append(True)
+
+        kube.before_write = someone_else_edits
+        router = GatewayRouter(gateway_target(), api)
+        await router.set_weight(0, shape=shapes.Shape(mirror=30).key())
+        live = kube.get("httproutes", NS, "shop")
+        assert edited and live["spec"]["hostnames"][1] == "www.shop.example.com"
+        assert await router.get_shape() == shapes.Shape(mirror=30).key()
+        await router.set_weight(25)
+        live = kube.get("httproutes", NS, "shop")
+        assert [b["weight"] for b in live["spec"]["rules"][1]["backendRefs"]] == [75, 25]
+        assert "filters" in live["spec"]["rules"][1] and all(
+            f["type"] != "RequestMirror" for f in live["spec"]["rules"][1]["filters"])
+
+
+async def test_a_first_rollout_starts_on_an_empty_server_file_the_user_created(tmp_path):
+    t = NginxTarget(name="web", file=tmp_path / "up.conf", server_file=tmp_path / "srv.conf",
+                    upstream="web", stable=("127.0.0.1:9001",), canary=("127.0.0.1:9002",),
+                    test=("true",), reload=("true",), policy="p", vars={"service": "web"},
+                    stable_version="v1")
+    t.server_file.write_text("")  # type: ignore[union-attr]  # so that `include` finds it
+    async with controller(tmp_path, policies=[shaped_policy()], target=t,
+                          router=NginxRouter(t)) as (http, _c, _t):
+        rid = (await http.start(canary_version="v2"))["id"]
+        r = await http.until(rid, lambda x: x["state"] == "paused")
+        assert r["paused_for"] == "approval" and r["shape"].startswith("match")
+
+
+async def test_a_match_rule_left_behind_by_a_lost_state_store_is_reported_not_touched(tmp_path):
+    from canary import shapes
+
+    async with cluster(tmp_path, vs=None, dr=None) as (kube, api):
+        kube.put("httproutes", NS, ROUTE)
+        t = gateway_target()
+        key = shapes.Shape(rules=(shapes.Rule("header", "x-beta",
+                                              shapes.Condition("exact", "true")),)).key()
+        await GatewayRouter(t, api).set_weight(0, shape=key)  # then the store was lost
+        left = kube.get("httproutes", NS, "shop")
+        async with controller(tmp_path, policies=[shaped_policy()], target=t,
+                              router=GatewayRouter(t, api)) as (http, ctl, _t):
+            await ctl.start()
+            try:
+                assert "header x-beta" in ctl.warnings["web"]
+                status, body = await http.call("POST", "/api/v1/rollouts",
+                                               {"target": "web", "canary_version": "v2"},
+                                               role="pipeline")
+                assert status == 409 and "remove it by hand" in body["error"]
+            finally:
+                await ctl.stop()
+        assert kube.get("httproutes", NS, "shop") == left

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 
-from canary import faults
+from canary import faults, shapes
 from canary import policy as policy_mod
 from canary.clock import Clock
 from canary.config import Target
@@ -309,6 +309,17 @@ class Controller:
         leave the traffic alone. Re-checked on every start and readiness probe."""
         router = self.routers.get(target)
         live = await router.get_weight() if router else None
+        leftover = await self._leftover_shape(router) if router is not None and not live \
+            else None
+        if leftover is not None:
+            message = (f"target {target} carries {shapes.describe(leftover)} that canary added, "
+                       "but no active rollout: the state store may be missing or replaced. "
+                       "canary leaves it alone; remove it by hand (see README: Traffic shapes) "
+                       "before starting a rollout here")
+            if self.warnings.get(target) != message:
+                log.error(message, extra={"target": target})
+            self.warnings[target] = message
+            return message
         last = None
         if live:
             finished = await self.store.list(target=target, limit=1, events=False,
@@ -331,6 +342,16 @@ class Controller:
             log.error(message, extra={"target": target})
         self.warnings[target] = message
         return message
+
+    @staticmethod
+    async def _leftover_shape(router: Router) -> str | None:
+        """A match rule or mirror canary added, still in the router (None: none, or
+        unreadable now)."""
+        try:
+            key = await router.get_shape()
+        except RouterError:
+            return None
+        return None if key is None or key.startswith(shapes.EDITED) else key
 
     async def unexplained(self) -> dict[str, str]:
         """The current warnings, each re-checked (on-call may have fixed the router)."""

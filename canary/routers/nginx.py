@@ -200,7 +200,9 @@ class NginxRouter:
         except OSError as e:
             raise RouterError(f"cannot read {e.filename}: {e.strerror}") from e
         m = _SHAPE.search(text)
-        key = m.group(1).strip() if m else None
+        if m is None:
+            return None  # no shape recorded: what is in force is a weight (or a hand edit)
+        key = m.group(1).strip()
         weight = parse_weight(self.target, text)
         d = _DECISION.search(text)
         want = render_all(self.target, weight if weight is not None else 0,
