@@ -219,7 +219,10 @@ class GatewayRouter:
         route.setdefault("metadata", {}).setdefault("annotations", {})[SHAPE] = key
 
     async def get_shape(self) -> str | None:
-        route = await self._read()
+        try:
+            route = await self._read()
+        except NotFound as e:
+            raise RouterError(str(e)) from e
         key: str | None = ((route.get("metadata") or {}).get("annotations") or {}).get(SHAPE)
         rules = (route.get("spec") or {}).get("rules") or []
         ours = [r for r in rules if r.get("name") == MATCH_RULE]

@@ -227,8 +227,11 @@ class IstioRouter:
         vs.setdefault("metadata", {}).setdefault("annotations", {})[SHAPE] = key
 
     async def get_shape(self) -> str | None:
-        vs = await self._call(self._what, self._get, "virtualservices",
-                              self.target.virtual_service)
+        try:
+            vs = await self._call(self._what, self._get, "virtualservices",
+                                  self.target.virtual_service)
+        except (NotFound, StoreConflict) as e:
+            raise RouterError(str(e)) from e
         key: str | None = ((vs.get("metadata") or {}).get("annotations") or {}).get(SHAPE)
         http = (vs.get("spec") or {}).get("http") or []
         ours = [r for r in http if r.get("name") == MATCH_ROUTE]
