@@ -127,6 +127,8 @@ class NginxTarget:
     # match and mirror stages: a second file canary owns, included in the server block
     # (README "Traffic shapes"); `file` then also holds the maps that choose the upstream
     server_file: Annotated[Path, WithJsonSchema({"type": "string", "minLength": 1})] | None = None
+    """For match and mirror stages: a file canary owns, included in the server block
+    (README: Traffic shapes)."""
 
     @model_validator(mode="after")
     def _sides_apart(self) -> NginxTarget:
@@ -173,7 +175,9 @@ class GatewayBackend:
     """A backendRef of the HTTPRoute rule: a Service in the route's namespace."""
 
     name: Dns
+    """The Service's name, as in the rule's backendRefs."""
     port: Annotated[int, Field(strict=True, ge=1, le=65535)]
+    """The Service's port, as in the rule's backendRefs."""
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -182,16 +186,25 @@ class GatewayTarget:
     backendRefs (interface.md section 7)."""
 
     namespace: Dns
+    """The namespace of the HTTPRoute and of both Services."""
     http_route: Dns
+    """The HTTPRoute (gateway.networking.k8s.io/v1) whose rule canary drives."""
     stable: GatewayBackend
+    """The stable version's backendRef in the rule."""
     canary: GatewayBackend
+    """The canary version's backendRef in the rule (weight 0 between rollouts)."""
     rule: Annotated[str | int, PlainValidator(_rule),
                     WithJsonSchema({"type": ["string", "integer"], "minimum": 0,
-                                    "minLength": 1})] | None = None  # default the first
+                                    "minLength": 1})] | None = None
+    """The rule's name, or its index among the route's rules; default the first rule."""
     policy: Name | None = None
+    """The policy a start uses when it names none."""
     vars: Vars = field(default_factory=dict)
+    """Values for {{ name }} in the policy's queries."""
     stable_version: Version | None = None
+    """The version serving today, until a rollout of this target succeeds."""
     router: Literal["gateway"] = "gateway"
+    """gateway: a Gateway API HTTPRoute."""
     name: SkipJsonSchema[str] = ""
 
     @model_validator(mode="after")

@@ -376,7 +376,9 @@ class Match:
     """Requests that reach the canary: every header and cookie listed must match."""
 
     headers: Mapping[HeaderName, MatchValue] = field(default_factory=dict)
+    """Header name -> value: exact text, {prefix: ...} or {regex: ...} (the whole value)."""
     cookies: Mapping[CookieName, MatchValue] = field(default_factory=dict)
+    """Cookie name -> value: exact text, {prefix: ...} or {regex: ...} (the whole value)."""
 
     @model_validator(mode="after")
     def _some(self) -> Match:
@@ -399,10 +401,18 @@ class MatchStage:
     """Only matching requests reach the canary; users' weight stays 0."""
 
     match: Match
+    """The headers and/or cookies a request needs to reach the canary; the rest go to
+    stable. Users' weight stays 0."""
     hold: Duration
+    """How long the stage lasts, gates evaluated, before the next one: a duration like
+    10m."""
     approval: Annotated[bool, Field(strict=True)] = False
+    """After the hold, wait for a promote (the rollout is paused until then); default
+    false."""
     gates: Annotated[tuple[GateField, ...],
                      WithJsonSchema({"type": "array", "items": _OVERRIDE})] = ()
+    """Gates of this stage only, added to the policy-wide ones; an entry named like a
+    policy-wide gate changes only the fields it gives, at this stage."""
 
     @property
     def weight(self) -> int:
@@ -418,10 +428,18 @@ class MirrorStage:
     """`mirror` percent of requests are copied to the canary; users are served by stable."""
 
     mirror: Annotated[int, Field(strict=True, ge=1, le=100)]
+    """Percent of requests copied to the canary, 1-100; its answers are discarded and
+    users are served by stable (weight 0)."""
     hold: Duration
+    """How long the stage lasts, gates evaluated, before the next one: a duration like
+    5m."""
     approval: Annotated[bool, Field(strict=True)] = False
+    """After the hold, wait for a promote (the rollout is paused until then); default
+    false."""
     gates: Annotated[tuple[GateField, ...],
                      WithJsonSchema({"type": "array", "items": _OVERRIDE})] = ()
+    """Gates of this stage only, added to the policy-wide ones; an entry named like a
+    policy-wide gate changes only the fields it gives, at this stage."""
 
     @property
     def weight(self) -> int:
