@@ -654,3 +654,23 @@ async def test_a_match_rule_left_behind_by_a_lost_state_store_is_reported_not_to
             finally:
                 await ctl.stop()
         assert kube.get("httproutes", NS, "shop") == left
+
+
+async def test_a_gateway_target_is_listed_with_its_route_and_keeps_a_rollback_decision(tmp_path):
+    async with cluster(tmp_path, vs=None, dr=None) as (kube, api):
+        kube.put("httproutes", NS, ROUTE)
+        t = gateway_target()
+        router = GatewayRouter(t, api)
+        async with controller(tmp_path, policies=[shaped_policy()], target=t,
+                              router=router) as (http, _c, _t):
+            status, body = await http.call("GET", "/api/v1/targets", role="viewer")
+            assert status == 200, body
+            (shop,) = body["targets"]
+            assert (shop["router"], shop["http_route"], shop["rule"], shop["live_weight"]) == \
+                ("gateway", "shop", "primary", 0)
+        # a rollback decided while the state store could not record it is kept in the route
+        await router.set_weight(0, decision="rollback r1: gate errors")
+        assert await router.decision() == "rollback r1: gate errors"
+        await router.set_weight(0)
+        assert await router.decision() is None
+        assert "annotations" not in kube.get("httproutes", NS, "shop")["metadata"]
