@@ -61,7 +61,7 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
         ssl_ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
     kube_api = None
     identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
-    if cfg.state.startswith("kubernetes:") or any(t.router == "istio"
+    if cfg.state.startswith("kubernetes:") or any(t.router in ("istio", "gateway")
                                                   for t in cfg.targets.values()):
         from canary.kube import api_client
 
@@ -247,8 +247,10 @@ def plan_text(pol: policy_mod.Policy) -> str:
     full_at = 0.0
     for i, s in enumerate(pol.stages):
         gates = ", ".join(f"{g.name} ({g.bounds()})" for g in pol.gates_for(i)) or "none"
+        shape = policy_mod.stage_shape(s)  # a match or mirror stage: weight 0 for users
         lines.append(f"{i:>5}  {s.weight:>5}%  {fmt(s.hold):>8}  {fmt(at):>10}  {gates}"
-                     + ("  [approval]" if s.approval else ""))
+                     + ("  [approval]" if s.approval else "")
+                     + (f"  [{shape.text()}]" if shape else ""))
         if s.weight == 100:
             full_at = at
         # a stage moves on at the first evaluation at or after its hold

@@ -22,6 +22,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     TypeAdapter,
     ValidationError,
     WithJsonSchema,
@@ -156,11 +157,19 @@ class NginxTarget:
     router: Literal["nginx"] = "nginx"
     """nginx: canary writes weighted upstream servers and reloads nginx."""
     name: SkipJsonSchema[str] = ""  # the key it is configured under
+    # match and mirror stages: a second file canary owns, included in the server block
+    # (README "Traffic shapes"); `file` then also holds the maps that choose the upstream
+    server_file: Annotated[Path, WithJsonSchema({"type": "string", "minLength": 1})] | None = None
+    """For match and mirror stages: a file canary owns, included in the server block
+    (README: Traffic shapes)."""
 
     @model_validator(mode="after")
     def _sides_apart(self) -> NginxTarget:
         if set(self.stable) & set(self.canary):
             raise ValueError("canary: an address cannot be both stable and canary")
+        if self.server_file is not None and self.server_file == self.file:
+            raise ValueError("server_file: must be another file than `file` (one is included "
+                             "in the http block, the other in the server block)")
         return self
 
 
@@ -195,16 +204,71 @@ class IstioTarget:
     name: SkipJsonSchema[str] = ""
 
 
-Target = NginxTarget | IstioTarget
-ROUTERS = ("nginx", "istio")
+def _rule(value: object) -> str | int:
+    """An HTTPRoute rule: its name, or its index among the route's rules."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 64:
+        return value
+    if isinstance(value, str) and 0 < len(value) <= 253:
+        return value
+    raise ValueError("must be the rule's name, or its index (0 for the first rule); leave it "
+                     "out for the first rule")
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class GatewayBackend:
+    """A backendRef of the HTTPRoute rule: a Service in the route's namespace."""
+
+    name: Dns
+    """The Service's name, as in the rule's backendRefs."""
+    port: Annotated[int, Field(strict=True, ge=1, le=65535)]
+    """The Service's port, as in the rule's backendRefs."""
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class GatewayTarget:
+    """A Gateway API HTTPRoute (gateway.networking.k8s.io/v1) whose rule carries both
+    backendRefs (interface.md section 7)."""
+
+    namespace: Dns
+    """The namespace of the HTTPRoute and of both Services."""
+    http_route: Dns
+    """The HTTPRoute (gateway.networking.k8s.io/v1) whose rule canary drives."""
+    stable: GatewayBackend
+    """The stable version's backendRef in the rule."""
+    canary: GatewayBackend
+    """The canary version's backendRef in the rule (weight 0 between rollouts)."""
+    rule: Annotated[str | int, PlainValidator(_rule),
+                    WithJsonSchema({"type": ["string", "integer"], "minimum": 0,
+                                    "minLength": 1})] | None = None
+    """The rule's name, or its index among the route's rules; default the first rule."""
+    policy: Name | None = None
+    """The policy a start uses when it names none."""
+    vars: Vars = field(default_factory=dict)
+    """Values for {{ name }} in the policy's queries."""
+    stable_version: Version | None = None
+    """The version serving today, until a rollout of this target succeeds."""
+    router: Literal["gateway"] = "gateway"
+    """gateway: a Gateway API HTTPRoute."""
+    name: SkipJsonSchema[str] = ""
+
+    @model_validator(mode="after")
+    def _sides_apart(self) -> GatewayTarget:
+        if self.stable == self.canary:
+            raise ValueError("canary: must name another Service or port than stable")
+        return self
+
+
+Target = NginxTarget | IstioTarget | GatewayTarget
+ROUTERS = ("nginx", "istio", "gateway")
 
 
 TargetField = Annotated[
     Annotated[NginxTarget, validation.tag("router", "nginx")]
-    | Annotated[IstioTarget, validation.tag("router", "istio")],
+    | Annotated[IstioTarget, validation.tag("router", "istio")]
+    | Annotated[GatewayTarget, validation.tag("router", "gateway")],
     validation.union(validation.kind_of("router", ROUTERS), "target_router", "router",
-                     f"must be {' or '.join(ROUTERS)}",
-                     "must be a mapping with router: nginx or router: istio")]
+                     "must be nginx, istio or gateway",
+                     "must be a mapping with router: nginx, istio or gateway")]
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -438,8 +502,9 @@ CONFIG_MESSAGES = {
                  "wildcards * ? [abc] [!abc] [a-z]",
     **dict.fromkeys(("stable[]", "canary[]"), "{value} is not host:port or unix:PATH"),
     "stable_version": "must be 1-128 letters, digits or ._:+- starting with a letter or digit",
-    **dict.fromkeys(("namespace", "virtual_service"), "must be a Kubernetes name (lowercase "
-                                                      "letters, digits, '-' and '.')"),
+    **dict.fromkeys(("namespace", "virtual_service", "http_route"), "must be a Kubernetes name "
+                    "(lowercase letters, digits, '-' and '.')"),
+    "port": "must be a port number from 1 to 65535",
     **dict.fromkeys(("test", "reload"), "must be a non-empty list of strings (a command and "
                                         "its arguments)"),
     **dict.fromkeys(("stable", "canary"), "must be a non-empty list of host:port or unix:PATH "
@@ -577,6 +642,9 @@ class _Resolver:
         targets: dict[str, Target] = {name: replace(t, name=name) for name, t in m.targets.items()}
         targets = {name: replace(t, file=self.path(str(t.file)))
                    if isinstance(t, NginxTarget) else t for name, t in targets.items()}
+        targets = {name: replace(t, server_file=self.path(str(t.server_file)))
+                   if isinstance(t, NginxTarget) and t.server_file is not None else t
+                   for name, t in targets.items()}
         if self.problems:
             raise ValidationFailed(self.problems)
         return Config(listen_host=lm.group(1) or "0.0.0.0", listen_port=int(lm.group(2)),

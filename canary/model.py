@@ -12,6 +12,8 @@ from typing import Any, Literal, overload
 
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
+from canary import shapes
+
 # a version's character set, for the whole string (interface.md section 3)
 VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$"
 
@@ -144,6 +146,8 @@ class RolloutSummary(BaseModel):
     updated_at: str
     stage_since: str | None
     gates: list[GateView]
+    shape: str | None = Field(default=None, description="a match or mirror stage's shape in "
+                                                        "words (weight is 0 for users then)")
 
 
 class RolloutView(RolloutSummary):
@@ -185,6 +189,10 @@ class Rollout:
     # per notification receiver, how many of the rollout's events it has been sent (and
     # `NAME#...` keys for its approval reminders): the outbox's cursor (canary/notify.py)
     delivered: dict[str, int] = field(default_factory=dict)
+    # a match or mirror stage's shape (shapes.Shape.key) canary wants in force, and the one
+    # the router is known to carry; None: no match rule or mirror
+    shape: str | None = None
+    applied_shape: str | None = None
     gates: tuple[GateStatus, ...] = ()
     events: tuple[Event, ...] = ()
     version: int = 0                   # the store's optimistic-concurrency counter
@@ -201,6 +209,7 @@ class Rollout:
                             failures=g.failures, at=iso(g.at), detail=g.detail,
                             kind="errors" if g.state is not None else None)
                    for g in self.gates],
+            shape=shapes.describe(self.shape) if self.shape else None,
             events=[EventView(at=iso(e.at), type=e.type, message=e.message, actor=e.actor)
                     for e in self.events])
         out: dict[str, Any] = view.model_dump(mode="json")

@@ -22,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    PlainValidator,
     TypeAdapter,
     ValidationError,
     ValidationInfo,
@@ -32,7 +33,7 @@ from pydantic import (
 from pydantic.dataclasses import dataclass
 from pydantic.json_schema import SkipJsonSchema
 
-from canary import schema, validation, yamlsrc
+from canary import schema, shapes, validation, yamlsrc
 from canary.errors import InvalidInput, Problem, ValidationFailed
 
 _PART = r"([0-9]+(\.[0-9]+)?)(ms|s|m|h)"  # one part of a duration; the schema's pattern too
@@ -405,6 +406,183 @@ class AlertRule:
     queries, e.g. {{ service }})."""
 
 
+
+# ---- stage shapes: a weight, a match (headers and/or cookies) or a mirror ------------------
+
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,99}$")
+_COOKIE_NAME = re.compile(r"^[A-Za-z0-9_]{1,100}$")
+MAX_MATCH_VALUE = 1024   # characters of one header's or cookie's value
+MAX_MATCH_RULES = 8      # headers and cookies of one match stage together
+_VALUE_HINT = ('write a value, {prefix: "42"} or {regex: "^(alice|bob)$"}')
+
+
+def _header_key(name: object) -> str:
+    if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+        raise ValueError(f"{str(name)[:40]!r} is not a header name canary can match; use "
+                         "letters, digits and '-' (e.g. x-beta), at most 100 characters")
+    return name.lower()  # header names are case-insensitive; meshes want lower case
+
+
+def _cookie_key(name: object) -> str:
+    if not isinstance(name, str) or not _COOKIE_NAME.fullmatch(name):
+        raise ValueError(f"{str(name)[:40]!r} is not a cookie name canary can match; use "
+                         "letters, digits and '_' (e.g. canary), at most 100 characters")
+    return name
+
+
+def _condition(value: object) -> shapes.Condition:
+    """A match value: exact text, {prefix: ...} or {regex: ...}; a regex must compile."""
+    if isinstance(value, shapes.Condition):
+        return value
+    how: str = "exact"
+    if isinstance(value, dict):
+        if len(value) != 1 or next(iter(value)) not in ("prefix", "regex"):
+            raise ValueError(f"a match value is text or a mapping with one key, prefix or "
+                             f"regex; {_VALUE_HINT}")
+        how, value = next(iter(value.items()))
+    if isinstance(value, bool | int | float):
+        raise ValueError(f"{value!r} is not text; quote it (e.g. \"true\" or \"42\"): "
+                         "header and cookie values are compared as text")
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"must be non-empty text; {_VALUE_HINT}")
+    if len(value) > MAX_MATCH_VALUE:
+        raise ValueError(f"at most {MAX_MATCH_VALUE} characters")
+    if any(not c.isprintable() for c in value):
+        raise ValueError("must be printable text (no control characters or line breaks)")
+    if how == "regex":
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(f"regex {value[:60]!r} does not compile: {e}; write a regular "
+                             "expression for the whole value, like ^42.* or (alice|bob)") from e
+    return shapes.Condition("regex" if how == "regex" else "prefix" if how == "prefix"
+                            else "exact", value)
+
+
+_CONDITION_SCHEMA = {"description": "exact text, {prefix: ...} or {regex: ...}", "anyOf": [
+    {"type": "string", "minLength": 1, "maxLength": MAX_MATCH_VALUE},
+    {"type": "object", "additionalProperties": False, "required": ["prefix"],
+     "properties": {"prefix": {"type": "string", "minLength": 1,
+                               "description": "the value starts with this text"}}},
+    {"type": "object", "additionalProperties": False, "required": ["regex"],
+     "properties": {"regex": {"type": "string", "minLength": 1,
+                              "description": "a regular expression the whole value "
+                                            "matches"}}}]}
+MatchValue = Annotated[shapes.Condition, PlainValidator(_condition),
+                       PlainSerializer(lambda c: c.to_json()),
+                       WithJsonSchema(_CONDITION_SCHEMA)]
+HeaderName = Annotated[str, PlainValidator(_header_key),
+                       WithJsonSchema({"type": "string", "pattern": _HEADER_NAME.pattern})]
+CookieName = Annotated[str, PlainValidator(_cookie_key),
+                       WithJsonSchema({"type": "string", "pattern": _COOKIE_NAME.pattern})]
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class Match:
+    """Requests that reach the canary: every header and cookie listed must match."""
+
+    headers: Mapping[HeaderName, MatchValue] = field(default_factory=dict)
+    """Header name -> value: exact text, {prefix: ...} or {regex: ...} (the whole value)."""
+    cookies: Mapping[CookieName, MatchValue] = field(default_factory=dict)
+    """Cookie name -> value: exact text, {prefix: ...} or {regex: ...} (the whole value)."""
+
+    @model_validator(mode="after")
+    def _some(self) -> Match:
+        n = len(self.headers) + len(self.cookies)
+        if n == 0:
+            raise ValueError("a match needs at least one header or cookie, e.g. "
+                             "headers: {x-beta: \"true\"}")
+        if n > MAX_MATCH_RULES:
+            raise ValueError(f"at most {MAX_MATCH_RULES} headers and cookies together")
+        return self
+
+    def shape(self) -> shapes.Shape:
+        return shapes.Shape(rules=tuple(
+            [shapes.Rule("header", k, v) for k, v in self.headers.items()]
+            + [shapes.Rule("cookie", k, v) for k, v in self.cookies.items()]))
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class MatchStage:
+    """Only matching requests reach the canary; users' weight stays 0."""
+
+    match: Match
+    """The headers and/or cookies a request needs to reach the canary; the rest go to
+    stable. Users' weight stays 0."""
+    hold: Duration
+    """How long the stage lasts, gates evaluated, before the next one: a duration like
+    10m."""
+    approval: Annotated[bool, Field(strict=True)] = False
+    """After the hold, wait for a promote (the rollout is paused until then); default
+    false."""
+    gates: Annotated[tuple[GateField, ...],
+                     WithJsonSchema({"type": "array", "items": _OVERRIDE})] = ()
+    """Gates of this stage only, added to the policy-wide ones; an entry named like a
+    policy-wide gate changes only the fields it gives, at this stage."""
+
+    @property
+    def weight(self) -> int:
+        return 0
+
+    @property
+    def shape(self) -> shapes.Shape:
+        return self.match.shape()
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class MirrorStage:
+    """`mirror` percent of requests are copied to the canary; users are served by stable."""
+
+    mirror: Annotated[int, Field(strict=True, ge=1, le=100)]
+    """Percent of requests copied to the canary, 1-100; its answers are discarded and
+    users are served by stable (weight 0)."""
+    hold: Duration
+    """How long the stage lasts, gates evaluated, before the next one: a duration like
+    5m."""
+    approval: Annotated[bool, Field(strict=True)] = False
+    """After the hold, wait for a promote (the rollout is paused until then); default
+    false."""
+    gates: Annotated[tuple[GateField, ...],
+                     WithJsonSchema({"type": "array", "items": _OVERRIDE})] = ()
+    """Gates of this stage only, added to the policy-wide ones; an entry named like a
+    policy-wide gate changes only the fields it gives, at this stage."""
+
+    @property
+    def weight(self) -> int:
+        return 0
+
+    @property
+    def shape(self) -> shapes.Shape:
+        return shapes.Shape(mirror=self.mirror)
+
+
+STAGE_SHAPES = ("weight", "match", "mirror")
+
+
+def _stage_shape(value: Any) -> str | None:
+    if isinstance(value, dict):
+        present = [k for k in STAGE_SHAPES if k in value]
+        return f"shape={present[0]}" if len(present) == 1 else None
+    kind = {Stage: "weight", MatchStage: "match", MirrorStage: "mirror"}.get(type(value))
+    return f"shape={kind}" if kind else None
+
+
+StageField = Annotated[
+    Annotated[Stage, validation.tag("shape", "weight")]
+    | Annotated[MatchStage, validation.tag("shape", "match")]
+    | Annotated[MirrorStage, validation.tag("shape", "mirror")],
+    validation.union(_stage_shape, "stage_shape", "weight",
+                     "a stage has exactly one of weight (a percent), match (headers or "
+                     "cookies) or mirror (a percent)",
+                     "a stage is a mapping with weight, match or mirror, and hold")]
+AnyStage = Stage | MatchStage | MirrorStage
+
+
+def stage_shape(stage: AnyStage) -> shapes.Shape | None:
+    """The stage's match or mirror; None for a weight stage."""
+    return None if isinstance(stage, Stage) else stage.shape
+
+
 @dataclass(frozen=True, config=ConfigDict(extra="forbid", title="canary policy",
                                            use_attribute_docstrings=True))
 class Policy:
@@ -413,9 +591,10 @@ class Policy:
     name: Annotated[Text, Field(pattern=_NAME_PATTERN)]
     """Unique among the loaded policies; targets and start requests name it. Default: the
     file's name without .yaml."""
-    stages: Annotated[tuple[Stage, ...], Field(max_length=100, json_schema_extra={
+    stages: Annotated[tuple[StageField, ...], Field(max_length=100, json_schema_extra={
         "minItems": 1})]
-    """The weights the canary goes through, in order: rising strictly, the last one 100."""
+    """The stages the canary goes through, in order: match (headers, cookies) and mirror
+    stages first, then weights rising strictly, the last one 100."""
     gates: Annotated[tuple[GateField, ...], Field(max_length=100)] = ()
     """Gates evaluated at every stage."""
     interval: PositiveDuration = 30.0
@@ -451,7 +630,7 @@ class Policy:
 
     @field_validator("stages")
     @classmethod
-    def _some(cls, value: tuple[Stage, ...], info: ValidationInfo) -> tuple[Stage, ...]:
+    def _some(cls, value: tuple[AnyStage, ...], info: ValidationInfo) -> tuple[AnyStage, ...]:
         if not value and _from_file(info):
             raise ValueError("must be a non-empty list of stages")
         return value
@@ -565,6 +744,7 @@ def load_many(paths: Iterable[str | Path]) -> dict[str, Policy]:
 POLICY_MESSAGES = {
     "name": "must be 1-63 letters, digits, '.', '_' or '-'",
     "weight": "must be a whole percent from 1 to 100",
+    "mirror": "must be a whole percent from 1 to 100",
     "failure_limit": "must be a whole number of at least 1",
     "no_data": "must be one of hold, fail, pass",
     **dict.fromkeys(("query", "baseline", "requests", "errors"), "must be a PromQL query"),
@@ -586,6 +766,7 @@ POLICY_MESSAGES = {
 }
 POLICY_REQUIRED = {
     "stages": "required: a list of stages, each with weight and hold",
+    "match": "required: headers and/or cookies that send a request to the canary",
     "hold": "required; write a duration like 30s",
     "weight": "must be a whole percent from 1 to 100",
     "name": "required: a short name for this gate",
@@ -618,6 +799,20 @@ def _rules(doc: yamlsrc.Doc) -> list[Problem]:
                 problem(("stages", i, "weight"), f"{w} is not above the previous stage's "
                                                  f"{last}; weights must rise strictly")
             last = max(last, w)
+    first_weight = next((i for i, s in enumerate(stages)
+                         if isinstance(s, dict) and "weight" in s), None)
+    for i, s in enumerate(stages):
+        shape = next((k for k in ("match", "mirror") if isinstance(s, dict) and k in s
+                      and "weight" not in s), None)
+        if shape and first_weight is not None and i > first_weight:
+            problem(("stages", i, shape),
+                    f"a {shape} stage comes before every weight stage: after stage "
+                    f"{first_weight} users already reach the canary by weight; move it up")
+    if stages and isinstance(stages[-1], dict) and "weight" not in stages[-1] \
+            and any(k in stages[-1] for k in ("match", "mirror")):
+        problem(("stages", len(stages) - 1), "the last stage must have weight 100 (all "
+                                             "traffic on the canary); add weight stages after "
+                                             "the match and mirror stages")
     if stages:
         w = stages[-1].get("weight") if isinstance(stages[-1], dict) else None
         if isinstance(w, int) and w != 100:

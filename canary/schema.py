@@ -201,6 +201,17 @@ def _by_kind(node: dict[str, Any], definitions: dict[str, Any]) -> dict[str, Any
                            "then": branch}
                           for value, req, branch in zip(values, required, branches,
                                                         strict=True)]}
+    # a union told apart by which field is present (a stage's weight, match or mirror)
+    keys = [set(t.get("required", [])) - set.union(*(set(o.get("properties", {}))
+                                                     for o in targets if o is not t))
+            for t in targets]
+    if all(len(k) == 1 for k in keys):
+        rest = {k: v for k, v in node.items() if k != "oneOf"}
+        fields = [next(iter(k)) for k in keys]
+        return {**rest, "type": "object",
+                "anyOf": [{"required": [f]} for f in fields],
+                "allOf": [{"if": {"required": [f]}, "then": branch}
+                          for f, branch in zip(fields, branches, strict=True)]}
     return node
 
 

@@ -6,8 +6,10 @@ exactly as it would to a cluster. It keeps the API's semantics that canary relie
 resourceVersion bumps on every write, 409 Conflict for a stale resourceVersion on PUT
 and for creating an existing name, 404 with a Status body, merge-patch and JSON-patch,
 label selectors on LIST, and 422 Invalid when a VirtualService or DestinationRule fails
-the OpenAPI schema of Istio's own CRD (tests/data/istio/). CEL rules
-(x-kubernetes-validations) are not evaluated, and there is no watch.
+the OpenAPI schema of Istio's own CRD (tests/data/istio/), or an HTTPRoute the schema of
+the Gateway API's CRD (tests/data/gateway-api/, v1.6.1). An HTTPRoute is stored with the
+schema's defaults filled in, as an API server does, and its CEL rules
+(x-kubernetes-validations) are evaluated with cel-python; there is no watch.
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ KINDS = {
     ("coordination.k8s.io", "v1", "leases"): "Lease",
     ("networking.istio.io", "v1", "virtualservices"): "VirtualService",
     ("networking.istio.io", "v1", "destinationrules"): "DestinationRule",
+    ("gateway.networking.k8s.io", "v1", "httproutes"): "HTTPRoute",
 }
+GROUPS = {"VirtualService": "networking.istio.io", "DestinationRule": "networking.istio.io",
+          "HTTPRoute": "gateway.networking.k8s.io"}
 
 
 def _openapi_to_jsonschema(node: Any) -> Any:
@@ -50,14 +55,69 @@ def _openapi_to_jsonschema(node: Any) -> Any:
     return node
 
 
-def _crd_schema(file: str) -> dict[str, Any]:
-    crd = yaml.safe_load((DATA / file).read_text())
+def _crd_openapi(path: Path) -> dict[str, Any]:
+    crd = yaml.safe_load(path.read_text())
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    return _openapi_to_jsonschema(version["schema"]["openAPIV3Schema"])  # type: ignore[no-any-return]
+    return version["schema"]["openAPIV3Schema"]  # type: ignore[no-any-return]
 
 
+def _crd_schema(file: str, data: Path = DATA) -> dict[str, Any]:
+    return _openapi_to_jsonschema(_crd_openapi(data / file))  # type: ignore[no-any-return]
+
+
+GATEWAY_DATA = Path(__file__).parent / "data" / "gateway-api"
+HTTPROUTE_OPENAPI = _crd_openapi(GATEWAY_DATA / "httproutes.crd.yaml")
 SCHEMAS = {"VirtualService": _crd_schema("virtualservices.crd.yaml"),
-           "DestinationRule": _crd_schema("destinationrules.crd.yaml")}
+           "DestinationRule": _crd_schema("destinationrules.crd.yaml"),
+           "HTTPRoute": _crd_schema("httproutes.crd.yaml", GATEWAY_DATA)}
+DEFAULTED = {"HTTPRoute": HTTPROUTE_OPENAPI}  # kinds stored with their schema's defaults
+
+
+def apply_defaults(schema: dict[str, Any], obj: Any) -> Any:
+    """Structural defaulting, as the API server does before validation and storage."""
+    if isinstance(obj, dict) and schema.get("type") == "object":
+        props = schema.get("properties") or {}
+        out = dict(obj)
+        for name, sub in props.items():
+            if name not in out and "default" in sub:
+                out[name] = copy.deepcopy(sub["default"])
+            if name in out:
+                out[name] = apply_defaults(sub, out[name])
+        return out
+    if isinstance(obj, list) and "items" in schema:
+        return [apply_defaults(schema["items"], x) for x in obj]
+    return obj
+
+
+_CEL: dict[str, Any] = {}
+
+
+def cel_violations(schema: dict[str, Any], obj: Any, where: str = "") -> list[str]:
+    """Every x-kubernetes-validations rule of `schema` that `obj` breaks, evaluated with
+    cel-python on the defaulted object, as `where: message`."""
+    import celpy
+
+    out: list[str] = []
+    for rule in schema.get("x-kubernetes-validations") or []:
+        prg = _CEL.get(rule["rule"])
+        if prg is None:
+            env = celpy.Environment()
+            prg = _CEL[rule["rule"]] = env.program(env.compile(rule["rule"]))
+        try:
+            ok = prg.evaluate({"self": celpy.json_to_cel(obj)})
+        except Exception as e:  # a rule that cannot be evaluated on this object fails it
+            ok = False
+            rule = {**rule, "message": f"{rule.get('message', rule['rule'])} ({e})"}
+        if not (isinstance(ok, celpy.celtypes.BoolType) and bool(ok)):
+            out.append(f"{where or '(root)'}: {rule.get('message', rule['rule'])}")
+    if isinstance(obj, dict):
+        for name, sub in (schema.get("properties") or {}).items():
+            if name in obj:
+                out += cel_violations(sub, obj[name], f"{where}.{name}" if where else name)
+    elif isinstance(obj, list) and "items" in schema:
+        for i, x in enumerate(obj):
+            out += cel_violations(schema["items"], x, f"{where}[{i}]")
+    return out
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -88,6 +148,9 @@ class KubeApiDouble:
     #   plural, named: every request, for checking RBAC against what is really used
     fail_next: list[int] = field(default_factory=list)  # statuses to answer next writes with
     before_write: Callable[[str, str, str], None] | None = None
+    validated: list[tuple[str, str | None]] = field(default_factory=list)  # every write's
+    #   kind and schema problem (None: valid)
+    cel_checked: int = 0
     _rv: itertools.count[int] = field(default_factory=lambda: itertools.count(1000))
     _runner: web.AppRunner | None = None
 
@@ -109,6 +172,8 @@ class KubeApiDouble:
     def put(self, plural: str, namespace: str, obj: dict[str, Any]) -> dict[str, Any]:
         """Store an object as a user's `kubectl apply` would (schema-checked)."""
         kind = next(k for (g, v, p), k in KINDS.items() if p == plural)
+        if kind in DEFAULTED:
+            obj = apply_defaults(DEFAULTED[kind], obj)
         problem = self._invalid(kind, obj)
         assert problem is None, problem
         obj = copy.deepcopy(obj)
@@ -130,12 +195,17 @@ class KubeApiDouble:
             return None
         errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(obj),
                         key=lambda e: list(e.path))
+        name = f'{kind}.{GROUPS[kind]} "{obj.get("metadata", {}).get("name")}" is invalid: '
         if not errors:
+            if kind in DEFAULTED:
+                broken = cel_violations(DEFAULTED[kind], obj)
+                self.cel_checked += 1
+                if broken:
+                    return name + "; ".join(broken)
             return None
         e = errors[0]
         where = ".".join(str(p) for p in e.path) or "(root)"
-        return f'{kind}.networking.istio.io "{obj.get("metadata", {}).get("name")}" is invalid: ' \
-               f"{where}: {e.message}"
+        return f"{name}{where}: {e.message}"
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         parts = [p for p in request.path.split("/") if p]
@@ -238,7 +308,11 @@ class KubeApiDouble:
         meta = obj.setdefault("metadata", {})
         if meta.get("name", name) != name:
             return status(400, "BadRequest", "the name of the object does not match the URL")
+        if kind in DEFAULTED:
+            obj = apply_defaults(DEFAULTED[kind], obj)
+            meta = obj["metadata"]
         problem = self._invalid(kind, obj)
+        self.validated.append((kind, problem))
         if problem:
             return status(422, "Invalid", problem)
         meta.update(name=name, namespace=ns)

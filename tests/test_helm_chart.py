@@ -20,7 +20,9 @@ from canary.engine import decide
 from canary.errors import Conflict
 from canary.kube import api_client
 from canary.leader import LeaderElector
+from canary.routers.gateway import GatewayRouter
 from canary.routers.istio import IstioRouter
+from canary.shapes import Shape
 from canary.store.kubernetes import KubernetesStore
 from tests.helpers import eventually, simple_policy, tokens
 from tests.kubeapi import KubeApiDouble
@@ -28,7 +30,11 @@ from tests.test_istio import DR, NS, VS, target
 
 CHART = Path(__file__).resolve().parent.parent / "charts" / "canary"
 K8S_VERSION = "1.30.0"
-TARGETS = {"api": {"router": "istio", "namespace": "prod", "virtual_service": "api",
+TARGETS = {"shop": {"router": "gateway", "namespace": "prod", "http_route": "shop",
+                    "rule": "primary", "stable": {"name": "shop-stable", "port": 8080},
+                    "canary": {"name": "shop-canary", "port": 8080}, "policy": "standard",
+                    "vars": {"service": "shop"}},
+           "api": {"router": "istio", "namespace": "prod", "virtual_service": "api",
                    "route": "primary",
                    "stable": {"host": "api.prod.svc.cluster.local", "subset": "stable"},
                    "canary": {"host": "api.prod.svc.cluster.local", "subset": "canary"},
@@ -212,6 +218,14 @@ async def used_verbs(tmp_path: Path) -> set[tuple[str, str, str]]:
         await router.check()
         await router.set_weight(10)
         await router.get_weight()
+        from tests.test_shapes import ROUTE, gateway_target
+        kube.put("httproutes", NS, ROUTE)
+        gw = GatewayRouter(gateway_target(), api)
+        await gw.check()
+        await gw.set_weight(0, shape=Shape(mirror=10).key())
+        await gw.get_shape()
+        await gw.set_weight(10)
+        await gw.get_weight()
 
         async def nothing() -> None:
             return None

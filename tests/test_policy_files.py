@@ -153,7 +153,7 @@ def test_controller_config_is_checked_with_its_policies(tmp_path):
     cases = {
         "policy": ("nope", "targets.web.policy: no policy named 'nope'"),
         "vars": ("{}", "targets.web.vars: policy 'p' uses service; add them to vars"),
-        "router": ("haproxy", "targets.web.router: must be nginx or istio"),
+        "router": ("haproxy", "targets.web.router: must be nginx, istio or gateway"),
         "tokens": ('    - {name: ci, sha256: "abc", role: pipeline}',
                    "auth.tokens[0].sha256: must be 64 hex digits"),
     }

@@ -31,7 +31,7 @@ from canary import history, jsonsafe
 from canary.api import bodies, ui, watch
 from canary.api.auth import Forbidden, Unauthorized, authenticate
 from canary.api.openapi import SPEC
-from canary.config import NginxTarget, Role, Token
+from canary.config import GatewayTarget, NginxTarget, Role, Token
 from canary.engine.controller import Controller
 from canary.errors import Conflict, InvalidInput, NotFound, TransientError, UserError
 from canary.leader import LeaderElector
@@ -356,6 +356,8 @@ async def targets(request: web.Request) -> web.Response:
         if isinstance(t, NginxTarget):
             item.update(file=str(t.file), upstream=t.upstream, stable=list(t.stable),
                         canary=list(t.canary))
+        elif isinstance(t, GatewayTarget):
+            item.update(namespace=t.namespace, http_route=t.http_route, rule=t.rule)
         else:
             item.update(namespace=t.namespace, virtual_service=t.virtual_service, route=t.route)
         router = ctl.routers.get(name)

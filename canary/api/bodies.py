@@ -129,7 +129,7 @@ class RolloutList(BaseModel):
 
 class TargetView(BaseModel):
     name: str
-    router: Literal["nginx", "istio"]
+    router: Literal["nginx", "istio", "gateway"]
     policy: str | None
     vars: dict[str, str]
     stable_version: str | None
@@ -142,6 +142,8 @@ class TargetView(BaseModel):
     namespace: str | None = None
     virtual_service: str | None = None
     route: str | None = None
+    http_route: str | None = None
+    rule: str | int | None = None
 
 
 class TargetList(BaseModel):

@@ -26,7 +26,7 @@ from functools import partial
 
 import aiohttp
 
-from canary import faults, history, hooks
+from canary import faults, history, hooks, shapes
 from canary import policy as policy_mod
 from canary.clock import Clock
 from canary.config import Target
@@ -229,6 +229,9 @@ class Controller:
                 raise InvalidInput(f"{field_name}: {value!r} must be 1-128 letters, digits or "
                                    "._:+- starting with a letter or digit")
         await self.routers[target].check()
+        wanted = [sh for sh in (policy_mod.stage_shape(s) for s in pol.stages) if sh]
+        if wanted:
+            await self.routers[target].check_shapes(wanted)
         if target in self.warnings:
             message = await self._check_unexplained(target)
             if message:
@@ -379,6 +382,17 @@ class Controller:
         leave the traffic alone. Re-checked on every start and readiness probe."""
         router = self.routers.get(target)
         live = await router.get_weight() if router else None
+        leftover = await self._leftover_shape(router) if router is not None and not live \
+            else None
+        if leftover is not None:
+            message = (f"target {target} carries {shapes.describe(leftover)} that canary added, "
+                       "but no active rollout: the state store may be missing or replaced. "
+                       "canary leaves it alone; remove it by hand (see README: Traffic shapes) "
+                       "before starting a rollout here")
+            if self.warnings.get(target) != message:
+                log.error(message, extra={"target": target})
+            self.warnings[target] = message
+            return message
         last = None
         if live:
             finished = await self.store.list(target=target, limit=1, events=False,
@@ -401,6 +415,16 @@ class Controller:
             log.error(message, extra={"target": target})
         self.warnings[target] = message
         return message
+
+    @staticmethod
+    async def _leftover_shape(router: Router) -> str | None:
+        """A match rule or mirror canary added, still in the router (None: none, or
+        unreadable now)."""
+        try:
+            key = await router.get_shape()
+        except RouterError:
+            return None
+        return None if key is None or key.startswith(shapes.EDITED) else key
 
     async def unexplained(self) -> dict[str, str]:
         """The current warnings, each re-checked (on-call may have fixed the router)."""
@@ -546,7 +570,7 @@ class Controller:
                             decide.command, policy=pol, cmd=cmd, now=self.clock.now()))
                     self._pending_abort.pop(rollout_id, None)
                 live = await router.get_weight()
-                if live == 0 and r.weight != 0:
+                if live == 0 and (r.weight != 0 or r.shape is not None):
                     # a rollback made while the store could not record it, kept by the router
                     note = await router.decision()
                     if note:
@@ -556,17 +580,25 @@ class Controller:
                             break
                 r = await self._update(rollout_id, partial(decide.observed, weight=live,
                                                            now=self.clock.now()))
+                try:
+                    live_shape = await router.get_shape()
+                except RouterError:
+                    pass  # unreadable now: the weight's read-back already says so
+                else:
+                    r = await self._update(rollout_id, partial(
+                        decide.observed_shape, shape=live_shape, now=self.clock.now()))
                 now = self.clock.now()
                 router_paused = r.state is Phase.PAUSED and r.pause_kind is PauseKind.ROUTER
                 # weights changed outside canary are on-call's call: never fight them
                 drift_paused = r.state is Phase.PAUSED and r.pause_kind is PauseKind.DRIFT
+                want_shape = decide.wanted_shape(r, pol)
                 if not drift_paused and (router_paused or r.weight != r.applied_weight
-                                         or not forced):
+                                         or want_shape != r.applied_shape or not forced):
                     want = decide.stage_weight(r, pol) if router_paused else r.weight
                     if not router_paused or now >= next_router_try:
                         faults.point("before_apply")
                         try:
-                            await router.set_weight(want)
+                            await router.set_weight(want, shape=want_shape)
                         except RouterError as e:
                             self.metrics.router_errors.labels(r.target).inc()
                             r = await self._update(rollout_id, partial(
@@ -582,7 +614,8 @@ class Controller:
                             forced = True
                             backoff.reset()
                             step = (partial(decide.router_recovered, policy=pol)
-                                    if router_paused else decide.applied)
+                                    if router_paused else partial(decide.applied,
+                                                                  shape=want_shape))
                             await self._update(rollout_id, partial(step, weight=want,
                                                                    now=self.clock.now()))
                             continue
@@ -612,7 +645,8 @@ class Controller:
                     break
                 router_paused = r.state is Phase.PAUSED and r.pause_kind is PauseKind.ROUTER
                 drift_paused = r.state is Phase.PAUSED and r.pause_kind is PauseKind.DRIFT
-                if r.weight != r.applied_weight and not (router_paused or drift_paused):
+                if (r.weight != r.applied_weight or decide.wanted_shape(r, pol) != r.applied_shape) \
+                        and not (router_paused or drift_paused):
                     continue
                 now = self.clock.now()
                 if next_eval <= now:
@@ -662,7 +696,8 @@ class Controller:
                     r = decide.readings(r, pol, rd, self.clock.now())
                 else:
                     next_eval = now  # an abort came first; measure again after it
-            if r.state is Phase.ROLLING_BACK and r.applied_weight != 0:
+            if r.state is Phase.ROLLING_BACK and (r.applied_weight != 0
+                                                  or r.applied_shape is not None):
                 try:
                     await router.set_weight(0, decision=decide.decision_note(r))
                 except RouterError as e:
@@ -670,7 +705,7 @@ class Controller:
                     log.error(f"rollback could not reach the router either: {e}",
                               extra={"rollout": rollout_id, "target": r.target})
                 else:
-                    r = decide.applied(r, 0, self.clock.now())
+                    r = decide.applied(r, 0, self.clock.now(), shape=None)
                     log.warning(f"rolled back while the state store cannot be written: "
                                 f"{r.reason}; saved once the store is back",
                                 extra={"rollout": rollout_id, "target": r.target})

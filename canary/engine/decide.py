@@ -7,10 +7,12 @@ that failed, an on-call command) comes back through here.
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 from dataclasses import replace
 
+from canary import shapes
 from canary.errors import Conflict
 from canary.gates import sequential
 from canary.model import (
@@ -32,6 +34,7 @@ from canary.policy import (
     Policy,
     ThresholdGate,
     format_duration,
+    stage_shape,
 )
 
 # A rollout's events are bounded in number and in text, so its stored record (rewritten at
@@ -132,11 +135,12 @@ def start(*, rollout_id: str, target: str, policy: Policy, canary_version: str,
     r = Rollout(id=rollout_id, target=target, policy=policy.name, policy_spec=policy.to_dict(),
                 canary_version=canary_version, stable_version=stable_version,
                 state=Phase.PROGRESSING, stage=0, weight=first.weight, started_at=now,
-                updated_at=now, gates=fresh_gates(policy, 0))
+                updated_at=now, gates=fresh_gates(policy, 0), shape=_shape_key(policy, 0))
     asked = policy.hooks("pre-rollout")
     if asked:
-        # no traffic moves before every pre-rollout hook has said yes
-        r = replace(r, weight=0, pre_rollout=True, gates=tuple(
+        # no traffic moves (no weight, no match rule, no mirror) before every pre-rollout
+        # hook has said yes
+        r = replace(r, weight=0, shape=None, pre_rollout=True, gates=tuple(
             GateStatus(name=HOOK_PREFIX + h.name, min=None, max=None) for h in asked))
         return _event(r, now, "start",
                       f"rollout of {canary_version} on {target} with policy {policy.name}; "
@@ -144,7 +148,19 @@ def start(*, rollout_id: str, target: str, policy: Policy, canary_version: str,
                       f"({', '.join(h.name for h in asked)}) answer 2xx", actor)
     return _event(r, now, "start",
                   f"rollout of {canary_version} on {target} with policy {policy.name}, "
-                  f"weight {first.weight}", actor)
+                  f"{_traffic(r)}", actor)
+
+
+def _shape_key(policy: Policy, stage: int) -> str | None:
+    shape = stage_shape(policy.stages[stage]) if 0 <= stage < len(policy.stages) else None
+    return shape.key() if shape else None
+
+
+def _traffic(r: Rollout) -> str:
+    """What the stage sends to the canary, in words."""
+    if r.shape is None:
+        return f"weight {r.weight}"
+    return f"weight 0 for users, {shapes.describe(r.shape)}"
 
 
 def _enter_stage(r: Rollout, policy: Policy, stage: int, now: float, actor: str,
@@ -153,13 +169,13 @@ def _enter_stage(r: Rollout, policy: Policy, stage: int, now: float, actor: str,
     r = replace(r, stage=stage, weight=weight, stage_since=None, state=Phase.PROGRESSING,
                 pre_rollout=False,
                 pause_kind=None, paused_at=None, reason=None,
-                gates=fresh_gates(policy, stage, r.gates))
-    return _event(r, now, "stage", f"stage {stage}: weight {weight} ({why})", actor)
+                gates=fresh_gates(policy, stage, r.gates), shape=_shape_key(policy, stage))
+    return _event(r, now, "stage", f"stage {stage}: {_traffic(r)} ({why})", actor)
 
 
 def _roll_back(r: Rollout, now: float, reason: str, actor: str = "controller") -> Rollout:
     r = replace(r, state=Phase.ROLLING_BACK, weight=0, reason=reason, pause_kind=None,
-                paused_at=None, finishing=False)
+                paused_at=None, finishing=False, shape=None)
     r = _event(r, now, "rollback", reason, actor)
     return _finish_if_done(r, now)
 
@@ -171,7 +187,7 @@ def _pause(r: Rollout, now: float, kind: PauseKind, reason: str) -> Rollout:
 
 def _finish_if_done(r: Rollout, now: float) -> Rollout:
     """Final states are reported only once the router carries their weight."""
-    if r.state is Phase.ROLLING_BACK and r.applied_weight == 0:
+    if r.state is Phase.ROLLING_BACK and r.applied_weight == 0 and r.applied_shape is None:
         return _event(replace(r, state=Phase.ROLLED_BACK), now, "rolled_back",
                       "all traffic on stable")
     if r.finishing and r.applied_weight == 100 and r.weight == 100 and not r.state.final:
@@ -219,7 +235,10 @@ def command(r: Rollout, policy: Policy, cmd: Command, now: float) -> Rollout:
             raise Conflict(f"rollout {r.id} waits for approval at weight {r.weight}; "
                            "promote it to continue, or abort it")
         target_weight = stage_weight(r, policy)
-        if r.weight != target_weight or r.applied_weight != r.weight:
+        if r.shape is None and not r.finishing:
+            r = replace(r, shape=_shape_key(policy, r.stage))
+        if (r.weight != target_weight or r.applied_weight != r.weight
+                or r.applied_shape != r.shape):
             # the weight in force is not this stage's: re-apply it and serve the hold anew
             r = replace(r, weight=target_weight, stage_since=None)
         elif r.stage_since is not None and r.paused_at is not None:
@@ -231,7 +250,7 @@ def command(r: Rollout, policy: Policy, cmd: Command, now: float) -> Rollout:
     last = len(policy.stages) - 1
     if cmd.full or r.stage >= last:
         r = replace(r, stage=last, weight=100, finishing=True, state=Phase.PROGRESSING,
-                    pause_kind=None, paused_at=None, reason=None, pre_rollout=False,
+                    pause_kind=None, paused_at=None, reason=None, pre_rollout=False, shape=None,
                     stage_since=r.stage_since if r.weight == 100 else None)
         r = _event(r, now, "promote", f"{cmd.reason} (to 100%)", cmd.actor)
         return _finish_if_done(r, now)
@@ -267,19 +286,65 @@ def adopt_rollback(r: Rollout, note: str, now: float) -> Rollout:
     if r.state is not Phase.ROLLING_BACK:
         r = _roll_back(r, now, note[len(prefix):] + " (decided while the state store could "
                                                    "not be written)")
-    return applied(r, 0, now)
+    return applied(r, 0, now, shape=None)  # (a write of weight 0 removes every shape)
 
 
 
 
-def applied(r: Rollout, weight: int, now: float) -> Rollout:
-    """The router confirmed it carries `weight`."""
+class _Keep(enum.Enum):
+    KEEP = 0
+
+
+KEEP = _Keep.KEEP
+
+
+def applied(r: Rollout, weight: int, now: float, *,
+            shape: str | _Keep | None = KEEP) -> Rollout:
+    """The router confirmed it carries `weight` (and `shape`, when given: the match rule
+    or mirror it carries, None for none)."""
     if r.state.final:
         return r
-    r = replace(r, applied_weight=weight, updated_at=now)
-    if weight == r.weight and r.stage_since is None:
+    r = replace(r, applied_weight=weight, updated_at=now,
+                applied_shape=r.applied_shape if shape is KEEP else shape)
+    if weight == r.weight and r.applied_shape == r.shape and r.stage_since is None:
         r = replace(r, stage_since=now)
     return _finish_if_done(r, now)
+
+
+def observed_shape(r: Rollout, shape: str | None, now: float) -> Rollout:
+    """The match rule or mirror the router carries, read back every interval. As with
+    weights, a change made outside canary (someone removed canary's match rule) is drift:
+    recorded and paused, never fought, except while rolling back."""
+    if r.state.final or shape == r.applied_shape:
+        return r
+    if shape == r.shape and r.applied_weight is not None:
+        # a write that landed before a crash
+        return applied(r, r.applied_weight, now, shape=shape)
+    expected = r.applied_shape
+    r = replace(r, applied_shape=shape, updated_at=now)
+    if r.state is Phase.ROLLING_BACK:
+        return _event(r, now, "drift", f"router carries {shapes.describe(shape)} while rolling "
+                                       "back; removing it")
+    message = (f"router carries {shapes.describe(shape)}, expected "
+               f"{shapes.describe(expected)}; changed outside canary. Resume to re-apply "
+               f"{shapes.describe(r.shape)}, or abort to roll back")
+    r = _event(r, now, "drift", message)
+    if r.state is Phase.PAUSED and r.pause_kind is not PauseKind.DRIFT:
+        return replace(r, pause_kind=PauseKind.DRIFT, reason=f"drift: {message}; "
+                                                            f"before that: {r.reason}")
+    if r.state is Phase.PAUSED:
+        return r
+    return _pause(r, now, PauseKind.DRIFT, f"drift: {message}")
+
+
+def wanted_shape(r: Rollout, policy: Policy) -> str | None:
+    """The shape the router should carry with the weight `apply` writes: the stage's
+    while it runs; none while rolling back, finishing or once final."""
+    if r.state.final or r.state is Phase.ROLLING_BACK or r.finishing:
+        return None
+    if r.state is Phase.PAUSED and r.pause_kind is PauseKind.ROUTER:
+        return _shape_key(policy, r.stage)
+    return r.shape
 
 
 def apply_failed(r: Rollout, policy: Policy, error: str, now: float) -> Rollout:
@@ -321,7 +386,9 @@ def router_recovered(r: Rollout, policy: Policy, weight: int, now: float) -> Rol
     if r.state is not Phase.PAUSED or r.pause_kind is not PauseKind.ROUTER:
         return applied(r, weight, now)
     r = replace(r, state=Phase.PROGRESSING, pause_kind=None, paused_at=None, reason=None,
-                weight=weight, applied_weight=weight, stage_since=now)
+                weight=weight, applied_weight=weight, stage_since=now,
+                shape=_shape_key(policy, r.stage) if not r.finishing else None)
+    r = replace(r, applied_shape=r.shape)
     r = _event(r, now, "router_recovered", f"weight {weight} applied; continuing")
     return _finish_if_done(r, now)
 

@@ -87,7 +87,7 @@ class DryRun:
         r = decide.start(rollout_id="dry-run", target="dry-run", policy=policy,
                          canary_version="canary", stable_version="stable", now=0.0,
                          actor="dry-run")
-        self.r: Rollout = decide.applied(r, r.weight, 0.0)
+        self.r: Rollout = decide.applied(r, r.weight, 0.0, shape=r.shape)
 
     @property
     def weight(self) -> int:
@@ -118,8 +118,8 @@ class DryRun:
         if r.state is Phase.PAUSED and r.pause_kind is PauseKind.APPROVAL:
             r = decide.command(r, self.policy, Command(CommandKind.PROMOTE, "dry-run",
                                                        "approved"), t)
-        if r.weight != r.applied_weight:
-            r = decide.tick(decide.applied(r, r.weight, t), self.policy, t)
+        if r.weight != r.applied_weight or r.shape != r.applied_shape:
+            r = decide.tick(decide.applied(r, r.weight, t, shape=r.shape), self.policy, t)
         self.r = r
         if r.state is Phase.ROLLED_BACK:
             return "inconclusive" if (r.reason or "").startswith("no progress") else \

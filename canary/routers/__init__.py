@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from canary.config import Target
+from canary.shapes import Shape
 
 
 class Router(Protocol):
@@ -12,10 +14,24 @@ class Router(Protocol):
         """The canary's live share in percent; None when it cannot be read."""
         ...
 
-    async def set_weight(self, weight: int, *, decision: str | None = None) -> None:
+    async def set_weight(self, weight: int, *, decision: str | None = None,
+                         shape: str | None = None) -> None:
         """Put `weight` percent on the canary, idempotently; RouterError if it cannot.
         `decision` is kept in the router's own state beside the weight (a rollback made
-        while the state store could not record it); any later write without one clears it."""
+        while the state store could not record it); any later write without one clears it.
+        `shape` (a shapes.Shape key) is a match stage's rule or a mirror stage's mirror,
+        written with the weight; without one, whatever canary added is removed, leaving
+        the route exactly as the user wrote it."""
+        ...
+
+    async def get_shape(self) -> str | None:
+        """The shape key canary's additions carry now (None: none); a key starting with
+        shapes.EDITED when they were changed by someone else. RouterError when unreadable."""
+        ...
+
+    async def check_shapes(self, shapes: Sequence[Shape]) -> None:
+        """Before a rollout with match or mirror stages starts: can this router apply them?
+        InvalidInput says what to configure."""
         ...
 
     async def decision(self) -> str | None:
@@ -31,7 +47,7 @@ class Router(Protocol):
 def for_target(target: Target, *, kube_api: Any = None) -> Router:
     """Map the config's `router:` name to its class. `kube_api` is a kubernetes ApiClient
     (canary.kube.api_client), needed by the istio router."""
-    from canary.config import IstioTarget, NginxTarget
+    from canary.config import GatewayTarget, IstioTarget, NginxTarget
     from canary.errors import RouterError
 
     if isinstance(target, NginxTarget):
@@ -45,4 +61,11 @@ def for_target(target: Target, *, kube_api: Any = None) -> Router:
             raise RouterError(f"target {target.name}: the istio router needs Kubernetes "
                               "credentials (in-cluster, KUBECONFIG or ~/.kube/config)")
         return IstioRouter(target, kube_api)
+    if isinstance(target, GatewayTarget):
+        from canary.routers.gateway import GatewayRouter
+
+        if kube_api is None:
+            raise RouterError(f"target {target.name}: the gateway router needs Kubernetes "
+                              "credentials (in-cluster, KUBECONFIG or ~/.kube/config)")
+        return GatewayRouter(target, kube_api)
     raise RouterError(f"unknown router for target {target!r}")

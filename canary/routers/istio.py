@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from canary import kube
+from canary import kube, shapes
 from canary.config import IstioDestination, IstioTarget
 from canary.errors import InvalidInput, NotFound, RouterError, StoreConflict
 from canary.executors import Pool
@@ -23,6 +24,30 @@ from canary.executors import Pool
 GROUP, VERSION = "networking.istio.io", "v1"
 # a rollback decided while the state store could not record it; cleared by the next write
 DECISION = "canary.dev/decision"
+# the match or mirror canary added (a shapes.Shape key); removed with what it added
+SHAPE = "canary.dev/shape"
+MATCH_ROUTE = "canary-match"  # the name of canary's own http route, at the top
+
+
+def _istio_value(c: shapes.Condition) -> dict[str, str]:
+    return {c.how: c.value}
+
+
+def header_match(shape: shapes.Shape) -> dict[str, dict[str, str]]:
+    """A match stage's headers and cookie as an Istio `headers` match."""
+    out = {r.name: _istio_value(r.condition) for r in shape.headers}
+    for r in shape.cookies:
+        out["cookie"] = {"regex": shapes.cookie_regex(r.name, r.condition)}
+    return out
+
+
+def shape_problem(shape: shapes.Shape) -> str | None:
+    """What a mesh matching on whole headers cannot do with this shape."""
+    if len(shape.cookies) > 1:
+        return "match at most one cookie per stage (both match the one Cookie header)"
+    if shape.cookies and any(r.name == "cookie" for r in shape.headers):
+        return "match either the cookie header or a cookie, not both"
+    return None
 
 
 def _matches(route_dest: dict[str, Any], want: IstioDestination) -> bool:
@@ -79,7 +104,8 @@ class IstioRouter:
             raise kube.describe(e, what) from e
 
     def route(self, vs: dict[str, Any]) -> dict[str, Any]:
-        routes = (vs.get("spec") or {}).get("http") or []
+        routes = [r for r in (vs.get("spec") or {}).get("http") or []
+                  if r.get("name") != MATCH_ROUTE]
         if not routes:
             raise InvalidInput(f"{self._what} has no http routes")
         if self.target.route is None:
@@ -131,7 +157,8 @@ class IstioRouter:
         value = ((vs.get("metadata") or {}).get("annotations") or {}).get(DECISION)
         return str(value) if value else None
 
-    async def set_weight(self, weight: int, *, decision: str | None = None) -> None:
+    async def set_weight(self, weight: int, *, decision: str | None = None,
+                         shape: str | None = None) -> None:
         async with self._lock:
             try:
                 async for attempt in AsyncRetrying(
@@ -140,7 +167,7 @@ class IstioRouter:
                     reraise=True,
                 ):
                     with attempt:
-                        await self._write(weight, decision)
+                        await self._write(weight, decision, shape)
             except StoreConflict as e:
                 raise RouterError(f"{self._what} kept changing under us: {e}") from e
             except (NotFound, InvalidInput) as e:
@@ -149,9 +176,108 @@ class IstioRouter:
             if live != weight:
                 raise RouterError(f"{self._what}: wrote canary weight {weight} but read back {live}")
 
-    async def _write(self, weight: int, decision: str | None = None) -> None:
+    def _canary_dest(self) -> dict[str, str]:
+        d = {"host": self.target.canary.host}
+        if self.target.canary.subset:
+            d["subset"] = self.target.canary.subset
+        return d
+
+    def _match_route(self, shape: shapes.Shape, driven: dict[str, Any]) -> dict[str, Any]:
+        ours = header_match(shape)
+        matches = [{**copy.deepcopy(m), "headers": {**(m.get("headers") or {}), **ours}}
+                   for m in driven.get("match") or []] or [{"headers": ours}]
+        return {"name": MATCH_ROUTE, "match": matches,
+                "route": [{"destination": self._canary_dest()}]}
+
+    def _strip(self, vs: dict[str, Any]) -> None:
+        """Remove what canary added for a shape, leaving the user's routes as they wrote
+        them (a match route canary did not record is someone's edit: left for drift)."""
+        meta = vs.get("metadata") or {}
+        key = (meta.get("annotations") or {}).get(SHAPE)
+        if key is None:
+            return
+        shape = shapes.from_key(key)
+        http = (vs.get("spec") or {}).get("http") or []
+        if http and http[0].get("name") == MATCH_ROUTE:
+            del http[0]
+        if shape is not None and shape.mirror is not None:
+            driven = self.route(vs)
+            driven.pop("mirror", None)
+            driven.pop("mirrorPercentage", None)
+        del meta["annotations"][SHAPE]
+        if not meta["annotations"]:
+            del meta["annotations"]
+
+    def _add(self, vs: dict[str, Any], key: str) -> None:
+        shape = shapes.from_key(key)
+        if shape is None:
+            raise InvalidInput(f"not a shape canary writes: {key}")
+        driven = self.route(vs)
+        if shape.mirror is not None:
+            if "mirror" in driven or "mirrors" in driven:
+                raise InvalidInput(f"{self._what}: the route already mirrors traffic; canary "
+                                   "does not replace a mirror it did not add")
+            driven["mirror"] = self._canary_dest()
+            driven["mirrorPercentage"] = {"value": float(shape.mirror)}
+        else:
+            problem = shape_problem(shape)
+            if problem:
+                raise InvalidInput(f"{self._what}: {problem}")
+            vs["spec"]["http"].insert(0, self._match_route(shape, driven))
+        vs.setdefault("metadata", {}).setdefault("annotations", {})[SHAPE] = key
+
+    async def get_shape(self) -> str | None:
+        try:
+            vs = await self._call(self._what, self._get, "virtualservices",
+                                  self.target.virtual_service)
+        except (NotFound, StoreConflict) as e:
+            raise RouterError(str(e)) from e
+        key: str | None = ((vs.get("metadata") or {}).get("annotations") or {}).get(SHAPE)
+        http = (vs.get("spec") or {}).get("http") or []
+        ours = [r for r in http if r.get("name") == MATCH_ROUTE]
+        if key is None:
+            return (f"{shapes.EDITED}{self._what} has a route {MATCH_ROUTE!r} canary did not "
+                    "record" if ours else None)
+        shape = shapes.from_key(key)
+        try:
+            driven = self.route(vs)
+        except (NotFound, InvalidInput) as e:
+            return f"{shapes.EDITED}{e}"
+        if shape is None:
+            return f"{shapes.EDITED}{self._what} records a shape canary does not know: {key}"
+        if shape.mirror is not None:
+            if (driven.get("mirror") != self._canary_dest()
+                    or (driven.get("mirrorPercentage") or {}).get("value") != shape.mirror):
+                return (f"{shapes.EDITED}{self._what}: canary's mirror to the canary "
+                        f"({shape.mirror}%) was removed or changed")
+            return key
+        if not http or http[0] != self._match_route(shape, driven):
+            return (f"{shapes.EDITED}{self._what}: canary's match route {MATCH_ROUTE!r} was "
+                    "removed, moved or changed")
+        return key
+
+    async def check_shapes(self, wanted: Sequence[shapes.Shape]) -> None:
+        for shape in wanted:
+            problem = shape_problem(shape)
+            if problem:
+                raise InvalidInput(f"target {self.target.name}: {problem}")
+        if any(s.mirror is not None for s in wanted):
+            vs = await self._call(self._what, self._get, "virtualservices",
+                                  self.target.virtual_service)
+            driven = self.route(vs)
+            key = ((vs.get("metadata") or {}).get("annotations") or {}).get(SHAPE)
+            if ("mirror" in driven or "mirrors" in driven) and key is None:
+                raise InvalidInput(f"{self._what}: the route already mirrors traffic; a mirror "
+                                   "stage would replace it. Remove the mirror stage or the "
+                                   "route's mirror")
+
+    async def _write(self, weight: int, decision: str | None = None,
+                     shape: str | None = None) -> None:
         vs = await self._call(self._what, self._get, "virtualservices", self.target.virtual_service)
         new = copy.deepcopy(vs)
+        self._strip(new)
+        if shape is not None:
+            self._add(new, shape)
         stable, canary = self._destinations(self.route(new))
         stable["weight"], canary["weight"] = 100 - weight, weight
         meta = new.setdefault("metadata", {})

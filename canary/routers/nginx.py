@@ -10,9 +10,10 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
-from canary import faults
+from canary import faults, shapes
 from canary.config import NginxTarget
 from canary.errors import InvalidInput, RouterError
 from canary.executors import Pool
@@ -54,6 +55,92 @@ def render(target: NginxTarget, weight: int, decision: str | None = None) -> str
         lines.append(f"    server {addr} weight={wc};" if wc else f"    server {addr} down;")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+# ---- match and mirror stages: maps in `file`, a mirror in `server_file` -------------------
+
+_SHAPE = re.compile(r"^# canary-shape: (.*)$", re.M)
+
+
+def variable(target: NginxTarget, what: str) -> str:
+    """An nginx variable of this target's, e.g. `canary_web_upstream`."""
+    return f"canary_{re.sub(r'[^A-Za-z0-9_]', '_', target.upstream)}_{what}"
+
+
+def canary_upstream(target: NginxTarget) -> str:
+    return f"{target.upstream}__canary_only"
+
+
+def mirror_location(target: NginxTarget) -> str:
+    return f"/_canary_mirror_{re.sub(r'[^A-Za-z0-9_]', '_', target.upstream)}"
+
+
+def _quoted(text: str) -> str:
+    """A double-quoted nginx string holding `text` exactly."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _nginx_var(rule: shapes.Rule) -> str:
+    if rule.where == "cookie":
+        return f"$cookie_{rule.name}"
+    return "$http_" + rule.name.lower().replace("-", "_")
+
+
+def render_routes(target: NginxTarget, shape: shapes.Shape | None) -> str:
+    """The http-context part for shapes: an upstream of the canary's servers only, the
+    map choosing the upstream (`$canary_<upstream>_upstream`) and the mirror sample."""
+    up, chosen = canary_upstream(target), variable(target, "upstream")
+    lines = ["", "# match and mirror stages: the server block proxies to "
+             f"http://${chosen} (README: Traffic shapes)",
+             f"upstream {up} {{"]
+    lines += [f"    server {addr};" for addr in target.canary]
+    lines.append("}")
+    rules = shape.rules if shape else ()
+    for i, rule in enumerate(rules):
+        lines.append(f"map {_nginx_var(rule)} ${variable(target, f'm{i}')} {{ default \"\"; "
+                     f"{_quoted('~^(?:' + rule.condition.regex() + ')$')} 1; }}")
+    if rules:
+        joined = "".join(f"${variable(target, f'm{i}')}" for i in range(len(rules)))
+        lines.append(f'map "{joined}" ${chosen} {{ default {target.upstream}; '
+                     f'"{"1" * len(rules)}" {up}; }}')
+    else:
+        lines.append(f"map $host ${chosen} {{ default {target.upstream}; }}")
+    sample = variable(target, "mirror")
+    if shape is not None and shape.mirror is not None and shape.mirror < 100:
+        lines.append(f'split_clients "${{request_id}}" ${sample} {{ {shape.mirror}% 1; * ""; }}')
+    else:
+        every = "1" if shape is not None and shape.mirror else '""'
+        lines.append(f"map $host ${sample} {{ default {every}; }}")
+    return "\n".join(lines) + "\n"
+
+
+def render_server(target: NginxTarget, shape: shapes.Shape | None) -> str:
+    """The server-context file: during a mirror stage, the mirror and its location."""
+    lines = [f"# Written by canary for target {target.name}; include it in the server block.",
+             "# canary owns this file and rewrites it at every step."]
+    if shape is not None and shape.mirror is not None:
+        loc = mirror_location(target)
+        lines += [f"mirror {loc};",
+                  "mirror_request_body on;",
+                  f"location = {loc} {{",
+                  "    internal;",
+                  f'    if (${variable(target, "mirror")} = "") {{ return 204; }}',
+                  f"    proxy_pass http://{canary_upstream(target)}$request_uri;",
+                  "    proxy_set_header X-Canary-Mirror 1;",
+                  "}"]
+    return "\n".join(lines) + "\n"
+
+
+def render_all(target: NginxTarget, weight: int, decision: str | None,
+               shape: str | None) -> tuple[str, str | None]:
+    """Both files: (file, server_file or None when the target has none)."""
+    text = render(target, weight, decision)
+    if target.server_file is None:
+        return text, None
+    parsed = shapes.from_key(shape) if shape else None
+    if shape:
+        text = text.replace("upstream ", f"# canary-shape: {shape}\nupstream ", 1)
+    return text + render_routes(target, parsed), render_server(target, parsed)
 
 
 def parse_weight(target: NginxTarget, text: str) -> int | None:
@@ -101,33 +188,78 @@ class NginxRouter:
         m = _DECISION.search(text)
         return m.group(1).strip() if m else None
 
+    async def get_shape(self) -> str | None:
+        """The shape the files say, if they are exactly what canary wrote for it."""
+        if self.target.server_file is None:
+            return None
+        try:
+            text = await self._pool.run(self.target.file.read_text)
+            server = await self._pool.run(self.target.server_file.read_text)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise RouterError(f"cannot read {e.filename}: {e.strerror}") from e
+        m = _SHAPE.search(text)
+        if m is None:
+            return None  # no shape recorded: what is in force is a weight (or a hand edit)
+        key = m.group(1).strip()
+        weight = parse_weight(self.target, text)
+        d = _DECISION.search(text)
+        want = render_all(self.target, weight if weight is not None else 0,
+                          d.group(1).strip() if d else None, key)
+        if weight is None or want != (text, server):
+            return (f"{shapes.EDITED}the nginx files {self.target.file} and "
+                    f"{self.target.server_file} differ from what canary wrote for "
+                    f"{shapes.describe(key)}")
+        return key
+
+    async def check_shapes(self, wanted: Sequence[shapes.Shape]) -> None:
+        if self.target.server_file is None:
+            raise InvalidInput(f"target {self.target.name}: match and mirror stages need "
+                               "server_file, a file canary owns that the server block includes "
+                               "(see README: Traffic shapes)")
+        if not await self._pool.run(self.target.server_file.parent.is_dir):
+            raise InvalidInput(f"target {self.target.name}: directory "
+                               f"{self.target.server_file.parent} for server_file does not exist")
+
     async def check(self) -> None:
         if not await self._pool.run(self.target.file.parent.is_dir):
             raise InvalidInput(f"target {self.target.name}: directory {self.target.file.parent} "
                                "for the upstream file does not exist")
 
-    async def set_weight(self, weight: int, *, decision: str | None = None) -> None:
+    async def set_weight(self, weight: int, *, decision: str | None = None,
+                         shape: str | None = None) -> None:
+        if shape is not None and self.target.server_file is None:
+            raise RouterError(f"target {self.target.name} has no server_file; match and "
+                              "mirror stages need one")
         async with self._lock:
-            path = self.target.file
-            new = render(self.target, weight, decision)
-            try:
-                old: str | None = await self._pool.run(path.read_text)
-            except FileNotFoundError:
-                old = None
-            except OSError as e:
-                raise RouterError(f"cannot read {path}: {e.strerror}") from e
+            new, new_server = render_all(self.target, weight, decision, shape)
+            files = [(self.target.file, new)]
+            if self.target.server_file is not None and new_server is not None:
+                files.append((self.target.server_file, new_server))
+            olds: list[str | None] = []
+            for path, _ in files:
+                try:
+                    olds.append(await self._pool.run(path.read_text))
+                except FileNotFoundError:
+                    olds.append(None)
+                except OSError as e:
+                    raise RouterError(f"cannot read {path}: {e.strerror}") from e
             # Test and reload even when the file already says `weight`: a controller that
             # died between writing and reloading must still get nginx to load it.
-            if old != new:
-                await self._pool.run(_write_atomic, path, new)
-            faults.point("nginx_written")
+            written = []
             try:
+                for (path, text), old in zip(files, olds, strict=True):
+                    if old != text:
+                        written.append((path, old))
+                        await self._pool.run(_write_atomic, path, text)
+                faults.point("nginx_written")
                 await _run(self.target.test, "test")
                 faults.point("nginx_tested")
                 await _run(self.target.reload, "reload")
             except RouterError:
-                # keep the file saying what nginx really runs, so a retry writes it again
-                if old != new:
+                # keep the files saying what nginx really runs, so a retry writes them again
+                for path, old in reversed(written):
                     await self._pool.run(_restore, path, old)
                 raise
 

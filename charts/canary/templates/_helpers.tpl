@@ -42,3 +42,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- else -}}{{ trimSuffix "s" $d | int }}
 {{- end -}}
 {{- end -}}
+
+{{- define "canary.gatewayRules" -}}
+# exactly what the gateway router uses (tests/test_helm_chart.py checks it)
+- apiGroups: ["gateway.networking.k8s.io"]
+  resources: ["httproutes"]
+  verbs: ["get", "update"]
+{{- end -}}

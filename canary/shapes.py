@@ -1,0 +1,118 @@
+"""Traffic shapes other than a weight: a `match` stage (only requests with these headers
+or cookies reach the canary) and a `mirror` stage (a share of requests is copied to the
+canary, whose answers are discarded). Plain frozen values, shared by the policy, the
+engine and every router.
+
+A shape travels as its `key`: one canonical line of JSON, stored with the rollout (what
+canary wants, what the router is known to carry) and kept by each router beside what
+it wrote, so a router reads back exactly the shape it was given, or says it was edited.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+How = Literal["exact", "prefix", "regex"]
+Where = Literal["header", "cookie"]
+EDITED = "edited: "  # a live key that is no shape canary wrote
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One request property to compare: a header's or a cookie's value."""
+
+    how: How
+    value: str
+
+    def regex(self) -> str:
+        """The condition as a whole-value regular expression (RE2 and PCRE alike)."""
+        if self.how == "regex":
+            return self.value
+        escaped = re.escape(self.value)
+        return escaped + ".*" if self.how == "prefix" else escaped
+
+    def to_json(self) -> str | dict[str, str]:
+        return self.value if self.how == "exact" else {self.how: self.value}
+
+    def text(self) -> str:
+        return {"exact": "= {!r}", "prefix": "starts with {!r}",
+                "regex": "matches {!r}"}[self.how].format(self.value)
+
+
+@dataclass(frozen=True)
+class Rule:
+    where: Where
+    name: str        # a header's name in lower case, or a cookie's name
+    condition: Condition
+
+
+@dataclass(frozen=True)
+class Shape:
+    """`rules` (all must hold) for a match stage, or `mirror` percent for a mirror stage."""
+
+    rules: tuple[Rule, ...] = ()
+    mirror: int | None = None
+
+    @property
+    def headers(self) -> tuple[Rule, ...]:
+        return tuple(r for r in self.rules if r.where == "header")
+
+    @property
+    def cookies(self) -> tuple[Rule, ...]:
+        return tuple(r for r in self.rules if r.where == "cookie")
+
+    def key(self) -> str:
+        if self.mirror is not None:
+            return json.dumps({"mirror": self.mirror})
+        return json.dumps({"match": [[r.where, r.name, r.condition.how, r.condition.value]
+                                     for r in sorted(self.rules, key=_order)]},
+                          separators=(",", ":"))
+
+    def text(self) -> str:
+        if self.mirror is not None:
+            return f"mirror {self.mirror}% to the canary"
+        return "match " + " and ".join(f"{r.where} {r.name} {r.condition.text()}"
+                                       for r in sorted(self.rules, key=_order))
+
+
+def _order(r: Rule) -> tuple[str, str]:
+    return (r.where, r.name)
+
+
+def from_key(key: str) -> Shape | None:
+    """The shape a key stands for; None for anything else (an `edited` marker)."""
+    try:
+        data: Any = json.loads(key)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    if isinstance(data.get("mirror"), int):
+        return Shape(mirror=data["mirror"])
+    rules = data.get("match")
+    if not isinstance(rules, list):
+        return None
+    try:
+        return Shape(rules=tuple(Rule(w, n, Condition(h, v)) for w, n, h, v in rules))
+    except (TypeError, ValueError):
+        return None
+
+
+def describe(key: str | None) -> str:
+    """A shape key in words, for events and reasons."""
+    if key is None:
+        return "no match rule or mirror"
+    if key.startswith(EDITED):
+        return key[len(EDITED):]
+    shape = from_key(key)
+    return shape.text() if shape else key
+
+
+def cookie_regex(name: str, condition: Condition) -> str:
+    """A regular expression over the whole `Cookie` header that holds when the cookie
+    `name` satisfies `condition` (for routers that cannot match a cookie by name)."""
+    value = condition.regex()
+    return f"^(.*?;\\s*)?{re.escape(name)}=({value})(;.*)?$"
