@@ -517,14 +517,24 @@ async def test_an_errors_gate_reads_every_pod_of_a_counter_query():
                            "stable_requests": 100.0, "stable_errors": 100.0}
 
 
-@pytest.mark.parametrize("shared", [0.0, 1.0])
-def test_a_healthy_canary_watched_for_thousands_of_intervals_is_rarely_rolled_back(shared):
-    # the bound alpha is per rollout however long it is watched: 100 healthy canaries at a
-    # 5% share, 1,000 intervals (4 hours) each, steady or with bursts both versions share
-    # (variance 1: +-100%). (Wandering of each version on its own is not covered by the
-    # bound: docs/verdicts.md, bench/verdicts/longrun.py.)
-    from bench.verdicts.longrun import fires
+@pytest.mark.parametrize("shared,own,alone,share", [
+    (0.0, 0.0, 0.0, 0.05),    # steady (binomial)
+    (1.0, 0.0, 0.0, 0.05),    # bursts both versions share, variance 1 (+-100%)
+    (0.0, 0.25, 0.0, 0.05),   # each version wandering on its own, +-50%, at a 5% share...
+    (0.0, 0.25, 0.0, 0.25),   # ...and at 25%
+    (0.0, 0.0, 0.25, 0.05),   # the canary alone wandering +-50%
+])
+def test_a_healthy_canary_watched_for_thousands_of_intervals_is_rarely_rolled_back(
+        shared, own, alone, share):
+    # the bound alpha is per rollout however long it is watched, under each wandering
+    # model docs/verdicts.md claims: 100 healthy canaries at 200 requests/s, 0.5% errors,
+    # 1,000 intervals (4 hours) each. Ville's inequality bounds more than the firing: the
+    # evidence reaches 10 in at most 10% of them, which 100 runs can check with some power
+    # (an invalid allowance for wandering fired in 10% of such runs at 1/alpha = 100)
+    from bench.verdicts.longrun import highest
 
-    fired = sum(fires(shared, 0.0, share=0.05, rps=200, base=0.005, intervals=1000, seed=s)
-                for s in range(100))
-    assert fired <= 3, f"{fired} of 100 (alpha 0.01)"
+    top = [highest(shared, own, share=share, rps=200, base=0.005, intervals=1000, seed=s,
+                   canary_only=alone) for s in range(100)]
+    fired, ten = sum(m >= 100 for m in top), sum(m >= 10 for m in top)
+    assert fired <= 3, f"{fired} of 100 fired (alpha 0.01)"
+    assert ten <= 20, f"{ten} of 100 reached 10 (Ville: at most 10%)"

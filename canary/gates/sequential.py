@@ -41,8 +41,9 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-GRID = (1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)  # ratios of error rates, x tolerance
-NI_GRID = (0.25, 0.5, 0.75)              # ratios, x the non-inferiority margin
+GRID = (1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)  # ratios of error rates, x tolerance
+NI_GRID = (0.25, 0.5, 0.75, 0.9)        # ratios, x the non-inferiority margin
+AB_GRID = (0.05, 0.1, 0.25)            # error rates, x detect_rate
 DISPERSION_CAP = 3.0    # one interval pair's say in the spread estimate
 MAX_COUNTER = 1e15      # a quadrillion requests: anything above is not a counter
 MAX_SERIES = 2000       # per-series counters kept in the state (pods x 4 queries)
@@ -55,6 +56,12 @@ SPREAD_Z = 2.5          # standard errors added to the estimate
 # large, which is where the canary's estimate becomes precise.
 CANARY_MIN_ERRORS = 2.0
 CANARY_MIN_PAIRS = 4
+# The wandering the false-rollback bound allows for: each version's error rate may be
+# multiplied, every interval, by its own shock of mean 1 and variance up to WANDER
+# (gamma-distributed, or bounded within 1 +- sqrt(WANDER)): +-50%. See wander_penalty.
+WANDER = 0.25
+RATE_PRIOR = 2.0        # stable's rate estimate counts this many errors before any...
+RATE_CAP = 4.0          # ...and no interval counted above this x the estimate so far
 
 
 @dataclass(frozen=True)
@@ -77,24 +84,39 @@ class State:
     stage: dict[str, float] = field(default_factory=dict)  # this stage's totals
     first_at: float | None = None                          # when counting began
     ni: list[float] = field(default_factory=lambda: [0.0] * len(NI_GRID))  # log products
-    ab: list[float] = field(default_factory=lambda: [0.0] * len(NI_GRID))  # ...and absolute
+    ab: list[float] = field(default_factory=lambda: [0.0] * len(AB_GRID))  # ...and absolute
     disp: dict[str, float] = field(default_factory=dict)   # stable's spread estimate
     disp_c: dict[str, float] = field(default_factory=dict)  # the canary's
+    base: dict[str, float] = field(default_factory=dict)   # stable's rate, for the bound
 
     def to_json(self) -> dict[str, Any]:
         return {"last": self.last, "t": self.t, "s": self.s, "stage": self.stage,
                 "first_at": self.first_at, "ni": self.ni, "ab": self.ab, "disp": self.disp,
-                "disp_c": self.disp_c}
+                "disp_c": self.disp_c, "base": self.base}
 
     @classmethod
     def from_json(cls, d: dict[str, Any] | None) -> State:
         if not d:
             return cls()
         return cls(last=dict(d.get("last", {})), t=int(d.get("t", 0)),
-                   s=list(d.get("s", [0.0] * len(GRID))), stage=dict(d.get("stage", {})),
-                   first_at=d.get("first_at"), ni=list(d.get("ni", [0.0] * len(NI_GRID))),
-                   ab=list(d.get("ab", [0.0] * len(NI_GRID))),
-                   disp=dict(d.get("disp", {})), disp_c=dict(d.get("disp_c", {})))
+                   s=_fit(d.get("s"), GRID, front=True), stage=dict(d.get("stage", {})),
+                   first_at=d.get("first_at"), ni=_fit(d.get("ni"), NI_GRID),
+                   ab=_fit(d.get("ab"), AB_GRID),
+                   disp=dict(d.get("disp", {})), disp_c=dict(d.get("disp_c", {})),
+                   base=dict(d.get("base", {})))
+
+
+def _fit(xs: list[float] | None, grid: tuple[float, ...], front: bool = False) -> list[float]:
+    """A stored statistic, fitted to the grid of this version: one stored by a version
+    with one grid point fewer (1.1 was added in front of GRID, 0.9 behind NI_GRID) gets a
+    component that starts now (0 mass, or a log product of 0: adding a component that
+    starts late keeps the mixture an e-process); anything else starts afresh."""
+    xs = list(xs or [])
+    if len(xs) == len(grid):
+        return xs
+    if len(xs) == len(grid) - 1:
+        return [0.0, *xs] if front else [*xs, 0.0]
+    return [0.0] * len(grid)
 
 
 def _delta(new: float, old: float | None) -> float:
@@ -213,8 +235,65 @@ def ni_evidence(state: State) -> float:
     over its grid, so it is itself an e-process for a canary that is both at or above the
     margin and at or above detect_rate."""
     ratio = sum(math.exp(min(700.0, x)) for x in state.ni) / len(NI_GRID)
-    absolute = sum(math.exp(min(700.0, x)) for x in state.ab) / len(NI_GRID)
+    absolute = sum(math.exp(min(700.0, x)) for x in state.ab) / len(AB_GRID)
     return (ratio + absolute) / 2
+
+
+def wander_penalty(s: float, v: float = WANDER) -> float | None:
+    """The log of the most a bet of size s can gain from wandering alone.
+
+    A version serving n requests at error rate p x X (X a shock of mean 1) makes e errors;
+    given X, E[A^e] <= exp(n p X (A - 1)), binomial or Poisson. The interval's likelihood
+    ratio A^e_c B^e_s (A = pi_k/pi_0 = 1 + s/a (1 - pi_0), B = (1 - pi_k)/(1 - pi_0)) then has
+    E <= exp(s (X_c - X_s)) at the healthy boundary, where a = b is the canary's expected
+    errors x (1 - pi_0), and less inside the null: steady rates make it 1, shocks shared
+    by both versions cancel. Independent shocks do not: for gamma shocks of variance v,
+    log E[exp(s (X_c - X_s))] = -log(1 - s^2 v^2) / v (and a shock bounded within
+    1 +- sqrt(v) gains no more, by Hoeffding's lemma). Dividing the likelihood ratio by
+    exp(this) makes it an e-value again under that wandering. None when s v >= 1: the
+    shock's moment is infinite there, and the interval is not bet on at that ratio."""
+    x = abs(s) * v
+    if x >= 1:
+        return None
+    if v <= 0:
+        return 0.0
+    return -math.log1p(-x * x) / v
+
+
+def absolute_penalty(x: float, v: float = WANDER) -> float:
+    """The same for the canary's own errors against detect_rate (step_absolute): with
+    x = n_c p0 (1 - r) / (1 - p0), the likelihood ratio's mean under a canary failing at
+    p0 x X (X gamma, variance v) is at most exp(x - log(1 + x v) / v); a canary failing
+    more often only lowers it."""
+    if v <= 0:
+        return 0.0
+    return x - math.log1p(x * v) / v
+
+
+def stable_rate_bound(state: State) -> float | None:
+    """An upper estimate of stable's mean error rate from the intervals before this one
+    (so the bet is fixed before the interval is seen): the errors per request so far,
+    plus RATE_PRIOR errors, x (1 + 2 standard errors) for an average over k intervals of
+    rates wandering by WANDER and counted with Poisson noise. None before stable has
+    served anything."""
+    n, k = state.base.get("n", 0.0), state.base.get("k", 0.0)
+    if n <= 0 or k <= 0:
+        return None
+    e = state.base.get("e", 0.0) + RATE_PRIOR
+    return e / n * (1 + 2 * math.sqrt(WANDER / k + 1 / e))
+
+
+def observe_base(base: dict[str, float], e_s: float, n_s: float) -> dict[str, float]:
+    """Fold one interval of stable into its rate estimate. An interval counts at most
+    RATE_CAP x the rate so far: one burst both versions share (an outage) must not raise
+    the estimate - and slow the test - for the rest of the rollout; a shock of variance
+    WANDER exceeds that cap with probability below 1e-5."""
+    if n_s <= 0:
+        return base
+    n, e = base.get("n", 0.0), base.get("e", 0.0)
+    if n > 0:
+        e_s = min(e_s, RATE_CAP * (e + RATE_PRIOR) / n * n_s)
+    return {"n": n + n_s, "e": e + e_s, "k": base.get("k", 0.0) + 1}
 
 
 def step_absolute(gate: ErrorGate, state: State, e_c: float, n_c: float) -> State:
@@ -222,15 +301,14 @@ def step_absolute(gate: ErrorGate, state: State, e_c: float, n_c: float) -> Stat
     below detect_rate: for rates p1 below it (1/4, 1/2, 3/4 of it) the likelihood ratio
     of e_c errors in n_c requests, p1 against detect_rate, has mean <= 1 for any canary
     failing at detect_rate or more. Where stable has almost no errors the ratio test
-    cannot build evidence; this one can, from the canary's own (absent) errors. Tempered
-    by the canary's spread like the ratio test."""
+    cannot build evidence; this one can, from the canary's own (absent) errors. Each
+    interval pays absolute_penalty, for the canary's rate wandering by up to WANDER."""
     if n_c <= 0:
         return state
     p0 = gate.detect_rate
-    v = spread_of(state)
-    f = 1.0 + max(0.0, n_c - 1) * p0 * 2 * (v + v * v / 2)
-    ab = [x + (e_c * math.log(r) + (n_c - e_c) * math.log((1 - r * p0) / (1 - p0))) / f
-          for x, r in zip(state.ab, NI_GRID, strict=True)]
+    ab = [x + e_c * math.log(r) + (n_c - e_c) * math.log((1 - r * p0) / (1 - p0))
+          - absolute_penalty(n_c * p0 * (1 - r) / (1 - p0))
+          for x, r in zip(state.ab, AB_GRID, strict=True)]
     return replace(state, ab=ab)
 
 
@@ -238,35 +316,60 @@ def _margin(gate: ErrorGate) -> float:
     return gate.tolerance * (gate.final_gross or gate.gross)
 
 
+def _bet(n_c: float, n_s: float, r0: float, r: float, p_hat: float | None
+         ) -> tuple[float, float, float, float] | None:
+    """(log A, log B, penalty, pi_0) of the bet "ratio r against r0" on one interval's
+    split, or None where it is not placed (no bound on stable's rate yet, or one the
+    shocks' moment does not allow)."""
+    if p_hat is None:
+        return None
+    pi_0, pi_k = _pi(n_c, n_s, r0), _pi(n_c, n_s, r)
+    lam = (pi_k - pi_0) / (pi_0 * (1 - pi_0))
+    # at the boundary a = b = pi_0 x stable's expected errors; stable's rate is bounded
+    pen = wander_penalty(lam * pi_0 * n_s * p_hat)
+    if pen is None:
+        return None
+    return math.log(pi_k / pi_0), math.log((1 - pi_k) / (1 - pi_0)), pen, pi_0
+
+
 def step(gate: ErrorGate, state: State, e_c: float, n_c: float, e_s: float,
          n_s: float) -> State:
-    """Fold one interval's counts into the statistics."""
-    if e_c + e_s <= 0 or n_c <= 0 or n_s <= 0:
-        return state  # no errors, or one side idle: the split says nothing
+    """Fold one interval's counts into the statistics: every interval in which both
+    versions served requests, with errors or without (the penalty is paid either way -
+    skipping quiet intervals would let wandering pay only where it helps)."""
+    if n_c <= 0 or n_s <= 0:
+        return state  # one side idle: the split says nothing
+    p_hat = stable_rate_bound(state)
+    if p_hat is None:  # stable's first interval: nothing to bound the bet with yet
+        return replace(state, base=observe_base(state.base, e_s, n_s))
     t = state.t + 1
     q = 1.0 / (t * (t + 1))
-    pi_0 = _pi(n_c, n_s, gate.tolerance)
-    sigma2 = spread_of(state)
-    f = phi(sigma2, e_c + e_s, pi_0)
+    stage = dict(state.stage)
     s = []
     for k, r in enumerate(GRID):
-        pi_k = _pi(n_c, n_s, gate.tolerance * r)
-        lr = math.exp(min(700.0, _log_lr(e_c, e_s, pi_k, pi_0) / f))
-        s.append((state.s[k] + q) * lr)
+        bet = _bet(n_c, n_s, gate.tolerance, gate.tolerance * r, p_hat)
+        if bet is None:
+            s.append(state.s[k] + q)
+            stage[f"skip{k}"] = stage.get(f"skip{k}", 0.0) + 1  # a replay cannot count it
+            continue
+        la, lb, pen, _ = bet
+        s.append((state.s[k] + q) * math.exp(min(700.0, e_c * la + e_s * lb - pen)))
+        stage[f"pen{k}"] = stage.get(f"pen{k}", 0.0) + pen
     margin = _margin(gate)
-    pi_m = _pi(n_c, n_s, margin)
-    f_m = phi(sigma2, e_c + e_s, pi_m)
-    ni = [x + _log_lr(e_c, e_s, _pi(n_c, n_s, margin * r), pi_m) / f_m
-          for x, r in zip(state.ni, NI_GRID, strict=True)]
-    stage = dict(state.stage)
-    stage["phi"] = stage.get("phi", 0.0) + f
+    ni = []
+    for x, r in zip(state.ni, NI_GRID, strict=True):
+        bet = _bet(n_c, n_s, margin, margin * r, p_hat)
+        ni.append(x if bet is None else x + e_c * bet[0] + e_s * bet[1] - bet[2])
     stage["k"] = stage.get("k", 0.0) + 1
-    return replace(state, t=t, s=s, stage=stage, ni=ni)
+    return replace(state, t=t, s=s, stage=stage, ni=ni,
+                   base=observe_base(state.base, e_s, n_s))
 
 
 def could_detect(gate: ErrorGate, stage: dict[str, float], gross: float | None = None) -> bool:
     """Would a gross regression have fired on the traffic this stage has seen? Replays
-    the stage's totals as one interval with the canary failing at the gross rate."""
+    the stage's totals as one interval with the canary failing at the gross rate, less
+    the wandering penalties the stage's intervals paid at each ratio (ratios the test did
+    not bet on in every interval of the stage do not count)."""
     gross = gross or gate.gross
     n_c, n_s, e_s = stage.get("n_c", 0.0), stage.get("n_s", 0.0), stage.get("e_s", 0.0)
     if n_c <= 0 or n_s <= 0:
@@ -275,11 +378,12 @@ def could_detect(gate: ErrorGate, stage: dict[str, float], gross: float | None =
     p_bad = min(0.99, max(gross * gate.tolerance * p_s, gate.detect_rate))
     e_c = n_c * p_bad
     pi_0 = _pi(n_c, n_s, gate.tolerance)
-    best = max(_log_lr(e_c, e_s, _pi(n_c, n_s, gate.tolerance * r), pi_0) for r in GRID)
-    # the test tempers each interval by its dispersion factor: so does the replay
-    f = stage.get("phi", 0.0) / stage["k"] if stage.get("k") else 1.0
+    best = max((_log_lr(e_c, e_s, _pi(n_c, n_s, gate.tolerance * r), pi_0)
+                - stage.get(f"pen{k}", 0.0) for k, r in enumerate(GRID)
+                if not stage.get(f"skip{k}")),  # (a ratio not bet on every interval)
+               default=-math.inf)
     # the full mixture pays log(#grid) and the change-point prior; be as strict
-    return best / f - math.log(len(GRID)) - math.log(2) >= math.log(1 / gate.alpha)
+    return best - math.log(len(GRID)) - math.log(2) >= math.log(1 / gate.alpha)
 
 
 def shown_not_worse(gate: ErrorGate, state: State) -> bool:
@@ -403,11 +507,6 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
     st = state.stage
     rates = (f"canary {st.get('e_c', 0):.0f}/{st.get('n_c', 0):.0f} errors, stable "
              f"{st.get('e_s', 0):.0f}/{st.get('n_s', 0):.0f} this stage")
-    sigma2 = spread_of(state)
-    if sigma2 > 0.01 and state.disp.get("k", 0.0) >= 2:
-        who = "the canary's" if sigma2 > spread(state.disp) else "stable's"
-        rates += (f"; allowing for error rates that vary by up to ±{math.sqrt(sigma2):.0%} "
-                  f"between intervals, as {who} does")
     if m >= 1 / gate.alpha:
         return Outcome("fail", value, f"canary's error rate is above stable's x "
                                       f"{gate.tolerance:g} (evidence {m:.3g} >= "
