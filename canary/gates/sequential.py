@@ -43,7 +43,7 @@ from typing import Any
 
 GRID = (1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)  # ratios of error rates, x tolerance
 NI_GRID = (0.25, 0.5, 0.75, 0.9)        # ratios, x the non-inferiority margin
-AB_GRID = (0.05, 0.1, 0.25)            # error rates, x detect_rate
+AB_GRID = (0.1, 0.25, 0.5)             # error rates, x detect_rate
 DISPERSION_CAP = 3.0    # one interval pair's say in the spread estimate
 MAX_COUNTER = 1e15      # a quadrillion requests: anything above is not a counter
 MAX_SERIES = 2000       # per-series counters kept in the state (pods x 4 queries)
@@ -61,7 +61,7 @@ CANARY_MIN_PAIRS = 4
 # (gamma-distributed, or bounded within 1 +- sqrt(WANDER)): +-50%. See wander_penalty.
 WANDER = 0.25
 RATE_PRIOR = 2.0        # stable's rate estimate counts this many errors before any...
-RATE_CAP = 4.0          # ...and no interval counted above this x the estimate so far
+RATE_CAP = 2.5          # ...and no interval counted above ~this x the estimate so far
 
 
 @dataclass(frozen=True)
@@ -285,14 +285,17 @@ def stable_rate_bound(state: State) -> float | None:
 
 def observe_base(base: dict[str, float], e_s: float, n_s: float) -> dict[str, float]:
     """Fold one interval of stable into its rate estimate. An interval counts at most
-    RATE_CAP x the rate so far: one burst both versions share (an outage) must not raise
-    the estimate - and slow the test - for the rest of the rollout; a shock of variance
-    WANDER exceeds that cap with probability below 1e-5."""
+    RATE_CAP x the errors expected at the rate so far (+ 3 Poisson standard deviations
+    + 2): one burst both versions share (an outage) must not raise the estimate - and
+    slow the test - for the rest of the rollout. A gamma shock of variance WANDER exceeds
+    2.5 with probability ~1%, by 0.3% of the mean on average - far inside the estimate's
+    margin (stable_rate_bound)."""
     if n_s <= 0:
         return base
     n, e = base.get("n", 0.0), base.get("e", 0.0)
     if n > 0:
-        e_s = min(e_s, RATE_CAP * (e + RATE_PRIOR) / n * n_s)
+        m = (e + RATE_PRIOR) / n * n_s  # this interval's expected errors, at the rate so far
+        e_s = min(e_s, RATE_CAP * m + 3 * math.sqrt(m) + 2)
     return {"n": n + n_s, "e": e + e_s, "k": base.get("k", 0.0) + 1}
 
 
@@ -319,14 +322,25 @@ def _margin(gate: ErrorGate) -> float:
 def _bet(n_c: float, n_s: float, r0: float, r: float, p_hat: float | None
          ) -> tuple[float, float, float, float] | None:
     """(log A, log B, penalty, pi_0) of the bet "ratio r against r0" on one interval's
-    split, or None where it is not placed (no bound on stable's rate yet, or one the
-    shocks' moment does not allow)."""
+    split, or None where it is not placed (no bound on stable's rate yet).
+
+    The bet is the likelihood ratio of r against r0 - or a smaller one in the same
+    direction where the interval holds many errors: under wandering, what a bet of size
+    s = lambda x (expected errors) can gain grows like WANDER x s^2, what it can earn
+    only like s x (r/r0 - 1), so s is kept to |r/r0 - 1| / (2 WANDER) (the size that
+    earns most under the penalty), and below 0.5 / WANDER. Any predictable size is an
+    e-value; these only make it grow where it can."""
     if p_hat is None:
         return None
     pi_0, pi_k = _pi(n_c, n_s, r0), _pi(n_c, n_s, r)
     lam = (pi_k - pi_0) / (pi_0 * (1 - pi_0))
-    # at the boundary a = b = pi_0 x stable's expected errors; stable's rate is bounded
-    pen = wander_penalty(lam * pi_0 * n_s * p_hat)
+    b = pi_0 * n_s * p_hat  # at the boundary a = b = pi_0 x stable's expected errors
+    if WANDER > 0 and b > 0:
+        most = min(abs(r / r0 - 1) / (2 * WANDER), 0.5 / WANDER) / b
+        if abs(lam) > most:
+            lam = math.copysign(most, lam)
+            pi_k = pi_0 + lam * pi_0 * (1 - pi_0)
+    pen = wander_penalty(lam * b)
     if pen is None:
         return None
     return math.log(pi_k / pi_0), math.log((1 - pi_k) / (1 - pi_0)), pen, pi_0
