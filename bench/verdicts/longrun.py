@@ -4,6 +4,7 @@ false-rollback bound (alpha) must hold however long it is watched; this measures
 often the sequential test crosses 1/alpha under each model of wandering error rates.
 
     .venv/bin/python -m bench.verdicts.longrun --runs 200 --intervals 2000
+    .venv/bin/python -m bench.verdicts.longrun --blip
 
 Each run's counts are drawn at once with numpy; the test itself is canary's own
 `sequential.step` and `sequential.evidence`, fed interval by interval (the hard guard and
@@ -13,6 +14,7 @@ the stage rules of `update` are not part of the bound).
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import numpy as np
@@ -83,6 +85,27 @@ def fires(shared: float, own: float, *, share: float, rps: float, base: float,
                    seed=seed, alpha=alpha, canary_only=canary_only) >= 1 / alpha
 
 
+def blip_catch(*, share: float = 0.25, rps: float = 200, base: float = 0.005,
+               runs: int = 60, intervals: int = 300, blip: bool = True) -> float:
+    """Median seconds to catch a canary at 2x stable's errors, with (or without) one
+    shared 30 s blip - both versions failing 10% of requests in the 5th and 6th
+    intervals - to show how much a blip both versions share slows the test after it."""
+    gate = sequential.ErrorGate(alpha=0.01)
+    caught = []
+    for seed in range(runs):
+        rng = np.random.default_rng(seed)
+        n = rng.poisson(rps * 15, intervals)
+        n_c = rng.binomial(n, share)
+        p_c, p_s = np.full(intervals, 2 * base), np.full(intervals, base)
+        if blip:
+            p_c[4:6] = p_s[4:6] = 0.1
+        c = np.stack([rng.binomial(n_c, p_c), n_c, rng.binomial(n - n_c, p_s), n - n_c],
+                     axis=1).astype(float)
+        i = first_crossing(c, gate)
+        caught.append(15.0 * i if i >= 0 else math.inf)
+    return float(np.median(caught))
+
+
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     p = k / n
     d = 1 + z * z / n
@@ -99,7 +122,14 @@ def main() -> None:
     ap.add_argument("--rps", type=float, default=200)
     ap.add_argument("--base", type=float, default=0.005)
     ap.add_argument("--only", nargs="*", default=None, help="models whose name contains this")
+    ap.add_argument("--blip", action="store_true", help="instead: how much one shared 30 s "
+                    "blip slows the catch of a 2x canary (25%% share, 60 seeds)")
     args = ap.parse_args()
+    if args.blip:
+        print(f"2x canary at a 25% share, {args.rps:g} requests/s, median seconds to catch "
+              f"over 60 seeds: no blip {blip_catch(rps=args.rps, blip=False):.0f}, one shared "
+              f"30 s blip at the 5th interval {blip_catch(rps=args.rps):.0f}")
+        return
     t0 = time.time()
     print(f"# {args.runs} healthy canaries, each watched {args.intervals} intervals of 15 s, "
           f"{args.rps:g} requests/s, {args.base:.1%} errors; alpha 0.01\n")
