@@ -7,7 +7,7 @@ often the sequential test crosses 1/alpha under each model of wandering error ra
     .venv/bin/python -m bench.verdicts.longrun --blip
 
 Each run's counts are drawn at once with numpy; the test itself is canary's own
-`sequential.step` and `sequential.evidence`, fed interval by interval (the hard guard and
+`sequential.fold` and `sequential.evidence`, fed interval by interval (the hard guard and
 the stage rules of `update` are not part of the bound).
 """
 
@@ -55,7 +55,7 @@ def peak(c: np.ndarray, gate: sequential.ErrorGate) -> tuple[int, float]:
     state = sequential.State()
     top = 1.0
     for i, (e_c, n_c, e_s, n_s) in enumerate(c.tolist()):
-        state = sequential.step(gate, state, e_c, n_c, e_s, n_s)
+        state = sequential.fold(gate, state, e_c, n_c, e_s, n_s)
         m = sequential.evidence(state)
         top = max(top, m)
         if m >= 1 / gate.alpha:

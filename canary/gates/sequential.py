@@ -17,19 +17,18 @@ over the change point (in the manner of the Shiryaev-Roberts statistic) keeps a 
 healthy stretch from blunting detection of a failure that starts late.
 
 Two additions:
-- Overdispersion. When each version's error rate wanders on its own from interval to
+- Wandering. When each version's error rate wanders on its own from interval to
   interval, pi wanders too, and the binomial likelihood ratio is no longer an e-value.
-  The spread is estimated from each version's own interval-to-interval variation (the
-  larger of the two: a canary on one pod wanders more than stable on ten, whose pods'
-  bursts average out), and each
-  interval's log-likelihood ratio is divided by the dispersion factor phi it implies
-  (quasi-likelihood tempering: for a score with variance phi x the binomial one,
-  exp(l / phi) has mean <= 1 again). Tempering is safe when the estimate is too high:
-  if the split is in fact binomial, E[L^(1/phi)] <= E[L]^(1/phi) <= 1 (Jensen), so a
-  spread that is shared by both versions, and so cancels out, costs speed but never
-  validity. (A beta-binomial likelihood ratio was tried first: with the spread
-  overestimated it is *not* an e-value under a binomial truth, and bursts shared by
-  both versions then rolled back a third of healthy canaries.)
+  Read without conditioning, each interval's ratio is a bet on the two counts whose mean
+  under a healthy canary is at most exp(-log(1 - s^2 v^2) / v) for independent gamma
+  shocks of variance v (s: the bet's size in expected errors; shared shocks cancel).
+  Each interval's ratio is divided by that (wander_penalty), with v the smaller of
+  WANDER (0.25: +-50%) and the larger of the two versions' spread bounds from past
+  intervals (wander_bound), and stable's rate bounded from past intervals only
+  (stable_rate_bound), so the product is an e-value again; bets are kept to a size the
+  penalty lets them earn at (_bet). (The earlier allowance divided each log-likelihood
+  ratio by a dispersion factor that included the interval judged: that corrects the
+  variance, not the exponential moment, and fired in 10% of long null runs.)
 - Non-inferiority. Before the step to 100%, a second anytime-valid test must show the
   canary is *not* worse than stable x tolerance x final_gross: likelihood ratios of
   ratios below that margin against the margin, multiplied over the whole rollout.
@@ -106,6 +105,26 @@ class State:
                    base=dict(d.get("base", {})))
 
 
+def wander_bound(state: State) -> float:
+    """The wandering the next interval's bets pay for: WANDER, or less where both
+    versions have shown, over past intervals only, that they wander less - the larger of
+    the two upper confidence bounds of their spread (mean + SPREAD_Z standard errors of
+    per-pair estimates), each WANDER until it has enough pairs."""
+    st = spread(state.disp) if state.disp.get("k", 0.0) >= 2 else WANDER
+    ca = spread(state.disp_c) if state.disp_c.get("k", 0.0) >= CANARY_MIN_PAIRS else WANDER
+    return min(WANDER, max(st, ca))
+
+
+def fold(gate: ErrorGate, state: State, e_c: float, n_c: float, e_s: float,
+         n_s: float) -> State:
+    """One interval into the test: the wandering allowance from the past, then both
+    versions' spread estimates and the statistics."""
+    v = wander_bound(state)
+    state = replace(state, disp=observe(state.disp, e_s, n_s),
+                    disp_c=observe(state.disp_c, e_c, n_c, CANARY_MIN_ERRORS))
+    return step_absolute(gate, step(gate, state, e_c, n_c, e_s, n_s, v), e_c, n_c, v)
+
+
 def _fit(xs: list[float] | None, grid: tuple[float, ...], front: bool = False) -> list[float]:
     """A stored statistic, fitted to the grid of this version: one stored by a version
     with one grid point fewer (1.1 was added in front of GRID, 0.9 behind NI_GRID) gets a
@@ -174,16 +193,6 @@ def spread(disp: dict[str, float], z: float = SPREAD_Z) -> float:
     return max(0.0, mean) + z * math.sqrt(var / k)
 
 
-def spread_of(state: State) -> float:
-    """The spread the test allows for: stable's (its upper bound, as the test's anchor),
-    or the canary's where it has shown a larger one on enough traffic. The canary's is
-    its plain estimate, without the bound: a bad canary's counts feed it too, and at a
-    few errors an interval an upper bound would temper the test - and slow the catch of a
-    real regression - for noise alone."""
-    own = spread(state.disp_c, 0.0) if state.disp_c.get("k", 0.0) >= CANARY_MIN_PAIRS else 0.0
-    return max(spread(state.disp), own)
-
-
 def observe(disp: dict[str, float], e: float, n: float,
             min_errors: float = 0.0) -> dict[str, float]:
     """Fold one interval of a version into its spread estimate. For consecutive intervals,
@@ -211,16 +220,6 @@ def observe(disp: dict[str, float], e: float, n: float,
         out["k"] = disp.get("k", 0.0) + 1
     out["e"], out["n"] = e, n
     return out
-
-
-def phi(sigma2: float, errors: float, pi_0: float) -> float:
-    """Dispersion factor of the canary's share of `errors`: independent shocks of
-    variance sigma^2 on each version give var(logit pi) ~ 2 v, where v = sigma^2 +
-    sigma^4 / 2 is the variance of the log of a gamma shock (a skewed shock moves the log
-    more than its variance says), so the share varies by 1 + (E - 1) pi (1 - pi) 2 v
-    times the binomial variance."""
-    v = sigma2 + sigma2 * sigma2 / 2
-    return 1.0 + max(0.0, errors - 1) * pi_0 * (1 - pi_0) * 2 * v
 
 
 def evidence(state: State) -> float:
@@ -275,12 +274,12 @@ def stable_rate_bound(state: State) -> float | None:
     (so the bet is fixed before the interval is seen): the errors per request so far,
     plus RATE_PRIOR errors, x (1 + 2 standard errors) for an average over k intervals of
     rates wandering by WANDER and counted with Poisson noise. None before stable has
-    served anything."""
+    served a request. (A rate is at most 1.)"""
     n, k = state.base.get("n", 0.0), state.base.get("k", 0.0)
-    if n <= 0 or k <= 0:
+    if n < 1 or k <= 0:  # (less than one request so far: nothing to go on)
         return None
     e = state.base.get("e", 0.0) + RATE_PRIOR
-    return e / n * (1 + 2 * math.sqrt(WANDER / k + 1 / e))
+    return min(1.0, e / n * (1 + 2 * math.sqrt(WANDER / k + 1 / e)))
 
 
 def observe_base(base: dict[str, float], e_s: float, n_s: float) -> dict[str, float]:
@@ -299,7 +298,8 @@ def observe_base(base: dict[str, float], e_s: float, n_s: float) -> dict[str, fl
     return {"n": n + n_s, "e": e + e_s, "k": base.get("k", 0.0) + 1}
 
 
-def step_absolute(gate: ErrorGate, state: State, e_c: float, n_c: float) -> State:
+def step_absolute(gate: ErrorGate, state: State, e_c: float, n_c: float,
+                  v: float = WANDER) -> State:
     """Fold one interval of the canary's own counts into the test that its error rate is
     below detect_rate: for rates p1 below it (1/4, 1/2, 3/4 of it) the likelihood ratio
     of e_c errors in n_c requests, p1 against detect_rate, has mean <= 1 for any canary
@@ -310,7 +310,7 @@ def step_absolute(gate: ErrorGate, state: State, e_c: float, n_c: float) -> Stat
         return state
     p0 = gate.detect_rate
     ab = [x + e_c * math.log(r) + (n_c - e_c) * math.log((1 - r * p0) / (1 - p0))
-          - absolute_penalty(n_c * p0 * (1 - r) / (1 - p0))
+          - absolute_penalty(n_c * p0 * (1 - r) / (1 - p0), v)
           for x, r in zip(state.ab, AB_GRID, strict=True)]
     return replace(state, ab=ab)
 
@@ -319,8 +319,8 @@ def _margin(gate: ErrorGate) -> float:
     return gate.tolerance * (gate.final_gross or gate.gross)
 
 
-def _bet(n_c: float, n_s: float, r0: float, r: float, p_hat: float | None
-         ) -> tuple[float, float, float, float] | None:
+def _bet(n_c: float, n_s: float, r0: float, r: float, p_hat: float | None,
+         v: float = WANDER) -> tuple[float, float, float, float] | None:
     """(log A, log B, penalty, pi_0) of the bet "ratio r against r0" on one interval's
     split, or None where it is not placed (no bound on stable's rate yet).
 
@@ -335,19 +335,19 @@ def _bet(n_c: float, n_s: float, r0: float, r: float, p_hat: float | None
     pi_0, pi_k = _pi(n_c, n_s, r0), _pi(n_c, n_s, r)
     lam = (pi_k - pi_0) / (pi_0 * (1 - pi_0))
     b = pi_0 * n_s * p_hat  # at the boundary a = b = pi_0 x stable's expected errors
-    if WANDER > 0 and b > 0:
-        most = min(abs(r / r0 - 1) / (2 * WANDER), 0.5 / WANDER) / b
+    if v > 0 and b > 0:
+        most = min(abs(r / r0 - 1) / (2 * v), 0.5 / v) / b
         if abs(lam) > most:
             lam = math.copysign(most, lam)
             pi_k = pi_0 + lam * pi_0 * (1 - pi_0)
-    pen = wander_penalty(lam * b)
+    pen = wander_penalty(lam * b, v)
     if pen is None:
         return None
     return math.log(pi_k / pi_0), math.log((1 - pi_k) / (1 - pi_0)), pen, pi_0
 
 
 def step(gate: ErrorGate, state: State, e_c: float, n_c: float, e_s: float,
-         n_s: float) -> State:
+         n_s: float, v: float = WANDER) -> State:
     """Fold one interval's counts into the statistics: every interval in which both
     versions served requests, with errors or without (the penalty is paid either way -
     skipping quiet intervals would let wandering pay only where it helps)."""
@@ -361,18 +361,19 @@ def step(gate: ErrorGate, state: State, e_c: float, n_c: float, e_s: float,
     stage = dict(state.stage)
     s = []
     for k, r in enumerate(GRID):
-        bet = _bet(n_c, n_s, gate.tolerance, gate.tolerance * r, p_hat)
+        bet = _bet(n_c, n_s, gate.tolerance, gate.tolerance * r, p_hat, v)
         if bet is None:
             s.append(state.s[k] + q)
             stage[f"skip{k}"] = stage.get(f"skip{k}", 0.0) + 1  # a replay cannot count it
             continue
         la, lb, pen, _ = bet
-        s.append((state.s[k] + q) * math.exp(min(700.0, e_c * la + e_s * lb - pen)))
+        # (in logs, and kept below 1e200: far past any 1/alpha, and finite for the store)
+        s.append(math.exp(min(460.0, math.log(state.s[k] + q) + e_c * la + e_s * lb - pen)))
         stage[f"pen{k}"] = stage.get(f"pen{k}", 0.0) + pen
     margin = _margin(gate)
     ni = []
     for x, r in zip(state.ni, NI_GRID, strict=True):
-        bet = _bet(n_c, n_s, margin, margin * r, p_hat)
+        bet = _bet(n_c, n_s, margin, margin * r, p_hat, v)
         ni.append(x if bet is None else x + e_c * bet[0] + e_s * bet[1] - bet[2])
     stage["k"] = stage.get("k", 0.0) + 1
     return replace(state, t=t, s=s, stage=stage, ni=ni,
@@ -504,10 +505,8 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
     n_s, e_s = d["stable_requests"], min(d["stable_errors"], d["stable_requests"])
     for k, v in (("n_c", n_c), ("e_c", e_c), ("n_s", n_s), ("e_s", e_s)):
         state.stage[k] = state.stage.get(k, 0.0) + v
-    state.disp = observe(state.disp, e_s, n_s)  # stable's spread, warm or not
-    if not warming:  # (a warming canary's errors are not its settled behaviour)
-        state.disp_c = observe(state.disp_c, e_c, n_c, CANARY_MIN_ERRORS)
     if warming:
+        state.disp = observe(state.disp, e_s, n_s)  # stable's spread, warm or not
         # a canary warming up (cold caches, JIT) is slow or flaky for a while: this gate
         # does not judge it until `warmup` has passed (give crash-catching gates none)
         return Outcome("inconclusive", None, f"warming up for {gate.warmup:g}s", state)
@@ -515,7 +514,7 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
             and e_s < gate.guard_share * n_s):  # (both failing is an outage, not the canary)
         return Outcome("fail", None, f"hard guard: canary failed {e_c:.0f} of {n_c:.0f} "
                                      "requests in one interval", state)
-    state = step_absolute(gate, step(gate, state, e_c, n_c, e_s, n_s), e_c, n_c)
+    state = fold(gate, state, e_c, n_c, e_s, n_s)
     m = evidence(state)
     value = math.log10(m) if m > 0 else None
     st = state.stage
