@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from canary.engine.dryrun import DryRun
-from canary.policy import ErrorsGate, NoData, Policy, Stage
+from canary.policy import ErrorsGate, NoData, Policy, Stage, ThresholdGate
 
 SCRAPE = 15.0
 WEIGHTS = (5, 25, 50, 100)
@@ -47,6 +47,10 @@ FLAGGER = [(i, t) for i in (15, 30, 60) for t in (1, 2, 5, 10)]
 MAX_ERROR = 0.01
 GATE = ErrorsGate(name="errors", requests="r{{ version }}", errors="e{{ version }}",
             tolerance=1.0, alpha=0.01, gross=5.0, final_gross=2.0)
+# docs/verdicts.md's restarts gate: any canary restart in the last 5 minutes rolls back
+RESTART_GATE = ThresholdGate(name="canary-restarts", max=0, query=(
+    'sum(increase(kube_pod_container_status_restarts_total{pod=~"web-canary-.*"}[5m])) '
+    "or vector(0)"))
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,10 @@ class Scenario:
     weights: tuple[int, ...] = WEIGHTS  # ...and its weights
     restart_every: float = 0.0        # canary pods restart (counters to 0) this often
     per_pod: bool = False             # the gate reads each pod's counters, not their sum
+    crash_failures: bool = False      # the canary's failures above stable's rate come with
+    #                                   its crashes: the requests a dying pod drops, which
+    #                                   users see and no counter of the pod ever counts
+    restart_gate: bool = False        # the policy adds RESTART_GATE (docs/verdicts.md)
 
     def rates(self, t: float, rng: np.random.Generator) -> tuple[float, float]:
         p_c, p_s = self.canary(t), self.p_stable
@@ -107,6 +115,12 @@ def scenarios() -> list[Scenario]:
                  restart_every=120.0),
         Scenario("crash loop, 4 pods, x2, per-pod counters", BASE, const(BASE * 2), 0.0,
                  restart_every=120.0, per_pod=True),
+        Scenario("crash loop, failures lost with the pods, per-pod counters", BASE,
+                 const(BASE * 2), 0.0, restart_every=120.0, per_pod=True,
+                 crash_failures=True),
+        Scenario("crash loop, failures lost with the pods, + restarts gate", BASE,
+                 const(BASE * 2), 0.0, restart_every=120.0, per_pod=True,
+                 crash_failures=True, restart_gate=True),
         Scenario("slow leak", BASE, lambda t: BASE * (1 + 9 * min(1.0, t / 900)), 0.0),
         Scenario("healthy, 1% first stage", BASE, const(BASE), None, weights=ONE_PERCENT),
         Scenario("errors x5, 1% first stage", BASE, const(BASE * 5), 0.0, weights=ONE_PERCENT),
@@ -121,15 +135,22 @@ class Pods:
 
     req: list[float] = field(default_factory=lambda: [0.0] * 4)
     err: list[float] = field(default_factory=lambda: [0.0] * 4)
+    restarts: list[float] = field(default_factory=list)  # when each restart was seen
+
+    def restarted(self, t: float, window: float = 300.0) -> float:
+        """Restarts in the last `window` seconds: what
+        sum(increase(kube_pod_container_status_restarts_total{...}[5m])) reads."""
+        return float(sum(1 for r in self.restarts if t - window < r <= t))
 
     def scrape(self, rng: np.random.Generator, n_c: int, e_c: int, counts: dict[str, float],
-               sc: Scenario) -> dict[str, float]:
+               sc: Scenario, t: float = 0.0) -> dict[str, float]:
         share = rng.multinomial(n_c, [0.25] * 4)
         errs = rng.multivariate_hypergeometric(share, e_c) if n_c else np.zeros(4, int)
         for i in range(4):
             if rng.random() < SCRAPE / sc.restart_every:
                 # it crashed part-way through the interval: what it counted before the
                 # crash was never scraped; it counts from 0 again after
+                self.restarts.append(t)
                 kept = rng.random()
                 self.req[i] = float(round(share[i] * kept))
                 self.err[i] = float(round(errs[i] * kept))
@@ -190,16 +211,20 @@ class Ours(DryRun):
     """canary's own state machine (canary.engine.decide, the controller's code) with the
     given `errors` gates, judging every scrape; the router applies each weight at once."""
 
-    def __init__(self, gates: tuple[ErrorsGate, ...], holds: tuple[float, ...], deadline: float,
+    def __init__(self, gates: tuple[ErrorsGate | ThresholdGate, ...], holds: tuple[float, ...],
+                 deadline: float,
                  weights: tuple[int, ...]) -> None:
         super().__init__(Policy(name="sim", stages=tuple(Stage(w, h) for w, h in
                                                          zip(weights, holds, strict=True)),
                                 gates=gates, interval=SCRAPE, failure_limit=1,
                                 no_data=NoData.HOLD, progress_deadline=deadline))
 
-    def judge(self, t: float, raws: list[dict[str, float]]) -> str | None:
-        return self.step(t, {g.name: raw for g, raw in zip(self.policy.gates, raws,
-                                                            strict=True)})
+    def judge(self, t: float, raws: list[dict[str, float]],
+              values: dict[str, tuple[float | None, float | None]] | None = None
+              ) -> str | None:
+        errors = [g for g in self.policy.gates if g.kind == "errors"]
+        return self.step(t, {g.name: raw for g, raw in zip(errors, raws, strict=True)},
+                         values)
 
 
 def rate_ok(window: list[tuple[float, float]]) -> bool:
@@ -344,7 +369,9 @@ def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) 
     sch, t = Schedule(holds=sc.holds, deadline=sc.deadline, weights=sc.weights), 0.0
     counts = dict.fromkeys(("canary_requests", "canary_errors", "stable_requests",
                             "stable_errors"), 0.0)
-    ours = Ours((GATE,), sc.holds, sc.deadline, sc.weights) if rule is None else None
+    gates: tuple[ErrorsGate | ThresholdGate, ...] = (GATE, RESTART_GATE) if sc.restart_gate \
+        else (GATE,)
+    ours = Ours(gates, sc.holds, sc.deadline, sc.weights) if rule is None else None
     window: list[tuple[float, float]] = []  # canary (requests, errors) per scrape, last 1 m
     excess, top = 0.0, 0
     pods = Pods()
@@ -364,11 +391,19 @@ def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) 
         counts["canary_errors"] += e_c
         counts["stable_requests"] += n_s
         counts["stable_errors"] += e_s
-        window = [*window, (n_c, e_c)][-4:]
+        seen = e_c
+        if sc.crash_failures:  # only the part at stable's rate reaches a counter
+            seen = int(rng.binomial(e_c, min(1.0, sc.p_stable / max(p_c, 1e-12))))
+            counts["canary_errors"] += seen - e_c
+        window = [*window, (n_c, seen)][-4:]
         raw = counts
         if sc.restart_every:
-            raw = pods.scrape(rng, n_c, e_c, counts, sc)
-        end = judge(ours, sch, rule, t, [raw], rate_ok, window)
+            raw = pods.scrape(rng, n_c, seen, counts, sc, t)
+        values = {RESTART_GATE.name: (pods.restarted(t), None)} if sc.restart_gate else None
+        if ours is not None and values:
+            end = ours.judge(t, [raw], values)
+        else:
+            end = judge(ours, sch, rule, t, [raw], rate_ok, window)
         if end:
             return Result(end, t, excess, top)
     return Result("inconclusive", t, excess, top)

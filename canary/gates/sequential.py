@@ -17,19 +17,18 @@ over the change point (in the manner of the Shiryaev-Roberts statistic) keeps a 
 healthy stretch from blunting detection of a failure that starts late.
 
 Two additions:
-- Overdispersion. When each version's error rate wanders on its own from interval to
+- Wandering. When each version's error rate wanders on its own from interval to
   interval, pi wanders too, and the binomial likelihood ratio is no longer an e-value.
-  The spread is estimated from each version's own interval-to-interval variation (the
-  larger of the two: a canary on one pod wanders more than stable on ten, whose pods'
-  bursts average out), and each
-  interval's log-likelihood ratio is divided by the dispersion factor phi it implies
-  (quasi-likelihood tempering: for a score with variance phi x the binomial one,
-  exp(l / phi) has mean <= 1 again). Tempering is safe when the estimate is too high:
-  if the split is in fact binomial, E[L^(1/phi)] <= E[L]^(1/phi) <= 1 (Jensen), so a
-  spread that is shared by both versions, and so cancels out, costs speed but never
-  validity. (A beta-binomial likelihood ratio was tried first: with the spread
-  overestimated it is *not* an e-value under a binomial truth, and bursts shared by
-  both versions then rolled back a third of healthy canaries.)
+  Read without conditioning, each interval's ratio is a bet on the two counts whose mean
+  under a healthy canary is at most exp(-log(1 - s^2 v^2) / v) for independent gamma
+  shocks of variance v (s: the bet's size in expected errors; shared shocks cancel).
+  Each interval's ratio is divided by that (wander_penalty), with v the smaller of
+  WANDER (0.25: +-50%) and the larger of the two versions' spread bounds from past
+  intervals (wander_bound), and stable's rate bounded from past intervals only
+  (stable_rate_bound), so the product is an e-value again; bets are kept to a size the
+  penalty lets them earn at (_bet). (The earlier allowance divided each log-likelihood
+  ratio by a dispersion factor that included the interval judged: that corrects the
+  variance, not the exponential moment, and fired in 10% of long null runs.)
 - Non-inferiority. Before the step to 100%, a second anytime-valid test must show the
   canary is *not* worse than stable x tolerance x final_gross: likelihood ratios of
   ratios below that margin against the margin, multiplied over the whole rollout.
@@ -41,8 +40,9 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-GRID = (1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)  # ratios of error rates, x tolerance
-NI_GRID = (0.25, 0.5, 0.75)              # ratios, x the non-inferiority margin
+GRID = (1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)  # ratios of error rates, x tolerance
+NI_GRID = (0.25, 0.5, 0.75, 0.9)        # ratios, x the non-inferiority margin
+AB_GRID = (0.1, 0.25, 0.5)             # error rates, x detect_rate
 DISPERSION_CAP = 3.0    # one interval pair's say in the spread estimate
 MAX_COUNTER = 1e15      # a quadrillion requests: anything above is not a counter
 MAX_SERIES = 2000       # per-series counters kept in the state (pods x 4 queries)
@@ -55,6 +55,12 @@ SPREAD_Z = 2.5          # standard errors added to the estimate
 # large, which is where the canary's estimate becomes precise.
 CANARY_MIN_ERRORS = 2.0
 CANARY_MIN_PAIRS = 4
+# The wandering the false-rollback bound allows for: each version's error rate may be
+# multiplied, every interval, by its own shock of mean 1 and variance up to WANDER
+# (gamma-distributed, or bounded within 1 +- sqrt(WANDER)): +-50%. See wander_penalty.
+WANDER = 0.25
+RATE_PRIOR = 2.0        # stable's rate estimate counts this many errors before any...
+RATE_CAP = 2.5          # ...and no interval counted above ~this x the estimate so far
 
 
 @dataclass(frozen=True)
@@ -77,24 +83,59 @@ class State:
     stage: dict[str, float] = field(default_factory=dict)  # this stage's totals
     first_at: float | None = None                          # when counting began
     ni: list[float] = field(default_factory=lambda: [0.0] * len(NI_GRID))  # log products
-    ab: list[float] = field(default_factory=lambda: [0.0] * len(NI_GRID))  # ...and absolute
+    ab: list[float] = field(default_factory=lambda: [0.0] * len(AB_GRID))  # ...and absolute
     disp: dict[str, float] = field(default_factory=dict)   # stable's spread estimate
     disp_c: dict[str, float] = field(default_factory=dict)  # the canary's
+    base: dict[str, float] = field(default_factory=dict)   # stable's rate, for the bound
 
     def to_json(self) -> dict[str, Any]:
         return {"last": self.last, "t": self.t, "s": self.s, "stage": self.stage,
                 "first_at": self.first_at, "ni": self.ni, "ab": self.ab, "disp": self.disp,
-                "disp_c": self.disp_c}
+                "disp_c": self.disp_c, "base": self.base}
 
     @classmethod
     def from_json(cls, d: dict[str, Any] | None) -> State:
         if not d:
             return cls()
         return cls(last=dict(d.get("last", {})), t=int(d.get("t", 0)),
-                   s=list(d.get("s", [0.0] * len(GRID))), stage=dict(d.get("stage", {})),
-                   first_at=d.get("first_at"), ni=list(d.get("ni", [0.0] * len(NI_GRID))),
-                   ab=list(d.get("ab", [0.0] * len(NI_GRID))),
-                   disp=dict(d.get("disp", {})), disp_c=dict(d.get("disp_c", {})))
+                   s=_fit(d.get("s"), GRID, front=True), stage=dict(d.get("stage", {})),
+                   first_at=d.get("first_at"), ni=_fit(d.get("ni"), NI_GRID),
+                   ab=_fit(d.get("ab"), AB_GRID),
+                   disp=dict(d.get("disp", {})), disp_c=dict(d.get("disp_c", {})),
+                   base=dict(d.get("base", {})))
+
+
+def wander_bound(state: State) -> float:
+    """The wandering the next interval's bets pay for: WANDER, or less where both
+    versions have shown, over past intervals only, that they wander less - the larger of
+    the two upper confidence bounds of their spread (mean + SPREAD_Z standard errors of
+    per-pair estimates), each WANDER until it has enough pairs."""
+    st = spread(state.disp) if state.disp.get("k", 0.0) >= 2 else WANDER
+    ca = spread(state.disp_c) if state.disp_c.get("k", 0.0) >= CANARY_MIN_PAIRS else WANDER
+    return min(WANDER, max(st, ca))
+
+
+def fold(gate: ErrorGate, state: State, e_c: float, n_c: float, e_s: float,
+         n_s: float) -> State:
+    """One interval into the test: the wandering allowance from the past, then both
+    versions' spread estimates and the statistics."""
+    v = wander_bound(state)
+    state = replace(state, disp=observe(state.disp, e_s, n_s),
+                    disp_c=observe(state.disp_c, e_c, n_c, CANARY_MIN_ERRORS))
+    return step_absolute(gate, step(gate, state, e_c, n_c, e_s, n_s, v), e_c, n_c, v)
+
+
+def _fit(xs: list[float] | None, grid: tuple[float, ...], front: bool = False) -> list[float]:
+    """A stored statistic, fitted to the grid of this version: one stored by a version
+    with one grid point fewer (1.1 was added in front of GRID, 0.9 behind NI_GRID) gets a
+    component that starts now (0 mass, or a log product of 0: adding a component that
+    starts late keeps the mixture an e-process); anything else starts afresh."""
+    xs = list(xs or [])
+    if len(xs) == len(grid):
+        return xs
+    if len(xs) == len(grid) - 1:
+        return [0.0, *xs] if front else [*xs, 0.0]
+    return [0.0] * len(grid)
 
 
 def _delta(new: float, old: float | None) -> float:
@@ -152,16 +193,6 @@ def spread(disp: dict[str, float], z: float = SPREAD_Z) -> float:
     return max(0.0, mean) + z * math.sqrt(var / k)
 
 
-def spread_of(state: State) -> float:
-    """The spread the test allows for: stable's (its upper bound, as the test's anchor),
-    or the canary's where it has shown a larger one on enough traffic. The canary's is
-    its plain estimate, without the bound: a bad canary's counts feed it too, and at a
-    few errors an interval an upper bound would temper the test - and slow the catch of a
-    real regression - for noise alone."""
-    own = spread(state.disp_c, 0.0) if state.disp_c.get("k", 0.0) >= CANARY_MIN_PAIRS else 0.0
-    return max(spread(state.disp), own)
-
-
 def observe(disp: dict[str, float], e: float, n: float,
             min_errors: float = 0.0) -> dict[str, float]:
     """Fold one interval of a version into its spread estimate. For consecutive intervals,
@@ -191,16 +222,6 @@ def observe(disp: dict[str, float], e: float, n: float,
     return out
 
 
-def phi(sigma2: float, errors: float, pi_0: float) -> float:
-    """Dispersion factor of the canary's share of `errors`: independent shocks of
-    variance sigma^2 on each version give var(logit pi) ~ 2 v, where v = sigma^2 +
-    sigma^4 / 2 is the variance of the log of a gamma shock (a skewed shock moves the log
-    more than its variance says), so the share varies by 1 + (E - 1) pi (1 - pi) 2 v
-    times the binomial variance."""
-    v = sigma2 + sigma2 * sigma2 / 2
-    return 1.0 + max(0.0, errors - 1) * pi_0 * (1 - pi_0) * 2 * v
-
-
 def evidence(state: State) -> float:
     """The mixture statistic M_t: >= 1/alpha means the canary is worse than tolerated."""
     pending = 1.0 / (state.t + 1)  # q mass of change points not yet reached
@@ -213,24 +234,84 @@ def ni_evidence(state: State) -> float:
     over its grid, so it is itself an e-process for a canary that is both at or above the
     margin and at or above detect_rate."""
     ratio = sum(math.exp(min(700.0, x)) for x in state.ni) / len(NI_GRID)
-    absolute = sum(math.exp(min(700.0, x)) for x in state.ab) / len(NI_GRID)
+    absolute = sum(math.exp(min(700.0, x)) for x in state.ab) / len(AB_GRID)
     return (ratio + absolute) / 2
 
 
-def step_absolute(gate: ErrorGate, state: State, e_c: float, n_c: float) -> State:
+def wander_penalty(s: float, v: float = WANDER) -> float | None:
+    """The log of the most a bet of size s can gain from wandering alone.
+
+    A version serving n requests at error rate p x X (X a shock of mean 1) makes e errors;
+    given X, E[A^e] <= exp(n p X (A - 1)), binomial or Poisson. The interval's likelihood
+    ratio A^e_c B^e_s (A = pi_k/pi_0 = 1 + s/a (1 - pi_0), B = (1 - pi_k)/(1 - pi_0)) then has
+    E <= exp(s (X_c - X_s)) at the healthy boundary, where a = b is the canary's expected
+    errors x (1 - pi_0), and less inside the null: steady rates make it 1, shocks shared
+    by both versions cancel. Independent shocks do not: for gamma shocks of variance v,
+    log E[exp(s (X_c - X_s))] = -log(1 - s^2 v^2) / v (and a shock bounded within
+    1 +- sqrt(v) gains no more, by Hoeffding's lemma). Dividing the likelihood ratio by
+    exp(this) makes it an e-value again under that wandering. None when s v >= 1: the
+    shock's moment is infinite there, and the interval is not bet on at that ratio."""
+    x = abs(s) * v
+    if x >= 1:
+        return None
+    if v <= 0:
+        return 0.0
+    return -math.log1p(-x * x) / v
+
+
+def absolute_penalty(x: float, v: float = WANDER) -> float:
+    """The same for the canary's own errors against detect_rate (step_absolute): with
+    x = n_c p0 (1 - r) / (1 - p0), the likelihood ratio's mean under a canary failing at
+    p0 x X (X gamma, variance v) is at most exp(x - log(1 + x v) / v); a canary failing
+    more often only lowers it."""
+    if v <= 0:
+        return 0.0
+    return x - math.log1p(x * v) / v
+
+
+def stable_rate_bound(state: State) -> float | None:
+    """An upper estimate of stable's mean error rate from the intervals before this one
+    (so the bet is fixed before the interval is seen): the errors per request so far,
+    plus RATE_PRIOR errors, x (1 + 2 standard errors) for an average over k intervals of
+    rates wandering by WANDER and counted with Poisson noise. None before stable has
+    served a request. (A rate is at most 1.)"""
+    n, k = state.base.get("n", 0.0), state.base.get("k", 0.0)
+    if n < 1 or k <= 0:  # (less than one request so far: nothing to go on)
+        return None
+    e = state.base.get("e", 0.0) + RATE_PRIOR
+    return min(1.0, e / n * (1 + 2 * math.sqrt(WANDER / k + 1 / e)))
+
+
+def observe_base(base: dict[str, float], e_s: float, n_s: float) -> dict[str, float]:
+    """Fold one interval of stable into its rate estimate. An interval counts at most
+    RATE_CAP x the errors expected at the rate so far (+ 3 Poisson standard deviations
+    + 2): one burst both versions share (an outage) must not raise the estimate - and
+    slow the test - for the rest of the rollout. A gamma shock of variance WANDER exceeds
+    2.5 with probability ~1%, by 0.3% of the mean on average - far inside the estimate's
+    margin (stable_rate_bound)."""
+    if n_s <= 0:
+        return base
+    n, e = base.get("n", 0.0), base.get("e", 0.0)
+    if n > 0:
+        m = (e + RATE_PRIOR) / n * n_s  # this interval's expected errors, at the rate so far
+        e_s = min(e_s, RATE_CAP * m + 3 * math.sqrt(m) + 2)
+    return {"n": n + n_s, "e": e + e_s, "k": base.get("k", 0.0) + 1}
+
+
+def step_absolute(gate: ErrorGate, state: State, e_c: float, n_c: float,
+                  v: float = WANDER) -> State:
     """Fold one interval of the canary's own counts into the test that its error rate is
     below detect_rate: for rates p1 below it (1/4, 1/2, 3/4 of it) the likelihood ratio
     of e_c errors in n_c requests, p1 against detect_rate, has mean <= 1 for any canary
     failing at detect_rate or more. Where stable has almost no errors the ratio test
-    cannot build evidence; this one can, from the canary's own (absent) errors. Tempered
-    by the canary's spread like the ratio test."""
+    cannot build evidence; this one can, from the canary's own (absent) errors. Each
+    interval pays absolute_penalty, for the canary's rate wandering by up to WANDER."""
     if n_c <= 0:
         return state
     p0 = gate.detect_rate
-    v = spread_of(state)
-    f = 1.0 + max(0.0, n_c - 1) * p0 * 2 * (v + v * v / 2)
-    ab = [x + (e_c * math.log(r) + (n_c - e_c) * math.log((1 - r * p0) / (1 - p0))) / f
-          for x, r in zip(state.ab, NI_GRID, strict=True)]
+    ab = [x + e_c * math.log(r) + (n_c - e_c) * math.log((1 - r * p0) / (1 - p0))
+          - absolute_penalty(n_c * p0 * (1 - r) / (1 - p0), v)
+          for x, r in zip(state.ab, AB_GRID, strict=True)]
     return replace(state, ab=ab)
 
 
@@ -238,35 +319,72 @@ def _margin(gate: ErrorGate) -> float:
     return gate.tolerance * (gate.final_gross or gate.gross)
 
 
+def _bet(n_c: float, n_s: float, r0: float, r: float, p_hat: float | None,
+         v: float = WANDER) -> tuple[float, float, float, float] | None:
+    """(log A, log B, penalty, pi_0) of the bet "ratio r against r0" on one interval's
+    split, or None where it is not placed (no bound on stable's rate yet).
+
+    The bet is the likelihood ratio of r against r0 - or a smaller one in the same
+    direction where the interval holds many errors: under wandering, what a bet of size
+    s = lambda x (expected errors) can gain grows like WANDER x s^2, what it can earn
+    only like s x (r/r0 - 1), so s is kept to |r/r0 - 1| / (2 WANDER) (the size that
+    earns most under the penalty), and below 0.5 / WANDER. Any predictable size is an
+    e-value; these only make it grow where it can."""
+    if p_hat is None:
+        return None
+    pi_0, pi_k = _pi(n_c, n_s, r0), _pi(n_c, n_s, r)
+    lam = (pi_k - pi_0) / (pi_0 * (1 - pi_0))
+    b = pi_0 * n_s * p_hat  # at the boundary a = b = pi_0 x stable's expected errors
+    if v > 0 and b > 0:
+        most = min(abs(r / r0 - 1) / (2 * v), 0.5 / v) / b
+        if abs(lam) > most:
+            lam = math.copysign(most, lam)
+            pi_k = pi_0 + lam * pi_0 * (1 - pi_0)
+    pen = wander_penalty(lam * b, v)
+    if pen is None:
+        return None
+    return math.log(pi_k / pi_0), math.log((1 - pi_k) / (1 - pi_0)), pen, pi_0
+
+
 def step(gate: ErrorGate, state: State, e_c: float, n_c: float, e_s: float,
-         n_s: float) -> State:
-    """Fold one interval's counts into the statistics."""
-    if e_c + e_s <= 0 or n_c <= 0 or n_s <= 0:
-        return state  # no errors, or one side idle: the split says nothing
+         n_s: float, v: float = WANDER) -> State:
+    """Fold one interval's counts into the statistics: every interval in which both
+    versions served requests, with errors or without (the penalty is paid either way -
+    skipping quiet intervals would let wandering pay only where it helps)."""
+    if n_c <= 0 or n_s <= 0:
+        return state  # one side idle: the split says nothing
+    p_hat = stable_rate_bound(state)
+    if p_hat is None:  # stable's first interval: nothing to bound the bet with yet
+        return replace(state, base=observe_base(state.base, e_s, n_s))
     t = state.t + 1
     q = 1.0 / (t * (t + 1))
-    pi_0 = _pi(n_c, n_s, gate.tolerance)
-    sigma2 = spread_of(state)
-    f = phi(sigma2, e_c + e_s, pi_0)
+    stage = dict(state.stage)
     s = []
     for k, r in enumerate(GRID):
-        pi_k = _pi(n_c, n_s, gate.tolerance * r)
-        lr = math.exp(min(700.0, _log_lr(e_c, e_s, pi_k, pi_0) / f))
-        s.append((state.s[k] + q) * lr)
+        bet = _bet(n_c, n_s, gate.tolerance, gate.tolerance * r, p_hat, v)
+        if bet is None:
+            s.append(state.s[k] + q)
+            stage[f"skip{k}"] = stage.get(f"skip{k}", 0.0) + 1  # a replay cannot count it
+            continue
+        la, lb, pen, _ = bet
+        # (in logs, and kept below 1e200: far past any 1/alpha, and finite for the store)
+        s.append(math.exp(min(460.0, math.log(state.s[k] + q) + e_c * la + e_s * lb - pen)))
+        stage[f"pen{k}"] = stage.get(f"pen{k}", 0.0) + pen
     margin = _margin(gate)
-    pi_m = _pi(n_c, n_s, margin)
-    f_m = phi(sigma2, e_c + e_s, pi_m)
-    ni = [x + _log_lr(e_c, e_s, _pi(n_c, n_s, margin * r), pi_m) / f_m
-          for x, r in zip(state.ni, NI_GRID, strict=True)]
-    stage = dict(state.stage)
-    stage["phi"] = stage.get("phi", 0.0) + f
+    ni = []
+    for x, r in zip(state.ni, NI_GRID, strict=True):
+        bet = _bet(n_c, n_s, margin, margin * r, p_hat, v)
+        ni.append(x if bet is None else x + e_c * bet[0] + e_s * bet[1] - bet[2])
     stage["k"] = stage.get("k", 0.0) + 1
-    return replace(state, t=t, s=s, stage=stage, ni=ni)
+    return replace(state, t=t, s=s, stage=stage, ni=ni,
+                   base=observe_base(state.base, e_s, n_s))
 
 
 def could_detect(gate: ErrorGate, stage: dict[str, float], gross: float | None = None) -> bool:
     """Would a gross regression have fired on the traffic this stage has seen? Replays
-    the stage's totals as one interval with the canary failing at the gross rate."""
+    the stage's totals as one interval with the canary failing at the gross rate, less
+    the wandering penalties the stage's intervals paid at each ratio (ratios the test did
+    not bet on in every interval of the stage do not count)."""
     gross = gross or gate.gross
     n_c, n_s, e_s = stage.get("n_c", 0.0), stage.get("n_s", 0.0), stage.get("e_s", 0.0)
     if n_c <= 0 or n_s <= 0:
@@ -275,11 +393,12 @@ def could_detect(gate: ErrorGate, stage: dict[str, float], gross: float | None =
     p_bad = min(0.99, max(gross * gate.tolerance * p_s, gate.detect_rate))
     e_c = n_c * p_bad
     pi_0 = _pi(n_c, n_s, gate.tolerance)
-    best = max(_log_lr(e_c, e_s, _pi(n_c, n_s, gate.tolerance * r), pi_0) for r in GRID)
-    # the test tempers each interval by its dispersion factor: so does the replay
-    f = stage.get("phi", 0.0) / stage["k"] if stage.get("k") else 1.0
+    best = max((_log_lr(e_c, e_s, _pi(n_c, n_s, gate.tolerance * r), pi_0)
+                - stage.get(f"pen{k}", 0.0) for k, r in enumerate(GRID)
+                if not stage.get(f"skip{k}")),  # (a ratio not bet on every interval)
+               default=-math.inf)
     # the full mixture pays log(#grid) and the change-point prior; be as strict
-    return best / f - math.log(len(GRID)) - math.log(2) >= math.log(1 / gate.alpha)
+    return best - math.log(len(GRID)) - math.log(2) >= math.log(1 / gate.alpha)
 
 
 def shown_not_worse(gate: ErrorGate, state: State) -> bool:
@@ -386,10 +505,8 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
     n_s, e_s = d["stable_requests"], min(d["stable_errors"], d["stable_requests"])
     for k, v in (("n_c", n_c), ("e_c", e_c), ("n_s", n_s), ("e_s", e_s)):
         state.stage[k] = state.stage.get(k, 0.0) + v
-    state.disp = observe(state.disp, e_s, n_s)  # stable's spread, warm or not
-    if not warming:  # (a warming canary's errors are not its settled behaviour)
-        state.disp_c = observe(state.disp_c, e_c, n_c, CANARY_MIN_ERRORS)
     if warming:
+        state.disp = observe(state.disp, e_s, n_s)  # stable's spread, warm or not
         # a canary warming up (cold caches, JIT) is slow or flaky for a while: this gate
         # does not judge it until `warmup` has passed (give crash-catching gates none)
         return Outcome("inconclusive", None, f"warming up for {gate.warmup:g}s", state)
@@ -397,17 +514,12 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
             and e_s < gate.guard_share * n_s):  # (both failing is an outage, not the canary)
         return Outcome("fail", None, f"hard guard: canary failed {e_c:.0f} of {n_c:.0f} "
                                      "requests in one interval", state)
-    state = step_absolute(gate, step(gate, state, e_c, n_c, e_s, n_s), e_c, n_c)
+    state = fold(gate, state, e_c, n_c, e_s, n_s)
     m = evidence(state)
     value = math.log10(m) if m > 0 else None
     st = state.stage
     rates = (f"canary {st.get('e_c', 0):.0f}/{st.get('n_c', 0):.0f} errors, stable "
              f"{st.get('e_s', 0):.0f}/{st.get('n_s', 0):.0f} this stage")
-    sigma2 = spread_of(state)
-    if sigma2 > 0.01 and state.disp.get("k", 0.0) >= 2:
-        who = "the canary's" if sigma2 > spread(state.disp) else "stable's"
-        rates += (f"; allowing for error rates that vary by up to ±{math.sqrt(sigma2):.0%} "
-                  f"between intervals, as {who} does")
     if m >= 1 / gate.alpha:
         return Outcome("fail", value, f"canary's error rate is above stable's x "
                                       f"{gate.tolerance:g} (evidence {m:.3g} >= "
