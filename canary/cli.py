@@ -598,6 +598,42 @@ def cmd_override(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def target_lines(t: dict[str, Any]) -> list[str]:
+    runs = t.get("runs") or {}
+    line = (f"{escape(t['name'])}: {escape(t['router'])}, promotion {escape(t['promotion'])}; "
+            f"serving: {escape(t['serving'])} side ({escape(runs.get(t['serving']) or '?')}); "
+            f"deploy next to: {escape(t['deploy_to'])} side "
+            f"(runs {escape(runs.get(t['deploy_to']) or '?')}); canary side carries "
+            f"{'?' if t.get('live_weight') is None else t['live_weight']}%")
+    out = [line]
+    if t.get("active_rollout"):
+        a = t.get("active") or {}
+        out.append(f"  active rollout {escape(t['active_rollout'])}: "
+                   f"{escape(str(a.get('state')))} at weight {a.get('weight')} toward the "
+                   f"{escape(str(a.get('to_side')))} side ({escape(str(a.get('canary_version')))})")
+    if t.get("warning"):
+        out.append(f"  warning: {escape(t['warning'])}")
+    return out
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    """Which side of each target serves, and where the next version goes."""
+    if args.name:
+        names = [args.name]
+    else:
+        names = [t["name"] for t in api(args, "GET", "/api/v1/targets")["targets"]]
+    items = [api(args, "GET", f"/api/v1/targets/{urllib.parse.quote(n, safe='')}")
+             for n in names]
+    if args.json:
+        print(json.dumps(items[0] if args.name else {"targets": items}, indent=2))
+        return EXIT_OK
+    for t in items:
+        print("\n".join(target_lines(t)))
+    if not items:
+        print("no targets")
+    return EXIT_OK
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from canary.schema import published
 
@@ -656,7 +692,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--stable-version")
     sp.add_argument("--policy")
     sp.add_argument("--wait", action="store_true", help="show progress until it ends; exit 0 "
-                    "succeeded, 1 rolled back, 2 error")
+                    "succeeded (hand-over complete), 1 rolled back, 2 error")
     sp.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
     sp.add_argument("--unreachable-timeout", type=float, default=300.0,
                     help="with --wait, how long to keep trying while the controller is "
@@ -677,7 +713,9 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_status)
 
     for name, text in (("pause", "hold the current weight"), ("resume", "continue"),
-                       ("abort", "roll back now"), ("promote", "go to the next stage now")):
+                       ("abort", "roll back now"), ("promote", "go to the next stage now"),
+                       ("handover", "the serving side runs the new version now: return the "
+                                    "traffic to it (promotion: return)")):
         sp = sub.add_parser(name, help=text)
         sp.add_argument("id")
         sp.add_argument("--reason", required=True)
@@ -685,6 +723,12 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--full", action="store_true", help="go straight to 100%%")
         client(sp)
         sp.set_defaults(fn=cmd_override)
+
+    sp = sub.add_parser("targets", help="which side of each target serves and where the "
+                        "next version goes")
+    sp.add_argument("name", nargs="?", metavar="NAME")
+    client(sp)
+    sp.set_defaults(fn=cmd_targets)
 
     sp = sub.add_parser("demo", help="a real local playground: nginx, Prometheus, two versions")
     sp.add_argument("--keep", action="store_true", help="leave the playground running at the end "

@@ -110,6 +110,46 @@ Addresses = Annotated[tuple[Annotated[str, Field(strict=True, pattern=_ADDRESS)]
                       Field(min_length=1)]
 
 
+Promotion = Literal["swap", "return"]
+SIDES = ("stable", "canary")
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class VersionProbe:
+    """How canary learns what a server runs (interface.md section 5): GET
+    http://SERVER/path; the version is the trimmed body, or its `version` field when the
+    body is a JSON object."""
+
+    path: Annotated[str, Field(strict=True, pattern=r"^/[\x21-\x7e]*$", max_length=2048)] = "/version"
+    timeout: policy_mod.PositiveDuration = 2.0
+
+    @field_validator("timeout")
+    @classmethod
+    def _bounded(cls, value: float) -> float:
+        if value > 60:
+            raise ValueError("at most 60s: a probe that waits longer holds up a start")
+        return value
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class Workload:
+    """The Deployment pair canary manages for a Kubernetes target (same namespace)."""
+
+    stable: Dns
+    canary: Dns
+    version_label: Annotated[str, Field(strict=True, pattern=r"^([a-z0-9.-]{1,253}/)?"
+                                                              r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}"
+                                                              r"[A-Za-z0-9])?$")] = "version"
+    scale_canary: Literal["proportional", "fixed"] = "proportional"
+    scale_down_delay: policy_mod.Duration = 30.0
+
+    @model_validator(mode="after")
+    def _apart(self) -> Workload:
+        if self.stable == self.canary:
+            raise ValueError("canary: the stable and canary Deployments must differ")
+        return self
+
+
 @dataclass(frozen=True, config=_CONFIG)
 class NginxTarget:
     file: Annotated[Path, WithJsonSchema({"type": "string", "minLength": 1})]
@@ -123,6 +163,8 @@ class NginxTarget:
     stable_version: Version | None = None
     router: Literal["nginx"] = "nginx"
     name: SkipJsonSchema[str] = ""  # the key it is configured under
+    promotion: Promotion = "swap"
+    version_probe: VersionProbe | None = None
 
     @model_validator(mode="after")
     def _sides_apart(self) -> NginxTarget:
@@ -149,9 +191,24 @@ class IstioTarget:
     stable_version: Version | None = None
     router: Literal["istio"] = "istio"
     name: SkipJsonSchema[str] = ""
+    # default: return with a workload (the stable Deployment is brought to the new
+    # version), else swap; see promotion_of
+    promotion: Promotion | None = None
+    workload: Workload | None = None
 
 
 Target = NginxTarget | IstioTarget
+
+
+def promotion_of(target: Target) -> Promotion:
+    """How a release on this target is carried through (interface.md section 5)."""
+    if target.promotion is not None:
+        return target.promotion
+    return "return" if getattr(target, "workload", None) is not None else "swap"
+
+
+def other_side(side: str) -> str:
+    return "stable" if side == "canary" else "canary"
 ROUTERS = ("nginx", "istio")
 
 
@@ -343,6 +400,15 @@ CONFIG_MESSAGES = {
     "stable": "must be a non-empty list of host:port or unix:PATH addresses",
     "canary": "must be a non-empty list of host:port or unix:PATH addresses",
     "vars": "must be a plain value",
+    "promotion": "must be swap (the sides take turns) or return (traffic goes back to the "
+                 "stable side once it runs the new version)",
+    "path": "must be an absolute URL path like /version (no spaces)",
+    "scale_canary": "must be proportional (canary replicas follow the weight) or fixed",
+    "workload.stable": "must be the name of a Deployment (lowercase letters, digits, '-' "
+                       "and '.')",
+    "workload.canary": "must be the name of a Deployment (lowercase letters, digits, '-' "
+                       "and '.')",
+    "version_label": "must be a Kubernetes label key, like version or app.kubernetes.io/version",
 }
 CONFIG_REQUIRED = {
     "auth": "required: auth.tokens lists who may call the API",

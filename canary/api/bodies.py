@@ -93,6 +93,43 @@ class TargetView(BaseModel):
     route: str | None = None
 
 
+Side = Literal["stable", "canary"]
+
+
+class SideRuns(BaseModel):
+    stable: str | None = Field(description="the version the side configured as `stable` "
+                                           "runs, when known")
+    canary: str | None = Field(description="... and the side configured as `canary`")
+
+
+class ActiveOnTarget(BaseModel):
+    state: str
+    weight: int
+    to_side: Side
+    canary_version: str
+
+
+class TargetDetail(BaseModel):
+    """GET /api/v1/targets/{name} (interface.md section 5)."""
+
+    name: str
+    router: Literal["nginx", "istio"]
+    policy: str | None
+    promotion: Literal["swap", "return"]
+    live_weight: int | None = Field(description="the configured canary side's live share "
+                                                "in percent")
+    active_rollout: str | None
+    serving: Side = Field(description="the side that carries the stable version now")
+    deploy_to: Side = Field(description="the side where the next version must be deployed")
+    runs: SideRuns
+    active: ActiveOnTarget | None = None
+    servers: dict[Side, list[str]] | None = None
+    version_probe: str | None = None
+    destinations: dict[Side, dict[str, str | None]] | None = None
+    workload: dict[Side, str] | None = None
+    warning: str | None = None
+
+
 class TargetList(BaseModel):
     targets: list[TargetView]
 
@@ -147,5 +184,16 @@ def parse(model: type[_Body], data: Any) -> Any:
         raise InvalidInput("; ".join(out)) from None
 
 
-__all__ = ["Error", "EventView", "GateView", "Override", "Promote", "RolloutList",
-           "RolloutView", "StartRollout", "TargetList", "parse"]
+__all__ = [
+    "Error",
+    "EventView",
+    "GateView",
+    "Override",
+    "Promote",
+    "RolloutList",
+    "RolloutView",
+    "StartRollout",
+    "TargetDetail",
+    "TargetList",
+    "parse",
+]

@@ -15,7 +15,8 @@ from canary.model import RolloutView
 _REF = "#/components/schemas/{model}"
 _MODELS: list[type[BaseModel]] = [
     bodies.StartRollout, bodies.Override, bodies.Promote, bodies.Error, RolloutView,
-    bodies.RolloutList, bodies.TargetList, bodies.PolicyList, bodies.Health, bodies.Ready]
+    bodies.RolloutList, bodies.TargetList, bodies.TargetDetail, bodies.PolicyList,
+    bodies.Health, bodies.Ready]
 
 
 def _schemas() -> dict[str, Any]:
@@ -70,6 +71,12 @@ SPEC: dict[str, Any] = {
                             "responses": _responses(200, bodies.Ready, 503)}},
         "/api/v1/targets": {"get": {"summary": "configured targets", "security": _AUTH,
                                     "responses": _responses(200, bodies.TargetList, 401, 403)}},
+        "/api/v1/targets/{name}": {"get": {
+            "summary": "one target: which side serves, where the next version goes, what "
+                       "each side runs", "security": _AUTH,
+            "parameters": [{"name": "name", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": _responses(200, bodies.TargetDetail, 401, 403, 404)}},
         "/api/v1/policies": {"get": {"summary": "loaded policies", "security": _AUTH,
                                      "responses": _responses(200, bodies.PolicyList, 401, 403)}},
         "/api/v1/rollouts": {
@@ -98,6 +105,7 @@ SPEC: dict[str, Any] = {
         "/api/v1/rollouts/{id}/resume": _override("resume", "oncall", bodies.Override),
         "/api/v1/rollouts/{id}/promote": _override("promote", "oncall", bodies.Promote),
         "/api/v1/rollouts/{id}/abort": _override("abort", "pipeline", bodies.Override),
+        "/api/v1/rollouts/{id}/handover": _override("handover", "pipeline", bodies.Override),
     },
     "components": {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},

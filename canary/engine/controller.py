@@ -24,10 +24,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 
-from canary import faults
+from canary import faults, probe
 from canary import policy as policy_mod
 from canary.clock import Clock
-from canary.config import Target
+from canary.config import NginxTarget, Target, promotion_of
 from canary.engine import decide
 from canary.errors import (
     Conflict,
@@ -49,9 +49,10 @@ from canary.model import (
     Phase,
     Readings,
     Rollout,
+    Sides,
     Verdict,
 )
-from canary.routers import Router
+from canary.routers import Router, toward
 from canary.store import Store, no_such_rollout
 
 log = logging.getLogger("canary.controller")
@@ -201,13 +202,16 @@ class Controller:
                 raise InvalidInput(f"{field_name}: {value!r} must be 1-128 letters, digits or "
                                    "._:+- starting with a letter or digit")
         await self.routers[target].check()
+        sides = await self.target_sides(target)
+        to_side = sides.deploy_to
+        if stable_version is None:
+            stable_version = sides.runs(sides.serving) or tgt.stable_version
+        await self._probe_start(tgt, sides, canary_version, stable_version)
         if target in self.warnings:
             message = await self._check_unexplained(target)
             if message:
                 raise Conflict(message)
         async with self._start_lock:
-            if stable_version is None:
-                stable_version = await self._last_stable(target) or tgt.stable_version
             if stable_version == canary_version:
                 raise InvalidInput(f"canary_version and stable_version are both "
                                    f"{canary_version!r}; nothing to roll out")
@@ -222,13 +226,56 @@ class Controller:
             rid = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)) + "-" + secrets.token_hex(3)
             r = decide.start(rollout_id=rid, target=target, policy=pol,
                              canary_version=canary_version, stable_version=stable_version,
-                             now=now, actor=actor)
+                             now=now, actor=actor, to_side=to_side,
+                             promotion=promotion_of(tgt))
             r = await self.store.create(rollout=r)
         self.metrics.started.labels(target).inc()
         self._log_new_events(None, r)
         self._spawn(r.id)
         self.metrics.active.set(len(self._tasks))
         return r
+
+    async def target_sides(self, target: str) -> Sides:
+        """Which side of `target` serves and what each runs: as stored with the target,
+        or rebuilt from its last finished rollout when that is newer (a controller that
+        stopped between ending a rollout and storing the sides)."""
+        stored = await self.store.sides(target)
+        last = await self.store.list(target=target, limit=1, events=False,
+                                     state=(Phase.SUCCEEDED, Phase.ROLLED_BACK))
+        if last and (stored is None or stored.rollout != last[0].id):
+            sides = Sides.after(last[0])
+            with contextlib.suppress(Exception):  # kept next time; derived the same meanwhile
+                await self.store.save_sides(target, sides)
+            return sides
+        if stored is not None:
+            return stored
+        tgt = self.targets.get(target)
+        return Sides(serving="stable", stable_runs=tgt.stable_version if tgt else None)
+
+    async def _probe_start(self, tgt: Target, sides: Sides, canary_version: str,
+                           stable_version: str | None) -> None:
+        """With a version_probe, the side about to receive traffic must run the canary
+        version and the serving side the stable one; else the start is refused, naming
+        each server and what it answered."""
+        if not isinstance(tgt, NginxTarget) or tgt.version_probe is None:
+            return
+        servers = {"stable": tgt.stable, "canary": tgt.canary}
+        checks = [(sides.deploy_to, canary_version, "canary_version")]
+        if stable_version is not None:
+            checks.append((sides.serving, stable_version, "stable_version"))
+        problems: list[str] = []
+        answers = await asyncio.gather(*(probe.ask(servers[side], tgt.version_probe)
+                                         for side, _, _ in checks))
+        for (side, want, name), got in zip(checks, answers, strict=True):
+            bad = probe.mismatches(got, want)
+            if bad:
+                problems.append(f"the {side} side must run {want} ({name}): "
+                                + "; ".join(a.describe() for a in bad))
+        if problems:
+            raise InvalidInput(f"target {tgt.name}: version_probe {tgt.version_probe.path}: "
+                               + ". ".join(problems) + ". Deploy the expected versions (the "
+                               f"next version goes on the {sides.deploy_to} side) and start "
+                               "again")
 
     async def _last_stable(self, target: str) -> str | None:
         last = await self.store.list(target=target, state=Phase.SUCCEEDED, limit=1,
@@ -307,11 +354,14 @@ class Controller:
         router = self.routers.get(target)
         live = await router.get_weight() if router else None
         last = None
+        expected = 0
         if live:
             finished = await self.store.list(target=target, limit=1, events=False,
                                              state=(Phase.SUCCEEDED, Phase.ROLLED_BACK))
             last = finished[0] if finished else None
-        if not live or (last is not None and last.state is Phase.SUCCEEDED and live == 100):
+            # the configured canary side carries everything when it is the serving side
+            expected = 100 if (await self.target_sides(target)).serving == "canary" else 0
+        if not live or live == expected:
             if self.warnings.pop(target, None):
                 log.warning("target's canary traffic is explained again", extra={"target": target})
             return None
@@ -370,8 +420,18 @@ class Controller:
                 self.metrics.observe(saved)
                 if saved.state.final and not old.state.final:
                     self.metrics.outcomes.labels(saved.target, saved.state.value).inc()
+                    await self._store_sides(saved)
                 return saved
         raise StoreConflict(f"rollout {rollout_id} kept changing under us; try again")
+
+    async def _store_sides(self, r: Rollout) -> None:
+        """Where the finished rollout left its target. Best effort: `target_sides` rebuilds
+        the same from the rollout if this write is lost."""
+        try:
+            await self.store.save_sides(r.target, Sides.after(r))
+        except Exception as e:  # the rollout is saved; its sides can be derived from it
+            log.warning(f"could not store the target's sides: {e}",
+                        extra={"rollout": r.id, "target": r.target})
 
     def _policy_of(self, r: Rollout) -> policy_mod.Policy:
         """The policy the rollout started with, parsed once: its spec never changes, and
@@ -440,7 +500,7 @@ class Controller:
                     r = await self._update(rollout_id, partial(
                         decide.policy_unreadable, error=self._unreadable[r.id],
                         now=self.clock.now()))
-                router = self.routers[r.target]
+                router = toward(self.routers[r.target], r.to_side)
                 cmd = self._pending_abort.get(rollout_id)
                 if cmd is not None:  # an abort the store could not take before
                     with contextlib.suppress(Conflict):
@@ -465,6 +525,14 @@ class Controller:
                 if not drift_paused and (router_paused or r.weight != r.applied_weight
                                          or not forced):
                     want = decide.stage_weight(r, pol) if router_paused else r.weight
+                    if (r.state is Phase.ROLLING_BACK and r.promoting_since is not None
+                            and r.applied_weight != 0):
+                        held = await self._old_side_updated(r)
+                        if held:
+                            r = await self._update(rollout_id, partial(
+                                decide.rollback_held, why=held, now=self.clock.now()))
+                            await self.clock.sleep(pol.interval, wakeup)
+                            continue
                     if not router_paused or now >= next_router_try:
                         faults.point("before_apply")
                         try:
@@ -508,6 +576,17 @@ class Controller:
                     r = await self._update(rollout_id, partial(
                         decide.readings, policy=pol, rd=rd, now=self.clock.now()))
                     self._log_gate_changes(r, before)
+                if (r.state is Phase.PROMOTING and not r.returning
+                        and r.applied_weight == r.weight and now >= next_eval):
+                    next_eval = now + pol.interval
+                    if await self._handed_over(r, wakeup):
+                        with contextlib.suppress(Conflict):
+                            r = await self._update(rollout_id, partial(
+                                decide.command, policy=pol, now=self.clock.now(),
+                                cmd=Command(CommandKind.HANDOVER, "controller",
+                                            "version_probe: every server of the serving side "
+                                            f"answers {r.canary_version}")))
+                        continue
                 r = await self._update(rollout_id, partial(decide.tick, policy=pol,
                                                            now=self.clock.now()))
                 if r.state.final:
@@ -545,7 +624,7 @@ class Controller:
             await self.clock.sleep(STORE_RETRY, wakeup)
             return
         pol = self._policy_of(r)
-        router = self.routers[r.target]
+        router = toward(self.routers[r.target], r.to_side)
         next_eval = self.clock.now() + pol.interval
         log.warning("rollout held while the state store cannot be written; its gates are "
                     "still judged and a rollback still reaches the router",
@@ -593,6 +672,55 @@ class Controller:
             else:  # decided, not yet in force: the loop applies it as usual
                 await self._update(rollout_id, partial(decide.roll_back_for, reason=r.reason
                                                        or note, now=self.clock.now()))
+
+    def _from_servers(self, r: Rollout) -> tuple[tuple[str, ...], NginxTarget] | None:
+        """The servers of the side a rollout shifts traffic away from, when a version_probe
+        can ask them."""
+        tgt = self.targets.get(r.target)
+        if not isinstance(tgt, NginxTarget) or tgt.version_probe is None:
+            return None
+        return (tgt.canary if r.to_side == "stable" else tgt.stable), tgt
+
+    async def _race(self, work: asyncio.Future[list[probe.Answer]],
+                    wakeup: asyncio.Event) -> list[probe.Answer] | None:
+        """`work`'s answers, or None when a command wakes the rollout first."""
+        woken: asyncio.Future[object] = asyncio.ensure_future(wakeup.wait())
+        waiting: set[asyncio.Future[object]] = {woken, work}  # type: ignore[arg-type]
+        try:
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+        return None if work.cancelled() else work.result()
+
+    async def _handed_over(self, r: Rollout, wakeup: asyncio.Event) -> bool:
+        """version_probe: does every server of the serving side run the canary version?"""
+        found = self._from_servers(r)
+        if found is None:
+            return False
+        servers, tgt = found
+        assert tgt.version_probe is not None
+        answers = await self._race(asyncio.ensure_future(probe.ask(servers, tgt.version_probe)),
+                                   wakeup)
+        return answers is not None and not probe.mismatches(answers, r.canary_version)
+
+    async def _old_side_updated(self, r: Rollout) -> str | None:
+        """A rollback from the hand-over goes back to the serving side only if none of its
+        servers runs the new version already; else why not."""
+        found = self._from_servers(r)
+        if found is None:
+            return None
+        servers, tgt = found
+        assert tgt.version_probe is not None
+        # not cut short by a command: the rollback is decided, only its direction is asked
+        answers = await probe.ask(servers, tgt.version_probe)
+        updated = [a for a in answers if a.version == r.canary_version]
+        if not updated:
+            return None
+        return "; ".join(a.describe() for a in updated)
 
     async def _measure(self, r: Rollout, pol: policy_mod.Policy, now: float,
                        wakeup: asyncio.Event) -> Readings | None:

@@ -46,3 +46,30 @@ def for_target(target: Target, *, kube_api: Any = None) -> Router:
                               "credentials (in-cluster, KUBECONFIG or ~/.kube/config)")
         return IstioRouter(target, kube_api)
     raise RouterError(f"unknown router for target {target!r}")
+
+
+class Flipped:
+    """A router seen from the other side: after a swap the configured `canary` side serves
+    the stable version, and the next rollout's weight is the share of the `stable` side.
+    Every read and write is turned around, so the rest of canary speaks of one weight."""
+
+    def __init__(self, inner: Router) -> None:
+        self.inner = inner
+
+    async def get_weight(self) -> int | None:
+        w = await self.inner.get_weight()
+        return None if w is None else 100 - w
+
+    async def set_weight(self, weight: int, *, decision: str | None = None) -> None:
+        await self.inner.set_weight(100 - weight, decision=decision)
+
+    async def decision(self) -> str | None:
+        return await self.inner.decision()
+
+    async def check(self) -> None:
+        await self.inner.check()
+
+
+def toward(router: Router, side: str) -> Router:
+    """The router whose weight is the share of the configured side `side`."""
+    return Flipped(router) if side == "stable" else router

@@ -25,7 +25,7 @@ from typing import Any
 from canary import jsonsafe
 from canary.errors import Conflict, NotFound, StoreConflict, StoreUnavailable, UserError
 from canary.executors import Pool
-from canary.model import Phase, Rollout
+from canary.model import Phase, Rollout, Sides
 from canary.store import no_such_rollout, phases
 
 _SCHEMA = """
@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS rollouts (
 CREATE UNIQUE INDEX IF NOT EXISTS one_active_per_target ON rollouts(target) WHERE active = 1;
 CREATE INDEX IF NOT EXISTS by_start ON rollouts(started_at);
 CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS targets (name TEXT PRIMARY KEY, sides TEXT NOT NULL);
 """
 _PAGING = """
 CREATE INDEX IF NOT EXISTS by_start_id ON rollouts(started_at DESC, id DESC);
@@ -240,6 +241,19 @@ class SqliteStore:
         read-only or deleted file."""
         await self._call(lambda: self._db.execute(
             "INSERT OR REPLACE INTO health (id, at) VALUES (1, ?)", (time.time(),)), write=True)
+
+    def _sides(self, target: str) -> Sides | None:
+        row = self._db.execute("SELECT sides FROM targets WHERE name = ?", (target,)).fetchone()
+        return Sides.from_store(json.loads(row[0])) if row else None
+
+    async def sides(self, target: str) -> Sides | None:
+        result: Sides | None = await self._call(self._sides, target)
+        return result
+
+    async def save_sides(self, target: str, sides: Sides) -> None:
+        await self._call(lambda: self._db.execute(
+            "INSERT OR REPLACE INTO targets (name, sides) VALUES (?, ?)",
+            (target, jsonsafe.dumps(sides.to_store()))), write=True)
 
     def _close(self) -> None:
         self._db.close()
