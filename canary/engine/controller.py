@@ -201,6 +201,12 @@ class Controller:
             if value is not None and not _VERSION.fullmatch(value):
                 raise InvalidInput(f"{field_name}: {value!r} must be 1-128 letters, digits or "
                                    "._:+- starting with a letter or digit")
+        if getattr(tgt, "workload", None) is not None:
+            # refused rather than started without the checks and scaling it promises
+            raise InvalidInput(f"target {target!r}: `workload` (canary managing the "
+                               "Deployment pair) is not supported by this version of "
+                               "canary yet; remove it and deploy the Deployments from the "
+                               "pipeline (promotion: return, then call handover)")
         await self.routers[target].check()
         sides = await self.target_sides(target)
         to_side = sides.deploy_to
