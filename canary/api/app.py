@@ -377,12 +377,16 @@ async def one_target(request: web.Request) -> web.Response:
     sides = await ctl.target_sides(name)
     active = await ctl.store.list(target=name, active_only=True, limit=1, events=False)
     router = ctl.routers.get(name)
+    runs = {"stable": sides.stable_runs, "canary": sides.canary_runs}
+    if active:  # during a rollout, each side runs what the rollout was started with
+        runs[active[0].to_side] = active[0].canary_version
+        runs[sides.serving] = active[0].stable_version or runs[sides.serving]
     item: dict[str, Any] = {
         "name": name, "router": t.router, "policy": t.policy, "promotion": promotion_of(t),
         "live_weight": await router.get_weight() if router else None,
         "active_rollout": active[0].id if active else None,
         "serving": sides.serving, "deploy_to": sides.deploy_to,
-        "runs": {"stable": sides.stable_runs, "canary": sides.canary_runs}}
+        "runs": runs}
     if isinstance(t, NginxTarget):
         item["servers"] = {"stable": list(t.stable), "canary": list(t.canary)}
         item["version_probe"] = t.version_probe.path if t.version_probe else None
