@@ -47,6 +47,7 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
                 signals: bool = True) -> None:
     from canary.api.app import ApiServer, bind, build_app
     from canary.clock import RealClock
+    from canary.config import IstioTarget
     from canary.engine.controller import Controller
     from canary.gates.prometheus import CoalescingSource, PrometheusSource
     from canary.routers import Router, for_target
@@ -75,6 +76,12 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
             routers[name] = for_target(target, kube_api=kube_api)
         except RouterError as e:
             log.warning(str(e), extra={"target": name})
+    workloads: dict[str, Any] = {}
+    for name, target in cfg.targets.items():
+        if isinstance(target, IstioTarget) and target.workload is not None and kube_api:
+            from canary.workload import Workloads
+
+            workloads[name] = Workloads(target.namespace, target.workload, kube_api, name)
     prometheus = PrometheusSource(cfg.prometheus_url, timeout=cfg.prometheus_timeout,
                                   access=cfg.prometheus_access)
     store = open_store(cfg.state, kube_api=kube_api)
@@ -89,7 +96,7 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
         raise
     controller = Controller(store=store, policies=policies, targets=cfg.targets, routers=routers,
                             source=CoalescingSource(prometheus),
-                            clock=RealClock())
+                            clock=RealClock(), workloads=workloads)
     elector = None
     if cfg.state.startswith("kubernetes:"):
         from canary.leader import LeaderElector

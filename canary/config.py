@@ -196,6 +196,14 @@ class IstioTarget:
     promotion: Promotion | None = None
     workload: Workload | None = None
 
+    @model_validator(mode="after")
+    def _workload_returns(self) -> IstioTarget:
+        if self.workload is not None and self.promotion == "swap":
+            raise ValueError("promotion: a target with a workload hands over with return "
+                             "(the stable Deployment is brought to the new version); remove "
+                             "promotion or set it to return")
+        return self
+
 
 Target = NginxTarget | IstioTarget
 

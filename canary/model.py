@@ -195,6 +195,7 @@ class Rollout:
     promotion: str = "swap"            # swap | return, fixed at start
     promoting_since: float | None = None  # when the hand-over began (return mode)
     returning: bool = False            # handed over: succeed once weight 0 is in force
+    waiting_since: float | None = None  # held before a step until the canary workload is ready
     gates: tuple[GateStatus, ...] = ()
     events: tuple[Event, ...] = ()
     version: int = 0                   # the store's optimistic-concurrency counter

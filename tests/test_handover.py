@@ -403,3 +403,17 @@ async def test_rollback_during_promoting_never_returns_traffic_to_an_updated_ser
             s1.version = "v1"  # the pipeline put v1 back
             r = await api.until(r["id"], lambda x: x["state"] == "rolled_back")
             assert parse_weight(target, target.file.read_text()) == 0
+
+
+def test_a_workload_with_promotion_swap_is_refused_saying_why(tmp_path):
+    doc = {"auth": {"tokens": [{"name": "a", "sha256": "0" * 64, "role": "viewer"}]},
+           "targets": {"api": {"router": "istio", "namespace": "prod", "virtual_service": "api",
+                               "stable": {"host": "api", "subset": "stable"},
+                               "canary": {"host": "api", "subset": "canary"},
+                               "promotion": "swap",
+                               "workload": {"stable": "api-stable", "canary": "api-canary"}}}}
+    (tmp_path / "policies").mkdir()
+    with pytest.raises(ValidationFailed) as e:
+        config_mod.parse(yamlsrc.load(yaml.safe_dump(doc).encode(), "c.yaml"), base=tmp_path)
+    assert any("hands over with return" in p.message for p in e.value.problems), \
+        e.value.problems

@@ -26,6 +26,7 @@ from functools import partial
 
 from canary import faults, probe
 from canary import policy as policy_mod
+from canary import workload as workload_mod
 from canary.clock import Clock
 from canary.config import NginxTarget, Target, promotion_of
 from canary.engine import decide
@@ -95,6 +96,8 @@ class Controller:
     retry_max: float = 30.0
     leading: bool = True   # only the leader runs rollouts and accepts writes
     leader: Callable[[], str | None] = lambda: None  # who leads, for followers' answers
+    # per target with a `workload:`, its Deployment pair (canary/workload.py)
+    workloads: Mapping[str, workload_mod.Workloads] = field(default_factory=dict)
     _tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     _wakeups: dict[str, asyncio.Event] = field(default_factory=dict)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
@@ -201,18 +204,18 @@ class Controller:
             if value is not None and not _VERSION.fullmatch(value):
                 raise InvalidInput(f"{field_name}: {value!r} must be 1-128 letters, digits or "
                                    "._:+- starting with a letter or digit")
-        if getattr(tgt, "workload", None) is not None:
-            # refused rather than started without the checks and scaling it promises
-            raise InvalidInput(f"target {target!r}: `workload` (canary managing the "
-                               "Deployment pair) is not supported by this version of "
-                               "canary yet; remove it and deploy the Deployments from the "
-                               "pipeline (promotion: return, then call handover)")
+        wl = self.workloads.get(target)
+        if getattr(tgt, "workload", None) is not None and wl is None:
+            raise InvalidInput(f"target {target!r} has a workload but this controller has no "
+                               "Kubernetes client for it")
         await self.routers[target].check()
         sides = await self.target_sides(target)
         to_side = sides.deploy_to
         if stable_version is None:
             stable_version = sides.runs(sides.serving) or tgt.stable_version
         await self._probe_start(tgt, sides, canary_version, stable_version)
+        if wl is not None:
+            await self._workload_start(wl, tgt, stable_version)
         if target in self.warnings:
             message = await self._check_unexplained(target)
             if message:
@@ -531,6 +534,17 @@ class Controller:
                 if not drift_paused and (router_paused or r.weight != r.applied_weight
                                          or not forced):
                     want = decide.stage_weight(r, pol) if router_paused else r.weight
+                    wl = self.workloads.get(r.target)
+                    if (wl is not None and r.state is Phase.PROGRESSING
+                            and want > (r.applied_weight or 0)):
+                        why = await self._workload_not_ready(wl, r, want)
+                        if why is not None:
+                            r = await self._update(rollout_id, partial(
+                                decide.workload_waiting, policy=pol, why=why,
+                                now=self.clock.now()))
+                            if r.state is not Phase.ROLLING_BACK:
+                                await self.clock.sleep(pol.interval, wakeup)
+                            continue
                     if (r.state is Phase.ROLLING_BACK and r.promoting_since is not None
                             and r.applied_weight != 0):
                         held = await self._old_side_updated(r)
@@ -585,13 +599,16 @@ class Controller:
                 if (r.state is Phase.PROMOTING and not r.returning
                         and r.applied_weight == r.weight and now >= next_eval):
                     next_eval = now + pol.interval
-                    if await self._handed_over(r, wakeup):
+                    wl = self.workloads.get(r.target)
+                    done = (await self._workload_handover(wl, r) if wl is not None
+                            else "version_probe: every server of the serving side answers "
+                                 f"{r.canary_version}" if await self._handed_over(r, wakeup)
+                            else None)
+                    if done is not None:
                         with contextlib.suppress(Conflict):
                             r = await self._update(rollout_id, partial(
                                 decide.command, policy=pol, now=self.clock.now(),
-                                cmd=Command(CommandKind.HANDOVER, "controller",
-                                            "version_probe: every server of the serving side "
-                                            f"answers {r.canary_version}")))
+                                cmd=Command(CommandKind.HANDOVER, "controller", done)))
                         continue
                 r = await self._update(rollout_id, partial(decide.tick, policy=pol,
                                                            now=self.clock.now()))
@@ -615,6 +632,10 @@ class Controller:
                 # loudly, back off, and try again from the stored state.
                 log.exception("rollout loop failed; retrying", extra={"rollout": rollout_id})
                 await self.clock.sleep(backoff.next(), wakeup)
+        last = self._last.get(rollout_id)
+        wl = self.workloads.get(last.target) if last is not None else None
+        if wl is not None and last is not None and last.state.final and not self._stopping:
+            await self._scale_down_later(wl, last)
         for cache in (self._locks, self._wakeups, self._policy_cache, self._last, self._unsaved,
                       self._pending_abort, self._unreadable, self.unsaved_view):
             cache.pop(rollout_id, None)
@@ -727,6 +748,66 @@ class Controller:
         if not updated:
             return None
         return "; ".join(a.describe() for a in updated)
+
+    # ---- the Deployment pair of a target with a `workload:` -------------------------------
+
+    async def _workload_start(self, wl: workload_mod.Workloads, tgt: Target,
+                              stable_version: str | None) -> None:
+        """Before a start: both Deployments exist, and the stable one runs the stable
+        version (the canary one may still be rolling out: the rollout waits for it)."""
+        stable = await wl.state(wl.workload.stable)
+        await wl.state(wl.workload.canary)
+        if stable_version is not None and stable.version != stable_version:
+            raise InvalidInput(f"target {tgt.name}: the stable side must run {stable_version} "
+                               f"(stable_version): {stable.describe()} (label "
+                               f"{wl.workload.version_label})")
+
+    async def _workload_not_ready(self, wl: workload_mod.Workloads, r: Rollout,
+                                  weight: int) -> str | None:
+        """Size the canary Deployment for `weight` (proportional) and say what is missing
+        before traffic may move there; None when it is ready."""
+        try:
+            stable = await wl.state(wl.workload.stable)
+            canary = await wl.state(wl.workload.canary)
+            if wl.workload.scale_canary == "proportional":
+                want = workload_mod.canary_replicas(stable.replicas, weight)
+                if canary.replicas != want:
+                    await wl.scale(wl.workload.canary, want)
+                    canary = await wl.state(wl.workload.canary)
+            else:
+                want = max(1, canary.replicas)
+        except (RouterError, NotFound) as e:
+            return str(e)
+        return workload_mod.ready_for(canary, r.canary_version, want)
+
+    async def _workload_handover(self, wl: workload_mod.Workloads, r: Rollout) -> str | None:
+        """Hand-over for a workload: copy the canary's pod template to the stable
+        Deployment, then, once its rollout is complete, say so (None until then)."""
+        try:
+            stable = await wl.state(wl.workload.stable)
+            if stable.version != r.canary_version:
+                await wl.copy_template()
+                return None
+            if stable.rolled_out:
+                return (f"the stable Deployment runs {r.canary_version}: "
+                        f"{stable.describe()}")
+        except (RouterError, NotFound) as e:
+            log.warning(f"hand-over: {e}; retrying", extra={"rollout": r.id,
+                                                           "target": r.target})
+        return None
+
+    async def _scale_down_later(self, wl: workload_mod.Workloads, r: Rollout) -> None:
+        """After a rollout ends, weight 0 on the canary is in force: scale the idle canary
+        Deployment to 0 once scale_down_delay has passed."""
+        await self.clock.sleep(wl.workload.scale_down_delay, None)
+        try:
+            await wl.scale(wl.workload.canary, 0)
+        except (RouterError, NotFound) as e:
+            log.error(f"could not scale the idle canary Deployment to 0: {e}",
+                      extra={"rollout": r.id, "target": r.target})
+        else:
+            log.info(f"canary Deployment {wl.workload.canary} scaled to 0",
+                     extra={"rollout": r.id, "target": r.target})
 
     async def _measure(self, r: Rollout, pol: policy_mod.Policy, now: float,
                        wakeup: asyncio.Event) -> Readings | None:

@@ -294,6 +294,9 @@ def applied(r: Rollout, weight: int, now: float) -> Rollout:
     if r.state.final:
         return r
     r = replace(r, applied_weight=weight, updated_at=now)
+    if r.waiting_since is not None:
+        r = replace(r, waiting_since=None,
+                    reason=None if r.state is Phase.PROGRESSING else r.reason)
     if weight == r.weight and r.stage_since is None:
         r = replace(r, stage_since=now)
     return _finish_if_done(r, now)
@@ -365,6 +368,23 @@ def rollback_held(r: Rollout, why: str, now: float) -> Rollout:
         return r
     r = replace(r, reason=reason)
     return _event(r, now, "rollback_held", why)
+
+
+def workload_waiting(r: Rollout, policy: Policy, why: str, now: float) -> Rollout:
+    """The canary workload is not ready for the next weight: hold the weight in force
+    (no traffic moves) and say why; past the progress deadline, roll back."""
+    if r.state is not Phase.PROGRESSING:
+        return r
+    since = r.waiting_since if r.waiting_since is not None else now
+    if now - since > policy.progress_deadline:
+        return _roll_back(replace(r, waiting_since=None), now,
+                          f"the canary workload was not ready for weight {r.weight} within "
+                          f"{format_duration(policy.progress_deadline)}: {why}")
+    reason = f"waiting for the canary workload before weight {r.weight}: {why}"
+    if r.reason == reason and r.waiting_since is not None:
+        return r
+    r = replace(r, waiting_since=since, reason=reason)
+    return _event(r, now, "workload", why)
 
 
 def handover_overdue(r: Rollout, policy: Policy, now: float) -> Rollout:
