@@ -5,6 +5,8 @@ server running another version."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from dataclasses import replace
 
 import pytest
@@ -20,7 +22,7 @@ from canary.model import Command, CommandKind, PauseKind, Phase, Sides
 from canary.policy import NoData, Policy, Stage, ThresholdGate
 from canary.routers.nginx import parse_weight
 from canary.store.sqlite import SqliteStore
-from tests.helpers import controller, simple_policy
+from tests.helpers import controller, eventually, simple_policy
 
 
 def pol(**kw: object) -> Policy:
@@ -417,3 +419,64 @@ def test_a_workload_with_promotion_swap_is_refused_saying_why(tmp_path):
         config_mod.parse(yamlsrc.load(yaml.safe_dump(doc).encode(), "c.yaml"), base=tmp_path)
     assert any("hands over with return" in p.message for p in e.value.problems), \
         e.value.problems
+
+
+async def test_start_wait_exits_0_only_once_the_handover_completes_and_targets_shows_the_sides(
+        tmp_path):
+    from canary.routers.nginx import NginxRouter
+    from tests.test_restart_and_cli import cli
+    target = nginx_target(tmp_path, ["127.0.0.1:9001"], ["127.0.0.1:9002"], version_probe=None,
+                          promotion="return")
+    async with controller(tmp_path, policies=[FAST], target=target,
+                          router=NginxRouter(target)) as (api, _ctl, _t):
+        waiting = asyncio.create_task(cli("start", "web", "--canary-version", "v2", "--wait",
+                                          server=api.base))
+
+        async def promoting() -> str | None:
+            _, data = await api.call("GET", "/api/v1/rollouts?state=promoting", role="viewer")
+            return data["rollouts"][0]["id"] if data["rollouts"] else None
+        rid = await eventually(promoting, what="promoting")
+        assert not waiting.done(), "--wait does not end at 100%"
+        code, out, err = await cli("targets", server=api.base, token="tok-viewer")
+        assert code == 0, err
+        assert "web: nginx, promotion return; serving: stable side (v1)" in out
+        assert f"active rollout {rid}: promoting at weight 100 toward the canary side" in out
+        code, out, err = await cli("handover", rid, "--reason", "v2 on stable",
+                                   server=api.base)
+        assert code == 0, err
+        code, out, err = await waiting
+        assert code == 0, err
+        assert "promoting" in out and "succeeded" in out
+        code, out, err = await cli("targets", "web", "--json", server=api.base,
+                                   token="tok-viewer")
+        assert code == 0, err
+        t = json.loads(out)
+        assert (t["serving"], t["deploy_to"], t["runs"]) == (
+            "stable", "canary", {"stable": "v2", "canary": "v2"})
+
+
+async def test_the_cluster_store_keeps_which_side_serves_beside_the_targets_claim(tmp_path):
+    from canary.kube import api_client
+    from canary.store.kubernetes import KubernetesStore
+    from tests.kubeapi import KubeApiDouble
+
+    kube = KubeApiDouble()
+    await kube.start()
+    api = api_client(str(kube.kubeconfig(tmp_path / "kubeconfig")))
+    try:
+        store = KubernetesStore("canary-system", api)
+        assert await store.sides("web") is None
+        sides = Sides(serving="canary", stable_runs="v1", canary_runs="v2", rollout="r1")
+        await store.save_sides("web", sides)
+        r = decide.start(rollout_id="r2", target="web", policy=simple_policy(),
+                         canary_version="v3", stable_version="v2", now=1.0, actor="t",
+                         to_side="stable")
+        await store.create(rollout=r)  # claims the target in the same ConfigMap
+        assert await KubernetesStore("canary-system", api).sides("web") == sides
+        done = replace(await store.load("r2"), state=Phase.SUCCEEDED)
+        await store.save_sides("web", Sides.after(done))
+        again = await KubernetesStore("canary-system", api).sides("web")
+        assert again is not None and (again.serving, again.stable_runs) == ("stable", "v3")
+    finally:
+        api.close()
+        await kube.stop()
