@@ -480,3 +480,22 @@ async def test_the_cluster_store_keeps_which_side_serves_beside_the_targets_clai
     finally:
         api.close()
         await kube.stop()
+
+
+async def test_a_canary_server_that_changes_version_mid_rollout_gets_no_more_traffic(tmp_path):
+    from canary.routers.nginx import NginxRouter
+    async with VersionServer("v1") as s1, VersionServer("v2") as c1:
+        target = nginx_target(tmp_path, [s1.addr], [c1.addr])
+        pol = simple_policy(hold=0.5, interval=0.1)
+        async with controller(tmp_path, policies=[pol], target=target,
+                              router=NginxRouter(target)) as (api, _ctl, _t):
+            r = await api.start(canary_version="v2")
+            await api.until(r["id"], lambda x: x["applied_weight"] == 10)
+            c1.version = "v9"  # someone deployed something else there
+            r = await api.until(r["id"], lambda x: "waiting for the canary servers" in
+                                (x["reason"] or ""))
+            assert f"{c1.addr} answered 'v9'" in r["reason"]
+            assert r["applied_weight"] == 10 and r["state"] == "progressing"
+            assert parse_weight(target, target.file.read_text()) == 10
+            c1.version = "v2"
+            r = await api.until(r["id"], lambda x: x["state"] == "succeeded")

@@ -535,13 +535,19 @@ class Controller:
                                          or not forced):
                     want = decide.stage_weight(r, pol) if router_paused else r.weight
                     wl = self.workloads.get(r.target)
-                    if (wl is not None and r.state is Phase.PROGRESSING
+                    probed = self._to_servers(r)
+                    if ((wl is not None or probed is not None)
+                            and r.state is Phase.PROGRESSING
                             and want > (r.applied_weight or 0)):
-                        why = await self._workload_not_ready(wl, r, want)
+                        # more traffic goes only to a side that runs the canary version
+                        why = (await self._workload_not_ready(wl, r, want) if wl is not None
+                               else await self._servers_not_ready(r))
                         if why is not None:
                             r = await self._update(rollout_id, partial(
                                 decide.workload_waiting, policy=pol, why=why,
-                                now=self.clock.now()))
+                                now=self.clock.now(),
+                                what="the canary workload" if wl is not None
+                                else "the canary servers"))
                             if r.state is not Phase.ROLLING_BACK:
                                 await self.clock.sleep(pol.interval, wakeup)
                             continue
@@ -707,6 +713,25 @@ class Controller:
         if not isinstance(tgt, NginxTarget) or tgt.version_probe is None:
             return None
         return (tgt.canary if r.to_side == "stable" else tgt.stable), tgt
+
+    def _to_servers(self, r: Rollout) -> tuple[tuple[str, ...], NginxTarget] | None:
+        """The servers of the side a rollout shifts traffic to, when a version_probe can
+        ask them."""
+        tgt = self.targets.get(r.target)
+        if not isinstance(tgt, NginxTarget) or tgt.version_probe is None:
+            return None
+        return (tgt.stable if r.to_side == "stable" else tgt.canary), tgt
+
+    async def _servers_not_ready(self, r: Rollout) -> str | None:
+        """version_probe before each step up: every server about to get more traffic
+        still answers the canary version; else which do not."""
+        found = self._to_servers(r)
+        if found is None:
+            return None
+        servers, tgt = found
+        assert tgt.version_probe is not None
+        bad = probe.mismatches(await probe.ask(servers, tgt.version_probe), r.canary_version)
+        return "; ".join(a.describe() for a in bad) or None
 
     async def _race(self, work: asyncio.Future[list[probe.Answer]],
                     wakeup: asyncio.Event) -> list[probe.Answer] | None:

@@ -370,17 +370,19 @@ def rollback_held(r: Rollout, why: str, now: float) -> Rollout:
     return _event(r, now, "rollback_held", why)
 
 
-def workload_waiting(r: Rollout, policy: Policy, why: str, now: float) -> Rollout:
-    """The canary workload is not ready for the next weight: hold the weight in force
-    (no traffic moves) and say why; past the progress deadline, roll back."""
+def workload_waiting(r: Rollout, policy: Policy, why: str, now: float,
+                     what: str = "the canary workload") -> Rollout:
+    """The canary workload (or, with a version_probe, the canary servers) is not ready
+    for the next weight: hold the weight in force (no more traffic moves) and say why;
+    past the progress deadline, roll back."""
     if r.state is not Phase.PROGRESSING:
         return r
     since = r.waiting_since if r.waiting_since is not None else now
     if now - since > policy.progress_deadline:
         return _roll_back(replace(r, waiting_since=None), now,
-                          f"the canary workload was not ready for weight {r.weight} within "
+                          f"{what} was not ready for weight {r.weight} within "
                           f"{format_duration(policy.progress_deadline)}: {why}")
-    reason = f"waiting for the canary workload before weight {r.weight}: {why}"
+    reason = f"waiting for {what} before weight {r.weight}: {why}"
     if r.reason == reason and r.waiting_since is not None:
         return r
     r = replace(r, waiting_since=since, reason=reason)
