@@ -499,3 +499,22 @@ async def test_a_canary_server_that_changes_version_mid_rollout_gets_no_more_tra
             assert parse_weight(target, target.file.read_text()) == 10
             c1.version = "v2"
             r = await api.until(r["id"], lambda x: x["state"] == "succeeded")
+
+
+async def test_after_a_swap_all_traffic_moved_back_by_hand_is_unexplained_and_blocks_a_start(
+        tmp_path):
+    from canary.routers.nginx import NginxRouter, render
+    target = nginx_target(tmp_path, ["127.0.0.1:9001"], ["127.0.0.1:9002"], version_probe=None)
+    async with controller(tmp_path, policies=[FAST], target=target,
+                          router=NginxRouter(target)) as (api, _ctl, _t):
+        r = await api.start(canary_version="v2")
+        await api.until(r["id"], lambda x: x["state"] == "succeeded")
+    target.file.write_text(render(target, 0))  # someone sends everything to the old v1 side
+    async with controller(tmp_path, policies=[FAST], target=target,
+                          router=NginxRouter(target)) as (api, ctl, _t):
+        warnings = await ctl.unexplained()
+        assert "left the canary side serving" in warnings["web"]
+        status, data = await api.call("POST", "/api/v1/rollouts",
+                                      {"target": "web", "canary_version": "v3"},
+                                      role="pipeline")
+        assert status == 409 and "carries 0% canary traffic" in data["error"]

@@ -364,13 +364,14 @@ class Controller:
         live = await router.get_weight() if router else None
         last = None
         expected = 0
-        if live:
+        if live is not None:
             finished = await self.store.list(target=target, limit=1, events=False,
                                              state=(Phase.SUCCEEDED, Phase.ROLLED_BACK))
             last = finished[0] if finished else None
-            # the configured canary side carries everything when it is the serving side
-            expected = 100 if (await self.target_sides(target)).serving == "canary" else 0
-        if not live or live == expected:
+            if last is not None:
+                # the configured canary side carries everything when it is the serving side
+                expected = 100 if (await self.target_sides(target)).serving == "canary" else 0
+        if live is None or live == expected:
             if self.warnings.pop(target, None):
                 log.warning("target's canary traffic is explained again", extra={"target": target})
             return None
@@ -378,6 +379,9 @@ class Controller:
         note = await router.decision()
         known = (f"its last rollout {last.id} ended {last.state.value}" if last is not None
                  else "the state store has no rollout of it")
+        if expected == 100:
+            known += (", which left the canary side serving (it runs the stable version "
+                      "now), so 100% is expected there")
         message = (f"target {target} carries {live}% canary traffic, but no active rollout "
                    f"and {known}" + (f" (the router notes: {note})" if note else "")
                    + ": the state store may be missing or replaced. canary leaves this "
