@@ -518,3 +518,31 @@ async def test_after_a_swap_all_traffic_moved_back_by_hand_is_unexplained_and_bl
                                       {"target": "web", "canary_version": "v3"},
                                       role="pipeline")
         assert status == 409 and "carries 0% canary traffic" in data["error"]
+
+
+async def test_drift_and_abort_work_the_same_after_the_sides_have_swapped(tmp_path):
+    from canary.routers.nginx import NginxRouter, render
+    target = nginx_target(tmp_path, ["127.0.0.1:9001"], ["127.0.0.1:9002"], version_probe=None)
+    slow = simple_policy(hold=3600, interval=0.1)
+    async with controller(tmp_path, policies=[FAST], target=target,
+                          router=NginxRouter(target)) as (api, _ctl, _t):
+        r = await api.start(canary_version="v2")
+        await api.until(r["id"], lambda x: x["state"] == "succeeded")
+    async with controller(tmp_path, policies=[slow], target=target,
+                          router=NginxRouter(target)) as (api, _ctl, _t):
+        r = await api.start(canary_version="v3", policy="p")
+        assert r["to_side"] == "stable"
+        await api.until(r["id"], lambda x: x["applied_weight"] == 10)
+        assert parse_weight(target, target.file.read_text()) == 90
+        target.file.write_text(render(target, 50))  # someone edits the split by hand
+        r = await api.until(r["id"], lambda x: x["state"] == "paused")
+        assert r["paused_for"] == "drift" and "carries canary weight 50, expected 10" in r["reason"]
+        status, data = await api.call("POST", f"/api/v1/rollouts/{r['id']}/abort",
+                                      {"reason": "no"}, role="pipeline")
+        assert status == 200, data
+        await api.until(r["id"], lambda x: x["state"] == "rolled_back")
+        assert parse_weight(target, target.file.read_text()) == 100, \
+            "all traffic back on the canary side, which runs v2"
+        _, t = await api.call("GET", "/api/v1/targets/web", role="viewer")
+        assert (t["serving"], t["deploy_to"], t["runs"]) == (
+            "canary", "stable", {"stable": "v3", "canary": "v2"})
