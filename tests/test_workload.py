@@ -165,3 +165,57 @@ async def test_a_start_is_refused_when_the_stable_deployment_runs_another_versio
             assert "stable side must run v0" in data["error"]
             assert "Deployment api-stable: version v1" in data["error"]
             assert weights(kube) == [100, 0]
+
+
+async def _finished_release(store, version: str) -> None:
+    import time
+    from dataclasses import replace
+
+    from canary.engine import decide
+    from canary.model import Phase
+    r = decide.start(rollout_id="old", target="web", policy=simple_policy(),
+                     canary_version=version, stable_version="v1", now=time.time() - 60,
+                     actor="t", promotion="return")
+    r = await store.create(rollout=r)
+    await store.save(rollout=replace(r, state=Phase.SUCCEEDED, weight=0, applied_weight=0),
+                     expected_version=r.version)
+
+
+async def test_a_restarted_controller_scales_down_the_idle_canary_it_did_not_get_to(tmp_path):
+    from canary.store.sqlite import SqliteStore
+    async with cluster(tmp_path, dr=SUBSETS) as (kube, api):
+        kube.put("deployments", NS, deployment("api-stable", "stable", "v2", 4))
+        kube.put("deployments", NS, deployment("api-canary", "canary", "v2", 4))
+        store = SqliteStore(str(tmp_path / "state.db"))
+        await _finished_release(store, "v2")
+        t = workload_target()
+        ctl_workloads = {"web": Workloads(NS, WORKLOAD, api, "web")}
+        async with controller(tmp_path, policies=[simple_policy()], target=t, store=store,
+                              router=IstioRouter(t, api)) as (_http, ctl, _t):
+            ctl.workloads = ctl_workloads
+            await ctl.stop()
+            await ctl.start()  # (as a controller restarting with its workloads)
+
+            async def scaled_down() -> bool:
+                return replicas(kube, "api-canary") == 0
+            await eventually(scaled_down, what="idle canary Deployment scaled to 0")
+        assert kube.invalid == []
+
+
+async def test_a_canary_deployed_for_the_next_release_is_left_alone_at_start(tmp_path):
+    import asyncio
+
+    from canary.store.sqlite import SqliteStore
+    async with cluster(tmp_path, dr=SUBSETS) as (kube, api):
+        kube.put("deployments", NS, deployment("api-stable", "stable", "v2", 4))
+        kube.put("deployments", NS, deployment("api-canary", "canary", "v3", 1))
+        store = SqliteStore(str(tmp_path / "state.db"))
+        await _finished_release(store, "v2")
+        t = workload_target()
+        async with controller(tmp_path, policies=[simple_policy()], target=t, store=store,
+                              router=IstioRouter(t, api)) as (_http, ctl, _t):
+            ctl.workloads = {"web": Workloads(NS, WORKLOAD, api, "web")}
+            await ctl.stop()
+            await ctl.start()
+            await asyncio.gather(*ctl._idle_tasks)  # the check has run and ended
+            assert replicas(kube, "api-canary") == 1

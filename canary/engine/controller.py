@@ -115,6 +115,7 @@ class Controller:
     # what a rollout is while the store cannot record it (a rollback in force, unsaved)
     unsaved_view: dict[str, Rollout] = field(default_factory=dict)
     _monitor: asyncio.Task[None] | None = None
+    _idle_tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -133,6 +134,10 @@ class Controller:
         for name in self.routers:
             if name not in busy:
                 await self._check_unexplained(name)
+        for name, wl in self.workloads.items():
+            if name not in busy:  # a scale-down a previous controller did not get to
+                self._idle_tasks.append(asyncio.create_task(
+                    self._idle_scale_down(name, wl), name=f"scale-down-{name}"))
         if self._monitor is None:
             self._monitor = asyncio.create_task(self._watch_store(), name="store-health")
 
@@ -140,6 +145,10 @@ class Controller:
         """Cancel every rollout task and wait for them (bounded). asyncio.wait neither
         raises the tasks' CancelledError nor swallows one aimed at the caller."""
         self._stopping = True
+        for idle in self._idle_tasks:
+            idle.cancel()
+        await asyncio.gather(*self._idle_tasks, return_exceptions=True)
+        self._idle_tasks.clear()
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -825,10 +834,33 @@ class Controller:
                                                            "target": r.target})
         return None
 
-    async def _scale_down_later(self, wl: workload_mod.Workloads, r: Rollout) -> None:
+    async def _idle_scale_down(self, target: str, wl: workload_mod.Workloads) -> None:
+        """At start: a target with no active rollout whose canary Deployment still runs
+        the last finished rollout's version with replicas is scaled to 0 once
+        scale_down_delay has passed since that rollout ended. A canary Deployment that
+        runs another version was deployed since, for the next release: left alone."""
+        try:
+            last = await self.store.list(target=target, limit=1, events=False,
+                                         state=(Phase.SUCCEEDED, Phase.ROLLED_BACK))
+            if not last:
+                return
+            canary = await wl.state(wl.workload.canary)
+            if canary.replicas == 0 or canary.version != last[0].canary_version:
+                return
+            await self.clock.sleep(last[0].updated_at + wl.workload.scale_down_delay
+                                   - self.clock.now())
+            if await self.store.list(target=target, active_only=True, limit=1, events=False):
+                return  # a release started meanwhile: its rollout sizes the canary
+            await self._scale_down_later(wl, last[0], delay=0.0)
+        except (RouterError, NotFound, StoreUnavailable) as e:
+            log.warning(f"could not check the idle canary Deployment: {e}",
+                        extra={"target": target})
+
+    async def _scale_down_later(self, wl: workload_mod.Workloads, r: Rollout,
+                                delay: float | None = None) -> None:
         """After a rollout ends, weight 0 on the canary is in force: scale the idle canary
         Deployment to 0 once scale_down_delay has passed."""
-        await self.clock.sleep(wl.workload.scale_down_delay, None)
+        await self.clock.sleep(wl.workload.scale_down_delay if delay is None else delay, None)
         try:
             await wl.scale(wl.workload.canary, 0)
         except (RouterError, NotFound) as e:
