@@ -47,6 +47,7 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
                 signals: bool = True) -> None:
     from canary.api.app import ApiServer, bind, build_app
     from canary.clock import RealClock
+    from canary.config import IstioTarget
     from canary.engine.controller import Controller
     from canary.gates.prometheus import CoalescingSource, PrometheusSource
     from canary.routers import Router, for_target
@@ -75,6 +76,12 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
             routers[name] = for_target(target, kube_api=kube_api)
         except RouterError as e:
             log.warning(str(e), extra={"target": name})
+    workloads: dict[str, Any] = {}
+    for name, target in cfg.targets.items():
+        if isinstance(target, IstioTarget) and target.workload is not None and kube_api:
+            from canary.workload import Workloads
+
+            workloads[name] = Workloads(target.namespace, target.workload, kube_api, name)
     prometheus = PrometheusSource(cfg.prometheus_url, timeout=cfg.prometheus_timeout,
                                   access=cfg.prometheus_access)
     store = open_store(cfg.state, kube_api=kube_api)
@@ -89,7 +96,7 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
         raise
     controller = Controller(store=store, policies=policies, targets=cfg.targets, routers=routers,
                             source=CoalescingSource(prometheus),
-                            clock=RealClock())
+                            clock=RealClock(), workloads=workloads)
     from canary.notify import Notifier
 
     controller.notifier = Notifier(
@@ -723,6 +730,42 @@ def cmd_completion(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def target_lines(t: dict[str, Any]) -> list[str]:
+    runs = t.get("runs") or {}
+    line = (f"{escape(t['name'])}: {escape(t['router'])}, promotion {escape(t['promotion'])}; "
+            f"serving: {escape(t['serving'])} side ({escape(runs.get(t['serving']) or '?')}); "
+            f"deploy next to: {escape(t['deploy_to'])} side "
+            f"(runs {escape(runs.get(t['deploy_to']) or '?')}); canary side carries "
+            f"{'?' if t.get('live_weight') is None else t['live_weight']}%")
+    out = [line]
+    if t.get("active_rollout"):
+        a = t.get("active") or {}
+        out.append(f"  active rollout {escape(t['active_rollout'])}: "
+                   f"{escape(str(a.get('state')))} at weight {a.get('weight')} toward the "
+                   f"{escape(str(a.get('to_side')))} side ({escape(str(a.get('canary_version')))})")
+    if t.get("warning"):
+        out.append(f"  warning: {escape(t['warning'])}")
+    return out
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    """Which side of each target serves, and where the next version goes."""
+    if args.name:
+        names = [args.name]
+    else:
+        names = [t["name"] for t in api(args, "GET", "/api/v1/targets")["targets"]]
+    items = [api(args, "GET", f"/api/v1/targets/{urllib.parse.quote(n, safe='')}")
+             for n in names]
+    if args.json:
+        print(json.dumps(items[0] if args.name else {"targets": items}, indent=2))
+        return EXIT_OK
+    for t in items:
+        print("\n".join(target_lines(t)))
+    if not items:
+        print("no targets")
+    return EXIT_OK
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from canary.schema import published
 
@@ -781,7 +824,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--stable-version")
     sp.add_argument("--policy")
     sp.add_argument("--wait", action="store_true", help="show progress until it ends; exit 0 "
-                    "succeeded, 1 rolled back, 2 error")
+                    "succeeded (hand-over complete), 1 rolled back, 2 error")
     sp.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
     sp.add_argument("--unreachable-timeout", type=float, default=300.0,
                     help="with --wait, how long to keep trying while the controller is "
@@ -808,7 +851,9 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_status)
 
     for name, text in (("pause", "hold the current weight"), ("resume", "continue"),
-                       ("abort", "roll back now"), ("promote", "go to the next stage now")):
+                       ("abort", "roll back now"), ("promote", "go to the next stage now"),
+                       ("handover", "the serving side runs the new version now: return the "
+                                    "traffic to it (promotion: return)")):
         sp = sub.add_parser(name, help=text)
         sp.add_argument("id")
         sp.add_argument("--reason", required=True)
@@ -825,6 +870,11 @@ def parser() -> argparse.ArgumentParser:
                         'eval "$(canary completion bash)"')
     sp.add_argument("shell", choices=["bash", "zsh", "fish"])
     sp.set_defaults(fn=cmd_completion)
+    sp = sub.add_parser("targets", help="which side of each target serves and where the "
+                        "next version goes")
+    sp.add_argument("name", nargs="?", metavar="NAME")
+    client(sp)
+    sp.set_defaults(fn=cmd_targets)
 
     sp = sub.add_parser("demo", help="a real local playground: nginx, Prometheus, two versions")
     sp.add_argument("--keep", action="store_true", help="leave the playground running at the end "

@@ -133,6 +133,55 @@ Addresses = Annotated[tuple[Annotated[str, Field(strict=True, pattern=_ADDRESS)]
                       Field(min_length=1)]
 
 
+Promotion = Literal["swap", "return"]
+SIDES = ("stable", "canary")
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class VersionProbe:
+    """How canary learns what a server runs (interface.md section 5): GET
+    http://SERVER/path; the version is the trimmed body, or its `version` field when the
+    body is a JSON object."""
+
+    path: Annotated[str, Field(strict=True, pattern=r"^/[\x21-\x7e]*$", max_length=2048)] = "/version"
+    """The URL path asked on every server, e.g. /version (default)."""
+    timeout: policy_mod.PositiveDuration = 2.0
+    """How long one server may take to answer, at most 60s (default 2s)."""
+
+    @field_validator("timeout")
+    @classmethod
+    def _bounded(cls, value: float) -> float:
+        if value > 60:
+            raise ValueError("at most 60s: a probe that waits longer holds up a start")
+        return value
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class Workload:
+    """The Deployment pair canary manages for a Kubernetes target (same namespace)."""
+
+    stable: Dns
+    """The Deployment that runs the stable version (same namespace as the target)."""
+    canary: Dns
+    """The Deployment the new version is deployed to; scaled to 0 when idle."""
+    version_label: Annotated[str, Field(strict=True, pattern=r"^([a-z0-9.-]{1,253}/)?"
+                                                              r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}"
+                                                              r"[A-Za-z0-9])?$")] = "version"
+    """The pod-template label naming a Deployment's version (default version)."""
+    scale_canary: Literal["proportional", "fixed"] = "proportional"
+    """proportional: before each step the canary gets its weight's share of the stable
+    replicas (at least 1); fixed: canary leaves the replica count alone."""
+    scale_down_delay: policy_mod.Duration = 30.0
+    """After weight 0 is in force, how long before the idle Deployment is scaled to 0
+    (default 30s)."""
+
+    @model_validator(mode="after")
+    def _apart(self) -> Workload:
+        if self.stable == self.canary:
+            raise ValueError("canary: the stable and canary Deployments must differ")
+        return self
+
+
 @dataclass(frozen=True, config=_CONFIG)
 class NginxTarget:
     file: Annotated[Path, WithJsonSchema({"type": "string", "minLength": 1})]
@@ -162,6 +211,12 @@ class NginxTarget:
     server_file: Annotated[Path, WithJsonSchema({"type": "string", "minLength": 1})] | None = None
     """For match and mirror stages: a file canary owns, included in the server block
     (README: Traffic shapes)."""
+    promotion: Promotion = "swap"
+    """How a release is carried through: swap (default: the sides take turns) or return
+    (traffic goes back to the stable side once it runs the new version)."""
+    version_probe: VersionProbe | None = None
+    """How canary asks each server what it runs; a start is refused when a side runs an
+    unexpected version."""
 
     @model_validator(mode="after")
     def _sides_apart(self) -> NginxTarget:
@@ -202,6 +257,21 @@ class IstioTarget:
     router: Literal["istio"] = "istio"
     """istio: canary sets the weights of a VirtualService's route."""
     name: SkipJsonSchema[str] = ""
+    # default: return with a workload (the stable Deployment is brought to the new
+    # version), else swap; see promotion_of
+    promotion: Promotion | None = None
+    """swap or return; default return with a workload (the stable Deployment is brought to
+    the new version), else swap."""
+    workload: Workload | None = None
+    """The Deployment pair canary waits for, scales and hands over."""
+
+    @model_validator(mode="after")
+    def _workload_returns(self) -> IstioTarget:
+        if self.workload is not None and self.promotion == "swap":
+            raise ValueError("promotion: a target with a workload hands over with return "
+                             "(the stable Deployment is brought to the new version); remove "
+                             "promotion or set it to return")
+        return self
 
 
 def _rule(value: object) -> str | int:
@@ -250,6 +320,9 @@ class GatewayTarget:
     router: Literal["gateway"] = "gateway"
     """gateway: a Gateway API HTTPRoute."""
     name: SkipJsonSchema[str] = ""
+    promotion: Promotion = "swap"
+    """How a release is carried through: swap (default: the sides take turns) or return
+    (traffic goes back to the stable side once the pipeline calls handover)."""
 
     @model_validator(mode="after")
     def _sides_apart(self) -> GatewayTarget:
@@ -260,6 +333,17 @@ class GatewayTarget:
 
 Target = NginxTarget | IstioTarget | GatewayTarget
 ROUTERS = ("nginx", "istio", "gateway")
+
+
+def promotion_of(target: Target) -> Promotion:
+    """How a release on this target is carried through (interface.md section 5)."""
+    if target.promotion is not None:
+        return target.promotion
+    return "return" if getattr(target, "workload", None) is not None else "swap"
+
+
+def other_side(side: str) -> str:
+    return "stable" if side == "canary" else "canary"
 
 
 TargetField = Annotated[
@@ -519,6 +603,15 @@ CONFIG_MESSAGES = {
                          "announced again",
     "public_url": "must start with http:// or https://: where people open this controller "
                   "(links in notifications)",
+    "promotion": "must be swap (the sides take turns) or return (traffic goes back to the "
+                 "stable side once it runs the new version)",
+    "path": "must be an absolute URL path like /version (no spaces)",
+    "scale_canary": "must be proportional (canary replicas follow the weight) or fixed",
+    "workload.stable": "must be the name of a Deployment (lowercase letters, digits, '-' "
+                       "and '.')",
+    "workload.canary": "must be the name of a Deployment (lowercase letters, digits, '-' "
+                       "and '.')",
+    "version_label": "must be a Kubernetes label key, like version or app.kubernetes.io/version",
 }
 CONFIG_REQUIRED = {
     "auth": "required: auth.tokens lists who may call the API",

@@ -22,6 +22,7 @@ class Phase(enum.StrEnum):
     PROGRESSING = "progressing"
     PAUSED = "paused"
     ROLLING_BACK = "rolling_back"  # weight 0 decided, not yet confirmed by the router
+    PROMOTING = "promoting"  # 100% reached and passed; hand-over in progress (return mode)
     SUCCEEDED = "succeeded"
     ROLLED_BACK = "rolled_back"
 
@@ -35,6 +36,7 @@ class PauseKind(enum.StrEnum):
     APPROVAL = "approval"  # an approval stage waits for promote
     DRIFT = "drift"        # someone changed the weights outside canary
     ROUTER = "router"      # the router could not apply the next weight
+    HANDOVER = "handover"  # a hand-over did not complete within progress_deadline
 
 
 class Verdict(enum.StrEnum):
@@ -51,6 +53,7 @@ class CommandKind(enum.StrEnum):
     RESUME = "resume"
     PROMOTE = "promote"
     ABORT = "abort"
+    HANDOVER = "handover"  # the stable side now runs the canary version: return the traffic
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,11 @@ class RolloutSummary(BaseModel):
     gates: list[GateView]
     shape: str | None = Field(default=None, description="a match or mirror stage's shape in "
                                                         "words (weight is 0 for users then)")
+    to_side: Literal["stable", "canary"] = Field(
+        "canary", description="the configured side the new version runs on, the one this "
+                              "rollout shifts traffic to (the other side serves the stable "
+                              "version)")
+    promotion: Literal["swap", "return"] = "swap"
 
 
 class RolloutView(RolloutSummary):
@@ -193,6 +201,13 @@ class Rollout:
     # the router is known to carry; None: no match rule or mirror
     shape: str | None = None
     applied_shape: str | None = None
+    # which configured side the new version runs on ("canary", or "stable" when the sides
+    # have swapped): the rollout's weight is the share of that side
+    to_side: str = "canary"
+    promotion: str = "swap"            # swap | return, fixed at start
+    promoting_since: float | None = None  # when the hand-over began (return mode)
+    returning: bool = False            # handed over: succeed once weight 0 is in force
+    waiting_since: float | None = None  # held before a step until the canary workload is ready
     gates: tuple[GateStatus, ...] = ()
     events: tuple[Event, ...] = ()
     version: int = 0                   # the store's optimistic-concurrency counter
@@ -205,6 +220,8 @@ class Rollout:
             applied_weight=self.applied_weight, reason=self.reason,
             paused_for=self.pause_kind, started_at=iso(self.started_at),
             updated_at=iso(self.updated_at), stage_since=iso(self.stage_since),
+            to_side="stable" if self.to_side == "stable" else "canary",
+            promotion="return" if self.promotion == "return" else "swap",
             gates=[GateView(name=g.name, value=g.value, min=g.min, max=g.max, status=g.status,
                             failures=g.failures, at=iso(g.at), detail=g.detail,
                             kind="errors" if g.state is not None else None)
@@ -228,3 +245,51 @@ class Rollout:
         d["gates"] = tuple(GateStatus(**{**g, "status": Verdict(g["status"])}) for g in d["gates"])
         d["events"] = tuple(Event(**e) for e in d["events"])
         return cls(**d, version=version)
+
+
+def _other(side: str) -> str:
+    return "stable" if side == "canary" else "canary"
+
+
+@dataclass(frozen=True)
+class Sides:
+    """Which configured side of a target serves the stable version, and what each side
+    runs when known. Stored with the target; written when a rollout ends, and rebuilt
+    from that rollout if a crash came in between (`after`)."""
+
+    serving: str = "stable"
+    stable_runs: str | None = None   # the version on the side configured as `stable`
+    canary_runs: str | None = None   # ... and on the side configured as `canary`
+    rollout: str | None = None       # the finished rollout that left the target so
+
+    @property
+    def deploy_to(self) -> str:
+        return _other(self.serving)
+
+    def runs(self, side: str) -> str | None:
+        return self.stable_runs if side == "stable" else self.canary_runs
+
+    def to_store(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_store(cls, d: dict[str, Any]) -> Sides:
+        def text(key: str) -> str | None:
+            value = d.get(key)
+            return value if isinstance(value, str) else None
+        return cls(serving=text("serving") or "stable", stable_runs=text("stable_runs"),
+                   canary_runs=text("canary_runs"), rollout=text("rollout"))
+
+    @classmethod
+    def after(cls, r: Rollout) -> Sides:
+        """Where a finished rollout left the target."""
+        new, old = r.to_side, _other(r.to_side)
+        runs: dict[str, str | None]
+        if r.state is Phase.SUCCEEDED and r.promotion == "return":
+            serving, runs = old, {old: r.canary_version, new: r.canary_version}
+        elif r.state is Phase.SUCCEEDED:
+            serving, runs = new, {new: r.canary_version, old: r.stable_version}
+        else:
+            serving, runs = old, {old: r.stable_version, new: r.canary_version}
+        return cls(serving=serving, stable_runs=runs["stable"], canary_runs=runs["canary"],
+                   rollout=r.id)

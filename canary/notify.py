@@ -61,7 +61,7 @@ SHOWN = 200             # characters of a receiver's answer in the log
 CATEGORIES = {"start": "started", "stage": "stage", "pause": "paused", "approval": "approval",
               "drift": "drift", "router_error": "router", "router_recovered": "router",
               "rollback": "rolled_back", "rolled_back": "rolled_back",
-              "succeeded": "succeeded"}
+              "rollback_held": "rolled_back", "succeeded": "succeeded"}
 
 
 def category(event_type: str) -> str | None:

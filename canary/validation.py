@@ -152,6 +152,9 @@ def _message(e: Mapping[str, Any], root: type[Any], path: tuple[str | int, ...],
                 "field out")
     if path and isinstance(path[-1], int) and f"{last}[]" in messages:
         return messages[f"{last}[]"].format(value=repr(e.get("input")))  # one item of a list
+    names = [p for p in path if isinstance(p, str)]
+    if len(names) > 1 and f"{names[-2]}.{last}" in messages:  # a field named as another's
+        return messages[f"{names[-2]}.{last}"]
     if last in messages:
         return messages[last]
     if kind == "literal_error":

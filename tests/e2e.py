@@ -32,9 +32,10 @@ async def playground(tmp_path: Path) -> AsyncIterator[Playground]:
 
 @asynccontextmanager
 async def running(pg: Playground, policies: list[dict[str, Any]], *,
-                  rate: float = 30.0) -> AsyncIterator[tuple[Api, Load]]:
+                  rate: float = 30.0, target_extra: dict[str, Any] | None = None,
+                  ) -> AsyncIterator[tuple[Api, Load]]:
     """The controller in this process, and steady load through nginx."""
-    cfg = config_mod.load_file(pg.write_config(policies))
+    cfg = config_mod.load_file(pg.write_config(policies, target_extra=target_extra))
     load = Load(pg.url, rate=rate, limit=int(rate * 600))
     async with serving(cfg):
         try:

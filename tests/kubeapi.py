@@ -1,5 +1,6 @@
 """A wire-level double of the Kubernetes API server, for the kinds canary uses:
-configmaps, leases, virtualservices and destinationrules.
+configmaps, leases, virtualservices, destinationrules and apps/v1 deployments (with their
+scale subresource).
 
 The real `kubernetes` client talks to it over HTTP through a generated kubeconfig,
 exactly as it would to a cluster. It keeps the API's semantics that canary relies on:
@@ -10,6 +11,13 @@ the OpenAPI schema of Istio's own CRD (tests/data/istio/), or an HTTPRoute the s
 the Gateway API's CRD (tests/data/gateway-api/, v1.6.1). An HTTPRoute is stored with the
 schema's defaults filled in, as an API server does, and its CEL rules
 (x-kubernetes-validations) are evaluated with cel-python; there is no watch.
+
+Deployments keep `metadata.generation` (bumped when the spec changes) and a status the
+test drives per Deployment (`rollout[name]`): `completes` (the controller catches up at
+once: observedGeneration, updated and available replicas), `stalls` (observed, but no
+pod of the new template becomes ready) or `never` (nothing is ever available). Every
+Deployment or Scale written is validated against Kubernetes' own schema
+(kubernetes-validate); a write that fails it is a 422.
 """
 
 from __future__ import annotations
@@ -38,9 +46,11 @@ KINDS = {
     ("networking.istio.io", "v1", "virtualservices"): "VirtualService",
     ("networking.istio.io", "v1", "destinationrules"): "DestinationRule",
     ("gateway.networking.k8s.io", "v1", "httproutes"): "HTTPRoute",
+    ("apps", "v1", "deployments"): "Deployment",
 }
 GROUPS = {"VirtualService": "networking.istio.io", "DestinationRule": "networking.istio.io",
-          "HTTPRoute": "gateway.networking.k8s.io"}
+          "HTTPRoute": "gateway.networking.k8s.io", "Deployment": "apps"}
+K8S_VERSION = "1.30.0"
 
 
 def _openapi_to_jsonschema(node: Any) -> Any:
@@ -151,6 +161,8 @@ class KubeApiDouble:
     validated: list[tuple[str, str | None]] = field(default_factory=list)  # every write's
     #   kind and schema problem (None: valid)
     cel_checked: int = 0
+    rollout: dict[str, str] = field(default_factory=dict)  # deployment -> completes|stalls|never
+    invalid: list[str] = field(default_factory=list)  # writes kubernetes-validate refused
     _rv: itertools.count[int] = field(default_factory=lambda: itertools.count(1000))
     _runner: web.AppRunner | None = None
 
@@ -181,6 +193,9 @@ class KubeApiDouble:
         meta.setdefault("namespace", namespace)
         meta.setdefault("uid", str(uuid.uuid4()))
         meta["resourceVersion"] = str(next(self._rv))
+        if kind == "Deployment":
+            meta["generation"] = 1
+            self._settle(obj, new_template=False)
         self.objects[(plural, namespace, meta["name"])] = obj
         return obj
 
@@ -190,6 +205,15 @@ class KubeApiDouble:
     # ---- HTTP ------------------------------------------------------------------------
 
     def _invalid(self, kind: str, obj: dict[str, Any]) -> str | None:
+        if kind in ("Deployment", "Scale"):
+            import kubernetes_validate
+            try:
+                kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                message = f"{kind} {obj.get('metadata', {}).get('name')!r} is invalid: {e}"
+                self.invalid.append(message)
+                return message
+            return None
         schema = SCHEMAS.get(kind)
         if schema is None:
             return None
@@ -221,6 +245,8 @@ class KubeApiDouble:
             return status(404, "NotFound", f"the server could not find {request.path}")
         ns, plural = rest[1], rest[2]
         name = rest[3] if len(rest) > 3 else None
+        if plural == "deployments" and name and rest[4:] == ["scale"]:
+            return await self._scale(request, ns, name)
         kind = KINDS.get((group, version, plural))
         if kind is None:
             return status(404, "NotFound", f"the server could not find the requested resource "
@@ -319,10 +345,86 @@ class KubeApiDouble:
         meta["uid"] = current["metadata"]["uid"] if current else str(uuid.uuid4())
         meta["resourceVersion"] = str(next(self._rv))
         meta.setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        if kind == "Deployment":
+            old_gen = int((current or {}).get("metadata", {}).get("generation", 0))
+            changed = current is None or current.get("spec") != obj.get("spec")
+            meta["generation"] = old_gen + 1 if changed else old_gen
+            obj["status"] = (current or {}).get("status", obj.get("status") or {})
+            self._settle(obj, new_template=current is not None and
+                         current["spec"].get("template") != obj["spec"].get("template"))
         self.objects[(plural, ns, name)] = obj
         self.writes.append((time.monotonic(), request.method, plural, name,
                             request.headers.get("User-Agent", "")))
         return web.json_response(obj, status=code)
+
+    # ---- Deployments -------------------------------------------------------------------
+
+    def _settle(self, dep: dict[str, Any], *, new_template: bool) -> None:
+        """What the Deployment controller would make of it, as the test says."""
+        name = dep["metadata"]["name"]
+        mode = self.rollout.get(name, "completes")
+        replicas = int(dep["spec"].get("replicas", 1))
+        st = dep.setdefault("status", {})
+        if mode == "never":
+            st.update(observedGeneration=dep["metadata"]["generation"], replicas=replicas,
+                      updatedReplicas=replicas, readyReplicas=0, availableReplicas=0,
+                      unavailableReplicas=replicas)
+        elif mode == "stalls" and new_template:
+            st.update(observedGeneration=dep["metadata"]["generation"], updatedReplicas=0,
+                      replicas=replicas)
+        elif mode == "stalls":
+            st["observedGeneration"] = dep["metadata"]["generation"]
+        else:
+            st.update(observedGeneration=dep["metadata"]["generation"], replicas=replicas,
+                      updatedReplicas=replicas, readyReplicas=replicas,
+                      availableReplicas=replicas)
+        for k in [k for k, v in st.items() if v == 0 and k != "observedGeneration"]:
+            del st[k]  # as the API server leaves zero counts out
+
+    def set_rollout(self, ns: str, name: str, mode: str) -> None:
+        """Change how a Deployment's rollout goes, and apply it to its current state."""
+        self.rollout[name] = mode
+        dep = self.objects[("deployments", ns, name)]
+        self._settle(dep, new_template=mode == "stalls")
+        dep["metadata"]["resourceVersion"] = str(next(self._rv))
+
+    async def _scale(self, request: web.Request, ns: str, name: str) -> web.Response:
+        verb = {"GET": "get", "PUT": "update", "PATCH": "patch"}.get(request.method, "?")
+        self.requests.append((verb, "apps", "deployments/scale", True))
+        dep = self.objects.get(("deployments", ns, name))
+        if dep is None:
+            return status(404, "NotFound", f'deployments.apps "{name}" not found')
+
+        def scale_of(d: dict[str, Any]) -> dict[str, Any]:
+            return {"apiVersion": "autoscaling/v1", "kind": "Scale",
+                    "metadata": {"name": name, "namespace": ns,
+                                 "resourceVersion": d["metadata"]["resourceVersion"]},
+                    "spec": {"replicas": int(d["spec"].get("replicas", 1))},
+                    "status": {"replicas": int(d.get("status", {}).get("replicas", 0))}}
+        if request.method == "GET":
+            return web.json_response(scale_of(dep))
+        if request.method not in ("PUT", "PATCH"):
+            return status(405, "MethodNotAllowed", request.method)
+        if self.fail_next:
+            code = self.fail_next.pop(0)
+            return status(code, "InternalError", f"injected failure {code}")
+        body = await request.json()
+        if request.method == "PATCH":
+            if request.content_type != "application/merge-patch+json":
+                return status(415, "UnsupportedMediaType", f"got {request.content_type}")
+            new_scale = merge_patch(scale_of(dep), body)
+        else:
+            new_scale = body
+        problem = self._invalid("Scale", new_scale)
+        if problem:
+            return status(422, "Invalid", problem)
+        new = copy.deepcopy(dep)
+        new["spec"]["replicas"] = int(new_scale["spec"]["replicas"])
+        resp = self._store("Deployment", "apps/v1", "deployments", ns, name, new, request, 200,
+                           dep)
+        if resp.status != 200:
+            return resp
+        return web.json_response(scale_of(self.objects[("deployments", ns, name)]))
 
     async def start(self) -> None:
         app = web.Application(client_max_size=10 * 1024 * 1024)

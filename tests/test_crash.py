@@ -225,7 +225,11 @@ async def test_sigkill_at_random_points_loses_nothing_and_every_rollout_finishes
     assert len(rows) >= len(TARGETS) * 2, REPORT
     for t in TARGETS:
         last = max((r for r in rows.values() if r["target"] == t), key=lambda r: r["started_at"])
-        assert file_weight(tmp_path, t) == last["weight"], (t, last["state"])
+        # a rollout's weight is the share of the side it shifts to; after a swap that is
+        # the configured stable side, and the file counts the canary side's share
+        want = last["weight"] if last.get("to_side", "canary") == "canary" \
+            else 100 - last["weight"]
+        assert file_weight(tmp_path, t) == want, (t, last["state"], last.get("to_side"))
     for rid, r in rows.items():
         entered = [e["message"].split(":")[0] for e in r["events"] if e["type"] == "stage"]
         assert len(entered) == len(set(entered)), f"{rid} entered a stage twice: {entered}"

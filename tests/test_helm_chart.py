@@ -20,10 +20,12 @@ from canary.engine import decide
 from canary.errors import Conflict
 from canary.kube import api_client
 from canary.leader import LeaderElector
+from canary.model import Sides
 from canary.routers.gateway import GatewayRouter
 from canary.routers.istio import IstioRouter
 from canary.shapes import Shape
 from canary.store.kubernetes import KubernetesStore
+from canary.workload import Workloads
 from tests.helpers import eventually, simple_policy, tokens
 from tests.kubeapi import KubeApiDouble
 from tests.test_istio import DR, NS, VS, target
@@ -226,6 +228,16 @@ async def used_verbs(tmp_path: Path) -> set[tuple[str, str, str]]:
         await gw.get_shape()
         await gw.set_weight(10)
         await gw.get_weight()
+        await store.save_sides("web", Sides())
+        await store.sides("web")
+        from tests.test_workload import WORKLOAD, deployment
+        kube.put("deployments", NS, deployment("api-stable", "stable", "v1", 2))
+        kube.put("deployments", NS, deployment("api-canary", "canary", "v2", 0))
+        workloads = Workloads(NS, WORKLOAD, api, "web")
+        await workloads.state("api-stable")
+        await workloads.scale("api-canary", 1)
+        await workloads.copy_template()
+        assert kube.invalid == []
 
         async def nothing() -> None:
             return None

@@ -231,8 +231,9 @@ async def test_whoami_names_the_tokens_role_and_what_it_may_do(tmp_path):
             got[role] = body
     assert got["viewer"] == {"name": "viewer-token", "role": "viewer", "targets": None,
                              "may": []}
-    assert got["pipeline"]["may"] == ["start", "abort"]
-    assert set(got["oncall"]["may"]) == {"start", "pause", "resume", "promote", "abort"}
+    assert got["pipeline"]["may"] == ["start", "abort", "handover"]
+    assert set(got["oncall"]["may"]) == {"start", "pause", "resume", "promote", "abort",
+                                         "handover"}
 
 
 # ---- the controller's own metrics ---------------------------------------------------------
@@ -312,4 +313,4 @@ async def test_a_scoped_token_sees_no_readings_or_watch_of_a_rollout_out_of_its_
             assert body == {"error": not_there["error"].replace(unknown, web_id)}, \
                 "out of scope answers exactly as an unknown id"
         status, me = await api.call("GET", "/api/v1/whoami", token=SHOP_TOKEN)
-        assert status == 200 and me["targets"] == ["shop-*"] and me["may"] == ["start", "abort"]
+        assert status == 200 and me["targets"] == ["shop-*"] and me["may"] == ["start", "abort", "handover"]

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from canary.demo.playground import fast_policy, sequential_policy
+from canary.demo.procs import split
 from tests.e2e import (
     canary_share,
     file_weight,
@@ -179,12 +180,18 @@ async def test_sequential_gate_promotes_a_healthy_canary_and_rolls_back_a_failin
         rid = (await api.start(canary_version="v2", stable_version="v1"))["id"]
         r = await api.until(rid, lambda r: r["state"] == "succeeded", deadline=120)
         assert r["gates"][0]["status"] == "pass"
-        pg.stable.version, pg.canary.version, pg.canary.error_rate = "v2", "v3", 0.3
+        # the pipeline deploys v3 where the controller says: after a swap, the idle
+        # stable side (v2 now serves from the canary side)
+        bad = await pg.redeploy("stable", "v3")
+        bad.error_rate = 0.3
         rid = (await api.start(canary_version="v3", stable_version="v2"))["id"]
         r = await api.until(rid, lambda r: r["state"] == "rolled_back", deadline=60)
         assert "gate errors" in r["reason"] and "above stable's" in r["reason"]
         assert r["stage"] == 0, "caught at the first stage"
-        await traffic_settles_at(pg, 0, tolerance=0)
+
+        async def all_on_v2() -> bool:
+            return (await split(pg.url, 40)) == {"v2": 40}
+        await eventually(all_on_v2, deadline=20, what="all traffic back on v2")
         assert load.codes[("v3", 500)] > 0
 
 

@@ -31,7 +31,7 @@ from canary import history, jsonsafe
 from canary.api import bodies, ui, watch
 from canary.api.auth import Forbidden, Unauthorized, authenticate
 from canary.api.openapi import SPEC
-from canary.config import GatewayTarget, NginxTarget, Role, Token
+from canary.config import GatewayTarget, NginxTarget, Role, Token, promotion_of
 from canary.engine.controller import Controller
 from canary.errors import Conflict, InvalidInput, NotFound, TransientError, UserError
 from canary.leader import LeaderElector
@@ -368,6 +368,50 @@ async def targets(request: web.Request) -> web.Response:
     return json_response({"targets": out})
 
 
+async def one_target(request: web.Request) -> web.Response:
+    """GET /api/v1/targets/{name}: where the target's traffic is and where the next
+    version goes (interface.md section 5)."""
+    token = _auth(request, Role.VIEWER)
+    ctl = request.app[CONTROLLER]
+    name = request.match_info["name"]
+    t = ctl.targets.get(name) if token.may_see(name) else None
+    if t is None:
+        raise NotFound(f"no target named {name[:100]!r}; configured: "
+                       f"{', '.join(sorted(n for n in ctl.targets if token.may_see(n))) or 'none'}")
+    await ctl.unexplained()
+    sides = await ctl.target_sides(name)
+    active = await ctl.store.list(target=name, active_only=True, limit=1, events=False)
+    router = ctl.routers.get(name)
+    runs = {"stable": sides.stable_runs, "canary": sides.canary_runs}
+    if active:  # during a rollout, each side runs what the rollout was started with
+        runs[active[0].to_side] = active[0].canary_version
+        runs[sides.serving] = active[0].stable_version or runs[sides.serving]
+    item: dict[str, Any] = {
+        "name": name, "router": t.router, "policy": t.policy, "promotion": promotion_of(t),
+        "live_weight": await router.get_weight() if router else None,
+        "active_rollout": active[0].id if active else None,
+        "serving": sides.serving, "deploy_to": sides.deploy_to,
+        "runs": runs}
+    if isinstance(t, NginxTarget):
+        item["servers"] = {"stable": list(t.stable), "canary": list(t.canary)}
+        item["version_probe"] = t.version_probe.path if t.version_probe else None
+    elif isinstance(t, GatewayTarget):
+        item["destinations"] = {side: {"service": b.name, "port": str(b.port)}
+                                for side, b in (("stable", t.stable), ("canary", t.canary))}
+    else:
+        item["destinations"] = {"stable": {"host": t.stable.host, "subset": t.stable.subset},
+                                "canary": {"host": t.canary.host, "subset": t.canary.subset}}
+        if t.workload is not None:
+            item["workload"] = {"stable": t.workload.stable, "canary": t.workload.canary}
+    if active:
+        r = active[0]
+        item["active"] = {"state": r.state.value, "weight": r.weight, "to_side": r.to_side,
+                          "canary_version": r.canary_version}
+    if name in ctl.warnings:
+        item["warning"] = ctl.warnings[name]
+    return json_response(bodies.TargetDetail.model_validate(item).model_dump(mode="json"))
+
+
 async def policies(request: web.Request) -> web.Response:
     _auth(request, Role.VIEWER)
     ctl = request.app[CONTROLLER]
@@ -496,7 +540,8 @@ async def alerts(request: web.Request) -> web.Response:
 
 
 _ROLES = {CommandKind.PAUSE: Role.ONCALL, CommandKind.RESUME: Role.ONCALL,
-          CommandKind.PROMOTE: Role.ONCALL, CommandKind.ABORT: Role.PIPELINE}
+          CommandKind.PROMOTE: Role.ONCALL, CommandKind.ABORT: Role.PIPELINE,
+          CommandKind.HANDOVER: Role.PIPELINE}
 
 
 def override(kind: CommandKind) -> Handler:
@@ -736,6 +781,7 @@ def build_app(controller: Controller, tokens: tuple[Token, ...], *,
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/openapi.json", openapi)
     app.router.add_get("/api/v1/targets", targets)
+    app.router.add_get("/api/v1/targets/{name}", one_target)
     app.router.add_get("/api/v1/policies", policies)
     app.router.add_get("/api/v1/rollouts", list_rollouts)
     app.router.add_post("/api/v1/rollouts", create_rollout)

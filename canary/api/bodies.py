@@ -146,6 +146,43 @@ class TargetView(BaseModel):
     rule: str | int | None = None
 
 
+Side = Literal["stable", "canary"]
+
+
+class SideRuns(BaseModel):
+    stable: str | None = Field(description="the version the side configured as `stable` "
+                                           "runs, when known")
+    canary: str | None = Field(description="... and the side configured as `canary`")
+
+
+class ActiveOnTarget(BaseModel):
+    state: str
+    weight: int
+    to_side: Side
+    canary_version: str
+
+
+class TargetDetail(BaseModel):
+    """GET /api/v1/targets/{name} (interface.md section 5)."""
+
+    name: str
+    router: Literal["nginx", "istio"]
+    policy: str | None
+    promotion: Literal["swap", "return"]
+    live_weight: int | None = Field(description="the configured canary side's live share "
+                                                "in percent")
+    active_rollout: str | None
+    serving: Side = Field(description="the side that carries the stable version now")
+    deploy_to: Side = Field(description="the side where the next version must be deployed")
+    runs: SideRuns
+    active: ActiveOnTarget | None = None
+    servers: dict[Side, list[str]] | None = None
+    version_probe: str | None = None
+    destinations: dict[Side, dict[str, str | None]] | None = None
+    workload: dict[Side, str] | None = None
+    warning: str | None = None
+
+
 class TargetList(BaseModel):
     targets: list[TargetView]
 
@@ -262,5 +299,5 @@ def parse(model: type[_Body], data: Any) -> Any:
 
 
 __all__ = ["AlertmanagerWebhook", "AlertsAnswer", "Error", "EventView", "GateView", "Override",
-           "Promote", "ReadingsView", "RolloutList", "RolloutView", "StartRollout", "TargetList",
-           "WhoAmI", "parse"]
+           "Promote", "ReadingsView", "RolloutList", "RolloutView", "StartRollout", "TargetDetail",
+           "TargetList", "WhoAmI", "parse"]

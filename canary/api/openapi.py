@@ -15,8 +15,9 @@ from canary.model import RolloutView
 _REF = "#/components/schemas/{model}"
 _MODELS: list[type[BaseModel]] = [
     bodies.StartRollout, bodies.Override, bodies.Promote, bodies.Error, RolloutView,
-    bodies.RolloutList, bodies.TargetList, bodies.PolicyList, bodies.Health, bodies.Ready,
-    bodies.AlertmanagerWebhook, bodies.AlertsAnswer, bodies.ReadingsView, bodies.WhoAmI]
+    bodies.RolloutList, bodies.TargetList, bodies.TargetDetail, bodies.PolicyList,
+    bodies.Health, bodies.Ready, bodies.AlertmanagerWebhook, bodies.AlertsAnswer,
+    bodies.ReadingsView, bodies.WhoAmI]
 
 
 def _schemas() -> dict[str, Any]:
@@ -71,6 +72,12 @@ SPEC: dict[str, Any] = {
                             "responses": _responses(200, bodies.Ready, 503)}},
         "/api/v1/targets": {"get": {"summary": "configured targets", "security": _AUTH,
                                     "responses": _responses(200, bodies.TargetList, 401, 403)}},
+        "/api/v1/targets/{name}": {"get": {
+            "summary": "one target: which side serves, where the next version goes, what "
+                       "each side runs", "security": _AUTH,
+            "parameters": [{"name": "name", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": _responses(200, bodies.TargetDetail, 401, 403, 404)}},
         "/api/v1/policies": {"get": {"summary": "loaded policies", "security": _AUTH,
                                      "responses": _responses(200, bodies.PolicyList, 401, 403)}},
         "/api/v1/rollouts": {
@@ -122,6 +129,7 @@ SPEC: dict[str, Any] = {
             "security": _AUTH,
             "requestBody": {"required": True, **_json(_ref(bodies.AlertmanagerWebhook))},
             "responses": _responses(200, bodies.AlertsAnswer, 400, 401, 403, 413, 503)}},
+        "/api/v1/rollouts/{id}/handover": _override("handover", "pipeline", bodies.Override),
     },
     "components": {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},

@@ -104,6 +104,23 @@ class Playground:
         self.prometheus.start()
         await self.prometheus.ready()
 
+    def side(self, name: str) -> Service:
+        """The service running on a configured side ("stable" or "canary")."""
+        return self.stable if name == "stable" else self.canary
+
+    async def redeploy(self, side: str, version: str) -> Service:
+        """What a pipeline does: stop the side's service and start `version` in its place
+        (same address), a new process state with fresh counters, not a change in place."""
+        old = self.side(side)
+        await old.stop()
+        new = Service(self.service, version, old.port)
+        await new.start()
+        if side == "stable":
+            self.stable = new
+        else:
+            self.canary = new
+        return new
+
     async def stop(self) -> None:
         self.prometheus.stop()
         self.nginx.stop()
@@ -111,7 +128,8 @@ class Playground:
         await self.stable.stop()
 
     def write_config(self, policies: list[dict[str, Any]], *, state: str | None = None,
-                     extra_targets: dict[str, Any] | None = None) -> Path:
+                     extra_targets: dict[str, Any] | None = None,
+                     target_extra: dict[str, Any] | None = None) -> Path:
         pdir = self.dir / "policies"
         pdir.mkdir(exist_ok=True)
         for old in pdir.glob("*.yaml"):
@@ -131,7 +149,7 @@ class Playground:
                 "router": "nginx", "file": str(t.file), "upstream": t.upstream,
                 "stable": list(t.stable), "canary": list(t.canary), "test": list(t.test),
                 "reload": list(t.reload), "policy": policies[0]["name"], "vars": dict(t.vars),
-                "stable_version": self.stable_version,
+                "stable_version": self.stable_version, **(target_extra or {}),
             }, **(extra_targets or {})},
         }
         path = self.dir / "canary.yaml"

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 
 from canary.demo.procs import serve_app
 
+VERSION_PATH = "/version"
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -50,6 +51,10 @@ class Service:
         return web.Response(status=code, text=f"{self.service} {version}\n",
                             headers={"X-Version": version})
 
+    async def version_probe(self, request: web.Request) -> web.Response:
+        """What this service runs, for canary's version_probe (not counted as traffic)."""
+        return web.json_response({"service": self.service, "version": self.version})
+
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -57,6 +62,7 @@ class Service:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get(VERSION_PATH, self.version_probe)
         app.router.add_route("*", "/{tail:.*}", self.handle)
         self._runner = await serve_app(app, self.port)
 

@@ -26,10 +26,11 @@ from functools import partial
 
 import aiohttp
 
-from canary import faults, history, hooks, shapes
+from canary import faults, history, hooks, probe, shapes
 from canary import policy as policy_mod
+from canary import workload as workload_mod
 from canary.clock import Clock
-from canary.config import Target
+from canary.config import NginxTarget, Target, promotion_of
 from canary.engine import decide
 from canary.errors import (
     Conflict,
@@ -52,10 +53,11 @@ from canary.model import (
     Reading,
     Readings,
     Rollout,
+    Sides,
     Verdict,
 )
 from canary.notify import Notifier
-from canary.routers import Router
+from canary.routers import Router, toward
 from canary.store import Store, no_such_rollout
 from canary.text import is_control
 
@@ -99,6 +101,8 @@ class Controller:
     retry_max: float = 30.0
     leading: bool = True   # only the leader runs rollouts and accepts writes
     leader: Callable[[], str | None] = lambda: None  # who leads, for followers' answers
+    # per target with a `workload:`, its Deployment pair (canary/workload.py)
+    workloads: Mapping[str, workload_mod.Workloads] = field(default_factory=dict)
     _tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     _wakeups: dict[str, asyncio.Event] = field(default_factory=dict)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
@@ -123,6 +127,7 @@ class Controller:
     # told of every saved change, on the control loop; each must return at once (the
     # API's watchers: canary/api/watch.py)
     listeners: list[Callable[[Rollout], None]] = field(default_factory=list)
+    _idle_tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -141,6 +146,10 @@ class Controller:
         for name in self.routers:
             if name not in busy:
                 await self._check_unexplained(name)
+        for name, wl in self.workloads.items():
+            if name not in busy:  # a scale-down a previous controller did not get to
+                self._idle_tasks.append(asyncio.create_task(
+                    self._idle_scale_down(name, wl), name=f"scale-down-{name}"))
         if self._monitor is None:
             self._monitor = asyncio.create_task(self._watch_store(), name="store-health")
         if self.notifier is None:
@@ -154,6 +163,10 @@ class Controller:
         self._stopping = True
         if self.notifier is not None:
             await self.notifier.stop()
+        for idle in self._idle_tasks:
+            idle.cancel()
+        await asyncio.gather(*self._idle_tasks, return_exceptions=True)
+        self._idle_tasks.clear()
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -228,17 +241,26 @@ class Controller:
             if value is not None and not _VERSION.fullmatch(value):
                 raise InvalidInput(f"{field_name}: {value!r} must be 1-128 letters, digits or "
                                    "._:+- starting with a letter or digit")
+        wl = self.workloads.get(target)
+        if getattr(tgt, "workload", None) is not None and wl is None:
+            raise InvalidInput(f"target {target!r} has a workload but this controller has no "
+                               "Kubernetes client for it")
         await self.routers[target].check()
+        sides = await self.target_sides(target)
+        to_side = sides.deploy_to
         wanted = [sh for sh in (policy_mod.stage_shape(s) for s in pol.stages) if sh]
         if wanted:
-            await self.routers[target].check_shapes(wanted)
+            await toward(self.routers[target], to_side).check_shapes(wanted)
+        if stable_version is None:
+            stable_version = sides.runs(sides.serving) or tgt.stable_version
+        await self._probe_start(tgt, sides, canary_version, stable_version)
+        if wl is not None:
+            await self._workload_start(wl, tgt, stable_version)
         if target in self.warnings:
             message = await self._check_unexplained(target)
             if message:
                 raise Conflict(message)
         async with self._start_lock:
-            if stable_version is None:
-                stable_version = await self._last_stable(target) or tgt.stable_version
             if stable_version == canary_version:
                 raise InvalidInput(f"canary_version and stable_version are both "
                                    f"{canary_version!r}; nothing to roll out")
@@ -253,7 +275,8 @@ class Controller:
             rid = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)) + "-" + secrets.token_hex(3)
             r = decide.start(rollout_id=rid, target=target, policy=pol,
                              canary_version=canary_version, stable_version=stable_version,
-                             now=now, actor=actor)
+                             now=now, actor=actor, to_side=to_side,
+                             promotion=promotion_of(tgt))
             r = await self.store.create(rollout=r)
         self.metrics.started.labels(target).inc()
         self._log_new_events(None, r)
@@ -262,6 +285,48 @@ class Controller:
         self._spawn(r.id)
         self.metrics.active.set(len(self._tasks))
         return r
+
+    async def target_sides(self, target: str) -> Sides:
+        """Which side of `target` serves and what each runs: as stored with the target,
+        or rebuilt from its last finished rollout when that is newer (a controller that
+        stopped between ending a rollout and storing the sides)."""
+        stored = await self.store.sides(target)
+        last = await self.store.list(target=target, limit=1, events=False,
+                                     state=(Phase.SUCCEEDED, Phase.ROLLED_BACK))
+        if last and (stored is None or stored.rollout != last[0].id):
+            sides = Sides.after(last[0])
+            with contextlib.suppress(Exception):  # kept next time; derived the same meanwhile
+                await self.store.save_sides(target, sides)
+            return sides
+        if stored is not None:
+            return stored
+        tgt = self.targets.get(target)
+        return Sides(serving="stable", stable_runs=tgt.stable_version if tgt else None)
+
+    async def _probe_start(self, tgt: Target, sides: Sides, canary_version: str,
+                           stable_version: str | None) -> None:
+        """With a version_probe, the side about to receive traffic must run the canary
+        version and the serving side the stable one; else the start is refused, naming
+        each server and what it answered."""
+        if not isinstance(tgt, NginxTarget) or tgt.version_probe is None:
+            return
+        servers = {"stable": tgt.stable, "canary": tgt.canary}
+        checks = [(sides.deploy_to, canary_version, "canary_version")]
+        if stable_version is not None:
+            checks.append((sides.serving, stable_version, "stable_version"))
+        problems: list[str] = []
+        answers = await asyncio.gather(*(probe.ask(servers[side], tgt.version_probe)
+                                         for side, _, _ in checks))
+        for (side, want, name), got in zip(checks, answers, strict=True):
+            bad = probe.mismatches(got, want)
+            if bad:
+                problems.append(f"the {side} side must run {want} ({name}): "
+                                + "; ".join(a.describe() for a in bad))
+        if problems:
+            raise InvalidInput(f"target {tgt.name}: version_probe {tgt.version_probe.path}: "
+                               + ". ".join(problems) + ". Deploy the expected versions (the "
+                               f"next version goes on the {sides.deploy_to} side) and start "
+                               "again")
 
     async def _last_stable(self, target: str) -> str | None:
         last = await self.store.list(target=target, state=Phase.SUCCEEDED, limit=1,
@@ -394,11 +459,15 @@ class Controller:
             self.warnings[target] = message
             return message
         last = None
-        if live:
+        expected = 0
+        if live is not None:
             finished = await self.store.list(target=target, limit=1, events=False,
                                              state=(Phase.SUCCEEDED, Phase.ROLLED_BACK))
             last = finished[0] if finished else None
-        if not live or (last is not None and last.state is Phase.SUCCEEDED and live == 100):
+            if last is not None:
+                # the configured canary side carries everything when it is the serving side
+                expected = 100 if (await self.target_sides(target)).serving == "canary" else 0
+        if live is None or live == expected:
             if self.warnings.pop(target, None):
                 log.warning("target's canary traffic is explained again", extra={"target": target})
             return None
@@ -406,6 +475,9 @@ class Controller:
         note = await router.decision()
         known = (f"its last rollout {last.id} ended {last.state.value}" if last is not None
                  else "the state store has no rollout of it")
+        if expected == 100:
+            known += (", which left the canary side serving (it runs the stable version "
+                      "now), so 100% is expected there")
         message = (f"target {target} carries {live}% canary traffic, but no active rollout "
                    f"and {known}" + (f" (the router notes: {note})" if note else "")
                    + ": the state store may be missing or replaced. canary leaves this "
@@ -492,8 +564,18 @@ class Controller:
                     listener(saved)
                 if saved.state.final and not old.state.final:
                     self.metrics.outcomes.labels(saved.target, saved.state.value).inc()
+                    await self._store_sides(saved)
                 return saved
         raise StoreConflict(f"rollout {rollout_id} kept changing under us; try again")
+
+    async def _store_sides(self, r: Rollout) -> None:
+        """Where the finished rollout left its target. Best effort: `target_sides` rebuilds
+        the same from the rollout if this write is lost."""
+        try:
+            await self.store.save_sides(r.target, Sides.after(r))
+        except Exception as e:  # the rollout is saved; its sides can be derived from it
+            log.warning(f"could not store the target's sides: {e}",
+                        extra={"rollout": r.id, "target": r.target})
 
     def _policy_of(self, r: Rollout) -> policy_mod.Policy:
         """The policy the rollout started with, parsed once: its spec never changes, and
@@ -562,7 +644,7 @@ class Controller:
                     r = await self._update(rollout_id, partial(
                         decide.policy_unreadable, error=self._unreadable[r.id],
                         now=self.clock.now()))
-                router = self.routers[r.target]
+                router = toward(self.routers[r.target], r.to_side)
                 cmd = self._pending_abort.get(rollout_id)
                 if cmd is not None:  # an abort the store could not take before
                     with contextlib.suppress(Conflict):
@@ -595,6 +677,31 @@ class Controller:
                 if not drift_paused and (router_paused or r.weight != r.applied_weight
                                          or want_shape != r.applied_shape or not forced):
                     want = decide.stage_weight(r, pol) if router_paused else r.weight
+                    wl = self.workloads.get(r.target)
+                    probed = self._to_servers(r)
+                    if ((wl is not None or probed is not None)
+                            and r.state is Phase.PROGRESSING
+                            and want > (r.applied_weight or 0)):
+                        # more traffic goes only to a side that runs the canary version
+                        why = (await self._workload_not_ready(wl, r, want) if wl is not None
+                               else await self._servers_not_ready(r))
+                        if why is not None:
+                            r = await self._update(rollout_id, partial(
+                                decide.workload_waiting, policy=pol, why=why,
+                                now=self.clock.now(),
+                                what="the canary workload" if wl is not None
+                                else "the canary servers"))
+                            if r.state is not Phase.ROLLING_BACK:
+                                await self.clock.sleep(pol.interval, wakeup)
+                            continue
+                    if (r.state is Phase.ROLLING_BACK and r.promoting_since is not None
+                            and r.applied_weight != 0):
+                        held = await self._old_side_updated(r)
+                        if held:
+                            r = await self._update(rollout_id, partial(
+                                decide.rollback_held, why=held, now=self.clock.now()))
+                            await self.clock.sleep(pol.interval, wakeup)
+                            continue
                     if not router_paused or now >= next_router_try:
                         faults.point("before_apply")
                         try:
@@ -639,6 +746,20 @@ class Controller:
                     r = await self._update(rollout_id, partial(
                         decide.readings, policy=pol, rd=rd, now=self.clock.now()), rd=rd)
                     self._log_gate_changes(r, before)
+                if (r.state is Phase.PROMOTING and not r.returning
+                        and r.applied_weight == r.weight and now >= next_eval):
+                    next_eval = now + pol.interval
+                    wl = self.workloads.get(r.target)
+                    done = (await self._workload_handover(wl, r) if wl is not None
+                            else "version_probe: every server of the serving side answers "
+                                 f"{r.canary_version}" if await self._handed_over(r, wakeup)
+                            else None)
+                    if done is not None:
+                        with contextlib.suppress(Conflict):
+                            r = await self._update(rollout_id, partial(
+                                decide.command, policy=pol, now=self.clock.now(),
+                                cmd=Command(CommandKind.HANDOVER, "controller", done)))
+                        continue
                 r = await self._update(rollout_id, partial(decide.tick, policy=pol,
                                                            now=self.clock.now()))
                 if r.state.final:
@@ -662,6 +783,10 @@ class Controller:
                 # loudly, back off, and try again from the stored state.
                 log.exception("rollout loop failed; retrying", extra={"rollout": rollout_id})
                 await self.clock.sleep(backoff.next(), wakeup)
+        last = self._last.get(rollout_id)
+        wl = self.workloads.get(last.target) if last is not None else None
+        if wl is not None and last is not None and last.state.final and not self._stopping:
+            await self._scale_down_later(wl, last)
         for cache in (self._locks, self._wakeups, self._policy_cache, self._last, self._unsaved,
                       self._pending_abort, self._unreadable, self.unsaved_view):
             cache.pop(rollout_id, None)
@@ -677,7 +802,7 @@ class Controller:
             await self.clock.sleep(STORE_RETRY, wakeup)
             return
         pol = self._policy_of(r)
-        router = self.routers[r.target]
+        router = toward(self.routers[r.target], r.to_side)
         next_eval = self.clock.now() + pol.interval
         log.warning("rollout held while the state store cannot be written; its gates are "
                     "still judged and a rollback still reaches the router",
@@ -726,6 +851,157 @@ class Controller:
             else:  # decided, not yet in force: the loop applies it as usual
                 await self._update(rollout_id, partial(decide.roll_back_for, reason=r.reason
                                                        or note, now=self.clock.now()))
+
+    def _from_servers(self, r: Rollout) -> tuple[tuple[str, ...], NginxTarget] | None:
+        """The servers of the side a rollout shifts traffic away from, when a version_probe
+        can ask them."""
+        tgt = self.targets.get(r.target)
+        if not isinstance(tgt, NginxTarget) or tgt.version_probe is None:
+            return None
+        return (tgt.canary if r.to_side == "stable" else tgt.stable), tgt
+
+    def _to_servers(self, r: Rollout) -> tuple[tuple[str, ...], NginxTarget] | None:
+        """The servers of the side a rollout shifts traffic to, when a version_probe can
+        ask them."""
+        tgt = self.targets.get(r.target)
+        if not isinstance(tgt, NginxTarget) or tgt.version_probe is None:
+            return None
+        return (tgt.stable if r.to_side == "stable" else tgt.canary), tgt
+
+    async def _servers_not_ready(self, r: Rollout) -> str | None:
+        """version_probe before each step up: every server about to get more traffic
+        still answers the canary version; else which do not."""
+        found = self._to_servers(r)
+        if found is None:
+            return None
+        servers, tgt = found
+        assert tgt.version_probe is not None
+        bad = probe.mismatches(await probe.ask(servers, tgt.version_probe), r.canary_version)
+        return "; ".join(a.describe() for a in bad) or None
+
+    async def _race(self, work: asyncio.Future[list[probe.Answer]],
+                    wakeup: asyncio.Event) -> list[probe.Answer] | None:
+        """`work`'s answers, or None when a command wakes the rollout first."""
+        woken: asyncio.Future[object] = asyncio.ensure_future(wakeup.wait())
+        waiting: set[asyncio.Future[object]] = {woken, work}  # type: ignore[arg-type]
+        try:
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+        return None if work.cancelled() else work.result()
+
+    async def _handed_over(self, r: Rollout, wakeup: asyncio.Event) -> bool:
+        """version_probe: does every server of the serving side run the canary version?"""
+        found = self._from_servers(r)
+        if found is None:
+            return False
+        servers, tgt = found
+        assert tgt.version_probe is not None
+        answers = await self._race(asyncio.ensure_future(probe.ask(servers, tgt.version_probe)),
+                                   wakeup)
+        return answers is not None and not probe.mismatches(answers, r.canary_version)
+
+    async def _old_side_updated(self, r: Rollout) -> str | None:
+        """A rollback from the hand-over goes back to the serving side only if none of its
+        servers runs the new version already; else why not."""
+        found = self._from_servers(r)
+        if found is None:
+            return None
+        servers, tgt = found
+        assert tgt.version_probe is not None
+        # not cut short by a command: the rollback is decided, only its direction is asked
+        answers = await probe.ask(servers, tgt.version_probe)
+        updated = [a for a in answers if a.version == r.canary_version]
+        if not updated:
+            return None
+        return "; ".join(a.describe() for a in updated)
+
+    # ---- the Deployment pair of a target with a `workload:` -------------------------------
+
+    async def _workload_start(self, wl: workload_mod.Workloads, tgt: Target,
+                              stable_version: str | None) -> None:
+        """Before a start: both Deployments exist, and the stable one runs the stable
+        version (the canary one may still be rolling out: the rollout waits for it)."""
+        stable = await wl.state(wl.workload.stable)
+        await wl.state(wl.workload.canary)
+        if stable_version is not None and stable.version != stable_version:
+            raise InvalidInput(f"target {tgt.name}: the stable side must run {stable_version} "
+                               f"(stable_version): {stable.describe()} (label "
+                               f"{wl.workload.version_label})")
+
+    async def _workload_not_ready(self, wl: workload_mod.Workloads, r: Rollout,
+                                  weight: int) -> str | None:
+        """Size the canary Deployment for `weight` (proportional) and say what is missing
+        before traffic may move there; None when it is ready."""
+        try:
+            stable = await wl.state(wl.workload.stable)
+            canary = await wl.state(wl.workload.canary)
+            if wl.workload.scale_canary == "proportional":
+                want = workload_mod.canary_replicas(stable.replicas, weight)
+                if canary.replicas != want:
+                    await wl.scale(wl.workload.canary, want)
+                    canary = await wl.state(wl.workload.canary)
+            else:
+                want = max(1, canary.replicas)
+        except (RouterError, NotFound) as e:
+            return str(e)
+        return workload_mod.ready_for(canary, r.canary_version, want)
+
+    async def _workload_handover(self, wl: workload_mod.Workloads, r: Rollout) -> str | None:
+        """Hand-over for a workload: copy the canary's pod template to the stable
+        Deployment, then, once its rollout is complete, say so (None until then)."""
+        try:
+            stable = await wl.state(wl.workload.stable)
+            if stable.version != r.canary_version:
+                await wl.copy_template()
+                return None
+            if stable.rolled_out:
+                return (f"the stable Deployment runs {r.canary_version}: "
+                        f"{stable.describe()}")
+        except (RouterError, NotFound) as e:
+            log.warning(f"hand-over: {e}; retrying", extra={"rollout": r.id,
+                                                           "target": r.target})
+        return None
+
+    async def _idle_scale_down(self, target: str, wl: workload_mod.Workloads) -> None:
+        """At start: a target with no active rollout whose canary Deployment still runs
+        the last finished rollout's version with replicas is scaled to 0 once
+        scale_down_delay has passed since that rollout ended. A canary Deployment that
+        runs another version was deployed since, for the next release: left alone."""
+        try:
+            last = await self.store.list(target=target, limit=1, events=False,
+                                         state=(Phase.SUCCEEDED, Phase.ROLLED_BACK))
+            if not last:
+                return
+            canary = await wl.state(wl.workload.canary)
+            if canary.replicas == 0 or canary.version != last[0].canary_version:
+                return
+            await self.clock.sleep(last[0].updated_at + wl.workload.scale_down_delay
+                                   - self.clock.now())
+            if await self.store.list(target=target, active_only=True, limit=1, events=False):
+                return  # a release started meanwhile: its rollout sizes the canary
+            await self._scale_down_later(wl, last[0], delay=0.0)
+        except (RouterError, NotFound, StoreUnavailable) as e:
+            log.warning(f"could not check the idle canary Deployment: {e}",
+                        extra={"target": target})
+
+    async def _scale_down_later(self, wl: workload_mod.Workloads, r: Rollout,
+                                delay: float | None = None) -> None:
+        """After a rollout ends, weight 0 on the canary is in force: scale the idle canary
+        Deployment to 0 once scale_down_delay has passed."""
+        await self.clock.sleep(wl.workload.scale_down_delay if delay is None else delay, None)
+        try:
+            await wl.scale(wl.workload.canary, 0)
+        except (RouterError, NotFound) as e:
+            log.error(f"could not scale the idle canary Deployment to 0: {e}",
+                      extra={"rollout": r.id, "target": r.target})
+        else:
+            log.info(f"canary Deployment {wl.workload.canary} scaled to 0",
+                     extra={"rollout": r.id, "target": r.target})
 
     async def _measure(self, r: Rollout, pol: policy_mod.Policy, now: float,
                        wakeup: asyncio.Event) -> Readings | None:

@@ -130,12 +130,17 @@ def fresh_gates(policy: Policy, stage: int,
 
 
 def start(*, rollout_id: str, target: str, policy: Policy, canary_version: str,
-          stable_version: str | None, now: float, actor: str) -> Rollout:
+          stable_version: str | None, now: float, actor: str, to_side: str = "canary",
+          promotion: str = "swap") -> Rollout:
+    """`to_side`: the configured side the new version runs on (the other one serves);
+    `promotion`: how the release is carried through at 100% (swap | return)."""
     first = policy.stages[0]
     r = Rollout(id=rollout_id, target=target, policy=policy.name, policy_spec=policy.to_dict(),
                 canary_version=canary_version, stable_version=stable_version,
                 state=Phase.PROGRESSING, stage=0, weight=first.weight, started_at=now,
-                updated_at=now, gates=fresh_gates(policy, 0), shape=_shape_key(policy, 0))
+                updated_at=now, gates=fresh_gates(policy, 0), shape=_shape_key(policy, 0),
+                to_side=to_side, promotion=promotion)
+    sides = "" if to_side == "canary" else f" (on the {to_side} side; the canary side serves)"
     asked = policy.hooks("pre-rollout")
     if asked:
         # no traffic moves (no weight, no match rule, no mirror) before every pre-rollout
@@ -145,10 +150,10 @@ def start(*, rollout_id: str, target: str, policy: Policy, canary_version: str,
         return _event(r, now, "start",
                       f"rollout of {canary_version} on {target} with policy {policy.name}; "
                       f"weight 0 until the pre-rollout hooks "
-                      f"({', '.join(h.name for h in asked)}) answer 2xx", actor)
+                      f"({', '.join(h.name for h in asked)}) answer 2xx{sides}", actor)
     return _event(r, now, "start",
                   f"rollout of {canary_version} on {target} with policy {policy.name}, "
-                  f"{_traffic(r)}", actor)
+                  f"{_traffic(r)}{sides}", actor)
 
 
 def _shape_key(policy: Policy, stage: int) -> str | None:
@@ -161,6 +166,10 @@ def _traffic(r: Rollout) -> str:
     if r.shape is None:
         return f"weight {r.weight}"
     return f"weight 0 for users, {shapes.describe(r.shape)}"
+
+
+def _from_side(r: Rollout) -> str:
+    return "stable" if r.to_side == "canary" else "canary"
 
 
 def _enter_stage(r: Rollout, policy: Policy, stage: int, now: float, actor: str,
@@ -191,9 +200,23 @@ def _finish_if_done(r: Rollout, now: float) -> Rollout:
         return _event(replace(r, state=Phase.ROLLED_BACK), now, "rolled_back",
                       "all traffic on stable")
     if r.finishing and r.applied_weight == 100 and r.weight == 100 and not r.state.final:
+        if r.promotion == "return":
+            # the release is done only once the serving side runs it and has the traffic back
+            r = replace(r, state=Phase.PROMOTING, reason=None, pause_kind=None, paused_at=None,
+                        finishing=False, promoting_since=now)
+            return _event(r, now, "promoting",
+                          f"all traffic on {r.canary_version} ({r.to_side} side); hand-over: "
+                          f"deploy {r.canary_version} on the {_from_side(r)} side, then call "
+                          "handover (or let version_probe see it)")
         r = replace(r, state=Phase.SUCCEEDED, reason=None, pause_kind=None, paused_at=None,
                     finishing=False)
         return _event(r, now, "succeeded", f"all traffic on {r.canary_version}")
+    if (r.returning and r.state is Phase.PROMOTING and r.weight == 0
+            and r.applied_weight == 0):
+        r = replace(r, state=Phase.SUCCEEDED, reason=None, pause_kind=None, paused_at=None)
+        return _event(r, now, "succeeded",
+                      f"handed over: all traffic on the {_from_side(r)} side, running "
+                      f"{r.canary_version}; the {r.to_side} side carries 0%")
     return r
 
 
@@ -215,6 +238,12 @@ def command(r: Rollout, policy: Policy, cmd: Command, now: float) -> Rollout:
     who = f"{cmd.actor}: {cmd.reason}"
     if r.state.final:
         raise Conflict(f"rollout {r.id} is already {r.state.value}; nothing to {cmd.kind.value}")
+    if cmd.kind is CommandKind.HANDOVER:
+        return _handover(r, cmd, now)
+    if cmd.kind is CommandKind.ABORT and r.returning:
+        raise Conflict(f"rollout {r.id} is handing over: the {_from_side(r)} side already runs "
+                       f"{r.canary_version} and traffic is going back to it; no side runs "
+                       f"{r.stable_version} to roll back to")
     if cmd.kind is CommandKind.ABORT:
         if r.state is Phase.ROLLING_BACK:
             raise Conflict(f"rollout {r.id} is already rolling back")
@@ -222,6 +251,10 @@ def command(r: Rollout, policy: Policy, cmd: Command, now: float) -> Rollout:
         return _roll_back(r, now, f"aborted by {who}", cmd.actor)
     if r.state is Phase.ROLLING_BACK:
         raise Conflict(f"rollout {r.id} is rolling back; it cannot {cmd.kind.value}")
+    if r.state is Phase.PROMOTING:
+        raise Conflict(f"rollout {r.id} is promoting (100% on {r.canary_version}, hand-over "
+                       f"in progress); it cannot {cmd.kind.value}: call handover once the "
+                       f"{_from_side(r)} side runs {r.canary_version}, or abort")
     if cmd.kind is CommandKind.PAUSE:
         if r.state is Phase.PAUSED:
             raise Conflict(f"rollout {r.id} is already paused ({r.reason}); "
@@ -245,8 +278,13 @@ def command(r: Rollout, policy: Policy, cmd: Command, now: float) -> Rollout:
             # time spent paused is not time held under watch
             r = replace(r, stage_since=r.stage_since + (now - r.paused_at))
         r = replace(r, state=Phase.PROGRESSING, pause_kind=None, paused_at=None, reason=None)
+        if r.promoting_since is not None:  # back to the hand-over, with a new deadline
+            r = replace(r, state=Phase.PROMOTING, promoting_since=now)
         return _event(r, now, "resume", cmd.reason, cmd.actor)
     # promote
+    if r.promoting_since is not None:
+        raise Conflict(f"rollout {r.id} is already at 100% and handing over; call handover "
+                       "once the other side runs the new version")
     last = len(policy.stages) - 1
     if cmd.full or r.stage >= last:
         r = replace(r, stage=last, weight=100, finishing=True, state=Phase.PROGRESSING,
@@ -306,6 +344,9 @@ def applied(r: Rollout, weight: int, now: float, *,
         return r
     r = replace(r, applied_weight=weight, updated_at=now,
                 applied_shape=r.applied_shape if shape is KEEP else shape)
+    if r.waiting_since is not None:
+        r = replace(r, waiting_since=None,
+                    reason=None if r.state is Phase.PROGRESSING else r.reason)
     if weight == r.weight and r.applied_shape == r.shape and r.stage_since is None:
         r = replace(r, stage_since=now)
     return _finish_if_done(r, now)
@@ -377,7 +418,77 @@ def stage_weight(r: Rollout, policy: Policy) -> int:
     """The weight the rollout's current stage asks for."""
     if r.pre_rollout:
         return 0
+    if r.returning:
+        return 0
+    if r.promoting_since is not None:
+        return 100
     return 100 if r.finishing else policy.stages[r.stage].weight
+
+
+def _handover(r: Rollout, cmd: Command, now: float) -> Rollout:
+    """The serving side now runs the canary version: return the traffic to it in one step;
+    the rollout succeeds once the router carries it."""
+    if r.promotion != "return":
+        raise Conflict(f"rollout {r.id} uses promotion swap: the side at 100% becomes the "
+                       "stable side by itself; there is nothing to hand over")
+    if r.returning:
+        raise Conflict(f"rollout {r.id} is already handing over")
+    handing = r.state is Phase.PROMOTING or (
+        r.state is Phase.PAUSED and r.promoting_since is not None
+        and r.pause_kind in (PauseKind.HANDOVER, PauseKind.MANUAL))
+    if not handing:
+        raise Conflict(f"rollout {r.id} is {r.state.value} at weight {r.weight}; handover "
+                       "fits only once it is promoting (at 100%, gates passed)")
+    r = replace(r, state=Phase.PROMOTING, returning=True, weight=0, pause_kind=None,
+                paused_at=None, reason=None)
+    return _event(r, now, "handover", f"{cmd.reason}: traffic returns to the {_from_side(r)} "
+                                      f"side, now running {r.canary_version}", cmd.actor)
+
+
+def rollback_held(r: Rollout, why: str, now: float) -> Rollout:
+    """A rollback from the hand-over cannot go to the serving side: some of its servers
+    already run the new version. Traffic stays where it is; say why, once."""
+    if r.state is not Phase.ROLLING_BACK:
+        return r
+    reason = (f"rolling back, held: {why}; traffic stays on the {r.to_side} side until the "
+              f"{_from_side(r)} side runs {r.stable_version} again")
+    if r.reason == reason:
+        return r
+    r = replace(r, reason=reason)
+    return _event(r, now, "rollback_held", why)
+
+
+def workload_waiting(r: Rollout, policy: Policy, why: str, now: float,
+                     what: str = "the canary workload") -> Rollout:
+    """The canary workload (or, with a version_probe, the canary servers) is not ready
+    for the next weight: hold the weight in force (no more traffic moves) and say why;
+    past the progress deadline, roll back."""
+    if r.state is not Phase.PROGRESSING:
+        return r
+    since = r.waiting_since if r.waiting_since is not None else now
+    if now - since > policy.progress_deadline:
+        return _roll_back(replace(r, waiting_since=None), now,
+                          f"{what} was not ready for weight {r.weight} within "
+                          f"{format_duration(policy.progress_deadline)}: {why}")
+    reason = f"waiting for {what} before weight {r.weight}: {why}"
+    if r.reason == reason and r.waiting_since is not None:
+        return r
+    r = replace(r, waiting_since=since, reason=reason)
+    return _event(r, now, "workload", why)
+
+
+def handover_overdue(r: Rollout, policy: Policy, now: float) -> Rollout:
+    """A hand-over that did not complete within the progress deadline: traffic stays on
+    the new version (never back to an old one), and the rollout pauses to say so."""
+    if (r.state is not Phase.PROMOTING or r.returning or r.promoting_since is None
+            or now - r.promoting_since <= policy.progress_deadline):
+        return r
+    r = _pause(r, now, PauseKind.HANDOVER,
+               f"hand-over not complete within {format_duration(policy.progress_deadline)}: "
+               f"the {_from_side(r)} side does not run {r.canary_version} yet; traffic stays "
+               f"on the {r.to_side} side. Deploy {r.canary_version} there and call handover, "
+               "or resume to wait again")
+    return _event(r, now, "handover_overdue", r.reason or "")
 
 
 def router_recovered(r: Rollout, policy: Policy, weight: int, now: float) -> Rollout:
@@ -385,7 +496,8 @@ def router_recovered(r: Rollout, policy: Policy, weight: int, now: float) -> Rol
     retry: carry on by itself, serving the stage's hold from now."""
     if r.state is not Phase.PAUSED or r.pause_kind is not PauseKind.ROUTER:
         return applied(r, weight, now)
-    r = replace(r, state=Phase.PROGRESSING, pause_kind=None, paused_at=None, reason=None,
+    r = replace(r, state=Phase.PROGRESSING if r.promoting_since is None else Phase.PROMOTING,
+                pause_kind=None, paused_at=None, reason=None,
                 weight=weight, applied_weight=weight, stage_since=now,
                 shape=_shape_key(policy, r.stage) if not r.finishing else None)
     r = replace(r, applied_shape=r.shape)
@@ -527,6 +639,8 @@ def tick(r: Rollout, policy: Policy, now: float) -> Rollout:
                                   f"waited {format_duration(now - r.paused_at)} for a promote, "
                                   f"longer than approval_timeout "
                                   f"{format_duration(policy.approval_timeout)}")
+    if r.state is Phase.PROMOTING:
+        return handover_overdue(r, policy, now)
     if (r.state is not Phase.PROGRESSING or r.finishing or r.stage_since is None
             or r.applied_weight != r.weight):
         return r

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from canary.config import Target
+from canary.errors import InvalidInput, RouterError
 from canary.shapes import Shape
 
 
@@ -48,7 +49,6 @@ def for_target(target: Target, *, kube_api: Any = None) -> Router:
     """Map the config's `router:` name to its class. `kube_api` is a kubernetes ApiClient
     (canary.kube.api_client), needed by the istio router."""
     from canary.config import GatewayTarget, IstioTarget, NginxTarget
-    from canary.errors import RouterError
 
     if isinstance(target, NginxTarget):
         from canary.routers.nginx import NginxRouter
@@ -69,3 +69,45 @@ def for_target(target: Target, *, kube_api: Any = None) -> Router:
                               "credentials (in-cluster, KUBECONFIG or ~/.kube/config)")
         return GatewayRouter(target, kube_api)
     raise RouterError(f"unknown router for target {target!r}")
+
+
+class Flipped:
+    """A router seen from the other side: after a swap the configured `canary` side serves
+    the stable version, and the next rollout's weight is the share of the `stable` side.
+    Every read and write is turned around, so the rest of canary speaks of one weight."""
+
+    def __init__(self, inner: Router) -> None:
+        self.inner = inner
+
+    async def get_weight(self) -> int | None:
+        w = await self.inner.get_weight()
+        return None if w is None else 100 - w
+
+    async def set_weight(self, weight: int, *, decision: str | None = None,
+                         shape: str | None = None) -> None:
+        if shape is not None:  # check_shapes refuses such a start; never route it reversed
+            raise RouterError("match and mirror stages send their requests to the configured "
+                              "canary side only")
+        await self.inner.set_weight(100 - weight, decision=decision)
+
+    async def get_shape(self) -> str | None:
+        return await self.inner.get_shape()
+
+    async def check_shapes(self, shapes: Sequence[Shape]) -> None:
+        raise InvalidInput(
+            "this policy has match or mirror stages, which send their requests to the "
+            "configured canary side; after a swap the new version goes to the stable side "
+            "(deploy_to: stable). Set promotion: return on this target (traffic returns to "
+            "the stable side after each release, so the canary side is always the new one), "
+            "or use a policy with weight stages only")
+
+    async def decision(self) -> str | None:
+        return await self.inner.decision()
+
+    async def check(self) -> None:
+        await self.inner.check()
+
+
+def toward(router: Router, side: str) -> Router:
+    """The router whose weight is the share of the configured side `side`."""
+    return Flipped(router) if side == "stable" else router

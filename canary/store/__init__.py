@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 from canary.errors import NotFound
 from canary.history import Point
-from canary.model import Phase, Rollout
+from canary.model import Phase, Rollout, Sides
 
 
 def no_such_rollout(rollout_id: str) -> NotFound:
@@ -48,6 +48,15 @@ class Store(Protocol):
         ...
 
     async def ping(self) -> None:
+        ...
+
+    async def sides(self, target: str) -> Sides | None:
+        """Which side of the target serves and what each runs, as last stored; None when
+        nothing was stored for it yet."""
+        ...
+
+    async def save_sides(self, target: str, sides: Sides) -> None:
+        """Store the target's sides (written when a rollout ends)."""
         ...
 
     async def close(self) -> None:

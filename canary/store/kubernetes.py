@@ -6,7 +6,8 @@ controller pod resumes every rollout.
 - `canary-readings-<id>`: the rollout's reading history (canary/history.py) under
   `readings.json`, written after each save that adds to it, so a rollout's own object
   stays small (a failure to write it is logged; the rollout's save stands).
-- `canary-target-<name>`: which rollout holds the target (`active`). A start writes its
+- `canary-target-<name>`: which rollout holds the target (`active`), and which side
+  serves and what each runs (`sides.json`, written when a rollout ends). A start writes its
   rollout as `pending`, claims the target with a resourceVersion-guarded write, then
   marks the rollout active, so two racing starts give one rollout, and a claim always
   names a rollout that exists.
@@ -29,7 +30,7 @@ from typing import Any
 from canary import history, jsonsafe, kube
 from canary.errors import Conflict, NotFound, StoreConflict, StoreUnavailable
 from canary.executors import Pool
-from canary.model import Phase, Rollout
+from canary.model import Phase, Rollout, Sides
 from canary.store import no_such_rollout, phases
 
 log = logging.getLogger("canary.store")
@@ -282,6 +283,46 @@ class KubernetesStore:
     async def ping(self) -> None:
         await self._call("ConfigMaps", self._core().list_namespaced_config_map, self.namespace,
                          limit=1, _preload_content=False)
+
+    async def sides(self, target: str) -> Sides | None:
+        try:
+            cm = await self._get(f"canary-target-{_dns(target)}")
+        except NotFound:
+            return None
+        raw = (cm.get("data") or {}).get("sides.json")
+        try:
+            return Sides.from_store(json.loads(raw)) if raw else None
+        except (ValueError, TypeError) as e:
+            raise StoreUnavailable(f"target {target}: stored sides unreadable: {e}") from e
+
+    async def save_sides(self, target: str, sides: Sides) -> None:
+        """Beside the target's claim, in the same ConfigMap; a write conditional on the
+        resourceVersion read, retried when a start claimed the target in between."""
+        name = f"canary-target-{_dns(target)}"
+        core = self._core()
+        for _ in range(5):
+            try:
+                cm: dict[str, Any] | None = await self._get(name)
+            except NotFound:
+                cm = None
+            data = {"sides.json": jsonsafe.dumps(sides.to_store())}
+            try:
+                if cm is None:
+                    body = {"apiVersion": "v1", "kind": "ConfigMap",
+                            "metadata": {"name": name, "namespace": self.namespace,
+                                         "labels": MANAGED,
+                                         "annotations": {"canary.dev/target": target}},
+                            "data": data}
+                    await self._call(f"ConfigMap {name}", core.create_namespaced_config_map,
+                                     self.namespace, body)
+                else:
+                    cm["data"] = {**(cm.get("data") or {}), **data}
+                    await self._call(f"ConfigMap {name}", core.replace_namespaced_config_map,
+                                     name, self.namespace, cm)
+                return
+            except StoreConflict:
+                continue
+        raise StoreConflict(f"ConfigMap {name} kept changing; try again")
 
     async def close(self) -> None:
         self._pool.shutdown()

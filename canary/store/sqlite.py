@@ -25,7 +25,7 @@ from typing import Any
 from canary import history, jsonsafe
 from canary.errors import Conflict, NotFound, StoreConflict, StoreUnavailable, UserError
 from canary.executors import Pool
-from canary.model import Phase, Rollout
+from canary.model import Phase, Rollout, Sides
 from canary.store import no_such_rollout, phases
 
 _SCHEMA = """
@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS readings (
     data TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS readings_by_series ON readings(rollout, series, n);
+CREATE TABLE IF NOT EXISTS targets (name TEXT PRIMARY KEY, sides TEXT NOT NULL);
 """
 _PAGING = """
 CREATE INDEX IF NOT EXISTS by_start_id ON rollouts(started_at DESC, id DESC);
@@ -293,6 +294,19 @@ class SqliteStore:
         read-only or deleted file."""
         await self._call(lambda: self._db.execute(
             "INSERT OR REPLACE INTO health (id, at) VALUES (1, ?)", (time.time(),)), write=True)
+
+    def _sides(self, target: str) -> Sides | None:
+        row = self._db.execute("SELECT sides FROM targets WHERE name = ?", (target,)).fetchone()
+        return Sides.from_store(json.loads(row[0])) if row else None
+
+    async def sides(self, target: str) -> Sides | None:
+        result: Sides | None = await self._call(self._sides, target)
+        return result
+
+    async def save_sides(self, target: str, sides: Sides) -> None:
+        await self._call(lambda: self._db.execute(
+            "INSERT OR REPLACE INTO targets (name, sides) VALUES (?, ?)",
+            (target, jsonsafe.dumps(sides.to_store()))), write=True)
 
     def _close(self) -> None:
         self._db.close()

@@ -31,6 +31,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: ["networking.istio.io"]
   resources: ["destinationrules"]
   verbs: ["list"]
+# a target's `workload:`: read both Deployments, copy the canary's pod template to the
+# stable one, scale the canary (canary/workload.py)
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "patch"]
+- apiGroups: ["apps"]
+  resources: ["deployments/scale"]
+  verbs: ["patch"]
 {{- end -}}
 
 {{- define "canary.seconds" -}}

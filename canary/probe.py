@@ -1,0 +1,85 @@
+"""version_probe: ask each server of a side what it runs (interface.md section 5).
+
+GET http://SERVER/path with a bounded timeout; the version is the trimmed body, or its
+`version` field when the body is a JSON object. All servers are asked at once, on the
+event loop (aiohttp), each bounded, so a server that never answers costs one timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiohttp
+
+from canary.config import VersionProbe
+
+MAX_BODY = 4096
+
+
+@dataclass(frozen=True)
+class Answer:
+    server: str
+    version: str | None      # None: no usable answer
+    problem: str | None = None  # why not
+
+    def describe(self) -> str:
+        if self.version is not None:
+            return f"{self.server} answered {self.version!r}"
+        return f"{self.server} did not answer a version ({self.problem})"
+
+
+def version_of(body: bytes) -> str | None:
+    text = body.decode("utf-8", errors="replace").strip()
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return None
+        value = data.get("version") if isinstance(data, dict) else None
+        return str(value).strip() if isinstance(value, str | int | float) else None
+    return text or None
+
+
+async def _one(session: aiohttp.ClientSession, server: str, probe: VersionProbe) -> Answer:
+    if server.startswith("unix:"):
+        connector: aiohttp.BaseConnector | None = aiohttp.UnixConnector(path=server[5:])
+        url = f"http://localhost{probe.path}"
+    else:
+        connector, url = None, f"http://{server}{probe.path}"
+    try:
+        async with asyncio.timeout(probe.timeout):
+            if connector is not None:
+                async with aiohttp.ClientSession(connector=connector) as own, \
+                        own.get(url, allow_redirects=False) as resp:
+                    return await _read(server, resp)
+            async with session.get(url, allow_redirects=False) as resp:
+                return await _read(server, resp)
+    except TimeoutError:
+        return Answer(server, None, f"no answer within {probe.timeout:g}s")
+    except aiohttp.ClientError as e:
+        return Answer(server, None, str(e) or type(e).__name__)
+    except OSError as e:
+        return Answer(server, None, e.strerror or str(e))
+
+
+async def _read(server: str, resp: aiohttp.ClientResponse) -> Answer:
+    if resp.status != 200:
+        return Answer(server, None, f"HTTP {resp.status}")
+    body = await resp.content.read(MAX_BODY)
+    version = version_of(body)
+    if version is None:
+        return Answer(server, None, "the body is not a version")
+    return Answer(server, version[:128])
+
+
+async def ask(servers: Sequence[str], probe: VersionProbe) -> list[Answer]:
+    """What each server runs, in the order given."""
+    async with aiohttp.ClientSession(trust_env=False) as session:
+        return list(await asyncio.gather(*(_one(session, s, probe) for s in servers)))
+
+
+def mismatches(answers: Sequence[Answer], want: str) -> list[Answer]:
+    return [a for a in answers if a.version != want]

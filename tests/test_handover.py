@@ -1,0 +1,548 @@
+"""Carrying a release through (interface.md section 5): the sides take turns (swap), or
+traffic returns to the stable side once it runs the new version (return); which side
+serves survives restarts; version_probe refuses a start that would send traffic to a
+server running another version."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+
+import pytest
+import yaml
+from aiohttp import web
+
+from canary import config as config_mod
+from canary import yamlsrc
+from canary.demo.procs import free_port, serve_app
+from canary.engine import decide
+from canary.errors import Conflict, ValidationFailed
+from canary.model import Command, CommandKind, PauseKind, Phase, Sides
+from canary.policy import NoData, Policy, Stage, ThresholdGate
+from canary.routers.nginx import parse_weight
+from canary.store.sqlite import SqliteStore
+from tests.helpers import controller, eventually, simple_policy
+
+
+def pol(**kw: object) -> Policy:
+    base: dict[str, object] = dict(name="p", interval=10.0, failure_limit=2, no_data=NoData.HOLD,
+                                   progress_deadline=600.0,
+                                   stages=(Stage(10, 30.0), Stage(100, 30.0)),
+                                   gates=(ThresholdGate("e", "q", max=0.1),))
+    base.update(kw)
+    return Policy(**base)  # type: ignore[arg-type]
+
+
+class Sim:
+    def __init__(self, promotion: str = "return", to_side: str = "canary") -> None:
+        self.pol = pol()
+        self.now = 1000.0
+        self.r = decide.start(rollout_id="r1", target="web", policy=self.pol,
+                              canary_version="v2", stable_version="v1", now=self.now,
+                              actor="pipeline", to_side=to_side, promotion=promotion)
+        self.apply()
+
+    def apply(self) -> None:
+        if self.r.weight != self.r.applied_weight:
+            self.r = decide.applied(self.r, self.r.weight, self.now)
+
+    def step(self, seconds: float = 10.0) -> None:
+        from canary.model import Reading, Readings, Verdict
+        self.now += seconds
+        self.r = decide.readings(self.r, self.pol, Readings(self.now, self.r.stage, (
+            Reading("e", Verdict.PASS, value=0.0),)), self.now)
+        self.r = decide.tick(self.r, self.pol, self.now)
+        self.apply()
+
+    def to_100(self) -> None:
+        for _ in range(20):
+            if self.r.state is not Phase.PROGRESSING:
+                return
+            self.step()
+
+    def cmd(self, kind: CommandKind) -> None:
+        self.r = decide.command(self.r, self.pol, Command(kind, "pipeline", "why"), self.now)
+        self.apply()
+
+
+# ---- the state machine ------------------------------------------------------------------
+
+
+def test_return_mode_is_promoting_at_100_until_handover_then_succeeds_with_canary_side_at_0():
+    s = Sim("return")
+    s.to_100()
+    assert s.r.state is Phase.PROMOTING and s.r.weight == 100 and not s.r.state.final
+    for _ in range(5):
+        s.step()
+    assert s.r.state is Phase.PROMOTING, "a hand-over waits for the pipeline"
+    s.cmd(CommandKind.HANDOVER)
+    assert s.r.state is Phase.SUCCEEDED and s.r.weight == 0 and s.r.applied_weight == 0
+    assert Sides.after(s.r) == Sides(serving="stable", stable_runs="v2", canary_runs="v2",
+                                     rollout="r1")
+
+
+def test_swap_mode_succeeds_at_100_and_the_side_at_100_becomes_the_serving_side():
+    s = Sim("swap")
+    s.to_100()
+    assert s.r.state is Phase.SUCCEEDED and s.r.weight == 100
+    sides = Sides.after(s.r)
+    assert (sides.serving, sides.deploy_to, sides.canary_runs, sides.stable_runs) == (
+        "canary", "stable", "v2", "v1")
+    s2 = Sim("swap", to_side=sides.deploy_to)
+    s2.to_100()
+    assert Sides.after(s2.r).serving == "stable"
+
+
+def test_a_rolled_back_rollout_leaves_the_old_side_serving():
+    s = Sim("swap", to_side="stable")
+    s.cmd(CommandKind.ABORT)
+    assert s.r.state is Phase.ROLLED_BACK
+    sides = Sides.after(s.r)
+    assert sides.serving == "canary" and sides.runs("canary") == "v1"
+    assert sides.runs("stable") == "v2" and sides.deploy_to == "stable"
+
+
+def test_handover_outside_promoting_is_a_conflict_naming_the_state():
+    s = Sim("return")
+    with pytest.raises(Conflict, match="progressing at weight 10"):
+        s.cmd(CommandKind.HANDOVER)
+    s = Sim("swap")
+    s.to_100()
+    with pytest.raises(Conflict, match="already succeeded"):
+        s.cmd(CommandKind.HANDOVER)
+    s = Sim("swap")
+    with pytest.raises(Conflict, match="promotion swap"):
+        s.cmd(CommandKind.HANDOVER)
+
+
+def test_abort_during_promoting_returns_traffic_to_the_old_side():
+    s = Sim("return")
+    s.to_100()
+    s.cmd(CommandKind.ABORT)
+    assert s.r.state is Phase.ROLLED_BACK and s.r.applied_weight == 0
+
+
+def test_abort_after_handover_is_refused_no_side_runs_the_old_version():
+    s = Sim("return")
+    s.to_100()
+    s.r = decide.command(s.r, s.pol, Command(CommandKind.HANDOVER, "p", "done"), s.now)
+    assert s.r.state is Phase.PROMOTING and s.r.returning  # not applied yet
+    with pytest.raises(Conflict, match="already runs v2"):
+        s.cmd(CommandKind.ABORT)
+
+
+def test_handover_not_complete_within_progress_deadline_pauses_and_keeps_the_traffic():
+    s = Sim("return")
+    s.to_100()
+    s.step(601.0)
+    assert s.r.state is Phase.PAUSED and s.r.pause_kind is PauseKind.HANDOVER
+    assert s.r.weight == 100 and s.r.applied_weight == 100
+    assert "hand-over not complete within 10m" in (s.r.reason or "")
+    s.cmd(CommandKind.RESUME)
+    assert s.r.state is Phase.PROMOTING and s.r.weight == 100
+    s.r = replace(s.r, state=Phase.PAUSED, pause_kind=PauseKind.HANDOVER)
+    s.cmd(CommandKind.HANDOVER)  # a late hand-over still completes it
+    assert s.r.state is Phase.SUCCEEDED
+
+
+def test_pause_and_promote_during_promoting_say_what_to_do_instead():
+    s = Sim("return")
+    s.to_100()
+    for kind in (CommandKind.PAUSE, CommandKind.PROMOTE):
+        with pytest.raises(Conflict, match="call handover"):
+            s.cmd(kind)
+
+
+def test_rollback_held_keeps_the_traffic_and_says_why_once():
+    s = Sim("return")
+    s.to_100()
+    s.r = decide.command(s.r, s.pol, Command(CommandKind.ABORT, "p", "bad"), s.now)
+    r = decide.rollback_held(s.r, "127.0.0.1:1 answered 'v2'", s.now)
+    assert r.state is Phase.ROLLING_BACK and "held" in (r.reason or "")
+    assert decide.rollback_held(r, "127.0.0.1:1 answered 'v2'", s.now + 1) == r
+
+
+# ---- config -----------------------------------------------------------------------------
+
+
+def _cfg(tmp_path, target_extra):
+    (tmp_path / "policies").mkdir(exist_ok=True)
+    t = {"router": "nginx", "file": "up.conf", "upstream": "web", "stable": ["127.0.0.1:1"],
+         "canary": ["127.0.0.1:2"], **target_extra}
+    doc = {"auth": {"tokens": [{"name": "a", "sha256": "0" * 64, "role": "viewer"}]},
+           "policies": "policies", "targets": {"web": t}}
+    raw = yaml.safe_dump(doc).encode()
+    return config_mod.parse(yamlsrc.load(raw, "c.yaml"), base=tmp_path)
+
+
+def test_config_takes_promotion_and_version_probe_with_defaults(tmp_path):
+    t = _cfg(tmp_path, {}).targets["web"]
+    assert config_mod.promotion_of(t) == "swap" and t.version_probe is None
+    t = _cfg(tmp_path, {"promotion": "return", "version_probe": {"path": "/v"}}).targets["web"]
+    assert config_mod.promotion_of(t) == "return"
+    assert t.version_probe is not None and t.version_probe.timeout == 2.0
+
+
+@pytest.mark.parametrize(("extra", "field", "message"), [
+    ({"promotion": "flip"}, "targets.web.promotion", "must be swap"),
+    ({"version_probe": {"path": "version"}}, "targets.web.version_probe.path",
+     "absolute URL path"),
+    ({"version_probe": {"timeout": "5m"}}, "targets.web.version_probe.timeout", "at most 60s"),
+    ({"version_probe": {"paht": "/v"}}, "targets.web.version_probe.paht", "unknown field"),
+])
+def test_bad_promotion_or_probe_names_the_field_and_the_fix(tmp_path, extra, field, message):
+    with pytest.raises(ValidationFailed) as e:
+        _cfg(tmp_path, extra)
+    assert any(p.field == field and message in p.message for p in e.value.problems), \
+        e.value.problems
+
+
+def test_workload_defaults_to_return_and_a_bad_deployment_name_is_named(tmp_path):
+    base = {"router": "istio", "namespace": "prod", "virtual_service": "api",
+            "stable": {"host": "api", "subset": "stable"},
+            "canary": {"host": "api", "subset": "canary"}}
+    doc = {"auth": {"tokens": [{"name": "a", "sha256": "0" * 64, "role": "viewer"}]},
+           "targets": {"api": {**base, "workload": {"stable": "api-stable",
+                                                    "canary": "api-canary"}}}}
+    (tmp_path / "policies").mkdir()
+    cfg = config_mod.parse(yamlsrc.load(yaml.safe_dump(doc).encode(), "c.yaml"), base=tmp_path)
+    t = cfg.targets["api"]
+    assert config_mod.promotion_of(t) == "return"
+    doc["targets"]["api"]["workload"]["stable"] = "Api_Stable"
+    with pytest.raises(ValidationFailed) as e:
+        config_mod.parse(yamlsrc.load(yaml.safe_dump(doc).encode(), "c.yaml"), base=tmp_path)
+    assert [(p.field, p.message) for p in e.value.problems] == [
+        ("targets.api.workload.stable", "must be the name of a Deployment (lowercase letters, "
+                                        "digits, '-' and '.')")]
+
+
+# ---- the controller, its API and its store ------------------------------------------------
+
+
+class VersionServer:
+    """A server answering its version at /version (or never, or garbage)."""
+
+    def __init__(self, version: str | None) -> None:
+        self.version = version
+        self.port = free_port()
+        self.runner: web.AppRunner | None = None
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if self.version is None:
+            return web.Response(status=503, text="starting")
+        return web.json_response({"version": self.version})
+
+    async def __aenter__(self) -> VersionServer:
+        app = web.Application()
+        app.router.add_get("/version", self.handle)
+        self.runner = await serve_app(app, self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+
+def nginx_target(tmp_path, stable, canary, **kw):
+    from canary.config import NginxTarget, VersionProbe
+    kw.setdefault("version_probe", VersionProbe("/version", 1.0))
+    return NginxTarget(name="web", file=tmp_path / "upstream.conf", upstream="web",
+                       stable=tuple(stable), canary=tuple(canary), test=("true",),
+                       reload=("true",), policy="p", vars={"service": "web"},
+                       stable_version="v1", **kw)
+
+
+FAST = simple_policy(hold=0.3, interval=0.1)
+
+
+async def test_two_releases_in_a_row_swap_sides_and_the_serving_side_survives_a_restart(
+        tmp_path):
+    from canary.routers.nginx import NginxRouter
+    target = nginx_target(tmp_path, ["127.0.0.1:9001"], ["127.0.0.1:9002"],
+                          version_probe=None)
+    async with controller(tmp_path, policies=[FAST], target=target,
+                          router=NginxRouter(target)) as (api, _ctl, _t):
+        r = await api.start(canary_version="v2")
+        assert (r["stable_version"], r["to_side"]) == ("v1", "canary")
+        await api.until(r["id"], lambda x: x["state"] == "succeeded")
+        status, t = await api.call("GET", "/api/v1/targets/web", role="viewer")
+        assert status == 200, t
+        assert (t["serving"], t["deploy_to"], t["live_weight"]) == ("canary", "stable", 100)
+        assert t["runs"] == {"stable": "v1", "canary": "v2"} and t["promotion"] == "swap"
+    # a new controller on the same state file: the canary side still serves
+    async with controller(tmp_path, policies=[FAST], target=target,
+                          router=NginxRouter(target)) as (api, ctl, _t):
+        assert await ctl.unexplained() == {}, "100% on the serving side is explained"
+        r = await api.start(canary_version="v3")
+        assert (r["stable_version"], r["to_side"]) == ("v2", "stable")
+        await api.until(r["id"], lambda x: x["applied_weight"] == 10)
+        text = target.file.read_text()
+        assert parse_weight(target, text) == 90, "10% to the stable side, 90% stays on canary"
+        await api.until(r["id"], lambda x: x["state"] == "succeeded")
+        status, t = await api.call("GET", "/api/v1/targets/web", role="viewer")
+        assert (t["serving"], t["deploy_to"], t["live_weight"]) == ("stable", "canary", 0)
+        assert t["runs"] == {"stable": "v3", "canary": "v2"}
+    store = SqliteStore(str(tmp_path / "state.db"))
+    try:
+        stored = await store.sides("web")
+    finally:
+        await store.close()
+    assert stored is not None and stored.serving == "stable" and stored.stable_runs == "v3"
+
+
+async def test_version_probe_refuses_a_start_naming_each_server_and_what_it_answered(tmp_path):
+    from canary.routers.nginx import NginxRouter
+    async with VersionServer("v1") as s1, VersionServer("v1") as c1, \
+            VersionServer("v2") as c2, VersionServer(None) as c3:
+        target = nginx_target(tmp_path, [s1.addr], [c1.addr, c2.addr, c3.addr])
+        async with controller(tmp_path, policies=[FAST], target=target,
+                              router=NginxRouter(target)) as (api, _ctl, _t):
+            status, data = await api.call("POST", "/api/v1/rollouts",
+                                          {"target": "web", "canary_version": "v2"},
+                                          role="pipeline")
+            assert status == 400, data
+            msg = data["error"]
+            assert f"{c1.addr} answered 'v1'" in msg and "HTTP 503" in msg and c3.addr in msg
+            assert c2.addr not in msg, "a server that runs the right version is not named"
+            assert "canary side must run v2" in msg
+            status, data = await api.call("GET", "/api/v1/rollouts", role="viewer")
+            assert data["rollouts"] == [], "a refused start changes nothing"
+            assert not target.file.exists(), "nor any traffic"
+            c1.version, c3.version = "v2", "v2"
+            s1.version = "v0"
+            status, data = await api.call("POST", "/api/v1/rollouts",
+                                          {"target": "web", "canary_version": "v2"},
+                                          role="pipeline")
+            assert status == 400 and f"{s1.addr} answered 'v0'" in data["error"]
+            assert "stable side must run v1" in data["error"]
+            s1.version = "v1"
+            r = await api.start(canary_version="v2")
+            assert r["state"] == "progressing"
+
+
+async def test_a_server_that_never_answers_the_probe_is_named_within_its_timeout(tmp_path):
+    from canary.demo.procs import Blackhole
+    from canary.routers.nginx import NginxRouter
+    async with VersionServer("v1") as s1, Blackhole() as url:
+        hole = url.removeprefix("http://")
+        target = nginx_target(tmp_path, [s1.addr], [hole])
+        async with controller(tmp_path, policies=[FAST], target=target,
+                              router=NginxRouter(target)) as (api, _ctl, _t):
+            status, data = await api.call("POST", "/api/v1/rollouts",
+                                          {"target": "web", "canary_version": "v2"},
+                                          role="pipeline")
+            assert status == 400
+            assert f"{hole} did not answer a version (no answer within 1s)" in data["error"]
+
+
+async def test_return_mode_hands_over_on_the_pipelines_call_and_start_wait_exits_only_then(
+        tmp_path):
+    from canary.routers.nginx import NginxRouter
+    async with VersionServer("v1") as s1, VersionServer("v2") as c1:
+        target = nginx_target(tmp_path, [s1.addr], [c1.addr], promotion="return")
+        async with controller(tmp_path, policies=[FAST], target=target,
+                              router=NginxRouter(target)) as (api, _ctl, _t):
+            r = await api.start(canary_version="v2")
+            r = await api.until(r["id"], lambda x: x["state"] == "promoting")
+            assert r["applied_weight"] == 100 and r["promotion"] == "return"
+            status, data = await api.call("POST", f"/api/v1/rollouts/{r['id']}/handover",
+                                          {"reason": "v2 deployed on stable"}, role="viewer")
+            assert status == 403
+            status, data = await api.call("POST", f"/api/v1/rollouts/{r['id']}/handover",
+                                          {"reason": "v2 deployed on stable"}, role="pipeline")
+            assert status == 200, data
+            r = await api.until(r["id"], lambda x: x["state"] == "succeeded")
+            assert r["applied_weight"] == 0
+            assert parse_weight(target, target.file.read_text()) == 0
+            status, t = await api.call("GET", "/api/v1/targets/web", role="viewer")
+            assert (t["serving"], t["deploy_to"]) == ("stable", "canary")
+            assert t["runs"] == {"stable": "v2", "canary": "v2"}
+            status, data = await api.call("POST", f"/api/v1/rollouts/{r['id']}/handover",
+                                          {"reason": "again"}, role="pipeline")
+            assert status == 409 and "already succeeded" in data["error"]
+
+
+async def test_version_probe_sees_the_stable_side_updated_and_hands_over_by_itself(tmp_path):
+    from canary.routers.nginx import NginxRouter
+    async with VersionServer("v1") as s1, VersionServer("v1") as s2, \
+            VersionServer("v2") as c1:
+        target = nginx_target(tmp_path, [s1.addr, s2.addr], [c1.addr], promotion="return")
+        async with controller(tmp_path, policies=[FAST], target=target,
+                              router=NginxRouter(target)) as (api, _ctl, _t):
+            r = await api.start(canary_version="v2")
+            await api.until(r["id"], lambda x: x["state"] == "promoting")
+            s1.version = "v2"  # half the stable side updated: not yet
+            await api.until(r["id"], lambda x: x["state"] == "promoting")
+            s2.version = "v2"
+            r = await api.until(r["id"], lambda x: x["state"] == "succeeded")
+            handover = [e for e in r["events"] if e["type"] == "handover"]
+            assert handover and handover[0]["actor"] == "controller"
+            assert "version_probe" in handover[0]["message"]
+
+
+async def test_rollback_during_promoting_never_returns_traffic_to_an_updated_server(tmp_path):
+    from canary.routers.nginx import NginxRouter
+    async with VersionServer("v1") as s1, VersionServer("v1") as s2, \
+            VersionServer("v2") as c1:
+        target = nginx_target(tmp_path, [s1.addr, s2.addr], [c1.addr], promotion="return")
+        async with controller(tmp_path, policies=[FAST], target=target,
+                              router=NginxRouter(target)) as (api, _ctl, _t):
+            r = await api.start(canary_version="v2")
+            await api.until(r["id"], lambda x: x["state"] == "promoting")
+            s1.version = "v2"  # the pipeline has started updating the stable side
+            status, data = await api.call("POST", f"/api/v1/rollouts/{r['id']}/abort",
+                                          {"reason": "bad"}, role="pipeline")
+            assert status == 200, data
+            r = await api.until(r["id"], lambda x: "held" in (x["reason"] or ""))
+            assert r["state"] == "rolling_back" and s1.addr in r["reason"]
+            assert parse_weight(target, target.file.read_text()) == 100, \
+                "traffic stays on the canary side"
+            s1.version = "v1"  # the pipeline put v1 back
+            r = await api.until(r["id"], lambda x: x["state"] == "rolled_back")
+            assert parse_weight(target, target.file.read_text()) == 0
+
+
+def test_a_workload_with_promotion_swap_is_refused_saying_why(tmp_path):
+    doc = {"auth": {"tokens": [{"name": "a", "sha256": "0" * 64, "role": "viewer"}]},
+           "targets": {"api": {"router": "istio", "namespace": "prod", "virtual_service": "api",
+                               "stable": {"host": "api", "subset": "stable"},
+                               "canary": {"host": "api", "subset": "canary"},
+                               "promotion": "swap",
+                               "workload": {"stable": "api-stable", "canary": "api-canary"}}}}
+    (tmp_path / "policies").mkdir()
+    with pytest.raises(ValidationFailed) as e:
+        config_mod.parse(yamlsrc.load(yaml.safe_dump(doc).encode(), "c.yaml"), base=tmp_path)
+    assert any("hands over with return" in p.message for p in e.value.problems), \
+        e.value.problems
+
+
+async def test_start_wait_exits_0_only_once_the_handover_completes_and_targets_shows_the_sides(
+        tmp_path):
+    from canary.routers.nginx import NginxRouter
+    from tests.test_restart_and_cli import cli
+    target = nginx_target(tmp_path, ["127.0.0.1:9001"], ["127.0.0.1:9002"], version_probe=None,
+                          promotion="return")
+    async with controller(tmp_path, policies=[FAST], target=target,
+                          router=NginxRouter(target)) as (api, _ctl, _t):
+        waiting = asyncio.create_task(cli("start", "web", "--canary-version", "v2", "--wait",
+                                          server=api.base))
+
+        async def promoting() -> str | None:
+            _, data = await api.call("GET", "/api/v1/rollouts?state=promoting", role="viewer")
+            return data["rollouts"][0]["id"] if data["rollouts"] else None
+        rid = await eventually(promoting, what="promoting")
+        assert not waiting.done(), "--wait does not end at 100%"
+        code, out, err = await cli("targets", server=api.base, token="tok-viewer")
+        assert code == 0, err
+        assert "web: nginx, promotion return; serving: stable side (v1)" in out
+        assert f"active rollout {rid}: promoting at weight 100 toward the canary side" in out
+        code, out, err = await cli("handover", rid, "--reason", "v2 on stable",
+                                   server=api.base)
+        assert code == 0, err
+        code, out, err = await waiting
+        assert code == 0, err
+        assert "succeeded stage 2 weight 0%" in out  # (it polls: it may not print promoting)
+        code, out, err = await cli("targets", "web", "--json", server=api.base,
+                                   token="tok-viewer")
+        assert code == 0, err
+        t = json.loads(out)
+        assert (t["serving"], t["deploy_to"], t["runs"]) == (
+            "stable", "canary", {"stable": "v2", "canary": "v2"})
+
+
+async def test_the_cluster_store_keeps_which_side_serves_beside_the_targets_claim(tmp_path):
+    from canary.kube import api_client
+    from canary.store.kubernetes import KubernetesStore
+    from tests.kubeapi import KubeApiDouble
+
+    kube = KubeApiDouble()
+    await kube.start()
+    api = api_client(str(kube.kubeconfig(tmp_path / "kubeconfig")))
+    try:
+        store = KubernetesStore("canary-system", api)
+        assert await store.sides("web") is None
+        sides = Sides(serving="canary", stable_runs="v1", canary_runs="v2", rollout="r1")
+        await store.save_sides("web", sides)
+        r = decide.start(rollout_id="r2", target="web", policy=simple_policy(),
+                         canary_version="v3", stable_version="v2", now=1.0, actor="t",
+                         to_side="stable")
+        await store.create(rollout=r)  # claims the target in the same ConfigMap
+        assert await KubernetesStore("canary-system", api).sides("web") == sides
+        done = replace(await store.load("r2"), state=Phase.SUCCEEDED)
+        await store.save_sides("web", Sides.after(done))
+        again = await KubernetesStore("canary-system", api).sides("web")
+        assert again is not None and (again.serving, again.stable_runs) == ("stable", "v3")
+    finally:
+        api.close()
+        await kube.stop()
+
+
+async def test_a_canary_server_that_changes_version_mid_rollout_gets_no_more_traffic(tmp_path):
+    from canary.routers.nginx import NginxRouter
+    async with VersionServer("v1") as s1, VersionServer("v2") as c1:
+        target = nginx_target(tmp_path, [s1.addr], [c1.addr])
+        pol = simple_policy(hold=0.5, interval=0.1)
+        async with controller(tmp_path, policies=[pol], target=target,
+                              router=NginxRouter(target)) as (api, _ctl, _t):
+            r = await api.start(canary_version="v2")
+            await api.until(r["id"], lambda x: x["applied_weight"] == 10)
+            c1.version = "v9"  # someone deployed something else there
+            r = await api.until(r["id"], lambda x: "waiting for the canary servers" in
+                                (x["reason"] or ""))
+            assert f"{c1.addr} answered 'v9'" in r["reason"]
+            assert r["applied_weight"] == 10 and r["state"] == "progressing"
+            assert parse_weight(target, target.file.read_text()) == 10
+            c1.version = "v2"
+            r = await api.until(r["id"], lambda x: x["state"] == "succeeded")
+
+
+async def test_after_a_swap_all_traffic_moved_back_by_hand_is_unexplained_and_blocks_a_start(
+        tmp_path):
+    from canary.routers.nginx import NginxRouter, render
+    target = nginx_target(tmp_path, ["127.0.0.1:9001"], ["127.0.0.1:9002"], version_probe=None)
+    async with controller(tmp_path, policies=[FAST], target=target,
+                          router=NginxRouter(target)) as (api, _ctl, _t):
+        r = await api.start(canary_version="v2")
+        await api.until(r["id"], lambda x: x["state"] == "succeeded")
+    target.file.write_text(render(target, 0))  # someone sends everything to the old v1 side
+    async with controller(tmp_path, policies=[FAST], target=target,
+                          router=NginxRouter(target)) as (api, ctl, _t):
+        warnings = await ctl.unexplained()
+        assert "left the canary side serving" in warnings["web"]
+        status, data = await api.call("POST", "/api/v1/rollouts",
+                                      {"target": "web", "canary_version": "v3"},
+                                      role="pipeline")
+        assert status == 409 and "carries 0% canary traffic" in data["error"]
+
+
+async def test_drift_and_abort_work_the_same_after_the_sides_have_swapped(tmp_path):
+    from canary.routers.nginx import NginxRouter, render
+    target = nginx_target(tmp_path, ["127.0.0.1:9001"], ["127.0.0.1:9002"], version_probe=None)
+    slow = simple_policy(hold=3600, interval=0.1)
+    async with controller(tmp_path, policies=[FAST], target=target,
+                          router=NginxRouter(target)) as (api, _ctl, _t):
+        r = await api.start(canary_version="v2")
+        await api.until(r["id"], lambda x: x["state"] == "succeeded")
+    async with controller(tmp_path, policies=[slow], target=target,
+                          router=NginxRouter(target)) as (api, _ctl, _t):
+        r = await api.start(canary_version="v3", policy="p")
+        assert r["to_side"] == "stable"
+        await api.until(r["id"], lambda x: x["applied_weight"] == 10)
+        assert parse_weight(target, target.file.read_text()) == 90
+        target.file.write_text(render(target, 50))  # someone edits the split by hand
+        r = await api.until(r["id"], lambda x: x["state"] == "paused")
+        assert r["paused_for"] == "drift" and "carries canary weight 50, expected 10" in r["reason"]
+        status, data = await api.call("POST", f"/api/v1/rollouts/{r['id']}/abort",
+                                      {"reason": "no"}, role="pipeline")
+        assert status == 200, data
+        await api.until(r["id"], lambda x: x["state"] == "rolled_back")
+        assert parse_weight(target, target.file.read_text()) == 100, \
+            "all traffic back on the canary side, which runs v2"
+        _, t = await api.call("GET", "/api/v1/targets/web", role="viewer")
+        assert (t["serving"], t["deploy_to"], t["runs"]) == (
+            "canary", "stable", {"stable": "v3", "canary": "v2"})
