@@ -47,7 +47,7 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
                 signals: bool = True) -> None:
     from canary.api.app import ApiServer, bind, build_app
     from canary.clock import RealClock
-    from canary.config import IstioTarget
+    from canary.config import GatewayTarget, IstioTarget
     from canary.engine.controller import Controller
     from canary.gates.prometheus import CoalescingSource, PrometheusSource
     from canary.routers import Router, for_target
@@ -78,7 +78,8 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
             log.warning(str(e), extra={"target": name})
     workloads: dict[str, Any] = {}
     for name, target in cfg.targets.items():
-        if isinstance(target, IstioTarget) and target.workload is not None and kube_api:
+        if (isinstance(target, IstioTarget | GatewayTarget) and target.workload is not None
+                and kube_api):
             from canary.workload import Workloads
 
             workloads[name] = Workloads(target.namespace, target.workload, kube_api, name)

@@ -182,6 +182,11 @@ class Workload:
         return self
 
 
+_WORKLOAD_RETURNS = ("promotion: a target with a workload hands over with return (the stable "
+                     "Deployment is brought to the new version); remove promotion or set it "
+                     "to return")
+
+
 @dataclass(frozen=True, config=_CONFIG)
 class NginxTarget:
     file: Annotated[Path, WithJsonSchema({"type": "string", "minLength": 1})]
@@ -268,9 +273,7 @@ class IstioTarget:
     @model_validator(mode="after")
     def _workload_returns(self) -> IstioTarget:
         if self.workload is not None and self.promotion == "swap":
-            raise ValueError("promotion: a target with a workload hands over with return "
-                             "(the stable Deployment is brought to the new version); remove "
-                             "promotion or set it to return")
+            raise ValueError(_WORKLOAD_RETURNS)
         return self
 
 
@@ -320,14 +323,18 @@ class GatewayTarget:
     router: Literal["gateway"] = "gateway"
     """gateway: a Gateway API HTTPRoute."""
     name: SkipJsonSchema[str] = ""
-    promotion: Promotion = "swap"
-    """How a release is carried through: swap (default: the sides take turns) or return
-    (traffic goes back to the stable side once the pipeline calls handover)."""
+    promotion: Promotion | None = None
+    """swap or return; default return with a workload (the stable Deployment is brought to
+    the new version), else swap."""
+    workload: Workload | None = None
+    """The Deployment pair canary waits for, scales and hands over."""
 
     @model_validator(mode="after")
     def _sides_apart(self) -> GatewayTarget:
         if self.stable == self.canary:
             raise ValueError("canary: must name another Service or port than stable")
+        if self.workload is not None and self.promotion == "swap":
+            raise ValueError(_WORKLOAD_RETURNS)
         return self
 
 

@@ -219,3 +219,33 @@ async def test_a_canary_deployed_for_the_next_release_is_left_alone_at_start(tmp
             await ctl.start()
             await asyncio.gather(*ctl._idle_tasks)  # the check has run and ended
             assert replicas(kube, "api-canary") == 1
+
+
+async def test_a_gateway_target_with_a_workload_hands_over_like_an_istio_one(tmp_path):
+    """The workload is not tied to a router: on a Gateway API HTTPRoute the release is
+    carried through the same way (canary sized, template copied, traffic returned)."""
+    from canary.routers.gateway import GatewayRouter
+    from tests.test_shapes import ROUTE, gateway_target
+
+    async with cluster(tmp_path, dr=SUBSETS) as (kube, api):
+        await setup(kube)
+        kube.put("httproutes", NS, copy.deepcopy(ROUTE))
+        t = gateway_target(workload=WORKLOAD)
+        router = GatewayRouter(t, api)
+        async with controller(tmp_path, policies=[simple_policy(hold=0.3, interval=0.1)],
+                              target=t, router=router) as (http, ctl, _t):
+            ctl.workloads = {"web": Workloads(NS, WORKLOAD, api, "web")}
+            r = await http.start(canary_version="v2")
+            assert r["promotion"] == "return"
+            r = await http.until(r["id"], lambda x: x["state"] == "succeeded")
+            assert await router.get_weight() == 0, "traffic back on the stable backend"
+            stable = kube.get("deployments", NS, "api-stable")
+            assert stable["spec"]["template"]["spec"]["containers"][0]["image"] == "api:v2"
+
+            async def scaled_down() -> bool:
+                return replicas(kube, "api-canary") == 0
+            await eventually(scaled_down, what="canary Deployment scaled to 0")
+            _, tv = await http.call("GET", "/api/v1/targets/web", role="viewer")
+            assert tv["workload"] == {"stable": "api-stable", "canary": "api-canary"}
+            assert tv["destinations"]["canary"] == {"service": "shop-canary", "port": "8080"}
+        assert kube.invalid == []

@@ -395,12 +395,13 @@ async def one_target(request: web.Request) -> web.Response:
     if isinstance(t, NginxTarget):
         item["servers"] = {"stable": list(t.stable), "canary": list(t.canary)}
         item["version_probe"] = t.version_probe.path if t.version_probe else None
-    elif isinstance(t, GatewayTarget):
-        item["destinations"] = {side: {"service": b.name, "port": str(b.port)}
-                                for side, b in (("stable", t.stable), ("canary", t.canary))}
     else:
-        item["destinations"] = {"stable": {"host": t.stable.host, "subset": t.stable.subset},
-                                "canary": {"host": t.canary.host, "subset": t.canary.subset}}
+        if isinstance(t, GatewayTarget):
+            item["destinations"] = {side: {"service": b.name, "port": str(b.port)}
+                                    for side, b in (("stable", t.stable), ("canary", t.canary))}
+        else:
+            item["destinations"] = {side: {"host": d.host, "subset": d.subset}
+                                    for side, d in (("stable", t.stable), ("canary", t.canary))}
         if t.workload is not None:
             item["workload"] = {"stable": t.workload.stable, "canary": t.workload.canary}
     if active:

@@ -166,7 +166,7 @@ class TargetDetail(BaseModel):
     """GET /api/v1/targets/{name} (interface.md section 5)."""
 
     name: str
-    router: Literal["nginx", "istio"]
+    router: Literal["nginx", "istio", "gateway"]
     policy: str | None
     promotion: Literal["swap", "return"]
     live_weight: int | None = Field(description="the configured canary side's live share "
