@@ -546,3 +546,27 @@ async def test_drift_and_abort_work_the_same_after_the_sides_have_swapped(tmp_pa
         _, t = await api.call("GET", "/api/v1/targets/web", role="viewer")
         assert (t["serving"], t["deploy_to"], t["runs"]) == (
             "canary", "stable", {"stable": "v3", "canary": "v2"})
+
+
+async def test_a_match_stage_policy_after_a_swap_is_refused_with_how_to_fix(tmp_path):
+    """After a swap the next version goes to the configured stable side, but match and
+    mirror stages send their requests to the configured canary side: such a start is
+    refused (400) saying what to change, and nothing is written."""
+    from canary.routers.nginx import NginxRouter
+    from tests.test_shapes import shaped_policy
+
+    target = nginx_target(tmp_path, ["127.0.0.1:9001"], ["127.0.0.1:9002"],
+                          version_probe=None)
+    store = SqliteStore(str(tmp_path / "state.db"))
+    await store.save_sides("web", Sides(serving="canary", stable_runs="v1", canary_runs="v2",
+                                        rollout="r1"))
+    async with controller(tmp_path, policies=[shaped_policy()], target=target,
+                          router=NginxRouter(target), store=store) as (api, _ctl, _t):
+        status, body = await api.call("POST", "/api/v1/rollouts",
+                                      {"target": "web", "canary_version": "v3"},
+                                      role="pipeline")
+        assert status == 400, body
+        assert "promotion: return" in body["error"] and "match or mirror" in body["error"]
+        status, listed = await api.call("GET", "/api/v1/rollouts", role="viewer")
+        assert listed["rollouts"] == []
+    assert not target.file.exists(), "nothing was written to nginx"
