@@ -16,6 +16,7 @@ from dataclasses import field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import yarl
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -300,6 +301,20 @@ NOTIFY_EVENTS: tuple[NotifyEvent, ...] = ("started", "stage", "paused", "approva
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
+def _send_url(value: str) -> str:
+    """A receiver's URL that can be sent to: a host, a port in range. The message never
+    repeats the URL (a chat's incoming-webhook URL is itself a secret)."""
+    try:
+        url = yarl.URL(value)
+        url.port  # noqa: B018 (parses the port, raising when it is out of range)
+    except ValueError as e:
+        raise ValueError(f"is not a URL canary can send to ({e}); write "
+                         "http(s)://HOST[:PORT]/PATH") from None
+    if not url.host or any(c.isspace() for c in url.host):
+        raise ValueError("has no valid host; write http(s)://HOST[:PORT]/PATH")
+    return value
+
+
 @dataclass(frozen=True, config=_CONFIG)
 class Notification:
     """A receiver of rollout events (interface.md section 6): a chat's incoming webhook
@@ -307,7 +322,8 @@ class Notification:
 
     name: Name
     """The receiver's name, unique among notifications (in metrics and logs)."""
-    url: Annotated[str, Field(strict=True, pattern=r"^https?://", max_length=2048)]
+    url: Annotated[str, Field(strict=True, pattern=r"^https?://", max_length=2048),
+                   AfterValidator(_send_url)]
     """http(s) URL messages are POSTed to (a chat's incoming webhook, or any endpoint)."""
     format: Literal["slack", "teams", "webhook"] = "webhook"
     """slack or teams (readable text), or webhook (the rollout's JSON and the event)."""
