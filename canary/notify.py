@@ -433,8 +433,12 @@ class Notifier:
             headers["X-Canary-Signature"] = signature(secret, payload)
         assert self._session is not None
         try:
+            url = rx.send_url()
+        except ValueError as e:
+            raise DeliveryFailed(str(e)) from None
+        try:
             async with asyncio.timeout(rx.timeout):
-                async with self._session.post(rx.url, data=payload, headers=headers,
+                async with self._session.post(url, data=payload, headers=headers,
                                               allow_redirects=False) as resp:
                     answer = (await resp.content.read(SHOWN)).decode("utf-8", "replace")
         except TimeoutError:

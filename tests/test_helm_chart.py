@@ -144,6 +144,9 @@ def test_the_rendered_controller_config_and_policies_pass_canary_validate(tmp_pa
      "at '/policies/fast': additional properties 'name' not allowed"),
     ({"policies": {"my policy": {"stages": [{"weight": 100, "hold": "1m"}]}}},
      "'my policy' does not match pattern"),
+    # a receiver needs url or url_env (its URL from a Secret, through extraEnv)
+    ({"config": {"targets": TARGETS, "notifications": [{"name": "chat"}]}},
+     "missing property 'url_env'"),
 ])
 def test_the_values_schema_refuses_bad_values(values, words):
     chart = helm.Chart.load(str(CHART))

@@ -187,3 +187,26 @@ def test_each_event_a_person_cares_about_has_a_name_receivers_pick_from():
     assert set(NOTIFY_EVENTS) == {c for c in (category(t) for t in (
         "start", "stage", "pause", "approval", "drift", "router_error", "rollback",
         "succeeded", "handover")) if c}
+
+
+async def test_a_receiver_whose_url_is_a_secret_reads_it_from_the_environment(
+        tmp_path, monkeypatch, caplog):
+    """A chat's incoming-webhook URL is itself a secret: `url_env` keeps it out of the
+    config. Messages reach it; the URL is never logged; while the variable is unset the
+    messages wait (retried) and arrive once it is set."""
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.delenv("CANARY_TEST_CHAT_URL", raising=False)
+    async with Receiver() as rx, telling(tmp_path, [
+            Notification(name="chat", url_env="CANARY_TEST_CHAT_URL", format="slack",
+                         events=("started",))]) as (api, _ctl, _t):
+        await api.start(canary_version="v2")
+        async def failed() -> bool:
+            _, text = await api.call("GET", "/metrics", role=None)
+            return metric(text, "canary_notification_failures_total", "chat") >= 1
+        await eventually(failed, what="a failed try while the variable is unset")
+        assert not rx.got
+        monkeypatch.setenv("CANARY_TEST_CHAT_URL", rx.url + "/services/T0/B0/chat-secret-path")
+        await eventually(lambda: _count(rx, 1), what="the message once the URL is set")
+        assert rx.got[0].path == "/services/T0/B0/chat-secret-path"
+    assert "chat-secret-path" not in caplog.text
+    assert "CANARY_TEST_CHAT_URL (the URL) is not set" in caplog.text
