@@ -588,12 +588,25 @@ async def watch_rollout(request: web.Request) -> web.StreamResponse:
                                            "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
+        stream = resp
+
+        async def send(data: bytes) -> None:
+            """A write that cannot go out within WRITE_TIMEOUT (a client that stopped
+            reading) ends the stream: it would otherwise hold its place forever."""
+            try:
+                async with asyncio.timeout(watch.WRITE_TIMEOUT):
+                    await stream.write(data)
+            except TimeoutError:
+                if request.transport is not None:
+                    request.transport.abort()
+                raise ConnectionResetError("the watcher stopped reading") from None
+
         latest = hub.offer(r)
         sent = -1
         while True:
             if latest.version > sent:
-                await resp.write(f"event: rollout\nid: {latest.version}\ndata: {latest.data}"
-                                 "\n\n".encode())
+                await send(f"event: rollout\nid: {latest.version}\ndata: {latest.data}"
+                           "\n\n".encode())
                 sent = latest.version
                 if latest.final:
                     break
@@ -608,10 +621,15 @@ async def watch_rollout(request: web.Request) -> web.StreamResponse:
                     latest = hub.offer(await ctl.store.load(rid))
                     if latest.version > sent:
                         continue
-                await resp.write(b": heartbeat\n\n")
+                await send(b": heartbeat\n\n")
             ev.clear()
             latest = hub.latest(rid) or latest
-        await resp.write_eof()
+        try:
+            async with asyncio.timeout(watch.WRITE_TIMEOUT):
+                await resp.write_eof()
+        except TimeoutError:
+            if request.transport is not None:
+                request.transport.abort()
         return resp
     except ConnectionError:  # the watcher went away: nothing to answer, nothing to log
         if resp is None:
