@@ -358,15 +358,26 @@ class Notifier:
 
     async def _tell(self) -> None:
         """Finished rollouts' post-rollout and rollback hooks, each told until it answers
-        2xx (its own timeout and retries per try, backoff between tries)."""
+        2xx (its own timeout and retries per try, backoff between tries). The backoff is
+        each rollout's own: a hook that keeps failing never holds back another rollout's."""
         wake = self._wake[TOLD]
-        failures = 0
+        failures: dict[str, int] = {}
+        retry_at: dict[str, float] = {}
         while True:
             if not self._told:
+                failures.clear()
+                retry_at.clear()
                 await wake.wait()
                 wake.clear()
                 continue
-            rollout_id = next(iter(self._told))
+            now = self.clock.now()
+            rollout_id = next((x for x in self._told if retry_at.get(x, now) <= now), None)
+            if rollout_id is None:  # every one is backing off: until the first is due
+                for x in [x for x in retry_at if x not in self._told]:  # (given up)
+                    retry_at.pop(x)
+                    failures.pop(x, None)
+                await self.clock.sleep(min(retry_at.values()) - now, wake)
+                continue
             try:
                 r = await self.store.load(rollout_id)
                 tgt = self.targets.get(r.target)
@@ -385,18 +396,20 @@ class Notifier:
             except NotFound:
                 pass
             except (DeliveryFailed, TransientError) as e:
-                failures += 1
+                failures[rollout_id] = n = failures.get(rollout_id, 0) + 1
                 self.metrics.notify_failures.labels(TOLD).inc()
-                delay = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (failures - 1))
+                delay = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (n - 1))
                 log.warning(f"{e}; retrying in {delay:.1f}s", extra={"rollout": rollout_id})
+                retry_at[rollout_id] = self.clock.now() + delay
                 self._told.move_to_end(rollout_id)
-                await self.clock.sleep(delay)
                 continue
             except Exception:
                 log.exception("telling hooks failed", extra={"rollout": rollout_id})
-                await self.clock.sleep(BACKOFF_CAP)
+                retry_at[rollout_id] = self.clock.now() + BACKOFF_CAP
+                self._told.move_to_end(rollout_id)
                 continue
-            failures = 0
+            failures.pop(rollout_id, None)
+            retry_at.pop(rollout_id, None)
             self._told.pop(rollout_id, None)
 
     async def _drain(self, rx: Notification, rollout_id: str) -> bool:
