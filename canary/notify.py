@@ -325,20 +325,39 @@ class Notifier:
             await self.clock.sleep(max(0.5, min(self.reminder / 4, 30.0)))
 
     async def _deliver(self, rx: Notification) -> None:
+        """Every rollout's messages to `rx`, each rollout's in order. A failure backs off the
+        receiver (one try at a time while it is down) and that rollout (its own retry
+        time): a message the receiver keeps refusing never holds back other rollouts'."""
         backlog, wake = self._backlog[rx.name], self._wake[rx.name]
         failures = 0
+        tries: dict[str, int] = {}
+        retry_at: dict[str, float] = {}
         while True:
             if not backlog:
+                tries.clear()
+                retry_at.clear()
                 await wake.wait()
                 wake.clear()
                 continue
-            rollout_id = next(iter(backlog))
+            now = self.clock.now()
+            rollout_id = next((x for x in backlog if retry_at.get(x, now) <= now), None)
+            if rollout_id is None:  # every one is waiting for its retry: until the first
+                for x in [x for x in retry_at if x not in backlog]:  # (given up)
+                    retry_at.pop(x)
+                    tries.pop(x, None)
+                await self.clock.sleep(min(retry_at.values()) - now, wake)
+                continue
             try:
                 done = await self._drain(rx, rollout_id)
             except asyncio.CancelledError:
                 raise
             except (DeliveryFailed, TransientError) as e:
                 failures += 1
+                tries[rollout_id] = n = tries.get(rollout_id, 0) + 1
+                retry_at[rollout_id] = self.clock.now() + min(
+                    BACKOFF_CAP, BACKOFF_FIRST * 2 ** (n - 1))
+                if rollout_id in backlog:
+                    backlog.move_to_end(rollout_id)  # the other rollouts' turn first
                 self.metrics.notify_failures.labels(rx.name).inc()
                 delay = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (failures - 1))
                 delay *= random.uniform(0.8, 1.2)
@@ -351,6 +370,8 @@ class Notifier:
                 await self.clock.sleep(BACKOFF_CAP)
                 continue
             failures = 0
+            tries.pop(rollout_id, None)
+            retry_at.pop(rollout_id, None)
             backlog.pop(rollout_id, None)
             if not done:
                 backlog[rollout_id] = None  # more to send: after the other rollouts' turn
