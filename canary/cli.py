@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import calendar
 import contextlib
 import json
 import logging
@@ -625,7 +626,8 @@ def ago(stamp: str | None, now: float) -> str:
     if not stamp:
         return "-"
     try:
-        at = time.mktime(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+        # (API times are UTC: timegm, not mktime, which reads them as local time)
+        at = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
     except ValueError:
         return escape(stamp)
     d = max(0.0, now - at)

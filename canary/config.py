@@ -16,6 +16,7 @@ from dataclasses import field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import yarl
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -391,15 +392,33 @@ NOTIFY_EVENTS: tuple[NotifyEvent, ...] = ("started", "stage", "paused", "approva
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
-@dataclass(frozen=True, config=_CONFIG)
+def _send_url(value: str) -> str:
+    """A receiver's URL that can be sent to: a host, a port in range. The message never
+    repeats the URL (a chat's incoming-webhook URL is itself a secret)."""
+    try:
+        url = yarl.URL(value)
+        url.port  # noqa: B018 (parses the port, raising when it is out of range)
+    except ValueError as e:
+        raise ValueError(f"is not a URL canary can send to ({e}); write "
+                         "http(s)://HOST[:PORT]/PATH") from None
+    if not url.host or any(c.isspace() for c in url.host):
+        raise ValueError("has no valid host; write http(s)://HOST[:PORT]/PATH")
+    return value
+
+
+@dataclass(frozen=True, config=ConfigDict(
+    extra="forbid", use_attribute_docstrings=True,
+    json_schema_extra={"oneOf": [{"required": ["url"]}, {"required": ["url_env"]}]}))
 class Notification:
     """A receiver of rollout events (interface.md section 6): a chat's incoming webhook
     (slack, teams) or any HTTP endpoint (webhook: the rollout's JSON and the event)."""
 
     name: Name
     """The receiver's name, unique among notifications (in metrics and logs)."""
-    url: Annotated[str, Field(strict=True, pattern=r"^https?://", max_length=2048)]
-    """http(s) URL messages are POSTed to (a chat's incoming webhook, or any endpoint)."""
+    url: Annotated[str, Field(strict=True, pattern=r"^https?://", max_length=2048),
+                   AfterValidator(_send_url)] | None = None
+    """http(s) URL messages are POSTed to (a chat's incoming webhook, or any endpoint).
+    One of url and url_env."""
     format: Literal["slack", "teams", "webhook"] = "webhook"
     """slack or teams (readable text), or webhook (the rollout's JSON and the event)."""
     events: Annotated[tuple[NotifyEvent, ...], Field(min_length=1)] = NOTIFY_EVENTS
@@ -409,6 +428,31 @@ class Notification:
     X-Canary-Signature."""
     timeout: policy_mod.PositiveDuration = 10.0
     """How long one delivery attempt may take (default 10s)."""
+    url_env: Annotated[str, Field(strict=True, pattern=_ENV_NAME)] | None = None
+    """Environment variable holding the URL, instead of url: a chat's incoming-webhook URL
+    is a secret, kept out of the config (read when sending, never logged)."""
+
+    @model_validator(mode="after")
+    def _one_url(self) -> Notification:
+        if (self.url is None) == (self.url_env is None):
+            raise ValueError("give url, or url_env naming the environment variable that "
+                             "holds it (for a URL that is a secret), not both")
+        return self
+
+    def send_url(self) -> str:
+        """Where messages go now: url, or url_env's value (DeliveryFailed-worthy
+        ValueError naming only the variable when it is unset or not a URL)."""
+        if self.url is not None:
+            return self.url
+        assert self.url_env is not None
+        value = os.environ.get(self.url_env, "")
+        if not re.match(r"^https?://", value):
+            raise ValueError(f"environment variable {self.url_env} (the URL) is "
+                             + ("not set" if not value else "not an http(s):// URL"))
+        try:
+            return _send_url(value)
+        except ValueError as e:
+            raise ValueError(f"environment variable {self.url_env}: the URL {e}") from None
 
 
 @std_dataclass(frozen=True)
@@ -605,6 +649,7 @@ CONFIG_MESSAGES = {
     "events": f"must be a non-empty list of: {', '.join(NOTIFY_EVENTS)}",
     "events[]": f"{{value}} is not an event type; use one of {', '.join(NOTIFY_EVENTS)}",
     "secret_env": "must name an environment variable (letters, digits and _)",
+    "url_env": "must name an environment variable (letters, digits and _)",
     "notifications": "must be a list of receivers, each with name and url",
     "approval_reminder": "must be a duration like 30m: how often a waiting approval is "
                          "announced again",
@@ -712,6 +757,15 @@ class _Resolver:
                     self.problem(("notifications", i, "name"),
                                  f"receiver name {name!r} is used twice; give each its own")
                 seen.add(name)
+            env = n.get("url_env")
+            if isinstance(env, str) and re.fullmatch(_ENV_NAME[1:-1], env) \
+                    and "url" not in n:
+                try:
+                    Notification(name="x", url_env=env).send_url()
+                except ValueError as e:
+                    self.problem(("notifications", i, "url_env"),
+                                 f"{e}; export it with the receiver's URL before starting "
+                                 "canary")
             env = n.get("secret_env")
             if isinstance(env, str) and re.fullmatch(_ENV_NAME[1:-1], env) \
                     and not os.environ.get(env):

@@ -325,20 +325,39 @@ class Notifier:
             await self.clock.sleep(max(0.5, min(self.reminder / 4, 30.0)))
 
     async def _deliver(self, rx: Notification) -> None:
+        """Every rollout's messages to `rx`, each rollout's in order. A failure backs off the
+        receiver (one try at a time while it is down) and that rollout (its own retry
+        time): a message the receiver keeps refusing never holds back other rollouts'."""
         backlog, wake = self._backlog[rx.name], self._wake[rx.name]
         failures = 0
+        tries: dict[str, int] = {}
+        retry_at: dict[str, float] = {}
         while True:
             if not backlog:
+                tries.clear()
+                retry_at.clear()
                 await wake.wait()
                 wake.clear()
                 continue
-            rollout_id = next(iter(backlog))
+            now = self.clock.now()
+            rollout_id = next((x for x in backlog if retry_at.get(x, now) <= now), None)
+            if rollout_id is None:  # every one is waiting for its retry: until the first
+                for x in [x for x in retry_at if x not in backlog]:  # (given up)
+                    retry_at.pop(x)
+                    tries.pop(x, None)
+                await self.clock.sleep(min(retry_at.values()) - now, wake)
+                continue
             try:
                 done = await self._drain(rx, rollout_id)
             except asyncio.CancelledError:
                 raise
             except (DeliveryFailed, TransientError) as e:
                 failures += 1
+                tries[rollout_id] = n = tries.get(rollout_id, 0) + 1
+                retry_at[rollout_id] = self.clock.now() + min(
+                    BACKOFF_CAP, BACKOFF_FIRST * 2 ** (n - 1))
+                if rollout_id in backlog:
+                    backlog.move_to_end(rollout_id)  # the other rollouts' turn first
                 self.metrics.notify_failures.labels(rx.name).inc()
                 delay = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (failures - 1))
                 delay *= random.uniform(0.8, 1.2)
@@ -351,6 +370,8 @@ class Notifier:
                 await self.clock.sleep(BACKOFF_CAP)
                 continue
             failures = 0
+            tries.pop(rollout_id, None)
+            retry_at.pop(rollout_id, None)
             backlog.pop(rollout_id, None)
             if not done:
                 backlog[rollout_id] = None  # more to send: after the other rollouts' turn
@@ -358,15 +379,26 @@ class Notifier:
 
     async def _tell(self) -> None:
         """Finished rollouts' post-rollout and rollback hooks, each told until it answers
-        2xx (its own timeout and retries per try, backoff between tries)."""
+        2xx (its own timeout and retries per try, backoff between tries). The backoff is
+        each rollout's own: a hook that keeps failing never holds back another rollout's."""
         wake = self._wake[TOLD]
-        failures = 0
+        failures: dict[str, int] = {}
+        retry_at: dict[str, float] = {}
         while True:
             if not self._told:
+                failures.clear()
+                retry_at.clear()
                 await wake.wait()
                 wake.clear()
                 continue
-            rollout_id = next(iter(self._told))
+            now = self.clock.now()
+            rollout_id = next((x for x in self._told if retry_at.get(x, now) <= now), None)
+            if rollout_id is None:  # every one is backing off: until the first is due
+                for x in [x for x in retry_at if x not in self._told]:  # (given up)
+                    retry_at.pop(x)
+                    failures.pop(x, None)
+                await self.clock.sleep(min(retry_at.values()) - now, wake)
+                continue
             try:
                 r = await self.store.load(rollout_id)
                 tgt = self.targets.get(r.target)
@@ -385,18 +417,20 @@ class Notifier:
             except NotFound:
                 pass
             except (DeliveryFailed, TransientError) as e:
-                failures += 1
+                failures[rollout_id] = n = failures.get(rollout_id, 0) + 1
                 self.metrics.notify_failures.labels(TOLD).inc()
-                delay = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (failures - 1))
+                delay = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (n - 1))
                 log.warning(f"{e}; retrying in {delay:.1f}s", extra={"rollout": rollout_id})
+                retry_at[rollout_id] = self.clock.now() + delay
                 self._told.move_to_end(rollout_id)
-                await self.clock.sleep(delay)
                 continue
             except Exception:
                 log.exception("telling hooks failed", extra={"rollout": rollout_id})
-                await self.clock.sleep(BACKOFF_CAP)
+                retry_at[rollout_id] = self.clock.now() + BACKOFF_CAP
+                self._told.move_to_end(rollout_id)
                 continue
-            failures = 0
+            failures.pop(rollout_id, None)
+            retry_at.pop(rollout_id, None)
             self._told.pop(rollout_id, None)
 
     async def _drain(self, rx: Notification, rollout_id: str) -> bool:
@@ -433,8 +467,12 @@ class Notifier:
             headers["X-Canary-Signature"] = signature(secret, payload)
         assert self._session is not None
         try:
+            url = rx.send_url()
+        except ValueError as e:
+            raise DeliveryFailed(str(e)) from None
+        try:
             async with asyncio.timeout(rx.timeout):
-                async with self._session.post(rx.url, data=payload, headers=headers,
+                async with self._session.post(url, data=payload, headers=headers,
                                               allow_redirects=False) as resp:
                     answer = (await resp.content.read(SHOWN)).decode("utf-8", "replace")
         except TimeoutError:

@@ -4,6 +4,9 @@ back; resolved or unmatched alerts change nothing."""
 
 from __future__ import annotations
 
+import io
+import json
+
 import pytest
 
 from canary.policy import AlertRule
@@ -171,3 +174,38 @@ async def test_a_real_alertmanager_alert_rolls_a_faulty_canary_back(tmp_path):
     finally:
         am.stop()
         await pg.stop()
+
+
+def _sized_alert(i: int) -> dict:
+    """An alert as Alertmanager sends one: its generatorURL carries the rule's expression."""
+    a = alert(service=f"svc-{i}", version="v2", severity="page", pod=f"svc-{i}-7d9f8-x{i}")
+    a["generatorURL"] = "http://prometheus:9090/graph?g0.expr=" + "sum%28rate%28" * 30
+    return a
+
+
+async def test_an_alertmanager_message_of_hundreds_of_alerts_is_read_not_refused(tmp_path):
+    """Alertmanager groups alerts into one message; a group of a few hundred (some 150 KiB)
+    refused with 413 would never be sent again (Alertmanager retries only 5xx), and the
+    matching alert would never roll back. Up to 1 MiB is read; other bodies keep 64 KiB."""
+    async with controller(tmp_path, policies=[simple_policy(hold=3600, alerts=(RULE,))]) \
+            as (api, _ctl, _t):
+        r = await api.start(canary_version="v2")
+        big = payload(*[_sized_alert(i) for i in range(300)], alert(service="web"))
+        raw = json.dumps(big).encode()
+        assert 128 * 1024 < len(raw) < 1024 * 1024
+        status, data = await api.call("POST", "/api/v1/alerts", raw=raw, role="pipeline")
+        assert status == 200 and data == {"rolled_back": [r["id"]]}, data
+        await api.until(r["id"], lambda x: x["state"] == "rolled_back")
+        too_big = json.dumps(payload(*[_sized_alert(i) for i in range(3000)])).encode()
+        status, data = await api.call("POST", "/api/v1/alerts", raw=io.BytesIO(too_big),
+                                      role="pipeline")
+        assert status == 413 and "1048576" in data["error"], data
+        status, data = await api.call("POST", "/api/v1/rollouts", raw=raw, role="pipeline")
+        assert status == 413 and "65536" in data["error"], data
+
+        async def chunks():  # no Content-Length: the limit holds as the body arrives
+            for _ in range(4):
+                yield raw[:40_000]
+        status, data = await api.call("POST", "/api/v1/rollouts", raw=chunks(),
+                                      role="pipeline")
+        assert status == 413 and "65536" in data["error"], data

@@ -108,3 +108,17 @@ def test_version_and_completion_scripts(tmp_path):
     assert bad.returncode == 2 and "tcsh" in bad.stderr
 
 
+
+
+def test_relative_times_are_right_in_a_timezone_on_summer_time():
+    """API times are UTC: a rollout updated 5 minutes ago reads "5m ago" wherever the
+    terminal is, also in a timezone on daylight saving time (Sydney in November, New
+    York in July), where reading the time as local and correcting by the standard offset
+    was an hour off."""
+    probe = ("from canary.cli import ago; "
+             "print(ago('2026-11-25T08:40:00.000Z', now=1795596000.0 + 300), "
+             "ago('2026-07-01T12:00:00.000Z', now=1782907200.0 + 300))")
+    for tz in ("UTC", "Australia/Sydney", "America/New_York", "Europe/Berlin"):
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                             check=True, env={"TZ": tz, "PATH": "/usr/bin:/bin"}).stdout
+        assert out.split() == ["5m", "ago", "5m", "ago"], (tz, out)

@@ -146,6 +146,9 @@ def test_the_rendered_controller_config_and_policies_pass_canary_validate(tmp_pa
      "at '/policies/fast': additional properties 'name' not allowed"),
     ({"policies": {"my policy": {"stages": [{"weight": 100, "hold": "1m"}]}}},
      "'my policy' does not match pattern"),
+    # a receiver needs url or url_env (its URL from a Secret, through extraEnv)
+    ({"config": {"targets": TARGETS, "notifications": [{"name": "chat"}]}},
+     "missing property 'url_env'"),
 ])
 def test_the_values_schema_refuses_bad_values(values, words):
     chart = helm.Chart.load(str(CHART))
@@ -334,3 +337,30 @@ def test_the_dashboard_and_alerts_are_off_by_default_and_render_when_asked(tmp_p
         check = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True,
                                text=True)
         assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_secrets_the_config_names_reach_the_pod_from_a_secret():
+    """A notification's secret_env and Prometheus's basic_auth.password_env name an
+    environment variable: the chart puts it in the container from a Secret (extraEnv,
+    envFrom), so the secret is in neither the values nor the config's ConfigMap."""
+    values = {"config": {"targets": TARGETS,
+                         "notifications": [{"name": "ops", "url": "https://ops.internal/c",
+                                            "secret_env": "CANARY_NOTIFY_SECRET"}]},
+              "extraEnv": [{"name": "CANARY_NOTIFY_SECRET", "valueFrom": {
+                  "secretKeyRef": {"name": "canary-notify", "key": "hmac"}}}],
+              "envFrom": [{"secretRef": {"name": "canary-prometheus"}}]}
+    docs = render(values)
+    for doc in docs:
+        if doc["kind"] != "ServiceMonitor":
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    c = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+    assert values["extraEnv"][0] in c["env"]
+    assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} \
+        in c["env"]
+    assert c["envFrom"] == values["envFrom"]
+    assert not helm.lint(str(CHART), values, strict=True)["errors"]
+    assert "envFrom" not in by_kind(render(VARIANTS["default"]), "Deployment")[0]["spec"][
+        "template"]["spec"]["containers"][0]
+    with pytest.raises(helm.HelmError) as e:
+        render({"config": {"targets": TARGETS}, "extraEnv": [{"value": "x"}]})
+    assert "name" in str(e.value)

@@ -12,11 +12,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from aiohttp import web
+
 from canary.config import Notification
 from canary.demo.procs import Blackhole
 from canary.notify import Notifier
 from tests.helpers import controller, eventually, simple_policy
-from tests.receivers import Receiver
+from tests.receivers import Received, Receiver
 
 
 @asynccontextmanager
@@ -187,3 +189,67 @@ def test_each_event_a_person_cares_about_has_a_name_receivers_pick_from():
     assert set(NOTIFY_EVENTS) == {c for c in (category(t) for t in (
         "start", "stage", "pause", "approval", "drift", "router_error", "rollback",
         "succeeded", "handover")) if c}
+
+
+async def test_a_receiver_whose_url_is_a_secret_reads_it_from_the_environment(
+        tmp_path, monkeypatch, caplog):
+    """A chat's incoming-webhook URL is itself a secret: `url_env` keeps it out of the
+    config. Messages reach it; the URL is never logged; while the variable is unset the
+    messages wait (retried) and arrive once it is set."""
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.delenv("CANARY_TEST_CHAT_URL", raising=False)
+    async with Receiver() as rx, telling(tmp_path, [
+            Notification(name="chat", url_env="CANARY_TEST_CHAT_URL", format="slack",
+                         events=("started",))]) as (api, _ctl, _t):
+        await api.start(canary_version="v2")
+        async def failed() -> bool:
+            _, text = await api.call("GET", "/metrics", role=None)
+            return metric(text, "canary_notification_failures_total", "chat") >= 1
+        await eventually(failed, what="a failed try while the variable is unset")
+        assert not rx.got
+        monkeypatch.setenv("CANARY_TEST_CHAT_URL", rx.url + "/services/T0/B0/chat-secret-path")
+        await eventually(lambda: _count(rx, 1), what="the message once the URL is set")
+        assert rx.got[0].path == "/services/T0/B0/chat-secret-path"
+    assert "chat-secret-path" not in caplog.text
+    assert "CANARY_TEST_CHAT_URL (the URL) is not set" in caplog.text
+
+
+class Refusing(Receiver):
+    """Refuses (400, as a chat refuses a payload it cannot take) every message about one
+    rollout, and takes the others."""
+
+    refused: str = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if self.refused and self.refused.encode() in body:
+            return web.Response(status=400, text="invalid_payload")
+        self.got.append(Received(request.path, dict(request.headers), body))
+        return web.Response(text="ok")
+
+
+async def test_a_message_the_receiver_refuses_does_not_block_other_rollouts_messages(tmp_path):
+    """A receiver refusing one rollout's message (a 4xx that retrying will not change)
+    used to be asked that message again and again first: no other rollout's message
+    reached it ever again. That rollout's messages wait (in order, still retried); the
+    other rollouts' messages go on."""
+    rx = Refusing()
+    async with rx, telling(tmp_path, [Notification(name="chat", url=rx.url, format="slack",
+                                                   events=("started", "rolled_back"))],
+                           hold=3600) as (api, _ctl, _t):
+        stuck = await api.start(canary_version="v2")
+        rx.refused = stuck["id"]
+
+        async def failed() -> bool:
+            _, text = await api.call("GET", "/metrics", role=None)
+            return metric(text, "canary_notification_failures_total", "chat") >= 1
+        await eventually(failed, what="the refused message tried")
+        await api.call("POST", f"/api/v1/rollouts/{stuck['id']}/abort", {"reason": "next"},
+                       role="pipeline")
+        await api.until(stuck["id"], lambda x: x["state"] == "rolled_back")
+        other = await api.start(canary_version="v3")
+
+        async def other_told() -> bool:
+            return any(other["id"] in x.body.decode() for x in rx.got)
+        await eventually(other_told, deadline=20, what="the other rollout's message")
+        assert not any(stuck["id"] in x.body.decode() for x in rx.got)

@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import json
 import math
+import socket
 from typing import Any
 
 import aiohttp
@@ -313,4 +314,42 @@ async def test_a_scoped_token_sees_no_readings_or_watch_of_a_rollout_out_of_its_
             assert body == {"error": not_there["error"].replace(unknown, web_id)}, \
                 "out of scope answers exactly as an unknown id"
         status, me = await api.call("GET", "/api/v1/whoami", token=SHOP_TOKEN)
-        assert status == 200 and me["targets"] == ["shop-*"] and me["may"] == ["start", "abort", "handover"]
+        assert status == 200 and me["targets"] == ["shop-*"] and me["may"] == ["start", "abort",
+                                                                             "handover"]
+
+
+async def test_a_watcher_that_stops_reading_does_not_hold_its_stream_forever(tmp_path,
+                                                                            monkeypatch, caplog):
+    """A client that opens a watch and never reads (its socket buffers full) used to hold
+    the handler in a write forever, past the rollout's end: 2,000 of them would take
+    every stream for good. A write that cannot go out within WRITE_TIMEOUT ends the
+    stream, and the place is free for a watcher that reads."""
+    from canary.api import watch
+
+    monkeypatch.setattr(watch, "WRITE_TIMEOUT", 0.5)
+    async with controller(tmp_path, policies=[simple_policy(hold=3600)],
+                          heartbeat=0.05) as (api, ctl, _t):
+        rid = (await api.start(canary_version="v2"))["id"]
+        hub = ctl.listeners[0].__self__
+        host, port = api.base.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        sock.sendall(f"GET /api/v1/rollouts/{rid}/watch HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {TOKENS['viewer']}\r\n\r\n".encode())
+        try:
+            await eventually(lambda: _ready(hub.count() == 1), what="the stream open")
+            for i in range(120):  # changes, each sending the whole (growing) rollout
+                kind = "pause" if i % 2 == 0 else "resume"
+                status, _ = await api.call("POST", f"/api/v1/rollouts/{rid}/{kind}",
+                                           {"reason": f"{kind} {i} " + "x" * 900})
+                assert status == 200
+            await api.call("POST", f"/api/v1/rollouts/{rid}/abort", {"reason": "done"})
+            await eventually(lambda: _ready(hub.count() == 0),
+                             what="the stream of the client that never reads ended")
+            monkeypatch.setattr(watch, "MAX_WATCHERS", 1)
+            seen = await events(api, rid)
+            assert seen[-1]["state"] == "rolled_back", "a reading watcher gets the place"
+        finally:
+            sock.close()
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]

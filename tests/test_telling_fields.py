@@ -87,10 +87,12 @@ notifications:
 def test_notifications_are_read_from_the_config(tmp_path, monkeypatch):
     from canary import config as config_mod
     monkeypatch.setenv("CANARY_TEST_SECRET", "s3cret")
+    monkeypatch.setenv("CANARY_TEST_CHAT_URL", "https://chat.example/T0/secret-path")
     (tmp_path / "pol.yaml").write_text(POLICY)
-    (tmp_path / "canary.yaml").write_text(CONFIG)
+    (tmp_path / "canary.yaml").write_text(CONFIG + "  - {name: chat2, url_env: CANARY_TEST_CHAT_URL}\n")
     cfg = config_mod.load_file(tmp_path / "canary.yaml")
-    chat, ops = cfg.notifications
+    chat, ops, chat2 = cfg.notifications
+    assert chat2.send_url() == "https://chat.example/T0/secret-path" and chat2.url is None
     assert (chat.format, chat.events) == ("slack", ("rolled_back", "paused", "approval"))
     assert ops.format == "webhook" and ops.events == config_mod.NOTIFY_EVENTS
     assert ops.secret_env == "CANARY_TEST_SECRET" and "s3cret" not in repr(cfg)
@@ -103,7 +105,23 @@ def test_notifications_are_read_from_the_config(tmp_path, monkeypatch):
      "8: notifications[0].events[1]: 'everything' is not an event type"),
     (("url: \"https://chat.example/hooks/T0/B0\"", "url: chat"),
      "7: notifications[0].url: must start with http:// or https://"),
+    (("url: \"https://chat.example/hooks/T0/B0\"", "url: \"https://chat.example:99999/T0/B0\""),
+     "7: notifications[0].url: is not a URL canary can send to (Port out of range"),
+    (("url: \"https://chat.example/hooks/T0/B0\"", "url: \"https://[::1/hooks/T0/B0\""),
+     "7: notifications[0].url: is not a URL canary can send to (Invalid IPv6 URL"),
+    (("url: \"https://chat.example/hooks/T0/B0\"", "url: \"https:///hooks/T0/B0\""),
+     "7: notifications[0].url: has no valid host"),
     (("name: ops", "name: chat"), "9: notifications[1].name: receiver name 'chat' is used twice"),
+    (("url: \"https://chat.example/hooks/T0/B0\"", "url_env: CANARY_TEST_UNSET_URL"),
+     "7: notifications[0].url_env: environment variable CANARY_TEST_UNSET_URL (the URL) is not "
+     "set; export it"),
+    (("url: \"https://chat.example/hooks/T0/B0\"", "url_env: CANARY_TEST_BAD_URL"),
+     "7: notifications[0].url_env: environment variable CANARY_TEST_BAD_URL: the URL is not a "
+     "URL canary can send to (Port out of range"),
+    (("url: \"https://chat.example/hooks/T0/B0\"",
+      "url: \"https://chat.example/a\", url_env: CANARY_TEST_CHAT_URL"),
+     "7: notifications[0]: give url, or url_env"),
+    (("url: \"https://chat.example/hooks/T0/B0\", ", ""), "7: notifications[0]: give url, or url_env"),
     (("CANARY_TEST_SECRET", "CANARY_TEST_UNSET_SECRET"),
      "9: notifications[1].secret_env: environment variable CANARY_TEST_UNSET_SECRET is not set"),
 ])
@@ -111,6 +129,10 @@ def test_bad_notification_fields_are_named_with_how_to_fix_them(tmp_path, monkey
                                                                   expected):
     monkeypatch.setenv("CANARY_TEST_SECRET", "s3cret")
     monkeypatch.delenv("CANARY_TEST_UNSET_SECRET", raising=False)
+    monkeypatch.delenv("CANARY_TEST_UNSET_URL", raising=False)
+    monkeypatch.setenv("CANARY_TEST_BAD_URL", "https://chat.example:99999/T0/secret-path")
+    monkeypatch.setenv("CANARY_TEST_CHAT_URL", "https://chat.example/T0/secret-path")
     (tmp_path / "pol.yaml").write_text(POLICY)
     found = validate(tmp_path, "canary.yaml", CONFIG.replace(*change))
     assert found and found[0].startswith(expected), found
+    assert "secret-path" not in "\n".join(found), "the URL is a secret: never repeated"

@@ -195,3 +195,30 @@ async def test_a_told_hook_that_fails_is_told_again_until_it_answers_2xx(tmp_pat
         await eventually(told, deadline=60, what="told once it answers 2xx")
         stored = await ctl.store.load(r["id"])
         assert stored.delivered.get("hook:back") == 1, "recorded: not told again"
+
+
+async def test_a_failing_told_hook_does_not_hold_back_another_rollouts(tmp_path, monkeypatch):
+    """Told hooks of every rollout share one queue: a rollback hook whose endpoint is down
+    backs off (here 30 s) for its own rollout only; another rollout's post-rollout hook,
+    due meanwhile, is told at once, not after the other's backoff."""
+    from canary import notify
+
+    monkeypatch.setattr(notify, "BACKOFF_FIRST", 30.0)
+    down = Receiver(status=503, text="down")
+    async with down, Receiver() as done, controller(tmp_path, policies=[simple_policy(
+            hold=0.3, webhooks=(hook("rollback", down.url, name="back", timeout=0.5),
+                                hook("post-rollout", done.url, name="done")))]) \
+            as (api, _ctl, _t):
+        bad = await api.start(canary_version="v2")
+        await api.call("POST", f"/api/v1/rollouts/{bad['id']}/abort", {"reason": "no"},
+                       role="pipeline")
+
+        async def backing_off() -> bool:  # (counted as its try fails, before the backoff)
+            _, text = await api.call("GET", "/metrics", role=None)
+            return 'canary_notification_failures_total{receiver="hook:"} 1.0' in text
+        await eventually(backing_off, what="the rollback hook failed, backing off")
+        ok = await api.start(canary_version="v3")
+        await api.until(ok["id"], lambda x: x["state"] == "succeeded")
+        await eventually(lambda: _has(done), deadline=10,
+                         what="the other rollout's post-rollout hook told during the backoff")
+        assert done.got[0].json["id"] == ok["id"]

@@ -45,6 +45,10 @@ ACTOR = web.RequestKey("actor", str)
 REASON = web.RequestKey("reason", str)
 ROLLOUT = web.RequestKey("rollout", str)
 MAX_BODY = 64 * 1024
+# Alertmanager sends a whole group of alerts in one message, and does not send again a
+# message refused with a 4xx: its endpoint reads more (the parsing runs off the control loop)
+MAX_ALERTS_BODY = 1024 * 1024
+BODY_LIMITS = {"/api/v1/alerts": MAX_ALERTS_BODY}
 MAX_DEPTH = 64  # nesting of arrays and objects in a body
 BODY_TIMEOUT = web.AppKey("body_timeout", float)
 MAX_READS = 32    # API reads in flight at once (GET); more are refused with 503
@@ -203,7 +207,7 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         response.headers["Retry-After"] = "5"
         return response
     except web.HTTPRequestEntityTooLarge:
-        return error(413, f"request body is larger than {MAX_BODY} bytes")
+        return error(413, f"request body is larger than {body_limit(request)} bytes")
     except web.HTTPException as e:
         if e.status >= 400:
             return error(e.status, e.reason or "error")
@@ -213,14 +217,23 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return error(500, "internal error; the controller log has the details")
 
 
+def body_limit(request: web.Request) -> int:
+    """How many bytes a body to this path may have (MAX_BODY but for BODY_LIMITS)."""
+    return BODY_LIMITS.get(request.path, MAX_BODY)
+
+
 async def read_body(request: web.Request) -> bytes:
-    """The raw body, at most MAX_BODY bytes, arriving within BODY_TIMEOUT (read once,
+    """The raw body, at most body_limit bytes, arriving within BODY_TIMEOUT (read once,
     then kept by the request)."""
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=request.content_length)
+    limit = body_limit(request)
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
     try:
         async with asyncio.timeout(request.app[BODY_TIMEOUT]):
-            return await request.read()
+            raw = await request.read()  # (at most the app's client_max_size, the largest)
+        if len(raw) > limit:  # a body sent without a Content-Length
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(raw))
+        return raw
     except TimeoutError:
         raise SlowClient(f"the request body did not arrive within "
                          f"{request.app[BODY_TIMEOUT]:g}s") from None
@@ -526,15 +539,19 @@ async def create_rollout(request: web.Request) -> web.Response:
     return json_response(r.to_api(), status=201)
 
 
+@on_api_thread
 async def alerts(request: web.Request) -> web.Response:
     """Alertmanager's webhook (interface.md section 6): firing alerts that match an active
-    rollout's policy `alerts` roll it back; resolved ones change nothing."""
+    rollout's policy `alerts` roll it back; resolved ones change nothing. The body (up to
+    MAX_ALERTS_BODY) is parsed here, on the API's loop; only the matching runs on the
+    control loop."""
     token = _auth(request, Role.PIPELINE)
     data = await body(request, bodies.AlertmanagerWebhook)
     firing = [(a.labels, a.annotations) for a in data.alerts if a.status == "firing"]
     request[REASON] = (f"alertmanager: {len(firing)} firing, "
                        f"{len(data.alerts) - len(firing)} resolved")
-    ids = await request.app[CONTROLLER].alerts(firing, actor=token.name, scope=token.may_see)
+    ids = await on_control(request.app, request.app[CONTROLLER].alerts(
+        firing, actor=token.name, scope=token.may_see))
     if ids:
         request[ROLLOUT] = ",".join(ids)[:1000]
     return json_response(bodies.AlertsAnswer(rolled_back=ids).model_dump(mode="json"))
@@ -617,12 +634,25 @@ async def watch_rollout(request: web.Request) -> web.StreamResponse:
                                            "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
+        stream = resp
+
+        async def send(data: bytes) -> None:
+            """A write that cannot go out within WRITE_TIMEOUT (a client that stopped
+            reading) ends the stream: it would otherwise hold its place forever."""
+            try:
+                async with asyncio.timeout(watch.WRITE_TIMEOUT):
+                    await stream.write(data)
+            except TimeoutError:
+                if request.transport is not None:
+                    request.transport.abort()
+                raise ConnectionResetError("the watcher stopped reading") from None
+
         latest = hub.offer(r)
         sent = -1
         while True:
             if latest.version > sent:
-                await resp.write(f"event: rollout\nid: {latest.version}\ndata: {latest.data}"
-                                 "\n\n".encode())
+                await send(f"event: rollout\nid: {latest.version}\ndata: {latest.data}"
+                           "\n\n".encode())
                 sent = latest.version
                 if latest.final:
                     break
@@ -637,10 +667,15 @@ async def watch_rollout(request: web.Request) -> web.StreamResponse:
                     latest = hub.offer(await ctl.store.load(rid))
                     if latest.version > sent:
                         continue
-                await resp.write(b": heartbeat\n\n")
+                await send(b": heartbeat\n\n")
             ev.clear()
             latest = hub.latest(rid) or latest
-        await resp.write_eof()
+        try:
+            async with asyncio.timeout(watch.WRITE_TIMEOUT):
+                await resp.write_eof()
+        except TimeoutError:
+            if request.transport is not None:
+                request.transport.abort()
         return resp
     except ConnectionError:  # the watcher went away: nothing to answer, nothing to log
         if resp is None:
@@ -738,7 +773,8 @@ def build_app(controller: Controller, tokens: tuple[Token, ...], *,
     # carry_writes, so a write whose client left is still audited; errors rendered on the
     # API's loop, whichever loop raised them)
     app = web.Application(middlewares=[carry_writes, audit, bounded, errors_as_json,
-                                       to_control_loop], client_max_size=MAX_BODY)
+                                       to_control_loop],
+                          client_max_size=max(MAX_BODY, *BODY_LIMITS.values()))
     app[BODY_TIMEOUT] = body_timeout
     app[IN_FLIGHT] = InFlight(reads=max_reads, writes=max_writes)
     app[CONTROLLER] = controller

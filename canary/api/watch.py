@@ -17,6 +17,7 @@ from canary.model import Rollout
 HEARTBEAT = 15.0      # seconds between heartbeats (an SSE comment) on a quiet stream
 FOLLOWER_POLL = 2.0   # a replica that does not run rollouts reads the store this often
 MAX_WATCHERS = 2000   # open streams at once; more are answered 503
+WRITE_TIMEOUT = 30.0  # a write to a watcher that does not go out in this long ends its stream
 
 
 @dataclass

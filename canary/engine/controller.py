@@ -376,6 +376,21 @@ class Controller:
         if not firing:
             return []
         out: list[str] = []
+        # every firing alert under each of its (label, value) pairs, so a rule is matched
+        # against the few alerts holding its rarest pair: a message of thousands of alerts
+        # costs the control loop little per active rollout
+        index: dict[tuple[str, str], list[int]] = {}
+        for i, (labels, _) in enumerate(firing):
+            for pair in labels.items():
+                index.setdefault(pair, []).append(i)
+
+        def first_match(rule: Mapping[str, str]) -> int | None:
+            rarest = min(rule.items(), key=lambda kv: len(index.get(kv, ())))
+            for i in index.get(rarest, ()):
+                if all(firing[i][0].get(k) == v for k, v in rule.items()):
+                    return i
+            return None
+
         for r in await self.store.list(active_only=True, events=False):
             tgt = self.targets.get(r.target)
             if tgt is None or not scope(r.target) or r.state is Phase.ROLLING_BACK:
@@ -389,24 +404,22 @@ class Controller:
                          for a in pol.alerts]
             except InvalidInput:
                 continue  # (checked at start; a var gone from the config matches nothing)
-            for labels, notes in firing:
-                if not any(all(labels.get(k) == v for k, v in rule.items()) for rule in rules):
-                    continue
-                name = labels.get("alertname", "(no alertname)")
-                summary = (notes.get("summary") or notes.get("description")
-                           or "no summary")
-                # (Alertmanager's text, shown to on-call: one plain line, bounded)
-                reason = " ".join("".join(" " if is_control(c) else c for c in
-                                          f"alert {name[:200]} firing: {summary[:500]}").split())
-                try:
-                    await self.command(r.id, Command(CommandKind.ABORT, actor, reason),
-                                       scope=scope)
-                except Conflict:
-                    break  # it ended or started rolling back meanwhile
-                except StoreUnavailable:
-                    pass   # the abort is carried out all the same (see command)
-                out.append(r.id)
-                break
+            hits = [i for i in map(first_match, rules) if i is not None]
+            if not hits:
+                continue
+            labels, notes = firing[min(hits)]  # the first alert that matches, as before
+            name = labels.get("alertname", "(no alertname)")
+            summary = notes.get("summary") or notes.get("description") or "no summary"
+            # (Alertmanager's text, shown to on-call: one plain line, bounded)
+            reason = " ".join("".join(" " if is_control(c) else c for c in
+                                      f"alert {name[:200]} firing: {summary[:500]}").split())
+            try:
+                await self.command(r.id, Command(CommandKind.ABORT, actor, reason), scope=scope)
+            except Conflict:
+                continue  # it ended or started rolling back meanwhile
+            except StoreUnavailable:
+                pass   # the abort is carried out all the same (see command)
+            out.append(r.id)
         return out
 
     # ---- the state store's health, and traffic nobody explains ---------------------------
