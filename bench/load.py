@@ -81,7 +81,14 @@ class MemoryRouter:
     async def decision(self) -> str | None:
         return None
 
-    async def set_weight(self, weight: int, *, decision: str | None = None) -> None:
+    async def get_shape(self) -> str | None:
+        return None
+
+    async def check_shapes(self, shapes: Any) -> None:
+        return None
+
+    async def set_weight(self, weight: int, *, decision: str | None = None,
+                         shape: str | None = None) -> None:
         await asyncio.sleep(0.001)
         self.weight = weight
         self.changes.append((time.monotonic(), weight))
@@ -155,12 +162,16 @@ async def run(n: int, interval: float, duration: float, aborts: int, hold: float
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=50)) as s:
             pipe = {"Authorization": f"Bearer {TOKENS['pipeline']}"}
             view = {"Authorization": f"Bearer {TOKENS['viewer']}"}
-            ids = []
-            for name in targets:
-                async with s.post(f"{base}/api/v1/rollouts", headers=pipe,
-                                  json={"target": name, "canary_version": "v2",
-                                        "stable_version": "v1"}) as r:
-                    ids.append((name, (await r.json())["id"]))
+            # started 20 at a time, as pipelines do: one by one, the first rollouts could
+            # finish before the last one started, and no abort would meet them in flight
+            gate = asyncio.Semaphore(20)
+
+            async def create(name: str) -> tuple[str, str]:
+                async with gate, s.post(f"{base}/api/v1/rollouts", headers=pipe,
+                                        json={"target": name, "canary_version": "v2",
+                                              "stable_version": "v1"}) as r:
+                    return name, (await r.json())["id"]
+            ids = list(await asyncio.gather(*(create(name) for name in targets)))
             start = time.monotonic()
             queries0 = prom.queries  # (the creation burst's evaluations are not a tick's)
             cpu0 = time.process_time()  # from here: the steady state, not the creation burst
@@ -221,6 +232,7 @@ async def run(n: int, interval: float, duration: float, aborts: int, hold: float
         "evaluation_delay_s": delays,
         "missed_intervals": missed,
         "aborts_accepted": sum(p["aborts_accepted"] for p in phases.values()),
+        "aborts_refused": [st for p in phases.values() for st in p["aborts_refused"]],
         "abort_to_weight0_ms": _ms([x for p in phases.values() for x in p["abort_latency"]]),
         "reads_failed": sum(p["reads_failed"] for p in phases.values()),
         "read_latency_ms": _ms([x for p in phases.values() for x in p["read_latency"]],
