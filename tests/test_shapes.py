@@ -117,6 +117,59 @@ def test_a_broken_stage_shape_is_named_with_how_to_fix_it(stages, field, words):
         e.value.problems
 
 
+UNPORTABLE = [r"(?=42)\d+", r"(?!x)\w+", r"(a)\1", r"(?P<n>a)(?P=n)", r"(?>a)b", r"a++",
+              r"\N{EM DASH}", r"\u00e9", r"a\Z", r"(?x) a # note", r"(?a)\w+", r"(?#why)a",
+              r"a{,3}"]
+PORTABLE = [r"^42.*", r"(alice|bob)", r"\d{3,}", r"(?i)beta", r"(?s:a.b)", r"[(?=]+", r"\(\?=",
+            r"[^]]", r"\x41+", r"\w+@\w+\.com", "é+", r"(?P<id>[0-9]+)", r"a{1,2}?", r"[+*]+",
+            r'a"b\\', r"\bword\b"]
+
+
+@pytest.mark.parametrize("regex", UNPORTABLE)
+def test_a_regex_some_router_cannot_read_is_refused_by_validate(regex):
+    """Python's `re` reads these; nginx's PCRE2 or RE2 (istio, gateways) refuse them, so
+    they would fail only at the stage (nginx -t) or at the API server."""
+    text = (f"stages:\n  - match: {{headers: {{x-id: {{regex: '{regex}'}}}}}}\n    hold: 1m\n"
+            "  - weight: 100\n    hold: 1m\n")
+    with pytest.raises(ValidationFailed) as e:
+        policy_mod.parse(text, file="b.yaml", default_name="b")
+    assert [(p.line, p.field) for p in e.value.problems] == [(2, "stages[0].match.headers.x-id")]
+    assert "not every router" in e.value.problems[0].message
+
+
+def test_every_regex_validate_accepts_is_read_by_re2_and_by_real_nginx(tmp_path):
+    import re2  # (google-re2, the engine of Envoy and of most gateways)
+
+    for regex in PORTABLE:
+        re2.compile(regex)  # raises on what RE2 refuses
+    t = NginxTarget(name="web", file=tmp_path / "up.conf", server_file=tmp_path / "srv.conf",
+                    upstream="web", stable=("127.0.0.1:9001",), canary=("127.0.0.1:9002",),
+                    test=("true",), reload=("true",), policy="p", vars={}, stable_version="v1")
+    (tmp_path / "nginx.conf").write_text(
+        f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
+        f"http {{\n  include {t.file};\n  server {{\n    listen 127.0.0.1:{free_port()};\n"
+        f"    include {t.server_file};\n"
+        "    location / { proxy_pass http://$canary_web_upstream; }\n  }\n}\n")
+    for regex in PORTABLE:
+        stage = MatchStage(Match(headers={"x-id": {"regex": regex}}), 60.0)  # type: ignore[dict-item]
+        http, server = render_all(t, 0, None, stage.shape.key())
+        t.file.write_text(http)
+        t.server_file.write_text(server or "")  # type: ignore[union-attr]
+        said = subprocess.run(["nginx", "-t", "-p", str(tmp_path), "-c",
+                               str(tmp_path / "nginx.conf")], capture_output=True, text=True,
+                              timeout=30)
+        assert said.returncode == 0, (regex, said.stderr)
+
+
+def test_a_header_named_twice_in_different_case_is_refused_not_dropped():
+    text = ("stages:\n  - match: {headers: {X-Beta: \"true\", x-beta: \"false\"}}\n"
+            "    hold: 1m\n  - weight: 100\n    hold: 1m\n")
+    with pytest.raises(ValidationFailed) as e:
+        policy_mod.parse(text, file="b.yaml", default_name="b")
+    assert any(p.field.startswith("stages[0].match.headers") and "twice" in p.message
+               for p in e.value.problems), e.value.problems
+
+
 # ---- Kubernetes routers: header, then mirror, then weights ------------------------------
 
 
