@@ -507,13 +507,16 @@ def _condition(value: object) -> shapes.Condition:
                             else "exact", value)
 
 
+# (every text as `canary validate` takes it: bounded, no control characters or line breaks)
+_MATCH_TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_MATCH_VALUE,
+               "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$"}
 _CONDITION_SCHEMA = {"description": "exact text, {prefix: ...} or {regex: ...}", "anyOf": [
-    {"type": "string", "minLength": 1, "maxLength": MAX_MATCH_VALUE},
+    _MATCH_TEXT,
     {"type": "object", "additionalProperties": False, "required": ["prefix"],
-     "properties": {"prefix": {"type": "string", "minLength": 1,
+     "properties": {"prefix": {**_MATCH_TEXT,
                                "description": "the value starts with this text"}}},
     {"type": "object", "additionalProperties": False, "required": ["regex"],
-     "properties": {"regex": {"type": "string", "minLength": 1,
+     "properties": {"regex": {**_MATCH_TEXT,
                               "description": "a regular expression the whole value "
                                             "matches"}}}]}
 MatchValue = Annotated[shapes.Condition, PlainValidator(_condition),
@@ -525,7 +528,16 @@ CookieName = Annotated[str, PlainValidator(_cookie_key),
                        WithJsonSchema({"type": "string", "pattern": _COOKIE_NAME.pattern})]
 
 
-@dataclass(frozen=True, config=_CONFIG)
+def _some_rule(schema: dict[str, Any]) -> None:
+    """A match names at least one header or cookie, and at most MAX_MATCH_RULES of each."""
+    schema["anyOf"] = [{"required": [f], "properties": {f: {"minProperties": 1}}}
+                       for f in ("headers", "cookies")]
+    for f in ("headers", "cookies"):
+        schema["properties"][f]["maxProperties"] = MAX_MATCH_RULES
+
+
+@dataclass(frozen=True, config=ConfigDict(extra="forbid", use_attribute_docstrings=True,
+                                          json_schema_extra=_some_rule))
 class Match:
     """Requests that reach the canary: every header and cookie listed must match."""
 
