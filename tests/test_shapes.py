@@ -444,6 +444,61 @@ async def test_real_nginx_rollback_from_a_match_or_mirror_stage_restores_the_fil
         await canary.stop()
 
 
+@pytest.mark.e2e
+async def test_real_nginx_first_shaped_rollout_on_the_server_block_the_readme_gives(tmp_path):
+    """README (Traffic shapes, nginx): a running nginx on the plain upstream file; the user
+    puts the README's server block in (nginx -t refuses it until canary has written the
+    file once, so no reload) and creates an empty server_file; the first rollout's test
+    and reload bring it in, and from then on nginx starts on the files as they are."""
+    from dataclasses import replace
+
+    from canary.routers.nginx import render
+
+    stable, canary = Service("web", "v1", free_port()), Service("web", "v2", free_port())
+    nginx = Nginx(tmp_path / "nginx", free_port())
+    server_file = nginx.dir / "canary-server.conf"
+    t = NginxTarget(name="web", file=nginx.upstream_file, server_file=server_file,
+                    upstream="web", stable=(f"127.0.0.1:{stable.port}",),
+                    canary=(f"127.0.0.1:{canary.port}",), test=tuple(nginx.test_cmd),
+                    reload=tuple(nginx.reload_cmd), policy="p", vars={"service": "web"},
+                    stable_version="v1")
+    url = f"http://127.0.0.1:{nginx.port}/"
+    beta = {"X-Beta": "true", "Cookie": "canary=always"}
+    try:
+        await stable.start()
+        await canary.start()
+        nginx.write_conf()  # proxy_pass http://web; on the file of a target without server_file
+        t.file.write_text(render(replace(t, server_file=None), 0))
+        subprocess.run(nginx.argv(), check=True, capture_output=True, timeout=30)
+        await nginx_ready(url)
+        conf = nginx.conf.read_text().replace(
+            "        location / {\n            proxy_pass http://web;",
+            f"        include {server_file};\n        location / {{\n"
+            "            proxy_pass http://$canary_web_upstream;")
+        nginx.conf.write_text(conf)
+        server_file.write_text("")
+        said = subprocess.run(nginx.test_cmd, capture_output=True, text=True, timeout=30)
+        assert said.returncode != 0 and "canary_web_upstream" in said.stderr
+        async with controller(tmp_path, policies=[shaped_policy()], target=t,
+                              router=NginxRouter(t)) as (http, _c, _t):
+            rid = (await http.start(canary_version="v2"))["id"]
+            await http.until(rid, lambda r: r["stage"] == 0 and r["state"] == "paused")
+            await settled(url, beta, {"v2": 20})
+            assert await _count(url, 20) == {"v1": 20}
+            status, _ = await http.call("POST", f"/api/v1/rollouts/{rid}/abort",
+                                        {"reason": "enough"}, role="pipeline")
+            assert status == 200
+            await http.until(rid, lambda r: r["state"] == "rolled_back")
+        assert subprocess.run(nginx.test_cmd, capture_output=True, timeout=30).returncode == 0
+        nginx.stop()
+        subprocess.run(nginx.argv(), check=True, capture_output=True, timeout=30)
+        await settled(url, beta, {"v1": 20})
+    finally:
+        nginx.stop()
+        await stable.stop()
+        await canary.stop()
+
+
 async def settled(url: str, headers: dict[str, str] | None, want: dict[str, int]) -> None:
     """Requests (as many as `want` counts) land as `want` says, once nginx's new workers
     have taken over."""
