@@ -281,6 +281,42 @@ async def test_rollback_from_a_match_or_mirror_stage_leaves_the_route_as_the_use
         assert _clean(kube.get(plural, NS, name)) == original
 
 
+@pytest.mark.parametrize("abort_at", [0, 1])
+@pytest.mark.parametrize("router", ["gateway", "istio"])
+async def test_rollback_from_a_shape_keeps_backend_weights_as_the_user_wrote_them(
+        tmp_path, abort_at, router):
+    """A stable backendRef with no weight (the schema's default, 1; README: list both, the
+    canary with weight 0), or an Istio canary destination with no weight, is as the user
+    wrote it after a match or mirror stage, which never moves users' weight."""
+    route, vs = copy.deepcopy(ROUTE), copy.deepcopy(VS_PLAIN)
+    del route["spec"]["rules"][1]["backendRefs"][0]["weight"]
+    del vs["spec"]["http"][1]["route"][1]["weight"]
+    async with cluster(tmp_path, vs=vs if router == "istio" else None,
+                       dr=DR if router == "istio" else None) as (kube, api):
+        if router == "gateway":
+            kube.put("httproutes", NS, route)
+            t: Any = gateway_target()
+            r: Any = GatewayRouter(t, api)
+            plural, name = "httproutes", "shop"
+        else:
+            t, plural, name = target(), "virtualservices", "api"
+            r = IstioRouter(t, api)
+        original = _clean(kube.get(plural, NS, name))
+        async with controller(tmp_path, policies=[shaped_policy()], target=t,
+                              router=r) as (http, _c, _t):
+            rid = (await http.start(canary_version="v2"))["id"]
+            for _ in range(abort_at):
+                await http.until(rid, lambda x: x["state"] == "paused")
+                await _promote(http, rid)
+            await http.until(rid, lambda x, s=abort_at: x["stage"] == s
+                             and x["state"] == "paused")
+            status, _ = await http.call("POST", f"/api/v1/rollouts/{rid}/abort",
+                                        {"reason": "enough"}, role="pipeline")
+            assert status == 200
+            await http.until(rid, lambda x: x["state"] == "rolled_back")
+        assert _clean(kube.get(plural, NS, name)) == original
+
+
 async def test_removing_canarys_match_rule_is_drift_and_is_not_fought(tmp_path):
     async with cluster(tmp_path, vs=None, dr=None) as (kube, api):
         kube.put("httproutes", NS, ROUTE)

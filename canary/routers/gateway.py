@@ -280,7 +280,11 @@ class GatewayRouter:
         if shape is not None:
             self._add(new, shape)
         stable, canary = self._backends(self.rule(new))
-        stable["weight"], canary["weight"] = 100 - weight, weight
+        ws, wc = int(stable.get("weight", 1)), int(canary.get("weight", 1))
+        # weights that already say `weight` stay as the user wrote them (e.g. stable's 1,
+        # the schema's default): a match or mirror stage and its rollback move no user
+        if not ((weight == 0 and wc == 0 and ws > 0) or (weight == 100 and ws == 0 and wc > 0)):
+            stable["weight"], canary["weight"] = 100 - weight, weight
         meta = new.setdefault("metadata", {})
         if decision:
             meta.setdefault("annotations", {})[DECISION] = decision[:2000]

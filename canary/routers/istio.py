@@ -279,7 +279,11 @@ class IstioRouter:
         if shape is not None:
             self._add(new, shape)
         stable, canary = self._destinations(self.route(new))
-        stable["weight"], canary["weight"] = 100 - weight, weight
+        # weights that already say `weight` stay as the user wrote them (a canary with no
+        # weight is at 0): a match or mirror stage and its rollback move no user
+        if (int(stable.get("weight") or 0), int(canary.get("weight") or 0)) != (100 - weight,
+                                                                                 weight):
+            stable["weight"], canary["weight"] = 100 - weight, weight
         meta = new.setdefault("metadata", {})
         if decision:
             meta.setdefault("annotations", {})[DECISION] = decision[:2000]
