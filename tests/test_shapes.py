@@ -317,6 +317,44 @@ async def test_rollback_from_a_shape_keeps_backend_weights_as_the_user_wrote_the
         assert _clean(kube.get(plural, NS, name)) == original
 
 
+@pytest.mark.parametrize("router", ["gateway", "istio"])
+async def test_requests_a_match_stage_sends_to_the_canary_keep_the_routes_rewrites_and_headers(
+        tmp_path, router):
+    """Matched requests go through the same filters, header changes, timeout and retries as
+    the route's other requests: otherwise the canary is judged on requests users will
+    never send it (a URLRewrite dropped: 404s at the canary, and a rollback)."""
+    route = copy.deepcopy(ROUTE)
+    route["spec"]["rules"][1]["filters"].append(
+        {"type": "URLRewrite", "urlRewrite": {"path": {"type": "ReplacePrefixMatch",
+                                                       "replacePrefixMatch": "/v2"}}})
+    route["spec"]["rules"][1]["timeouts"] = {"request": "10s"}
+    vs = copy.deepcopy(VS_PLAIN)
+    vs["spec"]["http"][1]["rewrite"] = {"uri": "/v2"}
+    async with cluster(tmp_path, vs=vs if router == "istio" else None,
+                       dr=DR if router == "istio" else None) as (kube, api):
+        if router == "gateway":
+            kube.put("httproutes", NS, route)
+            t: Any = gateway_target()
+            r: Any = GatewayRouter(t, api)
+        else:
+            t = target()
+            r = IstioRouter(t, api)
+        async with controller(tmp_path, policies=[shaped_policy()], target=t,
+                              router=r) as (http, _c, _t):
+            rid = (await http.start(canary_version="v2"))["id"]
+            await http.until(rid, lambda x: x["stage"] == 0 and x["state"] == "paused")
+        if router == "gateway":
+            ours, driven = kube.get("httproutes", NS, "shop")["spec"]["rules"][1:3]
+            assert ours["name"] == "canary-match"
+            assert ours["filters"] == driven["filters"] and ours["timeouts"] == {"request": "10s"}
+        else:
+            ours, driven = (kube.get("virtualservices", NS, "api")["spec"]["http"][i]
+                            for i in (0, 2))
+            assert ours["name"] == "canary-match"
+            for k in ("rewrite", "headers", "timeout", "retries"):
+                assert ours[k] == driven[k], k
+
+
 async def test_removing_canarys_match_rule_is_drift_and_is_not_fought(tmp_path):
     async with cluster(tmp_path, vs=None, dr=None) as (kube, api):
         kube.put("httproutes", NS, ROUTE)

@@ -176,7 +176,12 @@ class GatewayRouter:
         base = driven.get("matches") or [{"path": {"type": "PathPrefix", "value": "/"}}]
         matches = [{**copy.deepcopy(m), "headers": [*(m.get("headers") or []), *ours]}
                    for m in base]
-        return {"name": MATCH_RULE, "matches": matches,
+        # the rule's filters (rewrites, header changes), timeouts and retries apply to the
+        # matched requests too: the canary is judged on what users will send it. Canary's
+        # own mirror is not copied: a match and a mirror stage never overlap.
+        rest = {k: copy.deepcopy(v) for k, v in driven.items()
+                if k not in ("name", "matches", "backendRefs")}
+        return {**rest, "name": MATCH_RULE, "matches": matches,
                 "backendRefs": [{**_ref(self.target.canary), "weight": 1}]}
 
     def _strip(self, route: dict[str, Any]) -> None:

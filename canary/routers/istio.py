@@ -186,7 +186,12 @@ class IstioRouter:
         ours = header_match(shape)
         matches = [{**copy.deepcopy(m), "headers": {**(m.get("headers") or {}), **ours}}
                    for m in driven.get("match") or []] or [{"headers": ours}]
-        return {"name": MATCH_ROUTE, "match": matches,
+        # the route's rewrite, headers, timeout, retries, ... apply to the matched requests
+        # too: the canary is judged on what users will send it. Not its mirror: users'
+        # mirroring is the driven route's, and canary's own never overlaps a match stage.
+        rest = {k: copy.deepcopy(v) for k, v in driven.items()
+                if k not in ("name", "match", "route", "mirror", "mirrorPercentage", "mirrors")}
+        return {**rest, "name": MATCH_ROUTE, "match": matches,
                 "route": [{"destination": self._canary_dest()}]}
 
     def _strip(self, vs: dict[str, Any]) -> None:
