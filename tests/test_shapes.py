@@ -399,6 +399,26 @@ async def test_a_gateway_start_is_refused_naming_what_is_missing(tmp_path):
                 assert status in (400, 404) and words in body["error"], body
 
 
+async def test_a_backend_ref_naming_the_routes_own_namespace_is_the_one_canary_drives(tmp_path):
+    """`namespace: prod` written out on a backendRef in namespace prod is the same Service;
+    it was refused as "no backendRef for the stable version"."""
+    route = copy.deepcopy(ROUTE)
+    for ref in route["spec"]["rules"][1]["backendRefs"]:
+        ref["namespace"] = NS
+    async with cluster(tmp_path, vs=None, dr=None) as (kube, api):
+        kube.put("httproutes", NS, route)
+        t = gateway_target()
+        async with controller(tmp_path, policies=[shaped_policy()], target=t,
+                              router=GatewayRouter(t, api)) as (http, _c, _t):
+            rid = (await http.start(canary_version="v2"))["id"]
+            await http.until(rid, lambda x: x["stage"] == 0 and x["state"] == "paused")
+            await _promote(http, rid)
+            await _promote(http, rid)
+            await http.until(rid, lambda x: x["stage"] == 2 and x["state"] == "paused")
+        refs = kube.get("httproutes", NS, "shop")["spec"]["rules"][1]["backendRefs"]
+        assert [r["weight"] for r in refs] == [50, 50]
+
+
 # ---- nginx: real nginx on loopback ----------------------------------------------------
 
 

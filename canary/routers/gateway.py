@@ -28,11 +28,12 @@ GROUP, VERSION, PLURAL = "gateway.networking.k8s.io", "v1", "httproutes"
 MATCH_RULE = "canary-match"  # the name of canary's own rule for a match stage
 
 
-def _is(ref: dict[str, Any], want: GatewayBackend) -> bool:
-    """A backendRef to the Service `want` (core group, kind Service, same namespace)."""
+def _is(ref: dict[str, Any], want: GatewayBackend, namespace: str) -> bool:
+    """A backendRef to the Service `want` (core group, kind Service, the route's namespace,
+    whether or not the ref names it)."""
     return (ref.get("name") == want.name and ref.get("port") == want.port
             and ref.get("group", "") == "" and ref.get("kind", "Service") == "Service"
-            and "namespace" not in ref)
+            and ref.get("namespace", namespace) == namespace)
 
 
 def _ref(b: GatewayBackend) -> dict[str, Any]:
@@ -129,7 +130,7 @@ class GatewayRouter:
         refs = rule.get("backendRefs") or []
         found = []
         for side, want in (("stable", self.target.stable), ("canary", self.target.canary)):
-            ref = next((r for r in refs if _is(r, want)), None)
+            ref = next((r for r in refs if _is(r, want, self.target.namespace)), None)
             if ref is None:
                 raise InvalidInput(f"{self._what}: the rule has no backendRef for the {side} "
                                    f"version (Service {want.name} port {want.port}); list both "
