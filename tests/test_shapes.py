@@ -419,6 +419,26 @@ async def test_a_backend_ref_naming_the_routes_own_namespace_is_the_one_canary_d
         assert [r["weight"] for r in refs] == [50, 50]
 
 
+async def test_a_gateway_route_with_no_room_for_canarys_rule_is_refused_at_start(tmp_path):
+    """An HTTPRoute has at most 16 rules: a match stage on a full one could never be
+    written; the start is refused (400) before anything changes."""
+    route = copy.deepcopy(ROUTE)
+    route["spec"]["rules"][1:1] = [
+        {"name": f"r{i}", "matches": [{"path": {"type": "PathPrefix", "value": f"/r{i}"}}],
+         "backendRefs": [{"name": "admin", "port": 80}]} for i in range(14)]
+    async with cluster(tmp_path, vs=None, dr=None) as (kube, api):
+        kube.put("httproutes", NS, route)
+        before = kube.get("httproutes", NS, "shop")
+        t = gateway_target()
+        async with controller(tmp_path, policies=[shaped_policy()], target=t,
+                              router=GatewayRouter(t, api)) as (http, _c, _t):
+            status, body = await http.call("POST", "/api/v1/rollouts",
+                                           {"target": "web", "canary_version": "v2"},
+                                           role="pipeline")
+            assert status == 400 and "16 rules" in body["error"], body
+        assert kube.get("httproutes", NS, "shop") == before
+
+
 # ---- nginx: real nginx on loopback ----------------------------------------------------
 
 

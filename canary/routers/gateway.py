@@ -257,6 +257,19 @@ class GatewayRouter:
             problem = shape_problem(shape)
             if problem:
                 raise InvalidInput(f"target {self.target.name}: {problem}")
+        if not wanted:
+            return
+        # what the API server would refuse at the stage, refused at the start instead
+        route = await self._read()
+        self._strip(route)
+        if any(s.rules for s in wanted) and len(route["spec"]["rules"]) >= 16:
+            raise InvalidInput(f"{self._what} already has 16 rules, the most an HTTPRoute may "
+                               "have; canary needs one more for a match stage. Merge two "
+                               "rules, or leave the match stages out of the policy")
+        if any(s.mirror is not None for s in wanted) and \
+                len(self.rule(route).get("filters") or []) >= 16:
+            raise InvalidInput(f"{self._what}: the rule already has 16 filters, the most a "
+                               "rule may have; canary needs one more for a mirror stage")
 
     # ---- writing ----------------------------------------------------------------------
 
