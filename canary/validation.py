@@ -152,6 +152,9 @@ def _message(e: Mapping[str, Any], root: type[Any], path: tuple[str | int, ...],
                 "field out")
     if path and isinstance(path[-1], int) and f"{last}[]" in messages:
         return messages[f"{last}[]"].format(value=repr(e.get("input")))  # one item of a list
+    named = [p for p in path if isinstance(p, str)]
+    if len(named) >= 2 and ".".join(named[-2:]) in messages:  # a field of one parent only
+        return messages[".".join(named[-2:])]
     if last in messages:
         return messages[last]
     if kind == "literal_error":

@@ -377,6 +377,12 @@ def bad_config(change: str) -> dict[str, Any]:
         doc["prometheus"]["timeout"] = "0ms"
     elif change == "no tokens":
         doc["auth"]["tokens"] = []
+    elif change == "empty file":
+        web["server_file"] = ""
+    elif change == "rule name":
+        doc["targets"]["shop"] = {"router": "gateway", "namespace": "prod", "http_route": "shop",
+                                  "rule": "Primary Rule", "stable": {"name": "s", "port": 80},
+                                  "canary": {"name": "c", "port": 80}}
     return doc
 
 
@@ -397,6 +403,8 @@ def bad_config(change: str) -> dict[str, Any]:
     ("var canary fills", "targets.web.vars.target", "targets/web/vars/target"),
     ("zero timeout", "prometheus.timeout", "prometheus/timeout"),
     ("no tokens", "auth.tokens", "auth"),
+    ("empty file", "targets.web.server_file", "targets/web/server_file"),
+    ("rule name", "targets.shop.rule", "targets/shop/rule"),
 ])
 def test_canary_validate_the_editor_schema_and_helm_refuse_the_same_bad_config(
         tmp_path, change, field, words):

@@ -806,12 +806,14 @@ targets:
     http_route: Shop_
     rule: -1
     stable: {{name: shop-stable}}
-    canary: {{name: shop-canary, port: 8080}}
+    canary: {{name: Shop_Canary, port: 8080}}
 """)
     problems = [str(p) for p in validate_files([str(tmp_path / "c.yaml")])]
     assert any("targets.shop.http_route: must be a Kubernetes name" in p for p in problems)
-    assert any("targets.shop.rule: must be the rule's name, or its index" in p for p in problems)
+    assert any("targets.shop.rule: must be the rule's name (lowercase" in p for p in problems)
     assert any("targets.shop.stable.port: required" in p for p in problems), problems
+    assert any("targets.shop.canary.name: must be a Service's name" in p for p in problems), \
+        problems
 
 
 async def test_a_gateway_edit_made_between_read_and_write_is_never_overwritten(tmp_path):
