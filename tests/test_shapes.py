@@ -613,6 +613,54 @@ async def test_real_nginx_first_shaped_rollout_on_the_server_block_the_readme_gi
         await canary.stop()
 
 
+@pytest.mark.e2e
+async def test_real_nginx_mirrored_requests_carry_the_headers_the_server_block_sets(tmp_path):
+    """A server block's proxy_set_header reaches the canary on mirrored requests as on
+    served ones (a proxy_set_header in canary's mirror location dropped them all)."""
+    from aiohttp import web
+
+    seen: list[dict[str, str]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    ports = free_port(), free_port()  # stable's and the canary's: one recorder for both
+    for port in ports:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+    nginx = Nginx(tmp_path / "nginx", free_port())
+    server_file = nginx.dir / "canary-server.conf"
+    t = NginxTarget(name="web", file=nginx.upstream_file, server_file=server_file,
+                    upstream="web", stable=(f"127.0.0.1:{ports[0]}",),
+                    canary=(f"127.0.0.1:{ports[1]}",), test=tuple(nginx.test_cmd),
+                    reload=tuple(nginx.reload_cmd), policy="p", vars={}, stable_version="v1")
+    try:
+        _nginx_conf(nginx, server_file, t)
+        nginx.conf.write_text(nginx.conf.read_text().replace(
+            f"        include {server_file};",
+            f"        proxy_set_header X-Team shop;\n        include {server_file};"))
+        http, server = render_all(t, 0, None, MirrorStage(100, 60.0).shape.key())
+        t.file.write_text(http)
+        server_file.write_text(server or "")
+        subprocess.run(nginx.reload_cmd, check=True, capture_output=True, timeout=30)
+        url = f"http://127.0.0.1:{nginx.port}/x"
+
+        async def mirrored() -> bool:
+            seen.clear()
+            async with aiohttp.ClientSession() as s, s.get(url) as r:
+                await r.read()
+            return len(seen) == 2
+        await eventually(mirrored, deadline=20, what="a served and a mirrored request")
+        assert [h.get("X-Team") for h in seen] == ["shop", "shop"], seen
+    finally:
+        nginx.stop()
+        await runner.cleanup()
+
+
 async def settled(url: str, headers: dict[str, str] | None, want: dict[str, int]) -> None:
     """Requests (as many as `want` counts) land as `want` says, once nginx's new workers
     have taken over."""

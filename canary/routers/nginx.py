@@ -125,8 +125,9 @@ def render_server(target: NginxTarget, shape: shapes.Shape | None) -> str:
                   f"location = {loc} {{",
                   "    internal;",
                   f'    if (${variable(target, "mirror")} = "") {{ return 204; }}',
+                  # (no proxy_set_header here: it would drop every one the server block
+                  # sets, and the canary would see other requests than users send)
                   f"    proxy_pass http://{canary_upstream(target)}$request_uri;",
-                  "    proxy_set_header X-Canary-Mirror 1;",
                   "}"]
     return "\n".join(lines) + "\n"
 
