@@ -773,7 +773,11 @@ async def test_nginx_files_edited_by_hand_read_back_as_edited(tmp_path):
     await router.set_weight(0, shape=key)
     assert await router.get_shape() == key
     t.server_file.write_text("# someone removed the mirror\n")  # type: ignore[union-attr]
-    assert (await router.get_shape() or "").startswith(shapes.EDITED)
+    live = await router.get_shape() or ""
+    assert live.startswith(shapes.EDITED)
+    # as the drift reason says it: "router carries <this>, expected <what canary wrote>"
+    assert shapes.describe(live) == (f"nginx files {t.file} and {t.server_file} that differ "
+                                     "from what canary wrote for mirror 20% to the canary")
     await router.set_weight(0)
     assert await router.get_shape() is None
 

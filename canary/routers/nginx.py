@@ -209,8 +209,8 @@ class NginxRouter:
         want = render_all(self.target, weight if weight is not None else 0,
                           d.group(1).strip() if d else None, key)
         if weight is None or want != (text, server):
-            return (f"{shapes.EDITED}the nginx files {self.target.file} and "
-                    f"{self.target.server_file} differ from what canary wrote for "
+            return (f"{shapes.EDITED}nginx files {self.target.file} and "
+                    f"{self.target.server_file} that differ from what canary wrote for "
                     f"{shapes.describe(key)}")
         return key
 
