@@ -439,6 +439,28 @@ async def test_a_gateway_route_with_no_room_for_canarys_rule_is_refused_at_start
         assert kube.get("httproutes", NS, "shop") == before
 
 
+@pytest.mark.parametrize("condition, value, wanted", [
+    ({"prefix": "42"}, "42017", True), ({"prefix": "42"}, "1420", False),
+    ({"regex": "alice|bob"}, "bob", True), ({"regex": "alice|bob"}, "alicexyz", False),
+    ({"regex": "alice|bob"}, "xbob", False), ("true", "true", True)])
+def test_gateway_header_matches_mean_the_whole_value_on_every_implementation(
+        condition, value, wanted):
+    """Gateway API leaves a RegularExpression's dialect and reach to the implementation:
+    some match the whole value, some (nginx- or Go-based) find it anywhere. What canary
+    writes means the same on both: README, "a regex matches the whole value"."""
+    import re
+
+    from canary.routers.gateway import header_matches
+
+    stage = MatchStage(Match(headers={"x-id": condition}), 60.0)  # type: ignore[dict-item]
+    (m,) = header_matches(stage.shape)
+    if m["type"] == "Exact":
+        assert (m["value"] == value) is wanted
+    else:
+        assert (re.fullmatch(m["value"], value) is not None) is wanted
+        assert (re.search(m["value"], value) is not None) is wanted
+
+
 # ---- nginx: real nginx on loopback ----------------------------------------------------
 
 

@@ -50,8 +50,10 @@ def header_matches(shape: shapes.Shape) -> list[dict[str, str]]:
         if r.condition.how == "exact":
             out.append({"name": r.name, "type": "Exact", "value": r.condition.value})
         else:
+            # anchored: whether an implementation matches the whole value (Envoy) or finds
+            # the regex in it (nginx, Go) is implementation-specific; this holds for both
             out.append({"name": r.name, "type": "RegularExpression",
-                        "value": r.condition.regex()})
+                        "value": f"^(?:{r.condition.regex()})$"})
     for r in shape.cookies:
         out.append({"name": "cookie", "type": "RegularExpression",
                     "value": shapes.cookie_regex(r.name, r.condition)})
