@@ -188,9 +188,20 @@ _WORKLOAD_RETURNS = ("promotion: a target with a workload hands over with return
                      "to return")
 
 
+def _a_path(value: object) -> object:
+    """A file's path: "" would name the config's own directory."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("must be a file's path, relative to the config file or absolute")
+    return value
+
+
+FilePath = Annotated[Path, BeforeValidator(_a_path),
+                     WithJsonSchema({"type": "string", "minLength": 1, "pattern": r"\S"})]
+
+
 @dataclass(frozen=True, config=_CONFIG)
 class NginxTarget:
-    file: Annotated[Path, WithJsonSchema({"type": "string", "minLength": 1})]
+    file: FilePath
     """The nginx config file canary writes the upstream block to (it owns the file);
     relative to the config file."""
     upstream: Annotated[str, Field(strict=True, pattern=r"^[A-Za-z0-9_.-]+$")]
@@ -214,7 +225,7 @@ class NginxTarget:
     name: SkipJsonSchema[str] = ""  # the key it is configured under
     # match and mirror stages: a second file canary owns, included in the server block
     # (README "Traffic shapes"); `file` then also holds the maps that choose the upstream
-    server_file: Annotated[Path, WithJsonSchema({"type": "string", "minLength": 1})] | None = None
+    server_file: FilePath | None = None
     """For match and mirror stages: a file canary owns, included in the server block
     (README: Traffic shapes)."""
     promotion: Promotion = "swap"
@@ -278,14 +289,19 @@ class IstioTarget:
         return self
 
 
+_SECTION_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # Gateway API's SectionName
+
+
 def _rule(value: object) -> str | int:
     """An HTTPRoute rule: its name, or its index among the route's rules."""
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 64:
         return value
-    if isinstance(value, str) and 0 < len(value) <= 253:
+    if isinstance(value, str) and 0 < len(value) <= 253 and _SECTION_NAME.fullmatch(value):
         return value
-    raise ValueError("must be the rule's name, or its index (0 for the first rule); leave it "
-                     "out for the first rule")
+    raise ValueError("must be the rule's name (lowercase letters, digits and '-', as in the "
+                     "HTTPRoute), or its index (0 for the first rule); leave it out for the "
+                     "first rule")
+
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -313,7 +329,8 @@ class GatewayTarget:
     """The canary version's backendRef in the rule (weight 0 between rollouts)."""
     rule: Annotated[str | int, PlainValidator(_rule),
                     WithJsonSchema({"type": ["string", "integer"], "minimum": 0,
-                                    "minLength": 1})] | None = None
+                                    "maximum": 63, "minLength": 1, "maxLength": 253,
+                                    "pattern": _SECTION_NAME.pattern})] | None = None
     """The rule's name, or its index among the route's rules; default the first rule."""
     policy: Name | None = None
     """The policy a start uses when it names none."""
@@ -640,6 +657,8 @@ CONFIG_MESSAGES = {
     **dict.fromkeys(("namespace", "virtual_service", "http_route"), "must be a Kubernetes name "
                     "(lowercase letters, digits, '-' and '.')"),
     "port": "must be a port number from 1 to 65535",
+    **dict.fromkeys(("stable.name", "canary.name"), "must be a Service's name (lowercase "
+                    "letters, digits, '-' and '.')"),
     **dict.fromkeys(("test", "reload"), "must be a non-empty list of strings (a command and "
                                         "its arguments)"),
     **dict.fromkeys(("stable", "canary"), "must be a non-empty list of host:port or unix:PATH "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import field, replace
 from decimal import Decimal, localcontext
@@ -430,6 +431,45 @@ def _cookie_key(name: object) -> str:
     return name
 
 
+# Python's `re` accepts these; nginx's PCRE2 or Envoy's and the gateways' RE2 refuse them
+# (or read them otherwise), and nginx -t would then fail at the stage, not at validate.
+_UNPORTABLE = (
+    (re.compile(r"\(\?(=|!|<=|<!)"), "a lookaround (?=, (?!, (?<=, (?<!"),
+    (re.compile(r"\(\?>"), "an atomic group (?>"),
+    (re.compile(r"\(\?\("), "a conditional (?("),
+    (re.compile(r"\(\?#"), "a comment (?#"),
+    (re.compile(r"\(\?P="), "a back-reference (?P="),
+    (re.compile(r"\(\?[imsx-]*[aLux][a-zA-Z-]*[:)]"), "an inline flag other than i, m, s"),
+    (re.compile(r"\\[1-9gkNuUZ]"), "an escape only Python reads (\\1, \\g, \\k, \\N, \\u, \\U, "
+                                  "\\Z)"),
+    (re.compile(r"(?<![\\(])[*+?}]\+"), "a possessive quantifier (*+, ++, ?+)"),
+    (re.compile(r"\{,"), "a repeat with no lower bound ({,n}; write {0,n})"),
+)
+
+
+def _unportable(regex: str) -> str | None:
+    """What in `regex` some router's engine refuses, or None. Escaped characters and the
+    insides of character classes are read as the literals they are."""
+    plain, i, in_class = [], 0, False
+    while i < len(regex):
+        c = regex[i]
+        if c == "\\" and i + 1 < len(regex):
+            nxt = regex[i + 1]
+            # keep escapes that mean something outside a class; others become a literal
+            plain.append(c + nxt if not in_class and nxt.isalnum() else "_")
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]" or plain[-1] == "["
+            plain.append("_" if in_class else "]")
+        else:
+            in_class = c == "["
+            plain.append("[" if in_class else c)
+        i += 1
+    text = "".join(plain)
+    return next((what for pattern, what in _UNPORTABLE if pattern.search(text)), None)
+
+
 def _condition(value: object) -> shapes.Condition:
     """A match value: exact text, {prefix: ...} or {regex: ...}; a regex must compile."""
     if isinstance(value, shapes.Condition):
@@ -451,21 +491,32 @@ def _condition(value: object) -> shapes.Condition:
         raise ValueError("must be printable text (no control characters or line breaks)")
     if how == "regex":
         try:
-            re.compile(value)
+            with warnings.catch_warnings():  # (Python's "possible nested set" is not the user's)
+                warnings.simplefilter("ignore")
+                re.compile(value)
         except re.error as e:
             raise ValueError(f"regex {value[:60]!r} does not compile: {e}; write a regular "
                              "expression for the whole value, like ^42.* or (alice|bob)") from e
+        unportable = _unportable(value)
+        if unportable:
+            raise ValueError(f"regex {value[:60]!r} uses {unportable}, which not every router's "
+                             "engine accepts (nginx: PCRE, istio and gateways: RE2); use "
+                             "groups, classes, alternatives and quantifiers, like ^42.* or "
+                             "(alice|bob)")
     return shapes.Condition("regex" if how == "regex" else "prefix" if how == "prefix"
                             else "exact", value)
 
 
+# (every text as `canary validate` takes it: bounded, no control characters or line breaks)
+_MATCH_TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_MATCH_VALUE,
+               "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$"}
 _CONDITION_SCHEMA = {"description": "exact text, {prefix: ...} or {regex: ...}", "anyOf": [
-    {"type": "string", "minLength": 1, "maxLength": MAX_MATCH_VALUE},
+    _MATCH_TEXT,
     {"type": "object", "additionalProperties": False, "required": ["prefix"],
-     "properties": {"prefix": {"type": "string", "minLength": 1,
+     "properties": {"prefix": {**_MATCH_TEXT,
                                "description": "the value starts with this text"}}},
     {"type": "object", "additionalProperties": False, "required": ["regex"],
-     "properties": {"regex": {"type": "string", "minLength": 1,
+     "properties": {"regex": {**_MATCH_TEXT,
                               "description": "a regular expression the whole value "
                                             "matches"}}}]}
 MatchValue = Annotated[shapes.Condition, PlainValidator(_condition),
@@ -477,7 +528,16 @@ CookieName = Annotated[str, PlainValidator(_cookie_key),
                        WithJsonSchema({"type": "string", "pattern": _COOKIE_NAME.pattern})]
 
 
-@dataclass(frozen=True, config=_CONFIG)
+def _some_rule(schema: dict[str, Any]) -> None:
+    """A match names at least one header or cookie, and at most MAX_MATCH_RULES of each."""
+    schema["anyOf"] = [{"required": [f], "properties": {f: {"minProperties": 1}}}
+                       for f in ("headers", "cookies")]
+    for f in ("headers", "cookies"):
+        schema["properties"][f]["maxProperties"] = MAX_MATCH_RULES
+
+
+@dataclass(frozen=True, config=ConfigDict(extra="forbid", use_attribute_docstrings=True,
+                                          json_schema_extra=_some_rule))
 class Match:
     """Requests that reach the canary: every header and cookie listed must match."""
 
@@ -485,6 +545,18 @@ class Match:
     """Header name -> value: exact text, {prefix: ...} or {regex: ...} (the whole value)."""
     cookies: Mapping[CookieName, MatchValue] = field(default_factory=dict)
     """Cookie name -> value: exact text, {prefix: ...} or {regex: ...} (the whole value)."""
+
+    @field_validator("headers", mode="before")
+    @classmethod
+    def _once_each(cls, value: object) -> object:
+        if isinstance(value, Mapping):
+            seen: dict[str, object] = {}
+            for name in value:
+                if isinstance(name, str) and name.lower() in seen:
+                    raise ValueError(f"header {name!r} is named twice ({seen[name.lower()]!r} "
+                                     "too): header names are case-insensitive; keep one")
+                seen[str(name).lower()] = name
+        return value
 
     @model_validator(mode="after")
     def _some(self) -> Match:

@@ -290,6 +290,14 @@ def bad_policy(change: str) -> dict[str, Any]:
         doc["stages"][0]["gates"] = [{"name": "up", "query": " ", "max": 1}]
     elif change == "zero interval":
         doc["interval"] = "0s"
+    elif change == "long prefix":
+        doc["stages"].insert(0, {"match": {"headers": {"x-id": {"prefix": "4" * 1025}}},
+                                 "hold": "1m"})
+    elif change == "line break in a regex":
+        doc["stages"].insert(0, {"match": {"cookies": {"user": {"regex": "a\nb"}}},
+                                 "hold": "1m"})
+    elif change == "empty match":
+        doc["stages"].insert(0, {"match": {"headers": {}}, "hold": "1m"})
     return doc
 
 
@@ -311,6 +319,9 @@ def bad_policy(change: str) -> dict[str, Any]:
     ("no stages", "stages", "stages"),
     ("blank query", "stages[0].gates[0].query", "stages/0/gates/0/query"),
     ("zero interval", "interval", "interval"),
+    ("long prefix", "stages[0].match.headers.x-id", "stages/0/match/headers/x-id"),
+    ("line break in a regex", "stages[0].match.cookies.user", "stages/0/match/cookies/user"),
+    ("empty match", "stages[0].match", "stages/0/match"),
 ])
 def test_canary_validate_the_editor_schema_and_helm_refuse_the_same_bad_policy(
         tmp_path, change, field, words):
@@ -366,6 +377,12 @@ def bad_config(change: str) -> dict[str, Any]:
         doc["prometheus"]["timeout"] = "0ms"
     elif change == "no tokens":
         doc["auth"]["tokens"] = []
+    elif change == "empty file":
+        web["server_file"] = ""
+    elif change == "rule name":
+        doc["targets"]["shop"] = {"router": "gateway", "namespace": "prod", "http_route": "shop",
+                                  "rule": "Primary Rule", "stable": {"name": "s", "port": 80},
+                                  "canary": {"name": "c", "port": 80}}
     return doc
 
 
@@ -386,6 +403,8 @@ def bad_config(change: str) -> dict[str, Any]:
     ("var canary fills", "targets.web.vars.target", "targets/web/vars/target"),
     ("zero timeout", "prometheus.timeout", "prometheus/timeout"),
     ("no tokens", "auth.tokens", "auth"),
+    ("empty file", "targets.web.server_file", "targets/web/server_file"),
+    ("rule name", "targets.shop.rule", "targets/shop/rule"),
 ])
 def test_canary_validate_the_editor_schema_and_helm_refuse_the_same_bad_config(
         tmp_path, change, field, words):

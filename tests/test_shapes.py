@@ -117,6 +117,59 @@ def test_a_broken_stage_shape_is_named_with_how_to_fix_it(stages, field, words):
         e.value.problems
 
 
+UNPORTABLE = [r"(?=42)\d+", r"(?!x)\w+", r"(a)\1", r"(?P<n>a)(?P=n)", r"(?>a)b", r"a++",
+              r"\N{EM DASH}", r"\u00e9", r"a\Z", r"(?x) a # note", r"(?a)\w+", r"(?#why)a",
+              r"a{,3}"]
+PORTABLE = [r"^42.*", r"(alice|bob)", r"\d{3,}", r"(?i)beta", r"(?s:a.b)", r"[(?=]+", r"\(\?=",
+            r"[^]]", r"\x41+", r"\w+@\w+\.com", "é+", r"(?P<id>[0-9]+)", r"a{1,2}?", r"[+*]+",
+            r'a"b\\', r"\bword\b"]
+
+
+@pytest.mark.parametrize("regex", UNPORTABLE)
+def test_a_regex_some_router_cannot_read_is_refused_by_validate(regex):
+    """Python's `re` reads these; nginx's PCRE2 or RE2 (istio, gateways) refuse them, so
+    they would fail only at the stage (nginx -t) or at the API server."""
+    text = (f"stages:\n  - match: {{headers: {{x-id: {{regex: '{regex}'}}}}}}\n    hold: 1m\n"
+            "  - weight: 100\n    hold: 1m\n")
+    with pytest.raises(ValidationFailed) as e:
+        policy_mod.parse(text, file="b.yaml", default_name="b")
+    assert [(p.line, p.field) for p in e.value.problems] == [(2, "stages[0].match.headers.x-id")]
+    assert "not every router" in e.value.problems[0].message
+
+
+def test_every_regex_validate_accepts_is_read_by_re2_and_by_real_nginx(tmp_path):
+    import re2  # (google-re2, the engine of Envoy and of most gateways)
+
+    for regex in PORTABLE:
+        re2.compile(regex)  # raises on what RE2 refuses
+    t = NginxTarget(name="web", file=tmp_path / "up.conf", server_file=tmp_path / "srv.conf",
+                    upstream="web", stable=("127.0.0.1:9001",), canary=("127.0.0.1:9002",),
+                    test=("true",), reload=("true",), policy="p", vars={}, stable_version="v1")
+    (tmp_path / "nginx.conf").write_text(
+        f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
+        f"http {{\n  include {t.file};\n  server {{\n    listen 127.0.0.1:{free_port()};\n"
+        f"    include {t.server_file};\n"
+        "    location / { proxy_pass http://$canary_web_upstream; }\n  }\n}\n")
+    for regex in PORTABLE:
+        stage = MatchStage(Match(headers={"x-id": {"regex": regex}}), 60.0)  # type: ignore[dict-item]
+        http, server = render_all(t, 0, None, stage.shape.key())
+        t.file.write_text(http)
+        t.server_file.write_text(server or "")  # type: ignore[union-attr]
+        said = subprocess.run(["nginx", "-t", "-p", str(tmp_path), "-c",
+                               str(tmp_path / "nginx.conf")], capture_output=True, text=True,
+                              timeout=30)
+        assert said.returncode == 0, (regex, said.stderr)
+
+
+def test_a_header_named_twice_in_different_case_is_refused_not_dropped():
+    text = ("stages:\n  - match: {headers: {X-Beta: \"true\", x-beta: \"false\"}}\n"
+            "    hold: 1m\n  - weight: 100\n    hold: 1m\n")
+    with pytest.raises(ValidationFailed) as e:
+        policy_mod.parse(text, file="b.yaml", default_name="b")
+    assert any(p.field.startswith("stages[0].match.headers") and "twice" in p.message
+               for p in e.value.problems), e.value.problems
+
+
 # ---- Kubernetes routers: header, then mirror, then weights ------------------------------
 
 
@@ -228,6 +281,80 @@ async def test_rollback_from_a_match_or_mirror_stage_leaves_the_route_as_the_use
         assert _clean(kube.get(plural, NS, name)) == original
 
 
+@pytest.mark.parametrize("abort_at", [0, 1])
+@pytest.mark.parametrize("router", ["gateway", "istio"])
+async def test_rollback_from_a_shape_keeps_backend_weights_as_the_user_wrote_them(
+        tmp_path, abort_at, router):
+    """A stable backendRef with no weight (the schema's default, 1; README: list both, the
+    canary with weight 0), or an Istio canary destination with no weight, is as the user
+    wrote it after a match or mirror stage, which never moves users' weight."""
+    route, vs = copy.deepcopy(ROUTE), copy.deepcopy(VS_PLAIN)
+    del route["spec"]["rules"][1]["backendRefs"][0]["weight"]
+    del vs["spec"]["http"][1]["route"][1]["weight"]
+    async with cluster(tmp_path, vs=vs if router == "istio" else None,
+                       dr=DR if router == "istio" else None) as (kube, api):
+        if router == "gateway":
+            kube.put("httproutes", NS, route)
+            t: Any = gateway_target()
+            r: Any = GatewayRouter(t, api)
+            plural, name = "httproutes", "shop"
+        else:
+            t, plural, name = target(), "virtualservices", "api"
+            r = IstioRouter(t, api)
+        original = _clean(kube.get(plural, NS, name))
+        async with controller(tmp_path, policies=[shaped_policy()], target=t,
+                              router=r) as (http, _c, _t):
+            rid = (await http.start(canary_version="v2"))["id"]
+            for _ in range(abort_at):
+                await http.until(rid, lambda x: x["state"] == "paused")
+                await _promote(http, rid)
+            await http.until(rid, lambda x, s=abort_at: x["stage"] == s
+                             and x["state"] == "paused")
+            status, _ = await http.call("POST", f"/api/v1/rollouts/{rid}/abort",
+                                        {"reason": "enough"}, role="pipeline")
+            assert status == 200
+            await http.until(rid, lambda x: x["state"] == "rolled_back")
+        assert _clean(kube.get(plural, NS, name)) == original
+
+
+@pytest.mark.parametrize("router", ["gateway", "istio"])
+async def test_requests_a_match_stage_sends_to_the_canary_keep_the_routes_rewrites_and_headers(
+        tmp_path, router):
+    """Matched requests go through the same filters, header changes, timeout and retries as
+    the route's other requests: otherwise the canary is judged on requests users will
+    never send it (a URLRewrite dropped: 404s at the canary, and a rollback)."""
+    route = copy.deepcopy(ROUTE)
+    route["spec"]["rules"][1]["filters"].append(
+        {"type": "URLRewrite", "urlRewrite": {"path": {"type": "ReplacePrefixMatch",
+                                                       "replacePrefixMatch": "/v2"}}})
+    route["spec"]["rules"][1]["timeouts"] = {"request": "10s"}
+    vs = copy.deepcopy(VS_PLAIN)
+    vs["spec"]["http"][1]["rewrite"] = {"uri": "/v2"}
+    async with cluster(tmp_path, vs=vs if router == "istio" else None,
+                       dr=DR if router == "istio" else None) as (kube, api):
+        if router == "gateway":
+            kube.put("httproutes", NS, route)
+            t: Any = gateway_target()
+            r: Any = GatewayRouter(t, api)
+        else:
+            t = target()
+            r = IstioRouter(t, api)
+        async with controller(tmp_path, policies=[shaped_policy()], target=t,
+                              router=r) as (http, _c, _t):
+            rid = (await http.start(canary_version="v2"))["id"]
+            await http.until(rid, lambda x: x["stage"] == 0 and x["state"] == "paused")
+        if router == "gateway":
+            ours, driven = kube.get("httproutes", NS, "shop")["spec"]["rules"][1:3]
+            assert ours["name"] == "canary-match"
+            assert ours["filters"] == driven["filters"] and ours["timeouts"] == {"request": "10s"}
+        else:
+            ours, driven = (kube.get("virtualservices", NS, "api")["spec"]["http"][i]
+                            for i in (0, 2))
+            assert ours["name"] == "canary-match"
+            for k in ("rewrite", "headers", "timeout", "retries"):
+                assert ours[k] == driven[k], k
+
+
 async def test_removing_canarys_match_rule_is_drift_and_is_not_fought(tmp_path):
     async with cluster(tmp_path, vs=None, dr=None) as (kube, api):
         kube.put("httproutes", NS, ROUTE)
@@ -270,6 +397,68 @@ async def test_a_gateway_start_is_refused_naming_what_is_missing(tmp_path):
                                                {"target": "web", "canary_version": "v2"},
                                                role="pipeline")
                 assert status in (400, 404) and words in body["error"], body
+
+
+async def test_a_backend_ref_naming_the_routes_own_namespace_is_the_one_canary_drives(tmp_path):
+    """`namespace: prod` written out on a backendRef in namespace prod is the same Service;
+    it was refused as "no backendRef for the stable version"."""
+    route = copy.deepcopy(ROUTE)
+    for ref in route["spec"]["rules"][1]["backendRefs"]:
+        ref["namespace"] = NS
+    async with cluster(tmp_path, vs=None, dr=None) as (kube, api):
+        kube.put("httproutes", NS, route)
+        t = gateway_target()
+        async with controller(tmp_path, policies=[shaped_policy()], target=t,
+                              router=GatewayRouter(t, api)) as (http, _c, _t):
+            rid = (await http.start(canary_version="v2"))["id"]
+            await http.until(rid, lambda x: x["stage"] == 0 and x["state"] == "paused")
+            await _promote(http, rid)
+            await _promote(http, rid)
+            await http.until(rid, lambda x: x["stage"] == 2 and x["state"] == "paused")
+        refs = kube.get("httproutes", NS, "shop")["spec"]["rules"][1]["backendRefs"]
+        assert [r["weight"] for r in refs] == [50, 50]
+
+
+async def test_a_gateway_route_with_no_room_for_canarys_rule_is_refused_at_start(tmp_path):
+    """An HTTPRoute has at most 16 rules: a match stage on a full one could never be
+    written; the start is refused (400) before anything changes."""
+    route = copy.deepcopy(ROUTE)
+    route["spec"]["rules"][1:1] = [
+        {"name": f"r{i}", "matches": [{"path": {"type": "PathPrefix", "value": f"/r{i}"}}],
+         "backendRefs": [{"name": "admin", "port": 80}]} for i in range(14)]
+    async with cluster(tmp_path, vs=None, dr=None) as (kube, api):
+        kube.put("httproutes", NS, route)
+        before = kube.get("httproutes", NS, "shop")
+        t = gateway_target()
+        async with controller(tmp_path, policies=[shaped_policy()], target=t,
+                              router=GatewayRouter(t, api)) as (http, _c, _t):
+            status, body = await http.call("POST", "/api/v1/rollouts",
+                                           {"target": "web", "canary_version": "v2"},
+                                           role="pipeline")
+            assert status == 400 and "16 rules" in body["error"], body
+        assert kube.get("httproutes", NS, "shop") == before
+
+
+@pytest.mark.parametrize("condition, value, wanted", [
+    ({"prefix": "42"}, "42017", True), ({"prefix": "42"}, "1420", False),
+    ({"regex": "alice|bob"}, "bob", True), ({"regex": "alice|bob"}, "alicexyz", False),
+    ({"regex": "alice|bob"}, "xbob", False), ("true", "true", True)])
+def test_gateway_header_matches_mean_the_whole_value_on_every_implementation(
+        condition, value, wanted):
+    """Gateway API leaves a RegularExpression's dialect and reach to the implementation:
+    some match the whole value, some (nginx- or Go-based) find it anywhere. What canary
+    writes means the same on both: README, "a regex matches the whole value"."""
+    import re
+
+    from canary.routers.gateway import header_matches
+
+    stage = MatchStage(Match(headers={"x-id": condition}), 60.0)  # type: ignore[dict-item]
+    (m,) = header_matches(stage.shape)
+    if m["type"] == "Exact":
+        assert (m["value"] == value) is wanted
+    else:
+        assert (re.fullmatch(m["value"], value) is not None) is wanted
+        assert (re.search(m["value"], value) is not None) is wanted
 
 
 # ---- nginx: real nginx on loopback ----------------------------------------------------
@@ -391,6 +580,109 @@ async def test_real_nginx_rollback_from_a_match_or_mirror_stage_restores_the_fil
         await canary.stop()
 
 
+@pytest.mark.e2e
+async def test_real_nginx_first_shaped_rollout_on_the_server_block_the_readme_gives(tmp_path):
+    """README (Traffic shapes, nginx): a running nginx on the plain upstream file; the user
+    puts the README's server block in (nginx -t refuses it until canary has written the
+    file once, so no reload) and creates an empty server_file; the first rollout's test
+    and reload bring it in, and from then on nginx starts on the files as they are."""
+    from dataclasses import replace
+
+    from canary.routers.nginx import render
+
+    stable, canary = Service("web", "v1", free_port()), Service("web", "v2", free_port())
+    nginx = Nginx(tmp_path / "nginx", free_port())
+    server_file = nginx.dir / "canary-server.conf"
+    t = NginxTarget(name="web", file=nginx.upstream_file, server_file=server_file,
+                    upstream="web", stable=(f"127.0.0.1:{stable.port}",),
+                    canary=(f"127.0.0.1:{canary.port}",), test=tuple(nginx.test_cmd),
+                    reload=tuple(nginx.reload_cmd), policy="p", vars={"service": "web"},
+                    stable_version="v1")
+    url = f"http://127.0.0.1:{nginx.port}/"
+    beta = {"X-Beta": "true", "Cookie": "canary=always"}
+    try:
+        await stable.start()
+        await canary.start()
+        nginx.write_conf()  # proxy_pass http://web; on the file of a target without server_file
+        t.file.write_text(render(replace(t, server_file=None), 0))
+        subprocess.run(nginx.argv(), check=True, capture_output=True, timeout=30)
+        await nginx_ready(url)
+        conf = nginx.conf.read_text().replace(
+            "        location / {\n            proxy_pass http://web;",
+            f"        include {server_file};\n        location / {{\n"
+            "            proxy_pass http://$canary_web_upstream;")
+        nginx.conf.write_text(conf)
+        server_file.write_text("")
+        said = subprocess.run(nginx.test_cmd, capture_output=True, text=True, timeout=30)
+        assert said.returncode != 0 and "canary_web_upstream" in said.stderr
+        async with controller(tmp_path, policies=[shaped_policy()], target=t,
+                              router=NginxRouter(t)) as (http, _c, _t):
+            rid = (await http.start(canary_version="v2"))["id"]
+            await http.until(rid, lambda r: r["stage"] == 0 and r["state"] == "paused")
+            await settled(url, beta, {"v2": 20})
+            assert await _count(url, 20) == {"v1": 20}
+            status, _ = await http.call("POST", f"/api/v1/rollouts/{rid}/abort",
+                                        {"reason": "enough"}, role="pipeline")
+            assert status == 200
+            await http.until(rid, lambda r: r["state"] == "rolled_back")
+        assert subprocess.run(nginx.test_cmd, capture_output=True, timeout=30).returncode == 0
+        nginx.stop()
+        subprocess.run(nginx.argv(), check=True, capture_output=True, timeout=30)
+        await settled(url, beta, {"v1": 20})
+    finally:
+        nginx.stop()
+        await stable.stop()
+        await canary.stop()
+
+
+@pytest.mark.e2e
+async def test_real_nginx_mirrored_requests_carry_the_headers_the_server_block_sets(tmp_path):
+    """A server block's proxy_set_header reaches the canary on mirrored requests as on
+    served ones (a proxy_set_header in canary's mirror location dropped them all)."""
+    from aiohttp import web
+
+    seen: list[dict[str, str]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    ports = free_port(), free_port()  # stable's and the canary's: one recorder for both
+    for port in ports:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+    nginx = Nginx(tmp_path / "nginx", free_port())
+    server_file = nginx.dir / "canary-server.conf"
+    t = NginxTarget(name="web", file=nginx.upstream_file, server_file=server_file,
+                    upstream="web", stable=(f"127.0.0.1:{ports[0]}",),
+                    canary=(f"127.0.0.1:{ports[1]}",), test=tuple(nginx.test_cmd),
+                    reload=tuple(nginx.reload_cmd), policy="p", vars={}, stable_version="v1")
+    try:
+        _nginx_conf(nginx, server_file, t)
+        nginx.conf.write_text(nginx.conf.read_text().replace(
+            f"        include {server_file};",
+            f"        proxy_set_header X-Team shop;\n        include {server_file};"))
+        http, server = render_all(t, 0, None, MirrorStage(100, 60.0).shape.key())
+        t.file.write_text(http)
+        server_file.write_text(server or "")
+        subprocess.run(nginx.reload_cmd, check=True, capture_output=True, timeout=30)
+        url = f"http://127.0.0.1:{nginx.port}/x"
+
+        async def mirrored() -> bool:
+            seen.clear()
+            async with aiohttp.ClientSession() as s, s.get(url) as r:
+                await r.read()
+            return len(seen) == 2
+        await eventually(mirrored, deadline=20, what="a served and a mirrored request")
+        assert [h.get("X-Team") for h in seen] == ["shop", "shop"], seen
+    finally:
+        nginx.stop()
+        await runner.cleanup()
+
+
 async def settled(url: str, headers: dict[str, str] | None, want: dict[str, int]) -> None:
     """Requests (as many as `want` counts) land as `want` says, once nginx's new workers
     have taken over."""
@@ -503,7 +795,11 @@ async def test_nginx_files_edited_by_hand_read_back_as_edited(tmp_path):
     await router.set_weight(0, shape=key)
     assert await router.get_shape() == key
     t.server_file.write_text("# someone removed the mirror\n")  # type: ignore[union-attr]
-    assert (await router.get_shape() or "").startswith(shapes.EDITED)
+    live = await router.get_shape() or ""
+    assert live.startswith(shapes.EDITED)
+    # as the drift reason says it: "router carries <this>, expected <what canary wrote>"
+    assert shapes.describe(live) == (f"nginx files {t.file} and {t.server_file} that differ "
+                                     "from what canary wrote for mirror 20% to the canary")
     await router.set_weight(0)
     assert await router.get_shape() is None
 
@@ -584,12 +880,14 @@ targets:
     http_route: Shop_
     rule: -1
     stable: {{name: shop-stable}}
-    canary: {{name: shop-canary, port: 8080}}
+    canary: {{name: Shop_Canary, port: 8080}}
 """)
     problems = [str(p) for p in validate_files([str(tmp_path / "c.yaml")])]
     assert any("targets.shop.http_route: must be a Kubernetes name" in p for p in problems)
-    assert any("targets.shop.rule: must be the rule's name, or its index" in p for p in problems)
+    assert any("targets.shop.rule: must be the rule's name (lowercase" in p for p in problems)
     assert any("targets.shop.stable.port: required" in p for p in problems), problems
+    assert any("targets.shop.canary.name: must be a Service's name" in p for p in problems), \
+        problems
 
 
 async def test_a_gateway_edit_made_between_read_and_write_is_never_overwritten(tmp_path):

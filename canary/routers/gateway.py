@@ -28,11 +28,12 @@ GROUP, VERSION, PLURAL = "gateway.networking.k8s.io", "v1", "httproutes"
 MATCH_RULE = "canary-match"  # the name of canary's own rule for a match stage
 
 
-def _is(ref: dict[str, Any], want: GatewayBackend) -> bool:
-    """A backendRef to the Service `want` (core group, kind Service, same namespace)."""
+def _is(ref: dict[str, Any], want: GatewayBackend, namespace: str) -> bool:
+    """A backendRef to the Service `want` (core group, kind Service, the route's namespace,
+    whether or not the ref names it)."""
     return (ref.get("name") == want.name and ref.get("port") == want.port
             and ref.get("group", "") == "" and ref.get("kind", "Service") == "Service"
-            and "namespace" not in ref)
+            and ref.get("namespace", namespace) == namespace)
 
 
 def _ref(b: GatewayBackend) -> dict[str, Any]:
@@ -49,8 +50,10 @@ def header_matches(shape: shapes.Shape) -> list[dict[str, str]]:
         if r.condition.how == "exact":
             out.append({"name": r.name, "type": "Exact", "value": r.condition.value})
         else:
+            # anchored: whether an implementation matches the whole value (Envoy) or finds
+            # the regex in it (nginx, Go) is implementation-specific; this holds for both
             out.append({"name": r.name, "type": "RegularExpression",
-                        "value": r.condition.regex()})
+                        "value": f"^(?:{r.condition.regex()})$"})
     for r in shape.cookies:
         out.append({"name": "cookie", "type": "RegularExpression",
                     "value": shapes.cookie_regex(r.name, r.condition)})
@@ -129,7 +132,7 @@ class GatewayRouter:
         refs = rule.get("backendRefs") or []
         found = []
         for side, want in (("stable", self.target.stable), ("canary", self.target.canary)):
-            ref = next((r for r in refs if _is(r, want)), None)
+            ref = next((r for r in refs if _is(r, want, self.target.namespace)), None)
             if ref is None:
                 raise InvalidInput(f"{self._what}: the rule has no backendRef for the {side} "
                                    f"version (Service {want.name} port {want.port}); list both "
@@ -176,7 +179,12 @@ class GatewayRouter:
         base = driven.get("matches") or [{"path": {"type": "PathPrefix", "value": "/"}}]
         matches = [{**copy.deepcopy(m), "headers": [*(m.get("headers") or []), *ours]}
                    for m in base]
-        return {"name": MATCH_RULE, "matches": matches,
+        # the rule's filters (rewrites, header changes), timeouts and retries apply to the
+        # matched requests too: the canary is judged on what users will send it. Canary's
+        # own mirror is not copied: a match and a mirror stage never overlap.
+        rest = {k: copy.deepcopy(v) for k, v in driven.items()
+                if k not in ("name", "matches", "backendRefs")}
+        return {**rest, "name": MATCH_RULE, "matches": matches,
                 "backendRefs": [{**_ref(self.target.canary), "weight": 1}]}
 
     def _strip(self, route: dict[str, Any]) -> None:
@@ -251,6 +259,19 @@ class GatewayRouter:
             problem = shape_problem(shape)
             if problem:
                 raise InvalidInput(f"target {self.target.name}: {problem}")
+        if not wanted:
+            return
+        # what the API server would refuse at the stage, refused at the start instead
+        route = await self._read()
+        self._strip(route)
+        if any(s.rules for s in wanted) and len(route["spec"]["rules"]) >= 16:
+            raise InvalidInput(f"{self._what} already has 16 rules, the most an HTTPRoute may "
+                               "have; canary needs one more for a match stage. Merge two "
+                               "rules, or leave the match stages out of the policy")
+        if any(s.mirror is not None for s in wanted) and \
+                len(self.rule(route).get("filters") or []) >= 16:
+            raise InvalidInput(f"{self._what}: the rule already has 16 filters, the most a "
+                               "rule may have; canary needs one more for a mirror stage")
 
     # ---- writing ----------------------------------------------------------------------
 
@@ -280,7 +301,11 @@ class GatewayRouter:
         if shape is not None:
             self._add(new, shape)
         stable, canary = self._backends(self.rule(new))
-        stable["weight"], canary["weight"] = 100 - weight, weight
+        ws, wc = int(stable.get("weight", 1)), int(canary.get("weight", 1))
+        # weights that already say `weight` stay as the user wrote them (e.g. stable's 1,
+        # the schema's default): a match or mirror stage and its rollback move no user
+        if not ((weight == 0 and wc == 0 and ws > 0) or (weight == 100 and ws == 0 and wc > 0)):
+            stable["weight"], canary["weight"] = 100 - weight, weight
         meta = new.setdefault("metadata", {})
         if decision:
             meta.setdefault("annotations", {})[DECISION] = decision[:2000]

@@ -186,7 +186,12 @@ class IstioRouter:
         ours = header_match(shape)
         matches = [{**copy.deepcopy(m), "headers": {**(m.get("headers") or {}), **ours}}
                    for m in driven.get("match") or []] or [{"headers": ours}]
-        return {"name": MATCH_ROUTE, "match": matches,
+        # the route's rewrite, headers, timeout, retries, ... apply to the matched requests
+        # too: the canary is judged on what users will send it. Not its mirror: users'
+        # mirroring is the driven route's, and canary's own never overlaps a match stage.
+        rest = {k: copy.deepcopy(v) for k, v in driven.items()
+                if k not in ("name", "match", "route", "mirror", "mirrorPercentage", "mirrors")}
+        return {**rest, "name": MATCH_ROUTE, "match": matches,
                 "route": [{"destination": self._canary_dest()}]}
 
     def _strip(self, vs: dict[str, Any]) -> None:
@@ -279,7 +284,11 @@ class IstioRouter:
         if shape is not None:
             self._add(new, shape)
         stable, canary = self._destinations(self.route(new))
-        stable["weight"], canary["weight"] = 100 - weight, weight
+        # weights that already say `weight` stay as the user wrote them (a canary with no
+        # weight is at 0): a match or mirror stage and its rollback move no user
+        if (int(stable.get("weight") or 0), int(canary.get("weight") or 0)) != (100 - weight,
+                                                                                 weight):
+            stable["weight"], canary["weight"] = 100 - weight, weight
         meta = new.setdefault("metadata", {})
         if decision:
             meta.setdefault("annotations", {})[DECISION] = decision[:2000]

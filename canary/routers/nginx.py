@@ -125,8 +125,9 @@ def render_server(target: NginxTarget, shape: shapes.Shape | None) -> str:
                   f"location = {loc} {{",
                   "    internal;",
                   f'    if (${variable(target, "mirror")} = "") {{ return 204; }}',
+                  # (no proxy_set_header here: it would drop every one the server block
+                  # sets, and the canary would see other requests than users send)
                   f"    proxy_pass http://{canary_upstream(target)}$request_uri;",
-                  "    proxy_set_header X-Canary-Mirror 1;",
                   "}"]
     return "\n".join(lines) + "\n"
 
@@ -208,8 +209,8 @@ class NginxRouter:
         want = render_all(self.target, weight if weight is not None else 0,
                           d.group(1).strip() if d else None, key)
         if weight is None or want != (text, server):
-            return (f"{shapes.EDITED}the nginx files {self.target.file} and "
-                    f"{self.target.server_file} differ from what canary wrote for "
+            return (f"{shapes.EDITED}nginx files {self.target.file} and "
+                    f"{self.target.server_file} that differ from what canary wrote for "
                     f"{shapes.describe(key)}")
         return key
 
