@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from canary.config import Target
-from canary.errors import InvalidInput, RouterError
+from canary.errors import InvalidInput, NotFound, RouterError, StoreConflict
 from canary.shapes import Shape
 
 
@@ -43,6 +43,29 @@ class Router(Protocol):
         """Before a rollout starts: is everything it needs there? NotFound / InvalidInput
         say what is missing; RouterError when the backend cannot be asked."""
         ...
+
+
+async def write_route(what: str, write: Callable[[], Awaitable[None]],
+                      read_back: Callable[[], Awaitable[int | None]], weight: int) -> None:
+    """A Kubernetes router's write: read, change and write back the route conditionally on
+    its resourceVersion, again while someone else's write moved it (409), then read the
+    weight back. Every failure is a RouterError naming the object."""
+    from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+    try:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(StoreConflict),
+            stop=stop_after_attempt(6), wait=wait_exponential(multiplier=0.05, max=1),
+            reraise=True,
+        ):
+            with attempt:
+                await write()
+    except StoreConflict as e:
+        raise RouterError(f"{what} kept changing under us: {e}") from e
+    except (NotFound, InvalidInput) as e:
+        raise RouterError(str(e)) from e
+    live = await read_back()
+    if live != weight:
+        raise RouterError(f"{what}: wrote canary weight {weight} but read back {live}")
 
 
 def for_target(target: Target, *, kube_api: Any = None) -> Router:

@@ -14,12 +14,11 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
-
 from canary import kube, shapes
 from canary.config import IstioDestination, IstioTarget
 from canary.errors import InvalidInput, NotFound, RouterError, StoreConflict
 from canary.executors import Pool
+from canary.routers import write_route
 
 GROUP, VERSION = "networking.istio.io", "v1"
 # a rollback decided while the state store could not record it; cleared by the next write
@@ -160,21 +159,8 @@ class IstioRouter:
     async def set_weight(self, weight: int, *, decision: str | None = None,
                          shape: str | None = None) -> None:
         async with self._lock:
-            try:
-                async for attempt in AsyncRetrying(
-                    retry=retry_if_exception_type(StoreConflict),
-                    stop=stop_after_attempt(6), wait=wait_exponential(multiplier=0.05, max=1),
-                    reraise=True,
-                ):
-                    with attempt:
-                        await self._write(weight, decision, shape)
-            except StoreConflict as e:
-                raise RouterError(f"{self._what} kept changing under us: {e}") from e
-            except (NotFound, InvalidInput) as e:
-                raise RouterError(str(e)) from e
-            live = await self.get_weight()
-            if live != weight:
-                raise RouterError(f"{self._what}: wrote canary weight {weight} but read back {live}")
+            await write_route(self._what, lambda: self._write(weight, decision, shape),
+                              self.get_weight, weight)
 
     def _canary_dest(self) -> dict[str, str]:
         d = {"host": self.target.canary.host}
