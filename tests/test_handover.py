@@ -570,3 +570,36 @@ async def test_a_match_stage_policy_after_a_swap_is_refused_with_how_to_fix(tmp_
         status, listed = await api.call("GET", "/api/v1/rollouts", role="viewer")
         assert listed["rollouts"] == []
     assert not target.file.exists(), "nothing was written to nginx"
+
+
+async def test_a_version_answered_in_pieces_is_read_whole_and_a_huge_body_is_no_version():
+    """A server that writes its answer in two pieces (a streaming framework, a slow
+    proxy) answers the version all the same; a body past the limit is named as such,
+    not cut to a version it never said."""
+    from canary.config import VersionProbe
+    from canary.probe import ask
+
+    async def pieces(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        await resp.write(b'{"version": ')
+        await asyncio.sleep(0.2)
+        await resp.write(b'"v2"}')
+        await resp.write_eof()
+        return resp
+
+    async def huge(request: web.Request) -> web.Response:
+        return web.Response(text="v2" + " x" * 100_000)
+
+    app = web.Application()
+    app.router.add_get("/pieces", pieces)
+    app.router.add_get("/huge", huge)
+    port = free_port()
+    runner = await serve_app(app, port)
+    try:
+        [a] = await ask([f"127.0.0.1:{port}"], VersionProbe("/pieces", 2.0))
+        assert a.version == "v2", a.describe()
+        [b] = await ask([f"127.0.0.1:{port}"], VersionProbe("/huge", 2.0))
+        assert b.version is None and "longer than" in b.describe(), b.describe()
+    finally:
+        await runner.cleanup()
