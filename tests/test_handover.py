@@ -344,7 +344,8 @@ async def test_return_mode_hands_over_on_the_pipelines_call_and_start_wait_exits
         tmp_path):
     from canary.routers.nginx import NginxRouter
     async with VersionServer("v1") as s1, VersionServer("v2") as c1:
-        target = nginx_target(tmp_path, [s1.addr], [c1.addr], promotion="return")
+        target = nginx_target(tmp_path, [s1.addr], [c1.addr], promotion="return",
+                              version_probe=None)  # (the pipeline says, not a probe)
         async with controller(tmp_path, policies=[FAST], target=target,
                               router=NginxRouter(target)) as (api, _ctl, _t):
             r = await api.start(canary_version="v2")
@@ -603,3 +604,31 @@ async def test_a_version_answered_in_pieces_is_read_whole_and_a_huge_body_is_no_
         assert b.version is None and "longer than" in b.describe(), b.describe()
     finally:
         await runner.cleanup()
+
+
+async def test_a_handover_while_a_stable_server_still_runs_the_old_version_is_refused(tmp_path):
+    """With a version_probe, the pipeline's handover is checked like a start: traffic
+    never returns to a stable server that does not answer the canary version."""
+    from canary.routers.nginx import NginxRouter
+    async with VersionServer("v1") as s1, VersionServer("v1") as s2, \
+            VersionServer("v2") as c1:
+        target = nginx_target(tmp_path, [s1.addr, s2.addr], [c1.addr], promotion="return")
+        async with controller(tmp_path, policies=[FAST], target=target,
+                              router=NginxRouter(target)) as (api, _ctl, _t):
+            r = await api.start(canary_version="v2")
+            await api.until(r["id"], lambda x: x["state"] == "promoting")
+            s1.version = "v2"  # the pipeline updated one stable server of two, and calls
+            status, data = await api.call("POST", f"/api/v1/rollouts/{r['id']}/handover",
+                                          {"reason": "deployed"}, role="pipeline")
+            assert status == 409, data
+            assert f"{s2.addr} answered 'v1'" in data["error"], data
+            assert s1.addr not in data["error"]
+            status, r = await api.call("GET", f"/api/v1/rollouts/{r['id']}", role="viewer")
+            assert r["state"] == "promoting" and r["applied_weight"] == 100
+            assert parse_weight(target, target.file.read_text()) == 100, "traffic stays"
+            s2.version = "v2"
+            status, data = await api.call("POST", f"/api/v1/rollouts/{r['id']}/handover",
+                                          {"reason": "deployed"}, role="pipeline")
+            # (the probe may have seen it first and handed over by itself)
+            assert status == 200 or "already" in data["error"], data
+            await api.until(r["id"], lambda x: x["state"] == "succeeded")
