@@ -68,7 +68,16 @@ async def _one(session: aiohttp.ClientSession, server: str, probe: VersionProbe)
 async def _read(server: str, resp: aiohttp.ClientResponse) -> Answer:
     if resp.status != 200:
         return Answer(server, None, f"HTTP {resp.status}")
-    body = await resp.content.read(MAX_BODY)
+    # read to the end (a body may come in pieces), but no more than MAX_BODY: a longer
+    # one is not a version, and cutting it would make up one the server never said
+    body = b""
+    while len(body) <= MAX_BODY:
+        chunk = await resp.content.read(MAX_BODY + 1 - len(body))
+        if not chunk:
+            break
+        body += chunk
+    if len(body) > MAX_BODY:
+        return Answer(server, None, f"the body is longer than {MAX_BODY} bytes, not a version")
     version = version_of(body)
     if version is None:
         return Answer(server, None, "the body is not a version")

@@ -344,7 +344,8 @@ async def test_return_mode_hands_over_on_the_pipelines_call_and_start_wait_exits
         tmp_path):
     from canary.routers.nginx import NginxRouter
     async with VersionServer("v1") as s1, VersionServer("v2") as c1:
-        target = nginx_target(tmp_path, [s1.addr], [c1.addr], promotion="return")
+        target = nginx_target(tmp_path, [s1.addr], [c1.addr], promotion="return",
+                              version_probe=None)  # (the pipeline says, not a probe)
         async with controller(tmp_path, policies=[FAST], target=target,
                               router=NginxRouter(target)) as (api, _ctl, _t):
             r = await api.start(canary_version="v2")
@@ -362,9 +363,12 @@ async def test_return_mode_hands_over_on_the_pipelines_call_and_start_wait_exits
             status, t = await api.call("GET", "/api/v1/targets/web", role="viewer")
             assert (t["serving"], t["deploy_to"]) == ("stable", "canary")
             assert t["runs"] == {"stable": "v2", "canary": "v2"}
+            # called again (a pipeline retrying, or racing the version_probe): the
+            # release is handed over, so that is a success that changes nothing
             status, data = await api.call("POST", f"/api/v1/rollouts/{r['id']}/handover",
                                           {"reason": "again"}, role="pipeline")
-            assert status == 409 and "already succeeded" in data["error"]
+            assert status == 200 and data["state"] == "succeeded", data
+            assert [e["type"] for e in data["events"]].count("handover") == 1
 
 
 async def test_version_probe_sees_the_stable_side_updated_and_hands_over_by_itself(tmp_path):
@@ -570,3 +574,63 @@ async def test_a_match_stage_policy_after_a_swap_is_refused_with_how_to_fix(tmp_
         status, listed = await api.call("GET", "/api/v1/rollouts", role="viewer")
         assert listed["rollouts"] == []
     assert not target.file.exists(), "nothing was written to nginx"
+
+
+async def test_a_version_answered_in_pieces_is_read_whole_and_a_huge_body_is_no_version():
+    """A server that writes its answer in two pieces (a streaming framework, a slow
+    proxy) answers the version all the same; a body past the limit is named as such,
+    not cut to a version it never said."""
+    from canary.config import VersionProbe
+    from canary.probe import ask
+
+    async def pieces(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        await resp.write(b'{"version": ')
+        await asyncio.sleep(0.2)
+        await resp.write(b'"v2"}')
+        await resp.write_eof()
+        return resp
+
+    async def huge(request: web.Request) -> web.Response:
+        return web.Response(text="v2" + " x" * 100_000)
+
+    app = web.Application()
+    app.router.add_get("/pieces", pieces)
+    app.router.add_get("/huge", huge)
+    port = free_port()
+    runner = await serve_app(app, port)
+    try:
+        [a] = await ask([f"127.0.0.1:{port}"], VersionProbe("/pieces", 2.0))
+        assert a.version == "v2", a.describe()
+        [b] = await ask([f"127.0.0.1:{port}"], VersionProbe("/huge", 2.0))
+        assert b.version is None and "longer than" in b.describe(), b.describe()
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_handover_while_a_stable_server_still_runs_the_old_version_is_refused(tmp_path):
+    """With a version_probe, the pipeline's handover is checked like a start: traffic
+    never returns to a stable server that does not answer the canary version."""
+    from canary.routers.nginx import NginxRouter
+    async with VersionServer("v1") as s1, VersionServer("v1") as s2, \
+            VersionServer("v2") as c1:
+        target = nginx_target(tmp_path, [s1.addr, s2.addr], [c1.addr], promotion="return")
+        async with controller(tmp_path, policies=[FAST], target=target,
+                              router=NginxRouter(target)) as (api, _ctl, _t):
+            r = await api.start(canary_version="v2")
+            await api.until(r["id"], lambda x: x["state"] == "promoting")
+            s1.version = "v2"  # the pipeline updated one stable server of two, and calls
+            status, data = await api.call("POST", f"/api/v1/rollouts/{r['id']}/handover",
+                                          {"reason": "deployed"}, role="pipeline")
+            assert status == 409, data
+            assert f"{s2.addr} answered 'v1'" in data["error"], data
+            assert s1.addr not in data["error"]
+            status, r = await api.call("GET", f"/api/v1/rollouts/{r['id']}", role="viewer")
+            assert r["state"] == "promoting" and r["applied_weight"] == 100
+            assert parse_weight(target, target.file.read_text()) == 100, "traffic stays"
+            s2.version = "v2"
+            status, data = await api.call("POST", f"/api/v1/rollouts/{r['id']}/handover",
+                                          {"reason": "deployed"}, role="pipeline")
+            assert status == 200, data  # (even when the probe saw it first)
+            await api.until(r["id"], lambda x: x["state"] == "succeeded")

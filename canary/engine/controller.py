@@ -352,6 +352,8 @@ class Controller:
                                f"({why}); it can only be aborted")
             return decide.command(r, pol, cmd, now)
 
+        if cmd.kind is CommandKind.HANDOVER:
+            await self._check_handover(rollout_id, scope)
         try:
             r = await self._update(rollout_id, step)
         except StoreUnavailable as e:
@@ -365,6 +367,27 @@ class Controller:
         faults.point("after_command")
         self.wake(rollout_id)
         return r
+
+    async def _check_handover(self, rollout_id: str, scope: Callable[[str], bool]) -> None:
+        """With a version_probe, the pipeline's handover is checked like a start: traffic
+        returns only to a serving side whose every server answers the canary version."""
+        r = await self.store.load(rollout_id)
+        if not scope(r.target) or r.state.final or r.returning or r.promotion != "return":
+            return  # (decide.command says why it does not fit)
+        found = self._from_servers(r)
+        if found is None:
+            return
+        servers, tgt = found
+        assert tgt.version_probe is not None
+        bad = probe.mismatches(await probe.ask(servers, tgt.version_probe), r.canary_version)
+        if bad:
+            serving = "stable" if r.to_side == "canary" else "canary"
+            raise Conflict(
+                f"rollout {r.id}: version_probe {tgt.version_probe.path}: the {serving} "
+                f"side must run {r.canary_version} before handover: "
+                + "; ".join(a.describe() for a in bad)
+                + f". Traffic stays on the {r.to_side} side; call handover again once "
+                  "every server runs it")
 
     async def alerts(self, firing: Sequence[tuple[Mapping[str, str], Mapping[str, str]]], *,
                      actor: str, scope: Callable[[str], bool] = _every_target) -> list[str]:

@@ -236,6 +236,12 @@ def policy_unreadable(r: Rollout, error: str, now: float) -> Rollout:
 def command(r: Rollout, policy: Policy, cmd: Command, now: float) -> Rollout:
     """Apply an override, or raise Conflict saying why it does not fit the state."""
     who = f"{cmd.actor}: {cmd.reason}"
+    if cmd.kind is CommandKind.HANDOVER and r.promotion == "return" and (
+            r.returning or r.state is Phase.SUCCEEDED):
+        # already handed over, or handing over: what the caller wants is so. A pipeline
+        # that deploys the stable side and then calls handover races the version_probe,
+        # which may have seen the deploy first; its call must not fail the release.
+        return r
     if r.state.final:
         raise Conflict(f"rollout {r.id} is already {r.state.value}; nothing to {cmd.kind.value}")
     if cmd.kind is CommandKind.HANDOVER:
