@@ -9,7 +9,8 @@ import json
 import os
 from typing import Any
 
-from canary.errors import NotFound, RouterError
+from canary.errors import NotFound, RouterError, StoreConflict
+from canary.executors import Pool
 
 # every call is bounded so a leader that loses its lease (renew deadline 10 s) cannot
 # still be writing when the lease expires for the others (15 s)
@@ -58,3 +59,15 @@ def describe(e: BaseException, what: str) -> Exception:
         return RouterError(f"{what}: the API server refused us ({code}): {message_of(e)}; "
                            "check the controller's ServiceAccount and RBAC")
     return RouterError(f"{what}: API server error{f' {code}' if code else ''}: {message_of(e)}")
+
+
+async def call_router(pool: Pool, what: str, fn: Any, *args: Any) -> Any:
+    """One blocking client call of a router, on the router's own pool: a 409 (someone
+    else's write moved the object) is StoreConflict, to re-read and try again; any other
+    failure is described (`describe`)."""
+    try:
+        return await pool.run(fn, *args)
+    except Exception as e:  # the client raises ApiException, urllib3 and socket errors
+        if status_of(e) == 409:
+            raise StoreConflict(f"{what}: changed by someone else; re-reading") from e
+        raise describe(e, what) from e

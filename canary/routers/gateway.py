@@ -18,7 +18,7 @@ from typing import Any
 
 from canary import kube, shapes
 from canary.config import GatewayBackend, GatewayTarget
-from canary.errors import InvalidInput, NotFound, RouterError, StoreConflict
+from canary.errors import InvalidInput, NotFound, RouterError
 from canary.executors import Pool
 from canary.routers import write_route
 from canary.routers.istio import DECISION, SHAPE, shape_problem
@@ -87,19 +87,11 @@ class GatewayRouter:
             _request_timeout=kube.REQUEST_TIMEOUT)
 
     async def _read(self) -> dict[str, Any]:
-        try:
-            result: dict[str, Any] = await self._pool.run(self._get_route)
-            return result
-        except Exception as e:  # the client raises ApiException, urllib3 and socket errors
-            raise kube.describe(e, self._what) from e
+        result: dict[str, Any] = await kube.call_router(self._pool, self._what, self._get_route)
+        return result
 
     async def _write_obj(self, obj: dict[str, Any]) -> None:
-        try:
-            await self._pool.run(self._replace, obj)
-        except Exception as e:
-            if kube.status_of(e) == 409:
-                raise StoreConflict(f"{self._what}: changed by someone else; re-reading") from e
-            raise kube.describe(e, self._what) from e
+        await kube.call_router(self._pool, self._what, self._replace, obj)
 
     # ---- the rule and its backends ----------------------------------------------------
 

@@ -95,12 +95,7 @@ class IstioRouter:
         return items
 
     async def _call(self, what: str, fn: Any, *args: Any) -> Any:
-        try:
-            return await self._pool.run(fn, *args)
-        except Exception as e:  # the client raises ApiException, urllib3 and socket errors
-            if kube.status_of(e) == 409:
-                raise StoreConflict(f"{what}: changed by someone else; re-reading") from e
-            raise kube.describe(e, what) from e
+        return await kube.call_router(self._pool, what, fn, *args)
 
     def route(self, vs: dict[str, Any]) -> dict[str, Any]:
         routes = [r for r in (vs.get("spec") or {}).get("http") or []
