@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,7 +40,12 @@ def version_of(body: bytes) -> str | None:
         except ValueError:
             return None
         value = data.get("version") if isinstance(data, dict) else None
-        return str(value).strip() if isinstance(value, str | int | float) else None
+        # true/false and NaN/Infinity are JSON values, not versions: read as "True" they
+        # would match no deploy and name a version nobody wrote
+        if isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
+            return None
+        version = str(value).strip() if isinstance(value, str | int | float) else ""
+        return version or None
     return text or None
 
 

@@ -634,3 +634,16 @@ async def test_a_handover_while_a_stable_server_still_runs_the_old_version_is_re
                                           {"reason": "deployed"}, role="pipeline")
             assert status == 200, data  # (even when the probe saw it first)
             await api.until(r["id"], lambda x: x["state"] == "succeeded")
+
+
+def test_a_json_version_that_is_not_a_version_is_named_as_no_version():
+    """`{"version": true}` or `{"version": NaN}` is no version at all: read as "True" or
+    "nan" it would never match a deploy and the refusal would name a made-up version."""
+    from canary.probe import version_of
+
+    assert version_of(b'{"version": "v2"}') == "v2"
+    assert version_of(b'{"version": 7}') == "7"
+    assert version_of(b"v2\n") == "v2"
+    for body in (b'{"version": true}', b'{"version": false}', b'{"version": NaN}',
+                 b'{"version": "  "}', b'{"version": null}', b'{"version": ["v2"]}'):
+        assert version_of(body) is None, body
