@@ -66,7 +66,7 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # the schema's way to say it (no (?i) in editors' regexes): [Cc][Oo][Oo][Kk][Ii][Ee]
 _SECRET_HEADER = "^(" + "|".join("".join(f"[{c.upper()}{c}]" if c.isalpha() else c for c in h)
                                  for h in sorted(_SECRET_HEADERS)) + ")$"
-_VAR = r"[A-Za-z_][A-Za-z0-9_]*"  # a template variable's or an environment variable's name
+_VAR = policy_mod.IDENTIFIER  # a template variable's or an environment variable's name
 
 
 def _refused_keys(pattern: str) -> Any:
@@ -81,6 +81,8 @@ Text = Annotated[str, Field(strict=True, min_length=1, max_length=4096)]
 Name = Annotated[str, Field(strict=True, pattern=_NAME)]
 Dns = Annotated[str, Field(strict=True, pattern=_DNS, max_length=253)]
 Version = Annotated[str, Field(strict=True, pattern=VERSION_PATTERN)]
+EnvName = Annotated[str, Field(strict=True, pattern=f"^{_VAR}$")]
+HttpUrl = Annotated[str, Field(strict=True, pattern=r"^https?://", max_length=2048)]
 
 
 def _role(value: object) -> object:
@@ -406,7 +408,6 @@ NotifyEvent = Literal["started", "stage", "paused", "approval", "drift", "router
                       "succeeded", "handover"]
 NOTIFY_EVENTS: tuple[NotifyEvent, ...] = ("started", "stage", "paused", "approval", "drift",
                                           "router", "rolled_back", "succeeded", "handover")
-_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
 def _send_url(value: str) -> str:
@@ -432,20 +433,19 @@ class Notification:
 
     name: Name
     """The receiver's name, unique among notifications (in metrics and logs)."""
-    url: Annotated[str, Field(strict=True, pattern=r"^https?://", max_length=2048),
-                   AfterValidator(_send_url)] | None = None
+    url: Annotated[HttpUrl, AfterValidator(_send_url)] | None = None
     """http(s) URL messages are POSTed to (a chat's incoming webhook, or any endpoint).
     One of url and url_env."""
     format: Literal["slack", "teams", "webhook"] = "webhook"
     """slack or teams (readable text), or webhook (the rollout's JSON and the event)."""
     events: Annotated[tuple[NotifyEvent, ...], Field(min_length=1)] = NOTIFY_EVENTS
     """The event types sent (default: every type)."""
-    secret_env: Annotated[str, Field(strict=True, pattern=_ENV_NAME)] | None = None
+    secret_env: EnvName | None = None
     """Environment variable holding the HMAC-SHA256 key: the body is signed in
     X-Canary-Signature."""
     timeout: policy_mod.PositiveDuration = 10.0
     """How long one delivery attempt may take (default 10s)."""
-    url_env: Annotated[str, Field(strict=True, pattern=_ENV_NAME)] | None = None
+    url_env: EnvName | None = None
     """Environment variable holding the URL, instead of url: a chat's incoming-webhook URL
     is a secret, kept out of the config (read when sending, never logged)."""
 
@@ -548,7 +548,7 @@ def _no_password(value: object) -> None:
 class BasicAuthDoc(_Doc):
     username: Annotated[Text, Field(pattern=r"^[^:]*$")]
     """The basic-auth user name (no ':')."""
-    password_env: Annotated[str, Field(pattern=f"^{_VAR}$")]
+    password_env: EnvName
     """The environment variable that holds the password; it must be set when canary
     starts."""
     password: SkipJsonSchema[Annotated[Any, AfterValidator(_no_password)]] = None
@@ -557,7 +557,7 @@ class BasicAuthDoc(_Doc):
 class PrometheusDoc(_Doc):
     model_config = ConfigDict(json_schema_extra={  # each sets the Authorization header
         "not": {"required": ["basic_auth", "bearer_token_file"]}})
-    url: Annotated[str, Field(pattern=r"^https?://", max_length=2048, json_schema_extra={
+    url: Annotated[HttpUrl, Field(json_schema_extra={
         "pattern": r"^https?://[^/?#@]*([/?#]|$)"})] = "http://127.0.0.1:9090"  # no user@
     """Prometheus's base URL, http:// or https://, without credentials."""
     timeout: policy_mod.PositiveDuration = 10.0
@@ -630,7 +630,7 @@ class ConfigDoc(_Doc):
     """Chat and webhook receivers told about rollout events (at least once)."""
     approval_reminder: policy_mod.PositiveDuration = 1800.0
     """How often a waiting approval is announced again (default 30m)."""
-    public_url: Annotated[str, Field(pattern=r"^https?://", max_length=2048)] | None = None
+    public_url: HttpUrl | None = None
     """Where people open this controller: the base of links in notifications."""
 
 
@@ -670,8 +670,6 @@ CONFIG_MESSAGES = {
     "secret_env": "must name an environment variable (letters, digits and _)",
     "url_env": "must name an environment variable (letters, digits and _)",
     "notifications": "must be a list of receivers, each with name and url",
-    "approval_reminder": "must be a duration like 30m: how often a waiting approval is "
-                         "announced again",
     "public_url": "must start with http:// or https://: where people open this controller "
                   "(links in notifications)",
     "promotion": "must be swap (the sides take turns) or return (traffic goes back to the "
@@ -722,6 +720,13 @@ class _Resolver:
         p = Path(value)
         return p if p.is_absolute() else self.base / p
 
+    def env(self, path: yamlsrc.Path, name: object, what: str) -> None:
+        """A variable the config names must be set (to `what`) when canary starts."""
+        if isinstance(name, str) and re.fullmatch(_VAR, name) and not os.environ.get(name):
+            self.problem(path, f"environment variable {name} is " + (
+                "empty" if name in os.environ else f"not set; export it with {what} before "
+                                                   "starting canary"))
+
     def machine(self, data: dict[str, Any]) -> None:
         """Files that must exist and variables that must be set, read from the document
         itself: these are reported even when the rest of it is malformed."""
@@ -741,13 +746,8 @@ class _Resolver:
             except (OSError, UnicodeDecodeError) as e:
                 why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
                 self.problem((*at, "bearer_token_file"), f"cannot read {p}: {why}")
-        env = text("prometheus", "basic_auth", "password_env")
-        if env is not None and re.fullmatch(_VAR, env) \
-                and not os.environ.get(env):
-            self.problem((*at, "basic_auth", "password_env"),
-                         f"environment variable {env} is "
-                         + ("empty" if env in os.environ else "not set; export it with the "
-                            "Prometheus password before starting canary"))
+        self.env((*at, "basic_auth", "password_env"),
+                 text("prometheus", "basic_auth", "password_env"), "the Prometheus password")
         prom = data.get("prometheus")
         if isinstance(prom, dict) and "basic_auth" in prom and "bearer_token_file" in prom:
             self.problem((*at, "basic_auth"), "use basic_auth or bearer_token_file, not both: "
@@ -777,21 +777,15 @@ class _Resolver:
                                  f"receiver name {name!r} is used twice; give each its own")
                 seen.add(name)
             env = n.get("url_env")
-            if isinstance(env, str) and re.fullmatch(_ENV_NAME[1:-1], env) \
-                    and "url" not in n:
+            if isinstance(env, str) and re.fullmatch(_VAR, env) and "url" not in n:
                 try:
                     Notification(name="x", url_env=env).send_url()
                 except ValueError as e:
                     self.problem(("notifications", i, "url_env"),
                                  f"{e}; export it with the receiver's URL before starting "
                                  "canary")
-            env = n.get("secret_env")
-            if isinstance(env, str) and re.fullmatch(_ENV_NAME[1:-1], env) \
-                    and not os.environ.get(env):
-                self.problem(("notifications", i, "secret_env"),
-                             f"environment variable {env} is "
-                             + ("empty" if env in os.environ else "not set; export it with the "
-                                "signing secret before starting canary"))
+            self.env(("notifications", i, "secret_env"), n.get("secret_env"),
+                     "the signing secret")
         raw = data.get("policies", "policies/")
         for i, item in enumerate([raw] if isinstance(raw, str) else
                                  raw if isinstance(raw, list) else []):
@@ -812,12 +806,12 @@ class _Resolver:
         tokens = self.tokens(m.auth)
         cert = self.path(m.tls.cert) if m.tls else None
         key = self.path(m.tls.key) if m.tls else None
-        targets: dict[str, Target] = {name: replace(t, name=name) for name, t in m.targets.items()}
-        targets = {name: replace(t, file=self.path(str(t.file)))
-                   if isinstance(t, NginxTarget) else t for name, t in targets.items()}
-        targets = {name: replace(t, server_file=self.path(str(t.server_file)))
-                   if isinstance(t, NginxTarget) and t.server_file is not None else t
-                   for name, t in targets.items()}
+        targets: dict[str, Target] = {}
+        for name, t in m.targets.items():
+            if isinstance(t, NginxTarget):  # its files, relative to the config file
+                t = replace(t, file=self.path(str(t.file)), server_file=None
+                            if t.server_file is None else self.path(str(t.server_file)))
+            targets[name] = replace(t, name=name)
         if self.problems:
             raise ValidationFailed(self.problems)
         return Config(listen_host=lm.group(1) or "0.0.0.0", listen_port=int(lm.group(2)),
