@@ -11,8 +11,8 @@ import re
 import ssl
 import urllib.parse
 from collections.abc import Mapping
+from dataclasses import KW_ONLY, field, replace
 from dataclasses import dataclass as std_dataclass
-from dataclasses import field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -202,7 +202,23 @@ FilePath = Annotated[Path, BeforeValidator(_a_path),
 
 
 @dataclass(frozen=True, config=_CONFIG)
-class NginxTarget:
+class _TargetCommon:
+    """What a target of every router has. Keyword-only, and described in Field: a subclass
+    does not read its base's attribute docstrings."""
+
+    _: KW_ONLY
+    policy: Annotated[Name | None, Field(description=(
+        "The policy of this target's rollouts when a start names none."))] = None
+    vars: Annotated[Vars, Field(description=(
+        "Values for {{ name }} in the policy's queries, e.g. {service: web}."))] = field(
+        default_factory=dict)
+    stable_version: Annotated[Version | None, Field(description=(
+        "The stable version when a start names none."))] = None
+    name: SkipJsonSchema[str] = ""  # the key it is configured under
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class NginxTarget(_TargetCommon):
     file: FilePath
     """The nginx config file canary writes the upstream block to (it owns the file);
     relative to the config file."""
@@ -216,15 +232,8 @@ class NginxTarget:
     """Command run before every reload; if it fails, nginx is not reloaded."""
     reload: Argv = ("nginx", "-s", "reload")
     """Command that makes nginx read the file again."""
-    policy: Name | None = None
-    """The policy of this target's rollouts when a start names none."""
-    vars: Vars = field(default_factory=dict)
-    """Values for {{ name }} in the policy's queries, e.g. {service: web}."""
-    stable_version: Version | None = None
-    """The stable version when a start names none."""
     router: Literal["nginx"] = "nginx"
     """nginx: canary writes weighted upstream servers and reloads nginx."""
-    name: SkipJsonSchema[str] = ""  # the key it is configured under
     # match and mirror stages: a second file canary owns, included in the server block
     # (README "Traffic shapes"); `file` then also holds the maps that choose the upstream
     server_file: FilePath | None = None
@@ -256,7 +265,7 @@ class IstioDestination:
 
 
 @dataclass(frozen=True, config=_CONFIG)
-class IstioTarget:
+class IstioTarget(_TargetCommon):
     namespace: Dns
     """The namespace of the VirtualService."""
     virtual_service: Dns
@@ -267,15 +276,8 @@ class IstioTarget:
     """The canary version's destination."""
     route: Text | None = None
     """The name of the http route to weigh; default: the first."""
-    policy: Name | None = None
-    """The policy of this target's rollouts when a start names none."""
-    vars: Vars = field(default_factory=dict)
-    """Values for {{ name }} in the policy's queries, e.g. {service: api}."""
-    stable_version: Version | None = None
-    """The stable version when a start names none."""
     router: Literal["istio"] = "istio"
     """istio: canary sets the weights of a VirtualService's route."""
-    name: SkipJsonSchema[str] = ""
     # default: return with a workload (the stable Deployment is brought to the new
     # version), else swap; see promotion_of
     promotion: Promotion | None = None
@@ -317,7 +319,7 @@ class GatewayBackend:
 
 
 @dataclass(frozen=True, config=_CONFIG)
-class GatewayTarget:
+class GatewayTarget(_TargetCommon):
     """A Gateway API HTTPRoute (gateway.networking.k8s.io/v1) whose rule carries both
     backendRefs (interface.md section 7)."""
 
@@ -334,15 +336,8 @@ class GatewayTarget:
                                     "maximum": 63, "minLength": 1, "maxLength": 253,
                                     "pattern": _SECTION_NAME.pattern})] | None = None
     """The rule's name, or its index among the route's rules; default the first rule."""
-    policy: Name | None = None
-    """The policy a start uses when it names none."""
-    vars: Vars = field(default_factory=dict)
-    """Values for {{ name }} in the policy's queries."""
-    stable_version: Version | None = None
-    """The version serving today, until a rollout of this target succeeds."""
     router: Literal["gateway"] = "gateway"
     """gateway: a Gateway API HTTPRoute."""
-    name: SkipJsonSchema[str] = ""
     promotion: Promotion | None = None
     """swap or return; default return with a workload (the stable Deployment is brought to
     the new version), else swap."""
@@ -645,7 +640,8 @@ CONFIG_MESSAGES = {
                    "Prometheus at once",
     "upstream": "letters, digits, '.', '_' and '-' only",
     "policies": "must be a directory or a list of policy files",
-    "password_env": "must name an environment variable (letters, digits and _)",
+    **dict.fromkeys(("password_env", "secret_env", "url_env"), "must name an environment "
+                    "variable (letters, digits and _)"),
     "username": "cannot contain ':' (HTTP basic auth)",
     "targets": "must be a non-empty list of target names or globs, like [\"shop\", \"shop-*\"] "
                "(letters, digits, '.', '_', '-' and the wildcards * ? [abc] [!abc] [a-z]); "
@@ -667,8 +663,6 @@ CONFIG_MESSAGES = {
     "format": "must be one of slack, teams, webhook",
     "events": f"must be a non-empty list of: {', '.join(NOTIFY_EVENTS)}",
     "events[]": f"{{value}} is not an event type; use one of {', '.join(NOTIFY_EVENTS)}",
-    "secret_env": "must name an environment variable (letters, digits and _)",
-    "url_env": "must name an environment variable (letters, digits and _)",
     "notifications": "must be a list of receivers, each with name and url",
     "public_url": "must start with http:// or https://: where people open this controller "
                   "(links in notifications)",
@@ -676,10 +670,8 @@ CONFIG_MESSAGES = {
                  "stable side once it runs the new version)",
     "path": "must be an absolute URL path like /version (no spaces)",
     "scale_canary": "must be proportional (canary replicas follow the weight) or fixed",
-    "workload.stable": "must be the name of a Deployment (lowercase letters, digits, '-' "
-                       "and '.')",
-    "workload.canary": "must be the name of a Deployment (lowercase letters, digits, '-' "
-                       "and '.')",
+    **dict.fromkeys(("workload.stable", "workload.canary"), "must be the name of a Deployment "
+                    "(lowercase letters, digits, '-' and '.')"),
     "version_label": "must be a Kubernetes label key, like version or app.kubernetes.io/version",
 }
 CONFIG_REQUIRED = {

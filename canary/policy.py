@@ -442,45 +442,6 @@ def _match_key(kind: str, pattern: re.Pattern[str], chars: str, example: str
     return check
 
 
-# Python's `re` accepts these; nginx's PCRE2 or Envoy's and the gateways' RE2 refuse them
-# (or read them otherwise), and nginx -t would then fail at the stage, not at validate.
-_UNPORTABLE = (
-    (re.compile(r"\(\?(=|!|<=|<!)"), "a lookaround (?=, (?!, (?<=, (?<!"),
-    (re.compile(r"\(\?>"), "an atomic group (?>"),
-    (re.compile(r"\(\?\("), "a conditional (?("),
-    (re.compile(r"\(\?#"), "a comment (?#"),
-    (re.compile(r"\(\?P="), "a back-reference (?P="),
-    (re.compile(r"\(\?[imsx-]*[aLux][a-zA-Z-]*[:)]"), "an inline flag other than i, m, s"),
-    (re.compile(r"\\[1-9gkNuUZ]"), "an escape only Python reads (\\1, \\g, \\k, \\N, \\u, \\U, "
-                                  "\\Z)"),
-    (re.compile(r"(?<![\\(])[*+?}]\+"), "a possessive quantifier (*+, ++, ?+)"),
-    (re.compile(r"\{,"), "a repeat with no lower bound ({,n}; write {0,n})"),
-)
-
-
-def _unportable(regex: str) -> str | None:
-    """What in `regex` some router's engine refuses, or None. Escaped characters and the
-    insides of character classes are read as the literals they are."""
-    plain, i, in_class = [], 0, False
-    while i < len(regex):
-        c = regex[i]
-        if c == "\\" and i + 1 < len(regex):
-            nxt = regex[i + 1]
-            # keep escapes that mean something outside a class; others become a literal
-            plain.append(c + nxt if not in_class and nxt.isalnum() else "_")
-            i += 2
-            continue
-        if in_class:
-            in_class = c != "]" or plain[-1] == "["
-            plain.append("_" if in_class else "]")
-        else:
-            in_class = c == "["
-            plain.append("[" if in_class else c)
-        i += 1
-    text = "".join(plain)
-    return next((what for pattern, what in _UNPORTABLE if pattern.search(text)), None)
-
-
 def _condition(value: object) -> shapes.Condition:
     """A match value: exact text, {prefix: ...} or {regex: ...}; a regex must compile."""
     if isinstance(value, shapes.Condition):
@@ -508,7 +469,7 @@ def _condition(value: object) -> shapes.Condition:
         except re.error as e:
             raise ValueError(f"regex {value[:60]!r} does not compile: {e}; write a regular "
                              "expression for the whole value, like ^42.* or (alice|bob)") from e
-        unportable = _unportable(value)
+        unportable = shapes.unportable(value)
         if unportable:
             raise ValueError(f"regex {value[:60]!r} uses {unportable}, which not every router's "
                              "engine accepts (nginx: PCRE, istio and gateways: RE2); use "
