@@ -639,6 +639,10 @@ CONFIG_MESSAGES = {
     "concurrency": "must be a whole number from 1 to 256: how many queries may wait on "
                    "Prometheus at once",
     "upstream": "letters, digits, '.', '_' and '-' only",
+    **dict.fromkeys(("policy", "notifications.name"), "must be 1-63 letters, digits, '.', '_' "
+                    "or '-'"),
+    **dict.fromkeys(("file", "server_file"), "must be a file's path, relative to the config "
+                                             "file or absolute"),
     "policies": "must be a directory or a list of policy files",
     **dict.fromkeys(("password_env", "secret_env", "url_env"), "must name an environment "
                     "variable (letters, digits and _)"),
@@ -650,8 +654,9 @@ CONFIG_MESSAGES = {
                  "wildcards * ? [abc] [!abc] [a-z]",
     **dict.fromkeys(("stable[]", "canary[]"), "{value} is not host:port or unix:PATH"),
     "stable_version": "must be 1-128 letters, digits or ._:+- starting with a letter or digit",
-    **dict.fromkeys(("namespace", "virtual_service", "http_route"), "must be a Kubernetes name "
-                    "(lowercase letters, digits, '-' and '.')"),
+    **dict.fromkeys(("namespace", "virtual_service", "http_route", "leader_election.name"),
+                    "must be a Kubernetes name (lowercase letters, digits, '-' and '.'; at most "
+                    "253 characters)"),
     "port": "must be a port number from 1 to 65535",
     **dict.fromkeys(("stable.name", "canary.name"), "must be a Service's name (lowercase "
                     "letters, digits, '-' and '.')"),
@@ -790,14 +795,8 @@ class _Resolver:
     def config(self, m: ConfigDoc) -> Config:
         lm = _LISTEN.fullmatch(m.listen)
         assert lm is not None
-        state = m.state
-        if state.startswith("sqlite:"):
-            state = "sqlite:" + str(self.path(state[len("sqlite:"):]))
-        access = self.prometheus(m.prometheus)
-        policy_paths = self.policy_paths(m.policies)
+        sqlite = m.state.removeprefix("sqlite:")
         tokens = self.tokens(m.auth)
-        cert = self.path(m.tls.cert) if m.tls else None
-        key = self.path(m.tls.key) if m.tls else None
         targets: dict[str, Target] = {}
         for name, t in m.targets.items():
             if isinstance(t, NginxTarget):  # its files, relative to the config file
@@ -807,11 +806,13 @@ class _Resolver:
         if self.problems:
             raise ValidationFailed(self.problems)
         return Config(listen_host=lm.group(1) or "0.0.0.0", listen_port=int(lm.group(2)),
-                      state=state, prometheus_url=m.prometheus.url,
-                      prometheus_timeout=m.prometheus.timeout, policy_paths=policy_paths,
-                      tokens=tokens, targets=targets, source=self.doc.file, tls_cert=cert,
-                      tls_key=key, prometheus_access=access, leader_election=m.leader_election,
-                      notifications=tuple(m.notifications),
+                      state=m.state if sqlite == m.state else f"sqlite:{self.path(sqlite)}",
+                      prometheus_url=m.prometheus.url, prometheus_timeout=m.prometheus.timeout,
+                      policy_paths=self.policy_paths(m.policies), tokens=tokens, targets=targets,
+                      source=self.doc.file, tls_cert=self.path(m.tls.cert) if m.tls else None,
+                      tls_key=self.path(m.tls.key) if m.tls else None,
+                      prometheus_access=self.prometheus(m.prometheus),
+                      leader_election=m.leader_election, notifications=tuple(m.notifications),
                       approval_reminder=m.approval_reminder, public_url=m.public_url)
 
     def prometheus(self, p: PrometheusDoc) -> PrometheusAccess:
@@ -860,13 +861,11 @@ class _Resolver:
                                                              "role} (or tokens: [...])"))
             return []
         try:
-            items = _TOKEN_LIST.validate_python(data)
+            return _TOKEN_LIST.validate_python(data)
         except ValidationError as e:
             self.problems.extend(validation.problems(
                 doc, e, AuthDoc, at=("tokens",) if wrapped else (), messages=CONFIG_MESSAGES))
             return []
-        return items
-
 
 
 _TOKEN_LIST: TypeAdapter[list[Token]] = TypeAdapter(list[Token])

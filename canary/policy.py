@@ -681,8 +681,8 @@ class Policy:
         out = []
         for s in stages:
             if isinstance(s, dict) and isinstance(s.get("gates"), list):
-                s = {**s, "gates": [{**wide[g["name"]], **g} if isinstance(g, dict)
-                                    and g.get("name") in wide else g for g in s["gates"]]}
+                s = {**s, "gates": [{**wide[g["name"]], **g} if isinstance(g, dict) and isinstance(
+                    g.get("name"), str) and g["name"] in wide else g for g in s["gates"]]}
             out.append(s)
         return {**data, "stages": out}
 
