@@ -664,7 +664,7 @@ CONFIG_MESSAGES = {
                                         "its arguments)"),
     **dict.fromkeys(("stable", "canary"), "must be a non-empty list of host:port or unix:PATH "
                                           "addresses"),
-    "vars": "must be a plain value",
+    "vars": "must be a mapping of variable name -> value, like {service: web}",
     "format": "must be one of slack, teams, webhook",
     "events": f"must be a non-empty list of: {', '.join(NOTIFY_EVENTS)}",
     "events[]": f"{{value}} is not an event type; use one of {', '.join(NOTIFY_EVENTS)}",
