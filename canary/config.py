@@ -11,8 +11,8 @@ import re
 import ssl
 import urllib.parse
 from collections.abc import Mapping
+from dataclasses import KW_ONLY, field, replace
 from dataclasses import dataclass as std_dataclass
-from dataclasses import field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -66,7 +66,7 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # the schema's way to say it (no (?i) in editors' regexes): [Cc][Oo][Oo][Kk][Ii][Ee]
 _SECRET_HEADER = "^(" + "|".join("".join(f"[{c.upper()}{c}]" if c.isalpha() else c for c in h)
                                  for h in sorted(_SECRET_HEADERS)) + ")$"
-_VAR = r"[A-Za-z_][A-Za-z0-9_]*"  # a template variable's or an environment variable's name
+_VAR = policy_mod.IDENTIFIER  # a template variable's or an environment variable's name
 
 
 def _refused_keys(pattern: str) -> Any:
@@ -81,6 +81,8 @@ Text = Annotated[str, Field(strict=True, min_length=1, max_length=4096)]
 Name = Annotated[str, Field(strict=True, pattern=_NAME)]
 Dns = Annotated[str, Field(strict=True, pattern=_DNS, max_length=253)]
 Version = Annotated[str, Field(strict=True, pattern=VERSION_PATTERN)]
+EnvName = Annotated[str, Field(strict=True, pattern=f"^{_VAR}$")]
+HttpUrl = Annotated[str, Field(strict=True, pattern=r"^https?://", max_length=2048)]
 
 
 def _role(value: object) -> object:
@@ -200,7 +202,23 @@ FilePath = Annotated[Path, BeforeValidator(_a_path),
 
 
 @dataclass(frozen=True, config=_CONFIG)
-class NginxTarget:
+class _TargetCommon:
+    """What a target of every router has. Keyword-only, and described in Field: a subclass
+    does not read its base's attribute docstrings."""
+
+    _: KW_ONLY
+    policy: Annotated[Name | None, Field(description=(
+        "The policy of this target's rollouts when a start names none."))] = None
+    vars: Annotated[Vars, Field(description=(
+        "Values for {{ name }} in the policy's queries, e.g. {service: web}."))] = field(
+        default_factory=dict)
+    stable_version: Annotated[Version | None, Field(description=(
+        "The stable version when a start names none."))] = None
+    name: SkipJsonSchema[str] = ""  # the key it is configured under
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class NginxTarget(_TargetCommon):
     file: FilePath
     """The nginx config file canary writes the upstream block to (it owns the file);
     relative to the config file."""
@@ -214,15 +232,8 @@ class NginxTarget:
     """Command run before every reload; if it fails, nginx is not reloaded."""
     reload: Argv = ("nginx", "-s", "reload")
     """Command that makes nginx read the file again."""
-    policy: Name | None = None
-    """The policy of this target's rollouts when a start names none."""
-    vars: Vars = field(default_factory=dict)
-    """Values for {{ name }} in the policy's queries, e.g. {service: web}."""
-    stable_version: Version | None = None
-    """The stable version when a start names none."""
     router: Literal["nginx"] = "nginx"
     """nginx: canary writes weighted upstream servers and reloads nginx."""
-    name: SkipJsonSchema[str] = ""  # the key it is configured under
     # match and mirror stages: a second file canary owns, included in the server block
     # (README "Traffic shapes"); `file` then also holds the maps that choose the upstream
     server_file: FilePath | None = None
@@ -254,7 +265,7 @@ class IstioDestination:
 
 
 @dataclass(frozen=True, config=_CONFIG)
-class IstioTarget:
+class IstioTarget(_TargetCommon):
     namespace: Dns
     """The namespace of the VirtualService."""
     virtual_service: Dns
@@ -265,15 +276,8 @@ class IstioTarget:
     """The canary version's destination."""
     route: Text | None = None
     """The name of the http route to weigh; default: the first."""
-    policy: Name | None = None
-    """The policy of this target's rollouts when a start names none."""
-    vars: Vars = field(default_factory=dict)
-    """Values for {{ name }} in the policy's queries, e.g. {service: api}."""
-    stable_version: Version | None = None
-    """The stable version when a start names none."""
     router: Literal["istio"] = "istio"
     """istio: canary sets the weights of a VirtualService's route."""
-    name: SkipJsonSchema[str] = ""
     # default: return with a workload (the stable Deployment is brought to the new
     # version), else swap; see promotion_of
     promotion: Promotion | None = None
@@ -315,7 +319,7 @@ class GatewayBackend:
 
 
 @dataclass(frozen=True, config=_CONFIG)
-class GatewayTarget:
+class GatewayTarget(_TargetCommon):
     """A Gateway API HTTPRoute (gateway.networking.k8s.io/v1) whose rule carries both
     backendRefs (interface.md section 7)."""
 
@@ -332,15 +336,8 @@ class GatewayTarget:
                                     "maximum": 63, "minLength": 1, "maxLength": 253,
                                     "pattern": _SECTION_NAME.pattern})] | None = None
     """The rule's name, or its index among the route's rules; default the first rule."""
-    policy: Name | None = None
-    """The policy a start uses when it names none."""
-    vars: Vars = field(default_factory=dict)
-    """Values for {{ name }} in the policy's queries."""
-    stable_version: Version | None = None
-    """The version serving today, until a rollout of this target succeeds."""
     router: Literal["gateway"] = "gateway"
     """gateway: a Gateway API HTTPRoute."""
-    name: SkipJsonSchema[str] = ""
     promotion: Promotion | None = None
     """swap or return; default return with a workload (the stable Deployment is brought to
     the new version), else swap."""
@@ -406,7 +403,6 @@ NotifyEvent = Literal["started", "stage", "paused", "approval", "drift", "router
                       "succeeded", "handover"]
 NOTIFY_EVENTS: tuple[NotifyEvent, ...] = ("started", "stage", "paused", "approval", "drift",
                                           "router", "rolled_back", "succeeded", "handover")
-_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
 def _send_url(value: str) -> str:
@@ -432,20 +428,19 @@ class Notification:
 
     name: Name
     """The receiver's name, unique among notifications (in metrics and logs)."""
-    url: Annotated[str, Field(strict=True, pattern=r"^https?://", max_length=2048),
-                   AfterValidator(_send_url)] | None = None
+    url: Annotated[HttpUrl, AfterValidator(_send_url)] | None = None
     """http(s) URL messages are POSTed to (a chat's incoming webhook, or any endpoint).
     One of url and url_env."""
     format: Literal["slack", "teams", "webhook"] = "webhook"
     """slack or teams (readable text), or webhook (the rollout's JSON and the event)."""
     events: Annotated[tuple[NotifyEvent, ...], Field(min_length=1)] = NOTIFY_EVENTS
     """The event types sent (default: every type)."""
-    secret_env: Annotated[str, Field(strict=True, pattern=_ENV_NAME)] | None = None
+    secret_env: EnvName | None = None
     """Environment variable holding the HMAC-SHA256 key: the body is signed in
     X-Canary-Signature."""
     timeout: policy_mod.PositiveDuration = 10.0
     """How long one delivery attempt may take (default 10s)."""
-    url_env: Annotated[str, Field(strict=True, pattern=_ENV_NAME)] | None = None
+    url_env: EnvName | None = None
     """Environment variable holding the URL, instead of url: a chat's incoming-webhook URL
     is a secret, kept out of the config (read when sending, never logged)."""
 
@@ -548,7 +543,7 @@ def _no_password(value: object) -> None:
 class BasicAuthDoc(_Doc):
     username: Annotated[Text, Field(pattern=r"^[^:]*$")]
     """The basic-auth user name (no ':')."""
-    password_env: Annotated[str, Field(pattern=f"^{_VAR}$")]
+    password_env: EnvName
     """The environment variable that holds the password; it must be set when canary
     starts."""
     password: SkipJsonSchema[Annotated[Any, AfterValidator(_no_password)]] = None
@@ -557,7 +552,7 @@ class BasicAuthDoc(_Doc):
 class PrometheusDoc(_Doc):
     model_config = ConfigDict(json_schema_extra={  # each sets the Authorization header
         "not": {"required": ["basic_auth", "bearer_token_file"]}})
-    url: Annotated[str, Field(pattern=r"^https?://", max_length=2048, json_schema_extra={
+    url: Annotated[HttpUrl, Field(json_schema_extra={
         "pattern": r"^https?://[^/?#@]*([/?#]|$)"})] = "http://127.0.0.1:9090"  # no user@
     """Prometheus's base URL, http:// or https://, without credentials."""
     timeout: policy_mod.PositiveDuration = 10.0
@@ -630,7 +625,7 @@ class ConfigDoc(_Doc):
     """Chat and webhook receivers told about rollout events (at least once)."""
     approval_reminder: policy_mod.PositiveDuration = 1800.0
     """How often a waiting approval is announced again (default 30m)."""
-    public_url: Annotated[str, Field(pattern=r"^https?://", max_length=2048)] | None = None
+    public_url: HttpUrl | None = None
     """Where people open this controller: the base of links in notifications."""
 
 
@@ -644,8 +639,13 @@ CONFIG_MESSAGES = {
     "concurrency": "must be a whole number from 1 to 256: how many queries may wait on "
                    "Prometheus at once",
     "upstream": "letters, digits, '.', '_' and '-' only",
+    **dict.fromkeys(("policy", "notifications.name"), "must be 1-63 letters, digits, '.', '_' "
+                    "or '-'"),
+    **dict.fromkeys(("file", "server_file"), "must be a file's path, relative to the config "
+                                             "file or absolute"),
     "policies": "must be a directory or a list of policy files",
-    "password_env": "must name an environment variable (letters, digits and _)",
+    **dict.fromkeys(("password_env", "secret_env", "url_env"), "must name an environment "
+                    "variable (letters, digits and _)"),
     "username": "cannot contain ':' (HTTP basic auth)",
     "targets": "must be a non-empty list of target names or globs, like [\"shop\", \"shop-*\"] "
                "(letters, digits, '.', '_', '-' and the wildcards * ? [abc] [!abc] [a-z]); "
@@ -654,8 +654,9 @@ CONFIG_MESSAGES = {
                  "wildcards * ? [abc] [!abc] [a-z]",
     **dict.fromkeys(("stable[]", "canary[]"), "{value} is not host:port or unix:PATH"),
     "stable_version": "must be 1-128 letters, digits or ._:+- starting with a letter or digit",
-    **dict.fromkeys(("namespace", "virtual_service", "http_route"), "must be a Kubernetes name "
-                    "(lowercase letters, digits, '-' and '.')"),
+    **dict.fromkeys(("namespace", "virtual_service", "http_route", "leader_election.name"),
+                    "must be a Kubernetes name (lowercase letters, digits, '-' and '.'; at most "
+                    "253 characters)"),
     "port": "must be a port number from 1 to 65535",
     **dict.fromkeys(("stable.name", "canary.name"), "must be a Service's name (lowercase "
                     "letters, digits, '-' and '.')"),
@@ -663,25 +664,19 @@ CONFIG_MESSAGES = {
                                         "its arguments)"),
     **dict.fromkeys(("stable", "canary"), "must be a non-empty list of host:port or unix:PATH "
                                           "addresses"),
-    "vars": "must be a plain value",
+    "vars": "must be a mapping of variable name -> value, like {service: web}",
     "format": "must be one of slack, teams, webhook",
     "events": f"must be a non-empty list of: {', '.join(NOTIFY_EVENTS)}",
     "events[]": f"{{value}} is not an event type; use one of {', '.join(NOTIFY_EVENTS)}",
-    "secret_env": "must name an environment variable (letters, digits and _)",
-    "url_env": "must name an environment variable (letters, digits and _)",
     "notifications": "must be a list of receivers, each with name and url",
-    "approval_reminder": "must be a duration like 30m: how often a waiting approval is "
-                         "announced again",
     "public_url": "must start with http:// or https://: where people open this controller "
                   "(links in notifications)",
     "promotion": "must be swap (the sides take turns) or return (traffic goes back to the "
                  "stable side once it runs the new version)",
     "path": "must be an absolute URL path like /version (no spaces)",
     "scale_canary": "must be proportional (canary replicas follow the weight) or fixed",
-    "workload.stable": "must be the name of a Deployment (lowercase letters, digits, '-' "
-                       "and '.')",
-    "workload.canary": "must be the name of a Deployment (lowercase letters, digits, '-' "
-                       "and '.')",
+    **dict.fromkeys(("workload.stable", "workload.canary"), "must be the name of a Deployment "
+                    "(lowercase letters, digits, '-' and '.')"),
     "version_label": "must be a Kubernetes label key, like version or app.kubernetes.io/version",
 }
 CONFIG_REQUIRED = {
@@ -722,6 +717,13 @@ class _Resolver:
         p = Path(value)
         return p if p.is_absolute() else self.base / p
 
+    def env(self, path: yamlsrc.Path, name: object, what: str) -> None:
+        """A variable the config names must be set (to `what`) when canary starts."""
+        if isinstance(name, str) and re.fullmatch(_VAR, name) and not os.environ.get(name):
+            self.problem(path, f"environment variable {name} is " + (
+                "empty" if name in os.environ else f"not set; export it with {what} before "
+                                                   "starting canary"))
+
     def machine(self, data: dict[str, Any]) -> None:
         """Files that must exist and variables that must be set, read from the document
         itself: these are reported even when the rest of it is malformed."""
@@ -741,13 +743,8 @@ class _Resolver:
             except (OSError, UnicodeDecodeError) as e:
                 why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
                 self.problem((*at, "bearer_token_file"), f"cannot read {p}: {why}")
-        env = text("prometheus", "basic_auth", "password_env")
-        if env is not None and re.fullmatch(_VAR, env) \
-                and not os.environ.get(env):
-            self.problem((*at, "basic_auth", "password_env"),
-                         f"environment variable {env} is "
-                         + ("empty" if env in os.environ else "not set; export it with the "
-                            "Prometheus password before starting canary"))
+        self.env((*at, "basic_auth", "password_env"),
+                 text("prometheus", "basic_auth", "password_env"), "the Prometheus password")
         prom = data.get("prometheus")
         if isinstance(prom, dict) and "basic_auth" in prom and "bearer_token_file" in prom:
             self.problem((*at, "basic_auth"), "use basic_auth or bearer_token_file, not both: "
@@ -777,21 +774,15 @@ class _Resolver:
                                  f"receiver name {name!r} is used twice; give each its own")
                 seen.add(name)
             env = n.get("url_env")
-            if isinstance(env, str) and re.fullmatch(_ENV_NAME[1:-1], env) \
-                    and "url" not in n:
+            if isinstance(env, str) and re.fullmatch(_VAR, env) and "url" not in n:
                 try:
                     Notification(name="x", url_env=env).send_url()
                 except ValueError as e:
                     self.problem(("notifications", i, "url_env"),
                                  f"{e}; export it with the receiver's URL before starting "
                                  "canary")
-            env = n.get("secret_env")
-            if isinstance(env, str) and re.fullmatch(_ENV_NAME[1:-1], env) \
-                    and not os.environ.get(env):
-                self.problem(("notifications", i, "secret_env"),
-                             f"environment variable {env} is "
-                             + ("empty" if env in os.environ else "not set; export it with the "
-                                "signing secret before starting canary"))
+            self.env(("notifications", i, "secret_env"), n.get("secret_env"),
+                     "the signing secret")
         raw = data.get("policies", "policies/")
         for i, item in enumerate([raw] if isinstance(raw, str) else
                                  raw if isinstance(raw, list) else []):
@@ -804,28 +795,24 @@ class _Resolver:
     def config(self, m: ConfigDoc) -> Config:
         lm = _LISTEN.fullmatch(m.listen)
         assert lm is not None
-        state = m.state
-        if state.startswith("sqlite:"):
-            state = "sqlite:" + str(self.path(state[len("sqlite:"):]))
-        access = self.prometheus(m.prometheus)
-        policy_paths = self.policy_paths(m.policies)
+        sqlite = m.state.removeprefix("sqlite:")
         tokens = self.tokens(m.auth)
-        cert = self.path(m.tls.cert) if m.tls else None
-        key = self.path(m.tls.key) if m.tls else None
-        targets: dict[str, Target] = {name: replace(t, name=name) for name, t in m.targets.items()}
-        targets = {name: replace(t, file=self.path(str(t.file)))
-                   if isinstance(t, NginxTarget) else t for name, t in targets.items()}
-        targets = {name: replace(t, server_file=self.path(str(t.server_file)))
-                   if isinstance(t, NginxTarget) and t.server_file is not None else t
-                   for name, t in targets.items()}
+        targets: dict[str, Target] = {}
+        for name, t in m.targets.items():
+            if isinstance(t, NginxTarget):  # its files, relative to the config file
+                t = replace(t, file=self.path(str(t.file)), server_file=None
+                            if t.server_file is None else self.path(str(t.server_file)))
+            targets[name] = replace(t, name=name)
         if self.problems:
             raise ValidationFailed(self.problems)
         return Config(listen_host=lm.group(1) or "0.0.0.0", listen_port=int(lm.group(2)),
-                      state=state, prometheus_url=m.prometheus.url,
-                      prometheus_timeout=m.prometheus.timeout, policy_paths=policy_paths,
-                      tokens=tokens, targets=targets, source=self.doc.file, tls_cert=cert,
-                      tls_key=key, prometheus_access=access, leader_election=m.leader_election,
-                      notifications=tuple(m.notifications),
+                      state=m.state if sqlite == m.state else f"sqlite:{self.path(sqlite)}",
+                      prometheus_url=m.prometheus.url, prometheus_timeout=m.prometheus.timeout,
+                      policy_paths=self.policy_paths(m.policies), tokens=tokens, targets=targets,
+                      source=self.doc.file, tls_cert=self.path(m.tls.cert) if m.tls else None,
+                      tls_key=self.path(m.tls.key) if m.tls else None,
+                      prometheus_access=self.prometheus(m.prometheus),
+                      leader_election=m.leader_election, notifications=tuple(m.notifications),
                       approval_reminder=m.approval_reminder, public_url=m.public_url)
 
     def prometheus(self, p: PrometheusDoc) -> PrometheusAccess:
@@ -874,13 +861,11 @@ class _Resolver:
                                                              "role} (or tokens: [...])"))
             return []
         try:
-            items = _TOKEN_LIST.validate_python(data)
+            return _TOKEN_LIST.validate_python(data)
         except ValidationError as e:
             self.problems.extend(validation.problems(
                 doc, e, AuthDoc, at=("tokens",) if wrapped else (), messages=CONFIG_MESSAGES))
             return []
-        return items
-
 
 
 _TOKEN_LIST: TypeAdapter[list[Token]] = TypeAdapter(list[Token])

@@ -11,8 +11,8 @@ from __future__ import annotations
 import enum
 import re
 import warnings
-from collections.abc import Iterable, Mapping
-from dataclasses import field, replace
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import KW_ONLY, field, replace
 from decimal import Decimal, localcontext
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -39,7 +39,8 @@ from canary.errors import InvalidInput, Problem, ValidationFailed
 
 _PART = r"([0-9]+(\.[0-9]+)?)(ms|s|m|h)"  # one part of a duration; the schema's pattern too
 _DURATION_PART = re.compile(_PART)
-_TEMPLATE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"  # a {{ name }}, an Alertmanager label, an env variable
+_TEMPLATE = re.compile(rf"\{{\{{\s*({IDENTIFIER})\s*\}}\}}")
 BUILTIN_VARS = frozenset({"target", "canary_version", "stable_version", "rollout_id", "interval",
                           "version"})
 GATE_KINDS = ("threshold", "compare", "errors")
@@ -163,13 +164,17 @@ def _positive(value: float) -> float:
     return value
 
 
-def _query(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must be a PromQL query")
+def _templated(value: str) -> str:
     bad = _MALFORMED.search(value)
     if bad:
         raise ValueError(f"malformed template {bad.group(0)!r}; write {{{{ name }}}}")
-    return value.strip()
+    return value
+
+
+def _query(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must be a PromQL query")
+    return _templated(value).strip()
 
 
 def _versioned(value: str) -> str:
@@ -333,7 +338,23 @@ _OVERRIDE = schema.overrides(
 
 
 @dataclass(frozen=True, config=_CONFIG)
-class Stage:
+class _StageCommon:
+    """What every stage shape has besides its own field and hold; keyword-only, so a
+    shape's own fields come first (`Stage(50, 60.0)`). (Descriptions are given in Field:
+    a subclass does not read its base's attribute docstrings.)"""
+
+    _: KW_ONLY
+    approval: Annotated[bool, Field(strict=True, description=(
+        "After the hold, wait for a promote (the rollout is paused until then); default "
+        "false."))] = False
+    gates: Annotated[tuple[GateField, ...], WithJsonSchema({"type": "array", "items": _OVERRIDE}),
+                     Field(description="Gates of this stage only, added to the policy-wide "
+                           "ones; an entry named like a policy-wide gate changes only the "
+                           "fields it gives, at this stage.")] = ()
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class Stage(_StageCommon):
     """One step of the rollout: a weight held for a time while the gates are evaluated."""
 
     weight: Annotated[int, Field(strict=True, ge=1, le=100)]
@@ -342,23 +363,15 @@ class Stage:
     hold: Duration
     """How long the stage lasts, gates evaluated, before the next one: a duration like
     2m."""
-    approval: Annotated[bool, Field(strict=True)] = False
-    """After the hold, wait for a promote (the rollout is paused until then); default
-    false."""
-    gates: Annotated[tuple[GateField, ...],
-                     WithJsonSchema({"type": "array", "items": _OVERRIDE})] = ()
-    """Gates of this stage only, added to the policy-wide ones; an entry named like a
-    policy-wide gate changes only the fields it gives, at this stage."""
 
 
 HOOK_TIMES = ("pre-rollout", "stage", "pre-promotion", "post-rollout", "rollback")
 GATING_HOOKS = ("pre-rollout", "stage", "pre-promotion")  # asked; the others are told
 HOOK_PREFIX = "hook:"  # a gating webhook's name among a rollout's gates
-_LABEL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _label(value: str) -> str:
-    if not _LABEL.fullmatch(value):
+    if not re.fullmatch(IDENTIFIER, value):
         raise ValueError(f"{value[:100]!r} is not an Alertmanager label name (letters, digits "
                          "and _, not starting with a digit)")
     return value
@@ -367,10 +380,7 @@ def _label(value: str) -> str:
 def _hook_url(value: str) -> str:
     if not re.match(r"^https?://", value):
         raise ValueError("must start with http:// or https://")
-    bad = _MALFORMED.search(value)
-    if bad:
-        raise ValueError(f"malformed template {bad.group(0)!r}; write {{{{ name }}}}")
-    return value
+    return _templated(value)
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -417,57 +427,19 @@ MAX_MATCH_RULES = 8      # headers and cookies of one match stage together
 _VALUE_HINT = ('write a value, {prefix: "42"} or {regex: "^(alice|bob)$"}')
 
 
-def _header_key(name: object) -> str:
-    if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
-        raise ValueError(f"{str(name)[:40]!r} is not a header name canary can match; use "
-                         "letters, digits and '-' (e.g. x-beta), at most 100 characters")
-    return name.lower()  # header names are case-insensitive; meshes want lower case
+def _match_key(kind: str, pattern: re.Pattern[str], chars: str, example: str
+               ) -> Callable[[object], str]:
+    """A header's or cookie's name, or a ValueError saying what such a name is made of.
+    Header names are case-insensitive, and meshes want them lower case."""
 
+    def check(name: object) -> str:
+        if not isinstance(name, str) or not pattern.fullmatch(name):
+            raise ValueError(f"{str(name)[:40]!r} is not a {kind} name canary can match; use "
+                             f"letters, digits and {chars} (e.g. {example}), at most 100 "
+                             "characters")
+        return name.lower() if kind == "header" else name
 
-def _cookie_key(name: object) -> str:
-    if not isinstance(name, str) or not _COOKIE_NAME.fullmatch(name):
-        raise ValueError(f"{str(name)[:40]!r} is not a cookie name canary can match; use "
-                         "letters, digits and '_' (e.g. canary), at most 100 characters")
-    return name
-
-
-# Python's `re` accepts these; nginx's PCRE2 or Envoy's and the gateways' RE2 refuse them
-# (or read them otherwise), and nginx -t would then fail at the stage, not at validate.
-_UNPORTABLE = (
-    (re.compile(r"\(\?(=|!|<=|<!)"), "a lookaround (?=, (?!, (?<=, (?<!"),
-    (re.compile(r"\(\?>"), "an atomic group (?>"),
-    (re.compile(r"\(\?\("), "a conditional (?("),
-    (re.compile(r"\(\?#"), "a comment (?#"),
-    (re.compile(r"\(\?P="), "a back-reference (?P="),
-    (re.compile(r"\(\?[imsx-]*[aLux][a-zA-Z-]*[:)]"), "an inline flag other than i, m, s"),
-    (re.compile(r"\\[1-9gkNuUZ]"), "an escape only Python reads (\\1, \\g, \\k, \\N, \\u, \\U, "
-                                  "\\Z)"),
-    (re.compile(r"(?<![\\(])[*+?}]\+"), "a possessive quantifier (*+, ++, ?+)"),
-    (re.compile(r"\{,"), "a repeat with no lower bound ({,n}; write {0,n})"),
-)
-
-
-def _unportable(regex: str) -> str | None:
-    """What in `regex` some router's engine refuses, or None. Escaped characters and the
-    insides of character classes are read as the literals they are."""
-    plain, i, in_class = [], 0, False
-    while i < len(regex):
-        c = regex[i]
-        if c == "\\" and i + 1 < len(regex):
-            nxt = regex[i + 1]
-            # keep escapes that mean something outside a class; others become a literal
-            plain.append(c + nxt if not in_class and nxt.isalnum() else "_")
-            i += 2
-            continue
-        if in_class:
-            in_class = c != "]" or plain[-1] == "["
-            plain.append("_" if in_class else "]")
-        else:
-            in_class = c == "["
-            plain.append("[" if in_class else c)
-        i += 1
-    text = "".join(plain)
-    return next((what for pattern, what in _UNPORTABLE if pattern.search(text)), None)
+    return check
 
 
 def _condition(value: object) -> shapes.Condition:
@@ -497,7 +469,7 @@ def _condition(value: object) -> shapes.Condition:
         except re.error as e:
             raise ValueError(f"regex {value[:60]!r} does not compile: {e}; write a regular "
                              "expression for the whole value, like ^42.* or (alice|bob)") from e
-        unportable = _unportable(value)
+        unportable = shapes.unportable(value)
         if unportable:
             raise ValueError(f"regex {value[:60]!r} uses {unportable}, which not every router's "
                              "engine accepts (nginx: PCRE, istio and gateways: RE2); use "
@@ -522,9 +494,9 @@ _CONDITION_SCHEMA = {"description": "exact text, {prefix: ...} or {regex: ...}",
 MatchValue = Annotated[shapes.Condition, PlainValidator(_condition),
                        PlainSerializer(lambda c: c.to_json()),
                        WithJsonSchema(_CONDITION_SCHEMA)]
-HeaderName = Annotated[str, PlainValidator(_header_key),
+HeaderName = Annotated[str, PlainValidator(_match_key("header", _HEADER_NAME, "'-'", "x-beta")),
                        WithJsonSchema({"type": "string", "pattern": _HEADER_NAME.pattern})]
-CookieName = Annotated[str, PlainValidator(_cookie_key),
+CookieName = Annotated[str, PlainValidator(_match_key("cookie", _COOKIE_NAME, "'_'", "canary")),
                        WithJsonSchema({"type": "string", "pattern": _COOKIE_NAME.pattern})]
 
 
@@ -575,7 +547,7 @@ class Match:
 
 
 @dataclass(frozen=True, config=_CONFIG)
-class MatchStage:
+class MatchStage(_StageCommon):
     """Only matching requests reach the canary; users' weight stays 0."""
 
     match: Match
@@ -584,13 +556,6 @@ class MatchStage:
     hold: Duration
     """How long the stage lasts, gates evaluated, before the next one: a duration like
     10m."""
-    approval: Annotated[bool, Field(strict=True)] = False
-    """After the hold, wait for a promote (the rollout is paused until then); default
-    false."""
-    gates: Annotated[tuple[GateField, ...],
-                     WithJsonSchema({"type": "array", "items": _OVERRIDE})] = ()
-    """Gates of this stage only, added to the policy-wide ones; an entry named like a
-    policy-wide gate changes only the fields it gives, at this stage."""
 
     @property
     def weight(self) -> int:
@@ -602,7 +567,7 @@ class MatchStage:
 
 
 @dataclass(frozen=True, config=_CONFIG)
-class MirrorStage:
+class MirrorStage(_StageCommon):
     """`mirror` percent of requests are copied to the canary; users are served by stable."""
 
     mirror: Annotated[int, Field(strict=True, ge=1, le=100)]
@@ -611,13 +576,6 @@ class MirrorStage:
     hold: Duration
     """How long the stage lasts, gates evaluated, before the next one: a duration like
     5m."""
-    approval: Annotated[bool, Field(strict=True)] = False
-    """After the hold, wait for a promote (the rollout is paused until then); default
-    false."""
-    gates: Annotated[tuple[GateField, ...],
-                     WithJsonSchema({"type": "array", "items": _OVERRIDE})] = ()
-    """Gates of this stage only, added to the policy-wide ones; an entry named like a
-    policy-wide gate changes only the fields it gives, at this stage."""
 
     @property
     def weight(self) -> int:
@@ -723,8 +681,8 @@ class Policy:
         out = []
         for s in stages:
             if isinstance(s, dict) and isinstance(s.get("gates"), list):
-                s = {**s, "gates": [{**wide[g["name"]], **g} if isinstance(g, dict)
-                                    and g.get("name") in wide else g for g in s["gates"]]}
+                s = {**s, "gates": [{**wide[g["name"]], **g} if isinstance(g, dict) and isinstance(
+                    g.get("name"), str) and g["name"] in wide else g for g in s["gates"]]}
             out.append(s)
         return {**data, "stages": out}
 
@@ -830,17 +788,13 @@ POLICY_MESSAGES = {
     "webhooks": "must be a list of webhooks, each with name, when and url",
     "when": f"must be one of {', '.join(HOOK_TIMES)}",
     "url": "must be an http:// or https:// URL (it may use {{ vars }} like queries)",
-    "timeout": "must be a duration like 10s",
     "alerts": "must be a list of {matchers: {label: value, ...}}",
     "matchers": "must be a non-empty mapping of Alertmanager label -> value, like "
                 "{alertname: CanaryHighErrorRate, service: \"{{ service }}\"}",
-    "approval_timeout": "must be a duration like 2h: how long an approval stage may wait",
 }
 POLICY_REQUIRED = {
     "stages": "required: a list of stages, each with weight and hold",
-    "match": "required: headers and/or cookies that send a request to the canary",
     "hold": "required; write a duration like 30s",
-    "weight": "must be a whole percent from 1 to 100",
     "name": "required: a short name for this gate",
     "query": "required: a PromQL query that returns one number",
     "requests": "required: a counter query of requests, with {{ version }} where the version "
@@ -862,38 +816,33 @@ def _rules(doc: yamlsrc.Doc) -> list[Problem]:
     def problem(path: yamlsrc.Path, message: str) -> None:
         out.append(validation.problem(doc, path, message))
 
-    stages = data.get("stages") if isinstance(data.get("stages"), list) else []
-    last = 0
+    raw = data.get("stages")
+    stages = [s if isinstance(s, dict) else {} for s in raw] if isinstance(raw, list) else []
+    last, first_weight = 0, None
     for i, s in enumerate(stages):
-        w = s.get("weight") if isinstance(s, dict) else None
+        w = s.get("weight")
         if isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= 100:
             if w <= last:
                 problem(("stages", i, "weight"), f"{w} is not above the previous stage's "
                                                  f"{last}; weights must rise strictly")
             last = max(last, w)
-    first_weight = next((i for i, s in enumerate(stages)
-                         if isinstance(s, dict) and "weight" in s), None)
-    for i, s in enumerate(stages):
-        shape = next((k for k in ("match", "mirror") if isinstance(s, dict) and k in s
-                      and "weight" not in s), None)
-        if shape and first_weight is not None and i > first_weight:
+        shape = next((k for k in ("match", "mirror") if k in s and "weight" not in s), None)
+        if shape and first_weight is not None:
             problem(("stages", i, shape),
                     f"a {shape} stage comes before every weight stage: after stage "
                     f"{first_weight} users already reach the canary by weight; move it up")
-    if stages and isinstance(stages[-1], dict) and "weight" not in stages[-1] \
-            and any(k in stages[-1] for k in ("match", "mirror")):
+        if "weight" in s and first_weight is None:
+            first_weight = i
+    final = stages[-1] if stages else {}
+    if isinstance(final.get("weight"), int) and final["weight"] != 100:
+        problem(("stages", len(stages) - 1, "weight"),
+                "the last stage must have weight 100 (all traffic on the canary)")
+    elif "weight" not in final and ("match" in final or "mirror" in final):
         problem(("stages", len(stages) - 1), "the last stage must have weight 100 (all "
                                              "traffic on the canary); add weight stages after "
                                              "the match and mirror stages")
-    if stages:
-        w = stages[-1].get("weight") if isinstance(stages[-1], dict) else None
-        if isinstance(w, int) and w != 100:
-            problem(("stages", len(stages) - 1, "weight"),
-                    "the last stage must have weight 100 (all traffic on the canary)")
-    lists: list[tuple[yamlsrc.Path, Any]] = [(("gates",), data.get("gates"))]
-    lists += [(("stages", i, "gates"), s.get("gates")) for i, s in enumerate(stages)
-              if isinstance(s, dict)]
-    for path, gates in lists:
+    for path, gates in [(("gates",), data.get("gates")),
+                        *((("stages", i, "gates"), s.get("gates")) for i, s in enumerate(stages))]:
         names = [g.get("name") if isinstance(g, dict) else None
                  for g in (gates if isinstance(gates, list) else [])]
         for j, name in enumerate(names):
@@ -903,7 +852,7 @@ def _rules(doc: yamlsrc.Doc) -> list[Problem]:
         interval = parse_duration(data.get("interval", "30s"))
         deadline = parse_duration(data.get("progress_deadline", "30m"))
         holds = [parse_duration(s["hold"]) for s in stages]
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, KeyError):
         return out  # the models say what is wrong with them
     for i, hold in enumerate(holds):
         if hold + interval >= deadline:

@@ -20,6 +20,45 @@ Where = Literal["header", "cookie"]
 EDITED = "edited: "  # a live key that is no shape canary wrote
 
 
+# Python's `re` accepts these; nginx's PCRE2 or Envoy's and the gateways' RE2 refuse them
+# (or read them otherwise), and nginx -t would then fail at the stage, not at validate.
+_UNPORTABLE = (
+    (re.compile(r"\(\?(=|!|<=|<!)"), "a lookaround (?=, (?!, (?<=, (?<!"),
+    (re.compile(r"\(\?>"), "an atomic group (?>"),
+    (re.compile(r"\(\?\("), "a conditional (?("),
+    (re.compile(r"\(\?#"), "a comment (?#"),
+    (re.compile(r"\(\?P="), "a back-reference (?P="),
+    (re.compile(r"\(\?[imsx-]*[aLux][a-zA-Z-]*[:)]"), "an inline flag other than i, m, s"),
+    (re.compile(r"\\[1-9gkNuUZ]"), "an escape only Python reads (\\1, \\g, \\k, \\N, \\u, \\U, "
+                                  "\\Z)"),
+    (re.compile(r"(?<![\\(])[*+?}]\+"), "a possessive quantifier (*+, ++, ?+)"),
+    (re.compile(r"\{,"), "a repeat with no lower bound ({,n}; write {0,n})"),
+)
+
+
+def unportable(regex: str) -> str | None:
+    """What in `regex` some router's engine refuses, or None. Escaped characters and the
+    insides of character classes are read as the literals they are."""
+    plain, i, in_class = [], 0, False
+    while i < len(regex):
+        c = regex[i]
+        if c == "\\" and i + 1 < len(regex):
+            nxt = regex[i + 1]
+            # keep escapes that mean something outside a class; others become a literal
+            plain.append(c + nxt if not in_class and nxt.isalnum() else "_")
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]" or plain[-1] == "["
+            plain.append("_" if in_class else "]")
+        else:
+            in_class = c == "["
+            plain.append("[" if in_class else c)
+        i += 1
+    text = "".join(plain)
+    return next((what for pattern, what in _UNPORTABLE if pattern.search(text)), None)
+
+
 @dataclass(frozen=True)
 class Condition:
     """One request property to compare: a header's or a cookie's value."""

@@ -124,6 +124,7 @@ _GENERIC = {
     "dict_type": "must be a mapping",
     "model_type": "must be a mapping",
     "model_attributes_type": "must be a mapping",
+    "dataclass_type": "must be a mapping",
 }
 
 

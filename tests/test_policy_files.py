@@ -62,6 +62,10 @@ def test_shipped_example_policies_and_config_are_valid(capsys):
     (GOOD + "no_data: maybe\n", ["pol.yaml:12: no_data: must be one of hold, fail, pass"]),
     (GOOD + "failure_limit: 0\n", ["pol.yaml:12: failure_limit: must be a whole number"]),
     (GOOD + "progress_deadline: 1m\n", ["pol.yaml:12: progress_deadline: 1m is not longer"]),
+    # a stage gate whose name is not text, beside policy-wide gates: a message, not a traceback
+    (GOOD.replace("    hold: 1m\n  - weight: 100", "    hold: 1m\n    gates: [{name: [x], max: 1}]\n"
+                  "  - weight: 100"), ["pol.yaml:6: stages[0].gates[0].name: must be 1-63 letters",
+                                          "pol.yaml:6: stages[0].gates[0].query: required"]),
     ("stages: [\n", ["pol.yaml:2: (file): malformed YAML"]),
     ("base: &b {weight: 5}\nstages: [*b]\n", ["pol.yaml:1: (file): malformed YAML: anchors and aliases"]),
 ])
