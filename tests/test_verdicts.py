@@ -136,8 +136,8 @@ def test_the_tabulated_split_bounds_are_the_computed_ones():
     # the bound on a healthy canary's mean split (and on a canary at the margin's) that the
     # gate bets against is tabulated; recomputed here (a coarser grid) at a few splits, the
     # table is at least as cautious, and it is what wandering needs: with it zeroed,
-    # per-version wandering and shared bursts together fire in 14 of 60 long runs at a 5%
-    # share (docs/verdicts.md)
+    # per-version wandering and shared bursts together fire in 16.7% of 60 long runs at a
+    # 5% share (docs/verdicts.md, `longrun --bare`)
     from bench.verdicts.split_bound import offsets
 
     for logit in (-6.0, -2.95, -1.1, 0.0, 1.6):

@@ -5,6 +5,7 @@ often the sequential test crosses 1/alpha under each model of wandering error ra
 
     .venv/bin/python -m bench.verdicts.longrun --runs 200 --intervals 2000
     .venv/bin/python -m bench.verdicts.longrun --blip
+    .venv/bin/python -m bench.verdicts.longrun --bare ...   # without the allowance
 
 Each run's counts are drawn at once with numpy; the test itself is canary's own
 `sequential.fold` and `sequential.evidence`, fed interval by interval (the hard guard and
@@ -124,16 +125,21 @@ def main() -> None:
     ap.add_argument("--rps", type=float, default=200)
     ap.add_argument("--base", type=float, default=0.005)
     ap.add_argument("--only", nargs="*", default=None, help="models whose name contains this")
+    ap.add_argument("--bare", action="store_true", help="bet against the steady split "
+                    "pi_0 itself (no allowance for wandering): what the allowance is for")
     ap.add_argument("--blip", action="store_true", help="instead: how much one shared 30 s "
                     "blip slows the catch of a 2x canary (25%% share, 60 seeds)")
     args = ap.parse_args()
+    if args.bare:
+        sequential.SPLIT_UP = tuple(0.0 for _ in sequential.SPLIT_UP)
     if args.blip:
         print(f"2x canary at a 25% share, {args.rps:g} requests/s, median seconds to catch "
               f"over 60 seeds: no blip {blip_catch(rps=args.rps, blip=False):.0f}, one shared "
               f"30 s blip at the 5th interval {blip_catch(rps=args.rps):.0f}")
         return
     t0 = time.time()
-    print(f"# {args.runs} healthy canaries, each watched {args.intervals} intervals of 15 s, "
+    print(("# without the allowance for wandering (--bare)\n" if args.bare else "")
+          + f"# {args.runs} healthy canaries, each watched {args.intervals} intervals of 15 s, "
           f"{args.rps:g} requests/s, {args.base:.1%} errors; alpha 0.01\n")
     print("| wandering | canary share | fired [95% CI] | reached 10 (Ville: <= 10%) |")
     print("|---|---|---|---|")
