@@ -182,16 +182,19 @@ def test_plan_on_traffic_says_how_long_the_errors_gates_take_and_when_they_canno
     assert main(["plan", seq, "--rps", "200", "--error-rate", "slow-requests=0.01"]) == 0
     out = capsys.readouterr().out
     assert "errors 0.50%, slow-requests 1.00%" in out
-    assert "waiting for evidence" not in out, "200 requests/s: every stage at its hold"
-    assert "succeeded at about 17m15s" in out
+    # at 200 requests/s every stage but the first moves on at its hold; the first waits
+    # for the slow-requests gate (2 minutes of warm-up, then a 5% share's evidence)
+    assert "stage 1 (25%): from about 4m, moves on after 5m; hold 5m" in out
+    assert "succeeded at about 19m" in out
     assert main(["plan", seq, "--rps", "20"]) == 0
     out = capsys.readouterr().out
     assert "stage 0 (5%): from about 0s, moves on after" in out
     assert "(waiting for evidence)" in out and "succeeded at about" in out
     assert main(["plan", seq, "--rps", "2"]) == 0
     out = capsys.readouterr().out
-    assert "still inconclusive at the progress deadline" in out
-    assert "succeeded" not in out.split("on 2 requests/s")[1]
+    # on expected counts the step to 100% is shown safe only near the hour's deadline
+    # (on real counts, noise makes most such rollouts inconclusive: docs/verdicts.md)
+    assert "stage 3 (100%): from about 53m; succeeded at about 58m" in out
     # threshold gates are fed too; the one plan cannot know (latency) is named
     assert main(["plan", str(ROOT / "policies" / "standard.yaml"), "--rps", "5"]) == 0
     out = capsys.readouterr().out

@@ -62,12 +62,18 @@ def test_healthy_canaries_are_rarely_rolled_back_whatever_the_split():
 
 
 def test_a_five_fold_regression_is_caught_within_a_few_intervals():
+    # 13-14 intervals at 20 requests/s (the bets allowing for wandering and shared bursts
+    # together are linear in the canary's share of each interval's errors: they cannot
+    # compound within an interval as a likelihood ratio does - 9-12 before)
     for seed in range(5):
         verdict, at = run(0.01, 0.05, rps=20, weights=[25], seed=seed)
-        assert verdict == "fail" and 0 <= at <= 12, (seed, at)
+        assert verdict == "fail" and 0 <= at <= 16, (seed, at)
 
 
-def test_a_failure_that_starts_late_is_caught_as_fast_as_an_early_one():
+def test_a_failure_that_starts_late_is_still_caught():
+    # after 90 healthy minutes a 5x failure is caught in 28-36 intervals (seeds 3-8), not
+    # the 13-14 of an early one: the change point's prior weight 1/(nu (nu + 1)) costs
+    # log(nu^2) more evidence, and the linear bets earn at most ~0.7 a 15 s interval here
     rng_counts = {"canary_requests": 0.0, "canary_errors": 0.0, "stable_requests": 0.0,
                   "stable_errors": 0.0}
     state = sequential.State()
@@ -83,7 +89,7 @@ def test_a_failure_that_starts_late_is_caught_as_fast_as_an_early_one():
         out = sequential.update(GATE, state, dict(rng_counts))
         state = out.state
         if out.verdict == "fail":
-            assert bad and i - 360 <= 15, i
+            assert bad and i - 360 <= 40, i
             return
     pytest.fail("the late failure was never caught")
 
@@ -126,20 +132,21 @@ def test_overdispersion_still_lets_a_real_regression_through():
         assert verdict == "fail" and 0 <= at <= 20, (seed, at)
 
 
-def test_the_spread_estimate_follows_stable_and_shrugs_off_one_shared_burst():
-    rng = random.Random(7)
-    quiet, wandering, burst = {}, {}, {}
-    for i in range(60):
-        n = 3000
-        quiet = sequential.observe(quiet, sum(rng.random() < 0.005 for _ in range(n)), n)
-        p = 0.005 * rng.gammavariate(1 / 0.3, 0.3)
-        wandering = sequential.observe(wandering, sum(rng.random() < p for _ in range(n)),
-                                              n)
-        p = 0.05 if 20 <= i < 28 else 0.005  # a 2-minute outage hitting every version
-        burst = sequential.observe(burst, sum(rng.random() < p for _ in range(n)), n)
-    assert sequential.spread(quiet) < 0.1
-    assert 0.15 < sequential.spread(wandering) < 0.6
-    assert sequential.spread(burst) < 0.5
+def test_the_tabulated_split_bounds_are_the_computed_ones():
+    # the bound on a healthy canary's mean split (and on a canary at the margin's) that the
+    # gate bets against is tabulated; recomputed here (a coarser grid) at a few splits, the
+    # table is at least as cautious, and it is what wandering needs: with it zeroed,
+    # per-version wandering and shared bursts together fire in 16.7% of 60 long runs at a
+    # 5% share (docs/verdicts.md, `longrun --bare`)
+    from bench.verdicts.split_bound import offsets
+
+    for logit in (-6.0, -2.95, -1.1, 0.0, 1.6):
+        pi_0 = 1 / (1 + np.exp(-logit))
+        up, down = offsets(logit, n=300)
+        hi, lo = sequential.split_bounds(float(pi_0))
+        assert np.log(hi / (1 - hi)) - logit >= up - 0.002, (logit, up)
+        assert np.log(lo / (1 - lo)) - logit <= down + 0.002, (logit, down)
+        assert hi >= pi_0 >= lo
 
 
 def test_the_step_to_full_traffic_waits_for_evidence_the_canary_is_not_worse():
@@ -322,8 +329,8 @@ def _scenario(name: str):
     return next(s for s in scenarios() if s.name == name)
 
 
-@pytest.mark.parametrize("name,most", [("errors x2", 1), ("errors x2, base 0.4%", 1),
-                                       ("errors x3, base 0.2%", 10)])
+@pytest.mark.parametrize("name,most", [("errors x2", 1), ("errors x2, base 0.4%", 3),
+                                       ("errors x3, base 0.2%", 40)])
 def test_a_worse_canary_is_not_promoted_where_errors_are_rare(name, most):
     # stable at 0.4% (0.2%): margin x stable's rate is below detect_rate, where the step
     # to 100% used to check only how much traffic the stage saw - 48% (27%) of these
@@ -331,7 +338,9 @@ def test_a_worse_canary_is_not_promoted_where_errors_are_rare(name, most):
     # through: below 2x stable's rate, or below detect_rate (1%). A 2x canary at 0.8% is
     # under detect_rate but too close to it to be shown below; a 3x one at 0.6% is
     # outside the promise (docs/verdicts.md: below detect_rate), and shown below 1% in a
-    # few runs
+    # few runs. Both are below detect_rate, where a canary shown below it may be promoted:
+    # with the bets that allow for wandering and shared bursts (slower to roll them back)
+    # 1 and 36 of these 100 were (1 and 10 before)
     from bench.verdicts.simulate import simulate
 
     out = [simulate(_scenario(name), 20, seed, None).outcome for seed in range(100)]
@@ -517,15 +526,19 @@ async def test_an_errors_gate_reads_every_pod_of_a_counter_query():
                            "stable_requests": 100.0, "stable_errors": 100.0}
 
 
-@pytest.mark.parametrize("shared,own,alone,share", [
-    (0.0, 0.0, 0.0, 0.05),    # steady (binomial)
-    (1.0, 0.0, 0.0, 0.05),    # bursts both versions share, variance 1 (+-100%)
-    (0.0, 0.25, 0.0, 0.05),   # each version wandering on its own, +-50%, at a 5% share...
-    (0.0, 0.25, 0.0, 0.25),   # ...and at 25%
-    (0.0, 0.0, 0.25, 0.05),   # the canary alone wandering +-50%
+@pytest.mark.parametrize("shared,own,alone,stable_alone,share", [
+    (0.0, 0.0, 0.0, 0.0, 0.05),    # steady (binomial)
+    (1.0, 0.0, 0.0, 0.0, 0.05),    # bursts both versions share, variance 1 (+-100%)
+    (0.0, 0.25, 0.0, 0.0, 0.05),   # each version wandering on its own, +-50%, at 5%...
+    (0.0, 0.25, 0.0, 0.0, 0.25),   # ...and at 25%
+    (0.0, 0.0, 0.25, 0.0, 0.05),   # the canary alone wandering +-50%
+    (1.0, 0.25, 0.0, 0.0, 0.05),   # each version +-50% AND shared bursts, at 5%...
+    (1.0, 0.25, 0.0, 0.0, 0.25),   # ...and at 25%
+    (4.0, 0.0, 0.0, 0.25, 0.05),   # stable alone +-50% and shared bursts of variance 4...
+    (4.0, 0.0, 0.0, 0.25, 0.25),   # ...(the worst case the bound is sized for)
 ])
 def test_a_healthy_canary_watched_for_thousands_of_intervals_is_rarely_rolled_back(
-        shared, own, alone, share):
+        shared, own, alone, stable_alone, share):
     # the bound alpha is per rollout however long it is watched, under each wandering
     # model docs/verdicts.md claims: 100 healthy canaries at 200 requests/s, 0.5% errors,
     # 1,000 intervals (4 hours) each. Ville's inequality bounds more than the firing: the
@@ -534,7 +547,7 @@ def test_a_healthy_canary_watched_for_thousands_of_intervals_is_rarely_rolled_ba
     from bench.verdicts.longrun import highest
 
     top = [highest(shared, own, share=share, rps=200, base=0.005, intervals=1000, seed=s,
-                   canary_only=alone) for s in range(100)]
+                   canary_only=alone, stable_only=stable_alone) for s in range(100)]
     fired, ten = sum(m >= 100 for m in top), sum(m >= 10 for m in top)
     assert fired <= 3, f"{fired} of 100 fired (alpha 0.01)"
     assert ten <= 20, f"{ten} of 100 reached 10 (Ville: at most 10%)"

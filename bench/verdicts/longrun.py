@@ -5,6 +5,7 @@ often the sequential test crosses 1/alpha under each model of wandering error ra
 
     .venv/bin/python -m bench.verdicts.longrun --runs 200 --intervals 2000
     .venv/bin/python -m bench.verdicts.longrun --blip
+    .venv/bin/python -m bench.verdicts.longrun --bare ...   # without the allowance
 
 Each run's counts are drawn at once with numpy; the test itself is canary's own
 `sequential.fold` and `sequential.evidence`, fed interval by interval (the hard guard and
@@ -21,18 +22,20 @@ import numpy as np
 
 from canary.gates import sequential
 
-MODELS = {  # name -> (shared shock variance, per-version shock variance, canary-only)
-    "steady (binomial)": (0.0, 0.0, 0.0),
-    "shared bursts (variance 1)": (1.0, 0.0, 0.0),
-    "per-version wandering (variance 0.25, +-50%)": (0.0, 0.25, 0.0),
-    "canary-only wandering (variance 0.25)": (0.0, 0.0, 0.25),
-    "per-version 0.25 and shared bursts 1 together": (1.0, 0.25, 0.0),
+MODELS = {  # name -> (shared shock variance, per-version shock variance, canary-only,
+    #                  stable-only)
+    "steady (binomial)": (0.0, 0.0, 0.0, 0.0),
+    "shared bursts (variance 1)": (1.0, 0.0, 0.0, 0.0),
+    "per-version wandering (variance 0.25, +-50%)": (0.0, 0.25, 0.0, 0.0),
+    "canary-only wandering (variance 0.25)": (0.0, 0.0, 0.25, 0.0),
+    "per-version 0.25 and shared bursts 1 together": (1.0, 0.25, 0.0, 0.0),
+    "stable-only 0.25 and shared bursts 4 together": (4.0, 0.0, 0.0, 0.25),
 }
 
 
 def counts(shared: float, own: float, *, share: float, rps: float, base: float,
            intervals: int, seed: int, canary_only: float = 0.0,
-           ratio: float = 1.0) -> np.ndarray:
+           ratio: float = 1.0, stable_only: float = 0.0) -> np.ndarray:
     """(intervals, 4) array of e_c, n_c, e_s, n_s: Poisson requests split by the share,
     binomial errors at each version's rate x its gamma shocks (mean 1)."""
     rng = np.random.default_rng(seed)
@@ -44,7 +47,7 @@ def counts(shared: float, own: float, *, share: float, rps: float, base: float,
     n_c = rng.binomial(n, share)
     both = shock(shared)
     p_c = np.minimum(1.0, base * ratio * both * shock(own) * shock(canary_only))
-    p_s = np.minimum(1.0, base * both * shock(own))
+    p_s = np.minimum(1.0, base * both * shock(own) * shock(stable_only))
     return np.stack([rng.binomial(n_c, p_c), n_c, rng.binomial(n - n_c, p_s), n - n_c],
                     axis=1).astype(float)
 
@@ -69,12 +72,12 @@ def first_crossing(c: np.ndarray, gate: sequential.ErrorGate) -> int:
 
 
 def highest(shared: float, own: float, *, share: float, rps: float, base: float,
-            intervals: int, seed: int, alpha: float = 0.01, canary_only: float = 0.0
-            ) -> float:
+            intervals: int, seed: int, alpha: float = 0.01, canary_only: float = 0.0,
+            stable_only: float = 0.0) -> float:
     """One healthy canary watched for `intervals` 15 s intervals: the highest evidence
     the test reached (>= 1/alpha: it fired)."""
     c = counts(shared, own, share=share, rps=rps, base=base, intervals=intervals, seed=seed,
-               canary_only=canary_only)
+               canary_only=canary_only, stable_only=stable_only)
     return peak(c, sequential.ErrorGate(alpha=alpha))[1]
 
 
@@ -122,25 +125,31 @@ def main() -> None:
     ap.add_argument("--rps", type=float, default=200)
     ap.add_argument("--base", type=float, default=0.005)
     ap.add_argument("--only", nargs="*", default=None, help="models whose name contains this")
+    ap.add_argument("--bare", action="store_true", help="bet against the steady split "
+                    "pi_0 itself (no allowance for wandering): what the allowance is for")
     ap.add_argument("--blip", action="store_true", help="instead: how much one shared 30 s "
                     "blip slows the catch of a 2x canary (25%% share, 60 seeds)")
     args = ap.parse_args()
+    if args.bare:
+        sequential.SPLIT_UP = tuple(0.0 for _ in sequential.SPLIT_UP)
     if args.blip:
         print(f"2x canary at a 25% share, {args.rps:g} requests/s, median seconds to catch "
               f"over 60 seeds: no blip {blip_catch(rps=args.rps, blip=False):.0f}, one shared "
               f"30 s blip at the 5th interval {blip_catch(rps=args.rps):.0f}")
         return
     t0 = time.time()
-    print(f"# {args.runs} healthy canaries, each watched {args.intervals} intervals of 15 s, "
+    print(("# without the allowance for wandering (--bare)\n" if args.bare else "")
+          + f"# {args.runs} healthy canaries, each watched {args.intervals} intervals of 15 s, "
           f"{args.rps:g} requests/s, {args.base:.1%} errors; alpha 0.01\n")
     print("| wandering | canary share | fired [95% CI] | reached 10 (Ville: <= 10%) |")
     print("|---|---|---|---|")
-    for name, (shared, own, alone) in MODELS.items():
+    for name, (shared, own, alone, stable_alone) in MODELS.items():
         if args.only and not any(o in name for o in args.only):
             continue
         for share in args.share:
             top = [highest(shared, own, share=share, rps=args.rps, base=args.base,
-                           intervals=args.intervals, seed=s, canary_only=alone)
+                           intervals=args.intervals, seed=s, canary_only=alone,
+                           stable_only=stable_alone)
                    for s in range(args.runs)]
             k = sum(m >= 100 for m in top)
             lo, hi = wilson(k, args.runs)

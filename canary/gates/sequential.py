@@ -18,20 +18,22 @@ healthy stretch from blunting detection of a failure that starts late.
 
 Two additions:
 - Wandering. When each version's error rate wanders on its own from interval to
-  interval, pi wanders too, and the binomial likelihood ratio is no longer an e-value.
-  Read without conditioning, each interval's ratio is a bet on the two counts whose mean
-  under a healthy canary is at most exp(-log(1 - s^2 v^2) / v) for independent gamma
-  shocks of variance v (s: the bet's size in expected errors; shared shocks cancel).
-  Each interval's ratio is divided by that (wander_penalty), with v the smaller of
-  WANDER (0.25: +-50%) and the larger of the two versions' spread bounds from past
-  intervals (wander_bound), and stable's rate bounded from past intervals only
-  (stable_rate_bound), so the product is an e-value again; bets are kept to a size the
-  penalty lets them earn at (_bet). (The earlier allowance divided each log-likelihood
-  ratio by a dispersion factor that included the interval judged: that corrects the
-  variance, not the exponential moment, and fired in 10% of long null runs.)
+  interval, pi wanders too, and the binomial likelihood ratio is no longer an e-value;
+  when both also burst together, the interval's error count is no guide to how much the
+  split can wander. So each interval's bet is linear in the canary's share of its errors,
+  f = e_c / E, staked on at most K errors (K fixed before the interval, from stable's
+  rate so far): 1 + beta min(E, K) (f - m), nonnegative by construction. Its mean is
+  <= 1 whenever the split's mean, weighted by min(E, K), is <= m. A healthy canary's
+  split has mean pi_0 only without wandering: a stable wandering on its own makes
+  E[pi] > pi_0 (E[1/X] > 1), and a shared burst decides how the intervals are weighted.
+  m is the largest such weighted mean over every shared-burst law and each version's own
+  shock (gamma or two-point, variance <= WANDER: +-50%), computed once
+  (bench/verdicts/split_bound.py) and tabulated in logits (SPLIT_UP): at a 5% share m is
+  1.33 pi_0, at 25% 1.2 pi_0. Nothing is estimated, so nothing can be estimated wrong.
 - Non-inferiority. Before the step to 100%, a second anytime-valid test must show the
-  canary is *not* worse than stable x tolerance x final_gross: likelihood ratios of
-  ratios below that margin against the margin, multiplied over the whole rollout.
+  canary is *not* worse than stable x tolerance x final_gross: the same linear bets,
+  toward ratios below that margin, against the smallest weighted mean split (SPLIT_DOWN)
+  a canary at the margin can show, multiplied over the whole rollout.
 """
 
 from __future__ import annotations
@@ -43,22 +45,36 @@ from typing import Any
 GRID = (1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)  # ratios of error rates, x tolerance
 NI_GRID = (0.25, 0.5, 0.75, 0.9)        # ratios, x the non-inferiority margin
 AB_GRID = (0.1, 0.25, 0.5)             # error rates, x detect_rate
-DISPERSION_CAP = 3.0    # one interval pair's say in the spread estimate
 MAX_COUNTER = 1e15      # a quadrillion requests: anything above is not a counter
 MAX_SERIES = 2000       # per-series counters kept in the state (pods x 4 queries)
-PRIOR_SPREAD = 0.75     # sigma^2 assumed before stable has shown its own
-SPREAD_Z = 2.5          # standard errors added to the estimate
-# The canary's own spread counts only from interval pairs expected to hold this many of
-# its errors, and once there are CANARY_MIN_PAIRS of them: at a 5% weight its counts are
-# a handful, their noise would swamp the estimate (and make the test needlessly slow),
-# and there wandering is dwarfed by counting noise anyway - it matters where counts are
-# large, which is where the canary's estimate becomes precise.
-CANARY_MIN_ERRORS = 2.0
-CANARY_MIN_PAIRS = 4
 # The wandering the false-rollback bound allows for: each version's error rate may be
 # multiplied, every interval, by its own shock of mean 1 and variance up to WANDER
-# (gamma-distributed, or bounded within 1 +- sqrt(WANDER)): +-50%. See wander_penalty.
+# (gamma-distributed, or 1 +- sqrt(WANDER) with equal chance): +-50%; on top of a shock
+# both share, of any size. See split_bounds.
 WANDER = 0.25
+BET_CAP = 0.9           # no interval's bet risks more than this share of the evidence
+# logit(bound) - logit(pi_0) at logit(pi_0) = SPLIT_LOGIT0 + SPLIT_STEP x i: the largest
+# (UP) and smallest (DOWN) mean split a canary at pi_0 can show a bet under that
+# wandering; made by `python -m bench.verdicts.split_bound` (tests/test_verdicts.py
+# recomputes some)
+SPLIT_LOGIT0, SPLIT_STEP = -9.0, 0.25
+SPLIT_UP = (
+    0.288, 0.288, 0.288, 0.288, 0.288, 0.288, 0.288, 0.288, 0.288, 0.288, 0.288, 0.288,
+    0.287, 0.287, 0.287, 0.286, 0.286, 0.285, 0.285, 0.284, 0.282, 0.281, 0.278, 0.276,
+    0.272, 0.268, 0.263, 0.257, 0.249, 0.240, 0.229, 0.217, 0.202, 0.187, 0.170, 0.152,
+    0.134, 0.116, 0.100, 0.084, 0.070, 0.058, 0.047, 0.038, 0.031, 0.025, 0.020, 0.016,
+    0.012, 0.010, 0.008, 0.006, 0.005, 0.004, 0.003, 0.003, 0.002, 0.002, 0.002, 0.001,
+    0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001,
+    0.001)
+SPLIT_DOWN = (
+    -0.001, -0.001, -0.001, -0.001, -0.001, -0.001, -0.001, -0.001, -0.001, -0.001,
+    -0.001, -0.001, -0.001, -0.001, -0.002, -0.002, -0.002, -0.003, -0.003, -0.004,
+    -0.005, -0.006, -0.008, -0.010, -0.012, -0.016, -0.020, -0.025, -0.031, -0.038,
+    -0.047, -0.058, -0.070, -0.084, -0.100, -0.116, -0.134, -0.152, -0.170, -0.187,
+    -0.202, -0.217, -0.229, -0.240, -0.249, -0.257, -0.263, -0.268, -0.272, -0.276,
+    -0.278, -0.281, -0.282, -0.284, -0.285, -0.285, -0.286, -0.286, -0.287, -0.287,
+    -0.287, -0.288, -0.288, -0.288, -0.288, -0.288, -0.288, -0.288, -0.288, -0.288,
+    -0.288, -0.288, -0.288)
 RATE_PRIOR = 2.0        # stable's rate estimate counts this many errors before any...
 RATE_CAP = 2.5          # ...and no interval counted above ~this x the estimate so far
 
@@ -105,24 +121,12 @@ class State:
                    base=dict(d.get("base", {})))
 
 
-def wander_bound(state: State) -> float:
-    """The wandering the next interval's bets pay for: WANDER, or less where both
-    versions have shown, over past intervals only, that they wander less - the larger of
-    the two upper confidence bounds of their spread (mean + SPREAD_Z standard errors of
-    per-pair estimates), each WANDER until it has enough pairs."""
-    st = spread(state.disp) if state.disp.get("k", 0.0) >= 2 else WANDER
-    ca = spread(state.disp_c) if state.disp_c.get("k", 0.0) >= CANARY_MIN_PAIRS else WANDER
-    return min(WANDER, max(st, ca))
-
-
 def fold(gate: ErrorGate, state: State, e_c: float, n_c: float, e_s: float,
          n_s: float) -> State:
-    """One interval into the test: the wandering allowance from the past, then both
-    versions' spread estimates and the statistics."""
-    v = wander_bound(state)
+    """One interval into the test: both versions' totals, then the statistics."""
     state = replace(state, disp=observe(state.disp, e_s, n_s),
-                    disp_c=observe(state.disp_c, e_c, n_c, CANARY_MIN_ERRORS))
-    return step_absolute(gate, step(gate, state, e_c, n_c, e_s, n_s, v), e_c, n_c, v)
+                    disp_c=observe(state.disp_c, e_c, n_c))
+    return step_absolute(gate, step(gate, state, e_c, n_c, e_s, n_s), e_c, n_c)
 
 
 def _fit(xs: list[float] | None, grid: tuple[float, ...], front: bool = False) -> list[float]:
@@ -174,52 +178,25 @@ def _pi(n_c: float, n_s: float, r: float) -> float:
     return min(1 - 1e-12, max(1e-12, n_c * r / (n_c * r + n_s)))
 
 
-def _log_lr(e_c: float, e_s: float, pi_k: float, pi_0: float) -> float:
-    return e_c * math.log(pi_k / pi_0) + e_s * math.log((1 - pi_k) / (1 - pi_0))
-
-
-def spread(disp: dict[str, float], z: float = SPREAD_Z) -> float:
-    """sigma^2: the relative variance of a version's error rate from one interval to the
-    next, beyond counting noise, as that version shows it. An upper confidence bound (the mean
-    of the per-pair estimates plus SPREAD_Z standard errors), and PRIOR_SPREAD until two
-    pairs have been seen: an estimate that is low by chance would leave the test too
-    trusting, one that is high only costs a little speed. (Where counts are small the
-    bound is loose, but there the binomial noise dwarfs any spread and phi stays ~1.)"""
-    k = disp.get("k", 0.0)
-    if k < 2:
-        return PRIOR_SPREAD
-    mean = disp.get("c", 0.0) / k
-    var = max(0.0, disp.get("c2", 0.0) / k - mean * mean) * k / (k - 1)
-    return max(0.0, mean) + z * math.sqrt(var / k)
-
-
-def observe(disp: dict[str, float], e: float, n: float,
-            min_errors: float = 0.0) -> dict[str, float]:
-    """Fold one interval of a version into its spread estimate. For consecutive intervals,
-    D = e2/n2 - e1/n1 has E[D^2] = p/n1 + p/n2 + 2 p^2 sigma^2 when the rate is p x a
-    shock of variance sigma^2 each interval; e/n^2 estimates p/n. Differences, not
-    deviations from the mean, so a slow trend in the rate is not counted as
-    spread; each pair's say is capped, so one short burst shared by both versions (which
-    the conditional test is immune to anyway) does not blunt the test for the rest of
-    the rollout. A pair counts only when both intervals were expected (at the pooled
-    rate, not their own, so a spike cannot select itself) to hold `min_errors`."""
+def observe(disp: dict[str, float], e: float, n: float) -> dict[str, float]:
+    """Fold one interval of a version into its totals (errors, requests)."""
     if n <= 0:
         return disp
-    out = dict(disp)
-    out["se"] = disp.get("se", 0.0) + e
-    out["sn"] = disp.get("sn", 0.0) + n
-    p = out["se"] / out["sn"]
-    n1, e1 = disp.get("n", 0.0), disp.get("e", 0.0)
-    if (n1 >= 1 and n >= 1 and p * p > 0  # (fractional or vanishing counts: skip)
-            and p * min(n1, n) >= min_errors):
-        d = e / n - e1 / n1
-        c = (d * d - e / (n * n) - e1 / (n1 * n1)) / (2 * p * p)
-        c = max(-DISPERSION_CAP, min(DISPERSION_CAP, c))
-        out["c"] = disp.get("c", 0.0) + c
-        out["c2"] = disp.get("c2", 0.0) + c * c
-        out["k"] = disp.get("k", 0.0) + 1
-    out["e"], out["n"] = e, n
-    return out
+    return {**disp, "se": disp.get("se", 0.0) + e, "sn": disp.get("sn", 0.0) + n}
+
+
+def split_bounds(pi_0: float) -> tuple[float, float]:
+    """(largest, smallest) mean of the canary's share of an interval's errors, as a bet
+    staked on up to K errors weighs it, for a canary whose steady split would be pi_0,
+    when each version's rate is multiplied by its own shock (variance <= WANDER) and both
+    by a shared one (any law): the table SPLIT_UP / SPLIT_DOWN, read at the two grid
+    points around logit(pi_0), the more cautious of the two, plus 0.001."""
+    lg = math.log(pi_0 / (1 - pi_0))
+    x = (min(max(lg, SPLIT_LOGIT0), -SPLIT_LOGIT0) - SPLIT_LOGIT0) / SPLIT_STEP
+    i = min(int(x), len(SPLIT_UP) - 2)
+    up = max(SPLIT_UP[i], SPLIT_UP[i + 1]) + 0.001
+    down = min(SPLIT_DOWN[i], SPLIT_DOWN[i + 1]) - 0.001
+    return 1 / (1 + math.exp(-(lg + up))), 1 / (1 + math.exp(-(lg + down)))
 
 
 def evidence(state: State) -> float:
@@ -238,27 +215,6 @@ def ni_evidence(state: State) -> float:
     return (ratio + absolute) / 2
 
 
-def wander_penalty(s: float, v: float = WANDER) -> float | None:
-    """The log of the most a bet of size s can gain from wandering alone.
-
-    A version serving n requests at error rate p x X (X a shock of mean 1) makes e errors;
-    given X, E[A^e] <= exp(n p X (A - 1)), binomial or Poisson. The interval's likelihood
-    ratio A^e_c B^e_s (A = pi_k/pi_0 = 1 + s/a (1 - pi_0), B = (1 - pi_k)/(1 - pi_0)) then has
-    E <= exp(s (X_c - X_s)) at the healthy boundary, where a = b is the canary's expected
-    errors x (1 - pi_0), and less inside the null: steady rates make it 1, shocks shared
-    by both versions cancel. Independent shocks do not: for gamma shocks of variance v,
-    log E[exp(s (X_c - X_s))] = -log(1 - s^2 v^2) / v (and a shock bounded within
-    1 +- sqrt(v) gains no more, by Hoeffding's lemma). Dividing the likelihood ratio by
-    exp(this) makes it an e-value again under that wandering. None when s v >= 1: the
-    shock's moment is infinite there, and the interval is not bet on at that ratio."""
-    x = abs(s) * v
-    if x >= 1:
-        return None
-    if v <= 0:
-        return 0.0
-    return -math.log1p(-x * x) / v
-
-
 def absolute_penalty(x: float, v: float = WANDER) -> float:
     """The same for the canary's own errors against detect_rate (step_absolute): with
     x = n_c p0 (1 - r) / (1 - p0), the likelihood ratio's mean under a canary failing at
@@ -269,26 +225,22 @@ def absolute_penalty(x: float, v: float = WANDER) -> float:
     return x - math.log1p(x * v) / v
 
 
-def stable_rate_bound(state: State) -> float | None:
-    """An upper estimate of stable's mean error rate from the intervals before this one
-    (so the bet is fixed before the interval is seen): the errors per request so far,
-    plus RATE_PRIOR errors, x (1 + 2 standard errors) for an average over k intervals of
-    rates wandering by WANDER and counted with Poisson noise. None before stable has
-    served a request. (A rate is at most 1.)"""
-    n, k = state.base.get("n", 0.0), state.base.get("k", 0.0)
-    if n < 1 or k <= 0:  # (less than one request so far: nothing to go on)
-        return None
-    e = state.base.get("e", 0.0) + RATE_PRIOR
-    return min(1.0, e / n * (1 + 2 * math.sqrt(WANDER / k + 1 / e)))
+def expected_errors(state: State, n_c: float, n_s: float, ratio: float) -> float:
+    """K: how many errors the interval about to be judged should hold, at stable's rate
+    so far (its errors, plus RATE_PRIOR, per request) with the canary at `ratio` x it; at
+    least 1. Fixed before the interval's errors are seen; any such K keeps the bets
+    e-values, a good one only makes them grow faster."""
+    n, e = state.base.get("n", 0.0), state.base.get("e", 0.0)
+    if n < 1:
+        return 1.0
+    return max(1.0, min(1.0, (e + RATE_PRIOR) / n) * (n_s + ratio * n_c))
 
 
 def observe_base(base: dict[str, float], e_s: float, n_s: float) -> dict[str, float]:
     """Fold one interval of stable into its rate estimate. An interval counts at most
     RATE_CAP x the errors expected at the rate so far (+ 3 Poisson standard deviations
     + 2): one burst both versions share (an outage) must not raise the estimate - and
-    slow the test - for the rest of the rollout. A gamma shock of variance WANDER exceeds
-    2.5 with probability ~1%, by 0.3% of the mean on average - far inside the estimate's
-    margin (stable_rate_bound)."""
+    slow the test - for the rest of the rollout (it sizes the bets: expected_errors)."""
     if n_s <= 0:
         return base
     n, e = base.get("n", 0.0), base.get("e", 0.0)
@@ -298,8 +250,7 @@ def observe_base(base: dict[str, float], e_s: float, n_s: float) -> dict[str, fl
     return {"n": n + n_s, "e": e + e_s, "k": base.get("k", 0.0) + 1}
 
 
-def step_absolute(gate: ErrorGate, state: State, e_c: float, n_c: float,
-                  v: float = WANDER) -> State:
+def step_absolute(gate: ErrorGate, state: State, e_c: float, n_c: float) -> State:
     """Fold one interval of the canary's own counts into the test that its error rate is
     below detect_rate: for rates p1 below it (1/4, 1/2, 3/4 of it) the likelihood ratio
     of e_c errors in n_c requests, p1 against detect_rate, has mean <= 1 for any canary
@@ -310,7 +261,7 @@ def step_absolute(gate: ErrorGate, state: State, e_c: float, n_c: float,
         return state
     p0 = gate.detect_rate
     ab = [x + e_c * math.log(r) + (n_c - e_c) * math.log((1 - r * p0) / (1 - p0))
-          - absolute_penalty(n_c * p0 * (1 - r) / (1 - p0), v)
+          - absolute_penalty(n_c * p0 * (1 - r) / (1 - p0))
           for x, r in zip(state.ab, AB_GRID, strict=True)]
     return replace(state, ab=ab)
 
@@ -319,84 +270,76 @@ def _margin(gate: ErrorGate) -> float:
     return gate.tolerance * (gate.final_gross or gate.gross)
 
 
-def _bet(n_c: float, n_s: float, r0: float, r: float, p_hat: float | None,
-         v: float = WANDER) -> tuple[float, float, float, float] | None:
-    """(log A, log B, penalty, pi_0) of the bet "ratio r against r0" on one interval's
-    split, or None where it is not placed (no bound on stable's rate yet).
+def _stake(m: float, pi_k: float, k: float, sign: float) -> float:
+    """beta of the bet "the split's mean is pi_k, not m", per error, for an interval
+    expected to hold k errors: with X = e_c - m E (mean mu = k (pi_k - m), variance
+    s2 = k pi_k (1 - pi_k) if the split is pi_k), the beta that maximises
+    log(1 + beta mu) - beta^2 s2 / (2 (1 + beta mu)^2), a second-order reading of
+    E log(1 + beta X), or the one-error likelihood ratio's stake shrunk for k errors
+    (d / (m (1 - m) + k d^2)) where that is larger; capped so that the bet can lose at
+    most BET_CAP of the evidence (where s2 < 4 mu^2 the cap is the best). Only bets in
+    the test's direction (sign +1: canary worse; -1: better) are placed; others are 0.
+    Any beta fixed before the interval keeps the bet an e-value; this one only makes it
+    grow."""
+    d = pi_k - m
+    if d * sign <= 0:
+        return 0.0
+    most = BET_CAP / (k * (m if d > 0 else 1 - m))
+    mu, s2 = k * abs(d), k * pi_k * (1 - pi_k)
+    beta = most
+    if s2 > 4 * mu * mu:  # (the smaller root of mu^3 b^2 + (2 mu^2 - s2) b + mu = 0)
+        beta = 2 * mu / (s2 - 2 * mu * mu + math.sqrt(s2 * s2 - 4 * mu * mu * s2))
+        # ...or, where few errors are expected, the likelihood ratio's for one error
+        beta = max(beta, abs(d) / (m * (1 - m) + k * d * d))
+    return math.copysign(min(most, beta), d)
 
-    The bet is the likelihood ratio of r against r0 - or a smaller one in the same
-    direction where the interval holds many errors: under wandering, what a bet of size
-    s = lambda x (expected errors) can gain grows like WANDER x s^2, what it can earn
-    only like s x (r/r0 - 1), so s is kept to |r/r0 - 1| / (2 WANDER) (the size that
-    earns most under the penalty), and below 0.5 / WANDER. Any predictable size is an
-    e-value; these only make it grow where it can."""
-    if p_hat is None:
-        return None
-    pi_0, pi_k = _pi(n_c, n_s, r0), _pi(n_c, n_s, r)
-    lam = (pi_k - pi_0) / (pi_0 * (1 - pi_0))
-    b = pi_0 * n_s * p_hat  # at the boundary a = b = pi_0 x stable's expected errors
-    if v > 0 and b > 0:
-        most = min(abs(r / r0 - 1) / (2 * v), 0.5 / v) / b
-        if abs(lam) > most:
-            lam = math.copysign(most, lam)
-            pi_k = pi_0 + lam * pi_0 * (1 - pi_0)
-    pen = wander_penalty(lam * b, v)
-    if pen is None:
-        return None
-    return math.log(pi_k / pi_0), math.log((1 - pi_k) / (1 - pi_0)), pen, pi_0
+
+def _log_pay(e_c: float, e_s: float, m: float, beta: float, k: float) -> float:
+    """log of one interval's bet 1 + beta min(E, K) (f - m): f the canary's share of the
+    E errors, the stake counting at most K of them (a shared burst cannot raise it)."""
+    total = e_c + e_s
+    if total <= 0 or beta == 0:
+        return 0.0
+    return math.log1p(beta * min(total, k) * (e_c / total - m))
 
 
 def step(gate: ErrorGate, state: State, e_c: float, n_c: float, e_s: float,
-         n_s: float, v: float = WANDER) -> State:
+         n_s: float) -> State:
     """Fold one interval's counts into the statistics: every interval in which both
-    versions served requests, with errors or without (the penalty is paid either way -
-    skipping quiet intervals would let wandering pay only where it helps)."""
+    versions served requests (one without errors pays and earns nothing)."""
     if n_c <= 0 or n_s <= 0:
         return state  # one side idle: the split says nothing
-    p_hat = stable_rate_bound(state)
-    if p_hat is None:  # stable's first interval: nothing to bound the bet with yet
-        return replace(state, base=observe_base(state.base, e_s, n_s))
     t = state.t + 1
     q = 1.0 / (t * (t + 1))
     stage = dict(state.stage)
+    m, _ = split_bounds(_pi(n_c, n_s, gate.tolerance))
+    k = expected_errors(state, n_c, n_s, gate.tolerance)
+    # what a canary failing at the gross ratio (or detect_rate) would have earned here
+    g_c = n_c * min(0.99, max(gate.gross * gate.tolerance * e_s / n_s, gate.detect_rate))
     s = []
-    for k, r in enumerate(GRID):
-        bet = _bet(n_c, n_s, gate.tolerance, gate.tolerance * r, p_hat, v)
-        if bet is None:
-            s.append(state.s[k] + q)
-            stage[f"skip{k}"] = stage.get(f"skip{k}", 0.0) + 1  # a replay cannot count it
-            continue
-        la, lb, pen, _ = bet
+    for i, r in enumerate(GRID):
+        beta = _stake(m, _pi(n_c, n_s, gate.tolerance * r), k, 1.0)
         # (in logs, and kept below 1e200: far past any 1/alpha, and finite for the store)
-        s.append(math.exp(min(460.0, math.log(state.s[k] + q) + e_c * la + e_s * lb - pen)))
-        stage[f"pen{k}"] = stage.get(f"pen{k}", 0.0) + pen
+        s.append(math.exp(min(460.0, math.log(state.s[i] + q)
+                              + _log_pay(e_c, e_s, m, beta, k))))
+        stage[f"g{i}"] = stage.get(f"g{i}", 0.0) + _log_pay(g_c, e_s, m, beta, k)
     margin = _margin(gate)
-    ni = []
-    for x, r in zip(state.ni, NI_GRID, strict=True):
-        bet = _bet(n_c, n_s, margin, margin * r, p_hat, v)
-        ni.append(x if bet is None else x + e_c * bet[0] + e_s * bet[1] - bet[2])
+    _, low = split_bounds(_pi(n_c, n_s, margin))
+    ni = [x + _log_pay(e_c, e_s, low, _stake(low, _pi(n_c, n_s, margin * r), k, -1.0), k)
+          for x, r in zip(state.ni, NI_GRID, strict=True)]
     stage["k"] = stage.get("k", 0.0) + 1
     return replace(state, t=t, s=s, stage=stage, ni=ni,
                    base=observe_base(state.base, e_s, n_s))
 
 
-def could_detect(gate: ErrorGate, stage: dict[str, float], gross: float | None = None) -> bool:
-    """Would a gross regression have fired on the traffic this stage has seen? Replays
-    the stage's totals as one interval with the canary failing at the gross rate, less
-    the wandering penalties the stage's intervals paid at each ratio (ratios the test did
-    not bet on in every interval of the stage do not count)."""
-    gross = gross or gate.gross
-    n_c, n_s, e_s = stage.get("n_c", 0.0), stage.get("n_s", 0.0), stage.get("e_s", 0.0)
-    if n_c <= 0 or n_s <= 0:
+def could_detect(gate: ErrorGate, stage: dict[str, float]) -> bool:
+    """Would a gross regression have fired on the traffic this stage has seen? Each
+    interval also played its bets on the counts a canary failing at `gross` x stable's
+    rate that interval (at least detect_rate) would have made; the best ratio's total,
+    less what the mixture pays for its grid and change point, must reach 1/alpha."""
+    if stage.get("n_c", 0.0) <= 0 or stage.get("n_s", 0.0) <= 0:
         return False
-    p_s = e_s / n_s
-    p_bad = min(0.99, max(gross * gate.tolerance * p_s, gate.detect_rate))
-    e_c = n_c * p_bad
-    pi_0 = _pi(n_c, n_s, gate.tolerance)
-    best = max((_log_lr(e_c, e_s, _pi(n_c, n_s, gate.tolerance * r), pi_0)
-                - stage.get(f"pen{k}", 0.0) for k, r in enumerate(GRID)
-                if not stage.get(f"skip{k}")),  # (a ratio not bet on every interval)
-               default=-math.inf)
+    best = max(stage.get(f"g{i}", 0.0) for i in range(len(GRID)))
     # the full mixture pays log(#grid) and the change-point prior; be as strict
     return best - math.log(len(GRID)) - math.log(2) >= math.log(1 / gate.alpha)
 
