@@ -296,6 +296,7 @@ def make_ca_and_server_cert(d: Path) -> tuple[Path, Path, Path]:
     return d / "ca.pem", d / "server.pem", d / "server.key"
 
 
+@pytest.mark.e2e
 async def test_a_prometheus_with_a_private_ca_is_trusted_with_ca_file_and_only_then(tmp_path):
     ca, cert, key = make_ca_and_server_cert(tmp_path / "pki")
     web_config = f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
@@ -424,6 +425,7 @@ targets:
     return run / "canary.yaml"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("password_is", ["right", "wrong"])
 async def test_canary_serve_never_logs_or_returns_prometheus_credentials(tmp_path, password_is):
     """The whole controller as a process, with basic auth and a tenant header: neither the
@@ -566,6 +568,7 @@ async def test_a_prometheus_that_never_answers_holds_only_its_own_threads():
         await server.wait_closed()
 
 
+@pytest.mark.e2e
 async def test_a_query_waits_at_most_a_little_past_the_timeout_queueing_included():
     held: list[asyncio.StreamWriter] = []
 

@@ -171,6 +171,7 @@ async def test_racing_starts_on_one_target_yield_exactly_one_rollout(tmp_path):
         assert len(data["rollouts"]) == 1
 
 
+@pytest.mark.e2e
 async def test_query_errors_hold_and_show_the_reason(tmp_path):
     source = SetSource(RuntimeError("connection refused"))
     async with controller(tmp_path, policies=[simple_policy(hold=0.2)], source=source) as (api, _c, _t):

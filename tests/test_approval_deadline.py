@@ -3,6 +3,8 @@ for a promote rolls the rollout back, with a reason that says so."""
 
 from __future__ import annotations
 
+import pytest
+
 from canary.engine import decide
 from canary.model import CommandKind, PauseKind, Phase
 from tests.clocks import DrivenClock
@@ -52,6 +54,7 @@ def test_time_paused_by_hand_before_approval_does_not_count():
     assert decide.tick(s.r, s.pol, s.now + 599).state is Phase.PAUSED
 
 
+@pytest.mark.e2e
 async def test_the_controller_rolls_back_an_approval_nobody_gave_on_its_clock(tmp_path):
     pol = simple_policy(hold=1.0, interval=0.5, approval=True, approval_timeout=120.0)
     async with controller(tmp_path, policies=[pol]) as (api, ctl, _t):

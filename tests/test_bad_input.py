@@ -309,6 +309,7 @@ async def test_a_token_that_is_not_utf8_is_a_401_and_any_case_of_bearer_works(tm
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "no traceback logged"
 
 
+@pytest.mark.e2e
 async def test_an_oversized_header_never_puts_the_token_in_the_log(tmp_path):
     secret = "tok-oncall"
     pdir = tmp_path / "policies"
@@ -391,6 +392,7 @@ async def run_cli(*args: str, server: str) -> tuple[int, str, str]:
     return await cli(*args, server=server, token=TOKENS["viewer"])
 
 
+@pytest.mark.e2e
 async def test_canary_status_never_prints_control_characters_raw(tmp_path):
     hostile = "\x1b]0;pwned\x07\x1b[2J\rnul\x00 c1\x9b bidi \u202eexe.txt \u2066x\u2069"
     async with controller(tmp_path, policies=[simple_policy(hold=3600)]) as (api, ctl, _t):
@@ -423,6 +425,7 @@ async def test_canary_status_never_prints_control_characters_raw(tmp_path):
 # ---- 8. bounded size ------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 async def test_a_rollout_stays_small_however_often_it_is_paused_with_long_reasons(tmp_path,
                                                                                   caplog):
     caplog.set_level(logging.INFO, logger="canary.controller")

@@ -8,12 +8,15 @@ import asyncio
 import subprocess
 import sys
 
+import pytest
+
 from canary.cli import ago, table
 from canary.store.sqlite import SqliteStore
 from tests.helpers import SetSource, controller, eventually, seed, simple_policy
 from tests.test_restart_and_cli import cli
 
 
+@pytest.mark.e2e
 async def test_status_watch_follows_a_rollout_to_success_and_exits_0(tmp_path):
     async with controller(tmp_path, policies=[simple_policy(hold=3600)]) as (api, ctl, _t):
         rid = (await api.start(canary_version="v2"))["id"]
@@ -33,6 +36,7 @@ async def _true(value: bool) -> bool:
     return value
 
 
+@pytest.mark.e2e
 async def test_status_watch_exits_1_on_rollback_with_the_reason(tmp_path):
     source = SetSource(0.01)
     async with controller(tmp_path, policies=[simple_policy(hold=3600)],
@@ -47,6 +51,7 @@ async def test_status_watch_exits_1_on_rollback_with_the_reason(tmp_path):
     assert "rolled_back" in out and "gate errors: value 0.3 above max 0.05" in out
 
 
+@pytest.mark.e2e
 async def test_status_watch_of_an_unknown_rollout_exits_2(tmp_path):
     async with controller(tmp_path) as (api, _c, _t):
         code, _out, err = await cli("status", "nope", "--watch", server=api.base,
@@ -54,6 +59,7 @@ async def test_status_watch_of_an_unknown_rollout_exits_2(tmp_path):
     assert code == 2 and "404" in err and "nope" in err
 
 
+@pytest.mark.e2e
 async def test_status_lists_a_table_with_relative_times_filters_and_a_limit(tmp_path):
     store = SqliteStore(str(tmp_path / "state.db"))
     await seed(store, 6, targets=("web", "api"))
@@ -85,6 +91,7 @@ def test_a_reason_with_control_characters_is_shown_escaped_in_the_table():
     assert ago("2026-11-22T08:00:00Z", now=1_795_334_400.0 + 90) == "1m ago"
 
 
+@pytest.mark.e2e
 def test_version_and_completion_scripts(tmp_path):
     run = [sys.executable, "-m", "canary.cli"]
     out = subprocess.run([*run, "version"], capture_output=True, text=True, check=True).stdout
@@ -110,6 +117,7 @@ def test_version_and_completion_scripts(tmp_path):
 
 
 
+@pytest.mark.e2e
 def test_relative_times_are_right_in_a_timezone_on_summer_time():
     """API times are UTC: a rollout updated 5 minutes ago reads "5m ago" wherever the
     terminal is, also in a timezone on daylight saving time (Sydney in November, New

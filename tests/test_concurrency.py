@@ -14,6 +14,7 @@ from tests.helpers import controller, simple_policy
 KINDS = {"pause": "oncall", "resume": "oncall", "promote": "oncall", "abort": "pipeline"}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("seed", range(4))
 async def test_racing_overrides_give_one_consistent_outcome(tmp_path, seed):
     rng = random.Random(seed)

@@ -30,7 +30,7 @@ from canary.routers.nginx import parse_weight
 from tests.doubles import PrometheusDouble
 from tests.helpers import Api, tokens
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.serial]
 
 POINTS = ["before_save", "after_save", "before_apply", "after_apply", "nginx_written",
           "nginx_tested", "after_command"]

@@ -7,6 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# the whole demo: real nginx, Prometheus and Alertmanager, about a minute
+pytestmark = pytest.mark.e2e
+
 
 def test_the_demo_promotes_the_healthy_release_and_rolls_back_both_bad_ones():
     canary = Path(sys.executable).with_name("canary")

@@ -7,10 +7,15 @@ from __future__ import annotations
 import logging
 import shutil
 
+import pytest
+
 from canary.gates.prometheus import PrometheusSource
 from canary.routers.nginx import parse_weight
 from tests.doubles import PrometheusDouble
 from tests.helpers import controller, eventually, simple_policy
+
+# each test waits through real stage holds and fault windows
+pytestmark = pytest.mark.e2e
 
 
 def gate_logs(caplog, rid: str, words: str) -> list[logging.LogRecord]:

@@ -33,7 +33,7 @@ from canary.store.sqlite import SqliteStore
 from tests.doubles import PrometheusDouble
 from tests.helpers import TOKENS, Api, SetSource, eventually, seed, simple_policy, tokens
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.serial]
 TARGETS = ("web0", "web1", "web2", "web3")
 
 

@@ -28,6 +28,10 @@ from tests.helpers import TOKENS
 schema = schemathesis.openapi.from_dict(SPEC)
 
 
+# a `canary serve` process, fuzzed by schemathesis (hypothesis) for tens of seconds
+pytestmark = pytest.mark.e2e
+
+
 def run_server(tmp: Path, *, quiet: bool) -> Iterator[tuple[str, str]]:
     """A controller process with one rollout; `quiet`: that rollout is already aborted and
     final, so nothing changes unless a request changes it."""

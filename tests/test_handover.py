@@ -260,6 +260,7 @@ def nginx_target(tmp_path, stable, canary, **kw):
 FAST = simple_policy(hold=0.3, interval=0.1)
 
 
+@pytest.mark.e2e
 async def test_two_releases_in_a_row_swap_sides_and_the_serving_side_survives_a_restart(
         tmp_path):
     from canary.routers.nginx import NginxRouter
@@ -325,6 +326,7 @@ async def test_version_probe_refuses_a_start_naming_each_server_and_what_it_answ
             assert r["state"] == "progressing"
 
 
+@pytest.mark.e2e
 async def test_a_server_that_never_answers_the_probe_is_named_within_its_timeout(tmp_path):
     from canary.demo.procs import Blackhole
     from canary.routers.nginx import NginxRouter
@@ -340,6 +342,7 @@ async def test_a_server_that_never_answers_the_probe_is_named_within_its_timeout
             assert f"{hole} did not answer a version (no answer within 1s)" in data["error"]
 
 
+@pytest.mark.e2e
 async def test_return_mode_hands_over_on_the_pipelines_call_and_start_wait_exits_only_then(
         tmp_path):
     from canary.routers.nginx import NginxRouter
@@ -371,6 +374,7 @@ async def test_return_mode_hands_over_on_the_pipelines_call_and_start_wait_exits
             assert [e["type"] for e in data["events"]].count("handover") == 1
 
 
+@pytest.mark.e2e
 async def test_version_probe_sees_the_stable_side_updated_and_hands_over_by_itself(tmp_path):
     from canary.routers.nginx import NginxRouter
     async with VersionServer("v1") as s1, VersionServer("v1") as s2, \
@@ -389,6 +393,7 @@ async def test_version_probe_sees_the_stable_side_updated_and_hands_over_by_itse
             assert "version_probe" in handover[0]["message"]
 
 
+@pytest.mark.e2e
 async def test_rollback_during_promoting_never_returns_traffic_to_an_updated_server(tmp_path):
     from canary.routers.nginx import NginxRouter
     async with VersionServer("v1") as s1, VersionServer("v1") as s2, \
@@ -425,6 +430,7 @@ def test_a_workload_with_promotion_swap_is_refused_saying_why(tmp_path):
         e.value.problems
 
 
+@pytest.mark.e2e
 async def test_start_wait_exits_0_only_once_the_handover_completes_and_targets_shows_the_sides(
         tmp_path):
     from canary.routers.nginx import NginxRouter
@@ -459,6 +465,7 @@ async def test_start_wait_exits_0_only_once_the_handover_completes_and_targets_s
             "stable", "canary", {"stable": "v2", "canary": "v2"})
 
 
+@pytest.mark.e2e
 async def test_the_cluster_store_keeps_which_side_serves_beside_the_targets_claim(tmp_path):
     from canary.kube import api_client
     from canary.store.kubernetes import KubernetesStore
@@ -486,6 +493,7 @@ async def test_the_cluster_store_keeps_which_side_serves_beside_the_targets_clai
         await kube.stop()
 
 
+@pytest.mark.e2e
 async def test_a_canary_server_that_changes_version_mid_rollout_gets_no_more_traffic(tmp_path):
     from canary.routers.nginx import NginxRouter
     async with VersionServer("v1") as s1, VersionServer("v2") as c1:
@@ -505,6 +513,7 @@ async def test_a_canary_server_that_changes_version_mid_rollout_gets_no_more_tra
             r = await api.until(r["id"], lambda x: x["state"] == "succeeded")
 
 
+@pytest.mark.e2e
 async def test_after_a_swap_all_traffic_moved_back_by_hand_is_unexplained_and_blocks_a_start(
         tmp_path):
     from canary.routers.nginx import NginxRouter, render
@@ -524,6 +533,7 @@ async def test_after_a_swap_all_traffic_moved_back_by_hand_is_unexplained_and_bl
         assert status == 409 and "carries 0% canary traffic" in data["error"]
 
 
+@pytest.mark.e2e
 async def test_drift_and_abort_work_the_same_after_the_sides_have_swapped(tmp_path):
     from canary.routers.nginx import NginxRouter, render
     target = nginx_target(tmp_path, ["127.0.0.1:9001"], ["127.0.0.1:9002"], version_probe=None)
@@ -609,6 +619,7 @@ async def test_a_version_answered_in_pieces_is_read_whole_and_a_huge_body_is_no_
         await runner.cleanup()
 
 
+@pytest.mark.e2e
 async def test_a_handover_while_a_stable_server_still_runs_the_old_version_is_refused(tmp_path):
     """With a version_probe, the pipeline's handover is checked like a start: traffic
     never returns to a stable server that does not answer the canary version."""

@@ -73,6 +73,7 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [d for d in docs if d["kind"] == kind]
 
 
+@pytest.mark.e2e
 def test_the_chart_lints_clean():
     for values in VARIANTS.values():
         report = helm.lint(str(CHART), values, strict=True)
@@ -80,6 +81,7 @@ def test_the_chart_lints_clean():
         assert not [m for m in report.get("messages", []) if m["severity"] >= 2], report
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_rendered_manifest_passes_kubernetes_schemas(variant):
     docs = render(VARIANTS[variant])
@@ -261,6 +263,7 @@ async def used_verbs(tmp_path: Path) -> set[tuple[str, str, str]]:
     return {(g, p, v) for v, g, p, _ in kube.requests}
 
 
+@pytest.mark.e2e
 async def test_rbac_grants_exactly_what_canary_uses(tmp_path):
     used = await used_verbs(tmp_path)
     for variant in ("default", "ha-monitored"):

@@ -93,6 +93,7 @@ async def cluster(tmp_path, *, vs: dict[str, Any] | None = VS,
         await kube.stop()
 
 
+@pytest.mark.e2e
 async def test_weights_move_stage_by_stage_and_nothing_else_in_the_object_changes(tmp_path):
     async with cluster(tmp_path) as (kube, api):
         t = target()
@@ -146,6 +147,7 @@ async def test_a_breach_rolls_back_to_all_stable(tmp_path):
         assert weights(kube) == [100, 0]
 
 
+@pytest.mark.e2e
 async def test_api_server_errors_are_retried_and_a_rollback_still_lands(tmp_path):
     async with cluster(tmp_path) as (kube, api):
         t = target()
@@ -219,6 +221,7 @@ async def test_the_double_enforces_istios_schema_like_an_api_server(tmp_path):
         assert patched["metadata"]["labels"] == {"tier": "1"}
 
 
+@pytest.mark.e2e
 async def test_a_rollback_decided_while_the_store_is_full_is_kept_in_the_virtualservice(tmp_path):
     """docs/guarantees.md section 9 on Istio: weight 0 and a `canary.dev/decision`
     annotation; a controller restarted after the store is back records the rollback and

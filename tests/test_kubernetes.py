@@ -27,7 +27,7 @@ from tests.helpers import Api, eventually, simple_policy, tokens
 from tests.kubeapi import KubeApiDouble
 from tests.test_istio import DR, NS, VS, weights
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.serial]
 
 
 def rollout(rid: str, target: str = "api") -> Any:

@@ -160,6 +160,7 @@ async def test_the_listing_query_uses_an_index(tmp_path):
         await store.close()
 
 
+@pytest.mark.e2e
 async def test_status_lists_the_newest_and_says_how_to_see_older_ones(tmp_path):
     from tests.test_restart_and_cli import cli
 

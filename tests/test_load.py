@@ -10,7 +10,7 @@ import pytest
 
 from bench.load import run
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.serial]
 
 
 async def test_two_hundred_concurrent_rollouts_progress_and_every_abort_lands():

@@ -104,3 +104,25 @@ async def test_commands_run_without_a_shell(tmp_path):
     with pytest.raises(RouterError, match="could not start"):
         await NginxRouter(t).set_weight(25)
     assert not Path("/tmp/canary-pwned").exists()
+
+
+async def test_a_reload_command_cut_short_by_a_stopping_controller_leaves_no_process(tmp_path):
+    # stopping the controller cancels a rollout in the middle of `nginx -s reload`: the
+    # command is killed and reaped, not left running past the controller
+    import asyncio
+    import os
+
+    from canary.routers.nginx import _run
+
+    pidfile = tmp_path / "pid"
+    task = asyncio.create_task(_run(("sh", "-c", f"echo $$ > {pidfile}; exec sleep 30"), "reload"))
+
+    async def started() -> bool:
+        return pidfile.exists() and pidfile.read_text().strip() != ""
+    await eventually(started, deadline=10, what="the reload command started")
+    pid = int(pidfile.read_text())
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from canary.config import Notification
@@ -44,6 +45,7 @@ def metric(text: str, name: str, receiver: str) -> float:
     return 0.0
 
 
+@pytest.mark.e2e
 async def test_every_event_reaches_a_webhook_receiver_in_order_with_its_key(tmp_path):
     async with Receiver() as rx, telling(tmp_path, [Notification(name="ops", url=rx.url)],
                                          hold=0.3) as (api, _ctl, _t):
@@ -88,6 +90,7 @@ async def test_slack_and_teams_get_readable_text_with_target_versions_stage_reas
         assert card["potentialAction"][0]["targets"][0]["uri"].endswith(r["id"])
 
 
+@pytest.mark.e2e
 async def test_a_receiver_answering_500_gets_every_message_once_it_recovers(tmp_path):
     rx = Receiver(status=500, text="down for maintenance")
     async with rx, telling(tmp_path, [Notification(name="ops", url=rx.url)],
@@ -124,6 +127,7 @@ async def test_messages_are_signed_with_hmac_sha256_and_the_secret_is_never_logg
     assert "s3cret-value" not in caplog.text
 
 
+@pytest.mark.e2e
 async def test_waiting_for_approval_is_announced_and_reminded_until_promoted(tmp_path):
     async with Receiver() as rx, telling(tmp_path, [
             Notification(name="ops", url=rx.url, events=("approval",))],
@@ -140,6 +144,7 @@ async def test_waiting_for_approval_is_announced_and_reminded_until_promoted(tmp
         assert len(set(keys(rx))) == n, "each reminder once"
 
 
+@pytest.mark.e2e
 async def test_a_receiver_that_hangs_does_not_slow_the_rollout_and_is_bounded(tmp_path):
     async with Blackhole() as url, telling(tmp_path, [
             Notification(name="hung", url=url, timeout=30.0)], hold=0.3) as (api, _ctl, _t):
@@ -158,6 +163,7 @@ async def _count(rx: Receiver, n: int) -> bool:
     return len(rx.got) >= n
 
 
+@pytest.mark.e2e
 async def test_a_signed_receiver_whose_secret_is_unset_gets_nothing_unsigned(tmp_path,
                                                                              monkeypatch):
     monkeypatch.delenv("CANARY_TEST_LATE_SECRET", raising=False)
@@ -191,6 +197,7 @@ def test_each_event_a_person_cares_about_has_a_name_receivers_pick_from():
         "succeeded", "handover")) if c}
 
 
+@pytest.mark.e2e
 async def test_a_receiver_whose_url_is_a_secret_reads_it_from_the_environment(
         tmp_path, monkeypatch, caplog):
     """A chat's incoming-webhook URL is itself a secret: `url_env` keeps it out of the
@@ -228,6 +235,7 @@ class Refusing(Receiver):
         return web.Response(text="ok")
 
 
+@pytest.mark.e2e
 async def test_a_message_the_receiver_refuses_does_not_block_other_rollouts_messages(tmp_path):
     """A receiver refusing one rollout's message (a 4xx that retrying will not change)
     used to be asked that message again and again first: no other rollout's message

@@ -12,6 +12,7 @@ import socket
 from typing import Any
 
 import aiohttp
+import pytest
 
 from canary import history
 from canary.policy import CompareGate, ErrorsGate, NoData, Policy, Stage, ThresholdGate
@@ -57,6 +58,7 @@ async def readings(api: Api, rid: str, role: str = "viewer") -> dict[str, Any]:
     return data  # type: ignore[no-any-return]
 
 
+@pytest.mark.e2e
 async def test_a_rollouts_readings_show_its_weight_and_every_gate_over_time_after_a_restart(
         tmp_path):
     async with controller(tmp_path, policies=[every_kind()], source=Counters()) as (api, _c, _t):
@@ -90,6 +92,7 @@ async def test_a_rollouts_readings_show_its_weight_and_every_gate_over_time_afte
         assert status == 401
 
 
+@pytest.mark.e2e
 async def test_a_rolled_back_rollouts_readings_show_the_breach(tmp_path):
     pol = simple_policy(hold=3600, interval=0.1)
     from tests.helpers import SetSource
@@ -132,6 +135,7 @@ def test_a_long_rollouts_history_is_bounded_keeps_recent_readings_and_every_verd
     assert max(gaps) <= 3 * 5000 / slices, "old history is evenly spaced, not cut in stretches"
 
 
+@pytest.mark.e2e
 async def test_the_sqlite_store_keeps_a_long_rollouts_history_bounded(tmp_path):
     from tests.helpers import seed
 
@@ -176,6 +180,7 @@ async def events(api: Api, rid: str, *, until: int = 1000, token: str = TOKENS["
     return out
 
 
+@pytest.mark.e2e
 async def test_watch_streams_the_rollout_on_each_change_until_it_is_final(tmp_path):
     pol = simple_policy(hold=0.5, interval=0.1)
     async with controller(tmp_path, policies=[pol], heartbeat=0.2) as (api, _c, _t):
@@ -193,6 +198,7 @@ async def test_watch_streams_the_rollout_on_each_change_until_it_is_final(tmp_pa
         assert [r["state"] for r in await events(api, rid)] == ["succeeded"]
 
 
+@pytest.mark.e2e
 async def test_a_quiet_watch_gets_heartbeats_and_sees_an_override(tmp_path):
     async with controller(tmp_path, policies=[simple_policy(hold=3600)],
                           heartbeat=0.1) as (api, _c, _t):
@@ -240,6 +246,7 @@ async def test_whoami_names_the_tokens_role_and_what_it_may_do(tmp_path):
 # ---- the controller's own metrics ---------------------------------------------------------
 
 
+@pytest.mark.e2e
 async def test_a_rolled_back_rollouts_breaching_reading_stays_on_metrics_to_be_scraped(tmp_path):
     from tests.helpers import SetSource
 
@@ -318,6 +325,7 @@ async def test_a_scoped_token_sees_no_readings_or_watch_of_a_rollout_out_of_its_
                                                                              "handover"]
 
 
+@pytest.mark.e2e
 async def test_a_watcher_that_stops_reading_does_not_hold_its_stream_forever(tmp_path,
                                                                             monkeypatch, caplog):
     """A client that opens a watch and never reads (its socket buffers full) used to hold

@@ -81,6 +81,7 @@ def test_all_problems_of_a_file_are_reported_at_once(tmp_path):
     assert len(problems(tmp_path, text)) == 3
 
 
+@pytest.mark.e2e
 def test_validate_exits_1_with_one_line_per_problem_and_no_traceback(tmp_path):
     bad = write(tmp_path, "bad.yaml", GOOD.replace("hold: 1m", "hold: soon", 1))
     run = subprocess.run([sys.executable, "-m", "canary.cli", "validate", bad],
@@ -176,6 +177,7 @@ def test_plan_prints_stages_fastest_time_to_100_and_slowest_rollback(capsys):
     assert "slowest time from a breach to rollback: 1m" in out
 
 
+@pytest.mark.e2e
 def test_plan_on_traffic_says_how_long_the_errors_gates_take_and_when_they_cannot_decide(
         capsys):
     seq = str(ROOT / "policies" / "sequential.yaml")

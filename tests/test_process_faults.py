@@ -25,7 +25,7 @@ from canary.store.sqlite import SqliteStore
 from tests.doubles import PrometheusDouble
 from tests.helpers import TOKENS, Api
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.serial]
 FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
 
 POLICY = {

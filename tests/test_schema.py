@@ -113,6 +113,7 @@ def test_canary_schema_prints_the_json_schema_an_editor_reads(capsys, name):
     assert out.startswith('{\n  "$schema"')  # indented by 2
 
 
+@pytest.mark.e2e
 def test_canary_schema_of_an_unknown_name_is_a_usage_error():
     run = subprocess.run([sys.executable, "-m", "canary.cli", "schema", "polcy"], cwd=ROOT,
                          capture_output=True, text=True, check=False)
@@ -131,6 +132,7 @@ def test_the_checked_in_schema_files_are_what_the_models_give():
                        f"`.venv/bin/python -m canary.schema write` and commit the result")
 
 
+@pytest.mark.e2e
 def test_schema_write_rewrites_stale_files_and_check_says_which(tmp_path, capsys):
     shutil.copytree(ROOT / "charts", tmp_path / "charts")
     (tmp_path / "charts/canary/values.schema.json").write_text("{}\n")
@@ -171,6 +173,7 @@ def test_each_shipped_file_names_its_schema_for_the_editor():
         assert (path.parent / m.group(1)).resolve() == ROOT / "schemas" / f"{name}.schema.json"
 
 
+@pytest.mark.e2e
 def test_every_shipped_policy_and_the_example_config_pass_the_schema_and_canary_validate():
     assert len(POLICIES) >= 3
     for path in POLICIES:
@@ -301,6 +304,7 @@ def bad_policy(change: str) -> dict[str, Any]:
     return doc
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("change,field,words", [
     ("weight", "stages[1].weight", "stages/1/weight"),
     ("hold", "stages[0].hold", "stages/0/hold"),
@@ -386,6 +390,7 @@ def bad_config(change: str) -> dict[str, Any]:
     return doc
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("change,field,words", [
     ("typo", "prometheus.timout", "prometheus/timout"),
     ("timeout", "prometheus.timeout", "prometheus/timeout"),

@@ -11,6 +11,7 @@ import ssl
 import subprocess
 
 import aiohttp
+import pytest
 
 from canary import config as config_mod
 from canary.cli import serving
@@ -41,6 +42,7 @@ async def test_every_mutating_call_is_audited_accepted_or_refused(tmp_path, capl
     assert not any(tok in text for tok in TOKENS.values()), "a token reached the logs"
 
 
+@pytest.mark.e2e
 async def test_a_client_that_stalls_mid_body_gets_408_and_changes_nothing(tmp_path):
     async with controller(tmp_path, body_timeout=0.5) as (api, _c, _t):
         host, port = api.base.removeprefix("http://").split(":")
@@ -58,6 +60,7 @@ async def test_a_client_that_stalls_mid_body_gets_408_and_changes_nothing(tmp_pa
         assert status == 200 and data == {"rollouts": [], "next": None}
 
 
+@pytest.mark.e2e
 async def test_a_client_that_stalls_mid_headers_is_disconnected(tmp_path):
     # `canary serve` uses 15 s; the same mechanism at 1 s here
     async with controller(tmp_path, keepalive_timeout=1.0) as (api, _c, _t):

@@ -215,6 +215,7 @@ EXPECTED = [
 ]
 
 
+@pytest.mark.e2e
 async def test_gateway_header_then_mirror_then_weights_route_requests_as_each_stage_says(tmp_path):
     async with cluster(tmp_path, vs=None, dr=None) as (kube, api):
         kube.put("httproutes", NS, ROUTE)
@@ -233,6 +234,7 @@ async def test_gateway_header_then_mirror_then_weights_route_requests_as_each_st
         assert after == want  # only the weights changed
 
 
+@pytest.mark.e2e
 async def test_istio_header_then_mirror_then_weights_route_requests_as_each_stage_says(tmp_path):
     async with cluster(tmp_path, vs=VS_PLAIN) as (kube, api):
         original = _clean(kube.get("virtualservices", NS, "api"))
@@ -250,6 +252,7 @@ async def test_istio_header_then_mirror_then_weights_route_requests_as_each_stag
         assert after == want
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("router", ["istio", "gateway"])
 @pytest.mark.parametrize("abort_at", [0, 1])
 async def test_rollback_from_a_match_or_mirror_stage_leaves_the_route_as_the_user_wrote_it(
@@ -281,6 +284,7 @@ async def test_rollback_from_a_match_or_mirror_stage_leaves_the_route_as_the_use
         assert _clean(kube.get(plural, NS, name)) == original
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("abort_at", [0, 1])
 @pytest.mark.parametrize("router", ["gateway", "istio"])
 async def test_rollback_from_a_shape_keeps_backend_weights_as_the_user_wrote_them(
@@ -317,6 +321,7 @@ async def test_rollback_from_a_shape_keeps_backend_weights_as_the_user_wrote_the
         assert _clean(kube.get(plural, NS, name)) == original
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("router", ["gateway", "istio"])
 async def test_requests_a_match_stage_sends_to_the_canary_keep_the_routes_rewrites_and_headers(
         tmp_path, router):
@@ -355,6 +360,7 @@ async def test_requests_a_match_stage_sends_to_the_canary_keep_the_routes_rewrit
                 assert ours[k] == driven[k], k
 
 
+@pytest.mark.e2e
 async def test_removing_canarys_match_rule_is_drift_and_is_not_fought(tmp_path):
     async with cluster(tmp_path, vs=None, dr=None) as (kube, api):
         kube.put("httproutes", NS, ROUTE)
@@ -399,6 +405,7 @@ async def test_a_gateway_start_is_refused_naming_what_is_missing(tmp_path):
                 assert status in (400, 404) and words in body["error"], body
 
 
+@pytest.mark.e2e
 async def test_a_backend_ref_naming_the_routes_own_namespace_is_the_one_canary_drives(tmp_path):
     """`namespace: prod` written out on a backendRef in namespace prod is the same Service;
     it was refused as "no backendRef for the stable version"."""
@@ -419,6 +426,7 @@ async def test_a_backend_ref_naming_the_routes_own_namespace_is_the_one_canary_d
         assert [r["weight"] for r in refs] == [50, 50]
 
 
+@pytest.mark.e2e
 async def test_a_gateway_route_with_no_room_for_canarys_rule_is_refused_at_start(tmp_path):
     """An HTTPRoute has at most 16 rules: a match stage on a full one could never be
     written; the start is refused (400) before anything changes."""
@@ -831,6 +839,7 @@ async def test_istio_refuses_a_mirror_stage_on_a_route_that_already_mirrors(tmp_
         assert status == 400 and "already mirrors" in body["error"], body
 
 
+@pytest.mark.e2e
 async def test_a_breach_at_the_header_stage_rolls_back_and_removes_canarys_rule(tmp_path):
     from tests.helpers import SetSource
 
@@ -890,6 +899,7 @@ targets:
         problems
 
 
+@pytest.mark.e2e
 async def test_a_gateway_edit_made_between_read_and_write_is_never_overwritten(tmp_path):
     from canary import shapes
 
@@ -917,6 +927,7 @@ async def test_a_gateway_edit_made_between_read_and_write_is_never_overwritten(t
             f["type"] != "RequestMirror" for f in live["spec"]["rules"][1]["filters"])
 
 
+@pytest.mark.e2e
 async def test_a_first_rollout_starts_on_an_empty_server_file_the_user_created(tmp_path):
     t = NginxTarget(name="web", file=tmp_path / "up.conf", server_file=tmp_path / "srv.conf",
                     upstream="web", stable=("127.0.0.1:9001",), canary=("127.0.0.1:9002",),
@@ -954,6 +965,7 @@ async def test_a_match_rule_left_behind_by_a_lost_state_store_is_reported_not_to
         assert kube.get("httproutes", NS, "shop") == left
 
 
+@pytest.mark.e2e
 async def test_a_gateway_target_is_listed_with_its_route_and_keeps_a_rollback_decision(tmp_path):
     async with cluster(tmp_path, vs=None, dr=None) as (kube, api):
         kube.put("httproutes", NS, ROUTE)

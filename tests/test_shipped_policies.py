@@ -17,6 +17,7 @@ def test_every_shipped_policy_is_run_here():
     assert set(POLICIES) == {"cautious", "fast", "sequential", "standard"}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("rps", [20, 200])
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_every_shipped_policy_promotes_healthy_canaries_even_when_stable_is_gone_at_100(
@@ -28,6 +29,7 @@ def test_every_shipped_policy_promotes_healthy_canaries_even_when_stable_is_gone
     assert s["promoted"] >= 0.99, (name, rps, s)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("rps", [20, 200])
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_every_shipped_policy_rolls_back_a_canary_with_five_times_the_errors(name, rps):
@@ -35,6 +37,7 @@ def test_every_shipped_policy_rolls_back_a_canary_with_five_times_the_errors(nam
     assert s["rolled_back"] >= 0.9, (name, rps, s)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["cautious", "sequential"])
 def test_a_canary_that_gets_a_tenth_of_its_weight_is_never_promoted(name):
     # its errors gates see the canary serving far less than its weight and hold, saying

@@ -95,6 +95,7 @@ def weight_in(target: object) -> int | None:
     return parse_weight(target, target.file.read_text())  # type: ignore[attr-defined]
 
 
+@pytest.mark.e2e
 async def test_full_store_still_rolls_back_a_breach_and_saves_it_when_space_returns(tmp_path):
     with mounted_tmpfs(tmp_path / "fs") as fs:
         store = SqliteStore(str(fs / "state.db"))
@@ -122,6 +123,7 @@ async def test_full_store_still_rolls_back_a_breach_and_saves_it_when_space_retu
             assert weight_in(t) == 0
 
 
+@pytest.mark.e2e
 async def test_abort_on_a_read_only_store_answers_503_moves_traffic_and_survives_a_restart(
         tmp_path):
     with ext4(tmp_path) as fs:
@@ -152,6 +154,7 @@ async def test_abort_on_a_read_only_store_answers_503_moves_traffic_and_survives
             assert weight_in(t) == 0, "traffic never went back to the canary"
 
 
+@pytest.mark.e2e
 async def test_corrupt_store_still_rolls_back_a_breach(tmp_path):
     source = SetSource(0.0)
     pol = simple_policy(hold=30.0, interval=0.2)
@@ -171,6 +174,7 @@ async def test_corrupt_store_still_rolls_back_a_breach(tmp_path):
         assert status == 503 and body["error"], body
 
 
+@pytest.mark.e2e
 async def test_state_file_deleted_while_running_is_loud_and_rollback_still_wins(tmp_path):
     source = SetSource(0.0)
     pol = simple_policy(hold=30.0, interval=0.2)
@@ -214,6 +218,7 @@ async def _async(value: object) -> object:
     return value
 
 
+@pytest.mark.e2e
 async def test_canary_abort_succeeds_once_the_rollout_is_rolled_back_whoever_got_there(tmp_path):
     """A retried abort (after a 503 whose abort was carried out anyway) meets a rollout
     already rolled back: the CLI says so and exits 0, the state it was asked for."""

@@ -46,6 +46,7 @@ def test_webhooks_alerts_and_approval_timeout_are_read_and_kept_with_the_rollout
     assert policy_mod.from_dict(stored) == pol
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("text,expected", [
     (POLICY.replace("when: pre-rollout", "when: later"),
      "5: webhooks[0].when: must be one of pre-rollout, stage, pre-promotion, post-rollout, "
@@ -98,6 +99,7 @@ def test_notifications_are_read_from_the_config(tmp_path, monkeypatch):
     assert ops.secret_env == "CANARY_TEST_SECRET" and "s3cret" not in repr(cfg)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("change,expected", [
     (("format: slack", "format: irc"), "7: notifications[0].format: must be one of slack, teams, "
                                        "webhook"),

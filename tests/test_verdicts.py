@@ -55,6 +55,7 @@ def run(p_stable: float, p_canary: float, *, rps: float, weights: list[int], sec
     return verdict, -1
 
 
+@pytest.mark.e2e
 def test_healthy_canaries_are_rarely_rolled_back_whatever_the_split():
     fired = sum(run(0.01, 0.01, rps=20, weights=[5, 25, 50, 100], seed=s)[1] >= 0
                 for s in range(150))
@@ -94,6 +95,7 @@ def test_a_failure_that_starts_late_is_still_caught():
     pytest.fail("the late failure was never caught")
 
 
+@pytest.mark.e2e
 def test_per_version_overdispersion_does_not_roll_back_healthy_canaries():
     # each version's error rate wanders on its own (+-55% per scrape) at 200 rps: the
     # binomial split alone would call that a difference; the spread stable shows tempers it
@@ -102,6 +104,7 @@ def test_per_version_overdispersion_does_not_roll_back_healthy_canaries():
     assert fired <= 2, f"{fired} of 100 healthy, overdispersed runs rolled back"
 
 
+@pytest.mark.e2e
 def test_bursts_both_versions_share_do_not_roll_back_healthy_canaries():
     # a shared shock cancels out of the canary's share; the spread it puts into stable's
     # rate may slow the test down, never make it fire
@@ -110,6 +113,7 @@ def test_bursts_both_versions_share_do_not_roll_back_healthy_canaries():
     assert fired <= 2, f"{fired} of 100 healthy runs with shared bursts rolled back"
 
 
+@pytest.mark.e2e
 def test_a_canary_that_wanders_more_than_stable_is_judged_by_its_own_spread():
     # one canary pod whose error rate swings +-100% from scrape to scrape, beside a
     # steady stable: on average no worse, so not to be rolled back. Judged by stable's
@@ -303,6 +307,7 @@ def test_warmup_ignores_a_slow_start_but_judges_what_follows():
         dict(counts), now=1.0).detail
 
 
+@pytest.mark.e2e
 @settings(max_examples=1000, deadline=None)
 @given(tolerance=st.floats(0.01, 1000), alpha=st.floats(1e-12, 0.49),
        gross=st.floats(1.001, 1000), final_gross=st.floats(1.001, 1000),
@@ -329,6 +334,7 @@ def _scenario(name: str):
     return next(s for s in scenarios() if s.name == name)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name,most", [("errors x2", 1), ("errors x2, base 0.4%", 3),
                                        ("errors x3, base 0.2%", 40)])
 def test_a_worse_canary_is_not_promoted_where_errors_are_rare(name, most):
@@ -359,6 +365,7 @@ def test_a_service_without_errors_is_promoted_on_the_canary_own_evidence():
     assert out.verdict == "pass" and "shown no worse" in out.detail
 
 
+@pytest.mark.e2e
 def test_no_stage_moves_on_while_the_evidence_against_the_canary_is_high():
     from bench.verdicts.simulate import SCRAPE, Ours
 
@@ -526,6 +533,7 @@ async def test_an_errors_gate_reads_every_pod_of_a_counter_query():
                            "stable_requests": 100.0, "stable_errors": 100.0}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("shared,own,alone,stable_alone,share", [
     (0.0, 0.0, 0.0, 0.0, 0.05),    # steady (binomial)
     (1.0, 0.0, 0.0, 0.0, 0.05),    # bursts both versions share, variance 1 (+-100%)
@@ -574,6 +582,7 @@ def _with_restarts_gate(enabled: bool) -> Policy:
     return parse("\n".join(lines) + "\n", file="sequential.yaml", default_name="sequential")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("enabled", [True, False])
 def test_a_crash_looping_canary_is_rolled_back_by_the_documented_restarts_gate(enabled):
     # 4 canary pods, each restarting every 2 minutes on average; the requests a dying pod

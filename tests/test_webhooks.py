@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from canary.demo.procs import Blackhole
 from canary.engine import decide
 from canary.model import CommandKind, Phase, Reading, Readings, Verdict
@@ -96,6 +98,7 @@ async def test_a_refused_pre_rollout_hook_rolls_back_before_any_traffic_moves(tm
         assert len(rx.got) == 2, "a refusal (4xx) is not retried: one call per evaluation"
 
 
+@pytest.mark.e2e
 async def test_a_stage_hook_answering_500_holds_the_stage_then_rolls_back(tmp_path):
     rx = Receiver()
     async with rx, controller(tmp_path, policies=[simple_policy(
@@ -109,6 +112,7 @@ async def test_a_stage_hook_answering_500_holds_the_stage_then_rolls_back(tmp_pa
         assert gate["status"] == "fail" and "HTTP 500: boom" in gate["detail"]
 
 
+@pytest.mark.e2e
 async def test_a_stage_hook_that_fails_holds_the_rollout_where_it_is(tmp_path):
     pol = replace(simple_policy(hold=0.5, webhooks=(hook("stage", "http://127.0.0.1:1"),)),
                   failure_limit=1000)
@@ -124,6 +128,7 @@ async def test_a_stage_hook_that_fails_holds_the_rollout_where_it_is(tmp_path):
         assert "no answer" in next(g for g in x["gates"] if g["name"] == "hook:smoke")["detail"]
 
 
+@pytest.mark.e2e
 async def test_a_hook_that_never_answers_fails_after_its_timeout(tmp_path):
     async with Blackhole() as url, controller(tmp_path, policies=[simple_policy(
             hold=3600, webhooks=(hook("pre-rollout", url, timeout=0.3),))]) as (api, _ctl, _t):
@@ -145,6 +150,7 @@ async def test_an_abort_does_not_wait_for_a_hung_hook(tmp_path):
         assert r["weight"] == 0
 
 
+@pytest.mark.e2e
 async def test_pre_promotion_hook_is_asked_only_before_the_step_to_100(tmp_path):
     async with Receiver() as rx, controller(tmp_path, policies=[simple_policy(
             hold=0.3, webhooks=(hook("pre-promotion", rx.url, name="confirm"),))]) \
@@ -155,6 +161,7 @@ async def test_pre_promotion_hook_is_asked_only_before_the_step_to_100(tmp_path)
         assert {x.json["weight"] for x in rx.got} == {50}
 
 
+@pytest.mark.e2e
 async def test_post_rollout_and_rollback_hooks_are_told_once_the_rollout_ends(tmp_path):
     async with Receiver() as done, Receiver() as back, controller(tmp_path, policies=[
             simple_policy(hold=0.3, webhooks=(hook("post-rollout", done.url, name="done"),
@@ -197,6 +204,7 @@ async def test_a_told_hook_that_fails_is_told_again_until_it_answers_2xx(tmp_pat
         assert stored.delivered.get("hook:back") == 1, "recorded: not told again"
 
 
+@pytest.mark.e2e
 async def test_a_failing_told_hook_does_not_hold_back_another_rollouts(tmp_path, monkeypatch):
     """Told hooks of every rollout share one queue: a rollback hook whose endpoint is down
     backs off (here 30 s) for its own rollout only; another rollout's post-rollout hook,

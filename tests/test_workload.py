@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
+
 from canary.config import Workload
 from canary.routers.istio import IstioRouter
 from canary.workload import Workloads, canary_replicas, ready_for, state_of
@@ -60,6 +62,7 @@ def test_a_canary_deployment_labelled_with_another_version_is_not_ready():
     assert "not yet observed" in (ready_for(state_of(dep, "version"), "v3", 1) or "")
 
 
+@pytest.mark.e2e
 async def test_weights_move_only_once_the_canary_deployment_is_sized_and_available(tmp_path):
     async with cluster(tmp_path, dr=SUBSETS) as (kube, api):
         await setup(kube, canary_mode="never")
@@ -86,6 +89,7 @@ async def test_weights_move_only_once_the_canary_deployment_is_sized_and_availab
         assert kube.invalid == []
 
 
+@pytest.mark.e2e
 async def test_hand_over_copies_the_canary_template_returns_traffic_and_scales_canary_to_0(
         tmp_path):
     async with cluster(tmp_path, dr=SUBSETS) as (kube, api):
@@ -115,6 +119,7 @@ async def test_hand_over_copies_the_canary_template_returns_traffic_and_scales_c
         assert kube.invalid == []
 
 
+@pytest.mark.e2e
 async def test_a_stalled_stable_rollout_keeps_traffic_on_the_canary_and_pauses(tmp_path):
     async with cluster(tmp_path, dr=SUBSETS) as (kube, api):
         await setup(kube)
@@ -132,6 +137,7 @@ async def test_a_stalled_stable_rollout_keeps_traffic_on_the_canary_and_pauses(t
         assert kube.invalid == []
 
 
+@pytest.mark.e2e
 async def test_a_canary_deployment_never_available_is_rolled_back_and_scaled_to_0(tmp_path):
     async with cluster(tmp_path, dr=SUBSETS) as (kube, api):
         await setup(kube, canary_mode="never")
@@ -221,6 +227,7 @@ async def test_a_canary_deployed_for_the_next_release_is_left_alone_at_start(tmp
             assert replicas(kube, "api-canary") == 1
 
 
+@pytest.mark.e2e
 async def test_a_gateway_target_with_a_workload_hands_over_like_an_istio_one(tmp_path):
     """The workload is not tied to a router: on a Gateway API HTTPRoute the release is
     carried through the same way (canary sized, template copied, traffic returned)."""

@@ -6,6 +6,7 @@ the live split.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import re
@@ -309,6 +310,14 @@ async def _run(argv: tuple[str, ...], what: str) -> None:
         proc.kill()
         await proc.wait()
         raise RouterError(f"nginx {what} command timed out after {COMMAND_TIMEOUT:g}s") from e
+    except asyncio.CancelledError:
+        # the controller is stopping: reap the command, so neither it nor its pipe outlives
+        # the event loop (a transport left behind warns, or stops a test, when collected)
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        await proc.wait()
+        raise
     if proc.returncode != 0:
         text = out.decode(errors="replace").strip().replace("\n", " | ")
         raise RouterError(f"nginx {what} failed (exit {proc.returncode}): {text[-500:]}")
