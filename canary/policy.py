@@ -309,11 +309,19 @@ class ErrorsGate:
     warmup: Duration = 0.0
     """Ignore the canary for this long after the gate's first reading, a duration like
     2m (default 0s)."""
+    wander: Annotated[Number, Field(ge=0, le=0.5)] = 0.5
+    """How much each version's error rate may wander on its own, interval to interval,
+    that the false-rollback bound allows for, as a relative size: 0.5 is +-50% (the
+    default), 0 means the versions' rates move only together (steady, or shared bursts
+    of any size). Tabulated at 0, 0.1, 0.25 and 0.5; any value from 0 to 0.5 is rounded
+    up to the next of these. Smaller is faster to catch a bad canary, but rolls back
+    healthy canaries more often than alpha where the versions do wander apart."""
     kind: Literal["errors"] = "errors"
     """errors: a sequential test of the canary's error rate against stable's."""
 
     def bounds(self) -> str:
-        return f"errors <= stable x {self.tolerance:g}, alpha {self.alpha:g}"
+        wander = "" if self.wander == 0.5 else f", wander {self.wander:g}"
+        return f"errors <= stable x {self.tolerance:g}, alpha {self.alpha:g}{wander}"
 
     def queries(self) -> list[str]:
         return [self.requests, self.errors]
@@ -783,6 +791,9 @@ POLICY_MESSAGES = {
     "gross": "must be above 1 and at most 1000, e.g. 5 (a 5x regression)",
     "final_gross": "must be above 1 and at most 1000, e.g. 2 (a 2x regression)",
     "detect_rate": "must be between 0 and 1, e.g. 0.01 (1% errors)",
+    "wander": "must be a number from 0 to 0.5: the per-version wandering allowed for "
+              "(0.5 = +-50%, the default; 0 = rates move only together); tabulated at 0, "
+              "0.1, 0.25, 0.5, other values rounded up to the next of these",
     "stages": "must be a non-empty list of stages",
     "gates": "must be a list of gates, each with name, query and min or max",
     "webhooks": "must be a list of webhooks, each with name, when and url",

@@ -226,3 +226,19 @@ def test_plan_on_traffic_refuses_nonsense_with_a_message(capsys, args, words):
     with pytest.raises(SystemExit) as e:
         main(["plan", str(ROOT / "policies" / "sequential.yaml"), *args])
     assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_plan_on_traffic_follows_an_errors_gates_wander(tmp_path, capsys):
+    # `wander: 0` (versions whose error rates move only together) bets against the
+    # steady split itself, with no allowance for each version wandering on its own:
+    # `canary plan --rps` runs the same gate code, so it shows the faster step to 100%
+    text = (ROOT / "policies" / "sequential.yaml").read_text()
+    at = "    detect_rate: 0.01     # (with"
+    assert text.count(at) == 1
+    seq0 = write(tmp_path, "seq0.yaml", text.replace(at, "    wander: 0\n" + at))
+    assert main(["validate", seq0]) == 0
+    assert main(["plan", str(ROOT / "policies" / "sequential.yaml"), "--rps", "2"]) == 0
+    assert "succeeded at about 58m" in capsys.readouterr().out
+    assert main(["plan", seq0, "--rps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "wander 0)" in out and "succeeded at about 45m" in out

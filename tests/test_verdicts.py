@@ -151,6 +151,16 @@ def test_the_tabulated_split_bounds_are_the_computed_ones():
         assert np.log(hi / (1 - hi)) - logit >= up - 0.002, (logit, up)
         assert np.log(lo / (1 - lo)) - logit <= down + 0.002, (logit, down)
         assert hi >= pi_0 >= lo
+    # ...and so is each other `wander`'s table (variance: wander squared), the default's
+    # the widest
+    for wander in sequential.WANDERS:
+        for logit in (-6.0, -2.95, -1.1, 0.0, 1.6):
+            pi_0 = 1 / (1 + np.exp(-logit))
+            up, down = offsets(logit, wander ** 2, n=300)
+            hi, lo = sequential.split_bounds(float(pi_0), wander)
+            assert np.log(hi / (1 - hi)) - logit >= up - 0.002, (wander, logit, up)
+            assert np.log(lo / (1 - lo)) - logit <= down + 0.002, (wander, logit, down)
+            assert sequential.split_bounds(float(pi_0))[0] >= hi >= pi_0 >= lo
 
 
 def test_the_step_to_full_traffic_waits_for_evidence_the_canary_is_not_worse():
@@ -623,3 +633,92 @@ def test_a_crash_looping_canary_is_rolled_back_by_the_documented_restarts_gate(e
         assert all("canary-restarts" in r for r in reasons), reasons
     else:
         assert outcomes.count("promoted") >= 5, outcomes
+
+
+# `wander`: the per-version wandering an errors gate's bound allows for (docs/verdicts.md,
+# *Buying the speed back: wander*)
+
+@pytest.mark.parametrize("shared,share", [
+    (0.0, 0.05), (0.0, 0.25),    # steady (binomial), at a 5% and a 25% share
+    (1.0, 0.05), (1.0, 0.25),    # bursts both versions share, variance 1 (+-100%)
+])
+def test_wander_0_keeps_the_bound_under_steady_rates_and_shared_bursts(shared, share):
+    # with no allowance for per-version wandering the gate bets against the steady split
+    # pi_0 itself: still an e-process when the versions' rates move only together, since
+    # a shared shock does not move the canary's share of the errors
+    from bench.verdicts.longrun import highest
+
+    top = [highest(shared, 0.0, share=share, rps=200, base=0.005, intervals=1000, seed=s,
+                   wander=0.0) for s in range(100)]
+    fired, ten = sum(m >= 100 for m in top), sum(m >= 10 for m in top)
+    assert fired <= 3, f"{fired} of 100 fired (alpha 0.01)"
+    assert ten <= 20, f"{ten} of 100 reached 10 (Ville: at most 10%)"
+
+
+def test_wander_0_rolls_back_healthy_canaries_whose_versions_wander_apart():
+    # the price when the assumption is wrong: each version wandering +-50% on its own
+    # (variance 0.25), a healthy canary at a 5% share watched for 1,000 intervals at
+    # 200 requests/s fires far more often than alpha with `wander: 0` (16 of these 100:
+    # `longrun --wander 0`); the default (0.5) holds the bound there (the long-run test
+    # above)
+    from bench.verdicts.longrun import highest
+
+    top = [highest(0.0, 0.25, share=0.05, rps=200, base=0.005, intervals=1000, seed=s,
+                   wander=0.0) for s in range(100)]
+    fired = sum(m >= 100 for m in top)
+    assert fired >= 10, f"{fired} of 100 fired"
+
+
+def test_the_default_wander_is_the_gate_as_it_was():
+    # no `wander` in a policy is wander 0.5, the tables SPLIT_UP / SPLIT_DOWN and the
+    # absolute test's penalty at variance 0.25: the gate of before, number for number
+    g = ErrorsGate(name="errors", requests="r{{ version }}", errors="e{{ version }}")
+    assert g.wander == 0.5 == sequential.ErrorGate().wander
+    assert sequential.SPLIT_TABLES[0.5] == (sequential.SPLIT_UP, sequential.SPLIT_DOWN)
+    assert sequential.tabulated_wander(0.5) ** 2 == sequential.WANDER
+    for pi_0 in (0.01, 0.05, 0.25, 0.5):
+        assert sequential.split_bounds(pi_0) == sequential.split_bounds(pi_0, 0.5)
+    # through the state machine: a policy without the field, with `wander: 0.5` and with
+    # `wander: 0.3` (rounded up to 0.5) decide the same, state for state
+    from bench.verdicts.simulate import SCRAPE
+    from canary.engine.dryrun import DryRun
+
+    def states(extra: str) -> list[object]:
+        pol = parse(POLICY.replace("    tolerance: 1.2\n", "    tolerance: 1.2\n" + extra),
+                    file="seq.yaml", default_name="seq")
+        dry, rng, out = DryRun(pol), np.random.default_rng(1), []
+        counts = dict.fromkeys(("canary_requests", "canary_errors", "stable_requests",
+                                "stable_errors"), 0.0)
+        for i in range(60):
+            n = int(rng.poisson(20 * SCRAPE))
+            n_c = int(rng.binomial(n, dry.weight / 100))
+            counts["canary_requests"] += n_c
+            counts["canary_errors"] += int(rng.binomial(n_c, 0.01))
+            counts["stable_requests"] += n - n_c
+            counts["stable_errors"] += int(rng.binomial(n - n_c, 0.005))
+            if dry.step(SCRAPE * (i + 1), {"errors": dict(counts)}):  # (p99: passing)
+                break
+            out.append((dry.r.stage, dry.r.gates[0].state, dry.r.gates[0].value))
+        return out
+
+    default = states("")
+    assert states("    wander: 0.5\n") == default == states("    wander: 0.3\n")
+    assert states("    wander: 0\n") != default
+    assert sequential.tabulated_wander(0.2) == 0.25 and sequential.tabulated_wander(0) == 0
+
+
+@pytest.mark.parametrize("value,words", [
+    ("0.7", "wander: must be a number from 0 to 0.5"),
+    ("-0.1", "wander: must be a number from 0 to 0.5"),
+    ("lots", "wander: must be a number"),
+])
+def test_a_bad_wander_is_reported_naming_the_field_and_the_allowed_values(
+        tmp_path, value, words):
+    from canary.cli import validate_files
+
+    path = tmp_path / "seq.yaml"
+    path.write_text(POLICY.replace("    tolerance: 1.2\n", f"    tolerance: 1.2\n    wander: {value}\n"))
+    found = [str(p) for p in validate_files([str(path)])]
+    line = POLICY.splitlines().index("    tolerance: 1.2") + 2
+    assert len(found) == 1 and found[0].startswith(f"{path}:{line}: gates[0].{words}"), found
+    assert "0, 0.1, 0.25, 0.5" in found[0] or value == "lots", found

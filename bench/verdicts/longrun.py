@@ -6,6 +6,7 @@ often the sequential test crosses 1/alpha under each model of wandering error ra
     .venv/bin/python -m bench.verdicts.longrun --runs 200 --intervals 2000
     .venv/bin/python -m bench.verdicts.longrun --blip
     .venv/bin/python -m bench.verdicts.longrun --bare ...   # without the allowance
+    .venv/bin/python -m bench.verdicts.longrun --wander 0 ...  # a gate's `wander` (--bare: 0)
 
 Each run's counts are drawn at once with numpy; the test itself is canary's own
 `sequential.fold` and `sequential.evidence`, fed interval by interval (the hard guard and
@@ -73,12 +74,12 @@ def first_crossing(c: np.ndarray, gate: sequential.ErrorGate) -> int:
 
 def highest(shared: float, own: float, *, share: float, rps: float, base: float,
             intervals: int, seed: int, alpha: float = 0.01, canary_only: float = 0.0,
-            stable_only: float = 0.0) -> float:
+            stable_only: float = 0.0, wander: float = 0.5) -> float:
     """One healthy canary watched for `intervals` 15 s intervals: the highest evidence
-    the test reached (>= 1/alpha: it fired)."""
+    the test (a gate with this `wander`) reached (>= 1/alpha: it fired)."""
     c = counts(shared, own, share=share, rps=rps, base=base, intervals=intervals, seed=seed,
                canary_only=canary_only, stable_only=stable_only)
-    return peak(c, sequential.ErrorGate(alpha=alpha))[1]
+    return peak(c, sequential.ErrorGate(alpha=alpha, wander=wander))[1]
 
 
 def fires(shared: float, own: float, *, share: float, rps: float, base: float,
@@ -127,18 +128,21 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="models whose name contains this")
     ap.add_argument("--bare", action="store_true", help="bet against the steady split "
                     "pi_0 itself (no allowance for wandering): what the allowance is for")
+    ap.add_argument("--wander", type=float, default=0.5, help="the gate's `wander` (default "
+                    "0.5; --bare is 0)")
     ap.add_argument("--blip", action="store_true", help="instead: how much one shared 30 s "
                     "blip slows the catch of a 2x canary (25%% share, 60 seeds)")
     args = ap.parse_args()
-    if args.bare:
-        sequential.SPLIT_UP = tuple(0.0 for _ in sequential.SPLIT_UP)
+    if args.bare:  # (the same as the table of wander 0: m = pi_0)
+        args.wander = 0.0
     if args.blip:
         print(f"2x canary at a 25% share, {args.rps:g} requests/s, median seconds to catch "
               f"over 60 seeds: no blip {blip_catch(rps=args.rps, blip=False):.0f}, one shared "
               f"30 s blip at the 5th interval {blip_catch(rps=args.rps):.0f}")
         return
     t0 = time.time()
-    print(("# without the allowance for wandering (--bare)\n" if args.bare else "")
+    print(("# without the allowance for wandering (--bare)\n" if args.bare else
+           f"# wander {args.wander:g}\n" if args.wander != 0.5 else "")
           + f"# {args.runs} healthy canaries, each watched {args.intervals} intervals of 15 s, "
           f"{args.rps:g} requests/s, {args.base:.1%} errors; alpha 0.01\n")
     print("| wandering | canary share | fired [95% CI] | reached 10 (Ville: <= 10%) |")
@@ -149,7 +153,7 @@ def main() -> None:
         for share in args.share:
             top = [highest(shared, own, share=share, rps=args.rps, base=args.base,
                            intervals=args.intervals, seed=s, canary_only=alone,
-                           stable_only=stable_alone)
+                           stable_only=stable_alone, wander=args.wander)
                    for s in range(args.runs)]
             k = sum(m >= 100 for m in top)
             lo, hi = wilson(k, args.runs)

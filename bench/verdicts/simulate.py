@@ -16,6 +16,7 @@ overdispersed), with the weight following a staged policy (5/25/50/100%, holds
   when the latest check passed. Tried at intervals 15/30/60 s x thresholds 1/2/5/10.
 
     .venv/bin/python -m bench.verdicts.simulate --healthy-runs 2000 --bad-runs 300
+    .venv/bin/python -m bench.verdicts.simulate --wander 0 ...  # the gate with `wander: 0`
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import argparse
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -453,14 +454,21 @@ def main() -> None:
                     "canary's code, and costs 12 times as much")
     ap.add_argument("--no-move-cap", action="store_true", help="let a stage move on whatever "
                     "the evidence against the canary (to measure what the cap buys)")
+    ap.add_argument("--wander", type=float, default=None, help="the errors gate's `wander` "
+                    "(default: the gate's default, 0.5): e.g. 0, for versions whose error "
+                    "rates move only together")
     args = ap.parse_args()
+    if args.wander is not None:
+        global GATE
+        GATE = replace(GATE, wander=args.wander)
     if args.no_move_cap:
         from canary.gates import sequential
 
         sequential.move_cap = lambda gate: math.inf  # type: ignore[assignment]
     t0 = time.time()
     print(f"# {args.healthy_runs} runs per healthy condition, {args.bad_runs} per bad one; "
-          f"error bound 1% for the fixed rule; alpha 0.01 for canary's gate\n")
+          f"error bound 1% for the fixed rule; alpha 0.01 for canary's gate"
+          f"{'' if args.wander is None else f', wander {args.wander:g}'}\n")
     print("| scenario | rps | canary: rolled back | canary: inconclusive | canary: promoted "
           "(bad) | canary: reached 50% (bad) | canary: detect "
           "median / p90 s | canary: excess bad | canary: promote min | best fixed rule "

@@ -15,6 +15,12 @@ smallest (for the non-inferiority test, whose null is a canary at or above the m
 
     .venv/bin/python -m bench.verdicts.split_bound           # prints the table
     .venv/bin/python -m bench.verdicts.split_bound --check   # and the finer checks
+    .venv/bin/python -m bench.verdicts.split_bound --wander 0.25  # another gate's `wander`
+
+An `errors` gate's `wander` w (a relative size: +-w) is a variance of w^2; each
+tabulated wander (WANDERS) has its own table (sequential.SPLIT_TABLES), SPLIT_UP and
+SPLIT_DOWN being the default's (w = 0.5, variance 0.25). With w = 0 there is no own
+shock: the split is pi_0 whatever the shared one, and the offsets are 0 exactly.
 
 Printed as logit offsets: logit(bound) - logit(pi_0), at logit(pi_0) on a grid.
 """
@@ -28,6 +34,7 @@ import textwrap
 import numpy as np
 
 WANDER = 0.25
+WANDERS = (0.0, 0.1, 0.25, 0.5)  # the `wander` values tabulated (variance: their square)
 LOGITS = tuple(round(-9.0 + 0.25 * i, 2) for i in range(73))  # logit(pi_0), -9 .. 9
 CS = np.exp(np.linspace(math.log(1e-3), math.log(50.0), 60))
 
@@ -70,6 +77,8 @@ def tilted_means(logit: float, fc: tuple[np.ndarray, np.ndarray],
 
 def offsets(logit: float, v: float = WANDER, n: int = 1200) -> tuple[float, float]:
     """(up, down): logit of the largest and smallest tilted mean, less logit(pi_0)."""
+    if v <= 0:  # no own shock: every tilted mean is pi_0
+        return 0.0, 0.0
     hi, lo = -math.inf, math.inf
     for fam in (lambda x: gamma_shock(x, n), two_point):
         for vc in (0.0, v / 2, v):
@@ -84,13 +93,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true",
                     help="also: smaller variances give smaller offsets")
+    ap.add_argument("--wander", type=float, default=0.5, choices=WANDERS,
+                    help="the gate's `wander` (a relative size; the variance is its square); "
+                         "default 0.5, the table SPLIT_UP / SPLIT_DOWN")
     args = ap.parse_args()
     ups, downs = [], []
     for lg in LOGITS:
-        u, d = offsets(lg)
-        ups.append(round(u + 0.0005, 3))   # rounded outward
-        downs.append(round(d - 0.0005, 3))
-    for name, xs in (("SPLIT_UP", ups), ("SPLIT_DOWN", downs)):
+        u, d = offsets(lg, args.wander ** 2)
+        ups.append(round(u + 0.0005, 3) if u > 0 else 0.0)   # rounded outward
+        downs.append(round(d - 0.0005, 3) if d < 0 else 0.0)
+    tail = "" if args.wander == 0.5 else f"_W{round(args.wander * 100):02d}"
+    for name, xs in ((f"SPLIT_UP{tail}", ups), (f"SPLIT_DOWN{tail}", downs)):
         body = textwrap.wrap(", ".join(f"{x:.3f}" for x in xs), 84)
         print(f"{name} = (\n" + "\n".join("    " + ln for ln in body) + ")")
     if args.check:

@@ -624,7 +624,7 @@ def _sequential(g: GateStatus, spec: ErrorsGate, x: Reading, at: float, *,
                 before_full: bool, weight: int) -> GateStatus:
     gate = sequential.ErrorGate(tolerance=spec.tolerance, alpha=spec.alpha, gross=spec.gross,
                                 final_gross=spec.final_gross, detect_rate=spec.detect_rate,
-                                warmup=spec.warmup)
+                                warmup=spec.warmup, wander=spec.wander)
     state = sequential.State.from_json(g.state)
     out = sequential.update(gate, state, x.raw or {}, new_stage=g.at is None,
                             before_full=before_full, now=at, weight=weight)

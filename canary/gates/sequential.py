@@ -30,6 +30,10 @@ Two additions:
   shock (gamma or two-point, variance <= WANDER: +-50%), computed once
   (bench/verdicts/split_bound.py) and tabulated in logits (SPLIT_UP): at a 5% share m is
   1.33 pi_0, at 25% 1.2 pi_0. Nothing is estimated, so nothing can be estimated wrong.
+  A gate's `wander` (ErrorGate.wander, a relative size w: variance w^2) picks the table
+  (SPLIT_TABLES): the default 0.5 is the above; 0 is m = pi_0, valid for steady rates
+  and shared bursts of any size (a shared shock does not move the split), but not for
+  versions that wander apart.
 - Non-inferiority. Before the step to 100%, a second anytime-valid test must show the
   canary is *not* worse than stable x tolerance x final_gross: the same linear bets,
   toward ratios below that margin, against the smallest weighted mean split (SPLIT_DOWN)
@@ -75,6 +79,46 @@ SPLIT_DOWN = (
     -0.278, -0.281, -0.282, -0.284, -0.285, -0.285, -0.286, -0.286, -0.287, -0.287,
     -0.287, -0.288, -0.288, -0.288, -0.288, -0.288, -0.288, -0.288, -0.288, -0.288,
     -0.288, -0.288, -0.288)
+# the `wander` values tabulated (relative sizes: variance is their square), and for each
+# the (UP, DOWN) table; 0: no own shock, so the split's mean is pi_0 exactly
+WANDERS = (0.0, 0.1, 0.25, 0.5)
+SPLIT_UP_W00 = SPLIT_DOWN_W00 = (0.0,) * len(SPLIT_UP)
+SPLIT_UP_W10 = (
+    0.011, 0.011, 0.011, 0.011, 0.011, 0.011, 0.011, 0.011, 0.011, 0.011, 0.011, 0.011,
+    0.011, 0.011, 0.011, 0.010, 0.010, 0.010, 0.010, 0.010, 0.010, 0.010, 0.010, 0.010,
+    0.010, 0.010, 0.010, 0.010, 0.009, 0.009, 0.009, 0.008, 0.008, 0.007, 0.007, 0.006,
+    0.006, 0.005, 0.004, 0.004, 0.003, 0.003, 0.002, 0.002, 0.002, 0.001, 0.001, 0.001,
+    0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001,
+    0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001,
+    0.001)
+SPLIT_DOWN_W10 = (
+    -0.001, -0.001, -0.001, -0.001, -0.001, -0.001, -0.001, -0.001, -0.001, -0.001,
+    -0.001, -0.001, -0.001, -0.001, -0.001, -0.001, -0.001, -0.001, -0.001, -0.001,
+    -0.001, -0.001, -0.001, -0.001, -0.001, -0.001, -0.001, -0.001, -0.002, -0.002,
+    -0.002, -0.003, -0.003, -0.004, -0.004, -0.005, -0.006, -0.006, -0.007, -0.007,
+    -0.008, -0.008, -0.009, -0.009, -0.009, -0.010, -0.010, -0.010, -0.010, -0.010,
+    -0.010, -0.010, -0.010, -0.010, -0.010, -0.010, -0.010, -0.010, -0.011, -0.011,
+    -0.011, -0.011, -0.011, -0.011, -0.011, -0.011, -0.011, -0.011, -0.011, -0.011,
+    -0.011, -0.011, -0.011)
+SPLIT_UP_W25 = (
+    0.065, 0.065, 0.065, 0.065, 0.065, 0.065, 0.065, 0.065, 0.065, 0.065, 0.065, 0.065,
+    0.065, 0.065, 0.065, 0.065, 0.065, 0.064, 0.064, 0.064, 0.064, 0.064, 0.063, 0.063,
+    0.062, 0.061, 0.060, 0.059, 0.057, 0.055, 0.053, 0.050, 0.047, 0.044, 0.040, 0.036,
+    0.032, 0.028, 0.024, 0.021, 0.017, 0.015, 0.012, 0.010, 0.008, 0.006, 0.005, 0.004,
+    0.003, 0.003, 0.002, 0.002, 0.002, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001,
+    0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001,
+    0.001)
+SPLIT_DOWN_W25 = (
+    -0.001, -0.001, -0.001, -0.001, -0.001, -0.001, -0.001, -0.001, -0.001, -0.001,
+    -0.001, -0.001, -0.001, -0.001, -0.001, -0.001, -0.001, -0.001, -0.001, -0.001,
+    -0.002, -0.002, -0.002, -0.003, -0.003, -0.004, -0.005, -0.006, -0.008, -0.010,
+    -0.012, -0.015, -0.017, -0.021, -0.024, -0.028, -0.032, -0.036, -0.040, -0.044,
+    -0.047, -0.050, -0.053, -0.055, -0.057, -0.059, -0.060, -0.061, -0.062, -0.063,
+    -0.063, -0.064, -0.064, -0.064, -0.064, -0.064, -0.065, -0.065, -0.065, -0.065,
+    -0.065, -0.065, -0.065, -0.065, -0.065, -0.065, -0.065, -0.065, -0.065, -0.065,
+    -0.065, -0.065, -0.065)
+SPLIT_TABLES = {0.0: (SPLIT_UP_W00, SPLIT_DOWN_W00), 0.1: (SPLIT_UP_W10, SPLIT_DOWN_W10),
+                0.25: (SPLIT_UP_W25, SPLIT_DOWN_W25), 0.5: (SPLIT_UP, SPLIT_DOWN)}
 RATE_PRIOR = 2.0        # stable's rate estimate counts this many errors before any...
 RATE_CAP = 2.5          # ...and no interval counted above ~this x the estimate so far
 
@@ -89,6 +133,7 @@ class ErrorGate:
     guard_share: float = 0.5      # hard guard: this share of canary requests failing...
     guard_min: int = 20           # ...out of at least this many in one interval
     warmup: float = 0.0           # seconds after the first reading whose evidence is ignored
+    wander: float = 0.5           # per-version wandering allowed for (relative; WANDERS)
 
 
 @dataclass
@@ -185,17 +230,29 @@ def observe(disp: dict[str, float], e: float, n: float) -> dict[str, float]:
     return {**disp, "se": disp.get("se", 0.0) + e, "sn": disp.get("sn", 0.0) + n}
 
 
-def split_bounds(pi_0: float) -> tuple[float, float]:
+def tabulated_wander(wander: float) -> float:
+    """The smallest tabulated wander (WANDERS) at least `wander`: a table made for more
+    wandering covers less (its bound is the larger), so rounding up keeps the guarantee.
+    Above the largest (0.5) there is no table: ValueError."""
+    for w in WANDERS:
+        if wander <= w + 1e-9:
+            return w
+    raise ValueError(f"wander {wander:g}: tabulated up to {WANDERS[-1]:g}")
+
+
+def split_bounds(pi_0: float, wander: float = 0.5) -> tuple[float, float]:
     """(largest, smallest) mean of the canary's share of an interval's errors, as a bet
     staked on up to K errors weighs it, for a canary whose steady split would be pi_0,
-    when each version's rate is multiplied by its own shock (variance <= WANDER) and both
-    by a shared one (any law): the table SPLIT_UP / SPLIT_DOWN, read at the two grid
-    points around logit(pi_0), the more cautious of the two, plus 0.001."""
+    when each version's rate is multiplied by its own shock (variance <= wander^2; the
+    default WANDER) and both by a shared one (any law): the table SPLIT_UP / SPLIT_DOWN
+    (SPLIT_TABLES for another wander, rounded up), read at the two grid points around
+    logit(pi_0), the more cautious of the two, plus 0.001."""
+    ups, downs = SPLIT_TABLES[tabulated_wander(wander)]
     lg = math.log(pi_0 / (1 - pi_0))
     x = (min(max(lg, SPLIT_LOGIT0), -SPLIT_LOGIT0) - SPLIT_LOGIT0) / SPLIT_STEP
-    i = min(int(x), len(SPLIT_UP) - 2)
-    up = max(SPLIT_UP[i], SPLIT_UP[i + 1]) + 0.001
-    down = min(SPLIT_DOWN[i], SPLIT_DOWN[i + 1]) - 0.001
+    i = min(int(x), len(ups) - 2)
+    up = max(ups[i], ups[i + 1]) + 0.001
+    down = min(downs[i], downs[i + 1]) - 0.001
     return 1 / (1 + math.exp(-(lg + up))), 1 / (1 + math.exp(-(lg + down)))
 
 
@@ -256,12 +313,14 @@ def step_absolute(gate: ErrorGate, state: State, e_c: float, n_c: float) -> Stat
     of e_c errors in n_c requests, p1 against detect_rate, has mean <= 1 for any canary
     failing at detect_rate or more. Where stable has almost no errors the ratio test
     cannot build evidence; this one can, from the canary's own (absent) errors. Each
-    interval pays absolute_penalty, for the canary's rate wandering by up to WANDER."""
+    interval pays absolute_penalty, for the canary's rate wandering by up to WANDER (the
+    gate's wander, squared: none at wander 0)."""
     if n_c <= 0:
         return state
     p0 = gate.detect_rate
+    v = tabulated_wander(gate.wander) ** 2
     ab = [x + e_c * math.log(r) + (n_c - e_c) * math.log((1 - r * p0) / (1 - p0))
-          - absolute_penalty(n_c * p0 * (1 - r) / (1 - p0))
+          - absolute_penalty(n_c * p0 * (1 - r) / (1 - p0), v)
           for x, r in zip(state.ab, AB_GRID, strict=True)]
     return replace(state, ab=ab)
 
@@ -312,7 +371,7 @@ def step(gate: ErrorGate, state: State, e_c: float, n_c: float, e_s: float,
     t = state.t + 1
     q = 1.0 / (t * (t + 1))
     stage = dict(state.stage)
-    m, _ = split_bounds(_pi(n_c, n_s, gate.tolerance))
+    m, _ = split_bounds(_pi(n_c, n_s, gate.tolerance), gate.wander)
     k = expected_errors(state, n_c, n_s, gate.tolerance)
     # what a canary failing at the gross ratio (or detect_rate) would have earned here
     g_c = n_c * min(0.99, max(gate.gross * gate.tolerance * e_s / n_s, gate.detect_rate))
@@ -324,7 +383,7 @@ def step(gate: ErrorGate, state: State, e_c: float, n_c: float, e_s: float,
                               + _log_pay(e_c, e_s, m, beta, k))))
         stage[f"g{i}"] = stage.get(f"g{i}", 0.0) + _log_pay(g_c, e_s, m, beta, k)
     margin = _margin(gate)
-    _, low = split_bounds(_pi(n_c, n_s, margin))
+    _, low = split_bounds(_pi(n_c, n_s, margin), gate.wander)
     ni = [x + _log_pay(e_c, e_s, low, _stake(low, _pi(n_c, n_s, margin * r), k, -1.0), k)
           for x, r in zip(state.ni, NI_GRID, strict=True)]
     stage["k"] = stage.get("k", 0.0) + 1
