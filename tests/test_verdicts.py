@@ -638,6 +638,7 @@ def test_a_crash_looping_canary_is_rolled_back_by_the_documented_restarts_gate(e
 # `wander`: the per-version wandering an errors gate's bound allows for (docs/verdicts.md,
 # *Buying the speed back: wander*)
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("shared,share", [
     (0.0, 0.05), (0.0, 0.25),    # steady (binomial), at a 5% and a 25% share
     (1.0, 0.05), (1.0, 0.25),    # bursts both versions share, variance 1 (+-100%)
@@ -655,6 +656,7 @@ def test_wander_0_keeps_the_bound_under_steady_rates_and_shared_bursts(shared, s
     assert ten <= 20, f"{ten} of 100 reached 10 (Ville: at most 10%)"
 
 
+@pytest.mark.e2e
 def test_wander_0_rolls_back_healthy_canaries_whose_versions_wander_apart():
     # the price when the assumption is wrong: each version wandering +-50% on its own
     # (variance 0.25), a healthy canary at a 5% share watched for 1,000 intervals at
