@@ -77,7 +77,7 @@ def no_raw_json_constants(text: str) -> Any:
     ("max", ".nan", 11), ("max", ".inf", 11), ("min", "-.inf", 12), ("max_increase", ".inf", 13),
     ("max_ratio", ".nan", 13), ("tolerance", ".nan", 16), ("alpha", ".inf", 16),
     ("gross", ".inf", 16), ("final_gross", ".inf", 16), ("detect_rate", ".nan", 16),
-    ("max", "1" + "0" * 400, 11),
+    ("wander", ".nan", 16), ("wander", "-.inf", 16), ("max", "1" + "0" * 400, 11),
 ])
 def test_a_bound_that_is_nan_or_infinite_is_refused_with_file_line(tmp_path, field, value, line):
     text = POLICY

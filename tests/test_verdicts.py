@@ -322,12 +322,14 @@ def test_warmup_ignores_a_slow_start_but_judges_what_follows():
 @given(tolerance=st.floats(0.01, 1000), alpha=st.floats(1e-12, 0.49),
        gross=st.floats(1.001, 1000), final_gross=st.floats(1.001, 1000),
        detect_rate=st.floats(1e-9, 0.999),
+       wander=st.sampled_from(sequential.WANDERS) | st.floats(0, 0.5),
        steps=st.lists(st.tuples(*[st.floats(0, 1e12) | st.floats() | st.none()] * 4),
                       min_size=1, max_size=12))
 def test_any_counters_and_any_valid_gate_give_a_verdict_never_an_exception(
-        tolerance, alpha, gross, final_gross, detect_rate, steps):
+        tolerance, alpha, gross, final_gross, detect_rate, wander, steps):
     gate = sequential.ErrorGate(tolerance=tolerance, alpha=alpha, gross=gross,
-                                final_gross=final_gross, detect_rate=detect_rate)
+                                final_gross=final_gross, detect_rate=detect_rate,
+                                wander=wander)
     state = sequential.State()
     for i, (n_c, e_c, n_s, e_s) in enumerate(steps):  # counters may go down: resets
         out = sequential.update(gate, state, {"canary_requests": n_c, "canary_errors": e_c,
