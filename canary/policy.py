@@ -320,7 +320,11 @@ class ErrorsGate:
     """errors: a sequential test of the canary's error rate against stable's."""
 
     def bounds(self) -> str:
+        from canary.gates.sequential import tabulated_wander
+
         wander = "" if self.wander == 0.5 else f", wander {self.wander:g}"
+        if wander and tabulated_wander(self.wander) != self.wander:  # rounded up to a table
+            wander += f", read as {tabulated_wander(self.wander):g}"
         return f"errors <= stable x {self.tolerance:g}, alpha {self.alpha:g}{wander}"
 
     def queries(self) -> list[str]:

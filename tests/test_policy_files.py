@@ -242,3 +242,18 @@ def test_plan_on_traffic_follows_an_errors_gates_wander(tmp_path, capsys):
     assert main(["plan", seq0, "--rps", "2"]) == 0
     out = capsys.readouterr().out
     assert "wander 0)" in out and "succeeded at about 45m" in out
+
+
+def test_plan_says_what_a_wander_between_the_tables_is_read_as(tmp_path, capsys):
+    # `wander: 0.3` is rounded up to the 0.5 table: the gate then decides exactly as the
+    # default does, so the plan must not read as if 0.3 bought any speed
+    text = (ROOT / "policies" / "sequential.yaml").read_text()
+    at = "    detect_rate: 0.01     # (with"
+    for written, shown in (("0.3", "wander 0.3, read as 0.5)"), ("0.05", "wander 0.05, read as 0.1)"),
+                           ("0.1", "wander 0.1)"), ("0", "wander 0)")):
+        f = write(tmp_path, f"w{written}.yaml", text.replace(at, f"    wander: {written}\n" + at))
+        assert main(["plan", f]) == 0
+        out = capsys.readouterr().out
+        assert f"errors (errors <= stable x 1, alpha 0.005, {shown}" in out, (written, out)
+    assert main(["plan", str(ROOT / "policies" / "sequential.yaml")]) == 0
+    assert "wander" not in capsys.readouterr().out
