@@ -9,6 +9,7 @@ from 1 to 100" rather than "Input should be less than or equal to 100".
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -176,6 +177,26 @@ def _message(e: Mapping[str, Any], root: type[Any], path: tuple[str | int, ...],
     return _GENERIC.get(kind, str(e["msg"]))
 
 
+_EXPONENT = re.compile(r"([-+]?(?:\d+\.?\d*|\.\d+))[eE]([-+]?)(\d+)")
+
+
+def _exponent_hint(e: Mapping[str, Any]) -> str:
+    """PyYAML reads a number in exponent form as a number only with a dot and a signed
+    exponent (YAML 1.1): `5e-3` is the text "5e-3", refused by a number field with a
+    message that looks wrong for a number in range. Say how to write it."""
+    value = e.get("input")
+    if e["type"] not in ("float_type", "float_parsing", "int_type", "int_parsing") \
+            or not isinstance(value, str):
+        return ""
+    m = _EXPONENT.fullmatch(value.strip())
+    if m is None:
+        return ""
+    mantissa = m.group(1) if "." in m.group(1) else m.group(1) + ".0"
+    written = f"{mantissa}e{m.group(2) or '+'}{m.group(3)}"
+    return f" (YAML reads {value.strip()} as text, not a number: write {written} or " \
+           f"{float(value):.12g})"
+
+
 def problems(doc: yamlsrc.Doc, error: ValidationError, root: type[Any], *,
              at: tuple[str | int, ...] = (), messages: Mapping[str, str] | None = None,
              required: Mapping[str, str] | None = None) -> list[Problem]:
@@ -195,6 +216,7 @@ def problems(doc: yamlsrc.Doc, error: ValidationError, root: type[Any], *,
                 message = not_mapping
         else:
             message = _message(e, root, path, loc, messages or {}, required or {})
+            message += _exponent_hint(e)
         name = field_name(path)
         if (name, message) in seen:
             continue

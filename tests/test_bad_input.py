@@ -456,3 +456,15 @@ async def test_a_rollout_stays_small_however_often_it_is_paused_with_long_reason
     # events recorded after trimming began are still logged
     logged = [rec.msg for rec in caplog.records if getattr(rec, "rollout", None) == rid]
     assert "aborted by pipeline-token: enough" in logged and "all traffic on stable" in logged
+
+
+def test_a_number_in_exponent_form_yaml_reads_as_text_gets_how_to_write_it(tmp_path):
+    """YAML 1.1 (PyYAML) reads `5e-3` as the text "5e-3": the field's range message alone
+    would look wrong for a number that is in range, so the message says how to write it,
+    and the form it suggests is read as the number."""
+    found = problems_of(tmp_path, POLICY + ERRORS_GATE + "    alpha: 5e-3\n")
+    assert len(found) == 1, found
+    assert "gates[1].alpha: " in found[0], found
+    assert "YAML reads 5e-3 as text, not a number: write 5.0e-3 or 0.005" in found[0], found
+    assert problems_of(tmp_path, POLICY + ERRORS_GATE + "    alpha: 5.0e-3\n") == []
+    assert problems_of(tmp_path, POLICY + ERRORS_GATE + "    alpha: 0.005\n") == []
