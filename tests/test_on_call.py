@@ -361,3 +361,35 @@ async def test_a_watcher_that_stops_reading_does_not_hold_its_stream_forever(tmp
         finally:
             sock.close()
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+async def test_one_token_cannot_take_every_watch_place_from_the_others(tmp_path, monkeypatch):
+    """A runaway dashboard or a leaked viewer token holds at most MAX_PER_TOKEN streams:
+    its next one is a 429 naming the token, while the on-call's own token still watches;
+    a stream it closes gives it the place back."""
+    from canary.api import watch
+
+    monkeypatch.setattr(watch, "MAX_PER_TOKEN", 1)
+    async with controller(tmp_path, policies=[simple_policy(hold=3600)],
+                          heartbeat=0.05) as (api, ctl, _t):
+        rid = (await api.start(canary_version="v2"))["id"]
+        hub = ctl.listeners[0].__self__
+        url = f"{api.base}/api/v1/rollouts/{rid}/watch"
+        viewer = {"Authorization": f"Bearer {TOKENS['viewer']}"}
+        first = await api.s.get(url, headers=viewer)
+        try:
+            assert first.status == 200
+            await eventually(lambda: _ready(hub.count() == 1), what="the first stream open")
+            async with api.s.get(url, headers=viewer) as second:
+                assert second.status == 429, await second.text()
+                body = await second.json()
+                assert "'viewer-token'" in body["error"] and "poll GET" in body["error"], body
+                assert second.headers["Retry-After"] == "5"
+            oncall = asyncio.create_task(events(api, rid, until=1, token=TOKENS["oncall"]))
+            [seen] = await oncall
+            assert seen["state"] == "progressing", "another token still watches"
+        finally:
+            first.close()
+        await eventually(lambda: _ready(hub.count() == 0), what="the first stream closed")
+        [seen] = await events(api, rid, until=1)
+        assert seen["state"] == "progressing", "the place is the viewer's again"

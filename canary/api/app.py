@@ -623,9 +623,17 @@ async def watch_rollout(request: web.Request) -> web.StreamResponse:
                               "later, or poll GET /api/v1/rollouts/{id}")
         response.headers["Retry-After"] = "5"
         return response
+    if hub.held(token.name) >= watch.MAX_PER_TOKEN:
+        request.app[CONTROLLER].metrics.api_refused.labels("watch").inc()
+        response = error(429, f"token {token.name!r} holds {watch.MAX_PER_TOKEN} open "
+                              "watch streams already (the most one token may); close one, "
+                              "or poll GET /api/v1/rollouts/{id}")
+        response.headers["Retry-After"] = "5"
+        return response
     rid = request.match_info["id"]
     resp: web.StreamResponse | None = None
     ev = hub.join(rid)  # before the first read, so no change can fall between the two
+    hub.hold(token.name, 1)
     try:
         r = await _visible(request, token)
         ctl = request.app[CONTROLLER]
@@ -682,6 +690,7 @@ async def watch_rollout(request: web.Request) -> web.StreamResponse:
             raise
         return resp
     finally:
+        hub.hold(token.name, -1)
         hub.leave(rid, ev)
 
 

@@ -9,6 +9,7 @@ and every watcher of it sends that same text.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from dataclasses import dataclass, field
 
 from canary import jsonsafe
@@ -17,6 +18,8 @@ from canary.model import Rollout
 HEARTBEAT = 15.0      # seconds between heartbeats (an SSE comment) on a quiet stream
 FOLLOWER_POLL = 2.0   # a replica that does not run rollouts reads the store this often
 MAX_WATCHERS = 2000   # open streams at once; more are answered 503
+MAX_PER_TOKEN = MAX_WATCHERS // 2  # streams one token may hold: more are answered 429, so a
+# runaway dashboard or a leaked viewer token cannot take every place from the on-call
 WRITE_TIMEOUT = 30.0  # a write to a watcher that does not go out in this long ends its stream
 
 
@@ -32,7 +35,17 @@ class Hub:
     _loop: asyncio.AbstractEventLoop | None = None
     _watchers: dict[str, set[asyncio.Event]] = field(default_factory=dict)
     _latest: dict[str, Latest] = field(default_factory=dict)
+    _held: Counter[str] = field(default_factory=Counter)
     closing: bool = False
+
+    def held(self, token: str) -> int:
+        """Streams `token` holds open now."""
+        return self._held[token]
+
+    def hold(self, token: str, change: int) -> None:
+        self._held[token] += change
+        if self._held[token] <= 0:
+            del self._held[token]
 
     def count(self) -> int:
         return sum(len(w) for w in self._watchers.values())
