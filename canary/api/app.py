@@ -617,19 +617,18 @@ async def watch_rollout(request: web.Request) -> web.StreamResponse:
     quiet stream. Runs on the API's loop; the control loop only pokes it (watch.Hub)."""
     token = _auth(request, Role.VIEWER)
     hub = request.app[HUB]
+    refused = None
     if hub.count() >= watch.MAX_WATCHERS:
+        refused = error(503, f"{watch.MAX_WATCHERS} watchers are open already; try again "
+                             "later, or poll GET /api/v1/rollouts/{id}")
+    elif hub.held(token.name) >= watch.MAX_PER_TOKEN:
+        refused = error(429, f"token {token.name!r} holds {watch.MAX_PER_TOKEN} open "
+                             "watch streams already (the most one token may); close one, "
+                             "or poll GET /api/v1/rollouts/{id}")
+    if refused is not None:
         request.app[CONTROLLER].metrics.api_refused.labels("watch").inc()
-        response = error(503, f"{watch.MAX_WATCHERS} watchers are open already; try again "
-                              "later, or poll GET /api/v1/rollouts/{id}")
-        response.headers["Retry-After"] = "5"
-        return response
-    if hub.held(token.name) >= watch.MAX_PER_TOKEN:
-        request.app[CONTROLLER].metrics.api_refused.labels("watch").inc()
-        response = error(429, f"token {token.name!r} holds {watch.MAX_PER_TOKEN} open "
-                              "watch streams already (the most one token may); close one, "
-                              "or poll GET /api/v1/rollouts/{id}")
-        response.headers["Retry-After"] = "5"
-        return response
+        refused.headers["Retry-After"] = "5"
+        return refused
     rid = request.match_info["id"]
     resp: web.StreamResponse | None = None
     ev = hub.join(rid)  # before the first read, so no change can fall between the two

@@ -306,18 +306,17 @@ async def _run(argv: tuple[str, ...], what: str) -> None:
     try:
         async with asyncio.timeout(COMMAND_TIMEOUT):  # (not wait_for: see clock.py)
             out, _ = await proc.communicate()
-    except TimeoutError as e:
-        proc.kill()
-        await proc.wait()
-        raise RouterError(f"nginx {what} command timed out after {COMMAND_TIMEOUT:g}s") from e
-    except asyncio.CancelledError:
-        # the controller is stopping: reap the command, so neither it nor its pipe outlives
-        # the event loop (a transport left behind warns, or stops a test, when collected)
+    except (TimeoutError, asyncio.CancelledError) as e:
+        # timed out, or the controller is stopping: reap the command either way, so
+        # neither it nor its pipe outlives the call (a transport left behind warns, or
+        # stops a test, when collected)
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
         await proc.wait()
-        raise
+        if isinstance(e, asyncio.CancelledError):
+            raise
+        raise RouterError(f"nginx {what} command timed out after {COMMAND_TIMEOUT:g}s") from e
     if proc.returncode != 0:
         text = out.decode(errors="replace").strip().replace("\n", " | ")
         raise RouterError(f"nginx {what} failed (exit {proc.returncode}): {text[-500:]}")
