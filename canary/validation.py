@@ -9,6 +9,7 @@ from 1 to 100" rather than "Input should be less than or equal to 100".
 
 from __future__ import annotations
 
+import decimal
 import re
 import types
 import typing
@@ -193,8 +194,9 @@ def _exponent_hint(e: Mapping[str, Any]) -> str:
         return ""
     mantissa = m.group(1) if "." in m.group(1) else m.group(1) + ".0"
     written = f"{mantissa}e{m.group(2) or '+'}{m.group(3)}"
-    return f" (YAML reads {value.strip()} as text, not a number: write {written} or " \
-           f"{float(value):.12g})"
+    plain = format(decimal.Decimal(m.group(0)), "f")  # (never an exponent: that is text again)
+    either = f" or {plain}" if len(plain) <= 24 else ""
+    return f" (YAML reads {value.strip()} as text, not a number: write {written}{either})"
 
 
 def problems(doc: yamlsrc.Doc, error: ValidationError, root: type[Any], *,

@@ -468,3 +468,7 @@ def test_a_number_in_exponent_form_yaml_reads_as_text_gets_how_to_write_it(tmp_p
     assert "YAML reads 5e-3 as text, not a number: write 5.0e-3 or 0.005" in found[0], found
     assert problems_of(tmp_path, POLICY + ERRORS_GATE + "    alpha: 5.0e-3\n") == []
     assert problems_of(tmp_path, POLICY + ERRORS_GATE + "    alpha: 0.005\n") == []
+    # a small number's plain form is written out, never as 1e-09 (text again in YAML)
+    [small] = problems_of(tmp_path, POLICY + ERRORS_GATE + "    alpha: 1e-9\n")
+    assert "write 1.0e-9 or 0.000000001)" in small, small
+    assert problems_of(tmp_path, POLICY + ERRORS_GATE + "    alpha: 0.000000001\n") == []
