@@ -6,8 +6,11 @@ server running another version."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import yaml
@@ -374,8 +377,11 @@ async def test_return_mode_hands_over_on_the_pipelines_call_and_start_wait_exits
             assert [e["type"] for e in data["events"]].count("handover") == 1
 
 
-@pytest.mark.e2e
-async def test_version_probe_sees_the_stable_side_updated_and_hands_over_by_itself(tmp_path):
+@contextlib.asynccontextmanager
+async def promoting_return_release(tmp_path) -> AsyncIterator[tuple[Any, ...]]:
+    """A return-mode release on real nginx with a version probe, at `promoting`: two
+    stable servers still on v1, the canary server on v2. Yields (api, rollout, the two
+    stable servers, target); setting a server's `version` is the pipeline deploying."""
     from canary.routers.nginx import NginxRouter
     async with VersionServer("v1") as s1, VersionServer("v1") as s2, \
             VersionServer("v2") as c1:
@@ -384,36 +390,35 @@ async def test_version_probe_sees_the_stable_side_updated_and_hands_over_by_itse
                               router=NginxRouter(target)) as (api, _ctl, _t):
             r = await api.start(canary_version="v2")
             await api.until(r["id"], lambda x: x["state"] == "promoting")
-            s1.version = "v2"  # half the stable side updated: not yet
-            await api.until(r["id"], lambda x: x["state"] == "promoting")
-            s2.version = "v2"
-            r = await api.until(r["id"], lambda x: x["state"] == "succeeded")
-            handover = [e for e in r["events"] if e["type"] == "handover"]
-            assert handover and handover[0]["actor"] == "controller"
-            assert "version_probe" in handover[0]["message"]
+            yield api, r, s1, s2, target
+
+
+@pytest.mark.e2e
+async def test_version_probe_sees_the_stable_side_updated_and_hands_over_by_itself(tmp_path):
+    async with promoting_return_release(tmp_path) as (api, r, s1, s2, _target):
+        s1.version = "v2"  # half the stable side updated: not yet
+        await api.until(r["id"], lambda x: x["state"] == "promoting")
+        s2.version = "v2"
+        r = await api.until(r["id"], lambda x: x["state"] == "succeeded")
+        handover = [e for e in r["events"] if e["type"] == "handover"]
+        assert handover and handover[0]["actor"] == "controller"
+        assert "version_probe" in handover[0]["message"]
 
 
 @pytest.mark.e2e
 async def test_rollback_during_promoting_never_returns_traffic_to_an_updated_server(tmp_path):
-    from canary.routers.nginx import NginxRouter
-    async with VersionServer("v1") as s1, VersionServer("v1") as s2, \
-            VersionServer("v2") as c1:
-        target = nginx_target(tmp_path, [s1.addr, s2.addr], [c1.addr], promotion="return")
-        async with controller(tmp_path, policies=[FAST], target=target,
-                              router=NginxRouter(target)) as (api, _ctl, _t):
-            r = await api.start(canary_version="v2")
-            await api.until(r["id"], lambda x: x["state"] == "promoting")
-            s1.version = "v2"  # the pipeline has started updating the stable side
-            status, data = await api.call("POST", f"/api/v1/rollouts/{r['id']}/abort",
-                                          {"reason": "bad"}, role="pipeline")
-            assert status == 200, data
-            r = await api.until(r["id"], lambda x: "held" in (x["reason"] or ""))
-            assert r["state"] == "rolling_back" and s1.addr in r["reason"]
-            assert parse_weight(target, target.file.read_text()) == 100, \
-                "traffic stays on the canary side"
-            s1.version = "v1"  # the pipeline put v1 back
-            r = await api.until(r["id"], lambda x: x["state"] == "rolled_back")
-            assert parse_weight(target, target.file.read_text()) == 0
+    async with promoting_return_release(tmp_path) as (api, r, s1, _s2, target):
+        s1.version = "v2"  # the pipeline has started updating the stable side
+        status, data = await api.call("POST", f"/api/v1/rollouts/{r['id']}/abort",
+                                      {"reason": "bad"}, role="pipeline")
+        assert status == 200, data
+        r = await api.until(r["id"], lambda x: "held" in (x["reason"] or ""))
+        assert r["state"] == "rolling_back" and s1.addr in r["reason"]
+        assert parse_weight(target, target.file.read_text()) == 100, \
+            "traffic stays on the canary side"
+        s1.version = "v1"  # the pipeline put v1 back
+        r = await api.until(r["id"], lambda x: x["state"] == "rolled_back")
+        assert parse_weight(target, target.file.read_text()) == 0
 
 
 def test_a_workload_with_promotion_swap_is_refused_saying_why(tmp_path):
@@ -623,28 +628,21 @@ async def test_a_version_answered_in_pieces_is_read_whole_and_a_huge_body_is_no_
 async def test_a_handover_while_a_stable_server_still_runs_the_old_version_is_refused(tmp_path):
     """With a version_probe, the pipeline's handover is checked like a start: traffic
     never returns to a stable server that does not answer the canary version."""
-    from canary.routers.nginx import NginxRouter
-    async with VersionServer("v1") as s1, VersionServer("v1") as s2, \
-            VersionServer("v2") as c1:
-        target = nginx_target(tmp_path, [s1.addr, s2.addr], [c1.addr], promotion="return")
-        async with controller(tmp_path, policies=[FAST], target=target,
-                              router=NginxRouter(target)) as (api, _ctl, _t):
-            r = await api.start(canary_version="v2")
-            await api.until(r["id"], lambda x: x["state"] == "promoting")
-            s1.version = "v2"  # the pipeline updated one stable server of two, and calls
-            status, data = await api.call("POST", f"/api/v1/rollouts/{r['id']}/handover",
-                                          {"reason": "deployed"}, role="pipeline")
-            assert status == 409, data
-            assert f"{s2.addr} answered 'v1'" in data["error"], data
-            assert s1.addr not in data["error"]
-            status, r = await api.call("GET", f"/api/v1/rollouts/{r['id']}", role="viewer")
-            assert r["state"] == "promoting" and r["applied_weight"] == 100
-            assert parse_weight(target, target.file.read_text()) == 100, "traffic stays"
-            s2.version = "v2"
-            status, data = await api.call("POST", f"/api/v1/rollouts/{r['id']}/handover",
-                                          {"reason": "deployed"}, role="pipeline")
-            assert status == 200, data  # (even when the probe saw it first)
-            await api.until(r["id"], lambda x: x["state"] == "succeeded")
+    async with promoting_return_release(tmp_path) as (api, r, s1, s2, target):
+        s1.version = "v2"  # the pipeline updated one stable server of two, and calls
+        status, data = await api.call("POST", f"/api/v1/rollouts/{r['id']}/handover",
+                                      {"reason": "deployed"}, role="pipeline")
+        assert status == 409, data
+        assert f"{s2.addr} answered 'v1'" in data["error"], data
+        assert s1.addr not in data["error"]
+        status, r = await api.call("GET", f"/api/v1/rollouts/{r['id']}", role="viewer")
+        assert r["state"] == "promoting" and r["applied_weight"] == 100
+        assert parse_weight(target, target.file.read_text()) == 100, "traffic stays"
+        s2.version = "v2"
+        status, data = await api.call("POST", f"/api/v1/rollouts/{r['id']}/handover",
+                                      {"reason": "deployed"}, role="pipeline")
+        assert status == 200, data  # (even when the probe saw it first)
+        await api.until(r["id"], lambda x: x["state"] == "succeeded")
 
 
 def test_a_json_version_that_is_not_a_version_is_named_as_no_version():
