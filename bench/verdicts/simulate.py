@@ -441,6 +441,36 @@ def summarize(results: list[Result], sc: Any) -> dict[str, float]:
     return out
 
 
+def peers(sc: Any, cases: list[Any]) -> list[str]:
+    """The healthy scenarios a fixed setting must be as safe in as canary's gate before it
+    may be compared on the bad scenario `sc`: those with the same stages at the same base
+    error rate (steady, a shared outage, shared bursts, each version or the canary alone
+    wandering), or, for a base rate no healthy scenario has, those at BASE."""
+    if isinstance(sc, LatencyScenario):
+        return [c.name for c in cases if isinstance(c, LatencyScenario) and c.onset is None]
+    same = [c for c in cases if isinstance(c, Scenario) and c.onset is None
+            and c.weights == sc.weights]
+    at = [c.name for c in same if c.p_stable == sc.p_stable]
+    return at or [c.name for c in same if c.p_stable == BASE]
+
+
+def latency_peer(sc: Any) -> str:
+    return "latency healthy"
+
+
+def _cheapest(fixed: dict[tuple[int, int], dict[str, Any]],
+              healthy: dict[tuple[int, int], Any], every: bool = False
+              ) -> tuple[int, int] | None:
+    """The fixed setting with the fewest excess bad requests among those whose false-rollback
+    rate is at most canary's (or 1%) on the given healthy scenario (every one of them)."""
+    def fair(k: tuple[int, int]) -> bool:
+        groups = healthy[k] if every else [healthy[k]]
+        return all(g.get(k, 1.0) <= max(g.get(None, 0.0), 0.01) for g in groups)
+
+    ok = [k for k in fixed if fair(k)]
+    return min(ok, key=lambda k: fixed[k]["excess_mean"]) if ok else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--healthy-runs", type=int, default=2000)
@@ -457,10 +487,14 @@ def main() -> None:
     ap.add_argument("--wander", type=float, default=None, help="the errors gate's `wander` "
                     "(default: the gate's default, 0.5): e.g. 0, for versions whose error "
                     "rates move only together")
+    ap.add_argument("--detect-rate", type=float, default=None, help="the errors gate's "
+                    "`detect_rate` (default: the gate's default, 0.01)")
     args = ap.parse_args()
+    global GATE
     if args.wander is not None:
-        global GATE
         GATE = replace(GATE, wander=args.wander)
+    if args.detect_rate is not None:
+        GATE = replace(GATE, detect_rate=args.detect_rate)
     if args.no_move_cap:
         from canary.gates import sequential
 
@@ -468,63 +502,90 @@ def main() -> None:
     t0 = time.time()
     print(f"# {args.healthy_runs} runs per healthy condition, {args.bad_runs} per bad one; "
           f"error bound 1% for the fixed rule; alpha 0.01 for canary's gate"
-          f"{'' if args.wander is None else f', wander {args.wander:g}'}\n")
+          f"{'' if args.wander is None else f', wander {args.wander:g}'}"
+          f"{'' if args.detect_rate is None else f', detect_rate {args.detect_rate:g}'}\n")
     print("| scenario | rps | canary: rolled back | canary: inconclusive | canary: promoted "
           "(bad) | canary: reached 50% (bad) | canary: detect "
           "median / p90 s | canary: excess bad | canary: promote min | best fixed rule "
           "(FR <= canary's or 1%) | its rolled back | its promoted (bad) | its detect "
-          "median / p90 s | its excess bad | its promote min |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "median / p90 s | its excess bad | its promote min | best fixed rule fair under "
+          "bursts too (FR <= canary's or 1% on every healthy row of its base) | its detect "
+          "median / p90 s | its excess bad |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    per_rule: list[tuple[float, dict[str, dict[tuple[int, int] | None, float]]]] = []
     for rps in args.rps:
-        healthy_fr: dict[tuple[int, int] | None, float] = {}
         cases: list[tuple[Any, Callable[..., Result]]] = [(sc, simulate) for sc in scenarios()]
         cases += [(sc, simulate_latency) for sc in latency_scenarios()]
-        for sc, sim in cases:
-            if not any(o in sc.name for o in args.only) and sc.name not in (f"healthy {BASE:.1%}",
-                                                            "latency healthy"):
-                continue
+        wanted = [c for c in cases if any(o in c[0].name for o in args.only)]
+        need = {c[0].name for c in wanted} | {n for sc, _ in wanted if sc.onset is not None
+                                              for n in peers(sc, [c[0] for c in cases])}
+        need |= {f"healthy {BASE:.1%}", "latency healthy"}
+        healthy = [c for c in cases if c[0].onset is None and c[0].name in need]
+        bad = [c for c in cases if c[0].onset is not None and c[0].name in need]
+        # canary's and each fixed setting's false-rollback rate, per healthy scenario
+        fr: dict[str, dict[tuple[int, int] | None, float]] = {}
+        for sc, sim in healthy + bad:
             runs = args.healthy_runs if sc.onset is None else args.bad_runs
             seeds = range(runs)
             ours = summarize([sim(sc, rps, s, None) for s in seeds], sc)
             fixed = {rule: summarize([sim(sc, rps, s, rule) for s in seeds], sc)
                      for rule in ([] if args.no_fixed else FLAGGER)}
-            if sc.name in (f"healthy {BASE:.1%}", "latency healthy"):
-                healthy_fr = {None: ours["rolled_back"],
-                              **{k: v["rolled_back"] for k, v in fixed.items()}}
             if sc.onset is None:
-                fair = fixed
+                fr[sc.name] = {None: ours["rolled_back"],
+                               **{k: v["rolled_back"] for k, v in fixed.items()}}
+                best = min(fixed, key=lambda k: fixed[k]["rolled_back"]) if fixed else None
+                wide = best
             else:
-                bound = max(healthy_fr.get(None, 0.0), 0.01)
-                fair = {k: v for k, v in fixed.items() if healthy_fr.get(k, 1.0) <= bound}
-            if not fixed:
-                best = None
-            elif sc.onset is None:
-                best = min(fixed, key=lambda k: fixed[k]["rolled_back"])
-            elif fair:
-                best = min(fair, key=lambda k: fair[k]["excess_mean"])
-            else:
-                best = None
+                # the old criterion: as safe as canary on steady traffic at the base rate
+                base = fr[latency_peer(sc) if isinstance(sc, LatencyScenario)
+                          else f"healthy {BASE:.1%}"]
+                best = _cheapest(fixed, {k: base for k in fixed})
+                # fair under bursts too: as safe as canary on every healthy scenario of
+                # the same base rate and stages (shared outages, bursts, wandering)
+                group = [fr[n] for n in peers(sc, [c[0] for c in cases])]
+                wide = _cheapest(fixed, {k: group for k in fixed}, every=True)
             b = fixed[best] if best else {}
+            w = fixed[wide] if wide else {}
             rb = f"{ours['rolled_back']:.2%} [{ours['rb_lo']:.2%}, {ours['rb_hi']:.2%}]"
             det = (f"{ours.get('detect_median_s', math.nan):.0f} / "
                    f"{ours.get('detect_p90_s', math.nan):.0f}" if sc.onset is not None else "-")
             ex = f"{ours['excess_mean']:.1f}" if sc.onset is not None else "-"
             pro = f"{ours['promote_median_min']:.1f}" if sc.onset is None else "-"
-            bname = (f"interval {best[0]}s, threshold {best[1]}" if best
-                     else "not run" if not fixed else "none qualifies")
+
+            def name(rule: tuple[int, int] | None, ran: bool = bool(fixed)) -> str:
+                return (f"interval {rule[0]}s, threshold {rule[1]}" if rule
+                        else "none qualifies" if ran else "not run")
+
             brb = f"{b['rolled_back']:.2%}" if b else "-"
             bdet = (f"{b.get('detect_median_s', math.nan):.0f} / "
                     f"{b.get('detect_p90_s', math.nan):.0f}" if b and sc.onset is not None
                     else "-")
             bex = f"{b['excess_mean']:.1f}" if b and sc.onset is not None else "-"
             bpro = f"{b['promote_median_min']:.1f}" if b and sc.onset is None else "-"
-            bad = sc.onset is not None
-            prom = f"{ours['promoted']:.1%}" if bad else "-"
-            r50 = f"{ours['reached_50']:.1%}" if bad else "-"
-            bprom = f"{b['promoted']:.1%}" if b and bad else "-"
+            isbad = sc.onset is not None
+            prom = f"{ours['promoted']:.1%}" if isbad else "-"
+            r50 = f"{ours['reached_50']:.1%}" if isbad else "-"
+            bprom = f"{b['promoted']:.1%}" if b and isbad else "-"
+            wide_cols = "- | - | -"
+            if isbad:
+                wex = f"{w['excess_mean']:.1f}" if w else "-"
+                wdet = (f"{w.get('detect_median_s', math.nan):.0f} / "
+                        f"{w.get('detect_p90_s', math.nan):.0f}" if w else "-")
+                wide_cols = f"{name(wide)} | {wdet} | {wex}"
+            elif fixed:
+                worst = max(fr[sc.name][k] for k in fixed)
+                wide_cols = f"- | - | (fixed settings roll back up to {worst:.1%})"
             print(f"| {sc.name} | {rps:g} | {rb} | {ours['inconclusive']:.1%} | {prom} | {r50} | "
-                  f"{det} | {ex} | {pro} | {bname} | {brb} | {bprom} | {bdet} | {bex} | "
-                  f"{bpro} |", flush=True)
+                  f"{det} | {ex} | {pro} | {name(best)} | {brb} | {bprom} | {bdet} | {bex} | "
+                  f"{bpro} | {wide_cols} |", flush=True)
+        if not args.no_fixed:  # why a fixed setting is or is not fair under bursts
+            per_rule.append((rps, fr))
+    for rps, fr in per_rule:
+        print(f"\nfixed settings at {rps:g} requests/s, each one's false rollbacks on the "
+              f"healthy rows (canary's gate in brackets):")
+        for rule in FLAGGER:
+            rows = ", ".join(f"{n} {v[rule]:.1%} [{v[None]:.1%}]" for n, v in fr.items())
+            print(f"- interval {rule[0]}s, threshold {rule[1]}: {rows}")
     print(f"\n({time.time() - t0:.0f} s)")
 
 
