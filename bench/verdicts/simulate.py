@@ -15,6 +15,12 @@ overdispersed), with the weight following a staged policy (5/25/50/100%, holds
   cumulatively and the rollout rolls back at `threshold`; a stage moves on after its hold
   when the latest check passed. Tried at intervals 15/30/60 s x thresholds 1/2/5/10.
 
+A bad row names two fixed settings: the cheapest in excess bad requests among those as
+safe as canary's gate (or within 1%) on steady healthy traffic, and the cheapest among
+those as safe on every healthy row of the same base rate and stages (a shared outage,
+bursts, wandering: `peers`); after the table, each setting's false rollbacks per
+healthy row.
+
     .venv/bin/python -m bench.verdicts.simulate --healthy-runs 2000 --bad-runs 300
     .venv/bin/python -m bench.verdicts.simulate --wander 0 ...  # the gate with `wander: 0`
 """
