@@ -726,3 +726,54 @@ def test_a_bad_wander_is_reported_naming_the_field_and_the_allowed_values(
     line = POLICY.splitlines().index("    tolerance: 1.2") + 2
     assert len(found) == 1 and found[0].startswith(f"{path}:{line}: gates[0].{words}"), found
     assert "0, 0.1, 0.25, 0.5" in found[0] or value == "lots", found
+
+
+def test_the_benchmark_compares_canary_only_with_fixed_rules_as_safe_in_a_shared_outage():
+    # docs/verdicts.md, "Against a fixed rule that is as safe": the fixed setting picked on
+    # steady traffic alone (30 s, threshold 5 at 200 requests/s) rolls back healthy
+    # canaries through a 2-minute outage both versions share; the fairer comparison must
+    # pass it over for one that does not
+    from bench.verdicts.simulate import _cheapest, peers, scenarios, simulate, summarize
+
+    cases = scenarios()
+    group = peers(_scenario("errors x2"), cases)
+    assert set(group) == {"healthy 0.5%", "burst on both", "bursty, shared",
+                          "bursty, per version", "bursty, canary only",
+                          "very bursty, canary only"}
+    assert peers(_scenario("errors x5, 1% first stage"), cases) == ["healthy, 1% first stage"]
+    rules = [(30, 5), (60, 10)]
+    fr = {}
+    for name in ("healthy 0.5%", "burst on both"):
+        sc = _scenario(name)
+        fr[name] = {None: 0.0, **{r: summarize([simulate(sc, 200, s, r) for s in range(10)],
+                                              sc)["rolled_back"] for r in rules}}
+    assert fr["burst on both"][(30, 5)] > 0.5 and fr["burst on both"][(60, 10)] == 0.0
+    fixed = {(30, 5): {"excess_mean": 40.0}, (60, 10): {"excess_mean": 150.0}}
+    steady = _cheapest(fixed, {r: fr["healthy 0.5%"] for r in rules})
+    every = _cheapest(fixed, {r: list(fr.values()) for r in rules}, every=True)
+    assert steady == (30, 5) and every == (60, 10)
+
+
+@pytest.mark.e2e
+def test_a_lower_detect_rate_stops_worse_canaries_under_it_but_holds_healthy_ones_at_20_rps():
+    # docs/verdicts.md, "What detect_rate buys and costs": at 20 requests/s detect_rate
+    # 0.005 promotes none of the 3x canaries beside a 0.2% stable (the default promotes a
+    # third), and more than a third of the healthy canaries at a 0.5% base wait out the
+    # deadline (the default: none)
+    from dataclasses import replace
+
+    from bench.verdicts import simulate as sim
+
+    def outcomes(name: str, gate) -> list[str]:
+        old = sim.GATE
+        sim.GATE = gate
+        try:
+            return [sim.simulate(_scenario(name), 20, s, None).outcome for s in range(40)]
+        finally:
+            sim.GATE = old
+
+    low = replace(sim.GATE, detect_rate=0.005)
+    assert outcomes("errors x3, base 0.2%", sim.GATE).count("promoted") >= 5
+    assert outcomes("errors x3, base 0.2%", low).count("promoted") == 0
+    assert outcomes("healthy 0.5%", sim.GATE).count("inconclusive") == 0
+    assert outcomes("healthy 0.5%", low).count("inconclusive") >= 14
