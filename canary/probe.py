@@ -37,7 +37,7 @@ def version_of(body: bytes) -> str | None:
     if text.startswith("{"):
         try:
             data = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # (4 KB can nest past the parser's depth)
             return None
         value = data.get("version") if isinstance(data, dict) else None
         # true/false and NaN/Infinity are JSON values, not versions: read as "True" they

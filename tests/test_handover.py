@@ -656,3 +656,31 @@ def test_a_json_version_that_is_not_a_version_is_named_as_no_version():
     for body in (b'{"version": true}', b'{"version": false}', b'{"version": NaN}',
                  b'{"version": "  "}', b'{"version": null}', b'{"version": ["v2"]}'):
         assert version_of(body) is None, body
+
+
+async def test_a_json_body_nested_too_deep_is_no_version_and_the_start_a_400(tmp_path):
+    """A body of 4 KB can nest JSON two thousand deep: Python's parser then raises
+    RecursionError, not ValueError. It escaped the probe and the start was a 500 with a
+    traceback in the log; it is a server that did not answer a version, named in a 400."""
+    from canary.probe import version_of
+    from canary.routers.nginx import NginxRouter
+
+    deep = b'{"version": ' + b"[" * 2000 + b"]" * 2000 + b"}"
+    assert len(deep) < 4096
+    deep_server = VersionServer("v2")
+
+    async def answer_deep(request: web.Request) -> web.Response:
+        return web.Response(body=deep)
+
+    deep_server.handle = answer_deep  # type: ignore[method-assign]
+    async with VersionServer("v1") as s1, deep_server as c1:
+        target = nginx_target(tmp_path, [s1.addr], [c1.addr])
+        async with controller(tmp_path, policies=[FAST], target=target,
+                              router=NginxRouter(target)) as (api, _ctl, _t):
+            status, data = await api.call("POST", "/api/v1/rollouts",
+                                          {"target": "web", "canary_version": "v2"},
+                                          role="pipeline")
+            assert status == 400, data
+            assert f"{c1.addr} did not answer a version (the body is not a version)" \
+                in data["error"], data
+    assert version_of(deep) is None
