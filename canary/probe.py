@@ -18,6 +18,7 @@ import aiohttp
 from canary.config import VersionProbe
 
 MAX_BODY = 4096
+MAX_VERSION = 128  # the longest version canary takes (model.VERSION_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,10 @@ async def _read(server: str, resp: aiohttp.ClientResponse) -> Answer:
     version = version_of(body)
     if version is None:
         return Answer(server, None, "the body is not a version")
-    return Answer(server, version[:128])
+    if len(version) > MAX_VERSION:  # (cut, it could equal the version a rollout wants)
+        return Answer(server, None, f"the answer is longer than a version ({len(version)} "
+                                    f"characters, at most {MAX_VERSION})")
+    return Answer(server, version)
 
 
 async def ask(servers: Sequence[str], probe: VersionProbe) -> list[Answer]:
