@@ -217,7 +217,7 @@ def _exponent_hint(e: Mapping[str, Any], root: type[Any], loc: tuple[str | int, 
         return ""
     m = _EXPONENT.fullmatch(value.strip())
     if m is None:
-        return ""
+        return _quoted_hint(value.strip(), root, loc)
     said = f" (YAML reads {value.strip()} as text, not a number"
     number = decimal.Decimal(m.group(0))
     if not math.isfinite(float(number)):
@@ -233,6 +233,21 @@ def _exponent_hint(e: Mapping[str, Any], root: type[Any], loc: tuple[str | int, 
     if not offered:
         return f"{said}; the number it stands for, {forms[-1]}, is refused too)"
     return f"{said}: write {' or '.join(offered)})"
+
+
+def _quoted_hint(text: str, root: type[Any], loc: tuple[str | int, ...]) -> str:
+    """Text that YAML would read as a number, written bare, was quoted: `"0.005"`. The
+    field's message alone ('must be between 0 and 0.5') would look wrong of it; say to
+    drop the quotes, when the number is one the field takes."""
+    try:
+        float(text)  # (a number's characters only: no YAML tag, anchor or flow)
+        number = yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError):
+        return ""
+    if not isinstance(number, int | float) or isinstance(number, bool) \
+            or not _field_takes(root, loc)(number):
+        return ""
+    return f' (YAML reads "{text}" in quotes as text, not a number: write {text})'
 
 
 def problems(doc: yamlsrc.Doc, error: ValidationError, root: type[Any], *,

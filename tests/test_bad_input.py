@@ -501,3 +501,28 @@ def test_every_form_the_exponent_hint_offers_is_accepted(tmp_path, field, text, 
     offered = found.split(": write ")[1].rstrip(")").split(" or ") if ": write " in found else []
     for form in offered:
         assert problems_of(tmp_path, policy(form)) == [], (form, found)
+
+
+@pytest.mark.parametrize("field,written,bare", [
+    ("alpha", '"0.005"', "0.005"),
+    ("wander", "'0.1'", "0.1"),
+    ("weight", '"25"', "25"),
+])
+def test_a_number_in_quotes_gets_how_to_write_it(tmp_path, field, written, bare):
+    """A number in quotes is text to YAML: 'alpha: "0.005"' was refused with 'must be
+    between 0 and 0.5' alone, which reads as wrong of 0.005. The message says to write
+    it without the quotes, and that form is accepted."""
+    def policy(value: str) -> str:
+        if field == "weight":
+            return POLICY.replace("  - weight: 10\n", f"  - weight: {value}\n") + ERRORS_GATE
+        return POLICY + ERRORS_GATE + f"    {field}: {value}\n"
+    [found] = problems_of(tmp_path, policy(written))
+    name = "stages[0].weight" if field == "weight" else f"gates[1].{field}"
+    assert f": {name}: " in found, found
+    assert f'(YAML reads "{bare}" in quotes as text, not a number: write {bare})' in found, \
+        found
+    assert problems_of(tmp_path, policy(bare)) == []
+    # text that is no number, or a number the field refuses, gets no such hint
+    for other in ('"lots"', '"-1"', '".nan"'):
+        [found] = problems_of(tmp_path, policy(other))
+        assert "in quotes" not in found, found
