@@ -18,6 +18,7 @@ import aiohttp
 from canary.config import VersionProbe
 
 MAX_BODY = 4096
+MAX_VERSION = 128  # the longest version canary takes (model.VERSION_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ def version_of(body: bytes) -> str | None:
     if text.startswith("{"):
         try:
             data = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # (4 KB can nest past the parser's depth)
             return None
         value = data.get("version") if isinstance(data, dict) else None
         # true/false and NaN/Infinity are JSON values, not versions: read as "True" they
@@ -87,7 +88,10 @@ async def _read(server: str, resp: aiohttp.ClientResponse) -> Answer:
     version = version_of(body)
     if version is None:
         return Answer(server, None, "the body is not a version")
-    return Answer(server, version[:128])
+    if len(version) > MAX_VERSION:  # (cut, it could equal the version a rollout wants)
+        return Answer(server, None, f"the answer is longer than a version ({len(version)} "
+                                    f"characters, at most {MAX_VERSION})")
+    return Answer(server, version)
 
 
 async def ask(servers: Sequence[str], probe: VersionProbe) -> list[Answer]:

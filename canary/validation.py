@@ -10,13 +10,15 @@ from 1 to 100" rather than "Input should be less than or equal to 100".
 from __future__ import annotations
 
 import decimal
+import math
 import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from pydantic import Discriminator, Tag, ValidationError
+import yaml
+from pydantic import Discriminator, Tag, TypeAdapter, ValidationError
 
 from canary import yamlsrc
 from canary.errors import Problem
@@ -181,22 +183,71 @@ def _message(e: Mapping[str, Any], root: type[Any], path: tuple[str | int, ...],
 _EXPONENT = re.compile(r"([-+]?(?:\d+\.?\d*|\.\d+))[eE]([-+]?)(\d+)")
 
 
-def _exponent_hint(e: Mapping[str, Any]) -> str:
+def _field_takes(root: type[Any], loc: tuple[str | int, ...]) -> Callable[[Any], bool]:
+    """Whether the field at `loc` (a ValidationError location) takes a value, by its own
+    type and constraints (not its model's checks across fields); unknown: it does."""
+    name = loc[-1] if loc else None
+    model = model_at(root, loc[:-1]) if isinstance(name, str) else None
+    info = (_fields(model) or {}).get(name) if isinstance(name, str) else None
+    if info is None:
+        return lambda value: True
+    annotation: Any = (typing.Annotated[(info.annotation, *info.metadata)] if info.metadata
+                       else info.annotation)
+    adapter: TypeAdapter[Any] = TypeAdapter(annotation)
+
+    def takes(value: Any) -> bool:
+        try:
+            adapter.validate_python(value, context={"file": True})
+        except ValidationError:
+            return False
+        return True
+
+    return takes
+
+
+def _exponent_hint(e: Mapping[str, Any], root: type[Any], loc: tuple[str | int, ...]) -> str:
     """PyYAML reads a number in exponent form as a number only with a dot and a signed
     exponent (YAML 1.1): `5e-3` is the text "5e-3", refused by a number field with a
-    message that looks wrong for a number in range. Say how to write it."""
+    message that looks wrong for a number in range. Say how to write it: only the forms
+    YAML reads as a number the field at `loc` takes, so following the hint never meets
+    a refusal again; of a number the field would refuse, or none can hold, say so."""
     value = e.get("input")
     if e["type"] not in ("float_type", "float_parsing", "int_type", "int_parsing") \
             or not isinstance(value, str):
         return ""
     m = _EXPONENT.fullmatch(value.strip())
     if m is None:
-        return ""
+        return _quoted_hint(value.strip(), root, loc)
+    said = f" (YAML reads {value.strip()} as text, not a number"
+    number = decimal.Decimal(m.group(0))
+    if not math.isfinite(float(number)):
+        return f"{said}, and it is too large for a number: at most about 1.8e+308)"
+    if float(number) == 0 and number != 0:
+        return f"{said}, and it is too small for a number: it reads as 0)"
     mantissa = m.group(1) if "." in m.group(1) else m.group(1) + ".0"
     written = f"{mantissa}e{m.group(2) or '+'}{m.group(3)}"
-    plain = format(decimal.Decimal(m.group(0)), "f")  # (never an exponent: that is text again)
-    either = f" or {plain}" if len(plain) <= 24 else ""
-    return f" (YAML reads {value.strip()} as text, not a number: write {written}{either})"
+    plain = format(number, "f")  # (never an exponent: that is text again)
+    forms = [f for f in (written, plain) if len(f) <= 24 or f == written]
+    takes = _field_takes(root, loc)
+    offered = [f for f in forms if takes(yaml.safe_load(f))]
+    if not offered:
+        return f"{said}; the number it stands for, {forms[-1]}, is refused too)"
+    return f"{said}: write {' or '.join(offered)})"
+
+
+def _quoted_hint(text: str, root: type[Any], loc: tuple[str | int, ...]) -> str:
+    """Text that YAML would read as a number, written bare, was quoted: `"0.005"`. The
+    field's message alone ('must be between 0 and 0.5') would look wrong of it; say to
+    drop the quotes, when the number is one the field takes."""
+    try:
+        float(text)  # (a number's characters only: no YAML tag, anchor or flow)
+        number = yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError):
+        return ""
+    if not isinstance(number, int | float) or isinstance(number, bool) \
+            or not _field_takes(root, loc)(number):
+        return ""
+    return f' (YAML reads "{text}" in quotes as text, not a number: write {text})'
 
 
 def problems(doc: yamlsrc.Doc, error: ValidationError, root: type[Any], *,
@@ -218,7 +269,7 @@ def problems(doc: yamlsrc.Doc, error: ValidationError, root: type[Any], *,
                 message = not_mapping
         else:
             message = _message(e, root, path, loc, messages or {}, required or {})
-            message += _exponent_hint(e)
+            message += _exponent_hint(e, root, loc)
         name = field_name(path)
         if (name, message) in seen:
             continue

@@ -472,3 +472,57 @@ def test_a_number_in_exponent_form_yaml_reads_as_text_gets_how_to_write_it(tmp_p
     [small] = problems_of(tmp_path, POLICY + ERRORS_GATE + "    alpha: 1e-9\n")
     assert "write 1.0e-9 or 0.000000001)" in small, small
     assert problems_of(tmp_path, POLICY + ERRORS_GATE + "    alpha: 0.000000001\n") == []
+
+
+@pytest.mark.parametrize("field,text,words", [
+    # refused as a number too: no form to write is offered that would be refused again
+    ("alpha", "-5e-3", "the number it stands for, -0.005, is refused too"),
+    ("alpha", "1e400", "too large for a number"),
+    ("alpha", "1e-400", "too small for a number: it reads as 0"),
+    # a whole-number field: 2.5e+1 is the float 25.0, which weight refuses; 25 it takes
+    ("weight", "2.5e1", "write 25)"),
+    ("wander", "5E-2", "write 5.0e-2 or 0.05)"),
+])
+def test_every_form_the_exponent_hint_offers_is_accepted(tmp_path, field, text, words):
+    """The hint for a number YAML read as text offers only forms the field takes: it
+    said 'write 1.0e+400' (read as infinity, refused), 'write -5.0e-3 or -0.005' for a
+    field from 0 (both refused) and 'write 2.5e+1 or 25' for a weight (2.5e+1 is the
+    float 25.0: 'must be a whole percent')."""
+    def policy(value: str) -> str:
+        if field == "weight":
+            return POLICY.replace("  - weight: 10\n", f"  - weight: {value}\n") + ERRORS_GATE
+        return POLICY + ERRORS_GATE + f"    {field}: {value}\n"
+    [found] = problems_of(tmp_path, policy(text))
+    line = 4 if field == "weight" else 16
+    name = "stages[0].weight" if field == "weight" else f"gates[1].{field}"
+    assert found.startswith(f"pol.yaml:{line}: {name}: "), found
+    assert f"YAML reads {text} as text, not a number" in found, found
+    assert words in found, found
+    offered = found.split(": write ")[1].rstrip(")").split(" or ") if ": write " in found else []
+    for form in offered:
+        assert problems_of(tmp_path, policy(form)) == [], (form, found)
+
+
+@pytest.mark.parametrize("field,written,bare", [
+    ("alpha", '"0.005"', "0.005"),
+    ("wander", "'0.1'", "0.1"),
+    ("weight", '"25"', "25"),
+])
+def test_a_number_in_quotes_gets_how_to_write_it(tmp_path, field, written, bare):
+    """A number in quotes is text to YAML: 'alpha: "0.005"' was refused with 'must be
+    between 0 and 0.5' alone, which reads as wrong of 0.005. The message says to write
+    it without the quotes, and that form is accepted."""
+    def policy(value: str) -> str:
+        if field == "weight":
+            return POLICY.replace("  - weight: 10\n", f"  - weight: {value}\n") + ERRORS_GATE
+        return POLICY + ERRORS_GATE + f"    {field}: {value}\n"
+    [found] = problems_of(tmp_path, policy(written))
+    name = "stages[0].weight" if field == "weight" else f"gates[1].{field}"
+    assert f": {name}: " in found, found
+    assert f'(YAML reads "{bare}" in quotes as text, not a number: write {bare})' in found, \
+        found
+    assert problems_of(tmp_path, policy(bare)) == []
+    # text that is no number, or a number the field refuses, gets no such hint
+    for other in ('"lots"', '"-1"', '".nan"'):
+        [found] = problems_of(tmp_path, policy(other))
+        assert "in quotes" not in found, found

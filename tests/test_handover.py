@@ -656,3 +656,56 @@ def test_a_json_version_that_is_not_a_version_is_named_as_no_version():
     for body in (b'{"version": true}', b'{"version": false}', b'{"version": NaN}',
                  b'{"version": "  "}', b'{"version": null}', b'{"version": ["v2"]}'):
         assert version_of(body) is None, body
+
+
+async def test_a_json_body_nested_too_deep_is_no_version_and_the_start_a_400(tmp_path):
+    """A body of 4 KB can nest JSON two thousand deep: Python's parser then raises
+    RecursionError, not ValueError. It escaped the probe and the start was a 500 with a
+    traceback in the log; it is a server that did not answer a version, named in a 400."""
+    from canary.probe import version_of
+    from canary.routers.nginx import NginxRouter
+
+    deep = b'{"version": ' + b"[" * 2000 + b"]" * 2000 + b"}"
+    assert len(deep) < 4096
+    deep_server = VersionServer("v2")
+
+    async def answer_deep(request: web.Request) -> web.Response:
+        return web.Response(body=deep)
+
+    deep_server.handle = answer_deep  # type: ignore[method-assign]
+    async with VersionServer("v1") as s1, deep_server as c1:
+        target = nginx_target(tmp_path, [s1.addr], [c1.addr])
+        async with controller(tmp_path, policies=[FAST], target=target,
+                              router=NginxRouter(target)) as (api, _ctl, _t):
+            status, data = await api.call("POST", "/api/v1/rollouts",
+                                          {"target": "web", "canary_version": "v2"},
+                                          role="pipeline")
+            assert status == 400, data
+            assert f"{c1.addr} did not answer a version (the body is not a version)" \
+                in data["error"], data
+    assert version_of(deep) is None
+
+
+async def test_a_server_answering_a_longer_version_is_not_taken_for_the_canary_version(
+        tmp_path):
+    """A version may be 128 characters long; a server answering that version and one
+    character more runs something else. The answer was cut to 128 characters before it
+    was compared, so the start went ahead and the canary side got traffic though its
+    server does not run the canary version."""
+    from canary.routers.nginx import NginxRouter
+
+    want = "v" + "1234567890" * 12 + "abcdefg"
+    assert len(want) == 128
+    async with VersionServer("v1") as s1, VersionServer(want + "-rc1") as c1:
+        target = nginx_target(tmp_path, [s1.addr], [c1.addr])
+        async with controller(tmp_path, policies=[FAST], target=target,
+                              router=NginxRouter(target)) as (api, _ctl, _t):
+            status, data = await api.call("POST", "/api/v1/rollouts",
+                                          {"target": "web", "canary_version": want},
+                                          role="pipeline")
+            assert status == 400, data
+            assert c1.addr in data["error"] and "longer than a version" in data["error"], data
+            assert not target.file.exists(), "no traffic moved"
+            c1.version = want
+            r = await api.start(canary_version=want)
+            assert r["state"] == "progressing"
