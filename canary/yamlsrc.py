@@ -7,6 +7,7 @@ they are how a small file expands into a huge one.
 from __future__ import annotations
 
 import pathlib
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ class _Loader(yaml.SafeLoader):
 
     depth = 0
 
+
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         self.depth += 1
         try:
@@ -36,6 +38,16 @@ class _Loader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
+
+
+# A number with a signed exponent and no dot (`5e-3`, `1e-09`) is a number, as in YAML 1.2
+# and to an editor and helm: YAML 1.1 reads it as text, and helm writes every value
+# below 1e-6 in that form (`1e-07`), so a policy given through the chart would be
+# refused. An unsigned exponent (`1234e56`, which could be a version) stays text.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+][0-9]+$"),
+    list("-+.0123456789"))
 
 
 @dataclass

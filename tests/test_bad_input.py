@@ -459,35 +459,34 @@ async def test_a_rollout_stays_small_however_often_it_is_paused_with_long_reason
 
 
 def test_a_number_in_exponent_form_yaml_reads_as_text_gets_how_to_write_it(tmp_path):
-    """YAML 1.1 (PyYAML) reads `5e-3` as the text "5e-3": the field's range message alone
-    would look wrong for a number that is in range, so the message says how to write it,
-    and the form it suggests is read as the number."""
-    found = problems_of(tmp_path, POLICY + ERRORS_GATE + "    alpha: 5e-3\n")
+    """A signed exponent (`5e-3`, and `1e-09`, the form helm writes any value below 1e-6
+    in) is read as the number, as an editor and helm read it. YAML 1.1 (PyYAML) reads an
+    unsigned one (`5e2`) as text: the field's range message alone would look wrong for a
+    number that is in range, so the message says how to write it, and the form it
+    suggests is read as the number."""
+    assert problems_of(tmp_path, POLICY + ERRORS_GATE + "    alpha: 5e-3\n") == []
+    assert problems_of(tmp_path, POLICY + ERRORS_GATE + "    alpha: 1e-09\n") == []
+    found = problems_of(tmp_path, POLICY + ERRORS_GATE + "    gross: 5e2\n")
     assert len(found) == 1, found
-    assert "gates[1].alpha: " in found[0], found
-    assert "YAML reads 5e-3 as text, not a number: write 5.0e-3 or 0.005" in found[0], found
-    assert problems_of(tmp_path, POLICY + ERRORS_GATE + "    alpha: 5.0e-3\n") == []
-    assert problems_of(tmp_path, POLICY + ERRORS_GATE + "    alpha: 0.005\n") == []
-    # a small number's plain form is written out, never as 1e-09 (text again in YAML)
-    [small] = problems_of(tmp_path, POLICY + ERRORS_GATE + "    alpha: 1e-9\n")
-    assert "write 1.0e-9 or 0.000000001)" in small, small
-    assert problems_of(tmp_path, POLICY + ERRORS_GATE + "    alpha: 0.000000001\n") == []
+    assert "gates[1].gross: " in found[0], found
+    assert "YAML reads 5e2 as text, not a number: write 5.0e+2 or 500" in found[0], found
+    assert problems_of(tmp_path, POLICY + ERRORS_GATE + "    gross: 5.0e+2\n") == []
+    assert problems_of(tmp_path, POLICY + ERRORS_GATE + "    gross: 500\n") == []
 
 
 @pytest.mark.parametrize("field,text,words", [
     # refused as a number too: no form to write is offered that would be refused again
-    ("alpha", "-5e-3", "the number it stands for, -0.005, is refused too"),
+    ("alpha", "5e3", "the number it stands for, 5000, is refused too"),
     ("alpha", "1e400", "too large for a number"),
-    ("alpha", "1e-400", "too small for a number: it reads as 0"),
     # a whole-number field: 2.5e+1 is the float 25.0, which weight refuses; 25 it takes
     ("weight", "2.5e1", "write 25)"),
-    ("wander", "5E-2", "write 5.0e-2 or 0.05)"),
+    ("gross", "5E2", "write 5.0e+2 or 500)"),
 ])
 def test_every_form_the_exponent_hint_offers_is_accepted(tmp_path, field, text, words):
     """The hint for a number YAML read as text offers only forms the field takes: it
-    said 'write 1.0e+400' (read as infinity, refused), 'write -5.0e-3 or -0.005' for a
-    field from 0 (both refused) and 'write 2.5e+1 or 25' for a weight (2.5e+1 is the
-    float 25.0: 'must be a whole percent')."""
+    said 'write 1.0e+400' (read as infinity, refused), 'write 5.0e+3 or 5000' for a field
+    below 0.5 (both refused) and 'write 2.5e+1 or 25' for a weight (2.5e+1 is the float
+    25.0: 'must be a whole percent')."""
     def policy(value: str) -> str:
         if field == "weight":
             return POLICY.replace("  - weight: 10\n", f"  - weight: {value}\n") + ERRORS_GATE

@@ -15,6 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from canary import policy as policy_mod
 from canary.cli import validate_files
 from canary.engine import decide
 from canary.errors import Conflict
@@ -367,3 +368,19 @@ def test_secrets_the_config_names_reach_the_pod_from_a_secret():
     with pytest.raises(helm.HelmError) as e:
         render({"config": {"targets": TARGETS}, "extraEnv": [{"value": "x"}]})
     assert "name" in str(e.value)
+
+
+def test_a_tiny_number_given_through_the_chart_reaches_canary_as_the_number():
+    """helm writes every number below 1e-6 with an exponent and no dot (`5e-07`), which
+    YAML 1.1 reads as text: the rendered policy was refused by canary (the pod would
+    crash-loop) though helm had accepted the value."""
+    values = standard_with(stage=0)
+    policy = values["policies"]["standard"]
+    policy["gates"] = [*policy.get("gates", []),
+                       {"name": "tiny", "query": "vector(0)", "max": 5e-7}]
+    docs = render(values)
+    text = next(d for d in by_kind(docs, "ConfigMap")
+                if d["metadata"]["name"] == "canary-policies")["data"]["standard.yaml"]
+    assert "max: 5e-07" in text  # the form helm writes
+    pol = policy_mod.parse(text, file="standard.yaml", default_name="standard")
+    assert next(g for g in pol.gates if g.name == "tiny").max == 5e-7
