@@ -323,8 +323,9 @@ class ErrorsGate:
         from canary.gates.sequential import tabulated_wander
 
         wander = "" if self.wander == 0.5 else f", wander {self.wander:g}"
-        if wander and tabulated_wander(self.wander) != self.wander:  # rounded up to a table
-            wander += f", read as {tabulated_wander(self.wander):g}"
+        read = f"{tabulated_wander(self.wander):g}"
+        if wander and read != f"{self.wander:g}":  # rounded up to a table
+            wander += f", read as {read}"
         return f"errors <= stable x {self.tolerance:g}, alpha {self.alpha:g}{wander}"
 
     def queries(self) -> list[str]:

@@ -250,7 +250,8 @@ def test_plan_says_what_a_wander_between_the_tables_is_read_as(tmp_path, capsys)
     text = (ROOT / "policies" / "sequential.yaml").read_text()
     at = "    detect_rate: 0.01     # (with"
     for written, shown in (("0.3", "wander 0.3, read as 0.5)"), ("0.05", "wander 0.05, read as 0.1)"),
-                           ("0.1", "wander 0.1)"), ("0", "wander 0)")):
+                           ("0.1", "wander 0.1)"), ("0", "wander 0)"),
+                           ("0.1000000001", "wander 0.1)")):
         f = write(tmp_path, f"w{written}.yaml", text.replace(at, f"    wander: {written}\n" + at))
         assert main(["plan", f]) == 0
         out = capsys.readouterr().out
