@@ -137,7 +137,6 @@ Addresses = Annotated[tuple[Annotated[str, Field(strict=True, pattern=_ADDRESS)]
 
 
 Promotion = Literal["swap", "return"]
-SIDES = ("stable", "canary")
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -362,10 +361,6 @@ def promotion_of(target: Target) -> Promotion:
     if target.promotion is not None:
         return target.promotion
     return "return" if getattr(target, "workload", None) is not None else "swap"
-
-
-def other_side(side: str) -> str:
-    return "stable" if side == "canary" else "canary"
 
 
 TargetField = Annotated[

@@ -333,8 +333,6 @@ class ErrorsGate:
 
 
 Gate = ThresholdGate | CompareGate | ErrorsGate
-_KINDS: dict[str, type[Gate]] = {"threshold": ThresholdGate, "compare": CompareGate,
-                                 "errors": ErrorsGate}
 
 
 GateField = Annotated[
