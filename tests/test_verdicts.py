@@ -777,3 +777,30 @@ def test_a_lower_detect_rate_stops_worse_canaries_under_it_but_holds_healthy_one
     assert outcomes("errors x3, base 0.2%", low).count("promoted") == 0
     assert outcomes("healthy 0.5%", sim.GATE).count("inconclusive") == 0
     assert outcomes("healthy 0.5%", low).count("inconclusive") >= 14
+
+
+@pytest.mark.parametrize("stable", [None, float("nan")])
+def test_no_data_pass_does_not_let_an_errors_gate_that_saw_nothing_move_a_stage_on(stable):
+    # promise 3: a stage moves on only once an errors gate has compared the canary with
+    # stable. Under `no_data: pass` a gate that never read stable's counters (a wrong
+    # label, a NaN) used to count as passing: a canary failing a third of its requests
+    # was promoted to 100% in 90 s, "judged by the stages before" that judged nothing
+    pol = Policy(name="p", interval=15, failure_limit=3, no_data=NoData.PASS,
+                 progress_deadline=600, stages=(Stage(10, 30), Stage(50, 30), Stage(100, 30)),
+                 gates=(ErrorsGate(name="errors", requests="r{{ version }}",
+                                   errors="e{{ version }}"),))
+    r = decide.start(rollout_id="r", target="t", policy=pol, canary_version="v2",
+                     stable_version="v1", now=0.0, actor="a")
+    r = decide.applied(r, 10, 0.0)
+    t = 0.0
+    while not r.state.final and t < 1200:
+        t += 15
+        n = t * 2 / 3
+        raw = {"canary_requests": n, "canary_errors": n / 3, "stable_requests": stable,
+               "stable_errors": stable}
+        r = decide.tick(decide.readings(r, pol, Readings(t, r.stage, (
+            Reading("errors", Verdict.PENDING, raw=raw),)), t), pol, t)
+        if r.weight != r.applied_weight:
+            r = decide.applied(r, r.weight, t)
+    assert r.stage == 0 and r.state is Phase.ROLLED_BACK, (r.stage, r.state, r.reason)
+    assert "no progress" in (r.reason or "") and "gate errors" in (r.reason or "")
