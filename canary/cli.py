@@ -313,7 +313,10 @@ def plan_on_traffic(pol: policy_mod.Policy, rps: float, rates: dict[str, float],
         # versions compared are taken as equal, so a comparison is predicted)
         return g.kind != "threshold" or shapes[0] is None or shapes[0].measure != "quantile"
 
-    unknown = sorted(n for n, g in gates.items() if not predictable(g))
+    # gating webhooks (pre-rollout, stage, pre-promotion): their answers are not known
+    hooks = {policy_mod.HOOK_PREFIX + h.name for i in range(len(stages))
+             for h in (*pol.gating_hooks(i), *pol.gating_hooks(i, pre_rollout=True))}
+    unknown = sorted({n for n, g in gates.items() if not predictable(g)} | hooks)
     counts = {n: dict.fromkeys(("canary_requests", "canary_errors", "stable_requests",
                                 "stable_errors"), 0.0) for n in names}
     shares = ", ".join(f"{n} {rates.get(n, default_rate):.2%}" for n in sorted(gates)
@@ -322,8 +325,8 @@ def plan_on_traffic(pol: policy_mod.Policy, rps: float, rates: dict[str, float],
              f"({shares or 'none'}):"]
     if unknown:
         lines.append(f"  not predicted, read as passing: {', '.join(unknown)} (a latency "
-                     "threshold, or a query shape canary does not model: plan does not know "
-                     "your service's values)")
+                     "threshold, a query shape canary does not model, or a webhook: plan does "
+                     "not know your service's values or your hooks' answers)")
     iv, t, entered, end = pol.interval, 0.0, [0.0], None
     history: list[float] = []  # canary requests per interval
 
@@ -354,9 +357,11 @@ def plan_on_traffic(pol: policy_mod.Policy, rps: float, rates: dict[str, float],
             else:
                 values[name] = (windowed(shape, rates.get(name, default_rate)), None)
         t += iv
-        stage = dry.r.stage
+        stage, waiting = dry.r.stage, dry.r.pre_rollout
         end = dry.step(t, counts, values)
-        if dry.r.stage != stage:
+        if waiting and not dry.r.pre_rollout:  # past the pre-rollout hooks: stage 0 begins
+            entered[0] = t
+        elif dry.r.stage != stage:
             entered.append(t)
     for i, at in enumerate(entered):
         s = stages[i]

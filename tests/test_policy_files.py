@@ -257,3 +257,27 @@ def test_plan_says_what_a_wander_between_the_tables_is_read_as(tmp_path, capsys)
         assert f"errors (errors <= stable x 1, alpha 0.005, {shown}" in out, (written, out)
     assert main(["plan", str(ROOT / "policies" / "sequential.yaml")]) == 0
     assert "wander" not in capsys.readouterr().out
+
+
+def test_plan_on_traffic_reads_a_gating_webhook_as_passing_and_names_it(tmp_path, capsys):
+    # a stage (or pre-rollout) webhook gates every stage; plan cannot know its answer. It
+    # used to leave the hook unanswered, so every such policy "stayed inconclusive at the
+    # deadline" on any traffic, with no hook named
+    hooks = textwrap.dedent("""\
+        webhooks:
+          - name: check
+            when: stage
+            url: http://example.invalid/check
+          - name: ready
+            when: pre-rollout
+            url: http://example.invalid/ready
+        """)
+    f = write(tmp_path, "hooked.yaml",
+              (ROOT / "policies" / "standard.yaml").read_text() + hooks)
+    assert main(["validate", f]) == 0
+    assert main(["plan", f, "--rps", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "not predicted, read as passing: hook:check, hook:ready, p99-latency" in out
+    # (the pre-rollout hooks answer on the first evaluation: stage 0 begins then)
+    assert "stage 0 (5%): from about 30s, moves on after 2m; hold 2m" in out
+    assert "still inconclusive" not in out and "succeeded at about 17m30s" in out

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from canary.engine import decide
 from canary.gates.evaluate import judge, judge_compare
 from canary.model import Command, CommandKind, PauseKind, Phase, Reading, Readings, Rollout, Verdict
-from canary.policy import Gate, Policy, parse_duration
+from canary.policy import HOOK_PREFIX, Gate, Policy, parse_duration
 
 # what a threshold or compare gate reads: (canary value, stable value); None: no sample
 Values = tuple[float | None, float | None]
@@ -99,9 +99,9 @@ class DryRun:
         """One evaluation at time t. `raws` holds each `errors` gate's cumulative counters
         (canary_requests, canary_errors, stable_requests, stable_errors); `values` each
         threshold gate's value (the first of the pair) and each compare gate's (canary,
-        stable). A gate in neither reads as passing. Returns "promoted", "rolled_back",
-        "inconclusive" (rolled back at the progress deadline), or None while the rollout
-        goes on."""
+        stable). A gate in neither reads as passing, and so does every gating webhook.
+        Returns "promoted", "rolled_back", "inconclusive" (rolled back at the progress
+        deadline), or None while the rollout goes on."""
         values = values or {}
         items = []
         for g in self.policy.gates_for(self.r.stage):
@@ -112,6 +112,9 @@ class DryRun:
                 items.append(judge_compare(g, c, s) if g.kind == "compare" else judge(g, c))
             else:
                 items.append(Reading(g.name, Verdict.PASS, value=0.0))
+        # a gating webhook's answer is not known here: it says yes
+        items.extend(Reading(g.name, Verdict.PASS, detail="dry run: answered 2xx")
+                     for g in self.r.gates if g.name.startswith(HOOK_PREFIX))
         r = decide.tick(decide.readings(self.r, self.policy, Readings(t, self.r.stage,
                                                                       tuple(items)), t),
                         self.policy, t)
