@@ -281,3 +281,41 @@ def test_plan_on_traffic_reads_a_gating_webhook_as_passing_and_names_it(tmp_path
     # (the pre-rollout hooks answer on the first evaluation: stage 0 begins then)
     assert "stage 0 (5%): from about 30s, moves on after 2m; hold 2m" in out
     assert "still inconclusive" not in out and "succeeded at about 17m30s" in out
+
+
+def test_plan_on_traffic_feeds_a_mirror_stage_and_names_a_match_stage_it_cannot_predict(
+        tmp_path, capsys):
+    # match and mirror stages carry weight 0 for users, but the canary serves requests:
+    # plan fed it none, so a traffic floor "rolled the rollout back" at the match stage
+    # on any traffic, where the controller would see the matched requests
+    f = write(tmp_path, "shaped.yaml", textwrap.dedent("""\
+        name: shaped
+        interval: 30s
+        progress_deadline: 30m
+        stages:
+          - match: {headers: {x-canary: "1"}}
+            hold: 2m
+          - mirror: 20
+            hold: 2m
+          - weight: 10
+            hold: 2m
+          - weight: 100
+            hold: 2m
+        gates:
+          - name: errors
+            kind: errors
+            requests: http_requests_total{version="{{ version }}"}
+            errors: http_requests_total{version="{{ version }}",code=~"5.."} or vector(0)
+          - name: traffic
+            query: sum(rate(http_requests_total{version="{{ canary_version }}"}[1m]))
+            min: 0.05
+        """))
+    assert main(["validate", f]) == 0
+    assert main(["plan", f, "--rps", "200"]) == 0
+    out = capsys.readouterr().out
+    assert ("not predicted, read as passing: every gate at stage 0 (match header x-canary"
+            in out)
+    assert "rolled back at about" not in out, out
+    assert "stage 0 (match header x-canary" in out and "moves on after 2m; hold 2m" in out
+    assert "stage 1 (mirror 20% to the canary): from about 2m, moves on after" in out
+    assert "succeeded at about" in out
