@@ -804,3 +804,20 @@ def test_no_data_pass_does_not_let_an_errors_gate_that_saw_nothing_move_a_stage_
             r = decide.applied(r, r.weight, t)
     assert r.stage == 0 and r.state is Phase.ROLLED_BACK, (r.stage, r.state, r.reason)
     assert "no progress" in (r.reason or "") and "gate errors" in (r.reason or "")
+
+
+def test_a_canary_that_gets_far_more_traffic_than_its_weight_holds_and_says_why():
+    # README: an errors gate "holds while the canary gets far less (or more) traffic than
+    # its weight". At weight 5 a canary given 40% of the requests (a route that ignores the
+    # weight, sticky sessions) passed: the rule only looked at stable's share
+    state, counts = sequential.State(), dict(COUNTS)
+    for _ in range(40):
+        counts["canary_requests"] += 1200
+        counts["canary_errors"] += 6
+        counts["stable_requests"] += 1800
+        counts["stable_errors"] += 9
+        out = sequential.update(GATE, state, dict(counts), weight=5)
+        state = out.state
+        assert out.verdict != "pass", out.detail
+    assert out.verdict == "inconclusive"
+    assert "served 40.0% of requests this stage at weight 5%" in out.detail
