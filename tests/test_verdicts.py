@@ -821,3 +821,29 @@ def test_a_canary_that_gets_far_more_traffic_than_its_weight_holds_and_says_why(
         assert out.verdict != "pass", out.detail
     assert out.verdict == "inconclusive"
     assert "served 40.0% of requests this stage at weight 5%" in out.detail
+
+
+def test_a_canary_starved_of_its_weight_is_rolled_back_at_the_deadline_naming_the_gate():
+    # docs/verdicts.md, *Traffic that does not follow the weight*: held with the reason,
+    # then `progress_deadline` rolls it back, naming the gate and why it held
+    pol = Policy(name="p", interval=15, failure_limit=1, no_data=NoData.HOLD,
+                 progress_deadline=600, stages=(Stage(25, 60), Stage(100, 60)),
+                 gates=(ErrorsGate(name="errors", requests="r{{ version }}",
+                                   errors="e{{ version }}"),))
+    r = decide.start(rollout_id="r", target="t", policy=pol, canary_version="v2",
+                     stable_version="v1", now=0.0, actor="a")
+    r = decide.applied(r, 25, 0.0)
+    counts, t = dict(COUNTS), 0.0
+    while not r.state.final and t < 1200:
+        t += 15
+        counts["canary_requests"] += 75      # 2.5% of the requests at weight 25
+        counts["stable_requests"] += 2925
+        counts["stable_errors"] += 15
+        r = decide.tick(decide.readings(r, pol, Readings(t, r.stage, (
+            Reading("errors", Verdict.PENDING, raw=dict(counts)),)), t), pol, t)
+        if r.weight != r.applied_weight:
+            r = decide.applied(r, r.weight, t)
+    assert r.state is Phase.ROLLED_BACK and r.stage == 0 and 600 < t <= 630, (r.state, t)
+    assert r.reason is not None and r.reason.startswith("no progress for 10m")
+    assert "gate errors: inconclusive" in r.reason
+    assert "served 2.5% of requests this stage at weight 25%" in r.reason
