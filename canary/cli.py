@@ -337,10 +337,14 @@ def plan_on_traffic(pol: policy_mod.Policy, rps: float, rates: dict[str, float],
     history: list[float] = []  # canary requests per interval
 
     def windowed(s: Shape, p: float) -> float | None:
+        if s.measure in ("requests", "errors", "slow"):  # a raw counter: all it counted
+            return sum(history) * (1.0 if s.measure == "requests" else p)
         k = max(1, round(s.window / iv))
         n = sum(history[-k:])
         if s.measure == "request_rate":  # (a series younger than the window: its age)
             return n / min(s.window, len(history) * iv)
+        if s.measure == "request_count":
+            return n
         return None if n <= 0 else n * p / max(n, s.floor)
 
     horizon = sum(s.hold for s in stages) + len(stages) * (pol.progress_deadline + iv) + iv

@@ -319,3 +319,33 @@ def test_plan_on_traffic_feeds_a_mirror_stage_and_names_a_match_stage_it_cannot_
     assert "stage 0 (match header x-canary" in out and "moves on after 2m; hold 2m" in out
     assert "stage 1 (mirror 20% to the canary): from about 2m, moves on after" in out
     assert "succeeded at about" in out
+
+
+def test_plan_on_traffic_reads_an_increase_as_a_count_not_a_rate(tmp_path, capsys):
+    # `sum(increase(...[5m]))` is a number of requests: plan read it as requests per
+    # second (2 at 10% of 20 requests/s), so a floor of 100 requests "rolled back" at 1m
+    # where the controller passes it from the second evaluation on; a raw counter was
+    # read as an error share
+    f = write(tmp_path, "counts.yaml", textwrap.dedent("""\
+        name: counts
+        interval: 30s
+        progress_deadline: 30m
+        stages:
+          - weight: 10
+            hold: 5m
+          - weight: 100
+            hold: 2m
+        gates:
+          - name: enough-requests
+            query: sum(increase(http_requests_total{version="{{ canary_version }}"}[5m]))
+            min: 100
+          - name: total
+            query: sum(http_requests_total{version="{{ canary_version }}"})
+            min: 100
+        """))
+    assert main(["validate", f]) == 0
+    assert main(["plan", f, "--rps", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "not predicted" not in out and "rolled back at about" not in out, out
+    assert "stage 0 (10%): from about 0s, moves on after 5m; hold 5m" in out
+    assert "succeeded at about 7m" in out

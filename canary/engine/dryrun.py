@@ -27,8 +27,9 @@ Values = tuple[float | None, float | None]
 class Shape:
     """What a query measures, for the shapes canary can model: `error_ratio` (5xx share
     over a window), `request_rate` (requests/s over a window), `quantile` (a
-    histogram_quantile over a window), and, for an `errors` gate's counters, `errors`
-    (5xx count) or `slow` (requests slower than `le`)."""
+    histogram_quantile over a window), `request_count` (an increase over a window), and
+    raw counters: `requests`, `errors` (5xx count) or `slow` (requests slower than `le`),
+    as an `errors` gate reads them."""
 
     measure: str
     window: float = 0.0
@@ -64,7 +65,10 @@ def shape_of(query: str) -> Shape | None:
                 if w else None
         return None if w else Shape("errors")
     if "/" not in query and ("requests_total" in query or "_count" in query):
-        return Shape("request_rate", w) if w else Shape("requests")
+        if not w:
+            return Shape("requests")
+        # increase() counts the window's requests; rate() divides them by its length
+        return Shape("request_count" if "increase(" in query else "request_rate", w)
     return None
 
 
