@@ -313,7 +313,13 @@ def plan_on_traffic(pol: policy_mod.Policy, rps: float, rates: dict[str, float],
         # versions compared are taken as equal, so a comparison is predicted)
         return g.kind != "threshold" or shapes[0] is None or shapes[0].measure != "quantile"
 
-    unknown = sorted(n for n, g in gates.items() if not predictable(g))
+    # gating webhooks (pre-rollout, stage, pre-promotion): their answers are not known
+    hooks = {policy_mod.HOOK_PREFIX + h.name for i in range(len(stages))
+             for h in (*pol.gating_hooks(i), *pol.gating_hooks(i, pre_rollout=True))}
+    unknown = sorted({n for n, g in gates.items() if not predictable(g)} | hooks)
+    # a match stage sends the canary the requests that match: plan does not know how many
+    matched = {i: sh.text() for i, st in enumerate(stages)
+               if (sh := policy_mod.stage_shape(st)) is not None and sh.mirror is None}
     counts = {n: dict.fromkeys(("canary_requests", "canary_errors", "stable_requests",
                                 "stable_errors"), 0.0) for n in names}
     shares = ", ".join(f"{n} {rates.get(n, default_rate):.2%}" for n in sorted(gates)
@@ -322,57 +328,72 @@ def plan_on_traffic(pol: policy_mod.Policy, rps: float, rates: dict[str, float],
              f"({shares or 'none'}):"]
     if unknown:
         lines.append(f"  not predicted, read as passing: {', '.join(unknown)} (a latency "
-                     "threshold, or a query shape canary does not model: plan does not know "
-                     "your service's values)")
+                     "threshold, a query shape canary does not model, or a webhook: plan does "
+                     "not know your service's values or your hooks' answers)")
+    for i, text in matched.items():
+        lines.append(f"  not predicted, read as passing: every gate at stage {i} ({text}: "
+                     "plan does not know how many requests match)")
     iv, t, entered, end = pol.interval, 0.0, [0.0], None
     history: list[float] = []  # canary requests per interval
 
     def windowed(s: Shape, p: float) -> float | None:
+        if s.measure in ("requests", "errors", "slow"):  # a raw counter: all it counted
+            return sum(history) * (1.0 if s.measure == "requests" else p)
         k = max(1, round(s.window / iv))
         n = sum(history[-k:])
         if s.measure == "request_rate":  # (a series younger than the window: its age)
             return n / min(s.window, len(history) * iv)
+        if s.measure == "request_count":
+            return n
         return None if n <= 0 else n * p / max(n, s.floor)
 
     horizon = sum(s.hold for s in stages) + len(stages) * (pol.progress_deadline + iv) + iv
     while end is None and t <= horizon:
         w, n = dry.weight / 100, rps * iv
-        history.append(n * w)
+        here = None if dry.r.pre_rollout else policy_mod.stage_shape(stages[dry.r.stage])
+        # a mirror stage copies its share of the requests to the canary; stable serves all
+        mirror = here.mirror / 100 if here is not None and here.mirror is not None else 0.0
+        blind = here is not None and here.mirror is None  # a match stage: read as passing
+        history.append(n * (w + mirror))
         for name, c in counts.items():
             p = rates.get(name, default_rate)
-            c["canary_requests"] += n * w
-            c["canary_errors"] += n * w * p
+            c["canary_requests"] += n * (w + mirror)
+            c["canary_errors"] += n * (w + mirror) * p
             c["stable_requests"] += n * (1 - w)
             c["stable_errors"] += n * (1 - w) * p
         values: dict[str, Values] = {}
         for name, g in gates.items():
             shape = gate_shapes(g)[0]
-            if g.kind == "errors" or name in unknown or shape is None:
+            if g.kind == "errors" or name in unknown or shape is None or blind:
                 continue
             if g.kind == "compare":
                 values[name] = (1.0, 1.0)  # the same on both versions: no difference
             else:
                 values[name] = (windowed(shape, rates.get(name, default_rate)), None)
         t += iv
-        stage = dry.r.stage
-        end = dry.step(t, counts, values)
-        if dry.r.stage != stage:
+        stage, waiting = dry.r.stage, dry.r.pre_rollout
+        end = dry.step(t, {} if blind else counts, values)
+        if waiting and not dry.r.pre_rollout:  # past the pre-rollout hooks: stage 0 begins
+            entered[0] = t
+        elif dry.r.stage != stage:
             entered.append(t)
     for i, at in enumerate(entered):
         s = stages[i]
+        shaped = policy_mod.stage_shape(s)
+        what = shaped.text() if shaped is not None else f"{s.weight}%"
         if i + 1 < len(entered):
             took = entered[i + 1] - at
             wait = " (waiting for evidence)" if took > max(s.hold, iv) + iv else ""
-            lines.append(f"  stage {i} ({s.weight}%): from about {fmt(at)}, moves on after "
+            lines.append(f"  stage {i} ({what}): from about {fmt(at)}, moves on after "
                          f"{fmt(took)}{wait}; hold {fmt(s.hold)}")
         elif end == "promoted":
-            lines.append(f"  stage {i} ({s.weight}%): from about {fmt(at)}; succeeded at "
+            lines.append(f"  stage {i} ({what}): from about {fmt(at)}; succeeded at "
                          f"about {fmt(t)}")
         elif end == "rolled_back":
-            lines.append(f"  stage {i} ({s.weight}%): from about {fmt(at)}; rolled back at "
+            lines.append(f"  stage {i} ({what}): from about {fmt(at)}; rolled back at "
                          f"about {fmt(t)}: {dry.r.reason}")
         else:
-            lines.append(f"  stage {i} ({s.weight}%): from about {fmt(at)}; still "
+            lines.append(f"  stage {i} ({what}): from about {fmt(at)}; still "
                          f"inconclusive at the progress deadline, so rolled back at about "
                          f"{fmt(t)}: on this traffic the gates cannot tell a healthy canary "
                          "from a bad one in time; give it more traffic (a bigger first "

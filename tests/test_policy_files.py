@@ -258,3 +258,95 @@ def test_plan_says_what_a_wander_between_the_tables_is_read_as(tmp_path, capsys)
         assert f"errors (errors <= stable x 1, alpha 0.005, {shown}" in out, (written, out)
     assert main(["plan", str(ROOT / "policies" / "sequential.yaml")]) == 0
     assert "wander" not in capsys.readouterr().out
+
+
+def test_plan_on_traffic_reads_a_gating_webhook_as_passing_and_names_it(tmp_path, capsys):
+    # a stage (or pre-rollout) webhook gates every stage; plan cannot know its answer. It
+    # used to leave the hook unanswered, so every such policy "stayed inconclusive at the
+    # deadline" on any traffic, with no hook named
+    hooks = textwrap.dedent("""\
+        webhooks:
+          - name: check
+            when: stage
+            url: http://example.invalid/check
+          - name: ready
+            when: pre-rollout
+            url: http://example.invalid/ready
+        """)
+    f = write(tmp_path, "hooked.yaml",
+              (ROOT / "policies" / "standard.yaml").read_text() + hooks)
+    assert main(["validate", f]) == 0
+    assert main(["plan", f, "--rps", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "not predicted, read as passing: hook:check, hook:ready, p99-latency" in out
+    # (the pre-rollout hooks answer on the first evaluation: stage 0 begins then)
+    assert "stage 0 (5%): from about 30s, moves on after 2m; hold 2m" in out
+    assert "still inconclusive" not in out and "succeeded at about 17m30s" in out
+
+
+def test_plan_on_traffic_feeds_a_mirror_stage_and_names_a_match_stage_it_cannot_predict(
+        tmp_path, capsys):
+    # match and mirror stages carry weight 0 for users, but the canary serves requests:
+    # plan fed it none, so a traffic floor "rolled the rollout back" at the match stage
+    # on any traffic, where the controller would see the matched requests
+    f = write(tmp_path, "shaped.yaml", textwrap.dedent("""\
+        name: shaped
+        interval: 30s
+        progress_deadline: 30m
+        stages:
+          - match: {headers: {x-canary: "1"}}
+            hold: 2m
+          - mirror: 20
+            hold: 2m
+          - weight: 10
+            hold: 2m
+          - weight: 100
+            hold: 2m
+        gates:
+          - name: errors
+            kind: errors
+            requests: http_requests_total{version="{{ version }}"}
+            errors: http_requests_total{version="{{ version }}",code=~"5.."} or vector(0)
+          - name: traffic
+            query: sum(rate(http_requests_total{version="{{ canary_version }}"}[1m]))
+            min: 0.05
+        """))
+    assert main(["validate", f]) == 0
+    assert main(["plan", f, "--rps", "200"]) == 0
+    out = capsys.readouterr().out
+    assert ("not predicted, read as passing: every gate at stage 0 (match header x-canary"
+            in out)
+    assert "rolled back at about" not in out, out
+    assert "stage 0 (match header x-canary" in out and "moves on after 2m; hold 2m" in out
+    assert "stage 1 (mirror 20% to the canary): from about 2m, moves on after" in out
+    assert "succeeded at about" in out
+
+
+def test_plan_on_traffic_reads_an_increase_as_a_count_not_a_rate(tmp_path, capsys):
+    # `sum(increase(...[5m]))` is a number of requests: plan read it as requests per
+    # second (2 at 10% of 20 requests/s), so a floor of 100 requests "rolled back" at 1m
+    # where the controller passes it from the second evaluation on; a raw counter was
+    # read as an error share
+    f = write(tmp_path, "counts.yaml", textwrap.dedent("""\
+        name: counts
+        interval: 30s
+        progress_deadline: 30m
+        stages:
+          - weight: 10
+            hold: 5m
+          - weight: 100
+            hold: 2m
+        gates:
+          - name: enough-requests
+            query: sum(increase(http_requests_total{version="{{ canary_version }}"}[5m]))
+            min: 100
+          - name: total
+            query: sum(http_requests_total{version="{{ canary_version }}"})
+            min: 100
+        """))
+    assert main(["validate", f]) == 0
+    assert main(["plan", f, "--rps", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "not predicted" not in out and "rolled back at about" not in out, out
+    assert "stage 0 (10%): from about 0s, moves on after 5m; hold 5m" in out
+    assert "succeeded at about 7m" in out

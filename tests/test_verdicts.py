@@ -777,3 +777,73 @@ def test_a_lower_detect_rate_stops_worse_canaries_under_it_but_holds_healthy_one
     assert outcomes("errors x3, base 0.2%", low).count("promoted") == 0
     assert outcomes("healthy 0.5%", sim.GATE).count("inconclusive") == 0
     assert outcomes("healthy 0.5%", low).count("inconclusive") >= 14
+
+
+@pytest.mark.parametrize("stable", [None, float("nan")])
+def test_no_data_pass_does_not_let_an_errors_gate_that_saw_nothing_move_a_stage_on(stable):
+    # promise 3: a stage moves on only once an errors gate has compared the canary with
+    # stable. Under `no_data: pass` a gate that never read stable's counters (a wrong
+    # label, a NaN) used to count as passing: a canary failing a third of its requests
+    # was promoted to 100% in 90 s, "judged by the stages before" that judged nothing
+    pol = Policy(name="p", interval=15, failure_limit=3, no_data=NoData.PASS,
+                 progress_deadline=600, stages=(Stage(10, 30), Stage(50, 30), Stage(100, 30)),
+                 gates=(ErrorsGate(name="errors", requests="r{{ version }}",
+                                   errors="e{{ version }}"),))
+    r = decide.start(rollout_id="r", target="t", policy=pol, canary_version="v2",
+                     stable_version="v1", now=0.0, actor="a")
+    r = decide.applied(r, 10, 0.0)
+    t = 0.0
+    while not r.state.final and t < 1200:
+        t += 15
+        n = t * 2 / 3
+        raw = {"canary_requests": n, "canary_errors": n / 3, "stable_requests": stable,
+               "stable_errors": stable}
+        r = decide.tick(decide.readings(r, pol, Readings(t, r.stage, (
+            Reading("errors", Verdict.PENDING, raw=raw),)), t), pol, t)
+        if r.weight != r.applied_weight:
+            r = decide.applied(r, r.weight, t)
+    assert r.stage == 0 and r.state is Phase.ROLLED_BACK, (r.stage, r.state, r.reason)
+    assert "no progress" in (r.reason or "") and "gate errors" in (r.reason or "")
+
+
+def test_a_canary_that_gets_far_more_traffic_than_its_weight_holds_and_says_why():
+    # README: an errors gate "holds while the canary gets far less (or more) traffic than
+    # its weight". At weight 5 a canary given 40% of the requests (a route that ignores the
+    # weight, sticky sessions) passed: the rule only looked at stable's share
+    state, counts = sequential.State(), dict(COUNTS)
+    for _ in range(40):
+        counts["canary_requests"] += 1200
+        counts["canary_errors"] += 6
+        counts["stable_requests"] += 1800
+        counts["stable_errors"] += 9
+        out = sequential.update(GATE, state, dict(counts), weight=5)
+        state = out.state
+        assert out.verdict != "pass", out.detail
+    assert out.verdict == "inconclusive"
+    assert "served 40.0% of requests this stage at weight 5%" in out.detail
+
+
+def test_a_canary_starved_of_its_weight_is_rolled_back_at_the_deadline_naming_the_gate():
+    # docs/verdicts.md, *Traffic that does not follow the weight*: held with the reason,
+    # then `progress_deadline` rolls it back, naming the gate and why it held
+    pol = Policy(name="p", interval=15, failure_limit=1, no_data=NoData.HOLD,
+                 progress_deadline=600, stages=(Stage(25, 60), Stage(100, 60)),
+                 gates=(ErrorsGate(name="errors", requests="r{{ version }}",
+                                   errors="e{{ version }}"),))
+    r = decide.start(rollout_id="r", target="t", policy=pol, canary_version="v2",
+                     stable_version="v1", now=0.0, actor="a")
+    r = decide.applied(r, 25, 0.0)
+    counts, t = dict(COUNTS), 0.0
+    while not r.state.final and t < 1200:
+        t += 15
+        counts["canary_requests"] += 75      # 2.5% of the requests at weight 25
+        counts["stable_requests"] += 2925
+        counts["stable_errors"] += 15
+        r = decide.tick(decide.readings(r, pol, Readings(t, r.stage, (
+            Reading("errors", Verdict.PENDING, raw=dict(counts)),)), t), pol, t)
+        if r.weight != r.applied_weight:
+            r = decide.applied(r, r.weight, t)
+    assert r.state is Phase.ROLLED_BACK and r.stage == 0 and 600 < t <= 630, (r.state, t)
+    assert r.reason is not None and r.reason.startswith("no progress for 10m")
+    assert "gate errors: inconclusive" in r.reason
+    assert "served 2.5% of requests this stage at weight 25%" in r.reason

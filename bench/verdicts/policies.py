@@ -87,6 +87,8 @@ class Series:
         dn = self.req[-1] - self.req[back]
         if s.measure == "request_rate":  # (a series younger than the window: its age)
             return dn / min(s.window, (len(self.req) - 1) * SCRAPE)
+        if s.measure == "request_count":
+            return dn
         if dn <= 0 or dn < s.min_count:
             return None  # a ratio or quantile of nothing: NaN in Prometheus
         if s.measure == "error_ratio":

@@ -653,8 +653,17 @@ def tick(r: Rollout, policy: Policy, now: float) -> Rollout:
     stage = policy.stages[r.stage]
     held = now - r.stage_since
     judged = all(g.at is not None and g.at >= r.stage_since for g in r.gates)
-    passing = judged and all(_counts_as(g.status, policy.no_data) is Verdict.PASS
-                             for g in r.gates)
+    sequential_gates = {g.name for g in policy.gates_for(r.stage) if isinstance(g, ErrorsGate)}
+
+    def counts_as(g: GateStatus) -> Verdict:
+        # an `errors` gate passes only on its own verdict: one that read no counters has
+        # compared nothing, so `no_data: pass` does not make it pass (docs/verdicts.md,
+        # promise 3); `no_data: fail` still makes it block
+        if g.name in sequential_gates and g.status is Verdict.NO_DATA:
+            return Verdict.FAIL if policy.no_data is NoData.FAIL else Verdict.NO_DATA
+        return _counts_as(g.status, policy.no_data)
+
+    passing = judged and all(counts_as(g) is Verdict.PASS for g in r.gates)
     if r.pre_rollout and passing:
         return _enter_stage(r, policy, 0, now, "controller", "pre-rollout hooks answered 2xx")
     if held >= stage.hold and passing and not r.pre_rollout:
@@ -668,8 +677,7 @@ def tick(r: Rollout, policy: Policy, now: float) -> Rollout:
         return _enter_stage(r, policy, r.stage + 1, now, "controller",
                             f"gates passed for {format_duration(held)}")
     if held > policy.progress_deadline:
-        blockers = [g for g in r.gates
-                    if _counts_as(g.status, policy.no_data) is not Verdict.PASS]
+        blockers = [g for g in r.gates if counts_as(g) is not Verdict.PASS]
         why = "; ".join(_describe(g) for g in blockers) or "gates not evaluated"
         return _roll_back(r, now, f"no progress for {format_duration(policy.progress_deadline)} "
                                   f"at stage {r.stage} (weight {r.weight}): {why}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from canary.engine import decide
 from canary.gates.evaluate import judge, judge_compare
 from canary.model import Command, CommandKind, PauseKind, Phase, Reading, Readings, Rollout, Verdict
-from canary.policy import Gate, Policy, parse_duration
+from canary.policy import HOOK_PREFIX, Gate, Policy, parse_duration
 
 # what a threshold or compare gate reads: (canary value, stable value); None: no sample
 Values = tuple[float | None, float | None]
@@ -27,8 +27,9 @@ Values = tuple[float | None, float | None]
 class Shape:
     """What a query measures, for the shapes canary can model: `error_ratio` (5xx share
     over a window), `request_rate` (requests/s over a window), `quantile` (a
-    histogram_quantile over a window), and, for an `errors` gate's counters, `errors`
-    (5xx count) or `slow` (requests slower than `le`)."""
+    histogram_quantile over a window), `request_count` (an increase over a window), and
+    raw counters: `requests`, `errors` (5xx count) or `slow` (requests slower than `le`),
+    as an `errors` gate reads them."""
 
     measure: str
     window: float = 0.0
@@ -64,7 +65,10 @@ def shape_of(query: str) -> Shape | None:
                 if w else None
         return None if w else Shape("errors")
     if "/" not in query and ("requests_total" in query or "_count" in query):
-        return Shape("request_rate", w) if w else Shape("requests")
+        if not w:
+            return Shape("requests")
+        # increase() counts the window's requests; rate() divides them by its length
+        return Shape("request_count" if "increase(" in query else "request_rate", w)
     return None
 
 
@@ -99,19 +103,23 @@ class DryRun:
         """One evaluation at time t. `raws` holds each `errors` gate's cumulative counters
         (canary_requests, canary_errors, stable_requests, stable_errors); `values` each
         threshold gate's value (the first of the pair) and each compare gate's (canary,
-        stable). A gate in neither reads as passing. Returns "promoted", "rolled_back",
-        "inconclusive" (rolled back at the progress deadline), or None while the rollout
-        goes on."""
+        stable). A gate in neither reads as passing, and so does every gating webhook.
+        Returns "promoted", "rolled_back", "inconclusive" (rolled back at the progress
+        deadline), or None while the rollout goes on."""
         values = values or {}
         items = []
         for g in self.policy.gates_for(self.r.stage):
             if g.kind == "errors":
-                items.append(Reading(g.name, Verdict.PENDING, raw=dict(raws[g.name])))
+                items.append(Reading(g.name, Verdict.PENDING, raw=dict(raws[g.name]))
+                             if g.name in raws else Reading(g.name, Verdict.PASS, value=0.0))
             elif g.name in values:
                 c, s = values[g.name]
                 items.append(judge_compare(g, c, s) if g.kind == "compare" else judge(g, c))
             else:
                 items.append(Reading(g.name, Verdict.PASS, value=0.0))
+        # a gating webhook's answer is not known here: it says yes
+        items.extend(Reading(g.name, Verdict.PASS, detail="dry run: answered 2xx")
+                     for g in self.r.gates if g.name.startswith(HOOK_PREFIX))
         r = decide.tick(decide.readings(self.r, self.policy, Readings(t, self.r.stage,
                                                                       tuple(items)), t),
                         self.policy, t)

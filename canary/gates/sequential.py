@@ -436,11 +436,14 @@ def share_mismatch(stage: dict[str, float], weight: int | None) -> str | None:
     if n <= 0 or abs(n_c - mu) <= 4 * math.sqrt(n * w * (1 - w)):
         return None
     share = n_c / n
-    if share < w / 2 or (1 - share) < (1 - w) / 2:
-        return (f"the canary served {share:.1%} of requests this stage at weight {weight}% "
-                f"({n_c:.0f} of {n:.0f}): routing does not give it its weight (missing "
-                "canary pods, a broken route?); holding")
-    return None
+    if share < w / 2:
+        why = "missing canary pods, a broken route?"
+    elif share > 2 * w or (1 - share) < (1 - w) / 2:
+        why = "a route that ignores the weight, sticky sessions?"
+    else:
+        return None
+    return (f"the canary served {share:.1%} of requests this stage at weight {weight}% "
+            f"({n_c:.0f} of {n:.0f}): routing does not give it its weight ({why}); holding")
 
 
 def _rarity(state: State) -> str:
