@@ -847,3 +847,35 @@ def test_a_canary_starved_of_its_weight_is_rolled_back_at_the_deadline_naming_th
     assert r.reason is not None and r.reason.startswith("no progress for 10m")
     assert "gate errors: inconclusive" in r.reason
     assert "served 2.5% of requests this stage at weight 25%" in r.reason
+
+
+def _stage_of(gate, rps: float, weight: int, interval: float, intervals: int):
+    raw = dict.fromkeys(("canary_requests", "canary_errors", "stable_requests",
+                         "stable_errors"), 0.0)
+    state, out = sequential.State(), None
+    for i in range(intervals):
+        n = rps * interval
+        raw["canary_requests"] += n * weight / 100
+        raw["canary_errors"] += n * weight / 100 * 0.005
+        raw["stable_requests"] += n * (1 - weight / 100)
+        raw["stable_errors"] += n * (1 - weight / 100) * 0.005
+        out = sequential.update(gate, state, dict(raw), new_stage=i == 0, now=i * interval,
+                                weight=weight)
+        state = out.state
+    return out
+
+
+def test_a_stage_does_not_move_on_where_a_gross_regression_would_show_too_few_errors():
+    # cautious.yaml's first stage at 2 requests/s: 1% for 10 minutes is about 12 canary
+    # requests, where a 10x canary (5% errors) makes 0.6 errors - no bet can count on
+    # catching that, though the replay of its expected counts (fractions of an error
+    # every interval) reached 1/alpha; the stage holds and says why
+    gate = sequential.ErrorGate(alpha=0.005, gross=10, final_gross=2)
+    out = _stage_of(gate, 2, 1, 30.0, 25)
+    assert out.verdict == "inconclusive", out
+    assert "rule out a 10x regression (it would have shown 0.72 errors so far, fewer " \
+           "than 3)" in out.detail, out.detail
+    # where it would show a few errors the replay decides as before: 5% of 20
+    # requests/s passes its first stage within the benchmark's 2-minute hold
+    out = _stage_of(sequential.ErrorGate(alpha=0.01), 20, 5, 15.0, 9)
+    assert out.verdict == "pass", out

@@ -56,6 +56,9 @@ MAX_SERIES = 2000       # per-series counters kept in the state (pods x 4 querie
 # (gamma-distributed, or 1 +- sqrt(WANDER) with equal chance): +-50%; on top of a shock
 # both share, of any size. See split_bounds.
 WANDER = 0.25
+# a stage has seen enough traffic only once a gross regression would have shown at least
+# this many errors there on average (Poisson: at least 2 in 80% of stages)
+MIN_GROSS_ERRORS = 3.0
 BET_CAP = 0.9           # no interval's bet risks more than this share of the evidence
 # logit(bound) - logit(pi_0) at logit(pi_0) = SPLIT_LOGIT0 + SPLIT_STEP x i: the largest
 # (UP) and smallest (DOWN) mean split a canary at pi_0 can show a bet under that
@@ -387,6 +390,7 @@ def step(gate: ErrorGate, state: State, e_c: float, n_c: float, e_s: float,
     ni = [x + _log_pay(e_c, e_s, low, _stake(low, _pi(n_c, n_s, margin * r), k, -1.0), k)
           for x, r in zip(state.ni, NI_GRID, strict=True)]
     stage["k"] = stage.get("k", 0.0) + 1
+    stage["gx"] = stage.get("gx", 0.0) + g_c
     return replace(state, t=t, s=s, stage=stage, ni=ni,
                    base=observe_base(state.base, e_s, n_s))
 
@@ -398,6 +402,8 @@ def could_detect(gate: ErrorGate, stage: dict[str, float]) -> bool:
     less what the mixture pays for its grid and change point, must reach 1/alpha."""
     if stage.get("n_c", 0.0) <= 0 or stage.get("n_s", 0.0) <= 0:
         return False
+    if stage.get("gx", MIN_GROSS_ERRORS) < MIN_GROSS_ERRORS:
+        return False  # so few errors that no bet could count on catching it
     best = max(stage.get(f"g{i}", 0.0) for i in range(len(GRID)))
     # the full mixture pays log(#grid) and the change-point prior; be as strict
     return best - math.log(len(GRID)) - math.log(2) >= math.log(1 / gate.alpha)
@@ -556,5 +562,8 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
                                               f"{rates}", state)
     if could_detect(gate, state.stage):
         return Outcome("pass", value, rates, state)
+    few = st.get("gx", MIN_GROSS_ERRORS)
+    shown = (f" (it would have shown {few:.2g} errors so far, fewer than "
+             f"{MIN_GROSS_ERRORS:g})" if few < MIN_GROSS_ERRORS else "")
     return Outcome("inconclusive", value, f"not enough canary traffic yet to rule out a "
-                                          f"{gate.gross:g}x regression; {rates}", state)
+                                          f"{gate.gross:g}x regression{shown}; {rates}", state)
