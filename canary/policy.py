@@ -183,17 +183,20 @@ def _versioned(value: str) -> str:
     return value
 
 
+_DURATION_SCHEMA = {"type": "string", "pattern": _DURATION_PATTERN,
+                    "maxLength": MAX_DURATION_TEXT,
+                    "description": "a duration like 500ms, 30s, 2m, 1h or 1m30s (whole "
+                                   "milliseconds, at most 30 days)"}
 Duration = Annotated[float, BeforeValidator(_duration),
                      PlainSerializer(format_duration, return_type=str, when_used="json"),
-                     WithJsonSchema({"type": "string", "pattern": _DURATION_PATTERN,
-                                     "maxLength": MAX_DURATION_TEXT,
-                                     "description": "a duration like 500ms, 30s, 2m, 1h or "
-                                                    "1m30s (whole milliseconds, at most 30 "
-                                                    "days)"})]
-# a duration with a digit other than 0 in it: longer than 0
+                     WithJsonSchema(_DURATION_SCHEMA)]
+# a duration with a digit other than 0 in it: longer than 0. (The whole schema, not a
+# Field's extra: that would be lost where the duration may also be null.)
 _NONZERO = r"([0-9]*[1-9][0-9]*(\.[0-9]+)?|[0-9]+\.[0-9]*[1-9][0-9]*)(ms|s|m|h)"
-PositiveDuration = Annotated[Duration, AfterValidator(_positive), Field(json_schema_extra={
-    "pattern": f"^({_PART})*{_NONZERO}({_PART})*$"})]
+PositiveDuration = Annotated[Duration, AfterValidator(_positive), WithJsonSchema({
+    **_DURATION_SCHEMA, "pattern": f"^({_PART})*{_NONZERO}({_PART})*$",
+    "description": "a duration longer than 0, like 500ms, 30s, 2m, 1h or 1m30s (whole "
+                   "milliseconds, at most 30 days)"})]
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Text = Annotated[str, Field(strict=True)]
 Query = Annotated[Text, Field(max_length=MAX_QUERY, json_schema_extra={"pattern": r"\S"}),

@@ -301,6 +301,8 @@ def bad_policy(change: str) -> dict[str, Any]:
                                  "hold": "1m"})
     elif change == "empty match":
         doc["stages"].insert(0, {"match": {"headers": {}}, "hold": "1m"})
+    elif change == "zero approval timeout":
+        doc["approval_timeout"] = "0s"
     return doc
 
 
@@ -326,6 +328,7 @@ def bad_policy(change: str) -> dict[str, Any]:
     ("long prefix", "stages[0].match.headers.x-id", "stages/0/match/headers/x-id"),
     ("line break in a regex", "stages[0].match.cookies.user", "stages/0/match/cookies/user"),
     ("empty match", "stages[0].match", "stages/0/match"),
+    ("zero approval timeout", "approval_timeout", "approval_timeout"),
 ])
 def test_canary_validate_the_editor_schema_and_helm_refuse_the_same_bad_policy(
         tmp_path, change, field, words):
