@@ -392,6 +392,20 @@ def _label(value: str) -> str:
     return value
 
 
+def _label_keys(schema: dict[str, Any]) -> None:
+    """Keys are label names: any other key is refused at its own place, by the editor
+    and by helm alike."""
+    schema["patternProperties"] = {f"^{IDENTIFIER}$": schema.pop("additionalProperties")}
+    schema["additionalProperties"] = False
+
+
+def _matcher_value(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must be the label's value, e.g. CanaryHighErrorRate or "
+                         "\"{{ service }}\"")
+    return _templated(value).strip()
+
+
 def _hook_url(value: str) -> str:
     if not re.match(r"^https?://", value):
         raise ValueError("must start with http:// or https://")
@@ -409,7 +423,8 @@ class Webhook:
     when: Literal["pre-rollout", "stage", "pre-promotion", "post-rollout", "rollback"]
     """When it is called: pre-rollout, stage and pre-promotion gate (a 2xx lets the rollout
     go on); post-rollout and rollback are told."""
-    url: Annotated[Text, Field(max_length=2048), AfterValidator(_hook_url)]
+    url: Annotated[Text, Field(max_length=2048, json_schema_extra={"pattern": r"^https?://"}),
+                   AfterValidator(_hook_url)]
     """http(s) URL POSTed the rollout's JSON; may use {{ vars }} like queries."""
     timeout: PositiveDuration = 10.0
     """How long one call may take, retries included (default 10s)."""
@@ -426,8 +441,10 @@ class AlertRule:
 
     matchers: Annotated[Mapping[Annotated[str, Field(strict=True, max_length=1024),
                                           AfterValidator(_label)],
-                                Annotated[Text, Field(max_length=1024), AfterValidator(_query)]],
-                        Field(min_length=1, max_length=100)]
+                                Annotated[Text, Field(max_length=1024, json_schema_extra={
+                                    "pattern": r"\S"}), AfterValidator(_matcher_value)]],
+                        Field(min_length=1, max_length=100,
+                              json_schema_extra=_label_keys)]
     """Alert label -> value; every one must equal the alert's label (values rendered like
     queries, e.g. {{ service }})."""
 

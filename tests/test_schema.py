@@ -40,7 +40,8 @@ def schema_errors(name: str, doc: Any) -> list[str]:
     out = []
     for e in editor_validator(name).iter_errors(doc):
         path = "/".join(map(str, e.absolute_path))
-        unknown = re.search(r"\((.*) (?:was|were) unexpected\)", e.message)
+        unknown = (re.search(r"\((.*) (?:was|were) unexpected\)", e.message)
+                   or re.match(r"(.*) (?:does|do) not match any of the regexes", e.message))
         if e.validator == "additionalProperties" and unknown:
             out += [f"{path}/{k}".lstrip("/") for k in re.findall(r"'([^']+)'",
                                                                   unknown.group(1))]
@@ -303,6 +304,12 @@ def bad_policy(change: str) -> dict[str, Any]:
         doc["stages"].insert(0, {"match": {"headers": {}}, "hold": "1m"})
     elif change == "zero approval timeout":
         doc["approval_timeout"] = "0s"
+    elif change == "webhook url scheme":
+        doc["webhooks"] = [{"name": "ticket", "when": "stage", "url": "ftp://tickets/ok"}]
+    elif change == "alert label name":
+        doc["alerts"] = [{"matchers": {"1service": "{{ service }}"}}]
+    elif change == "blank alert value":
+        doc["alerts"] = [{"matchers": {"alertname": " "}}]
     return doc
 
 
@@ -329,6 +336,9 @@ def bad_policy(change: str) -> dict[str, Any]:
     ("line break in a regex", "stages[0].match.cookies.user", "stages/0/match/cookies/user"),
     ("empty match", "stages[0].match", "stages/0/match"),
     ("zero approval timeout", "approval_timeout", "approval_timeout"),
+    ("webhook url scheme", "webhooks[0].url", "webhooks/0/url"),
+    ("alert label name", "alerts[0].matchers.1service", "alerts/0/matchers/1service"),
+    ("blank alert value", "alerts[0].matchers.alertname", "alerts/0/matchers/alertname"),
 ])
 def test_canary_validate_the_editor_schema_and_helm_refuse_the_same_bad_policy(
         tmp_path, change, field, words):
