@@ -298,6 +298,7 @@ _SECTION_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # Gateway API's 
 
 def _rule(value: object) -> str | int:
     """An HTTPRoute rule: its name, or its index among the route's rules."""
+    value = validation.whole(value)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 64:
         return value
     if isinstance(value, str) and 0 < len(value) <= 253 and _SECTION_NAME.fullmatch(value):
@@ -314,7 +315,7 @@ class GatewayBackend:
 
     name: Dns
     """The Service's name, as in the rule's backendRefs."""
-    port: Annotated[int, Field(strict=True, ge=1, le=65535)]
+    port: Annotated[int, BeforeValidator(validation.whole), Field(strict=True, ge=1, le=65535)]
     """The Service's port, as in the rule's backendRefs."""
 
 
@@ -569,7 +570,7 @@ class PrometheusDoc(_Doc):
     """Basic auth, the password from an environment variable (not with bearer_token_file)."""
     ca_file: Text | None = None
     """A PEM bundle of the CAs that Prometheus's TLS certificate is verified against."""
-    concurrency: Annotated[int, Field(ge=1, le=256)] = 8
+    concurrency: Annotated[int, BeforeValidator(validation.whole), Field(ge=1, le=256)] = 8
     """Queries in flight at once, each on its own thread, 1-256 (default 8)."""
 
     @field_validator("url")

@@ -27,6 +27,15 @@ from canary.errors import Problem
 TAG_MARK = "="
 
 
+def whole(value: object) -> object:
+    """A whole number written with a fraction of zero (`5.0`) as that number: JSON Schema
+    has no other integer, so the editor and helm accept it where a whole number goes, and
+    canary reads it as they do. (5.5, true and "5" stay refused.)"""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def tag(kind_field: str, value: str) -> Tag:
     return Tag(f"{kind_field}{TAG_MARK}{value}")
 

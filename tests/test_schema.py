@@ -441,6 +441,44 @@ def test_canary_validate_the_editor_schema_and_helm_refuse_the_same_bad_config(
     assert said is not None and helm_fields(said) == [f"config/{words}"], said
 
 
+@pytest.mark.e2e
+def test_a_whole_number_written_with_a_zero_fraction_passes_every_reader(tmp_path):
+    """`weight: 5.0` is an integer to JSON Schema (so to the editor and helm): canary reads
+    it as 5 rather than refusing what the editor underlined nowhere; 5.5 stays refused by
+    all of them."""
+    doc = good_policy()
+    doc["failure_limit"] = 2.0
+    doc["stages"][0]["weight"] = 5.0
+    doc["stages"].insert(0, {"mirror": 50.0, "hold": "1m"})
+    config = example_config()
+    config["prometheus"]["concurrency"] = 8.0
+    config["targets"]["shop"] = {"router": "gateway", "namespace": "prod", "http_route": "shop",
+                                 "rule": 0.0, "stable": {"name": "s", "port": 8080.0},
+                                 "canary": {"name": "c", "port": 8080.0}, "policy": "standard",
+                                 "vars": {"service": "shop"}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(doc))
+    (tmp_path / "canary.yaml").write_text(yaml.safe_dump(config))
+    assert "weight: 5.0" in (tmp_path / "p.yaml").read_text()
+    assert validate_files([str(tmp_path / "p.yaml"), str(tmp_path / "canary.yaml")]) == []
+    assert schema_errors("policy", doc) == []
+    assert schema_errors("config", config) == []
+    values = policy_values(doc)
+    values["config"] = {k: v for k, v in config.items() if k not in CHART_SETS}
+    assert helm_error(values) is None
+    from canary import policy as policy_mod
+    from canary.config import load_file as load_config
+
+    read = policy_mod.load_file(tmp_path / "p.yaml")
+    assert [(s.weight, type(s.weight)) for s in read.stages][1] == (5, int)
+    assert read.stages[0].mirror == 50 and read.failure_limit == 2
+    shop = load_config(tmp_path / "canary.yaml").targets["shop"]
+    assert (shop.rule, shop.stable.port) == (0, 8080)
+    doc["stages"][1]["weight"] = 5.5
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(doc))
+    assert [p.field for p in validate_files([str(tmp_path / "p.yaml")])] == ["stages[1].weight"]
+    assert schema_errors("policy", doc) == ["stages/1/weight"]
+
+
 def test_the_good_documents_pass_every_reader(tmp_path):
     assert schema_errors("policy", good_policy()) == []
     assert schema_errors("config", example_config()) == []
