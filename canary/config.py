@@ -315,7 +315,7 @@ class GatewayBackend:
 
     name: Dns
     """The Service's name, as in the rule's backendRefs."""
-    port: Annotated[int, BeforeValidator(validation.whole), Field(strict=True, ge=1, le=65535)]
+    port: Annotated[int, Field(strict=True, ge=1, le=65535), BeforeValidator(validation.whole)]
     """The Service's port, as in the rule's backendRefs."""
 
 
@@ -570,7 +570,7 @@ class PrometheusDoc(_Doc):
     """Basic auth, the password from an environment variable (not with bearer_token_file)."""
     ca_file: Text | None = None
     """A PEM bundle of the CAs that Prometheus's TLS certificate is verified against."""
-    concurrency: Annotated[int, BeforeValidator(validation.whole), Field(ge=1, le=256)] = 8
+    concurrency: Annotated[int, Field(ge=1, le=256), BeforeValidator(validation.whole)] = 8
     """Queries in flight at once, each on its own thread, 1-256 (default 8)."""
 
     @field_validator("url")

@@ -372,7 +372,7 @@ class _StageCommon:
 class Stage(_StageCommon):
     """One step of the rollout: a weight held for a time while the gates are evaluated."""
 
-    weight: Annotated[int, BeforeValidator(validation.whole), Field(strict=True, ge=1, le=100)]
+    weight: Annotated[int, Field(strict=True, ge=1, le=100), BeforeValidator(validation.whole)]
     """Percent of traffic sent to the canary at this stage, 1-100; higher than the
     previous stage's."""
     hold: Duration
@@ -602,7 +602,7 @@ class MatchStage(_StageCommon):
 class MirrorStage(_StageCommon):
     """`mirror` percent of requests are copied to the canary; users are served by stable."""
 
-    mirror: Annotated[int, BeforeValidator(validation.whole), Field(strict=True, ge=1, le=100)]
+    mirror: Annotated[int, Field(strict=True, ge=1, le=100), BeforeValidator(validation.whole)]
     """Percent of requests copied to the canary, 1-100; its answers are discarded and
     users are served by stable (weight 0)."""
     hold: Duration
@@ -661,7 +661,8 @@ class Policy:
     """Gates evaluated at every stage."""
     interval: PositiveDuration = 30.0
     """How often every gate is evaluated: a duration of at least 1s (default 30s)."""
-    failure_limit: Annotated[int, BeforeValidator(validation.whole), Field(strict=True, ge=1, le=1000)] = 2
+    failure_limit: Annotated[int, Field(strict=True, ge=1, le=1000),
+                             BeforeValidator(validation.whole)] = 2
     """Consecutive failing evaluations of one gate that roll back (default 2; errors gates
     roll back at once)."""
     no_data: NoData = NoData.HOLD
