@@ -185,6 +185,11 @@ class Workload:
         return self
 
 
+# a target with a workload hands over with return: stated in the schema too, so the editor
+# and helm refuse `promotion: swap` beside a workload where canary does
+_WORKLOAD_CONFIG = ConfigDict(extra="forbid", use_attribute_docstrings=True, json_schema_extra={
+    "if": {"required": ["workload"], "properties": {"workload": {"type": "object"}}},
+    "then": {"properties": {"promotion": {"not": {"const": "swap"}}}}})
 _WORKLOAD_RETURNS = ("promotion: a target with a workload hands over with return (the stable "
                      "Deployment is brought to the new version); remove promotion or set it "
                      "to return")
@@ -264,7 +269,7 @@ class IstioDestination:
     """The DestinationRule subset of this version, e.g. stable."""
 
 
-@dataclass(frozen=True, config=_CONFIG)
+@dataclass(frozen=True, config=_WORKLOAD_CONFIG)
 class IstioTarget(_TargetCommon):
     namespace: Dns
     """The namespace of the VirtualService."""
@@ -319,7 +324,7 @@ class GatewayBackend:
     """The Service's port, as in the rule's backendRefs."""
 
 
-@dataclass(frozen=True, config=_CONFIG)
+@dataclass(frozen=True, config=_WORKLOAD_CONFIG)
 class GatewayTarget(_TargetCommon):
     """A Gateway API HTTPRoute (gateway.networking.k8s.io/v1) whose rule carries both
     backendRefs (interface.md section 7)."""

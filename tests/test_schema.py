@@ -400,6 +400,11 @@ def bad_config(change: str) -> dict[str, Any]:
         doc["targets"]["shop"] = {"router": "gateway", "namespace": "prod", "http_route": "shop",
                                   "rule": "Primary Rule", "stable": {"name": "s", "port": 80},
                                   "canary": {"name": "c", "port": 80}}
+    elif change == "swap with a workload":
+        doc["targets"]["shop"] = {"router": "gateway", "namespace": "prod", "http_route": "shop",
+                                  "stable": {"name": "s", "port": 80},
+                                  "canary": {"name": "c", "port": 80}, "promotion": "swap",
+                                  "workload": {"stable": "shop-a", "canary": "shop-b"}}
     return doc
 
 
@@ -423,6 +428,7 @@ def bad_config(change: str) -> dict[str, Any]:
     ("no tokens", "auth.tokens", "auth"),
     ("empty file", "targets.web.server_file", "targets/web/server_file"),
     ("rule name", "targets.shop.rule", "targets/shop/rule"),
+    ("swap with a workload", "targets.shop", "targets/shop/promotion"),
 ])
 def test_canary_validate_the_editor_schema_and_helm_refuse_the_same_bad_config(
         tmp_path, change, field, words):
