@@ -884,6 +884,14 @@ def _rules(doc: yamlsrc.Doc) -> list[Problem]:
         for j, name in enumerate(names):
             if isinstance(name, str) and name in names[:j]:
                 problem((*path, j, "name"), f"gate {name!r} appears twice in this list")
+    hooks = data.get("webhooks")
+    hook_names = [h.get("name") if isinstance(h, dict) else None
+                  for h in (hooks if isinstance(hooks, list) else [])]
+    for j, name in enumerate(hook_names):
+        if isinstance(name, str) and name in hook_names[:j]:
+            problem(("webhooks", j, "name"), f"webhook {name!r} is also webhooks[{hook_names.index(name)}]'s "
+                                             "name; give each webhook a unique name (a gating "
+                                             "one shows as gate hook:NAME)")
     try:
         interval = parse_duration(data.get("interval", "30s"))
         deadline = parse_duration(data.get("progress_deadline", "30m"))
