@@ -509,6 +509,13 @@ BAD_BODIES = [
     ("Override", {"reason": "x" * 1001}),
     ("Override", {}),
     ("Promote", {"reason": "ok", "full": "yes"}),
+    # blank, or with a control character: refused by the API, so by the description too
+    ("Override", {"reason": " "}),
+    ("Override", {"reason": "checked\tthe dashboards"}),
+    ("Override", {"reason": "ok\n"}),
+    ("StartRollout", {"target": " ", "canary_version": "v2"}),
+    ("StartRollout", {"target": "web\u202e", "canary_version": "v2"}),
+    ("StartRollout", {"target": "web", "canary_version": "v2", "policy": "p\x1b[2J"}),
 ]
 _PATHS = {"StartRollout": "/api/v1/rollouts", "Override": "/api/v1/rollouts/{id}/abort",
           "Promote": "/api/v1/rollouts/{id}/promote"}
