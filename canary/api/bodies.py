@@ -275,6 +275,15 @@ _MESSAGES = {
 }
 
 
+# what a missing field that is not text is (the others: "required, a non-empty string")
+_REQUIRED = {
+    "version": 'required: "4", the version of Alertmanager\'s webhook payload',
+    "alerts": "required: a list of alerts, each with status and labels",
+    "status": "required: firing or resolved",
+    "labels": "required: a JSON object of label names and values",
+}
+
+
 def parse(model: type[_Body], data: Any) -> Any:
     """`data` (a decoded JSON object) as `model`, or InvalidInput naming each field that
     is wrong and how to fix it."""
@@ -293,6 +302,8 @@ def parse(model: type[_Body], data: Any) -> Any:
                 message = f"{err.get('input')!r} {_VERSION_MESSAGE}"
             elif kind in ("model_type", "dict_type"):
                 message = "must be a JSON object"
+            elif kind == "missing" and str(err["loc"][-1]) in _REQUIRED:
+                message = _REQUIRED[str(err["loc"][-1])]
             elif kind == "literal_error":
                 message = f"must be {(err.get('ctx') or {}).get('expected', err['msg'])}"
             elif kind == "list_type":
