@@ -908,19 +908,72 @@ def _rules(doc: yamlsrc.Doc) -> list[Problem]:
     return out
 
 
+_STAGE_GATE_FIELD = re.compile(r"stages\[(\d+)\]\.gates\[(\d+)\]\.(\w+)$")
+
+
+def _wide_gates(data: Mapping[str, Any]) -> dict[str, tuple[int, dict[str, Any]]]:
+    gates = data.get("gates")
+    return {g["name"]: (i, g) for i, g in enumerate(gates if isinstance(gates, list) else [])
+            if isinstance(g, dict) and isinstance(g.get("name"), str)}
+
+
+def _stage_gates(data: Mapping[str, Any]) -> Iterable[tuple[int, int, dict[str, Any]]]:
+    stages = data.get("stages")
+    for i, s in enumerate(stages if isinstance(stages, list) else []):
+        gates = s.get("gates") if isinstance(s, dict) else None
+        for j, g in enumerate(gates if isinstance(gates, list) else []):
+            if isinstance(g, dict):
+                yield i, j, g
+
+
+def _inherited(data: Mapping[str, Any], problem: Problem) -> bool:
+    """A problem of a field a stage's change to a policy-wide gate does not write, but
+    takes from that gate: reported where it is written (or, for a gate whose kind the
+    stage changes, by _kept_kinds), not again at the stage's line."""
+    m = _STAGE_GATE_FIELD.match(problem.field)
+    if not m:
+        return False
+    stages = data.get("stages")
+    try:
+        entry = stages[int(m.group(1))]["gates"][int(m.group(2))]  # type: ignore[index]
+    except (TypeError, IndexError, KeyError):
+        return False
+    return (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+            and entry["name"] in _wide_gates(data) and m.group(3) not in entry)
+
+
+def _kept_kinds(doc: yamlsrc.Doc) -> list[Problem]:
+    """A stage's entry named like a policy-wide gate changes that gate's fields; it cannot
+    make it a gate of another kind (the fields it keeps would be of the old kind)."""
+    wide = _wide_gates(doc.data)
+    out = []
+    for i, j, g in _stage_gates(doc.data):
+        if not isinstance(g.get("name"), str) or g["name"] not in wide or "kind" not in g:
+            continue
+        k, base = wide[g["name"]]
+        kind = base.get("kind", "threshold")
+        if g["kind"] != kind and g["kind"] in GATE_KINDS:
+            out.append(validation.problem(doc, ("stages", i, "gates", j, "kind"), (
+                f"gate {g['name']!r} is a {kind} gate (gates[{k}]); a stage changes a "
+                f"policy-wide gate's fields, not its kind: give a {g['kind']} gate of this "
+                "stage only another name")))
+    return out
+
+
 def _check(doc: yamlsrc.Doc, *, default_name: str, stored: bool = False) -> Policy:
     data = doc.data
     if not isinstance(data, dict):
         raise ValidationFailed([validation.problem(doc, (), "a policy is a YAML mapping with "
                                                             "at least `stages`")])
-    problems = _rules(doc)
+    problems = _rules(doc) + _kept_kinds(doc)
     if "name" not in data:
         data = {**data, "name": default_name}
     try:
         pol = _POLICY.validate_python(data, context={"file": True, "stored": stored})
     except ValidationError as e:
-        problems = validation.problems(doc, e, Policy, messages=POLICY_MESSAGES,
-                                       required=POLICY_REQUIRED) + problems
+        problems = [p for p in validation.problems(doc, e, Policy, messages=POLICY_MESSAGES,
+                                                   required=POLICY_REQUIRED)
+                    if not _inherited(data, p)] + problems
     if problems:
         raise ValidationFailed(sorted(problems, key=lambda p: p.line))
     return replace(pol, source=doc.file)

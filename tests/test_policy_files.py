@@ -120,6 +120,48 @@ def test_stage_gates_add_and_override_policy_wide_gates(tmp_path):
     assert {g.name: g for g in pol.gates_for(1)}["p99-latency"].max == 0.5
 
 
+WIDE_ERRORS_GATE = """\
+name: w
+stages:
+  - weight: 10
+    hold: 1m
+    gates:
+      - name: lat
+        {change}
+  - weight: 100
+    hold: 1m
+gates:
+  - name: lat
+    query: up
+    max: 1
+  - name: errors
+    kind: errors
+    requests: r{{version="{{{{ version }}}}"}}
+    errors: e{{version="{{{{ version }}}}"}}
+    alpha: {alpha}
+"""
+
+
+@pytest.mark.parametrize("change,alpha,expected", [
+    # a bad policy-wide field is named once, where it is written, not again at the stage
+    # that changes another field of that gate
+    ("max: 2\n      - {name: errors, tolerance: 2}", "0.7",
+     ["19: gates[1].alpha: must be between 0 and 0.5"]),
+    # a stage cannot turn a policy-wide gate into another kind: it was told of a `max`
+    # it never wrote (the threshold gate's, kept), at the entry's first line
+    ("kind: compare\n        max_ratio: 2", "0.01",
+     ["7: stages[0].gates[0].kind: gate 'lat' is a threshold gate (gates[0]); a stage "
+      "changes a policy-wide gate's fields, not its kind: give a compare gate of this stage "
+      "only another name"]),
+])
+def test_a_stage_change_to_a_policy_wide_gate_is_told_of_what_it_wrote(tmp_path, change, alpha,
+                                                                      expected):
+    found = problems(tmp_path, WIDE_ERRORS_GATE.format(change=change, alpha=alpha))
+    assert len(found) == len(expected), found
+    for line, want in zip(found, expected, strict=True):
+        assert line.split(":", 1)[1].startswith(want), found
+
+
 def config_text(tmp_path: Path, **over: str) -> str:
     pdir = tmp_path / "policies"
     pdir.mkdir(exist_ok=True)
