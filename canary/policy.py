@@ -806,6 +806,9 @@ def load_many(paths: Iterable[str | Path]) -> dict[str, Policy]:
 
 POLICY_MESSAGES = {
     "name": "must be 1-63 letters, digits, '.', '_' or '-'",
+    # (a gate's or a hook's name is any text: the policy's rule above is not theirs)
+    "gates.name": "must be text of 1 to 100 characters, e.g. error-rate",
+    "webhooks.name": "must be text of 1 to 100 characters, e.g. smoke-tests",
     "weight": "must be a whole percent from 1 to 100",
     "mirror": "must be a whole percent from 1 to 100",
     "failure_limit": "must be a whole number of at least 1",

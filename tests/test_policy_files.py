@@ -64,7 +64,8 @@ def test_shipped_example_policies_and_config_are_valid(capsys):
     (GOOD + "progress_deadline: 1m\n", ["pol.yaml:12: progress_deadline: 1m is not longer"]),
     # a stage gate whose name is not text, beside policy-wide gates: a message, not a traceback
     (GOOD.replace("    hold: 1m\n  - weight: 100", "    hold: 1m\n    gates: [{name: [x], max: 1}]\n"
-                  "  - weight: 100"), ["pol.yaml:6: stages[0].gates[0].name: must be 1-63 letters",
+                  "  - weight: 100"), ["pol.yaml:6: stages[0].gates[0].name: must be text of 1 to 100 "
+                                          "characters",
                                           "pol.yaml:6: stages[0].gates[0].query: required"]),
     ("stages: [\n", ["pol.yaml:2: (file): malformed YAML"]),
     ("base: &b {weight: 5}\nstages: [*b]\n", ["pol.yaml:1: (file): malformed YAML: anchors and aliases"]),
@@ -140,6 +141,21 @@ gates:
     errors: e{{version="{{{{ version }}}}"}}
     alpha: {alpha}
 """
+
+
+@pytest.mark.parametrize("name,field", [
+    ("x" * 101, "gates[0].name"), ("[a, b]", "gates[0].name"), ('""', "gates[0].name"),
+])
+def test_a_gate_name_refused_is_told_the_gate_names_rule(tmp_path, name, field):
+    """A gate's name is any text of 1-100 characters; it was told the policy name's rule
+    ('1-63 letters, digits, ...'), which a valid gate name like `p99 latency` breaks."""
+    text = WIDE_ERRORS_GATE.format(change="max: 2", alpha="0.01").replace(
+        "  - name: lat\n    query", f"  - name: {name}\n    query")
+    found = problems(tmp_path, text)
+    assert any(f": {field}: must be text of 1 to 100 characters" in p for p in found), found
+    assert not any("letters, digits" in p for p in found), found
+    assert problems(tmp_path, text.replace(f"name: {name}\n", "name: p99 latency (ms)\n")
+                    .replace("name: lat\n        max", "name: p99 latency (ms)\n        max")) == []
 
 
 @pytest.mark.parametrize("change,alpha,expected", [
