@@ -34,7 +34,7 @@ from pydantic import (
 from pydantic.dataclasses import dataclass
 from pydantic.json_schema import SkipJsonSchema
 
-from canary import schema, shapes, validation, yamlsrc
+from canary import schema, shapes, text, validation, yamlsrc
 from canary.errors import InvalidInput, Problem, ValidationFailed
 
 _PART = r"([0-9]+(\.[0-9]+)?)(ms|s|m|h)"  # one part of a duration; the schema's pattern too
@@ -491,8 +491,9 @@ def _condition(value: object) -> shapes.Condition:
         raise ValueError(f"must be non-empty text; {_VALUE_HINT}")
     if len(value) > MAX_MATCH_VALUE:
         raise ValueError(f"at most {MAX_MATCH_VALUE} characters")
-    if any(not c.isprintable() for c in value):
-        raise ValueError("must be printable text (no control characters or line breaks)")
+    if any(text.is_control(c) for c in value):
+        raise ValueError("must be text on one line (no control characters, line breaks or "
+                         "bidi controls)")
     if how == "regex":
         try:
             with warnings.catch_warnings():  # (Python's "possible nested set" is not the user's)
@@ -513,7 +514,7 @@ def _condition(value: object) -> shapes.Condition:
 
 # (every text as `canary validate` takes it: bounded, no control characters or line breaks)
 _MATCH_TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_MATCH_VALUE,
-               "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$"}
+               "not": {"pattern": text.CONTROL_PATTERN}}
 _CONDITION_SCHEMA = {"description": "exact text, {prefix: ...} or {regex: ...}", "anyOf": [
     _MATCH_TEXT,
     {"type": "object", "additionalProperties": False, "required": ["prefix"],

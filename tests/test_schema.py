@@ -302,6 +302,11 @@ def bad_policy(change: str) -> dict[str, Any]:
                                  "hold": "1m"})
     elif change == "empty match":
         doc["stages"].insert(0, {"match": {"headers": {}}, "hold": "1m"})
+    elif change == "bidi override in a header value":
+        doc["stages"].insert(0, {"match": {"headers": {"x-user": "alice\u202eecila"}},
+                                 "hold": "1m"})
+    elif change == "line separator in a cookie value":
+        doc["stages"].insert(0, {"match": {"cookies": {"beta": "yes\u2028no"}}, "hold": "1m"})
     elif change == "zero approval timeout":
         doc["approval_timeout"] = "0s"
     elif change == "webhook url scheme":
@@ -335,6 +340,10 @@ def bad_policy(change: str) -> dict[str, Any]:
     ("long prefix", "stages[0].match.headers.x-id", "stages/0/match/headers/x-id"),
     ("line break in a regex", "stages[0].match.cookies.user", "stages/0/match/cookies/user"),
     ("empty match", "stages[0].match", "stages/0/match"),
+    ("bidi override in a header value", "stages[0].match.headers.x-user",
+     "stages/0/match/headers/x-user"),
+    ("line separator in a cookie value", "stages[0].match.cookies.beta",
+     "stages/0/match/cookies/beta"),
     ("zero approval timeout", "approval_timeout", "approval_timeout"),
     ("webhook url scheme", "webhooks[0].url", "webhooks/0/url"),
     ("alert label name", "alerts[0].matchers.1service", "alerts/0/matchers/1service"),
@@ -483,6 +492,23 @@ def test_a_whole_number_written_with_a_zero_fraction_passes_every_reader(tmp_pat
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(doc))
     assert [p.field for p in validate_files([str(tmp_path / "p.yaml")])] == ["stages[1].weight"]
     assert schema_errors("policy", doc) == ["stages/1/weight"]
+
+
+@pytest.mark.e2e
+def test_a_match_value_with_a_non_breaking_or_zero_width_space_passes_every_reader(tmp_path):
+    """A match value is text on one line: canary refused a no-break or zero-width space
+    ('must be printable text') that the editor and helm accept and is no control
+    character or line break; it now refuses what they refuse (control characters, line
+    breaks, bidi controls: test_canary_validate_the_editor_schema_and_helm_refuse_the_same_bad_policy)."""
+    doc = good_policy()
+    doc["stages"].insert(0, {"match": {"headers": {"x-team": "Team\u00a0A"},
+                                       "cookies": {"beta": {"prefix": "on\u200b"}}},
+                             "hold": "1m"})
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    assert validate_files([str(path)]) == []
+    assert schema_errors("policy", doc) == []
+    assert helm_error(policy_values(doc)) is None
 
 
 ONLY_VALIDATE = [

@@ -23,7 +23,7 @@ from canary.model import (
     Verdict,
 )
 from canary.policy import Policy
-from canary.text import is_control
+from canary.text import CONTROL_PATTERN, is_control
 
 MAX_TEXT = 1000
 
@@ -42,11 +42,8 @@ def _not_blank(value: str) -> str:
     return value
 
 
-# what _plain refuses (text.is_control), for the OpenAPI description: a search, so that no
-# engine's `$` (Python's matches before a final line break) lets one through
-_CONTROL = "[\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029\\u202a-\\u202e\\u2066-\\u2069]"
 Plain = Annotated[str, Field(max_length=MAX_TEXT, json_schema_extra={
-    "not": {"pattern": _CONTROL}}), AfterValidator(_plain)]
+    "not": {"pattern": CONTROL_PATTERN}}), AfterValidator(_plain)]
 Required = Annotated[Plain, Field(min_length=1, json_schema_extra={"pattern": r"\S"}),
                      AfterValidator(_not_blank)]
 Version = Annotated[str, Field(pattern=VERSION_PATTERN)]
