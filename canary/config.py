@@ -85,6 +85,14 @@ EnvName = Annotated[str, Field(strict=True, pattern=f"^{_VAR}$")]
 HttpUrl = Annotated[str, Field(strict=True, pattern=r"^https?://", max_length=2048)]
 
 
+_ROLES = ("viewer", "pipeline", "oncall")
+# canary reads a role in any case (Oncall): so does the schema, which still offers the
+# lower-case names to complete
+_ROLE_SCHEMA = {"type": "string", "anyOf": [
+    {"enum": list(_ROLES)},
+    {"pattern": "^(" + "|".join("".join(f"[{c.upper()}{c}]" for c in r) for r in _ROLES) + ")$"}]}
+
+
 def _role(value: object) -> object:
     if isinstance(value, str) and value.upper() in Role.__members__:
         return Role[value.upper()]
@@ -99,8 +107,7 @@ class Token:
                       AfterValidator(str.lower)]
     """The sha256 of the bearer token, 64 hex digits (`printf %s "$TOKEN" | sha256sum`);
     the token itself is never stored."""
-    role: Annotated[Role, BeforeValidator(_role),
-                    WithJsonSchema({"enum": ["viewer", "pipeline", "oncall"]})]
+    role: Annotated[Role, BeforeValidator(_role), WithJsonSchema(_ROLE_SCHEMA)]
     """viewer reads; pipeline reads, starts and aborts; oncall does everything."""
     targets: Annotated[tuple[Annotated[str, Field(strict=True, pattern=_TARGET_GLOB)], ...],
                        Field(min_length=1, max_length=1000)] | None = None

@@ -511,6 +511,24 @@ def test_a_match_value_with_a_non_breaking_or_zero_width_space_passes_every_read
     assert helm_error(policy_values(doc)) is None
 
 
+@pytest.mark.e2e
+def test_a_role_in_capitals_passes_every_reader(tmp_path):
+    """canary reads `role: Oncall` as oncall; the editor underlined it (the schema named
+    only the lower-case words). A role that is none of the three stays refused by all."""
+    doc = example_config()
+    doc["auth"]["tokens"][0]["role"] = "Pipeline"
+    doc["auth"]["tokens"][1]["role"] = "ONCALL"
+    (tmp_path / "canary.yaml").write_text(yaml.safe_dump(doc))
+    assert validate_files([str(tmp_path / "canary.yaml")]) == []
+    assert schema_errors("config", doc) == []
+    assert model_schema_errors("config", doc) == []
+    doc["auth"]["tokens"][1]["role"] = "admin"
+    (tmp_path / "canary.yaml").write_text(yaml.safe_dump(doc))
+    assert [p.field for p in validate_files([str(tmp_path / "canary.yaml")])] == [
+        "auth.tokens[1].role"]
+    assert schema_errors("config", doc) == ["auth/tokens/1/role"]
+
+
 ONLY_VALIDATE = [
     # (policy or config, change, the field canary names, words of the README's list)
     ("policy", lambda d: d.update(interval="500ms"), "interval", "at least `1s`"),
