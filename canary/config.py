@@ -612,6 +612,18 @@ class TlsDoc(_Doc):
     """Its private key, a PEM file."""
 
 
+def _policy_files(value: object) -> object:
+    """One message for the field, not one per member of its union (which read
+    `policies.constrained-str: must be a string`)."""
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) and v.strip()
+                                                 for v in value):
+        return value
+    raise ValueError("must be a directory of policy files, like policies/, or a non-empty "
+                     "list of policy files")
+
+
 class ConfigDoc(_Doc):
     """The controller config (interface.md sections 2 and 9)."""
 
@@ -623,7 +635,8 @@ class ConfigDoc(_Doc):
     """Where rollouts are kept: sqlite:PATH (embedded) or kubernetes:NAMESPACE."""
     prometheus: PrometheusDoc = PrometheusDoc()
     """The Prometheus the gates query."""
-    policies: Text | Annotated[list[Text], Field(min_length=1)] = "policies/"
+    policies: Annotated[Text | Annotated[list[Text], Field(min_length=1)],
+                        BeforeValidator(_policy_files)] = "policies/"
     """A directory of policy files (*.yaml), or a list of files (default policies/)."""
     auth: AuthDoc
     """The API's bearer tokens."""

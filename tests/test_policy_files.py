@@ -227,6 +227,18 @@ def test_controller_config_is_checked_with_its_policies(tmp_path):
         assert all(line.startswith(f + ":") for line in found)
 
 
+@pytest.mark.parametrize("policies", ["[]", '""', "[policies/p.yaml, 5]", "{a: b}"])
+def test_a_bad_policies_field_is_named_once_in_canarys_words(tmp_path, policies):
+    """It read `policies.constrained-str: must be a string` and
+    `policies.list[constrained-str]: must not be empty`: pydantic's names for the two
+    forms the field may take, which are no field of the file."""
+    text = config_text(tmp_path).replace("policies: policies/", f"policies: {policies}")
+    found = [str(p) for p in validate_files([write(tmp_path, "canary.yaml", text)])]
+    assert len(found) == 1, found
+    assert found[0].endswith(":4: policies: must be a directory of policy files, like "
+                             "policies/, or a non-empty list of policy files"), found
+
+
 def test_plan_prints_stages_fastest_time_to_100_and_slowest_rollback(capsys):
     assert main(["plan", str(ROOT / "policies" / "standard.yaml")]) == 0
     out = capsys.readouterr().out
