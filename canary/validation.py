@@ -279,6 +279,12 @@ def problems(doc: yamlsrc.Doc, error: ValidationError, root: type[Any], *,
         else:
             message = _message(e, root, path, loc, messages or {}, required or {})
             message += _exponent_hint(e, root, loc)
+            # a check across an object's fields that names the one it is about
+            # ("promotion: ..."): reported at that field, on its line, when it is written
+            about = re.match(r"([a-z_]+): (.+)", message, re.S) \
+                if e["type"] == "value_error" else None
+            if about and (*path, about.group(1)) in doc.lines:
+                path, message = (*path, about.group(1)), about.group(2)
         name = field_name(path)
         if (name, message) in seen:
             continue

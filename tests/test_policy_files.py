@@ -227,6 +227,25 @@ def test_controller_config_is_checked_with_its_policies(tmp_path):
         assert all(line.startswith(f + ":") for line in found)
 
 
+@pytest.mark.parametrize("target,line,field,says", [
+    ("web: {router: nginx, file: up.conf, upstream: web, stable: [\"127.0.0.1:1\"],\n"
+     "        canary: [\"127.0.0.1:1\"], vars: {service: web}}",
+     10, "targets.web.canary", "an address cannot be both stable and canary"),
+    ("web:\n    router: nginx\n    file: up.conf\n    upstream: web\n"
+     "    stable: [\"127.0.0.1:1\"]\n    canary: [\"127.0.0.1:2\"]\n"
+     "    server_file: up.conf\n    vars: {service: web}",
+     15, "targets.web.server_file", "must be another file than `file`"),
+])
+def test_a_rule_between_a_targets_fields_names_the_field_on_its_line(tmp_path, target, line,
+                                                                     field, says):
+    """It was `targets.web: canary: an address ...` at the target's first line: the field
+    is now the one the rule is about, on the line where it is written."""
+    text = config_text(tmp_path)
+    text = text[:text.index("  web:")] + "  " + target + "\n"
+    found = [str(p) for p in validate_files([write(tmp_path, "canary.yaml", text)])]
+    assert len(found) == 1 and f":{line}: {field}: {says}" in found[0], found
+
+
 @pytest.mark.parametrize("policies", ["[]", '""', "[policies/p.yaml, 5]", "{a: b}"])
 def test_a_bad_policies_field_is_named_once_in_canarys_words(tmp_path, policies):
     """It read `policies.constrained-str: must be a string` and

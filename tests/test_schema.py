@@ -332,7 +332,7 @@ def bad_policy(change: str) -> dict[str, Any]:
      "stages/2/gates/0/max"),
     ("override of an unknown kind", "stages[2].gates[0].kind", "stages/2/gates/0/kind"),
     ("threshold without bounds", "gates[2]", "gates/2"),
-    ("compare without version", "gates[2]", "gates/2"),
+    ("compare without version", "gates[2].query", "gates/2"),
     ("requests without version", "gates[0].requests", "gates/0/requests"),
     ("no stages", "stages", "stages"),
     ("blank query", "stages[0].gates[0].query", "stages/0/gates/0/query"),
@@ -437,7 +437,7 @@ def bad_config(change: str) -> dict[str, Any]:
     ("no tokens", "auth.tokens", "auth"),
     ("empty file", "targets.web.server_file", "targets/web/server_file"),
     ("rule name", "targets.shop.rule", "targets/shop/rule"),
-    ("swap with a workload", "targets.shop", "targets/shop/promotion"),
+    ("swap with a workload", "targets.shop.promotion", "targets/shop/promotion"),
 ])
 def test_canary_validate_the_editor_schema_and_helm_refuse_the_same_bad_config(
         tmp_path, change, field, words):
@@ -551,7 +551,7 @@ ONLY_VALIDATE = [
         "router": "gateway", "namespace": "prod", "http_route": "shop",
         "stable": {"name": "s", "port": 80}, "canary": {"name": "c", "port": 80},
         "vars": {"service": "shop"}, "workload": {"stable": "shop", "canary": "shop"}}),
-     "targets.shop.workload", "Deployments"),
+     "targets.shop.workload.canary", "Deployments"),
 ]
 
 
