@@ -300,6 +300,9 @@ class IstioTarget(_TargetCommon):
 
     @model_validator(mode="after")
     def _workload_returns(self) -> IstioTarget:
+        if self.stable == self.canary:
+            raise ValueError("canary: must name another host or subset than stable (the "
+                             "weights would move traffic from a destination to itself)")
         if self.workload is not None and self.promotion == "swap":
             raise ValueError(_WORKLOAD_RETURNS)
         return self

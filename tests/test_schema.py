@@ -552,6 +552,11 @@ ONLY_VALIDATE = [
         "stable": {"name": "s", "port": 80}, "canary": {"name": "c", "port": 80},
         "vars": {"service": "shop"}, "workload": {"stable": "shop", "canary": "shop"}}),
      "targets.shop.workload.canary", "Deployments"),
+    ("config", lambda d: d["targets"].update(api={
+        "router": "istio", "namespace": "prod", "virtual_service": "api",
+        "stable": {"host": "api", "subset": "v1"}, "canary": {"host": "api", "subset": "v1"},
+        "vars": {"service": "api"}}),
+     "targets.api.canary", "different servers, Services"),
 ]
 
 
