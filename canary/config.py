@@ -85,6 +85,14 @@ EnvName = Annotated[str, Field(strict=True, pattern=f"^{_VAR}$")]
 HttpUrl = Annotated[str, Field(strict=True, pattern=r"^https?://", max_length=2048)]
 
 
+_ROLES = ("viewer", "pipeline", "oncall")
+# canary reads a role in any case (Oncall): so does the schema, which still offers the
+# lower-case names to complete
+_ROLE_SCHEMA = {"type": "string", "anyOf": [
+    {"enum": list(_ROLES)},
+    {"pattern": "^(" + "|".join("".join(f"[{c.upper()}{c}]" for c in r) for r in _ROLES) + ")$"}]}
+
+
 def _role(value: object) -> object:
     if isinstance(value, str) and value.upper() in Role.__members__:
         return Role[value.upper()]
@@ -99,8 +107,7 @@ class Token:
                       AfterValidator(str.lower)]
     """The sha256 of the bearer token, 64 hex digits (`printf %s "$TOKEN" | sha256sum`);
     the token itself is never stored."""
-    role: Annotated[Role, BeforeValidator(_role),
-                    WithJsonSchema({"enum": ["viewer", "pipeline", "oncall"]})]
+    role: Annotated[Role, BeforeValidator(_role), WithJsonSchema(_ROLE_SCHEMA)]
     """viewer reads; pipeline reads, starts and aborts; oncall does everything."""
     targets: Annotated[tuple[Annotated[str, Field(strict=True, pattern=_TARGET_GLOB)], ...],
                        Field(min_length=1, max_length=1000)] | None = None
@@ -184,6 +191,11 @@ class Workload:
         return self
 
 
+# a target with a workload hands over with return: stated in the schema too, so the editor
+# and helm refuse `promotion: swap` beside a workload where canary does
+_WORKLOAD_CONFIG = ConfigDict(extra="forbid", use_attribute_docstrings=True, json_schema_extra={
+    "if": {"required": ["workload"], "properties": {"workload": {"type": "object"}}},
+    "then": {"properties": {"promotion": {"not": {"const": "swap"}}}}})
 _WORKLOAD_RETURNS = ("promotion: a target with a workload hands over with return (the stable "
                      "Deployment is brought to the new version); remove promotion or set it "
                      "to return")
@@ -263,7 +275,7 @@ class IstioDestination:
     """The DestinationRule subset of this version, e.g. stable."""
 
 
-@dataclass(frozen=True, config=_CONFIG)
+@dataclass(frozen=True, config=_WORKLOAD_CONFIG)
 class IstioTarget(_TargetCommon):
     namespace: Dns
     """The namespace of the VirtualService."""
@@ -287,6 +299,9 @@ class IstioTarget(_TargetCommon):
 
     @model_validator(mode="after")
     def _workload_returns(self) -> IstioTarget:
+        if self.stable == self.canary:
+            raise ValueError("canary: must name another host or subset than stable (the "
+                             "weights would move traffic from a destination to itself)")
         if self.workload is not None and self.promotion == "swap":
             raise ValueError(_WORKLOAD_RETURNS)
         return self
@@ -297,6 +312,7 @@ _SECTION_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # Gateway API's 
 
 def _rule(value: object) -> str | int:
     """An HTTPRoute rule: its name, or its index among the route's rules."""
+    value = validation.whole(value)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 64:
         return value
     if isinstance(value, str) and 0 < len(value) <= 253 and _SECTION_NAME.fullmatch(value):
@@ -313,11 +329,11 @@ class GatewayBackend:
 
     name: Dns
     """The Service's name, as in the rule's backendRefs."""
-    port: Annotated[int, Field(strict=True, ge=1, le=65535)]
+    port: Annotated[int, Field(strict=True, ge=1, le=65535), BeforeValidator(validation.whole)]
     """The Service's port, as in the rule's backendRefs."""
 
 
-@dataclass(frozen=True, config=_CONFIG)
+@dataclass(frozen=True, config=_WORKLOAD_CONFIG)
 class GatewayTarget(_TargetCommon):
     """A Gateway API HTTPRoute (gateway.networking.k8s.io/v1) whose rule carries both
     backendRefs (interface.md section 7)."""
@@ -564,7 +580,7 @@ class PrometheusDoc(_Doc):
     """Basic auth, the password from an environment variable (not with bearer_token_file)."""
     ca_file: Text | None = None
     """A PEM bundle of the CAs that Prometheus's TLS certificate is verified against."""
-    concurrency: Annotated[int, Field(ge=1, le=256)] = 8
+    concurrency: Annotated[int, Field(ge=1, le=256), BeforeValidator(validation.whole)] = 8
     """Queries in flight at once, each on its own thread, 1-256 (default 8)."""
 
     @field_validator("url")
@@ -594,6 +610,18 @@ class TlsDoc(_Doc):
     """Its private key, a PEM file."""
 
 
+def _policy_files(value: object) -> object:
+    """One message for the field, not one per member of its union (which read
+    `policies.constrained-str: must be a string`)."""
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) and v.strip()
+                                                 for v in value):
+        return value
+    raise ValueError("must be a directory of policy files, like policies/, or a non-empty "
+                     "list of policy files")
+
+
 class ConfigDoc(_Doc):
     """The controller config (interface.md sections 2 and 9)."""
 
@@ -605,7 +633,8 @@ class ConfigDoc(_Doc):
     """Where rollouts are kept: sqlite:PATH (embedded) or kubernetes:NAMESPACE."""
     prometheus: PrometheusDoc = PrometheusDoc()
     """The Prometheus the gates query."""
-    policies: Text | Annotated[list[Text], Field(min_length=1)] = "policies/"
+    policies: Annotated[Text | Annotated[list[Text], Field(min_length=1)],
+                        BeforeValidator(_policy_files)] = "policies/"
     """A directory of policy files (*.yaml), or a list of files (default policies/)."""
     auth: AuthDoc
     """The API's bearer tokens."""

@@ -34,7 +34,7 @@ from pydantic import (
 from pydantic.dataclasses import dataclass
 from pydantic.json_schema import SkipJsonSchema
 
-from canary import schema, shapes, validation, yamlsrc
+from canary import schema, shapes, text, validation, yamlsrc
 from canary.errors import InvalidInput, Problem, ValidationFailed
 
 _PART = r"([0-9]+(\.[0-9]+)?)(ms|s|m|h)"  # one part of a duration; the schema's pattern too
@@ -183,17 +183,20 @@ def _versioned(value: str) -> str:
     return value
 
 
+_DURATION_SCHEMA = {"type": "string", "pattern": _DURATION_PATTERN,
+                    "maxLength": MAX_DURATION_TEXT,
+                    "description": "a duration like 500ms, 30s, 2m, 1h or 1m30s (whole "
+                                   "milliseconds, at most 30 days)"}
 Duration = Annotated[float, BeforeValidator(_duration),
                      PlainSerializer(format_duration, return_type=str, when_used="json"),
-                     WithJsonSchema({"type": "string", "pattern": _DURATION_PATTERN,
-                                     "maxLength": MAX_DURATION_TEXT,
-                                     "description": "a duration like 500ms, 30s, 2m, 1h or "
-                                                    "1m30s (whole milliseconds, at most 30 "
-                                                    "days)"})]
-# a duration with a digit other than 0 in it: longer than 0
+                     WithJsonSchema(_DURATION_SCHEMA)]
+# a duration with a digit other than 0 in it: longer than 0. (The whole schema, not a
+# Field's extra: that would be lost where the duration may also be null.)
 _NONZERO = r"([0-9]*[1-9][0-9]*(\.[0-9]+)?|[0-9]+\.[0-9]*[1-9][0-9]*)(ms|s|m|h)"
-PositiveDuration = Annotated[Duration, AfterValidator(_positive), Field(json_schema_extra={
-    "pattern": f"^({_PART})*{_NONZERO}({_PART})*$"})]
+PositiveDuration = Annotated[Duration, AfterValidator(_positive), WithJsonSchema({
+    **_DURATION_SCHEMA, "pattern": f"^({_PART})*{_NONZERO}({_PART})*$",
+    "description": "a duration longer than 0, like 500ms, 30s, 2m, 1h or 1m30s (whole "
+                   "milliseconds, at most 30 days)"})]
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Text = Annotated[str, Field(strict=True)]
 Query = Annotated[Text, Field(max_length=MAX_QUERY, json_schema_extra={"pattern": r"\S"}),
@@ -368,7 +371,7 @@ class _StageCommon:
 class Stage(_StageCommon):
     """One step of the rollout: a weight held for a time while the gates are evaluated."""
 
-    weight: Annotated[int, Field(strict=True, ge=1, le=100)]
+    weight: Annotated[int, Field(strict=True, ge=1, le=100), BeforeValidator(validation.whole)]
     """Percent of traffic sent to the canary at this stage, 1-100; higher than the
     previous stage's."""
     hold: Duration
@@ -388,6 +391,20 @@ def _label(value: str) -> str:
     return value
 
 
+def _label_keys(schema: dict[str, Any]) -> None:
+    """Keys are label names: any other key is refused at its own place, by the editor
+    and by helm alike."""
+    schema["patternProperties"] = {f"^{IDENTIFIER}$": schema.pop("additionalProperties")}
+    schema["additionalProperties"] = False
+
+
+def _matcher_value(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must be the label's value, e.g. CanaryHighErrorRate or "
+                         "\"{{ service }}\"")
+    return _templated(value).strip()
+
+
 def _hook_url(value: str) -> str:
     if not re.match(r"^https?://", value):
         raise ValueError("must start with http:// or https://")
@@ -405,7 +422,8 @@ class Webhook:
     when: Literal["pre-rollout", "stage", "pre-promotion", "post-rollout", "rollback"]
     """When it is called: pre-rollout, stage and pre-promotion gate (a 2xx lets the rollout
     go on); post-rollout and rollback are told."""
-    url: Annotated[Text, Field(max_length=2048), AfterValidator(_hook_url)]
+    url: Annotated[Text, Field(max_length=2048, json_schema_extra={"pattern": r"^https?://"}),
+                   AfterValidator(_hook_url)]
     """http(s) URL POSTed the rollout's JSON; may use {{ vars }} like queries."""
     timeout: PositiveDuration = 10.0
     """How long one call may take, retries included (default 10s)."""
@@ -422,8 +440,10 @@ class AlertRule:
 
     matchers: Annotated[Mapping[Annotated[str, Field(strict=True, max_length=1024),
                                           AfterValidator(_label)],
-                                Annotated[Text, Field(max_length=1024), AfterValidator(_query)]],
-                        Field(min_length=1, max_length=100)]
+                                Annotated[Text, Field(max_length=1024, json_schema_extra={
+                                    "pattern": r"\S"}), AfterValidator(_matcher_value)]],
+                        Field(min_length=1, max_length=100,
+                              json_schema_extra=_label_keys)]
     """Alert label -> value; every one must equal the alert's label (values rendered like
     queries, e.g. {{ service }})."""
 
@@ -470,8 +490,9 @@ def _condition(value: object) -> shapes.Condition:
         raise ValueError(f"must be non-empty text; {_VALUE_HINT}")
     if len(value) > MAX_MATCH_VALUE:
         raise ValueError(f"at most {MAX_MATCH_VALUE} characters")
-    if any(not c.isprintable() for c in value):
-        raise ValueError("must be printable text (no control characters or line breaks)")
+    if any(text.is_control(c) for c in value):
+        raise ValueError("must be text on one line (no control characters, line breaks or "
+                         "bidi controls)")
     if how == "regex":
         try:
             with warnings.catch_warnings():  # (Python's "possible nested set" is not the user's)
@@ -492,7 +513,7 @@ def _condition(value: object) -> shapes.Condition:
 
 # (every text as `canary validate` takes it: bounded, no control characters or line breaks)
 _MATCH_TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_MATCH_VALUE,
-               "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$"}
+               "not": {"pattern": text.CONTROL_PATTERN}}
 _CONDITION_SCHEMA = {"description": "exact text, {prefix: ...} or {regex: ...}", "anyOf": [
     _MATCH_TEXT,
     {"type": "object", "additionalProperties": False, "required": ["prefix"],
@@ -581,7 +602,7 @@ class MatchStage(_StageCommon):
 class MirrorStage(_StageCommon):
     """`mirror` percent of requests are copied to the canary; users are served by stable."""
 
-    mirror: Annotated[int, Field(strict=True, ge=1, le=100)]
+    mirror: Annotated[int, Field(strict=True, ge=1, le=100), BeforeValidator(validation.whole)]
     """Percent of requests copied to the canary, 1-100; its answers are discarded and
     users are served by stable (weight 0)."""
     hold: Duration
@@ -640,7 +661,8 @@ class Policy:
     """Gates evaluated at every stage."""
     interval: PositiveDuration = 30.0
     """How often every gate is evaluated: a duration of at least 1s (default 30s)."""
-    failure_limit: Annotated[int, Field(strict=True, ge=1, le=1000)] = 2
+    failure_limit: Annotated[int, Field(strict=True, ge=1, le=1000),
+                             BeforeValidator(validation.whole)] = 2
     """Consecutive failing evaluations of one gate that roll back (default 2; errors gates
     roll back at once)."""
     no_data: NoData = NoData.HOLD
@@ -784,6 +806,9 @@ def load_many(paths: Iterable[str | Path]) -> dict[str, Policy]:
 
 POLICY_MESSAGES = {
     "name": "must be 1-63 letters, digits, '.', '_' or '-'",
+    # (a gate's or a hook's name is any text: the policy's rule above is not theirs)
+    "gates.name": "must be text of 1 to 100 characters, e.g. error-rate",
+    "webhooks.name": "must be text of 1 to 100 characters, e.g. smoke-tests",
     "weight": "must be a whole percent from 1 to 100",
     "mirror": "must be a whole percent from 1 to 100",
     "failure_limit": "must be a whole number of at least 1",
@@ -862,6 +887,14 @@ def _rules(doc: yamlsrc.Doc) -> list[Problem]:
         for j, name in enumerate(names):
             if isinstance(name, str) and name in names[:j]:
                 problem((*path, j, "name"), f"gate {name!r} appears twice in this list")
+    hooks = data.get("webhooks")
+    hook_names = [h.get("name") if isinstance(h, dict) else None
+                  for h in (hooks if isinstance(hooks, list) else [])]
+    for j, name in enumerate(hook_names):
+        if isinstance(name, str) and name in hook_names[:j]:
+            problem(("webhooks", j, "name"), f"webhook {name!r} is also webhooks[{hook_names.index(name)}]'s "
+                                             "name; give each webhook a unique name (a gating "
+                                             "one shows as gate hook:NAME)")
     try:
         interval = parse_duration(data.get("interval", "30s"))
         deadline = parse_duration(data.get("progress_deadline", "30m"))
@@ -878,19 +911,72 @@ def _rules(doc: yamlsrc.Doc) -> list[Problem]:
     return out
 
 
+_STAGE_GATE_FIELD = re.compile(r"stages\[(\d+)\]\.gates\[(\d+)\]\.(\w+)$")
+
+
+def _wide_gates(data: Mapping[str, Any]) -> dict[str, tuple[int, dict[str, Any]]]:
+    gates = data.get("gates")
+    return {g["name"]: (i, g) for i, g in enumerate(gates if isinstance(gates, list) else [])
+            if isinstance(g, dict) and isinstance(g.get("name"), str)}
+
+
+def _stage_gates(data: Mapping[str, Any]) -> Iterable[tuple[int, int, dict[str, Any]]]:
+    stages = data.get("stages")
+    for i, s in enumerate(stages if isinstance(stages, list) else []):
+        gates = s.get("gates") if isinstance(s, dict) else None
+        for j, g in enumerate(gates if isinstance(gates, list) else []):
+            if isinstance(g, dict):
+                yield i, j, g
+
+
+def _inherited(data: Mapping[str, Any], problem: Problem) -> bool:
+    """A problem of a field a stage's change to a policy-wide gate does not write, but
+    takes from that gate: reported where it is written (or, for a gate whose kind the
+    stage changes, by _kept_kinds), not again at the stage's line."""
+    m = _STAGE_GATE_FIELD.match(problem.field)
+    if not m:
+        return False
+    stages = data.get("stages")
+    try:
+        entry = stages[int(m.group(1))]["gates"][int(m.group(2))]  # type: ignore[index]
+    except (TypeError, IndexError, KeyError):
+        return False
+    return (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+            and entry["name"] in _wide_gates(data) and m.group(3) not in entry)
+
+
+def _kept_kinds(doc: yamlsrc.Doc) -> list[Problem]:
+    """A stage's entry named like a policy-wide gate changes that gate's fields; it cannot
+    make it a gate of another kind (the fields it keeps would be of the old kind)."""
+    wide = _wide_gates(doc.data)
+    out = []
+    for i, j, g in _stage_gates(doc.data):
+        if not isinstance(g.get("name"), str) or g["name"] not in wide or "kind" not in g:
+            continue
+        k, base = wide[g["name"]]
+        kind = base.get("kind", "threshold")
+        if g["kind"] != kind and g["kind"] in GATE_KINDS:
+            out.append(validation.problem(doc, ("stages", i, "gates", j, "kind"), (
+                f"gate {g['name']!r} is a {kind} gate (gates[{k}]); a stage changes a "
+                f"policy-wide gate's fields, not its kind: give a {g['kind']} gate of this "
+                "stage only another name")))
+    return out
+
+
 def _check(doc: yamlsrc.Doc, *, default_name: str, stored: bool = False) -> Policy:
     data = doc.data
     if not isinstance(data, dict):
         raise ValidationFailed([validation.problem(doc, (), "a policy is a YAML mapping with "
                                                             "at least `stages`")])
-    problems = _rules(doc)
+    problems = _rules(doc) + _kept_kinds(doc)
     if "name" not in data:
         data = {**data, "name": default_name}
     try:
         pol = _POLICY.validate_python(data, context={"file": True, "stored": stored})
     except ValidationError as e:
-        problems = validation.problems(doc, e, Policy, messages=POLICY_MESSAGES,
-                                       required=POLICY_REQUIRED) + problems
+        problems = [p for p in validation.problems(doc, e, Policy, messages=POLICY_MESSAGES,
+                                                   required=POLICY_REQUIRED)
+                    if not _inherited(data, p)] + problems
     if problems:
         raise ValidationFailed(sorted(problems, key=lambda p: p.line))
     return replace(pol, source=doc.file)

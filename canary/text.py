@@ -11,6 +11,13 @@ _FORMAT = frozenset({*map(chr, range(0x202A, 0x202F)), *map(chr, range(0x2066, 0
                      "\u2028", "\u2029"})
 
 
+# the characters is_control refuses, as a JSON Schema pattern that ECMA-262, Go's RE2
+# (helm) and Python all read: those above U+00FF are in it as themselves (RE2 has no
+# backslash-u escape). Schemas use it as a search under `not`, so that no engine's `$`
+# (Python's matches before a final line break) lets one through.
+CONTROL_PATTERN = "[\\x00-\\x1f\\x7f-\\x9f" + "".join(sorted(_FORMAT)) + "]"
+
+
 def is_control(c: str) -> bool:
     """C0 and C1 controls (NUL, ESC, CR, LF, TAB, DEL, ...), bidi controls and line
     separators: characters that can move the cursor, recolour or reorder a terminal."""

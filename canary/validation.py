@@ -27,6 +27,15 @@ from canary.errors import Problem
 TAG_MARK = "="
 
 
+def whole(value: object) -> object:
+    """A whole number written with a fraction of zero (`5.0`) as that number: JSON Schema
+    has no other integer, so the editor and helm accept it where a whole number goes, and
+    canary reads it as they do. (5.5, true and "5" stay refused.)"""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def tag(kind_field: str, value: str) -> Tag:
     return Tag(f"{kind_field}{TAG_MARK}{value}")
 
@@ -270,6 +279,12 @@ def problems(doc: yamlsrc.Doc, error: ValidationError, root: type[Any], *,
         else:
             message = _message(e, root, path, loc, messages or {}, required or {})
             message += _exponent_hint(e, root, loc)
+            # a check across an object's fields that names the one it is about
+            # ("promotion: ..."): reported at that field, on its line, when it is written
+            about = re.match(r"([a-z_]+): (.+)", message, re.S) \
+                if e["type"] == "value_error" else None
+            if about and (*path, about.group(1)) in doc.lines:
+                path, message = (*path, about.group(1)), about.group(2)
         name = field_name(path)
         if (name, message) in seen:
             continue

@@ -70,21 +70,28 @@ async def test_a_policy_without_alerts_is_not_rolled_back_by_any_alert(tmp_path)
         assert (await api.rollout(r["id"]))["state"] == "progressing"
 
 
-@pytest.mark.parametrize("body,field", [
-    ({"alerts": []}, "version"),
-    ({"version": "3", "alerts": []}, "version"),
-    ({"version": "4"}, "alerts"),
-    ({"version": "4", "alerts": [{"labels": {}}]}, "alerts.0.status"),
-    ({"version": "4", "alerts": [{"status": "firing", "labels": {"a": 1}}]}, "alerts.0.labels.a"),
-    ({"version": "4", "alerts": "x"}, "alerts"),
+@pytest.mark.parametrize("body,field,says", [
+    ({"alerts": []}, "version", 'required: "4"'),
+    ({"version": "3", "alerts": []}, "version", "'4'"),
+    ({"version": "4"}, "alerts", "required: a list of alerts"),
+    ({"version": "4", "alerts": [{"labels": {}}]}, "alerts.0.status",
+     "required: firing or resolved"),
+    ({"version": "4", "alerts": [{"status": "firing"}]}, "alerts.0.labels",
+     "required: a JSON object"),
+    ({"version": "4", "alerts": [{"status": "firing", "labels": {"a": 1}}]}, "alerts.0.labels.a",
+     "must be a string"),
+    ({"version": "4", "alerts": "x"}, "alerts", "must be a list"),
 ])
-async def test_bad_alert_bodies_are_refused_naming_the_field(tmp_path, body, field):
+async def test_bad_alert_bodies_are_refused_naming_the_field(tmp_path, body, field, says):
+    """...and saying what the field is: a missing list or object was 'required, a
+    non-empty string'."""
     async with controller(tmp_path, policies=[simple_policy(hold=3600, alerts=(RULE,))]) \
             as (api, _ctl, _t):
         r = await api.start(canary_version="v2")
         status, data = await api.call("POST", "/api/v1/alerts", body, role="pipeline")
         assert status == 400, data
         assert data["error"].startswith(field + ":"), data
+        assert says in data["error"].split(";")[0], data
         assert (await api.rollout(r["id"]))["state"] == "progressing"
 
 

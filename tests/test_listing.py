@@ -181,3 +181,25 @@ async def test_status_lists_the_newest_and_says_how_to_see_older_ones(tmp_path):
         code, _out, err = await cli("status", "--limit", "0", server=api.base,
                                     token="tok-viewer")
         assert code == 2 and "limit: '0'" in err
+
+
+async def test_the_openapi_description_of_state_refuses_what_the_api_refuses(tmp_path):
+    """`state=` was any string in /api/v1/openapi.json, though the API answers 400 to
+    anything but states and `active` separated by commas: a client built from the
+    description offered values the API refuses."""
+    import urllib.parse
+
+    import jsonschema
+
+    from canary.api.openapi import SPEC
+
+    [param] = [p for p in SPEC["paths"]["/api/v1/rollouts"]["get"]["parameters"]
+               if p["name"] == "state"]
+    described = jsonschema.Draft202012Validator(param["schema"])
+    async with controller(tmp_path) as (api, _ctl, _t):
+        for text in ("active", "active,succeeded", " paused , rolled_back ", ",progressing,,",
+                     "bogus", "active,bogus", "", " , ", "Active", "succeeded;paused"):
+            status, data = await api.call(
+                "GET", "/api/v1/rollouts?state=" + urllib.parse.quote(text), role="viewer")
+            assert status in (200, 400), (text, status, data)
+            assert described.is_valid(text) == (status == 200), (text, status, data)

@@ -64,7 +64,8 @@ def test_shipped_example_policies_and_config_are_valid(capsys):
     (GOOD + "progress_deadline: 1m\n", ["pol.yaml:12: progress_deadline: 1m is not longer"]),
     # a stage gate whose name is not text, beside policy-wide gates: a message, not a traceback
     (GOOD.replace("    hold: 1m\n  - weight: 100", "    hold: 1m\n    gates: [{name: [x], max: 1}]\n"
-                  "  - weight: 100"), ["pol.yaml:6: stages[0].gates[0].name: must be 1-63 letters",
+                  "  - weight: 100"), ["pol.yaml:6: stages[0].gates[0].name: must be text of 1 to 100 "
+                                          "characters",
                                           "pol.yaml:6: stages[0].gates[0].query: required"]),
     ("stages: [\n", ["pol.yaml:2: (file): malformed YAML"]),
     ("base: &b {weight: 5}\nstages: [*b]\n", ["pol.yaml:1: (file): malformed YAML: anchors and aliases"]),
@@ -120,6 +121,63 @@ def test_stage_gates_add_and_override_policy_wide_gates(tmp_path):
     assert {g.name: g for g in pol.gates_for(1)}["p99-latency"].max == 0.5
 
 
+WIDE_ERRORS_GATE = """\
+name: w
+stages:
+  - weight: 10
+    hold: 1m
+    gates:
+      - name: lat
+        {change}
+  - weight: 100
+    hold: 1m
+gates:
+  - name: lat
+    query: up
+    max: 1
+  - name: errors
+    kind: errors
+    requests: r{{version="{{{{ version }}}}"}}
+    errors: e{{version="{{{{ version }}}}"}}
+    alpha: {alpha}
+"""
+
+
+@pytest.mark.parametrize("name,field", [
+    ("x" * 101, "gates[0].name"), ("[a, b]", "gates[0].name"), ('""', "gates[0].name"),
+])
+def test_a_gate_name_refused_is_told_the_gate_names_rule(tmp_path, name, field):
+    """A gate's name is any text of 1-100 characters; it was told the policy name's rule
+    ('1-63 letters, digits, ...'), which a valid gate name like `p99 latency` breaks."""
+    text = WIDE_ERRORS_GATE.format(change="max: 2", alpha="0.01").replace(
+        "  - name: lat\n    query", f"  - name: {name}\n    query")
+    found = problems(tmp_path, text)
+    assert any(f": {field}: must be text of 1 to 100 characters" in p for p in found), found
+    assert not any("letters, digits" in p for p in found), found
+    assert problems(tmp_path, text.replace(f"name: {name}\n", "name: p99 latency (ms)\n")
+                    .replace("name: lat\n        max", "name: p99 latency (ms)\n        max")) == []
+
+
+@pytest.mark.parametrize("change,alpha,expected", [
+    # a bad policy-wide field is named once, where it is written, not again at the stage
+    # that changes another field of that gate
+    ("max: 2\n      - {name: errors, tolerance: 2}", "0.7",
+     ["19: gates[1].alpha: must be between 0 and 0.5"]),
+    # a stage cannot turn a policy-wide gate into another kind: it was told of a `max`
+    # it never wrote (the threshold gate's, kept), at the entry's first line
+    ("kind: compare\n        max_ratio: 2", "0.01",
+     ["7: stages[0].gates[0].kind: gate 'lat' is a threshold gate (gates[0]); a stage "
+      "changes a policy-wide gate's fields, not its kind: give a compare gate of this stage "
+      "only another name"]),
+])
+def test_a_stage_change_to_a_policy_wide_gate_is_told_of_what_it_wrote(tmp_path, change, alpha,
+                                                                      expected):
+    found = problems(tmp_path, WIDE_ERRORS_GATE.format(change=change, alpha=alpha))
+    assert len(found) == len(expected), found
+    for line, want in zip(found, expected, strict=True):
+        assert line.split(":", 1)[1].startswith(want), found
+
+
 def config_text(tmp_path: Path, **over: str) -> str:
     pdir = tmp_path / "policies"
     pdir.mkdir(exist_ok=True)
@@ -167,6 +225,37 @@ def test_controller_config_is_checked_with_its_policies(tmp_path):
         found = [str(p) for p in validate_files([f])]
         assert any(want in line for line in found), (key, found)
         assert all(line.startswith(f + ":") for line in found)
+
+
+@pytest.mark.parametrize("target,line,field,says", [
+    ("web: {router: nginx, file: up.conf, upstream: web, stable: [\"127.0.0.1:1\"],\n"
+     "        canary: [\"127.0.0.1:1\"], vars: {service: web}}",
+     10, "targets.web.canary", "an address cannot be both stable and canary"),
+    ("web:\n    router: nginx\n    file: up.conf\n    upstream: web\n"
+     "    stable: [\"127.0.0.1:1\"]\n    canary: [\"127.0.0.1:2\"]\n"
+     "    server_file: up.conf\n    vars: {service: web}",
+     15, "targets.web.server_file", "must be another file than `file`"),
+])
+def test_a_rule_between_a_targets_fields_names_the_field_on_its_line(tmp_path, target, line,
+                                                                     field, says):
+    """It was `targets.web: canary: an address ...` at the target's first line: the field
+    is now the one the rule is about, on the line where it is written."""
+    text = config_text(tmp_path)
+    text = text[:text.index("  web:")] + "  " + target + "\n"
+    found = [str(p) for p in validate_files([write(tmp_path, "canary.yaml", text)])]
+    assert len(found) == 1 and f":{line}: {field}: {says}" in found[0], found
+
+
+@pytest.mark.parametrize("policies", ["[]", '""', "[policies/p.yaml, 5]", "{a: b}"])
+def test_a_bad_policies_field_is_named_once_in_canarys_words(tmp_path, policies):
+    """It read `policies.constrained-str: must be a string` and
+    `policies.list[constrained-str]: must not be empty`: pydantic's names for the two
+    forms the field may take, which are no field of the file."""
+    text = config_text(tmp_path).replace("policies: policies/", f"policies: {policies}")
+    found = [str(p) for p in validate_files([write(tmp_path, "canary.yaml", text)])]
+    assert len(found) == 1, found
+    assert found[0].endswith(":4: policies: must be a directory of policy files, like "
+                             "policies/, or a non-empty list of policy files"), found
 
 
 def test_plan_prints_stages_fastest_time_to_100_and_slowest_rollback(capsys):

@@ -40,7 +40,8 @@ def schema_errors(name: str, doc: Any) -> list[str]:
     out = []
     for e in editor_validator(name).iter_errors(doc):
         path = "/".join(map(str, e.absolute_path))
-        unknown = re.search(r"\((.*) (?:was|were) unexpected\)", e.message)
+        unknown = (re.search(r"\((.*) (?:was|were) unexpected\)", e.message)
+                   or re.match(r"(.*) (?:does|do) not match any of the regexes", e.message))
         if e.validator == "additionalProperties" and unknown:
             out += [f"{path}/{k}".lstrip("/") for k in re.findall(r"'([^']+)'",
                                                                   unknown.group(1))]
@@ -301,6 +302,19 @@ def bad_policy(change: str) -> dict[str, Any]:
                                  "hold": "1m"})
     elif change == "empty match":
         doc["stages"].insert(0, {"match": {"headers": {}}, "hold": "1m"})
+    elif change == "bidi override in a header value":
+        doc["stages"].insert(0, {"match": {"headers": {"x-user": "alice\u202eecila"}},
+                                 "hold": "1m"})
+    elif change == "line separator in a cookie value":
+        doc["stages"].insert(0, {"match": {"cookies": {"beta": "yes\u2028no"}}, "hold": "1m"})
+    elif change == "zero approval timeout":
+        doc["approval_timeout"] = "0s"
+    elif change == "webhook url scheme":
+        doc["webhooks"] = [{"name": "ticket", "when": "stage", "url": "ftp://tickets/ok"}]
+    elif change == "alert label name":
+        doc["alerts"] = [{"matchers": {"1service": "{{ service }}"}}]
+    elif change == "blank alert value":
+        doc["alerts"] = [{"matchers": {"alertname": " "}}]
     return doc
 
 
@@ -318,7 +332,7 @@ def bad_policy(change: str) -> dict[str, Any]:
      "stages/2/gates/0/max"),
     ("override of an unknown kind", "stages[2].gates[0].kind", "stages/2/gates/0/kind"),
     ("threshold without bounds", "gates[2]", "gates/2"),
-    ("compare without version", "gates[2]", "gates/2"),
+    ("compare without version", "gates[2].query", "gates/2"),
     ("requests without version", "gates[0].requests", "gates/0/requests"),
     ("no stages", "stages", "stages"),
     ("blank query", "stages[0].gates[0].query", "stages/0/gates/0/query"),
@@ -326,6 +340,14 @@ def bad_policy(change: str) -> dict[str, Any]:
     ("long prefix", "stages[0].match.headers.x-id", "stages/0/match/headers/x-id"),
     ("line break in a regex", "stages[0].match.cookies.user", "stages/0/match/cookies/user"),
     ("empty match", "stages[0].match", "stages/0/match"),
+    ("bidi override in a header value", "stages[0].match.headers.x-user",
+     "stages/0/match/headers/x-user"),
+    ("line separator in a cookie value", "stages[0].match.cookies.beta",
+     "stages/0/match/cookies/beta"),
+    ("zero approval timeout", "approval_timeout", "approval_timeout"),
+    ("webhook url scheme", "webhooks[0].url", "webhooks/0/url"),
+    ("alert label name", "alerts[0].matchers.1service", "alerts/0/matchers/1service"),
+    ("blank alert value", "alerts[0].matchers.alertname", "alerts/0/matchers/alertname"),
 ])
 def test_canary_validate_the_editor_schema_and_helm_refuse_the_same_bad_policy(
         tmp_path, change, field, words):
@@ -387,6 +409,11 @@ def bad_config(change: str) -> dict[str, Any]:
         doc["targets"]["shop"] = {"router": "gateway", "namespace": "prod", "http_route": "shop",
                                   "rule": "Primary Rule", "stable": {"name": "s", "port": 80},
                                   "canary": {"name": "c", "port": 80}}
+    elif change == "swap with a workload":
+        doc["targets"]["shop"] = {"router": "gateway", "namespace": "prod", "http_route": "shop",
+                                  "stable": {"name": "s", "port": 80},
+                                  "canary": {"name": "c", "port": 80}, "promotion": "swap",
+                                  "workload": {"stable": "shop-a", "canary": "shop-b"}}
     return doc
 
 
@@ -410,6 +437,7 @@ def bad_config(change: str) -> dict[str, Any]:
     ("no tokens", "auth.tokens", "auth"),
     ("empty file", "targets.web.server_file", "targets/web/server_file"),
     ("rule name", "targets.shop.rule", "targets/shop/rule"),
+    ("swap with a workload", "targets.shop.promotion", "targets/shop/promotion"),
 ])
 def test_canary_validate_the_editor_schema_and_helm_refuse_the_same_bad_config(
         tmp_path, change, field, words):
@@ -426,6 +454,129 @@ def test_canary_validate_the_editor_schema_and_helm_refuse_the_same_bad_config(
     values = {"config": {k: v for k, v in doc.items() if k not in CHART_SETS}}
     said = helm_error(values)
     assert said is not None and helm_fields(said) == [f"config/{words}"], said
+
+
+@pytest.mark.e2e
+def test_a_whole_number_written_with_a_zero_fraction_passes_every_reader(tmp_path):
+    """`weight: 5.0` is an integer to JSON Schema (so to the editor and helm): canary reads
+    it as 5 rather than refusing what the editor underlined nowhere; 5.5 stays refused by
+    all of them."""
+    doc = good_policy()
+    doc["failure_limit"] = 2.0
+    doc["stages"][0]["weight"] = 5.0
+    doc["stages"].insert(0, {"mirror": 50.0, "hold": "1m"})
+    config = example_config()
+    config["prometheus"]["concurrency"] = 8.0
+    config["targets"]["shop"] = {"router": "gateway", "namespace": "prod", "http_route": "shop",
+                                 "rule": 0.0, "stable": {"name": "s", "port": 8080.0},
+                                 "canary": {"name": "c", "port": 8080.0}, "policy": "standard",
+                                 "vars": {"service": "shop"}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(doc))
+    (tmp_path / "canary.yaml").write_text(yaml.safe_dump(config))
+    assert "weight: 5.0" in (tmp_path / "p.yaml").read_text()
+    assert validate_files([str(tmp_path / "p.yaml"), str(tmp_path / "canary.yaml")]) == []
+    assert schema_errors("policy", doc) == []
+    assert schema_errors("config", config) == []
+    values = policy_values(doc)
+    values["config"] = {k: v for k, v in config.items() if k not in CHART_SETS}
+    assert helm_error(values) is None
+    from canary import policy as policy_mod
+    from canary.config import load_file as load_config
+
+    read = policy_mod.load_file(tmp_path / "p.yaml")
+    assert [(s.weight, type(s.weight)) for s in read.stages][1] == (5, int)
+    assert read.stages[0].mirror == 50 and read.failure_limit == 2
+    shop = load_config(tmp_path / "canary.yaml").targets["shop"]
+    assert (shop.rule, shop.stable.port) == (0, 8080)
+    doc["stages"][1]["weight"] = 5.5
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(doc))
+    assert [p.field for p in validate_files([str(tmp_path / "p.yaml")])] == ["stages[1].weight"]
+    assert schema_errors("policy", doc) == ["stages/1/weight"]
+
+
+@pytest.mark.e2e
+def test_a_match_value_with_a_non_breaking_or_zero_width_space_passes_every_reader(tmp_path):
+    """A match value is text on one line: canary refused a no-break or zero-width space
+    ('must be printable text') that the editor and helm accept and is no control
+    character or line break; it now refuses what they refuse (control characters, line
+    breaks, bidi controls: test_canary_validate_the_editor_schema_and_helm_refuse_the_same_bad_policy)."""
+    doc = good_policy()
+    doc["stages"].insert(0, {"match": {"headers": {"x-team": "Team\u00a0A"},
+                                       "cookies": {"beta": {"prefix": "on\u200b"}}},
+                             "hold": "1m"})
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    assert validate_files([str(path)]) == []
+    assert schema_errors("policy", doc) == []
+    assert helm_error(policy_values(doc)) is None
+
+
+@pytest.mark.e2e
+def test_a_role_in_capitals_passes_every_reader(tmp_path):
+    """canary reads `role: Oncall` as oncall; the editor underlined it (the schema named
+    only the lower-case words). A role that is none of the three stays refused by all."""
+    doc = example_config()
+    doc["auth"]["tokens"][0]["role"] = "Pipeline"
+    doc["auth"]["tokens"][1]["role"] = "ONCALL"
+    (tmp_path / "canary.yaml").write_text(yaml.safe_dump(doc))
+    assert validate_files([str(tmp_path / "canary.yaml")]) == []
+    assert schema_errors("config", doc) == []
+    assert model_schema_errors("config", doc) == []
+    doc["auth"]["tokens"][1]["role"] = "admin"
+    (tmp_path / "canary.yaml").write_text(yaml.safe_dump(doc))
+    assert [p.field for p in validate_files([str(tmp_path / "canary.yaml")])] == [
+        "auth.tokens[1].role"]
+    assert schema_errors("config", doc) == ["auth/tokens/1/role"]
+
+
+ONLY_VALIDATE = [
+    # (policy or config, change, the field canary names, words of the README's list)
+    ("policy", lambda d: d.update(interval="500ms"), "interval", "at least `1s`"),
+    ("policy", lambda d: d["stages"][0].update(hold="721h"), "stages[0].hold",
+     "at most 30 days"),
+    ("policy", lambda d: d["stages"][0].update(hold="1.0005s"), "stages[0].hold",
+     "whole milliseconds"),
+    ("policy", lambda d: d["gates"][0].update(requests=d["gates"][0]["requests"] + " {{ 1x }}"),
+     "gates[0].requests", "well formed"),
+    ("policy", lambda d: d.update(webhooks=[{"name": "w", "when": "stage", "url": "http://a/"},
+                                            {"name": "w", "when": "rollback",
+                                             "url": "http://b/"}]),
+     "webhooks[1].name", "unique gate and webhook names"),
+    ("policy", lambda d: d["stages"][1].update(gates=[{"name": "errors", "kind": "compare",
+                                                       "max_ratio": 2}]),
+     "stages[1].gates[0].kind", "keeping that gate's kind"),
+    ("config", lambda d: d["targets"]["web"].update(version_probe={"timeout": "61s"}),
+     "targets.web.version_probe.timeout", "timeout of at most `60s`"),
+    ("config", lambda d: d["targets"].update(shop={
+        "router": "gateway", "namespace": "prod", "http_route": "shop",
+        "stable": {"name": "s", "port": 80}, "canary": {"name": "c", "port": 80},
+        "vars": {"service": "shop"}, "workload": {"stable": "shop", "canary": "shop"}}),
+     "targets.shop.workload.canary", "Deployments"),
+    ("config", lambda d: d["targets"].update(api={
+        "router": "istio", "namespace": "prod", "virtual_service": "api",
+        "stable": {"host": "api", "subset": "v1"}, "canary": {"host": "api", "subset": "v1"},
+        "vars": {"service": "api"}}),
+     "targets.api.canary", "different servers, Services"),
+]
+
+
+@pytest.mark.parametrize("name,change,field,words", ONLY_VALIDATE)
+def test_what_only_canary_validate_sees_is_listed_in_the_readme(tmp_path, name, change, field,
+                                                                words):
+    """The editor and helm accept these and canary refuses them: the README says so, in
+    its list of what a schema cannot express, so a red squiggle's absence is not read as
+    a promise (it listed none of these)."""
+    doc = good_policy() if name == "policy" else example_config()
+    change(doc)
+    path = tmp_path / ("p.yaml" if name == "policy" else "canary.yaml")
+    path.write_text(yaml.safe_dump(doc))
+    assert schema_errors(name, doc) == []
+    problems = [str(p) for p in validate_files([str(path)])]
+    assert any(f": {field}: " in p for p in problems), problems
+    readme = (ROOT / "README.md").read_text()
+    listed = readme[readme.index("What a schema cannot express"):]
+    listed = listed[:listed.index("only `canary validate` sees")]
+    assert re.search(r"\s+".join(map(re.escape, words.split())), listed), words
 
 
 def test_the_good_documents_pass_every_reader(tmp_path):
@@ -452,6 +603,13 @@ BAD_BODIES = [
     ("Override", {"reason": "x" * 1001}),
     ("Override", {}),
     ("Promote", {"reason": "ok", "full": "yes"}),
+    # blank, or with a control character: refused by the API, so by the description too
+    ("Override", {"reason": " "}),
+    ("Override", {"reason": "checked\tthe dashboards"}),
+    ("Override", {"reason": "ok\n"}),
+    ("StartRollout", {"target": " ", "canary_version": "v2"}),
+    ("StartRollout", {"target": "web\u202e", "canary_version": "v2"}),
+    ("StartRollout", {"target": "web", "canary_version": "v2", "policy": "p\x1b[2J"}),
 ]
 _PATHS = {"StartRollout": "/api/v1/rollouts", "Override": "/api/v1/rollouts/{id}/abort",
           "Promote": "/api/v1/rollouts/{id}/promote"}

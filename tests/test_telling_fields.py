@@ -63,6 +63,9 @@ def test_webhooks_alerts_and_approval_timeout_are_read_and_kept_with_the_rollout
                     "matchers: {}"), "8: alerts[0].matchers: must be a non-empty mapping"),
     (POLICY.replace("alertname:", "alert-name:"),
      "8: alerts[0].matchers.alert-name: 'alert-name' is not an Alertmanager label name"),
+    (POLICY.replace("name: tell,", "name: smoke,"),
+     "6: webhooks[1].name: webhook 'smoke' is also webhooks[0]'s name; give each webhook a "
+     "unique name"),
     (POLICY.replace("approval_timeout: 2h", "approval_timeout: soon"),
      "9: approval_timeout: 'soon' is not a duration"),
 ])

@@ -23,7 +23,7 @@ from canary.model import (
     Verdict,
 )
 from canary.policy import Policy
-from canary.text import is_control
+from canary.text import CONTROL_PATTERN, is_control
 
 MAX_TEXT = 1000
 
@@ -42,8 +42,10 @@ def _not_blank(value: str) -> str:
     return value
 
 
-Plain = Annotated[str, Field(max_length=MAX_TEXT), AfterValidator(_plain)]
-Required = Annotated[Plain, Field(min_length=1), AfterValidator(_not_blank)]
+Plain = Annotated[str, Field(max_length=MAX_TEXT, json_schema_extra={
+    "not": {"pattern": CONTROL_PATTERN}}), AfterValidator(_plain)]
+Required = Annotated[Plain, Field(min_length=1, json_schema_extra={"pattern": r"\S"}),
+                     AfterValidator(_not_blank)]
 Version = Annotated[str, Field(pattern=VERSION_PATTERN)]
 
 
@@ -270,6 +272,15 @@ _MESSAGES = {
 }
 
 
+# what a missing field that is not text is (the others: "required, a non-empty string")
+_REQUIRED = {
+    "version": 'required: "4", the version of Alertmanager\'s webhook payload',
+    "alerts": "required: a list of alerts, each with status and labels",
+    "status": "required: firing or resolved",
+    "labels": "required: a JSON object of label names and values",
+}
+
+
 def parse(model: type[_Body], data: Any) -> Any:
     """`data` (a decoded JSON object) as `model`, or InvalidInput naming each field that
     is wrong and how to fix it."""
@@ -288,6 +299,8 @@ def parse(model: type[_Body], data: Any) -> Any:
                 message = f"{err.get('input')!r} {_VERSION_MESSAGE}"
             elif kind in ("model_type", "dict_type"):
                 message = "must be a JSON object"
+            elif kind == "missing" and str(err["loc"][-1]) in _REQUIRED:
+                message = _REQUIRED[str(err["loc"][-1])]
             elif kind == "literal_error":
                 message = f"must be {(err.get('ctx') or {}).get('expected', err['msg'])}"
             elif kind == "list_type":

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from canary.api import bodies
-from canary.model import RolloutView
+from canary.model import Phase, RolloutView
 
 _REF = "#/components/schemas/{model}"
 _MODELS: list[type[BaseModel]] = [
@@ -43,6 +43,9 @@ def _responses(ok: int, model: type[BaseModel], *errors: int) -> dict[str, Any]:
 
 
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+# `state=`: one or more states or `active`, separated by commas (the API refuses others)
+_STATE = "(?:" + "|".join([*(p.value for p in Phase), "active"]) + ")"
+_STATES = rf"^[\s,]*{_STATE}\s*(?:,\s*(?:{_STATE}\s*)?)*$"
 _AUTH: list[dict[str, list[str]]] = [{"bearer": []}]
 _WRITE_ERRORS = (400, 401, 403, 404, 409, 413, 503)
 
@@ -86,7 +89,7 @@ SPEC: dict[str, Any] = {
                     "security": _AUTH,
                     "parameters": [
                         _query("target", {"type": "string"}, "only this target's rollouts"),
-                        _query("state", {"type": "string"},
+                        _query("state", {"type": "string", "pattern": _STATES},
                                "only rollouts in these states, comma-separated; `active` "
                                "stands for every state not final"),
                         _query("limit", {"type": "integer", "minimum": 1, "maximum": 500,
