@@ -210,6 +210,12 @@ Versioned = Annotated[Query, AfterValidator(_versioned),
                       Field(json_schema_extra={"pattern": _VERSION_TEMPLATE})]
 
 
+# the fields only another kind has: written without kind, they say which kind was meant
+_OTHER_KINDS = {"errors": ("requests", "errors", "tolerance", "alpha", "gross", "final_gross",
+                           "detect_rate", "warmup", "wander"),
+                "compare": ("baseline", "max_increase", "max_ratio")}
+
+
 @dataclass(frozen=True, config=_stated(_given("min", "max"), kind_required=False))
 class ThresholdGate:
     """One query for the canary, bounded by min and/or max."""
@@ -225,6 +231,22 @@ class ThresholdGate:
     """The gate fails when the value is above this."""
     kind: Literal["threshold"] = "threshold"
     """threshold (the default): the query's value must stay within min and max."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_left_out(cls, data: Any) -> Any:
+        # a gate without kind is a threshold gate: fields of another kind are a kind left
+        # out, not three unknown fields and a missing query
+        if isinstance(data, dict) and "kind" not in data:
+            for kind, fields in _OTHER_KINDS.items():
+                given = [f for f in fields if f in data]
+                if given:
+                    are = "is a field" if len(given) == 1 else "are fields"
+                    an = "an" if kind[0] in "aeiou" else "a"
+                    raise ValueError(f"{', '.join(given)} {are} of {an} {kind} gate: add "
+                                     f"kind: {kind} (a gate without kind is a threshold "
+                                     "gate: name, query, min, max)")
+        return data
 
     @model_validator(mode="after")
     def _bounds(self) -> ThresholdGate:

@@ -526,3 +526,20 @@ def test_a_number_in_quotes_gets_how_to_write_it(tmp_path, field, written, bare)
     for other in ('"lots"', '"-1"', '".nan"'):
         [found] = problems_of(tmp_path, policy(other))
         assert "in quotes" not in found, found
+
+
+@pytest.mark.parametrize("fields,said", [
+    ('    requests: r{version="{{ version }}"}\n    errors: e{version="{{ version }}"}\n',
+     "gates[0]: requests, errors are fields of an errors gate: add kind: errors"),
+    ('    query: x{version="{{ version }}"}\n    max_ratio: 1.2\n',
+     "gates[0]: max_ratio is a field of a compare gate: add kind: compare"),
+])
+def test_a_gate_written_without_its_kind_is_told_which_kind_to_add(tmp_path, fields, said):
+    """A gate without kind is a threshold gate: an errors gate whose kind was left out
+    was told 'query: required' and 'requests: unknown field' and 'errors: unknown field',
+    none of which says what to do."""
+    text = "stages:\n  - weight: 100\n    hold: 1m\ngates:\n  - name: g\n" + fields
+    [found] = problems_of(tmp_path, text)
+    assert found.startswith("pol.yaml:5: ") and said in found, found
+    assert problems_of(tmp_path, text.replace("  - name: g\n", "  - name: g\n    kind: "
+                                              + said.rsplit(" ", 1)[1] + "\n")) == []
