@@ -44,7 +44,10 @@ class Counters:
 def every_kind(*, hold: float = 0.6) -> Policy:
     return Policy(name="kinds", interval=0.1, failure_limit=2, no_data=NoData.HOLD,
                   progress_deadline=120.0,
-                  stages=(Stage(10, hold), Stage(50, hold), Stage(100, hold)),
+                  # Counters gives the canary a third of the requests at every weight:
+                  # within half to twice the weight at 25% and 50% (at 10% the errors gate
+                  # would hold: far more traffic than its weight)
+                  stages=(Stage(25, hold), Stage(50, hold), Stage(100, hold)),
                   gates=(ThresholdGate("latency-max", "latency{{ canary_version }}", max=0.5),
                          CompareGate(name="latency-vs-stable", query="latency{{ version }}",
                                      max_ratio=1.5),
@@ -67,7 +70,7 @@ async def test_a_rollouts_readings_show_its_weight_and_every_gate_over_time_afte
         before = await readings(api, rid)
         assert (await api.rollout(rid))["state"] == "succeeded", before
     # weight over time: each stage's weight, as the router carried it, in order
-    assert [(w["stage"], w["weight"]) for w in before["weights"]] == [(0, 10), (1, 50), (2, 100)]
+    assert [(w["stage"], w["weight"]) for w in before["weights"]] == [(0, 25), (1, 50), (2, 100)]
     gates = {g["name"]: g for g in before["gates"]}
     assert {n: g["kind"] for n, g in gates.items()} == {
         "latency-max": "threshold", "latency-vs-stable": "compare", "errors": "errors"}
