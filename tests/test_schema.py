@@ -557,6 +557,10 @@ ONLY_VALIDATE = [
         "stable": {"host": "api", "subset": "v1"}, "canary": {"host": "api", "subset": "v1"},
         "vars": {"service": "api"}}),
      "targets.api.canary", "different servers, Services"),
+    ("config", lambda d: d.update(notifications=[
+        {"name": "chat", "url": "https://chat.example/hook"},
+        {"name": "chat", "url": "https://chat.example/other"}]),
+     "notifications[1].name", "unique receiver names"),
 ]
 
 
