@@ -317,6 +317,27 @@ def test_warmup_ignores_a_slow_start_but_judges_what_follows():
         dict(counts), now=1.0).detail
 
 
+def test_a_clock_stepped_back_does_not_put_a_warm_gate_back_into_warm_up():
+    # warm-up is over once: a wall clock stepped back (NTP) used to make the gate
+    # inconclusive again, with its hard guard off, until the clock caught up
+    gate = sequential.ErrorGate(warmup=120)
+    state = sequential.State()
+    counts = dict.fromkeys(("canary_requests", "canary_errors", "stable_requests",
+                            "stable_errors"), 0.0)
+    for now in (0.0, 60.0, 135.0, 150.0, 70.0):  # the last reading after a step back
+        counts["canary_requests"] += 300
+        counts["stable_requests"] += 900
+        out = sequential.update(gate, state, dict(counts), now=now)
+        state = sequential.State.from_json(json.loads(json.dumps(out.state.to_json())))
+        assert ("warming up" in out.detail) == (now == 60.0), (now, out.detail)
+    # and the hard guard is on: a canary failing every request is rolled back at once
+    counts["canary_requests"] += 300
+    counts["canary_errors"] += 300
+    counts["stable_requests"] += 900
+    out = sequential.update(gate, state, dict(counts), now=80.0)
+    assert out.verdict == "fail" and "hard guard" in out.detail, out
+
+
 @pytest.mark.e2e
 @settings(max_examples=1000, deadline=None)
 @given(tolerance=st.floats(0.01, 1000), alpha=st.floats(1e-12, 0.49),

@@ -151,11 +151,12 @@ class State:
     disp: dict[str, float] = field(default_factory=dict)   # stable's spread estimate
     disp_c: dict[str, float] = field(default_factory=dict)  # the canary's
     base: dict[str, float] = field(default_factory=dict)   # stable's rate, for the bound
+    warm: bool = False     # warm-up over: for good, whatever a stepped clock says later
 
     def to_json(self) -> dict[str, Any]:
         return {"last": self.last, "t": self.t, "s": self.s, "stage": self.stage,
                 "first_at": self.first_at, "ni": self.ni, "ab": self.ab, "disp": self.disp,
-                "disp_c": self.disp_c, "base": self.base}
+                "disp_c": self.disp_c, "base": self.base, "warm": self.warm}
 
     @classmethod
     def from_json(cls, d: dict[str, Any] | None) -> State:
@@ -166,7 +167,7 @@ class State:
                    first_at=d.get("first_at"), ni=_fit(d.get("ni"), NI_GRID),
                    ab=_fit(d.get("ab"), AB_GRID),
                    disp=dict(d.get("disp", {})), disp_c=dict(d.get("disp_c", {})),
-                   base=dict(d.get("base", {})))
+                   base=dict(d.get("base", {})), warm=bool(d.get("warm", False)))
 
 
 def fold(gate: ErrorGate, state: State, e_c: float, n_c: float, e_s: float,
@@ -511,7 +512,10 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
                     first_at=now if first else state.first_at)
     if first:
         return Outcome("inconclusive", None, "first reading; counting from here", state)
-    warming = state.first_at is not None and now - state.first_at < gate.warmup
+    warming = (not state.warm and state.first_at is not None
+               and now - state.first_at < gate.warmup)
+    if not warming and not state.warm:
+        state = replace(state, warm=True)
     n_c, e_c = d["canary_requests"], min(d["canary_errors"], d["canary_requests"])
     n_s, e_s = d["stable_requests"], min(d["stable_errors"], d["stable_requests"])
     for k, v in (("n_c", n_c), ("e_c", e_c), ("n_s", n_s), ("e_s", e_s)):
