@@ -770,8 +770,8 @@ def test_the_benchmark_compares_canary_only_with_fixed_rules_as_safe_in_a_shared
                                               sc)["rolled_back"] for r in rules}}
     assert fr["burst on both"][(30, 5)] > 0.5 and fr["burst on both"][(60, 10)] == 0.0
     fixed = {(30, 5): {"excess_mean": 40.0}, (60, 10): {"excess_mean": 150.0}}
-    steady = _cheapest(fixed, {r: fr["healthy 0.5%"] for r in rules})
-    every = _cheapest(fixed, {r: list(fr.values()) for r in rules}, every=True)
+    steady = _cheapest(fixed, [fr["healthy 0.5%"]])
+    every = _cheapest(fixed, list(fr.values()))
     assert steady == (30, 5) and every == (60, 10)
 
 

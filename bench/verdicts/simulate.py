@@ -460,21 +460,22 @@ def peers(sc: Any, cases: list[Any]) -> list[str]:
     return at or [c.name for c in same if c.p_stable == BASE]
 
 
-def latency_peer(sc: Any) -> str:
-    return "latency healthy"
-
-
 def _cheapest(fixed: dict[tuple[int, int], dict[str, Any]],
-              healthy: dict[tuple[int, int], Any], every: bool = False
-              ) -> tuple[int, int] | None:
+              healthy: list[dict[tuple[int, int] | None, float]]) -> tuple[int, int] | None:
     """The fixed setting with the fewest excess bad requests among those whose false-rollback
-    rate is at most canary's (or 1%) on the given healthy scenario (every one of them)."""
-    def fair(k: tuple[int, int]) -> bool:
-        groups = healthy[k] if every else [healthy[k]]
-        return all(g.get(k, 1.0) <= max(g.get(None, 0.0), 0.01) for g in groups)
-
-    ok = [k for k in fixed if fair(k)]
+    rate is at most canary's (or 1%) on every one of the `healthy` scenarios' rates."""
+    ok = [k for k in fixed
+          if all(g.get(k, 1.0) <= max(g.get(None, 0.0), 0.01) for g in healthy)]
     return min(ok, key=lambda k: fixed[k]["excess_mean"]) if ok else None
+
+
+def _rule_name(rule: tuple[int, int] | None, ran: bool) -> str:
+    return (f"interval {rule[0]}s, threshold {rule[1]}" if rule
+            else "none qualifies" if ran else "not run")
+
+
+def _detection(d: dict[str, Any]) -> str:
+    return f"{d.get('detect_median_s', math.nan):.0f} / {d.get('detect_p90_s', math.nan):.0f}"
 
 
 def main() -> None:
@@ -523,8 +524,9 @@ def main() -> None:
         cases: list[tuple[Any, Callable[..., Result]]] = [(sc, simulate) for sc in scenarios()]
         cases += [(sc, simulate_latency) for sc in latency_scenarios()]
         wanted = [c for c in cases if any(o in c[0].name for o in args.only)]
+        scs = [c[0] for c in cases]
         need = {c[0].name for c in wanted} | {n for sc, _ in wanted if sc.onset is not None
-                                              for n in peers(sc, [c[0] for c in cases])}
+                                              for n in peers(sc, scs)}
         need |= {f"healthy {BASE:.1%}", "latency healthy"}
         healthy = [c for c in cases if c[0].onset is None and c[0].name in need]
         bad = [c for c in cases if c[0].onset is not None and c[0].name in need]
@@ -536,54 +538,42 @@ def main() -> None:
             ours = summarize([sim(sc, rps, s, None) for s in seeds], sc)
             fixed = {rule: summarize([sim(sc, rps, s, rule) for s in seeds], sc)
                      for rule in ([] if args.no_fixed else FLAGGER)}
-            if sc.onset is None:
+            isbad = sc.onset is not None
+            if not isbad:
                 fr[sc.name] = {None: ours["rolled_back"],
                                **{k: v["rolled_back"] for k, v in fixed.items()}}
                 best = min(fixed, key=lambda k: fixed[k]["rolled_back"]) if fixed else None
-                wide = best
             else:
                 # the old criterion: as safe as canary on steady traffic at the base rate
-                base = fr[latency_peer(sc) if isinstance(sc, LatencyScenario)
-                          else f"healthy {BASE:.1%}"]
-                best = _cheapest(fixed, {k: base for k in fixed})
-                # fair under bursts too: as safe as canary on every healthy scenario of
-                # the same base rate and stages (shared outages, bursts, wandering)
-                group = [fr[n] for n in peers(sc, [c[0] for c in cases])]
-                wide = _cheapest(fixed, {k: group for k in fixed}, every=True)
+                best = _cheapest(fixed, [fr["latency healthy" if isinstance(sc, LatencyScenario)
+                                            else f"healthy {BASE:.1%}"]])
             b = fixed[best] if best else {}
-            w = fixed[wide] if wide else {}
             rb = f"{ours['rolled_back']:.2%} [{ours['rb_lo']:.2%}, {ours['rb_hi']:.2%}]"
-            det = (f"{ours.get('detect_median_s', math.nan):.0f} / "
-                   f"{ours.get('detect_p90_s', math.nan):.0f}" if sc.onset is not None else "-")
-            ex = f"{ours['excess_mean']:.1f}" if sc.onset is not None else "-"
-            pro = f"{ours['promote_median_min']:.1f}" if sc.onset is None else "-"
-
-            def name(rule: tuple[int, int] | None, ran: bool = bool(fixed)) -> str:
-                return (f"interval {rule[0]}s, threshold {rule[1]}" if rule
-                        else "none qualifies" if ran else "not run")
-
+            det = _detection(ours) if isbad else "-"
+            ex = f"{ours['excess_mean']:.1f}" if isbad else "-"
+            pro = f"{ours['promote_median_min']:.1f}" if not isbad else "-"
             brb = f"{b['rolled_back']:.2%}" if b else "-"
-            bdet = (f"{b.get('detect_median_s', math.nan):.0f} / "
-                    f"{b.get('detect_p90_s', math.nan):.0f}" if b and sc.onset is not None
-                    else "-")
-            bex = f"{b['excess_mean']:.1f}" if b and sc.onset is not None else "-"
-            bpro = f"{b['promote_median_min']:.1f}" if b and sc.onset is None else "-"
-            isbad = sc.onset is not None
+            bdet = _detection(b) if b and isbad else "-"
+            bex = f"{b['excess_mean']:.1f}" if b and isbad else "-"
+            bpro = f"{b['promote_median_min']:.1f}" if b and not isbad else "-"
             prom = f"{ours['promoted']:.1%}" if isbad else "-"
             r50 = f"{ours['reached_50']:.1%}" if isbad else "-"
             bprom = f"{b['promoted']:.1%}" if b and isbad else "-"
             wide_cols = "- | - | -"
             if isbad:
+                # fair under bursts too: as safe as canary on every healthy scenario of
+                # the same base rate and stages (shared outages, bursts, wandering)
+                wide = _cheapest(fixed, [fr[n] for n in peers(sc, scs)])
+                w = fixed[wide] if wide else {}
                 wex = f"{w['excess_mean']:.1f}" if w else "-"
-                wdet = (f"{w.get('detect_median_s', math.nan):.0f} / "
-                        f"{w.get('detect_p90_s', math.nan):.0f}" if w else "-")
-                wide_cols = f"{name(wide)} | {wdet} | {wex}"
+                wide_cols = (f"{_rule_name(wide, bool(fixed))} | "
+                             f"{_detection(w) if w else '-'} | {wex}")
             elif fixed:
                 worst = max(fr[sc.name][k] for k in fixed)
                 wide_cols = f"- | - | (fixed settings roll back up to {worst:.1%})"
             print(f"| {sc.name} | {rps:g} | {rb} | {ours['inconclusive']:.1%} | {prom} | {r50} | "
-                  f"{det} | {ex} | {pro} | {name(best)} | {brb} | {bprom} | {bdet} | {bex} | "
-                  f"{bpro} | {wide_cols} |", flush=True)
+                  f"{det} | {ex} | {pro} | {_rule_name(best, bool(fixed))} | {brb} | {bprom} | "
+                  f"{bdet} | {bex} | {bpro} | {wide_cols} |", flush=True)
         if not args.no_fixed:  # why a fixed setting is or is not fair under bursts
             per_rule.append((rps, fr))
     for rps, fr in per_rule:
