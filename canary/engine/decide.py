@@ -539,16 +539,18 @@ def observed(r: Rollout, weight: int | None, now: float) -> Rollout:
 # ---- gates and time ---------------------------------------------------------------------
 
 
-def _counts_as(verdict: Verdict, no_data: NoData) -> Verdict:
+def _counts_as(verdict: Verdict, no_data: NoData, *, sequential: bool = False) -> Verdict:
     """pass, fail or no_data (hold). A query error is never a pass; an inconclusive
-    sequential gate always holds."""
+    sequential gate always holds, and so does one that read no counters (`sequential`):
+    it has compared nothing, so `no_data: pass` does not make it pass (docs/verdicts.md,
+    promise 3), while `no_data: fail` still makes it block."""
     if verdict in (Verdict.PASS, Verdict.FAIL):
         return verdict
     if verdict in (Verdict.INCONCLUSIVE, Verdict.PENDING):
         return Verdict.NO_DATA
     if no_data is NoData.FAIL:
         return Verdict.FAIL
-    if no_data is NoData.PASS and verdict is Verdict.NO_DATA:
+    if no_data is NoData.PASS and verdict is Verdict.NO_DATA and not sequential:
         return Verdict.PASS
     return Verdict.NO_DATA
 
@@ -656,12 +658,7 @@ def tick(r: Rollout, policy: Policy, now: float) -> Rollout:
     sequential_gates = {g.name for g in policy.gates_for(r.stage) if isinstance(g, ErrorsGate)}
 
     def counts_as(g: GateStatus) -> Verdict:
-        # an `errors` gate passes only on its own verdict: one that read no counters has
-        # compared nothing, so `no_data: pass` does not make it pass (docs/verdicts.md,
-        # promise 3); `no_data: fail` still makes it block
-        if g.name in sequential_gates and g.status is Verdict.NO_DATA:
-            return Verdict.FAIL if policy.no_data is NoData.FAIL else Verdict.NO_DATA
-        return _counts_as(g.status, policy.no_data)
+        return _counts_as(g.status, policy.no_data, sequential=g.name in sequential_gates)
 
     passing = judged and all(counts_as(g) is Verdict.PASS for g in r.gates)
     if r.pre_rollout and passing:
