@@ -867,6 +867,16 @@ POLICY_REQUIRED = {
 }
 
 
+def _repeated_names(entries: object) -> Iterable[tuple[int, str, int]]:
+    """(index, name, index of its first use) of each entry of a list of mappings whose
+    name an earlier entry has."""
+    names = [e.get("name") if isinstance(e, dict) else None
+             for e in (entries if isinstance(entries, list) else [])]
+    for j, name in enumerate(names):
+        if isinstance(name, str) and name in names[:j]:
+            yield j, name, names.index(name)
+
+
 def _rules(doc: yamlsrc.Doc) -> list[Problem]:
     """What a single field cannot say: weights that rise to 100, unique gate names, a
     progress deadline longer than every hold. Read from the raw document, so they are
@@ -904,19 +914,12 @@ def _rules(doc: yamlsrc.Doc) -> list[Problem]:
                                              "the match and mirror stages")
     for path, gates in [(("gates",), data.get("gates")),
                         *((("stages", i, "gates"), s.get("gates")) for i, s in enumerate(stages))]:
-        names = [g.get("name") if isinstance(g, dict) else None
-                 for g in (gates if isinstance(gates, list) else [])]
-        for j, name in enumerate(names):
-            if isinstance(name, str) and name in names[:j]:
-                problem((*path, j, "name"), f"gate {name!r} appears twice in this list")
-    hooks = data.get("webhooks")
-    hook_names = [h.get("name") if isinstance(h, dict) else None
-                  for h in (hooks if isinstance(hooks, list) else [])]
-    for j, name in enumerate(hook_names):
-        if isinstance(name, str) and name in hook_names[:j]:
-            problem(("webhooks", j, "name"), f"webhook {name!r} is also webhooks[{hook_names.index(name)}]'s "
-                                             "name; give each webhook a unique name (a gating "
-                                             "one shows as gate hook:NAME)")
+        for j, name, _ in _repeated_names(gates):
+            problem((*path, j, "name"), f"gate {name!r} appears twice in this list")
+    for j, name, first in _repeated_names(data.get("webhooks")):
+        problem(("webhooks", j, "name"), f"webhook {name!r} is also webhooks[{first}]'s name; "
+                                         "give each webhook a unique name (a gating one shows "
+                                         "as gate hook:NAME)")
     try:
         interval = parse_duration(data.get("interval", "30s"))
         deadline = parse_duration(data.get("progress_deadline", "30m"))
@@ -951,7 +954,7 @@ def _stage_gates(data: Mapping[str, Any]) -> Iterable[tuple[int, int, dict[str, 
                 yield i, j, g
 
 
-def _inherited(data: Mapping[str, Any], problem: Problem) -> bool:
+def _inherited(data: Mapping[str, Any], wide: Mapping[str, Any], problem: Problem) -> bool:
     """A problem of a field a stage's change to a policy-wide gate does not write, but
     takes from that gate: reported where it is written (or, for a gate whose kind the
     stage changes, by _kept_kinds), not again at the stage's line."""
@@ -964,7 +967,7 @@ def _inherited(data: Mapping[str, Any], problem: Problem) -> bool:
     except (TypeError, IndexError, KeyError):
         return False
     return (isinstance(entry, dict) and isinstance(entry.get("name"), str)
-            and entry["name"] in _wide_gates(data) and m.group(3) not in entry)
+            and entry["name"] in wide and m.group(3) not in entry)
 
 
 def _kept_kinds(doc: yamlsrc.Doc) -> list[Problem]:
@@ -996,9 +999,10 @@ def _check(doc: yamlsrc.Doc, *, default_name: str, stored: bool = False) -> Poli
     try:
         pol = _POLICY.validate_python(data, context={"file": True, "stored": stored})
     except ValidationError as e:
+        wide = _wide_gates(data)
         problems = [p for p in validation.problems(doc, e, Policy, messages=POLICY_MESSAGES,
                                                    required=POLICY_REQUIRED)
-                    if not _inherited(data, p)] + problems
+                    if not _inherited(data, wide, p)] + problems
     if problems:
         raise ValidationFailed(sorted(problems, key=lambda p: p.line))
     return replace(pol, source=doc.file)
