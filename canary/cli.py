@@ -314,8 +314,9 @@ def plan_on_traffic(pol: policy_mod.Policy, rps: float, rates: dict[str, float],
         return g.kind != "threshold" or shapes[0] is None or shapes[0].measure != "quantile"
 
     # gating webhooks (pre-rollout, stage, pre-promotion): their answers are not known
-    hooks = {policy_mod.HOOK_PREFIX + h.name for i in range(len(stages))
-             for h in (*pol.gating_hooks(i), *pol.gating_hooks(i, pre_rollout=True))}
+    hooks = {policy_mod.HOOK_PREFIX + h.name for h in pol.gating_hooks(0, pre_rollout=True)}
+    hooks |= {policy_mod.HOOK_PREFIX + h.name for i in range(len(stages))
+              for h in pol.gating_hooks(i)}
     unknown = sorted({n for n, g in gates.items() if not predictable(g)} | hooks)
     # a match stage sends the canary the requests that match: plan does not know how many
     matched = {i: sh.text() for i, st in enumerate(stages)

@@ -85,7 +85,7 @@ EnvName = Annotated[str, Field(strict=True, pattern=f"^{_VAR}$")]
 HttpUrl = Annotated[str, Field(strict=True, pattern=r"^https?://", max_length=2048)]
 
 
-_ROLES = ("viewer", "pipeline", "oncall")
+_ROLES = tuple(r.name.lower() for r in Role)  # viewer, pipeline, oncall
 # canary reads a role in any case (Oncall): so does the schema, which still offers the
 # lower-case names to complete
 _ROLE_SCHEMA = {"type": "string", "anyOf": [

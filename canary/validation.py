@@ -215,9 +215,10 @@ def _field_takes(root: type[Any], loc: tuple[str | int, ...]) -> Callable[[Any],
 
 
 def _exponent_hint(e: Mapping[str, Any], root: type[Any], loc: tuple[str | int, ...]) -> str:
-    """PyYAML reads a number in exponent form as a number only with a dot and a signed
-    exponent (YAML 1.1): `5e-3` is the text "5e-3", refused by a number field with a
-    message that looks wrong for a number in range. Say how to write it: only the forms
+    """YAML 1.1 reads a number with an unsigned exponent (`5e2`) as text (canary's loader
+    reads a signed one, `5e-3`, as the number: yamlsrc), and a quoted one (`"5e-3"`) is
+    text anyway; a number field refuses it with a message that looks wrong for a number
+    in range. Say how to write it: only the forms
     YAML reads as a number the field at `loc` takes, so following the hint never meets
     a refusal again; of a number the field would refuse, or none can hold, say so."""
     value = e.get("input")

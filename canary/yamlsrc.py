@@ -26,7 +26,6 @@ class _Loader(yaml.SafeLoader):
 
     depth = 0
 
-
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         self.depth += 1
         try:
