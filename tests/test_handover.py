@@ -263,6 +263,21 @@ def nginx_target(tmp_path, stable, canary, **kw):
 FAST = simple_policy(hold=0.3, interval=0.1)
 
 
+@contextlib.asynccontextmanager
+async def probed(tmp_path, stable, canary) -> AsyncIterator[tuple[Any, Any]]:
+    """A controller whose nginx target probes these servers' versions."""
+    from canary.routers.nginx import NginxRouter
+    target = nginx_target(tmp_path, stable, canary)
+    async with controller(tmp_path, policies=[FAST], target=target,
+                          router=NginxRouter(target)) as (api, _ctl, _t):
+        yield api, target
+
+
+async def post_start(api, version: str = "v2") -> tuple[int, Any]:
+    return await api.call("POST", "/api/v1/rollouts",
+                          {"target": "web", "canary_version": version}, role="pipeline")
+
+
 @pytest.mark.e2e
 async def test_two_releases_in_a_row_swap_sides_and_the_serving_side_survives_a_restart(
         tmp_path):
@@ -300,15 +315,10 @@ async def test_two_releases_in_a_row_swap_sides_and_the_serving_side_survives_a_
 
 
 async def test_version_probe_refuses_a_start_naming_each_server_and_what_it_answered(tmp_path):
-    from canary.routers.nginx import NginxRouter
     async with VersionServer("v1") as s1, VersionServer("v1") as c1, \
             VersionServer("v2") as c2, VersionServer(None) as c3:
-        target = nginx_target(tmp_path, [s1.addr], [c1.addr, c2.addr, c3.addr])
-        async with controller(tmp_path, policies=[FAST], target=target,
-                              router=NginxRouter(target)) as (api, _ctl, _t):
-            status, data = await api.call("POST", "/api/v1/rollouts",
-                                          {"target": "web", "canary_version": "v2"},
-                                          role="pipeline")
+        async with probed(tmp_path, [s1.addr], [c1.addr, c2.addr, c3.addr]) as (api, target):
+            status, data = await post_start(api)
             assert status == 400, data
             msg = data["error"]
             assert f"{c1.addr} answered 'v1'" in msg and "HTTP 503" in msg and c3.addr in msg
@@ -319,9 +329,7 @@ async def test_version_probe_refuses_a_start_naming_each_server_and_what_it_answ
             assert not target.file.exists(), "nor any traffic"
             c1.version, c3.version = "v2", "v2"
             s1.version = "v0"
-            status, data = await api.call("POST", "/api/v1/rollouts",
-                                          {"target": "web", "canary_version": "v2"},
-                                          role="pipeline")
+            status, data = await post_start(api)
             assert status == 400 and f"{s1.addr} answered 'v0'" in data["error"]
             assert "stable side must run v1" in data["error"]
             s1.version = "v1"
@@ -332,15 +340,10 @@ async def test_version_probe_refuses_a_start_naming_each_server_and_what_it_answ
 @pytest.mark.e2e
 async def test_a_server_that_never_answers_the_probe_is_named_within_its_timeout(tmp_path):
     from canary.demo.procs import Blackhole
-    from canary.routers.nginx import NginxRouter
     async with VersionServer("v1") as s1, Blackhole() as url:
         hole = url.removeprefix("http://")
-        target = nginx_target(tmp_path, [s1.addr], [hole])
-        async with controller(tmp_path, policies=[FAST], target=target,
-                              router=NginxRouter(target)) as (api, _ctl, _t):
-            status, data = await api.call("POST", "/api/v1/rollouts",
-                                          {"target": "web", "canary_version": "v2"},
-                                          role="pipeline")
+        async with probed(tmp_path, [s1.addr], [hole]) as (api, _target):
+            status, data = await post_start(api)
             assert status == 400
             assert f"{hole} did not answer a version (no answer within 1s)" in data["error"]
 
@@ -663,7 +666,6 @@ async def test_a_json_body_nested_too_deep_is_no_version_and_the_start_a_400(tmp
     RecursionError, not ValueError. It escaped the probe and the start was a 500 with a
     traceback in the log; it is a server that did not answer a version, named in a 400."""
     from canary.probe import version_of
-    from canary.routers.nginx import NginxRouter
 
     deep = b'{"version": ' + b"[" * 2000 + b"]" * 2000 + b"}"
     assert len(deep) < 4096
@@ -674,12 +676,8 @@ async def test_a_json_body_nested_too_deep_is_no_version_and_the_start_a_400(tmp
 
     deep_server.handle = answer_deep  # type: ignore[method-assign]
     async with VersionServer("v1") as s1, deep_server as c1:
-        target = nginx_target(tmp_path, [s1.addr], [c1.addr])
-        async with controller(tmp_path, policies=[FAST], target=target,
-                              router=NginxRouter(target)) as (api, _ctl, _t):
-            status, data = await api.call("POST", "/api/v1/rollouts",
-                                          {"target": "web", "canary_version": "v2"},
-                                          role="pipeline")
+        async with probed(tmp_path, [s1.addr], [c1.addr]) as (api, _target):
+            status, data = await post_start(api)
             assert status == 400, data
             assert f"{c1.addr} did not answer a version (the body is not a version)" \
                 in data["error"], data
@@ -692,17 +690,12 @@ async def test_a_server_answering_a_longer_version_is_not_taken_for_the_canary_v
     character more runs something else. The answer was cut to 128 characters before it
     was compared, so the start went ahead and the canary side got traffic though its
     server does not run the canary version."""
-    from canary.routers.nginx import NginxRouter
 
     want = "v" + "1234567890" * 12 + "abcdefg"
     assert len(want) == 128
     async with VersionServer("v1") as s1, VersionServer(want + "-rc1") as c1:
-        target = nginx_target(tmp_path, [s1.addr], [c1.addr])
-        async with controller(tmp_path, policies=[FAST], target=target,
-                              router=NginxRouter(target)) as (api, _ctl, _t):
-            status, data = await api.call("POST", "/api/v1/rollouts",
-                                          {"target": "web", "canary_version": want},
-                                          role="pipeline")
+        async with probed(tmp_path, [s1.addr], [c1.addr]) as (api, target):
+            status, data = await post_start(api, want)
             assert status == 400, data
             assert c1.addr in data["error"] and "longer than a version" in data["error"], data
             assert not target.file.exists(), "no traffic moved"
