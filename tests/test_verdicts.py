@@ -453,28 +453,26 @@ def test_at_100_percent_stable_gone_is_nothing_to_compare_with_not_no_data():
     assert out.verdict == "no_data"
 
 
+def _fed(intervals: int, weight: int, each: dict[str, float]) -> list[sequential.Outcome]:
+    """GATE's outcomes, interval by interval, for counters growing by `each` at `weight`."""
+    state, counts, outs = sequential.State(), dict(COUNTS), []
+    for _ in range(intervals):
+        for k, v in each.items():
+            counts[k] += v
+        outs.append(sequential.update(GATE, state, dict(counts), weight=weight))
+        state = outs[-1].state
+    return outs
+
+
 def test_a_canary_that_gets_far_less_traffic_than_its_weight_holds_and_says_why():
-    state = sequential.State()
-    counts = dict(COUNTS)
-    verdicts = []
-    for _ in range(20):  # weight 25, but the canary gets 2.5% of the requests
-        counts["canary_requests"] += 75
-        counts["stable_requests"] += 2925
-        counts["stable_errors"] += 15
-        out = sequential.update(GATE, state, dict(counts), weight=25)
-        state = out.state
-        verdicts.append(out.verdict)
-    assert "pass" not in verdicts and out.verdict == "inconclusive"
+    # weight 25, but the canary gets 2.5% of the requests
+    outs = _fed(20, 25, {"canary_requests": 75, "stable_requests": 2925, "stable_errors": 15})
+    out = outs[-1]
+    assert "pass" not in [o.verdict for o in outs] and out.verdict == "inconclusive"
     assert "served 2.5% of requests this stage at weight 25%" in out.detail
     # the same counts at the weight they match pass
-    state, counts = sequential.State(), dict(COUNTS)
-    for _ in range(40):
-        counts["canary_requests"] += 750
-        counts["canary_errors"] += 4
-        counts["stable_requests"] += 2250
-        counts["stable_errors"] += 11
-        out = sequential.update(GATE, state, dict(counts), weight=25)
-        state = out.state
+    out = _fed(40, 25, {"canary_requests": 750, "canary_errors": 4, "stable_requests": 2250,
+                        "stable_errors": 11})[-1]
     assert out.verdict == "pass", out.detail
 
 
@@ -831,14 +829,9 @@ def test_a_canary_that_gets_far_more_traffic_than_its_weight_holds_and_says_why(
     # README: an errors gate "holds while the canary gets far less (or more) traffic than
     # its weight". At weight 5 a canary given 40% of the requests (a route that ignores the
     # weight, sticky sessions) passed: the rule only looked at stable's share
-    state, counts = sequential.State(), dict(COUNTS)
-    for _ in range(40):
-        counts["canary_requests"] += 1200
-        counts["canary_errors"] += 6
-        counts["stable_requests"] += 1800
-        counts["stable_errors"] += 9
-        out = sequential.update(GATE, state, dict(counts), weight=5)
-        state = out.state
+    outs = _fed(40, 5, {"canary_requests": 1200, "canary_errors": 6, "stable_requests": 1800,
+                        "stable_errors": 9})
+    for out in outs:
         assert out.verdict != "pass", out.detail
     assert out.verdict == "inconclusive"
     assert "served 40.0% of requests this stage at weight 5%" in out.detail
