@@ -226,7 +226,8 @@ def _exponent_hint(e: Mapping[str, Any], root: type[Any], loc: tuple[str | int, 
             or not isinstance(value, str):
         return ""
     m = _EXPONENT.fullmatch(value.strip())
-    if m is None:
+    if m is None or _reads_as_number(value.strip()):
+        # (a signed exponent is a number to canary's loader: text here, it was quoted)
         return _quoted_hint(value.strip(), root, loc)
     said = f" (YAML reads {value.strip()} as text, not a number"
     number = decimal.Decimal(m.group(0))
@@ -249,15 +250,21 @@ def _quoted_hint(text: str, root: type[Any], loc: tuple[str | int, ...]) -> str:
     """Text that YAML would read as a number, written bare, was quoted: `"0.005"`. The
     field's message alone ('must be between 0 and 0.5') would look wrong of it; say to
     drop the quotes, when the number is one the field takes."""
-    try:
-        float(text)  # (a number's characters only: no YAML tag, anchor or flow)
-        number = yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError):
+    if not _reads_as_number(text):
         return ""
-    if not isinstance(number, int | float) or isinstance(number, bool) \
-            or not _field_takes(root, loc)(number):
+    if not _field_takes(root, loc)(yamlsrc.scalar(text)):
         return ""
     return f' (YAML reads "{text}" in quotes as text, not a number: write {text})'
+
+
+def _reads_as_number(text: str) -> bool:
+    """Would canary's loader read `text`, written bare, as a number?"""
+    try:
+        float(text)  # (a number's characters only: no YAML tag, anchor or flow)
+        number = yamlsrc.scalar(text)
+    except (ValueError, yaml.YAMLError):
+        return False
+    return isinstance(number, int | float) and not isinstance(number, bool)
 
 
 def problems(doc: yamlsrc.Doc, error: ValidationError, root: type[Any], *,

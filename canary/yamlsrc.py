@@ -49,6 +49,11 @@ _Loader.add_implicit_resolver(
     list("-+.0123456789"))
 
 
+def scalar(text: str) -> Any:
+    """What canary's loader reads `text`, written bare as a value, as (`5e-3`: 0.005)."""
+    return yaml.load(text, Loader=_Loader)  # (_Loader is a SafeLoader)
+
+
 @dataclass
 class Doc:
     file: str

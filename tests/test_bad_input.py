@@ -507,6 +507,10 @@ def test_every_form_the_exponent_hint_offers_is_accepted(tmp_path, field, text, 
     ("alpha", '"0.005"', "0.005"),
     ("wander", "'0.1'", "0.1"),
     ("weight", '"25"', "25"),
+    # a signed exponent is a number to canary's loader (yamlsrc), so quoted it is a number
+    # in quotes too: the hint said 'YAML reads 5.0e-3 as text ...: write 5.0e-3 or 0.0050'
+    ("alpha", '"5e-3"', "5e-3"),
+    ("alpha", "'5.0E-3'", "5.0E-3"),
 ])
 def test_a_number_in_quotes_gets_how_to_write_it(tmp_path, field, written, bare):
     """A number in quotes is text to YAML: 'alpha: "0.005"' was refused with 'must be
