@@ -773,6 +773,39 @@ def test_the_benchmark_compares_canary_only_with_fixed_rules_as_safe_in_a_shared
     assert steady == (30, 5) and every == (60, 10)
 
 
+def test_a_bad_canary_the_fixed_rule_promotes_goes_on_costing_errors_to_the_horizon():
+    # docs/verdicts.md, "Counting what a promoted bad canary serves": excess bad requests
+    # stop at the end of a rollout that rolled back, but a promoted 2x canary keeps
+    # serving all traffic, and the benchmark's second cost counts those errors to the
+    # horizon; a rollback's cost is the same either way
+    from bench.verdicts.simulate import horizon, simulate
+
+    sc = _scenario("errors x2")
+    runs = [simulate(sc, 20, s, (60, 10)) for s in range(12)]
+    promoted = [r for r in runs if r.outcome == "promoted"]
+    rolled = [r for r in runs if r.outcome == "rolled_back"]
+    assert promoted and rolled
+    for r in rolled:
+        assert r.hour == r.excess
+    for r in promoted:
+        # all 20 requests/s at twice a 0.5% stable: 0.1 excess errors a second
+        expected = 20 * (horizon(sc) - r.time) * (2 * sc.p_stable - sc.p_stable)
+        assert r.hour - r.excess == pytest.approx(expected, rel=0.5)
+
+
+def test_counted_to_the_horizon_canary_costs_less_than_the_fixed_rule_as_safe_at_20_rps():
+    # docs/verdicts.md, "Counting what a promoted bad canary serves": at 20 requests/s the
+    # fixed setting as safe as canary on every healthy row (60 s, threshold 10) promotes
+    # many 2x canaries; counted to the horizon canary's cost is well under it
+    from bench.verdicts.simulate import simulate, summarize
+
+    sc = _scenario("errors x2")
+    ours = summarize([simulate(sc, 20, s, None) for s in range(30)], sc)
+    fixed = summarize([simulate(sc, 20, s, (60, 10)) for s in range(30)], sc)
+    assert ours["promoted"] == 0.0 and fixed["promoted"] >= 0.2
+    assert ours["hour_mean"] < 0.6 * fixed["hour_mean"]
+
+
 @pytest.mark.e2e
 def test_a_lower_detect_rate_stops_worse_canaries_under_it_but_holds_healthy_ones_at_20_rps():
     # docs/verdicts.md, "What detect_rate buys and costs": at 20 requests/s detect_rate

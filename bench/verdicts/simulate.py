@@ -177,6 +177,9 @@ class Result:
     time: float           # when it ended
     excess: float         # canary errors above stable's rate, from onset to the end
     max_weight: int = 0   # the highest weight the canary reached
+    hour: float = 0.0     # ...from onset to the row's horizon (an hour, or the policy's
+    #                       deadline and holds if longer): a bad canary promoted goes on
+    #                       serving all traffic until then, which `excess` stops counting
 
 
 @dataclass
@@ -366,8 +369,9 @@ def simulate_latency(sc: LatencyScenario, rps: float, seed: int,
         window = [*window, b_c][-4:]
         end = judge(ours, sch, rule, t, counts, p99_ok, window)
         if end:
-            return Result(end, t, excess, top)
-    return Result("inconclusive", t, excess, top)
+            return Result(end, t, excess, top, excess + (
+                _after_promotion(sc, rps, seed, t) if end == "promoted" else 0.0))
+    return Result("inconclusive", t, excess, top, excess)
 
 
 def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) -> Result:
@@ -412,8 +416,36 @@ def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) 
         else:
             end = judge(ours, sch, rule, t, [raw], rate_ok, window)
         if end:
-            return Result(end, t, excess, top)
-    return Result("inconclusive", t, excess, top)
+            return Result(end, t, excess, top, excess + (
+                _after_promotion(sc, rps, seed, t) if end == "promoted" else 0.0))
+    return Result("inconclusive", t, excess, top, excess)
+
+
+def horizon(sc: Any) -> float:
+    """The common end every rule's excess is counted to, for `Result.hour`."""
+    return max(MAX_TIME, getattr(sc, "deadline", 0.0) + sum(getattr(sc, "holds", ())))
+
+
+def _after_promotion(sc: Any, rps: float, seed: int, t: float) -> float:
+    """The excess bad requests a promoted bad canary serves from `t` to the horizon with
+    all traffic (its own random stream: the rollout's draws stay those of `excess`)."""
+    rng = np.random.default_rng([seed, 1])
+    excess = 0.0
+    if isinstance(sc, LatencyScenario):
+        base = bucket_probs(0.0, 0.0)
+        ex_at = BUCKETS.index(EXCESS_AT) + 1
+        while t < horizon(sc):
+            n = int(rng.poisson(rps * SCRAPE))
+            b_c = rng.multinomial(n, bucket_probs(*sc.shift(t)))
+            t += SCRAPE
+            excess += float(b_c[ex_at:].sum()) - n * float(base[ex_at:].sum())
+        return excess
+    while t < horizon(sc):
+        n = int(rng.poisson(rps * SCRAPE))
+        p_c, _ = sc.rates(t, rng)
+        t += SCRAPE
+        excess += int(rng.binomial(n, p_c)) - n * sc.p_stable
+    return excess
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -444,6 +476,7 @@ def summarize(results: list[Result], sc: Any) -> dict[str, float]:
         out["detect_median_s"] = float(np.median(det)) if det else math.nan
         out["detect_p90_s"] = float(np.percentile(det, 90)) if det else math.nan
         out["excess_mean"] = float(np.mean([max(0.0, r.excess) for r in results]))
+        out["hour_mean"] = float(np.mean([max(0.0, r.hour) for r in results]))
     return out
 
 
@@ -461,12 +494,14 @@ def peers(sc: Any, cases: list[Any]) -> list[str]:
 
 
 def _cheapest(fixed: dict[tuple[int, int], dict[str, Any]],
-              healthy: list[dict[tuple[int, int] | None, float]]) -> tuple[int, int] | None:
-    """The fixed setting with the fewest excess bad requests among those whose false-rollback
-    rate is at most canary's (or 1%) on every one of the `healthy` scenarios' rates."""
+              healthy: list[dict[tuple[int, int] | None, float]],
+              cost: str = "excess_mean") -> tuple[int, int] | None:
+    """The fixed setting with the fewest excess bad requests (`cost`: to the rollout's end,
+    or to the horizon) among those whose false-rollback rate is at most canary's (or 1%)
+    on every one of the `healthy` scenarios' rates."""
     ok = [k for k in fixed
           if all(g.get(k, 1.0) <= max(g.get(None, 0.0), 0.01) for g in healthy)]
-    return min(ok, key=lambda k: fixed[k]["excess_mean"]) if ok else None
+    return min(ok, key=lambda k: fixed[k][cost]) if ok else None
 
 
 def _rule_name(rule: tuple[int, int] | None, ran: bool) -> str:
@@ -520,6 +555,8 @@ def main() -> None:
           "median / p90 s | its excess bad |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     per_rule: list[tuple[float, dict[str, dict[tuple[int, int] | None, float]]]] = []
+    hours: list[tuple[str, float, dict[str, Any],
+                      list[tuple[tuple[int, int] | None, dict[str, Any]]]]] = []
     for rps in args.rps:
         cases: list[tuple[Any, Callable[..., Result]]] = [(sc, simulate) for sc in scenarios()]
         cases += [(sc, simulate_latency) for sc in latency_scenarios()]
@@ -571,11 +608,32 @@ def main() -> None:
             elif fixed:
                 worst = max(fr[sc.name][k] for k in fixed)
                 wide_cols = f"- | - | (fixed settings roll back up to {worst:.1%})"
+            if isbad and fixed:
+                steady = _cheapest(fixed, [fr["latency healthy" if isinstance(
+                    sc, LatencyScenario) else f"healthy {BASE:.1%}"]], "hour_mean")
+                safe = _cheapest(fixed, [fr[n] for n in peers(sc, scs)], "hour_mean")
+                hours.append((sc.name, rps, ours, [(k, fixed[k] if k else {})
+                                                   for k in (steady, safe)]))
             print(f"| {sc.name} | {rps:g} | {rb} | {ours['inconclusive']:.1%} | {prom} | {r50} | "
                   f"{det} | {ex} | {pro} | {_rule_name(best, bool(fixed))} | {brb} | {bprom} | "
                   f"{bdet} | {bex} | {bpro} | {wide_cols} |", flush=True)
         if not args.no_fixed:  # why a fixed setting is or is not fair under bursts
             per_rule.append((rps, fr))
+    if hours:
+        print("\nexcess bad requests to the horizon (an hour from the start, or the policy's "
+              "deadline and holds if longer), a bad canary that was promoted serving all "
+              "traffic until then; each fixed setting picked as above, but by this cost:\n")
+        print("| scenario | rps | canary: promoted | canary: excess bad to the horizon | best "
+              "fixed rule (FR <= canary's or 1% on steady traffic) | its promoted | its "
+              "excess bad to the horizon | best fixed rule as safe on every healthy row of "
+              "its base | its promoted | its excess bad to the horizon |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for name, rps, ours, picks in hours:
+            cols = " | ".join(f"{_rule_name(k, True)} | "
+                              + (f"{d['promoted']:.1%} | {d['hour_mean']:.1f}" if d
+                                 else "- | -") for k, d in picks)
+            print(f"| {name} | {rps:g} | {ours['promoted']:.1%} | {ours['hour_mean']:.1f} | "
+                  f"{cols} |")
     for rps, fr in per_rule:
         print(f"\nfixed settings at {rps:g} requests/s, each one's false rollbacks on the "
               f"healthy rows (canary's gate in brackets):")
