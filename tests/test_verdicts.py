@@ -759,7 +759,9 @@ def test_the_benchmark_compares_canary_only_with_fixed_rules_as_safe_in_a_shared
     assert set(group) == {"healthy 0.5%", "burst on both", "bursty, shared",
                           "bursty, per version", "bursty, canary only",
                           "very bursty, canary only"}
-    assert peers(_scenario("errors x5, 1% first stage"), cases) == ["healthy, 1% first stage"]
+    assert peers(_scenario("errors x5, 1% first stage"), cases) == [
+        "healthy, 1% first stage", "burst on both, 1% first stage",
+        "bursty, shared, 1% first stage", "bursty, per version, 1% first stage"]
     rules = [(30, 5), (60, 10)]
     fr = {}
     for name in ("healthy 0.5%", "burst on both"):

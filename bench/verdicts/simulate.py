@@ -130,6 +130,14 @@ def scenarios() -> list[Scenario]:
                  crash_failures=True, restart_gate=True),
         Scenario("slow leak", BASE, lambda t: BASE * (1 + 9 * min(1.0, t / 900)), 0.0),
         Scenario("healthy, 1% first stage", BASE, const(BASE), None, weights=ONE_PERCENT),
+        # the same healthy weathers as at 5% (outage, bursts, wandering), so a fixed setting
+        # compared with canary on the 1% policy must be as safe through them too
+        Scenario("burst on both, 1% first stage", BASE, const(BASE), None, burst=True,
+                 weights=ONE_PERCENT),
+        Scenario("bursty, shared, 1% first stage", BASE, const(BASE), None, shared_noise=1.0,
+                 weights=ONE_PERCENT),
+        Scenario("bursty, per version, 1% first stage", BASE, const(BASE), None,
+                 own_noise=0.3, weights=ONE_PERCENT),
         Scenario("errors x5, 1% first stage", BASE, const(BASE * 5), 0.0, weights=ONE_PERCENT),
     ]
     return out
