@@ -81,6 +81,8 @@ async def test_a_policy_without_alerts_is_not_rolled_back_by_any_alert(tmp_path)
     ({"version": "4", "alerts": [{"status": "firing", "labels": {"a": 1}}]}, "alerts.0.labels.a",
      "must be a string"),
     ({"version": "4", "alerts": "x"}, "alerts", "must be a list"),
+    ({"version": "4", "alerts": [], "truncatedAlerts": 1.5}, "truncatedAlerts",
+     "must be a whole number"),
 ])
 async def test_bad_alert_bodies_are_refused_naming_the_field(tmp_path, body, field, says):
     """...and saying what the field is: a missing list or object was 'required, a

@@ -388,6 +388,18 @@ async def test_a_reason_with_control_characters_is_a_400_naming_the_field(tmp_pa
         assert after["state"] == "progressing" and after["events"] == before["events"]
 
 
+async def test_a_reason_with_half_a_utf16_pair_is_a_400_saying_so(tmp_path):
+    # JSON can escape a lone surrogate ("\ud800"); it is no character, and the answer says
+    # so in canary's words, not the validator's
+    async with controller(tmp_path, policies=[simple_policy(hold=3600)]) as (api, _c, _t):
+        rid = (await api.start(canary_version="v2"))["id"]
+        status, data = await api.call("POST", f"/api/v1/rollouts/{rid}/pause",
+                                      {"reason": "ab\ud800c"})
+        assert status == 400 and data["error"].startswith(
+            "reason: must be text of whole characters: it holds a lone UTF-16 surrogate"), data
+        assert (await api.rollout(rid))["state"] == "progressing"
+
+
 async def run_cli(*args: str, server: str) -> tuple[int, str, str]:
     return await cli(*args, server=server, token=TOKENS["viewer"])
 

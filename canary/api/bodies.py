@@ -269,6 +269,10 @@ _MESSAGES = {
     "missing": "required, a non-empty string",
     "string_too_long": f"at most {MAX_TEXT} characters",
     "string_too_short": "required, a non-empty string",
+    # JSON may escape half of a UTF-16 pair ("\ud800"), which is no character at all
+    "string_unicode": "must be text of whole characters: it holds a lone UTF-16 surrogate "
+                      "(an escape like \\ud800 without its pair); send the character itself",
+    **dict.fromkeys(("int_type", "int_from_float", "int_parsing"), "must be a whole number"),
 }
 
 
