@@ -210,6 +210,71 @@ def test_the_evidence_survives_a_restart():
     assert sequential.State.from_json(old).s == state.s
 
 
+def test_absolute_evidence_stored_before_the_change_point_mixture_loads_at_half_weight():
+    # an older canary kept the absolute test as one product from the first interval; the
+    # mixture weighs that start 1/2, so a stored product loads as its log less log 2
+    old = {"t": 7, "ab": [3.0, 2.0, 1.0], "s": [0.0] * len(sequential.GRID)}
+    state = sequential.State.from_json(old)
+    assert state.ab == pytest.approx([3.0 - np.log(2), 2.0 - np.log(2), 1.0 - np.log(2)])
+    assert state.ab_t == 7
+    again = sequential.State.from_json(json.loads(json.dumps(state.to_json())))
+    assert again == state
+
+
+def _absolute(gate, counts):
+    """The absolute test's evidence (canary below detect_rate) after each (n_c, e_c)."""
+    state, out = sequential.State(), []
+    for n_c, e_c in counts:
+        state = sequential.step_absolute(gate, state, e_c, n_c)
+        out.append(sum(np.exp(min(700.0, x)) for x in state.ab) / len(sequential.AB_GRID)
+                   + 1 / (state.ab_t + 1))
+    return out
+
+
+def test_a_shared_outage_sets_back_only_the_absolute_tests_that_began_before_it():
+    # docs/verdicts.md, "When it cannot decide": a healthy canary at 0.5% (detect_rate 1%)
+    # through a 2-minute outage at 10x: the tests begun before it lose, the ones begun
+    # after it build evidence as if it had not happened, so the step to 100% waits
+    # minutes, not the rest of the rollout
+    gate = sequential.ErrorGate(detect_rate=0.01)
+    rng = np.random.default_rng(1)
+    before = [(300, int(rng.binomial(300, 0.005))) for _ in range(8)]
+    outage = [(300, int(rng.binomial(300, 0.05))) for _ in range(8)]
+    after = [(300, int(rng.binomial(300, 0.005))) for _ in range(120)]
+    ev = _absolute(gate, before + outage + after)
+    assert ev[15] < 1                        # the outage took what the start had built
+    reached = next(i for i, e in enumerate(ev) if i > 15 and e >= 1 / gate.alpha)
+    quiet = _absolute(gate, after)           # the same counts with no outage before them
+    first = next(i for i, e in enumerate(quiet) if e >= 1 / gate.alpha)
+    # (a start after the outage weighs 1/(t (t + 1)): it pays that, and no more)
+    assert reached - 16 <= 2 * first + 15, (reached, first)
+    # one product from the first interval, as before: after the outage's ~120 errors
+    # (24 expected at detect_rate) it is still below 1/alpha 120 intervals later
+    logs = [sum(e * np.log(r) + (n - e) * np.log((1 - r * 0.01) / 0.99)
+                for n, e in before + outage + after) for r in sequential.AB_GRID]
+    assert max(logs) < np.log(1 / gate.alpha)
+
+
+def test_a_canary_failing_at_detect_rate_is_rarely_shown_below_it_however_long_watched():
+    # the absolute test's guarantee with its change points: a canary failing at exactly
+    # detect_rate, each interval's rate x a shock both versions share (an outage now and
+    # then), watched for 1,000 intervals: shown below detect_rate in at most alpha of runs
+    gate = sequential.ErrorGate(detect_rate=0.01, alpha=0.01)
+    shown = 0
+    for seed in range(100):
+        rng = np.random.default_rng(seed)
+        state = sequential.State()
+        for _ in range(1000):
+            p = 0.01 * (10.0 if rng.random() < 0.02 else 1.0)  # 2% of intervals: an outage
+            n = int(rng.poisson(300))
+            state = sequential.step_absolute(gate, state, int(rng.binomial(n, p)), n)
+            if sum(np.exp(min(700.0, x)) for x in state.ab) / len(sequential.AB_GRID) \
+                    + 1 / (state.ab_t + 1) >= 1 / gate.alpha:
+                shown += 1
+                break
+    assert shown <= 3, shown
+
+
 def test_compare_gate_judges_canary_against_stable():
     g = CompareGate(name="lat", query="q{{ version }}", max_increase=0.05,
              max_ratio=1.5)

@@ -59,6 +59,7 @@ WANDER = 0.25
 # a stage has seen enough traffic only once a gross regression would have shown at least
 # this many errors there on average (Poisson: at least 2 in 80% of stages)
 MIN_GROSS_ERRORS = 3.0
+NO_MASS = -1000.0       # the log of a mixture holding nothing yet (exp: 0; JSON has no -inf)
 BET_CAP = 0.9           # no interval's bet risks more than this share of the evidence
 # logit(bound) - logit(pi_0) at logit(pi_0) = SPLIT_LOGIT0 + SPLIT_STEP x i: the largest
 # (UP) and smallest (DOWN) mean split a canary at pi_0 can show a bet under that
@@ -147,7 +148,11 @@ class State:
     stage: dict[str, float] = field(default_factory=dict)  # this stage's totals
     first_at: float | None = None                          # when counting began
     ni: list[float] = field(default_factory=lambda: [0.0] * len(NI_GRID))  # log products
-    ab: list[float] = field(default_factory=lambda: [0.0] * len(AB_GRID))  # ...and absolute
+    # ...and the absolute test's, a mixture over the interval it starts at (logs; ab_t
+    # intervals seen): an outage both versions share sets back the tests that begun before
+    # it, not those that begin after
+    ab: list[float] = field(default_factory=lambda: [NO_MASS] * len(AB_GRID))
+    ab_t: int = 0
     disp: dict[str, float] = field(default_factory=dict)   # stable's spread estimate
     disp_c: dict[str, float] = field(default_factory=dict)  # the canary's
     base: dict[str, float] = field(default_factory=dict)   # stable's rate, for the bound
@@ -155,17 +160,23 @@ class State:
 
     def to_json(self) -> dict[str, Any]:
         return {"last": self.last, "t": self.t, "s": self.s, "stage": self.stage,
-                "first_at": self.first_at, "ni": self.ni, "ab": self.ab, "disp": self.disp,
-                "disp_c": self.disp_c, "base": self.base, "warm": self.warm}
+                "first_at": self.first_at, "ni": self.ni, "ab": self.ab, "ab_t": self.ab_t,
+                "disp": self.disp, "disp_c": self.disp_c, "base": self.base,
+                "warm": self.warm}
 
     @classmethod
     def from_json(cls, d: dict[str, Any] | None) -> State:
         if not d:
             return cls()
+        ab, ab_t = d.get("ab"), int(d.get("ab_t", 0))
+        if ab is not None and "ab_t" not in d:
+            # stored before the mixture: a product from the first interval, which the
+            # mixture weighs 1/2
+            ab, ab_t = [x - math.log(2) for x in _fit(ab, AB_GRID)], int(d.get("t", 0))
         return cls(last=dict(d.get("last", {})), t=int(d.get("t", 0)),
                    s=_fit(d.get("s"), GRID, front=True), stage=dict(d.get("stage", {})),
                    first_at=d.get("first_at"), ni=_fit(d.get("ni"), NI_GRID),
-                   ab=_fit(d.get("ab"), AB_GRID),
+                   ab=_fit(ab, AB_GRID, empty=NO_MASS), ab_t=ab_t,
                    disp=dict(d.get("disp", {})), disp_c=dict(d.get("disp_c", {})),
                    base=dict(d.get("base", {})), warm=bool(d.get("warm", False)))
 
@@ -178,7 +189,8 @@ def fold(gate: ErrorGate, state: State, e_c: float, n_c: float, e_s: float,
     return step_absolute(gate, step(gate, state, e_c, n_c, e_s, n_s), e_c, n_c)
 
 
-def _fit(xs: list[float] | None, grid: tuple[float, ...], front: bool = False) -> list[float]:
+def _fit(xs: list[float] | None, grid: tuple[float, ...], front: bool = False,
+         empty: float = 0.0) -> list[float]:
     """A stored statistic, fitted to the grid of this version: one stored by a version
     with one grid point fewer (1.1 was added in front of GRID, 0.9 behind NI_GRID) gets a
     component that starts now (0 mass, or a log product of 0: adding a component that
@@ -187,8 +199,8 @@ def _fit(xs: list[float] | None, grid: tuple[float, ...], front: bool = False) -
     if len(xs) == len(grid):
         return xs
     if len(xs) == len(grid) - 1:
-        return [0.0, *xs] if front else [*xs, 0.0]
-    return [0.0] * len(grid)
+        return [empty, *xs] if front else [*xs, empty]
+    return [empty] * len(grid)
 
 
 def _delta(new: float, old: float | None) -> float:
@@ -272,7 +284,8 @@ def ni_evidence(state: State) -> float:
     over its grid, so it is itself an e-process for a canary that is both at or above the
     margin and at or above detect_rate."""
     ratio = sum(math.exp(min(700.0, x)) for x in state.ni) / len(NI_GRID)
-    absolute = sum(math.exp(min(700.0, x)) for x in state.ab) / len(AB_GRID)
+    absolute = (sum(math.exp(min(700.0, x)) for x in state.ab) / len(AB_GRID)
+                + 1.0 / (state.ab_t + 1))  # (the mass of start intervals not yet reached)
     return (ratio + absolute) / 2
 
 
@@ -323,10 +336,19 @@ def step_absolute(gate: ErrorGate, state: State, e_c: float, n_c: float) -> Stat
         return state
     p0 = gate.detect_rate
     v = tabulated_wander(gate.wander) ** 2
-    ab = [x + e_c * math.log(r) + (n_c - e_c) * math.log((1 - r * p0) / (1 - p0))
-          - absolute_penalty(n_c * p0 * (1 - r) / (1 - p0), v)
+    t = state.ab_t + 1
+    start = -math.log(t * (t + 1))  # the weight of a test starting at this interval
+    ab = [min(460.0, max(NO_MASS, _log_add(x, start)) + e_c * math.log(r)
+              + (n_c - e_c) * math.log((1 - r * p0) / (1 - p0))
+              - absolute_penalty(n_c * p0 * (1 - r) / (1 - p0), v))
           for x, r in zip(state.ab, AB_GRID, strict=True)]
-    return replace(state, ab=ab)
+    return replace(state, ab=ab, ab_t=t)
+
+
+def _log_add(a: float, b: float) -> float:
+    """log(e^a + e^b), without overflow."""
+    hi, lo = max(a, b), min(a, b)
+    return hi + math.log1p(math.exp(lo - hi))
 
 
 def _margin(gate: ErrorGate) -> float:
