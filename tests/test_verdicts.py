@@ -221,6 +221,21 @@ def test_absolute_evidence_stored_before_the_change_point_mixture_loads_at_half_
     assert again == state
 
 
+def test_absolute_evidence_stored_before_any_interval_loads_without_extra_mass():
+    # an older canary stored its state after the first reading, before any interval: the
+    # product from the first interval was 1 (logs 0) at t 0; loaded as the start at the
+    # first interval (weight 1/2), the pending mass must be that of the starts after it,
+    # or the statistic starts above 1 and is no e-process
+    old = {"t": 0, "ab": [0.0] * len(sequential.AB_GRID), "ni": [0.0] * len(sequential.NI_GRID),
+           "s": [0.0] * len(sequential.GRID)}
+    state = sequential.State.from_json(old)
+    assert sequential.ni_evidence(state) <= 1.0 + 1e-12
+    for t in range(0, 50):
+        state = sequential.State.from_json({**old, "t": t})
+        mass = 0.5 + 1 / (state.ab_t + 1)  # the loaded start, and those not yet reached
+        assert mass <= 1.0 + 1e-12, (t, state.ab_t)
+
+
 def _absolute(gate, counts):
     """The absolute test's evidence (canary below detect_rate) after each (n_c, e_c)."""
     state, out = sequential.State(), []

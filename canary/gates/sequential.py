@@ -171,8 +171,11 @@ class State:
         ab, ab_t = d.get("ab"), int(d.get("ab_t", 0))
         if ab is not None and "ab_t" not in d:
             # stored before the mixture: a product from the first interval, which the
-            # mixture weighs 1/2
-            ab, ab_t = [x - math.log(2) for x in _fit(ab, AB_GRID)], int(d.get("t", 0))
+            # mixture weighs 1/2; that start is taken, so at least one interval is (a
+            # state stored before any, t 0, would otherwise keep all of the pending mass
+            # 1/(t + 1) beside it: 1.5 in all)
+            ab = [x - math.log(2) for x in _fit(ab, AB_GRID)]
+            ab_t = max(1, int(d.get("t", 0)))
         return cls(last=dict(d.get("last", {})), t=int(d.get("t", 0)),
                    s=_fit(d.get("s"), GRID, front=True), stage=dict(d.get("stage", {})),
                    first_at=d.get("first_at"), ni=_fit(d.get("ni"), NI_GRID),
