@@ -97,6 +97,28 @@ async def test_bad_alert_bodies_are_refused_naming_the_field(tmp_path, body, fie
         assert (await api.rollout(r["id"]))["state"] == "progressing"
 
 
+@pytest.mark.parametrize("body,says", [
+    ({"version": "4", "alerts": [{"status": "firing", "labels": {"a": "x" * 4001}}]},
+     "alerts.0.labels.a: at most 4000 characters"),
+    ({"version": "4", "alerts": [{"status": "firing", "labels": {"k" * 1025: "x"}}]},
+     "at most 1024 characters"),
+    ({"version": "4", "alerts": [{"status": "firing",
+                                  "labels": {str(i): "x" for i in range(1001)}}]},
+     "alerts.0.labels: at most 1000 entries"),
+    ({"version": "4", "alerts": [{"status": "firing", "labels": {}}] * 10_001},
+     "alerts: at most 10000 entries"),
+])
+def test_an_alert_body_over_a_limit_is_refused_with_that_limit(body, says):
+    # a label value may be 4,000 characters and a name 1,024: the answer gave 1,000 for
+    # both, and pydantic's own words for too many labels or alerts
+    from canary.api.bodies import AlertmanagerWebhook, parse
+    from canary.errors import InvalidInput
+
+    with pytest.raises(InvalidInput) as e:
+        parse(AlertmanagerWebhook, body)
+    assert says in str(e.value) and "should" not in str(e.value), str(e.value)[-200:]
+
+
 async def test_alerts_need_a_pipeline_token(tmp_path):
     async with controller(tmp_path, policies=[simple_policy(hold=3600, alerts=(RULE,))]) \
             as (api, _ctl, _t):

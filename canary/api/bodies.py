@@ -267,7 +267,6 @@ _MESSAGES = {
     "string_type": "must be a string",
     "bool_type": "must be true or false",
     "missing": "required, a non-empty string",
-    "string_too_long": f"at most {MAX_TEXT} characters",
     "string_too_short": "required, a non-empty string",
     # JSON may escape half of a UTF-16 pair ("\ud800"), which is no character at all
     "string_unicode": "must be text of whole characters: it holds a lone UTF-16 surrogate "
@@ -309,6 +308,12 @@ def parse(model: type[_Body], data: Any) -> Any:
                 message = f"must be {(err.get('ctx') or {}).get('expected', err['msg'])}"
             elif kind == "list_type":
                 message = "must be a list"
+            elif kind in ("string_too_long", "too_long"):
+                # the field's own limit (a label value may be 4,000 characters, a label
+                # name 1,024), not one number for all
+                most = (err.get("ctx") or {}).get("max_length", MAX_TEXT)
+                message = (f"at most {most} characters" if kind == "string_too_long"
+                           else f"at most {most} entries")
             else:
                 message = _MESSAGES.get(kind, err["msg"])
             out.append(f"{field}: {message}")
