@@ -2,15 +2,21 @@
 
 A log is never a reason to stop moving traffic safely: when whatever reads the log goes
 away (`canary serve ... 2>&1 | head -1`, a log shipper that dies), lines are dropped and
-the controller keeps serving.
+the controller keeps serving; when it stops reading but keeps the pipe open (a shipper
+that hangs), lines wait in a bounded queue for a writer thread of their own, and those
+beyond it are dropped and counted: the event loop never waits on a write.
 """
 
 from __future__ import annotations
 
+import atexit
 import errno
 import logging
+import logging.handlers
 import os
+import queue
 import sys
+import threading
 import time
 from typing import Any
 
@@ -109,11 +115,90 @@ class PipeSafeHandler(logging.StreamHandler):  # type: ignore[type-arg]
             pass
 
 
+class FdStream:
+    """A stream straight onto a file descriptor: no buffer, so no buffer lock that a write
+    blocked on a full pipe would hold against everyone else (logging.shutdown's flush,
+    Python's own at exit)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, text: str) -> int:
+        data = text.encode("utf-8", "backslashreplace")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+class _Written(logging.Formatter):
+    """The line as the queue's side formatted it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return str(record.msg)
+
+
+class QueuedLog(logging.handlers.QueueHandler):
+    """Formats each line where it is logged and hands it to one writer thread through a
+    bounded queue; a full queue (the reader stopped reading) drops the line and counts
+    it, and the writer says how many it lost once lines flow again."""
+
+    def __init__(self, out: PipeSafeHandler, size: int = 10_000) -> None:
+        super().__init__(queue.Queue(maxsize=size))
+        self.out = out
+        self.dropped = 0
+        self._told = 0
+        self._thread = threading.Thread(target=self._write, name="canary-log", daemon=True)
+        self._thread.start()
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+    def _write(self) -> None:
+        q: queue.Queue[logging.LogRecord | None] = self.queue  # type: ignore[assignment]
+        while (record := q.get()) is not None:
+            lost = self.dropped - self._told
+            if lost:
+                self._told += lost
+                self.out.emit(logging.makeLogRecord({
+                    "msg": JsonFormatter().format(logging.makeLogRecord({
+                        "name": "canary.logs", "levelname": "WARNING",
+                        "levelno": logging.WARNING,
+                        "msg": f"{lost} log lines dropped: whatever reads this log was "
+                               "not reading"}))}))
+            # (emit, not handle: this thread is the only writer, and a write blocked on
+            # a full pipe must not hold the handler's lock against logging.shutdown)
+            self.out.emit(record)
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Let the writer finish what is queued, for at most `timeout` seconds (a writer
+        stuck on a pipe nobody reads is left behind: it is a daemon)."""
+        try:
+            self.queue.put_nowait(None)
+        except queue.Full:
+            pass
+        self._thread.join(timeout)
+        super().close()
+
+
 def setup(level: str = "INFO") -> None:
-    handler = PipeSafeHandler(sys.stderr)
+    sys.stderr.flush()
+    out = PipeSafeHandler(FdStream(sys.stderr.fileno()))
+    out.setFormatter(_Written())
+    handler = QueuedLog(out)
     handler.setFormatter(JsonFormatter())
     handler.addFilter(HideRequestContent())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    atexit.register(handler.close)

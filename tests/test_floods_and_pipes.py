@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import random
 import signal
@@ -178,6 +179,84 @@ async def test_serve_keeps_working_after_whatever_reads_its_log_goes_away(tmp_pa
         for fd in (r, w):
             if fd >= 0:
                 os.close(fd)
+
+
+async def test_serve_keeps_working_while_whatever_reads_its_log_stops_reading(tmp_path):
+    """A log shipper that hangs with the pipe still open: the pipe's buffer fills and every
+    write to it would wait forever. The controller must not wait with it: aborts land,
+    reads answer, evaluations go on, and it stops on SIGTERM."""
+    r, w = os.pipe()
+    try:
+        async with serve(tmp_path, hold="1h", out=w) as (proc, api):
+            os.close(w)
+            w = -1
+            # nobody reads `r` from here on; each refused write is one more audited line
+            for i in range(600):  # (well past the 64 KiB a pipe holds: ~250 bytes a line)
+                status, _ = await api.call("POST", "/api/v1/rollouts", {
+                    "target": f"nope-{i}", "canary_version": "v4"}, role="pipeline")
+                assert status == 404
+            a = await api.start(target="web1", canary_version="v2")
+            status, data = await api.call("POST", f"/api/v1/rollouts/{a['id']}/abort",
+                                          {"reason": "bad build"}, role="pipeline")
+            assert status == 200, data
+            await api.until(a["id"], lambda x: x["state"] == "rolled_back", deadline=30)
+            assert (await api.call("GET", "/healthz", role=None))[0] == 200
+            # the reader comes back: the lines that waited (far fewer than the 10,000 the
+            # queue holds before it drops and counts) all arrive, in order
+            os.set_blocking(r, False)
+            seen = b""
+
+            async def arrived() -> bool:
+                nonlocal seen
+                with contextlib.suppress(BlockingIOError):
+                    while chunk := os.read(r, 1 << 20):
+                        seen += chunk
+                return seen.count(b"\n") >= 600
+            await eventually(arrived, deadline=30, what="the lines that waited")
+            assert all(line.startswith(b"{") for line in seen.splitlines())
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)
+
+
+def test_a_log_whose_reader_stopped_reading_drops_lines_beyond_its_queue_and_counts_them():
+    """The queue in front of a stuck reader is bounded: past it lines are dropped, never
+    waited for, and once the reader reads again the log says how many it lost."""
+    import logging
+
+    from canary import logs
+
+    r, w = os.pipe()
+    out = logs.PipeSafeHandler(logs.FdStream(w))
+    out.setFormatter(logs._Written())
+    handler = logs.QueuedLog(out, size=50)
+    handler.setFormatter(logs.JsonFormatter())
+    log = logging.getLogger("test.stuck-reader")
+    log.propagate = False
+    log.addHandler(handler)
+    try:
+        for i in range(5000):  # ~1.2 MB, where the pipe holds 64 KiB: this returns at all
+            log.warning("line %d %s", i, "x" * 200)
+        assert handler.dropped > 0
+        os.set_blocking(r, False)
+        seen, end = b"", time.monotonic() + 30
+        while b"log lines dropped: whatever reads this log was not reading" not in seen:
+            assert time.monotonic() < end, seen[-500:]
+            try:
+                seen += os.read(r, 1 << 20)
+            except BlockingIOError:
+                log.warning("one more")  # the count is written before the next line
+                time.sleep(0.01)
+        said = next(line for line in seen.splitlines() if b"log lines dropped" in line)
+        assert int(json.loads(said)["msg"].split()[0]) > 0
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+        os.close(r)
+        os.close(w)
 
 
 async def test_a_read_command_piped_into_a_closed_pipe_ends_quietly(tmp_path):
