@@ -147,37 +147,57 @@ class _Written(logging.Formatter):
 class QueuedLog(logging.handlers.QueueHandler):
     """Formats each line where it is logged and hands it to one writer thread through a
     bounded queue; a full queue (the reader stopped reading) drops the line and counts
-    it, and the writer says how many it lost once lines flow again."""
+    it, and the writer says how many it lost once lines flow again, where they went
+    missing: ahead of the first line queued after them, or, if none was, once the queue
+    has drained."""
 
     def __init__(self, out: PipeSafeHandler, size: int = 10_000) -> None:
-        super().__init__(queue.Queue(maxsize=size))
+        self.lines: queue.Queue[logging.LogRecord | None] = queue.Queue(maxsize=size)
+        super().__init__(self.lines)
         self.out = out
         self.dropped = 0
-        self._told = 0
+        self._gap = 0  # dropped since the last line queued (not yet told)
+        self._gap_lock = threading.Lock()  # (not the handler's: close holds that)
         self._thread = threading.Thread(target=self._write, name="canary-log", daemon=True)
         self._thread.start()
 
     def enqueue(self, record: logging.LogRecord) -> None:
-        try:
-            self.queue.put_nowait(record)
-        except queue.Full:
-            self.dropped += 1
+        with self._gap_lock:
+            record._dropped_before = self._gap
+            try:
+                self.queue.put_nowait(record)
+            except queue.Full:
+                self.dropped += 1
+                self._gap += 1
+                return
+            self._gap = 0
+
+    def _tell(self, lost: int) -> None:
+        if lost:
+            self.out.emit(logging.makeLogRecord({
+                "msg": JsonFormatter().format(logging.makeLogRecord({
+                    "name": "canary.logs", "levelname": "WARNING",
+                    "levelno": logging.WARNING,
+                    "msg": f"{lost} log lines dropped: whatever reads this log was "
+                           "not reading"}))}))
+
+    def _untold(self) -> int:
+        """Lines dropped after the last one queued, once all of those are written (the
+        queue is empty: under the lock no line can be queued, nor dropped, meanwhile)."""
+        with self._gap_lock:
+            if not self.lines.empty():
+                return 0
+            lost, self._gap = self._gap, 0
+            return lost
 
     def _write(self) -> None:
-        q: queue.Queue[logging.LogRecord | None] = self.queue  # type: ignore[assignment]
-        while (record := q.get()) is not None:
-            lost = self.dropped - self._told
-            if lost:
-                self._told += lost
-                self.out.emit(logging.makeLogRecord({
-                    "msg": JsonFormatter().format(logging.makeLogRecord({
-                        "name": "canary.logs", "levelname": "WARNING",
-                        "levelno": logging.WARNING,
-                        "msg": f"{lost} log lines dropped: whatever reads this log was "
-                               "not reading"}))}))
+        while (record := self.lines.get()) is not None:
+            self._tell(getattr(record, "_dropped_before", 0))
             # (emit, not handle: this thread is the only writer, and a write blocked on
             # a full pipe must not hold the handler's lock against logging.shutdown)
             self.out.emit(record)
+            self._tell(self._untold())
+        self._tell(self._untold())
 
     def close(self, timeout: float = 1.0) -> None:
         """Let the writer finish what is queued, for at most `timeout` seconds (a writer

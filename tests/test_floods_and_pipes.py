@@ -259,6 +259,52 @@ def test_a_log_whose_reader_stopped_reading_drops_lines_beyond_its_queue_and_cou
         os.close(w)
 
 
+def test_the_dropped_lines_notice_stands_where_the_lines_went_missing():
+    """The notice is written where the gap is: after the lines that were queued before
+    the drops, not ahead of them (where no line is missing), and with nothing logged
+    after the drops it still comes once the queue has drained."""
+    import logging
+
+    from canary import logs
+
+    r, w = os.pipe()
+    out = logs.PipeSafeHandler(logs.FdStream(w))
+    out.setFormatter(logs._Written())
+    handler = logs.QueuedLog(out, size=50)
+    handler.setFormatter(logs.JsonFormatter())
+    log = logging.getLogger("test.notice-place")
+    log.propagate = False
+    log.addHandler(handler)
+    try:
+        for i in range(3000):  # ~700 KB, the pipe holds 64 KiB: the queue fills, then drops
+            log.warning("line", extra={"i": i, "pad": "x" * 200})
+        assert handler.dropped > 0
+        os.set_blocking(r, False)
+        seen, end = b"", time.monotonic() + 30
+        next_i, gaps = 0, 0  # the i the next line must carry, after any notice before it
+        while next_i < 3000:
+            assert time.monotonic() < end, seen[-500:]
+            try:
+                seen += os.read(r, 1 << 20)
+            except BlockingIOError:
+                time.sleep(0.01)
+            *lines, seen = seen.split(b"\n")
+            for line in lines:
+                d = json.loads(line)
+                if "log lines dropped" in d["msg"]:
+                    next_i += int(d["msg"].split()[0])
+                    gaps += 1
+                else:  # no line missing where the log does not say so, nor said missing
+                    assert d["i"] == next_i, (d["i"], next_i)
+                    next_i += 1
+        assert next_i == 3000 and gaps > 0
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+        os.close(r)
+        os.close(w)
+
+
 async def test_a_read_command_piped_into_a_closed_pipe_ends_quietly(tmp_path):
     """`canary status | head -1` keeps the Unix habit: no BrokenPipeError traceback."""
     async with serve(tmp_path, seeded=30) as (_proc, api):
