@@ -15,6 +15,7 @@ import logging
 import logging.handlers
 import os
 import queue
+import select
 import sys
 import threading
 import time
@@ -118,7 +119,9 @@ class PipeSafeHandler(logging.StreamHandler):  # type: ignore[type-arg]
 class FdStream:
     """A stream straight onto a file descriptor: no buffer, so no buffer lock that a write
     blocked on a full pipe would hold against everyone else (logging.shutdown's flush,
-    Python's own at exit)."""
+    Python's own at exit). Only the log's writer thread writes here, so it may wait: on a
+    descriptor made non-blocking (EAGAIN) it waits for room rather than lose or tear a
+    line."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -127,7 +130,10 @@ class FdStream:
         data = text.encode("utf-8", "backslashreplace")
         view = memoryview(data)
         while view:
-            view = view[os.write(self.fd, view):]
+            try:
+                view = view[os.write(self.fd, view):]
+            except BlockingIOError:  # a descriptor someone made non-blocking: wait here
+                select.select([], [self.fd], [])
         return len(text)
 
     def flush(self) -> None:

@@ -305,6 +305,41 @@ def test_the_dropped_lines_notice_stands_where_the_lines_went_missing():
         os.close(w)
 
 
+def test_a_log_on_a_non_blocking_descriptor_waits_in_its_writer_rather_than_tearing_lines():
+    """stderr may be a file description someone else made non-blocking (a parent sharing
+    it): a full pipe then refuses a write (EAGAIN) instead of waiting. The writer thread
+    waits for room itself; no line is lost uncounted or torn in half."""
+    import logging
+
+    from canary import logs
+
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    out = logs.PipeSafeHandler(logs.FdStream(w))
+    out.setFormatter(logs._Written())
+    handler = logs.QueuedLog(out)
+    handler.setFormatter(logs.JsonFormatter())
+    log = logging.getLogger("test.non-blocking")
+    log.propagate = False
+    log.addHandler(handler)
+    try:
+        for i in range(2000):  # ~500 KB, where the pipe holds 64 KiB (a 10 s wait, if lost)
+            log.warning("line", extra={"i": i, "pad": "x" * 200})
+        os.set_blocking(r, False)
+        seen, end = b"", time.monotonic() + 10
+        while seen.count(b"\n") < 2000 and time.monotonic() < end:
+            try:
+                seen += os.read(r, 1 << 20)
+            except BlockingIOError:
+                time.sleep(0.01)
+        assert [json.loads(line)["i"] for line in seen.splitlines()] == list(range(2000))
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+        os.close(r)
+        os.close(w)
+
+
 async def test_a_read_command_piped_into_a_closed_pipe_ends_quietly(tmp_path):
     """`canary status | head -1` keeps the Unix habit: no BrokenPipeError traceback."""
     async with serve(tmp_path, seeded=30) as (_proc, api):
