@@ -1,8 +1,10 @@
 """The absolute test (the canary shown below `detect_rate`) on canaries failing at exactly
-`detect_rate`: how often its evidence ever reaches 1/alpha (a false promotion, were the
-ratio test no help) and 10, as a mixture over the interval it starts at (canary's) and as
-one product from the first interval (before). Vectorised over runs; `check` compares it
-with `canary.gates.sequential.step_absolute` itself.
+`detect_rate`: how often its evidence ever reaches 1/alpha (shown below detect_rate by
+this test; the gate promotes on the mean of it and the ratio test, so a false promotion
+needs 2/alpha of it where the ratio test is no help) and 10, as a mixture over the
+interval it starts at (canary's) and as one product from the first interval (before).
+Vectorised over runs; `check` compares it with `canary.gates.sequential.step_absolute`
+itself.
 
     .venv/bin/python -m bench.verdicts.absolute --runs 2000 --intervals 120
 """
