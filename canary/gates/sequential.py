@@ -59,6 +59,11 @@ WANDER = 0.25
 # a stage has seen enough traffic only once a gross regression would have shown at least
 # this many errors there on average (Poisson: at least 2 in 80% of stages)
 MIN_GROSS_ERRORS = 3.0
+# The step to all traffic is taken only while the evidence that the canary is worse is
+# below where it started: the counts so far must not lean toward "worse" at all. (At the
+# earlier stages move_cap's 10 is enough; the last step has no stage after it to catch
+# what it let through.)
+FINAL_CAP = 1.0
 NO_MASS = -1000.0       # the log of a mixture holding nothing yet (exp: 0; JSON has no -inf)
 BET_CAP = 0.9           # no interval's bet risks more than this share of the evidence
 # logit(bound) - logit(pi_0) at logit(pi_0) = SPLIT_LOGIT0 + SPLIT_STEP x i: the largest
@@ -570,11 +575,13 @@ def update(gate: ErrorGate, state: State, raw: dict[str, float | None],
         return Outcome("pass", value, f"stable serves no traffic at this weight; nothing "
                                       f"to compare with; judged by the stages before; "
                                       f"{rates}", state)
-    if m >= move_cap(gate):
+    cap = FINAL_CAP if before_full else move_cap(gate)
+    if m >= cap:
+        step = "the step to 100% is taken" if before_full else "a stage moves on"
         return Outcome("inconclusive", value, f"evidence that the canary is worse is {m:.3g} "
-                                              f"(a stage moves on only below "
-                                              f"{move_cap(gate):g}; it rolls back at "
-                                              f"{1 / gate.alpha:g}): holding; {rates}", state)
+                                              f"({step} only below {cap:g}; it rolls back "
+                                              f"at {1 / gate.alpha:g}): holding; {rates}",
+                       state)
     mismatch = share_mismatch(st, weight)
     if mismatch:
         return Outcome("inconclusive", value, f"{mismatch}; {rates}", state)
