@@ -216,12 +216,18 @@ class QueuedLog(logging.handlers.QueueHandler):
         super().close()
 
 
+def queued(fd: int, size: int = 10_000) -> QueuedLog:
+    """JSON lines onto `fd` through the queue and its writer thread."""
+    out = PipeSafeHandler(FdStream(fd))
+    out.setFormatter(_Written())
+    handler = QueuedLog(out, size)
+    handler.setFormatter(JsonFormatter())
+    return handler
+
+
 def setup(level: str = "INFO") -> None:
     sys.stderr.flush()
-    out = PipeSafeHandler(FdStream(sys.stderr.fileno()))
-    out.setFormatter(_Written())
-    handler = QueuedLog(out)
-    handler.setFormatter(JsonFormatter())
+    handler = queued(sys.stderr.fileno())
     handler.addFilter(HideRequestContent())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -15,7 +15,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -222,22 +222,34 @@ async def test_serve_keeps_working_while_whatever_reads_its_log_stops_reading(tm
                 os.close(fd)
 
 
-def test_a_log_whose_reader_stopped_reading_drops_lines_beyond_its_queue_and_counts_them():
-    """The queue in front of a stuck reader is bounded: past it lines are dropped, never
-    waited for, and once the reader reads again the log says how many it lost."""
+@contextlib.contextmanager
+def pipe_log(*, size: int = 10_000, blocking: bool = True) -> Iterator[
+        tuple[Any, Any, int]]:
+    """A logger writing through canary's queued log into a pipe nobody reads yet:
+    (logger, its QueuedLog, the pipe's read end)."""
     import logging
 
     from canary import logs
 
     r, w = os.pipe()
-    out = logs.PipeSafeHandler(logs.FdStream(w))
-    out.setFormatter(logs._Written())
-    handler = logs.QueuedLog(out, size=50)
-    handler.setFormatter(logs.JsonFormatter())
-    log = logging.getLogger("test.stuck-reader")
+    os.set_blocking(w, blocking)
+    handler = logs.queued(w, size)
+    log = logging.getLogger(f"test.pipe-log.{id(handler)}")
     log.propagate = False
     log.addHandler(handler)
     try:
+        yield log, handler, r
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_a_log_whose_reader_stopped_reading_drops_lines_beyond_its_queue_and_counts_them():
+    """The queue in front of a stuck reader is bounded: past it lines are dropped, never
+    waited for, and once the reader reads again the log says how many it lost."""
+    with pipe_log(size=50) as (log, handler, r):
         for i in range(5000):  # ~1.2 MB, where the pipe holds 64 KiB: this returns at all
             log.warning("line %d %s", i, "x" * 200)
         assert handler.dropped > 0
@@ -252,30 +264,13 @@ def test_a_log_whose_reader_stopped_reading_drops_lines_beyond_its_queue_and_cou
                 time.sleep(0.01)
         said = next(line for line in seen.splitlines() if b"log lines dropped" in line)
         assert int(json.loads(said)["msg"].split()[0]) > 0
-    finally:
-        log.removeHandler(handler)
-        handler.close()
-        os.close(r)
-        os.close(w)
 
 
 def test_the_dropped_lines_notice_stands_where_the_lines_went_missing():
     """The notice is written where the gap is: after the lines that were queued before
     the drops, not ahead of them (where no line is missing), and with nothing logged
     after the drops it still comes once the queue has drained."""
-    import logging
-
-    from canary import logs
-
-    r, w = os.pipe()
-    out = logs.PipeSafeHandler(logs.FdStream(w))
-    out.setFormatter(logs._Written())
-    handler = logs.QueuedLog(out, size=50)
-    handler.setFormatter(logs.JsonFormatter())
-    log = logging.getLogger("test.notice-place")
-    log.propagate = False
-    log.addHandler(handler)
-    try:
+    with pipe_log(size=50) as (log, handler, r):
         for i in range(3000):  # ~700 KB, the pipe holds 64 KiB: the queue fills, then drops
             log.warning("line", extra={"i": i, "pad": "x" * 200})
         assert handler.dropped > 0
@@ -298,31 +293,13 @@ def test_the_dropped_lines_notice_stands_where_the_lines_went_missing():
                     assert d["i"] == next_i, (d["i"], next_i)
                     next_i += 1
         assert next_i == 3000 and gaps > 0
-    finally:
-        log.removeHandler(handler)
-        handler.close()
-        os.close(r)
-        os.close(w)
 
 
 def test_a_log_on_a_non_blocking_descriptor_waits_in_its_writer_rather_than_tearing_lines():
     """stderr may be a file description someone else made non-blocking (a parent sharing
     it): a full pipe then refuses a write (EAGAIN) instead of waiting. The writer thread
     waits for room itself; no line is lost uncounted or torn in half."""
-    import logging
-
-    from canary import logs
-
-    r, w = os.pipe()
-    os.set_blocking(w, False)
-    out = logs.PipeSafeHandler(logs.FdStream(w))
-    out.setFormatter(logs._Written())
-    handler = logs.QueuedLog(out)
-    handler.setFormatter(logs.JsonFormatter())
-    log = logging.getLogger("test.non-blocking")
-    log.propagate = False
-    log.addHandler(handler)
-    try:
+    with pipe_log(blocking=False) as (log, _handler, r):
         for i in range(2000):  # ~500 KB, where the pipe holds 64 KiB (a 10 s wait, if lost)
             log.warning("line", extra={"i": i, "pad": "x" * 200})
         os.set_blocking(r, False)
@@ -333,11 +310,6 @@ def test_a_log_on_a_non_blocking_descriptor_waits_in_its_writer_rather_than_tear
             except BlockingIOError:
                 time.sleep(0.01)
         assert [json.loads(line)["i"] for line in seen.splitlines()] == list(range(2000))
-    finally:
-        log.removeHandler(handler)
-        handler.close()
-        os.close(r)
-        os.close(w)
 
 
 async def test_a_read_command_piped_into_a_closed_pipe_ends_quietly(tmp_path):
