@@ -241,8 +241,7 @@ def _absolute(gate, counts):
     state, out = sequential.State(), []
     for n_c, e_c in counts:
         state = sequential.step_absolute(gate, state, e_c, n_c)
-        out.append(sum(np.exp(min(700.0, x)) for x in state.ab) / len(sequential.AB_GRID)
-                   + 1 / (state.ab_t + 1))
+        out.append(sequential.absolute_evidence(state))
     return out
 
 
@@ -283,8 +282,7 @@ def test_a_canary_failing_at_detect_rate_is_rarely_shown_below_it_however_long_w
             p = 0.01 * (10.0 if rng.random() < 0.02 else 1.0)  # 2% of intervals: an outage
             n = int(rng.poisson(300))
             state = sequential.step_absolute(gate, state, int(rng.binomial(n, p)), n)
-            if sum(np.exp(min(700.0, x)) for x in state.ab) / len(sequential.AB_GRID) \
-                    + 1 / (state.ab_t + 1) >= 1 / gate.alpha:
+            if sequential.absolute_evidence(state) >= 1 / gate.alpha:
                 shown += 1
                 break
     assert shown <= 3, shown

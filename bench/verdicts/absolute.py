@@ -81,8 +81,7 @@ def check(seed: int = 0) -> float:
         state, best = sequential.State(), 0.0
         for ni, ei in zip(n[r], e[r], strict=True):
             state = sequential.step_absolute(GATE, state, ei, ni)
-            best = max(best, sum(math.exp(min(700.0, x)) for x in state.ab) / len(RATIOS)
-                       + 1 / (state.ab_t + 1))
+            best = max(best, sequential.absolute_evidence(state))
         worst = max(worst, abs(best - fast[r]) / max(1.0, best))
     return worst
 

@@ -280,10 +280,23 @@ def split_bounds(pi_0: float, wander: float = 0.5) -> tuple[float, float]:
     return 1 / (1 + math.exp(-(lg + up))), 1 / (1 + math.exp(-(lg + down)))
 
 
+def _prior(t: int) -> float:
+    """The change-point prior: weight of a test that starts at the t-th interval (1, 2,
+    ...); the starts after the t-th weigh 1/(t + 1) together, so all of them sum to 1."""
+    return 1.0 / (t * (t + 1))
+
+
 def evidence(state: State) -> float:
     """The mixture statistic M_t: >= 1/alpha means the canary is worse than tolerated."""
     pending = 1.0 / (state.t + 1)  # q mass of change points not yet reached
     return sum(state.s) / len(GRID) + pending
+
+
+def absolute_evidence(state: State) -> float:
+    """The absolute test's mixture (over the grid and the interval it starts at): >= 1/alpha
+    shows the canary below detect_rate."""
+    return (sum(math.exp(min(700.0, x)) for x in state.ab) / len(AB_GRID)
+            + 1.0 / (state.ab_t + 1))  # (the mass of start intervals not yet reached)
 
 
 def ni_evidence(state: State) -> float:
@@ -292,9 +305,7 @@ def ni_evidence(state: State) -> float:
     over its grid, so it is itself an e-process for a canary that is both at or above the
     margin and at or above detect_rate."""
     ratio = sum(math.exp(min(700.0, x)) for x in state.ni) / len(NI_GRID)
-    absolute = (sum(math.exp(min(700.0, x)) for x in state.ab) / len(AB_GRID)
-                + 1.0 / (state.ab_t + 1))  # (the mass of start intervals not yet reached)
-    return (ratio + absolute) / 2
+    return (ratio + absolute_evidence(state)) / 2
 
 
 def absolute_penalty(x: float, v: float = WANDER) -> float:
@@ -345,7 +356,7 @@ def step_absolute(gate: ErrorGate, state: State, e_c: float, n_c: float) -> Stat
     p0 = gate.detect_rate
     v = tabulated_wander(gate.wander) ** 2
     t = state.ab_t + 1
-    start = -math.log(t * (t + 1))  # the weight of a test starting at this interval
+    start = math.log(_prior(t))  # the weight of a test starting at this interval
     ab = [min(460.0, max(NO_MASS, _log_add(x, start)) + e_c * math.log(r)
               + (n_c - e_c) * math.log((1 - r * p0) / (1 - p0))
               - absolute_penalty(n_c * p0 * (1 - r) / (1 - p0), v))
@@ -403,7 +414,7 @@ def step(gate: ErrorGate, state: State, e_c: float, n_c: float, e_s: float,
     if n_c <= 0 or n_s <= 0:
         return state  # one side idle: the split says nothing
     t = state.t + 1
-    q = 1.0 / (t * (t + 1))
+    q = _prior(t)
     stage = dict(state.stage)
     m, _ = split_bounds(_pi(n_c, n_s, gate.tolerance), gate.wander)
     k = expected_errors(state, n_c, n_s, gate.tolerance)
