@@ -357,7 +357,7 @@ def simulate_latency(sc: LatencyScenario, rps: float, seed: int,
     p_slow_base = float(base[ex_at:].sum())
     window: list[np.ndarray] = []
     excess, top = 0.0, 0
-    while t < MAX_TIME:
+    while t < horizon(sc):
         w = (ours.weight if ours else WEIGHTS[sch.stage]) / 100
         top = max(top, round(w * 100))
         n = rng.poisson(rps * SCRAPE)
@@ -377,9 +377,8 @@ def simulate_latency(sc: LatencyScenario, rps: float, seed: int,
         window = [*window, b_c][-4:]
         end = judge(ours, sch, rule, t, counts, p99_ok, window)
         if end:
-            return Result(end, t, excess, top, excess + (
-                _after_promotion(sc, rps, seed, t) if end == "promoted" else 0.0))
-    return Result("inconclusive", t, excess, top, excess)
+            return _ended(end, sc, rps, seed, t, excess, top)
+    return _ended("inconclusive", sc, rps, seed, t, excess, top)
 
 
 def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) -> Result:
@@ -394,7 +393,7 @@ def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) 
     window: list[tuple[float, float]] = []  # canary (requests, errors) per scrape, last 1 m
     excess, top = 0.0, 0
     pods = Pods()
-    while t < max(MAX_TIME, sc.deadline + sum(sc.holds)):
+    while t < horizon(sc):
         w = (ours.weight if ours else sch.weights[sch.stage]) / 100
         top = max(top, round(w * 100))
         n = rng.poisson(rps * SCRAPE)
@@ -424,9 +423,15 @@ def simulate(sc: Scenario, rps: float, seed: int, rule: tuple[int, int] | None) 
         else:
             end = judge(ours, sch, rule, t, [raw], rate_ok, window)
         if end:
-            return Result(end, t, excess, top, excess + (
-                _after_promotion(sc, rps, seed, t) if end == "promoted" else 0.0))
-    return Result("inconclusive", t, excess, top, excess)
+            return _ended(end, sc, rps, seed, t, excess, top)
+    return _ended("inconclusive", sc, rps, seed, t, excess, top)
+
+
+def _ended(end: str, sc: Any, rps: float, seed: int, t: float, excess: float,
+           top: int) -> Result:
+    """A rollout's Result; a promoted one goes on to the horizon for `hour`."""
+    after = _after_promotion(sc, rps, seed, t) if end == "promoted" else 0.0
+    return Result(end, t, excess, top, excess + after)
 
 
 def horizon(sc: Any) -> float:
@@ -589,9 +594,13 @@ def main() -> None:
                                **{k: v["rolled_back"] for k, v in fixed.items()}}
                 best = min(fixed, key=lambda k: fixed[k]["rolled_back"]) if fixed else None
             else:
-                # the old criterion: as safe as canary on steady traffic at the base rate
-                best = _cheapest(fixed, [fr["latency healthy" if isinstance(sc, LatencyScenario)
-                                            else f"healthy {BASE:.1%}"]])
+                # the old criterion: as safe as canary on steady traffic at the base rate;
+                # fair under bursts too: as safe on every healthy scenario of the same base
+                # rate and stages (shared outages, bursts, wandering)
+                steady_fr = [fr["latency healthy" if isinstance(sc, LatencyScenario)
+                                else f"healthy {BASE:.1%}"]]
+                peer_fr = [fr[n] for n in peers(sc, scs)]
+                best = _cheapest(fixed, steady_fr)
             b = fixed[best] if best else {}
             rb = f"{ours['rolled_back']:.2%} [{ours['rb_lo']:.2%}, {ours['rb_hi']:.2%}]"
             det = _detection(ours) if isbad else "-"
@@ -606,9 +615,7 @@ def main() -> None:
             bprom = f"{b['promoted']:.1%}" if b and isbad else "-"
             wide_cols = "- | - | -"
             if isbad:
-                # fair under bursts too: as safe as canary on every healthy scenario of
-                # the same base rate and stages (shared outages, bursts, wandering)
-                wide = _cheapest(fixed, [fr[n] for n in peers(sc, scs)])
+                wide = _cheapest(fixed, peer_fr)
                 w = fixed[wide] if wide else {}
                 wex = f"{w['excess_mean']:.1f}" if w else "-"
                 wide_cols = (f"{_rule_name(wide, bool(fixed))} | "
@@ -617,9 +624,8 @@ def main() -> None:
                 worst = max(fr[sc.name][k] for k in fixed)
                 wide_cols = f"- | - | (fixed settings roll back up to {worst:.1%})"
             if isbad and fixed:
-                steady = _cheapest(fixed, [fr["latency healthy" if isinstance(
-                    sc, LatencyScenario) else f"healthy {BASE:.1%}"]], "hour_mean")
-                safe = _cheapest(fixed, [fr[n] for n in peers(sc, scs)], "hour_mean")
+                steady = _cheapest(fixed, steady_fr, "hour_mean")
+                safe = _cheapest(fixed, peer_fr, "hour_mean")
                 hours.append((sc.name, rps, ours, [(k, fixed[k] if k else {})
                                                    for k in (steady, safe)]))
             print(f"| {sc.name} | {rps:g} | {rb} | {ours['inconclusive']:.1%} | {prom} | {r50} | "
