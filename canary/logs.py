@@ -171,7 +171,7 @@ class QueuedLog(logging.handlers.QueueHandler):
         with self._gap_lock:
             record._dropped_before = self._gap
             try:
-                self.queue.put_nowait(record)
+                self.lines.put_nowait(record)
             except queue.Full:
                 self.dropped += 1
                 self._gap += 1
@@ -181,7 +181,7 @@ class QueuedLog(logging.handlers.QueueHandler):
     def _tell(self, lost: int) -> None:
         if lost:
             self.out.emit(logging.makeLogRecord({
-                "msg": JsonFormatter().format(logging.makeLogRecord({
+                "msg": self.format(logging.makeLogRecord({
                     "name": "canary.logs", "levelname": "WARNING",
                     "levelno": logging.WARNING,
                     "msg": f"{lost} log lines dropped: whatever reads this log was "
@@ -209,7 +209,7 @@ class QueuedLog(logging.handlers.QueueHandler):
         """Let the writer finish what is queued, for at most `timeout` seconds (a writer
         stuck on a pipe nobody reads is left behind: it is a daemon)."""
         try:
-            self.queue.put_nowait(None)
+            self.lines.put_nowait(None)
         except queue.Full:
             pass
         self._thread.join(timeout)
