@@ -33,7 +33,7 @@ from canary import config as config_mod
 from canary.cli import serving
 from canary.demo import procs
 from canary.demo.playground import ERROR_RATE, Playground, fast_policy
-from canary.policy import render
+from canary.fields import render
 from canary.routers.nginx import parse_weight
 
 

@@ -57,8 +57,10 @@ from canary.clock import RealClock
 from canary.config import NginxTarget
 from canary.demo.procs import free_port
 from canary.engine.controller import Controller
+from canary.gates.kinds import ThresholdGate
 from canary.gates.prometheus import CoalescingSource, PrometheusSource
-from canary.policy import NoData, Policy, Stage, ThresholdGate
+from canary.policy import NoData, Policy
+from canary.stages import Stage
 from canary.store.sqlite import SqliteStore
 from tests.doubles import PrometheusDouble
 from tests.helpers import TOKENS, tokens

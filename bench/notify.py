@@ -32,10 +32,12 @@ from canary.clock import RealClock
 from canary.config import NginxTarget, Notification
 from canary.demo.procs import Blackhole, free_port, serve_app
 from canary.engine.controller import Controller
+from canary.gates.kinds import ThresholdGate
 from canary.model import Command, CommandKind, Phase, Rollout
 from canary.notify import Notifier
-from canary.policy import NoData, Policy, Stage, ThresholdGate, Webhook
+from canary.policy import NoData, Policy, Webhook
 from canary.routers.nginx import NginxRouter
+from canary.stages import Stage
 from canary.store.sqlite import SqliteStore
 
 

@@ -29,7 +29,10 @@ from canary import config as config_mod
 from canary import policy as policy_mod
 from canary import yamlsrc
 from canary.errors import InvalidInput, Problem, RouterError, UserError, ValidationFailed
+from canary.fields import format_duration
+from canary.gates.kinds import Gate
 from canary.schema import SCHEMAS
+from canary.stages import stage_shape
 from canary.text import escape
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -246,7 +249,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def plan_text(pol: policy_mod.Policy) -> str:
-    fmt = policy_mod.format_duration
+    fmt = format_duration
     iv = pol.interval
     lines = [f"policy {pol.name}: interval {fmt(iv)}, failure_limit {pol.failure_limit}, "
              f"no_data {pol.no_data.value}, progress_deadline {fmt(pol.progress_deadline)}", ""]
@@ -256,7 +259,7 @@ def plan_text(pol: policy_mod.Policy) -> str:
     full_at = 0.0
     for i, s in enumerate(pol.stages):
         gates = ", ".join(f"{g.name} ({g.bounds()})" for g in pol.gates_for(i)) or "none"
-        shape = policy_mod.stage_shape(s)  # a match or mirror stage: weight 0 for users
+        shape = stage_shape(s)  # a match or mirror stage: weight 0 for users
         lines.append(f"{i:>5}  {s.weight:>5}%  {fmt(s.hold):>8}  {fmt(at):>10}  {gates}"
                      + ("  [approval]" if s.approval else "")
                      + (f"  [{shape.text()}]" if shape else ""))
@@ -299,13 +302,13 @@ def plan_on_traffic(pol: policy_mod.Policy, rps: float, rates: dict[str, float],
 
     from canary.engine.dryrun import DryRun, Shape, Values, gate_shapes
 
-    fmt = policy_mod.format_duration
+    fmt = format_duration
     stages = tuple(dc_replace(s, approval=False) for s in pol.stages)
     dry = DryRun(dc_replace(pol, stages=stages))
     gates = {g.name: g for i in range(len(stages)) for g in pol.gates_for(i)}
     names = sorted(n for n, g in gates.items() if g.kind == "errors")
 
-    def predictable(g: policy_mod.Gate) -> bool:
+    def predictable(g: Gate) -> bool:
         shapes = gate_shapes(g)
         if any(s is None for s in shapes):
             return False
@@ -320,7 +323,7 @@ def plan_on_traffic(pol: policy_mod.Policy, rps: float, rates: dict[str, float],
     unknown = sorted({n for n, g in gates.items() if not predictable(g)} | hooks)
     # a match stage sends the canary the requests that match: plan does not know how many
     matched = {i: sh.text() for i, st in enumerate(stages)
-               if (sh := policy_mod.stage_shape(st)) is not None and sh.mirror is None}
+               if (sh := stage_shape(st)) is not None and sh.mirror is None}
     counts = {n: dict.fromkeys(("canary_requests", "canary_errors", "stable_requests",
                                 "stable_errors"), 0.0) for n in names}
     shares = ", ".join(f"{n} {rates.get(n, default_rate):.2%}" for n in sorted(gates)
@@ -351,7 +354,7 @@ def plan_on_traffic(pol: policy_mod.Policy, rps: float, rates: dict[str, float],
     horizon = sum(s.hold for s in stages) + len(stages) * (pol.progress_deadline + iv) + iv
     while end is None and t <= horizon:
         w, n = dry.weight / 100, rps * iv
-        here = None if dry.r.pre_rollout else policy_mod.stage_shape(stages[dry.r.stage])
+        here = None if dry.r.pre_rollout else stage_shape(stages[dry.r.stage])
         # a mirror stage copies its share of the requests to the canary; stable serves all
         mirror = here.mirror / 100 if here is not None and here.mirror is not None else 0.0
         blind = here is not None and here.mirror is None  # a match stage: read as passing
@@ -380,7 +383,7 @@ def plan_on_traffic(pol: policy_mod.Policy, rps: float, rates: dict[str, float],
             entered.append(t)
     for i, at in enumerate(entered):
         s = stages[i]
-        shaped = policy_mod.stage_shape(s)
+        shaped = stage_shape(s)
         what = shaped.text() if shaped is not None else f"{s.weight}%"
         if i + 1 < len(entered):
             took = entered[i + 1] - at

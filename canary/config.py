@@ -33,9 +33,9 @@ from pydantic import (
 from pydantic.dataclasses import dataclass
 from pydantic.json_schema import SkipJsonSchema
 
+from canary import fields, validation, yamlsrc
 from canary import policy as policy_mod
 from canary import schema as schema_mod
-from canary import validation, yamlsrc
 from canary.errors import Problem, ValidationFailed
 from canary.model import VERSION_PATTERN
 
@@ -66,7 +66,7 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # the schema's way to say it (no (?i) in editors' regexes): [Cc][Oo][Oo][Kk][Ii][Ee]
 _SECRET_HEADER = "^(" + "|".join("".join(f"[{c.upper()}{c}]" if c.isalpha() else c for c in h)
                                  for h in sorted(_SECRET_HEADERS)) + ")$"
-_VAR = policy_mod.IDENTIFIER  # a template variable's or an environment variable's name
+_VAR = fields.IDENTIFIER  # a template variable's or an environment variable's name
 
 
 def _refused_keys(pattern: str) -> Any:
@@ -119,7 +119,7 @@ class Token:
 
 
 def _var_name(name: str) -> str:
-    if name in policy_mod.BUILTIN_VARS:
+    if name in fields.BUILTIN_VARS:
         raise ValueError(f"{name!r} is filled by canary itself; pick another name")
     if not re.fullmatch(_VAR, name):
         raise ValueError("variable names are letters, digits and _")
@@ -137,7 +137,7 @@ Vars = Annotated[Mapping[Annotated[str, AfterValidator(_var_name),
                Annotated[str, BeforeValidator(_plain_value),
                          WithJsonSchema({"type": ["string", "number", "boolean"]})]],
                 Field(json_schema_extra=_refused_keys(
-                    f"^({'|'.join(sorted(policy_mod.BUILTIN_VARS))})$"))]
+                    f"^({'|'.join(sorted(fields.BUILTIN_VARS))})$"))]
 Argv = Annotated[tuple[Annotated[str, Field(strict=True, min_length=1)], ...], Field(min_length=1)]
 Addresses = Annotated[tuple[Annotated[str, Field(strict=True, pattern=_ADDRESS)], ...],
                       Field(min_length=1)]
@@ -154,7 +154,7 @@ class VersionProbe:
 
     path: Annotated[str, Field(strict=True, pattern=r"^/[\x21-\x7e]*$", max_length=2048)] = "/version"
     """The URL path asked on every server, e.g. /version (default)."""
-    timeout: policy_mod.PositiveDuration = 2.0
+    timeout: fields.PositiveDuration = 2.0
     """How long one server may take to answer, at most 60s (default 2s)."""
 
     @field_validator("timeout")
@@ -180,7 +180,7 @@ class Workload:
     scale_canary: Literal["proportional", "fixed"] = "proportional"
     """proportional: before each step the canary gets its weight's share of the stable
     replicas (at least 1); fixed: canary leaves the replica count alone."""
-    scale_down_delay: policy_mod.Duration = 30.0
+    scale_down_delay: fields.Duration = 30.0
     """After weight 0 is in force, how long before the idle Deployment is scaled to 0
     (default 30s)."""
 
@@ -394,11 +394,11 @@ class LeaderElection:
 
     name: Dns = "canary-leader"
     """The name of the coordination.k8s.io Lease the replicas share."""
-    lease_duration: policy_mod.PositiveDuration = 15.0
+    lease_duration: fields.PositiveDuration = 15.0
     """How long the others wait without a renewal before taking over (default 15s)."""
-    renew_deadline: policy_mod.PositiveDuration = 10.0
+    renew_deadline: fields.PositiveDuration = 10.0
     """A leader that cannot renew for this long stops acting (default 10s)."""
-    retry_period: policy_mod.PositiveDuration = 2.0
+    retry_period: fields.PositiveDuration = 2.0
     """How often the lease is renewed or tried (default 2s)."""
 
     @model_validator(mode="after")
@@ -449,7 +449,7 @@ class Notification:
     secret_env: EnvName | None = None
     """Environment variable holding the HMAC-SHA256 key: the body is signed in
     X-Canary-Signature."""
-    timeout: policy_mod.PositiveDuration = 10.0
+    timeout: fields.PositiveDuration = 10.0
     """How long one delivery attempt may take (default 10s)."""
     url_env: EnvName | None = None
     """Environment variable holding the URL, instead of url: a chat's incoming-webhook URL
@@ -566,7 +566,7 @@ class PrometheusDoc(_Doc):
     url: Annotated[HttpUrl, Field(json_schema_extra={
         "pattern": r"^https?://[^/?#@]*([/?#]|$)"})] = "http://127.0.0.1:9090"  # no user@
     """Prometheus's base URL, http:// or https://, without credentials."""
-    timeout: policy_mod.PositiveDuration = 10.0
+    timeout: fields.PositiveDuration = 10.0
     """How long one query may take, a duration (default 10s)."""
     headers: Annotated[dict[Annotated[str, AfterValidator(_header_name),
                                       WithJsonSchema({"pattern": _HEADER_NAME.pattern})],
@@ -647,7 +647,7 @@ class ConfigDoc(_Doc):
     """Only with state: kubernetes:NS: the Lease the replicas elect a leader with."""
     notifications: Annotated[list[Notification], Field(max_length=100)] = []
     """Chat and webhook receivers told about rollout events (at least once)."""
-    approval_reminder: policy_mod.PositiveDuration = 1800.0
+    approval_reminder: fields.PositiveDuration = 1800.0
     """How often a waiting approval is announced again (default 30m)."""
     public_url: HttpUrl | None = None
     """Where people open this controller: the base of links in notifications."""
@@ -908,7 +908,7 @@ def cross_check(cfg: Config, policies: Mapping[str, policy_mod.Policy],
                                                    f"no policy named {target.policy!r}; loaded: "
                                                    f"{', '.join(sorted(policies)) or 'none'}"))
             continue
-        missing = pol.template_names() - set(target.vars) - policy_mod.BUILTIN_VARS
+        missing = pol.template_names() - set(target.vars) - fields.BUILTIN_VARS
         if missing:
             problems.append(validation.problem(doc, ("targets", name, "vars"),
                                                f"policy {pol.name!r} uses "

@@ -21,8 +21,9 @@ from tenacity import (
     wait_exponential,
 )
 
+from canary.fields import format_duration, render
 from canary.model import Reading, Verdict
-from canary.policy import HOOK_PREFIX, Webhook, format_duration, render
+from canary.policy import HOOK_PREFIX, Webhook
 from canary.text import is_control
 
 log = logging.getLogger("canary.hooks")

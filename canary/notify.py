@@ -44,9 +44,10 @@ from canary import policy as policy_mod
 from canary.clock import Clock
 from canary.config import Notification, Target
 from canary.errors import NotFound, StoreConflict, TransientError, ValidationFailed
+from canary.fields import format_duration
 from canary.metrics import Metrics
 from canary.model import Event, PauseKind, Phase, Rollout, iso
-from canary.policy import Webhook, format_duration
+from canary.policy import Webhook
 from canary.store import Store
 
 log = logging.getLogger("canary.notify")

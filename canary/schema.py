@@ -155,7 +155,7 @@ def _repair(node: dict[str, Any]) -> dict[str, Any]:
     # a duration's default is the parsed number (30.0); an editor should offer `30s`
     if node.get("type") == "string" and isinstance(default, int | float) \
             and not isinstance(default, bool):
-        from canary.policy import format_duration
+        from canary.fields import format_duration
 
         text = format_duration(default)
         pattern = node.get("pattern")

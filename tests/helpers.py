@@ -20,11 +20,13 @@ from canary.config import NginxTarget, Role, Target, Token
 from canary.demo.procs import free_port
 from canary.engine.controller import Controller
 from canary.errors import MetricsError
+from canary.gates.kinds import ThresholdGate
 from canary.gates.prometheus import MetricSource
 from canary.model import Rollout
-from canary.policy import NoData, Policy, Stage, ThresholdGate
+from canary.policy import NoData, Policy
 from canary.routers import Router
 from canary.routers.nginx import NginxRouter
+from canary.stages import Stage
 from canary.store import Store
 from canary.store.sqlite import SqliteStore
 

@@ -35,9 +35,9 @@ from canary.config import NginxTarget, PrometheusAccess, Role, Token
 from canary.demo.procs import Prometheus, free_port, serve_app, wait_http
 from canary.engine.controller import Controller
 from canary.errors import MetricsError, ValidationFailed
+from canary.gates.kinds import ThresholdGate
 from canary.gates.prometheus import PrometheusSource, measure
 from canary.model import Reading, Verdict
-from canary.policy import ThresholdGate
 from canary.routers.nginx import NginxRouter
 from canary.store.sqlite import SqliteStore
 from tests.helpers import TOKENS, Api, SetSource, eventually, simple_policy, tokens

@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 import yaml
 
+from canary import fields
 from canary import policy as policy_mod
 from canary.cli import validate_files
 from canary.clock import RealClock
@@ -29,8 +30,9 @@ from canary.engine import decide
 from canary.engine.controller import Controller
 from canary.errors import Conflict, ValidationFailed
 from canary.gates.evaluate import judge, judge_compare
+from canary.gates.kinds import CompareGate, ThresholdGate
 from canary.model import Command, CommandKind, Event, Verdict
-from canary.policy import CompareGate, NoData, ThresholdGate
+from canary.policy import NoData
 from canary.routers.nginx import parse_weight
 from canary.store.sqlite import SqliteStore
 from canary.text import is_control
@@ -176,8 +178,8 @@ def test_durations_too_short_too_long_or_finer_than_a_millisecond_are_refused(tm
 
 def test_every_accepted_duration_reads_back_as_itself():
     for text in ("1s", "1ms", "1.5s", "0.001s", "1m30s", "720h", "2h0.5s", "59m59.999s"):
-        seconds = policy_mod.parse_duration(text)
-        assert policy_mod.parse_duration(policy_mod.format_duration(seconds)) == seconds
+        seconds = fields.parse_duration(text)
+        assert fields.parse_duration(fields.format_duration(seconds)) == seconds
 
 
 def test_controller_config_durations_are_bounded_too(tmp_path):

@@ -21,9 +21,11 @@ from canary import yamlsrc
 from canary.demo.procs import free_port, serve_app
 from canary.engine import decide
 from canary.errors import Conflict, ValidationFailed
+from canary.gates.kinds import ThresholdGate
 from canary.model import Command, CommandKind, PauseKind, Phase, Sides
-from canary.policy import NoData, Policy, Stage, ThresholdGate
+from canary.policy import NoData, Policy
 from canary.routers.nginx import parse_weight
+from canary.stages import Stage
 from canary.store.sqlite import SqliteStore
 from tests.helpers import controller, eventually, simple_policy
 

@@ -15,7 +15,9 @@ import aiohttp
 import pytest
 
 from canary import history
-from canary.policy import CompareGate, ErrorsGate, NoData, Policy, Stage, ThresholdGate
+from canary.gates.kinds import CompareGate, ErrorsGate, ThresholdGate
+from canary.policy import NoData, Policy
+from canary.stages import Stage
 from canary.store.sqlite import SqliteStore
 from tests.helpers import TOKENS, Api, controller, eventually, simple_policy
 

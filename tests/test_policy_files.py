@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from canary import policy
+from canary import fields, policy
 from canary.cli import main, validate_files
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,13 +104,13 @@ def test_hostile_files_get_a_clear_error(tmp_path):
 
 
 def test_durations():
-    assert policy.parse_duration("1m30s") == 90
-    assert policy.parse_duration("500ms") == 0.5
-    assert policy.parse_duration("1h") == 3600
+    assert fields.parse_duration("1m30s") == 90
+    assert fields.parse_duration("500ms") == 0.5
+    assert fields.parse_duration("1h") == 3600
     for bad in ("", "10", "m", "1d", "1m 30s", 5):
         with pytest.raises(ValueError):
-            policy.parse_duration(bad)
-    assert policy.format_duration(90) == "1m30s"
+            fields.parse_duration(bad)
+    assert fields.format_duration(90) == "1m30s"
 
 
 def test_stage_gates_add_and_override_policy_wide_gates(tmp_path):

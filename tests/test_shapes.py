@@ -19,10 +19,12 @@ from canary.config import GatewayBackend, GatewayTarget, NginxTarget
 from canary.demo.procs import Nginx, free_port
 from canary.demo.service import Service
 from canary.errors import ValidationFailed
-from canary.policy import Match, MatchStage, MirrorStage, NoData, Policy, Stage, ThresholdGate
+from canary.gates.kinds import ThresholdGate
+from canary.policy import NoData, Policy
 from canary.routers.gateway import GatewayRouter
 from canary.routers.istio import IstioRouter
 from canary.routers.nginx import NginxRouter, render_all
+from canary.stages import Match, MatchStage, MirrorStage, Stage
 from tests.helpers import controller, eventually
 from tests.mesh import Mesh
 from tests.test_istio import DR, NS, VS, cluster, target

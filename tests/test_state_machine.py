@@ -8,6 +8,7 @@ import pytest
 
 from canary.engine import decide
 from canary.errors import Conflict
+from canary.gates.kinds import ThresholdGate
 from canary.model import (
     Command,
     CommandKind,
@@ -18,7 +19,8 @@ from canary.model import (
     Rollout,
     Verdict,
 )
-from canary.policy import NoData, Policy, Stage, ThresholdGate
+from canary.policy import NoData, Policy
+from canary.stages import Stage
 
 ERR = ThresholdGate(name="error-rate", query="q_err", max=0.01)
 LAT = ThresholdGate(name="p99", query="q_lat", max=0.5)

@@ -14,8 +14,10 @@ from hypothesis import strategies as st
 from canary.engine import decide
 from canary.gates import sequential
 from canary.gates.evaluate import judge_compare
+from canary.gates.kinds import CompareGate, ErrorsGate
 from canary.model import Phase, Reading, Readings, Verdict
-from canary.policy import CompareGate, ErrorsGate, NoData, Policy, Stage, parse
+from canary.policy import NoData, Policy, parse
+from canary.stages import Stage
 
 GATE = sequential.ErrorGate(tolerance=1.0, alpha=0.01)
 

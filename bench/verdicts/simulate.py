@@ -37,7 +37,9 @@ from typing import Any
 import numpy as np
 
 from canary.engine.dryrun import DryRun
-from canary.policy import ErrorsGate, NoData, Policy, Stage, ThresholdGate
+from canary.gates.kinds import ErrorsGate, ThresholdGate
+from canary.policy import NoData, Policy
+from canary.stages import Stage
 
 SCRAPE = 15.0
 WEIGHTS = (5, 25, 50, 100)

@@ -42,6 +42,8 @@ from canary.errors import (
     StoreUnavailable,
     ValidationFailed,
 )
+from canary.fields import format_duration, render
+from canary.gates.kinds import CompareGate
 from canary.gates.prometheus import MetricSource, measure
 from canary.metrics import Metrics
 from canary.model import (
@@ -58,6 +60,7 @@ from canary.model import (
 )
 from canary.notify import Notifier
 from canary.routers import Router, toward
+from canary.stages import stage_shape
 from canary.store import Store, no_such_rollout
 from canary.text import is_control
 
@@ -248,7 +251,7 @@ class Controller:
         await self.routers[target].check()
         sides = await self.target_sides(target)
         to_side = sides.deploy_to
-        wanted = [sh for sh in (policy_mod.stage_shape(s) for s in pol.stages) if sh]
+        wanted = [sh for sh in (stage_shape(s) for s in pol.stages) if sh]
         if wanted:
             await toward(self.routers[target], to_side).check_shapes(wanted)
         if stable_version is None:
@@ -423,7 +426,7 @@ class Controller:
                 continue
             values = self._template_values(tgt, r.canary_version, r.stable_version, r.id, pol)
             try:
-                rules = [{k: policy_mod.render(v, values) for k, v in a.matchers.items()}
+                rules = [{k: render(v, values) for k, v in a.matchers.items()}
                          for a in pol.alerts]
             except InvalidInput:
                 continue  # (checked at start; a var gone from the config matches nothing)
@@ -551,7 +554,7 @@ class Controller:
         if rd is not None:
             for g in self._policy_of(new).gates_for(new.stage):
                 kinds[g.name] = g.kind
-                if isinstance(g, policy_mod.CompareGate):
+                if isinstance(g, CompareGate):
                     bounds[g.name] = {"max_increase": g.max_increase, "max_ratio": g.max_ratio}
         return history.points(old, new, at=self.clock.now(), kinds=kinds, bounds=bounds,
                               rd=rd)
@@ -658,7 +661,7 @@ class Controller:
                          rollout_id: str, pol: policy_mod.Policy) -> dict[str, str]:
         values = dict(tgt.vars)
         values.update(target=tgt.name, canary_version=canary_version, rollout_id=rollout_id,
-                      interval=policy_mod.format_duration(pol.interval))
+                      interval=format_duration(pol.interval))
         if stable_version is not None:
             values["stable_version"] = stable_version
         return values

@@ -14,7 +14,9 @@ from dataclasses import replace
 
 from canary import shapes
 from canary.errors import Conflict
+from canary.fields import format_duration
 from canary.gates import sequential
+from canary.gates.kinds import ErrorsGate, ThresholdGate
 from canary.model import (
     Command,
     CommandKind,
@@ -27,15 +29,8 @@ from canary.model import (
     Rollout,
     Verdict,
 )
-from canary.policy import (
-    HOOK_PREFIX,
-    ErrorsGate,
-    NoData,
-    Policy,
-    ThresholdGate,
-    format_duration,
-    stage_shape,
-)
+from canary.policy import HOOK_PREFIX, NoData, Policy
+from canary.stages import stage_shape
 
 # A rollout's events are bounded in number and in text, so its stored record (rewritten at
 # every evaluation) stays small however often on-call pauses and resumes with long

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
+from canary.gates.kinds import CompareGate, ThresholdGate
 from canary.model import Reading, Verdict
-from canary.policy import CompareGate, ThresholdGate
 
 
 def judge(gate: ThresholdGate, value: float | None, *, error: str | None = None) -> Reading:

@@ -30,9 +30,10 @@ from tenacity import (
 
 from canary.config import PrometheusAccess
 from canary.errors import InvalidInput, MetricsError
+from canary.fields import format_duration, render
 from canary.gates.evaluate import judge, judge_compare
+from canary.gates.kinds import CompareGate, ErrorsGate, Gate
 from canary.model import Reading, Verdict
-from canary.policy import CompareGate, ErrorsGate, Gate, format_duration, render
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -1,0 +1,147 @@
+"""The value types every model shares: durations (text in files, seconds inside), strict
+numbers and text, PromQL queries and their `{{ name }}` templates, and the bounded names
+and URLs of the controller config. One definition each, used by the policy, the config
+and the API bodies, and stated in their JSON Schemas."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from decimal import Decimal, localcontext
+from typing import Annotated
+
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    PlainSerializer,
+    ValidationInfo,
+    WithJsonSchema,
+)
+
+from canary.errors import InvalidInput
+
+_PART = r"([0-9]+(\.[0-9]+)?)(ms|s|m|h)"  # one part of a duration; the schema's pattern too
+_DURATION_PART = re.compile(_PART)
+IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"  # a {{ name }}, an Alertmanager label, an env variable
+_TEMPLATE = re.compile(rf"\{{\{{\s*({IDENTIFIER})\s*\}}\}}")
+BUILTIN_VARS = frozenset({"target", "canary_version", "stable_version", "rollout_id", "interval",
+                          "version"})
+_UNIT_MS = {"ms": Decimal(1), "s": Decimal(1000), "m": Decimal(60_000), "h": Decimal(3_600_000)}
+# Every duration is at most 30 days: no stage, deadline or timeout of a canary needs more,
+# and anything bigger is a typo (a 400-digit number once reached the store as infinity).
+MAX_DURATION = 30 * 24 * 3600.0
+MAX_DURATION_TEXT = 32     # characters; `1h59m59s999ms` is 13
+_HINT = "write it like 500ms, 30s, 2m, 1h or 1m30s"
+
+
+def parse_duration(text: object) -> float:
+    """`500ms`, `10s`, `2m`, `1h`, `1m30s` -> seconds. Raises ValueError with a hint.
+
+    Only whole milliseconds up to 30 days: that is what the store keeps
+    (format_duration), so a duration always reads back as itself."""
+    if not isinstance(text, str) or not text:
+        shown = repr(text) if len(repr(text)) <= 40 else repr(text)[:37] + "..."
+        raise ValueError(f"{shown} is not a duration; {_HINT}")
+    if len(text) > MAX_DURATION_TEXT:
+        raise ValueError(f"{text[:20]!r}... is {len(text)} characters, too long for a "
+                         f"duration (at most {MAX_DURATION_TEXT}); {_HINT}, up to 30 days")
+    pos, ms = 0, Decimal(0)
+    with localcontext() as exact:
+        exact.prec = 2 * MAX_DURATION_TEXT + 8  # no rounding: 32 digits times a unit
+        for m in _DURATION_PART.finditer(text):
+            if m.start() != pos:
+                break
+            ms += Decimal(m.group(1)) * _UNIT_MS[m.group(3)]
+            pos = m.end()
+    if pos != len(text):
+        raise ValueError(f"{text!r} is not a duration; {_HINT}")
+    if ms > Decimal(int(MAX_DURATION * 1000)):
+        raise ValueError(f"{text!r} is longer than 30 days, the longest duration canary "
+                         "accepts; write 720h or less")
+    if ms != ms.to_integral_value():
+        raise ValueError(f"{text!r} is not a whole number of milliseconds; canary keeps "
+                         "durations to the millisecond: write e.g. 1ms, 250ms or 1.5s")
+    return int(ms) / 1000
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds -> the shortest duration text parse_duration reads back (`1m30s`)."""
+    ms = round(seconds * 1000)
+    if ms % 1000:
+        return f"{ms}ms"
+    s = ms // 1000
+    h, rest = divmod(s, 3600)
+    m, s = divmod(rest, 60)
+    out = (f"{h}h" if h else "") + (f"{m}m" if m else "") + (f"{s}s" if s else "")
+    return out or "0s"
+
+
+def template_names(text: str) -> set[str]:
+    return set(_TEMPLATE.findall(text))
+
+
+def render(text: str, values: Mapping[str, str]) -> str:
+    """Fill `{{ name }}`; an unknown name is an error (checked before a rollout starts)."""
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in values:
+            raise InvalidInput(f"query uses {{{{ {name} }}}}, which has no value")
+        return values[name]
+
+    return _TEMPLATE.sub(sub, text)
+
+
+_DURATION_PATTERN = f"^({_PART})+$"
+_MALFORMED = re.compile(r"\{\{(?![^{}]*\}\})|\{\{\s*[^A-Za-z_\s][^}]*\}\}")
+MAX_QUERY = 10_000  # characters
+
+
+def from_file(info: ValidationInfo) -> bool:
+    return bool((info.context or {}).get("file"))
+
+
+def _duration(value: object, info: ValidationInfo) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and not from_file(info):
+        return float(value)
+    return parse_duration(value)
+
+
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be longer than 0")
+    return value
+
+
+def templated(value: str) -> str:
+    bad = _MALFORMED.search(value)
+    if bad:
+        raise ValueError(f"malformed template {bad.group(0)!r}; write {{{{ name }}}}")
+    return value
+
+
+def _query(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must be a PromQL query")
+    return templated(value).strip()
+
+
+_DURATION_SCHEMA = {"type": "string", "pattern": _DURATION_PATTERN,
+                    "maxLength": MAX_DURATION_TEXT,
+                    "description": "a duration like 500ms, 30s, 2m, 1h or 1m30s (whole "
+                                   "milliseconds, at most 30 days)"}
+Duration = Annotated[float, BeforeValidator(_duration),
+                     PlainSerializer(format_duration, return_type=str, when_used="json"),
+                     WithJsonSchema(_DURATION_SCHEMA)]
+# a duration with a digit other than 0 in it: longer than 0. (The whole schema, not a
+# Field's extra: that would be lost where the duration may also be null.)
+_NONZERO = r"([0-9]*[1-9][0-9]*(\.[0-9]+)?|[0-9]+\.[0-9]*[1-9][0-9]*)(ms|s|m|h)"
+PositiveDuration = Annotated[Duration, AfterValidator(_positive), WithJsonSchema({
+    **_DURATION_SCHEMA, "pattern": f"^({_PART})*{_NONZERO}({_PART})*$",
+    "description": "a duration longer than 0, like 500ms, 30s, 2m, 1h or 1m30s (whole "
+                   "milliseconds, at most 30 days)"})]
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Text = Annotated[str, Field(strict=True)]
+Query = Annotated[Text, Field(max_length=MAX_QUERY, json_schema_extra={"pattern": r"\S"}),
+                  AfterValidator(_query)]
