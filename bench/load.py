@@ -54,7 +54,6 @@ import aiohttp
 
 from canary.api.app import ApiServer, bind, build_app
 from canary.clock import RealClock
-from canary.config import NginxTarget
 from canary.demo.procs import free_port
 from canary.engine.controller import Controller
 from canary.gates.kinds import ThresholdGate
@@ -62,6 +61,7 @@ from canary.gates.prometheus import CoalescingSource, PrometheusSource
 from canary.policy import NoData, Policy
 from canary.stages import Stage
 from canary.store.sqlite import SqliteStore
+from canary.targets import NginxTarget
 from tests.doubles import PrometheusDouble
 from tests.helpers import TOKENS, tokens
 

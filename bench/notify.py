@@ -29,7 +29,7 @@ from pathlib import Path
 from aiohttp import web
 
 from canary.clock import RealClock
-from canary.config import NginxTarget, Notification
+from canary.config import Notification
 from canary.demo.procs import Blackhole, free_port, serve_app
 from canary.engine.controller import Controller
 from canary.gates.kinds import ThresholdGate
@@ -39,6 +39,7 @@ from canary.policy import NoData, Policy, Webhook
 from canary.routers.nginx import NginxRouter
 from canary.stages import Stage
 from canary.store.sqlite import SqliteStore
+from canary.targets import NginxTarget
 
 
 class Zero:

@@ -51,19 +51,19 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
                 signals: bool = True) -> None:
     from canary.api.app import ApiServer, bind, build_app
     from canary.clock import RealClock
-    from canary.config import GatewayTarget, IstioTarget
     from canary.engine.controller import Controller
     from canary.gates.prometheus import CoalescingSource, PrometheusSource
     from canary.routers import Router, for_target
     from canary.store import open_store
+    from canary.targets import GatewayTarget, IstioTarget
 
     policies = cfg.load_policies()
     ssl_ctx = None
-    if cfg.tls_cert and cfg.tls_key:
+    if cfg.tls is not None:
         import ssl
 
         ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        ssl_ctx.load_cert_chain(cfg.tls.cert, cfg.tls.key)
     kube_api = None
     identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
     if cfg.state.startswith("kubernetes:") or any(t.router in ("istio", "gateway")
@@ -87,8 +87,8 @@ async def serve(cfg: config_mod.Config, *, ready: asyncio.Event | None = None,
             from canary.workload import Workloads
 
             workloads[name] = Workloads(target.namespace, target.workload, kube_api, name)
-    prometheus = PrometheusSource(cfg.prometheus_url, timeout=cfg.prometheus_timeout,
-                                  access=cfg.prometheus_access)
+    prometheus = PrometheusSource(cfg.prometheus.url, timeout=cfg.prometheus.timeout,
+                                  access=cfg.prometheus)
     store = open_store(cfg.state, kube_api=kube_api)
     lock = getattr(store, "lock", None)
     try:

@@ -1,5 +1,5 @@
 """The controller config (`canary serve --config FILE`): listen address, state, Prometheus,
-policies, tokens and targets. Its shape is written once, as models (ConfigDoc); what only
+policies, tokens and targets. Its shape is written once, as models (Config); what only
 the machine can tell (files, environment variables) is checked after, with file:line."""
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ import re
 import ssl
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import KW_ONLY, field, replace
-from dataclasses import dataclass as std_dataclass
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, overload
 
 import yarl
 from pydantic import (
@@ -23,7 +22,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    PlainValidator,
     TypeAdapter,
     ValidationError,
     WithJsonSchema,
@@ -33,11 +31,16 @@ from pydantic import (
 from pydantic.dataclasses import dataclass
 from pydantic.json_schema import SkipJsonSchema
 
-from canary import fields, validation, yamlsrc
+from canary import fields, targets, validation, yamlsrc
 from canary import policy as policy_mod
 from canary import schema as schema_mod
 from canary.errors import Problem, ValidationFailed
-from canary.model import VERSION_PATTERN
+from canary.fields import Dns, EnvName, HttpUrl, Name, PositiveDuration, Setting
+from canary.targets import (
+    NginxTarget,
+    Target,
+    TargetField,
+)
 
 
 class Role(enum.IntEnum):
@@ -48,14 +51,10 @@ class Role(enum.IntEnum):
 
 # ---- the config's shape: one definition each -------------------------------------------------
 #
-# Targets, tokens and leader election are frozen pydantic dataclasses: the same class
-# validates the file, gives the JSON Schema (`canary schema config`) and is what the
-# controller uses. Config itself is what the file resolves to (paths made absolute,
-# secrets located), so the file's shape is ConfigDoc below.
+# One class per part validates the file, gives the JSON Schema (`canary schema config`) and
+# is what the controller uses: the tokens, leader election and the targets (targets.py) are
+# frozen pydantic dataclasses, the sections below frozen models, Config the whole.
 
-_ADDRESS = r"^(?:unix:\S+|\[?[A-Za-z0-9.:-]+\]?:\d{1,5})$"
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
-_DNS = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 # host:port, the port 1-65535 (up to 5 digits, leading zeros allowed)
 _PORT = (r"(0{0,4}[1-9]|0{0,3}[1-9][0-9]|0{0,2}[1-9][0-9]{2}|0?[1-9][0-9]{3}|[1-5][0-9]{4}|6[0-4][0-9]{3}"
          r"|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])")
@@ -69,20 +68,10 @@ _SECRET_HEADER = "^(" + "|".join("".join(f"[{c.upper()}{c}]" if c.isalpha() else
 _VAR = fields.IDENTIFIER  # a template variable's or an environment variable's name
 
 
-def _refused_keys(pattern: str) -> Any:
-    """A mapping's keys that match `pattern` are refused in the schema, each at its own
-    place (propertyNames would report them at the mapping)."""
-    return lambda schema: schema.setdefault("patternProperties", {}).update({pattern: schema_mod.REFUSED})
 # a target name, or a glob over target names: *, ?, [abc], [!abc], [a-z]
 _TARGET_GLOB = r"^(?:[A-Za-z0-9_.*?-]|\[!?[A-Za-z0-9_.-]+\])+$"
 _CONFIG = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-Text = Annotated[str, Field(strict=True, min_length=1, max_length=4096)]
-Name = Annotated[str, Field(strict=True, pattern=_NAME)]
-Dns = Annotated[str, Field(strict=True, pattern=_DNS, max_length=253)]
-Version = Annotated[str, Field(strict=True, pattern=VERSION_PATTERN)]
-EnvName = Annotated[str, Field(strict=True, pattern=f"^{_VAR}$")]
-HttpUrl = Annotated[str, Field(strict=True, pattern=r"^https?://", max_length=2048)]
 
 
 _ROLES = tuple(r.name.lower() for r in Role)  # viewer, pipeline, oncall
@@ -101,7 +90,7 @@ def _role(value: object) -> object:
 
 @dataclass(frozen=True, config=_CONFIG)
 class Token:
-    name: Annotated[Text, Field(max_length=100)]
+    name: Annotated[Setting, Field(max_length=100)]
     """Who holds the token; events and reasons name them by it. Unique."""
     sha256: Annotated[str, Field(strict=True, pattern=r"^[0-9a-fA-F]{64}$"),
                       AfterValidator(str.lower)]
@@ -118,274 +107,6 @@ class Token:
         return self.targets is None or any(fnmatch.fnmatchcase(target, g) for g in self.targets)
 
 
-def _var_name(name: str) -> str:
-    if name in fields.BUILTIN_VARS:
-        raise ValueError(f"{name!r} is filled by canary itself; pick another name")
-    if not re.fullmatch(_VAR, name):
-        raise ValueError("variable names are letters, digits and _")
-    return name
-
-
-def _plain_value(value: object) -> str:
-    if isinstance(value, str | int | float):
-        return str(value)
-    raise ValueError("must be a plain value")
-
-
-Vars = Annotated[Mapping[Annotated[str, AfterValidator(_var_name),
-                                   WithJsonSchema({"pattern": f"^{_VAR}$"})],
-               Annotated[str, BeforeValidator(_plain_value),
-                         WithJsonSchema({"type": ["string", "number", "boolean"]})]],
-                Field(json_schema_extra=_refused_keys(
-                    f"^({'|'.join(sorted(fields.BUILTIN_VARS))})$"))]
-Argv = Annotated[tuple[Annotated[str, Field(strict=True, min_length=1)], ...], Field(min_length=1)]
-Addresses = Annotated[tuple[Annotated[str, Field(strict=True, pattern=_ADDRESS)], ...],
-                      Field(min_length=1)]
-
-
-Promotion = Literal["swap", "return"]
-
-
-@dataclass(frozen=True, config=_CONFIG)
-class VersionProbe:
-    """How canary learns what a server runs (interface.md section 5): GET
-    http://SERVER/path; the version is the trimmed body, or its `version` field when the
-    body is a JSON object."""
-
-    path: Annotated[str, Field(strict=True, pattern=r"^/[\x21-\x7e]*$", max_length=2048)] = "/version"
-    """The URL path asked on every server, e.g. /version (default)."""
-    timeout: fields.PositiveDuration = 2.0
-    """How long one server may take to answer, at most 60s (default 2s)."""
-
-    @field_validator("timeout")
-    @classmethod
-    def _bounded(cls, value: float) -> float:
-        if value > 60:
-            raise ValueError("at most 60s: a probe that waits longer holds up a start")
-        return value
-
-
-@dataclass(frozen=True, config=_CONFIG)
-class Workload:
-    """The Deployment pair canary manages for a Kubernetes target (same namespace)."""
-
-    stable: Dns
-    """The Deployment that runs the stable version (same namespace as the target)."""
-    canary: Dns
-    """The Deployment the new version is deployed to; scaled to 0 when idle."""
-    version_label: Annotated[str, Field(strict=True, pattern=r"^([a-z0-9.-]{1,253}/)?"
-                                                              r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}"
-                                                              r"[A-Za-z0-9])?$")] = "version"
-    """The pod-template label naming a Deployment's version (default version)."""
-    scale_canary: Literal["proportional", "fixed"] = "proportional"
-    """proportional: before each step the canary gets its weight's share of the stable
-    replicas (at least 1); fixed: canary leaves the replica count alone."""
-    scale_down_delay: fields.Duration = 30.0
-    """After weight 0 is in force, how long before the idle Deployment is scaled to 0
-    (default 30s)."""
-
-    @model_validator(mode="after")
-    def _apart(self) -> Workload:
-        if self.stable == self.canary:
-            raise ValueError("canary: the stable and canary Deployments must differ")
-        return self
-
-
-# a target with a workload hands over with return: stated in the schema too, so the editor
-# and helm refuse `promotion: swap` beside a workload where canary does
-_WORKLOAD_CONFIG = ConfigDict(extra="forbid", use_attribute_docstrings=True, json_schema_extra={
-    "if": {"required": ["workload"], "properties": {"workload": {"type": "object"}}},
-    "then": {"properties": {"promotion": {"not": {"const": "swap"}}}}})
-_WORKLOAD_RETURNS = ("promotion: a target with a workload hands over with return (the stable "
-                     "Deployment is brought to the new version); remove promotion or set it "
-                     "to return")
-
-
-def _a_path(value: object) -> object:
-    """A file's path: "" would name the config's own directory."""
-    if isinstance(value, str) and not value.strip():
-        raise ValueError("must be a file's path, relative to the config file or absolute")
-    return value
-
-
-FilePath = Annotated[Path, BeforeValidator(_a_path),
-                     WithJsonSchema({"type": "string", "minLength": 1, "pattern": r"\S"})]
-
-
-@dataclass(frozen=True, config=_CONFIG)
-class _TargetCommon:
-    """What a target of every router has. Keyword-only, and described in Field: a subclass
-    does not read its base's attribute docstrings."""
-
-    _: KW_ONLY
-    policy: Annotated[Name | None, Field(description=(
-        "The policy of this target's rollouts when a start names none."))] = None
-    vars: Annotated[Vars, Field(description=(
-        "Values for {{ name }} in the policy's queries, e.g. {service: web}."))] = field(
-        default_factory=dict)
-    stable_version: Annotated[Version | None, Field(description=(
-        "The stable version when a start names none."))] = None
-    name: SkipJsonSchema[str] = ""  # the key it is configured under
-
-
-@dataclass(frozen=True, config=_CONFIG)
-class NginxTarget(_TargetCommon):
-    file: FilePath
-    """The nginx config file canary writes the upstream block to (it owns the file);
-    relative to the config file."""
-    upstream: Annotated[str, Field(strict=True, pattern=r"^[A-Za-z0-9_.-]+$")]
-    """The name of the upstream block it writes."""
-    stable: Addresses
-    """Server addresses of the stable version: host:port or unix:PATH."""
-    canary: Addresses
-    """Server addresses of the canary version, none of them also stable's."""
-    test: Argv = ("nginx", "-t")
-    """Command run before every reload; if it fails, nginx is not reloaded."""
-    reload: Argv = ("nginx", "-s", "reload")
-    """Command that makes nginx read the file again."""
-    router: Literal["nginx"] = "nginx"
-    """nginx: canary writes weighted upstream servers and reloads nginx."""
-    # match and mirror stages: a second file canary owns, included in the server block
-    # (README "Traffic shapes"); `file` then also holds the maps that choose the upstream
-    server_file: FilePath | None = None
-    """For match and mirror stages: a file canary owns, included in the server block
-    (README: Traffic shapes)."""
-    promotion: Promotion = "swap"
-    """How a release is carried through: swap (default: the sides take turns) or return
-    (traffic goes back to the stable side once it runs the new version)."""
-    version_probe: VersionProbe | None = None
-    """How canary asks each server what it runs; a start is refused when a side runs an
-    unexpected version."""
-
-    @model_validator(mode="after")
-    def _sides_apart(self) -> NginxTarget:
-        if set(self.stable) & set(self.canary):
-            raise ValueError("canary: an address cannot be both stable and canary")
-        if self.server_file is not None and self.server_file == self.file:
-            raise ValueError("server_file: must be another file than `file` (one is included "
-                             "in the http block, the other in the server block)")
-        return self
-
-
-@dataclass(frozen=True, config=_CONFIG)
-class IstioDestination:
-    host: Text
-    """The destination's host, e.g. api.prod.svc.cluster.local."""
-    subset: Text | None = None
-    """The DestinationRule subset of this version, e.g. stable."""
-
-
-@dataclass(frozen=True, config=_WORKLOAD_CONFIG)
-class IstioTarget(_TargetCommon):
-    namespace: Dns
-    """The namespace of the VirtualService."""
-    virtual_service: Dns
-    """The VirtualService whose route weights canary sets."""
-    stable: IstioDestination
-    """The stable version's destination."""
-    canary: IstioDestination
-    """The canary version's destination."""
-    route: Text | None = None
-    """The name of the http route to weigh; default: the first."""
-    router: Literal["istio"] = "istio"
-    """istio: canary sets the weights of a VirtualService's route."""
-    # default: return with a workload (the stable Deployment is brought to the new
-    # version), else swap; see promotion_of
-    promotion: Promotion | None = None
-    """swap or return; default return with a workload (the stable Deployment is brought to
-    the new version), else swap."""
-    workload: Workload | None = None
-    """The Deployment pair canary waits for, scales and hands over."""
-
-    @model_validator(mode="after")
-    def _workload_returns(self) -> IstioTarget:
-        if self.stable == self.canary:
-            raise ValueError("canary: must name another host or subset than stable (the "
-                             "weights would move traffic from a destination to itself)")
-        if self.workload is not None and self.promotion == "swap":
-            raise ValueError(_WORKLOAD_RETURNS)
-        return self
-
-
-_SECTION_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # Gateway API's SectionName
-
-
-def _rule(value: object) -> str | int:
-    """An HTTPRoute rule: its name, or its index among the route's rules."""
-    value = validation.whole(value)
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 64:
-        return value
-    if isinstance(value, str) and 0 < len(value) <= 253 and _SECTION_NAME.fullmatch(value):
-        return value
-    raise ValueError("must be the rule's name (lowercase letters, digits and '-', as in the "
-                     "HTTPRoute), or its index (0 for the first rule); leave it out for the "
-                     "first rule")
-
-
-
-@dataclass(frozen=True, config=_CONFIG)
-class GatewayBackend:
-    """A backendRef of the HTTPRoute rule: a Service in the route's namespace."""
-
-    name: Dns
-    """The Service's name, as in the rule's backendRefs."""
-    port: Annotated[int, Field(strict=True, ge=1, le=65535), BeforeValidator(validation.whole)]
-    """The Service's port, as in the rule's backendRefs."""
-
-
-@dataclass(frozen=True, config=_WORKLOAD_CONFIG)
-class GatewayTarget(_TargetCommon):
-    """A Gateway API HTTPRoute (gateway.networking.k8s.io/v1) whose rule carries both
-    backendRefs (interface.md section 7)."""
-
-    namespace: Dns
-    """The namespace of the HTTPRoute and of both Services."""
-    http_route: Dns
-    """The HTTPRoute (gateway.networking.k8s.io/v1) whose rule canary drives."""
-    stable: GatewayBackend
-    """The stable version's backendRef in the rule."""
-    canary: GatewayBackend
-    """The canary version's backendRef in the rule (weight 0 between rollouts)."""
-    rule: Annotated[str | int, PlainValidator(_rule),
-                    WithJsonSchema({"type": ["string", "integer"], "minimum": 0,
-                                    "maximum": 63, "minLength": 1, "maxLength": 253,
-                                    "pattern": _SECTION_NAME.pattern})] | None = None
-    """The rule's name, or its index among the route's rules; default the first rule."""
-    router: Literal["gateway"] = "gateway"
-    """gateway: a Gateway API HTTPRoute."""
-    promotion: Promotion | None = None
-    """swap or return; default return with a workload (the stable Deployment is brought to
-    the new version), else swap."""
-    workload: Workload | None = None
-    """The Deployment pair canary waits for, scales and hands over."""
-
-    @model_validator(mode="after")
-    def _sides_apart(self) -> GatewayTarget:
-        if self.stable == self.canary:
-            raise ValueError("canary: must name another Service or port than stable")
-        if self.workload is not None and self.promotion == "swap":
-            raise ValueError(_WORKLOAD_RETURNS)
-        return self
-
-
-Target = NginxTarget | IstioTarget | GatewayTarget
-ROUTERS = ("nginx", "istio", "gateway")
-
-
-def promotion_of(target: Target) -> Promotion:
-    """How a release on this target is carried through (interface.md section 5)."""
-    if target.promotion is not None:
-        return target.promotion
-    return "return" if getattr(target, "workload", None) is not None else "swap"
-
-
-TargetField = Annotated[
-    Annotated[NginxTarget, validation.tag("router", "nginx")]
-    | Annotated[IstioTarget, validation.tag("router", "istio")]
-    | Annotated[GatewayTarget, validation.tag("router", "gateway")],
-    validation.union(validation.kind_of("router", ROUTERS), "target_router", "router",
-                     "must be nginx, istio or gateway",
-                     "must be a mapping with router: nginx, istio or gateway")]
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -394,11 +115,11 @@ class LeaderElection:
 
     name: Dns = "canary-leader"
     """The name of the coordination.k8s.io Lease the replicas share."""
-    lease_duration: fields.PositiveDuration = 15.0
+    lease_duration: PositiveDuration = 15.0
     """How long the others wait without a renewal before taking over (default 15s)."""
-    renew_deadline: fields.PositiveDuration = 10.0
+    renew_deadline: PositiveDuration = 10.0
     """A leader that cannot renew for this long stops acting (default 10s)."""
-    retry_period: fields.PositiveDuration = 2.0
+    retry_period: PositiveDuration = 2.0
     """How often the lease is renewed or tried (default 2s)."""
 
     @model_validator(mode="after")
@@ -449,7 +170,7 @@ class Notification:
     secret_env: EnvName | None = None
     """Environment variable holding the HMAC-SHA256 key: the body is signed in
     X-Canary-Signature."""
-    timeout: fields.PositiveDuration = 10.0
+    timeout: PositiveDuration = 10.0
     """How long one delivery attempt may take (default 10s)."""
     url_env: EnvName | None = None
     """Environment variable holding the URL, instead of url: a chat's incoming-webhook URL
@@ -476,45 +197,6 @@ class Notification:
             return _send_url(value)
         except ValueError as e:
             raise ValueError(f"environment variable {self.url_env}: the URL {e}") from None
-
-
-@std_dataclass(frozen=True)
-class PrometheusAccess:
-    """How canary reaches Prometheus beyond its URL. It names where secrets are (a file, an
-    environment variable), never holds their values, and keeps header values out of reprs."""
-
-    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
-    bearer_token_file: Path | None = None
-    basic_auth_username: str | None = None
-    basic_auth_password_env: str | None = None
-    ca_file: Path | None = None
-    concurrency: int = 8  # queries in flight at once, each on its own thread
-
-
-@std_dataclass(frozen=True)
-class Config:
-    """What a config file resolves to: paths absolute, secrets located."""
-
-    listen_host: str
-    listen_port: int
-    state: str
-    prometheus_url: str
-    prometheus_timeout: float
-    policy_paths: tuple[Path, ...]
-    tokens: tuple[Token, ...]
-    targets: Mapping[str, Target]
-    source: str = ""
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    leader_election: LeaderElection = field(default_factory=LeaderElection)
-    prometheus_access: PrometheusAccess = field(default_factory=PrometheusAccess)
-    notifications: tuple[Notification, ...] = ()
-    # while an approval stage waits, it is announced again this often
-    approval_reminder: float = 1800.0
-    public_url: str | None = None  # where people reach this controller (links in messages)
-
-    def load_policies(self) -> dict[str, policy_mod.Policy]:
-        return policy_mod.load_many(self.policy_paths)
 
 
 def looks_like_config(data: Any) -> bool:
@@ -552,7 +234,7 @@ def _no_password(value: object) -> None:
 
 
 class BasicAuthDoc(_Doc):
-    username: Annotated[Text, Field(pattern=r"^[^:]*$")]
+    username: Annotated[Setting, Field(pattern=r"^[^:]*$")]
     """The basic-auth user name (no ':')."""
     password_env: EnvName
     """The environment variable that holds the password; it must be set when canary
@@ -566,19 +248,20 @@ class PrometheusDoc(_Doc):
     url: Annotated[HttpUrl, Field(json_schema_extra={
         "pattern": r"^https?://[^/?#@]*([/?#]|$)"})] = "http://127.0.0.1:9090"  # no user@
     """Prometheus's base URL, http:// or https://, without credentials."""
-    timeout: fields.PositiveDuration = 10.0
+    timeout: PositiveDuration = 10.0
     """How long one query may take, a duration (default 10s)."""
     headers: Annotated[dict[Annotated[str, AfterValidator(_header_name),
                                       WithJsonSchema({"pattern": _HEADER_NAME.pattern})],
                   Annotated[str, Field(max_length=4096, json_schema_extra={
                       "pattern": r"^[^\x00-\x1f\x7f]*$"}), AfterValidator(_header_value)]],
-                       Field(json_schema_extra=_refused_keys(_SECRET_HEADER))] = {}
+                       Field(json_schema_extra=schema_mod.refused_keys(_SECRET_HEADER),
+                             repr=False)] = {}  # values may be credentials a proxy wants
     """Headers sent with every query, e.g. {X-Scope-OrgID: team-a}; never credentials."""
-    bearer_token_file: Text | None = None
+    bearer_token_file: Setting | None = None
     """A file whose contents are sent as `Authorization: Bearer`, re-read when it changes."""
     basic_auth: BasicAuthDoc | None = None
     """Basic auth, the password from an environment variable (not with bearer_token_file)."""
-    ca_file: Text | None = None
+    ca_file: Setting | None = None
     """A PEM bundle of the CAs that Prometheus's TLS certificate is verified against."""
     concurrency: Annotated[int, Field(ge=1, le=256), BeforeValidator(validation.whole)] = 8
     """Queries in flight at once, each on its own thread, 1-256 (default 8)."""
@@ -599,14 +282,14 @@ class AuthDoc(_Doc):
         {"required": ["tokens_file"], "properties": {"tokens_file": {"type": "string"}}}]})
     tokens: Annotated[list[Token], Field(max_length=10_000)] = []
     """Who may call the API: {name, sha256, role, targets?} each."""
-    tokens_file: Text | None = None
+    tokens_file: Setting | None = None
     """A YAML file with more tokens (a list, or tokens: [...]), e.g. from a Secret."""
 
 
 class TlsDoc(_Doc):
-    cert: Text
+    cert: Setting
     """The API's certificate chain, a PEM file."""
-    key: Text
+    key: Setting
     """Its private key, a PEM file."""
 
 
@@ -622,7 +305,9 @@ def _policy_files(value: object) -> object:
                      "list of policy files")
 
 
-class ConfigDoc(_Doc):
+# the file's shape, and, once parse() has resolved it (paths absolute, tokens_file's tokens
+# added, targets named), what the controller runs with
+class Config(_Doc):
     """The controller config (interface.md sections 2 and 9)."""
 
     model_config = ConfigDict(title="canary controller config")
@@ -633,12 +318,12 @@ class ConfigDoc(_Doc):
     """Where rollouts are kept: sqlite:PATH (embedded) or kubernetes:NAMESPACE."""
     prometheus: PrometheusDoc = PrometheusDoc()
     """The Prometheus the gates query."""
-    policies: Annotated[Text | Annotated[list[Text], Field(min_length=1)],
+    policies: Annotated[Setting | Annotated[list[Setting], Field(min_length=1)],
                         BeforeValidator(_policy_files)] = "policies/"
     """A directory of policy files (*.yaml), or a list of files (default policies/)."""
     auth: AuthDoc
     """The API's bearer tokens."""
-    targets: Annotated[dict[Annotated[str, Field(pattern=_NAME)], TargetField],
+    targets: Annotated[dict[Annotated[str, Field(pattern=fields.NAME_PATTERN)], TargetField],
                        Field(min_length=1, max_length=10_000)]
     """What canary moves traffic for: target name -> its router (nginx or istio)."""
     tls: TlsDoc | None = None
@@ -647,13 +332,44 @@ class ConfigDoc(_Doc):
     """Only with state: kubernetes:NS: the Lease the replicas elect a leader with."""
     notifications: Annotated[list[Notification], Field(max_length=100)] = []
     """Chat and webhook receivers told about rollout events (at least once)."""
-    approval_reminder: fields.PositiveDuration = 1800.0
+    approval_reminder: PositiveDuration = 1800.0
     """How often a waiting approval is announced again (default 30m)."""
     public_url: HttpUrl | None = None
     """Where people open this controller: the base of links in notifications."""
 
+    @property
+    def listen_host(self) -> str:
+        m = _LISTEN.fullmatch(self.listen)
+        assert m is not None
+        return m.group(1) or "0.0.0.0"
+
+    @property
+    def listen_port(self) -> int:
+        m = _LISTEN.fullmatch(self.listen)
+        assert m is not None
+        return int(m.group(2))
+
+    @property
+    def tokens(self) -> tuple[Token, ...]:
+        return tuple(self.auth.tokens)
+
+    def policy_paths(self) -> tuple[Path, ...]:
+        """The policy files: each listed file, and the *.yaml and *.yml of each directory."""
+        out: list[Path] = []
+        for item in [self.policies] if isinstance(self.policies, str) else self.policies:
+            p = Path(item)
+            if p.is_dir():
+                out.extend(sorted([*p.glob("*.yaml"), *p.glob("*.yml")]))
+            elif p.is_file():
+                out.append(p)
+        return tuple(out)
+
+    def load_policies(self) -> dict[str, policy_mod.Policy]:
+        return policy_mod.load_many(self.policy_paths())
+
 
 CONFIG_MESSAGES = {
+    **targets.MESSAGES,
     "listen": "must be host:port, like 127.0.0.1:8080",
     "state": "must be sqlite:PATH or kubernetes:NAMESPACE",
     "url": "must start with http:// or https://",
@@ -662,11 +378,7 @@ CONFIG_MESSAGES = {
     "role": "must be one of viewer, pipeline, oncall",
     "concurrency": "must be a whole number from 1 to 256: how many queries may wait on "
                    "Prometheus at once",
-    "upstream": "letters, digits, '.', '_' and '-' only",
-    **dict.fromkeys(("policy", "notifications.name"), "must be 1-63 letters, digits, '.', '_' "
-                    "or '-'"),
-    **dict.fromkeys(("file", "server_file"), "must be a file's path, relative to the config "
-                                             "file or absolute"),
+    "notifications.name": "must be 1-63 letters, digits, '.', '_' or '-'",
     "policies": "must be a directory or a list of policy files",
     **dict.fromkeys(("password_env", "secret_env", "url_env"), "must name an environment "
                     "variable (letters, digits and _)"),
@@ -676,32 +388,14 @@ CONFIG_MESSAGES = {
                "leave it out for every target",
     "targets[]": "{value} is not a target name or glob: letters, digits, '.', '_', '-' and the "
                  "wildcards * ? [abc] [!abc] [a-z]",
-    **dict.fromkeys(("stable[]", "canary[]"), "{value} is not host:port or unix:PATH"),
-    "stable_version": "must be 1-128 letters, digits or ._:+- starting with a letter or digit",
-    **dict.fromkeys(("namespace", "virtual_service", "http_route", "leader_election.name"),
-                    "must be a Kubernetes name (lowercase letters, digits, '-' and '.'; at most "
-                    "253 characters)"),
-    "port": "must be a port number from 1 to 65535",
-    **dict.fromkeys(("stable.name", "canary.name"), "must be a Service's name (lowercase "
-                    "letters, digits, '-' and '.')"),
-    **dict.fromkeys(("test", "reload"), "must be a non-empty list of strings (a command and "
-                                        "its arguments)"),
-    **dict.fromkeys(("stable", "canary"), "must be a non-empty list of host:port or unix:PATH "
-                                          "addresses"),
-    "vars": "must be a mapping of variable name -> value, like {service: web}",
+    "leader_election.name": "must be a Kubernetes name (lowercase letters, digits, '-' and "
+                            "'.'; at most 253 characters)",
     "format": "must be one of slack, teams, webhook",
     "events": f"must be a non-empty list of: {', '.join(NOTIFY_EVENTS)}",
     "events[]": f"{{value}} is not an event type; use one of {', '.join(NOTIFY_EVENTS)}",
     "notifications": "must be a list of receivers, each with name and url",
     "public_url": "must start with http:// or https://: where people open this controller "
                   "(links in notifications)",
-    "promotion": "must be swap (the sides take turns) or return (traffic goes back to the "
-                 "stable side once it runs the new version)",
-    "path": "must be an absolute URL path like /version (no spaces)",
-    "scale_canary": "must be proportional (canary replicas follow the weight) or fixed",
-    **dict.fromkeys(("workload.stable", "workload.canary"), "must be the name of a Deployment "
-                    "(lowercase letters, digits, '-' and '.')"),
-    "version_label": "must be a Kubernetes label key, like version or app.kubernetes.io/version",
 }
 CONFIG_REQUIRED = {
     "auth": "required: auth.tokens lists who may call the API",
@@ -718,9 +412,9 @@ def parse(doc: yamlsrc.Doc, *, base: Path) -> Config:
     resolver = _Resolver(doc, base)
     resolver.machine(doc.data)  # reported beside the shape's problems
     try:
-        model = ConfigDoc.model_validate(doc.data)
+        model = Config.model_validate(doc.data)
     except ValidationError as e:
-        problems = validation.problems(doc, e, ConfigDoc, messages=CONFIG_MESSAGES,
+        problems = validation.problems(doc, e, Config, messages=CONFIG_MESSAGES,
                                        required=CONFIG_REQUIRED) + resolver.problems
         raise ValidationFailed(sorted(problems, key=lambda p: p.line)) from None
     return resolver.config(model)
@@ -816,10 +510,11 @@ class _Resolver:
                     where: yamlsrc.Path = ("policies",) if isinstance(raw, str) else ("policies", i)
                     self.problem(where, f"{p} is neither a directory nor a file")
 
-    def config(self, m: ConfigDoc) -> Config:
-        lm = _LISTEN.fullmatch(m.listen)
-        assert lm is not None
+    def config(self, m: Config) -> Config:
+        """The config with its paths made absolute, tokens_file's tokens added and each
+        target given its name."""
         sqlite = m.state.removeprefix("sqlite:")
+        p = m.prometheus
         tokens = self.tokens(m.auth)
         targets: dict[str, Target] = {}
         for name, t in m.targets.items():
@@ -829,35 +524,26 @@ class _Resolver:
             targets[name] = replace(t, name=name)
         if self.problems:
             raise ValidationFailed(self.problems)
-        return Config(listen_host=lm.group(1) or "0.0.0.0", listen_port=int(lm.group(2)),
-                      state=m.state if sqlite == m.state else f"sqlite:{self.path(sqlite)}",
-                      prometheus_url=m.prometheus.url, prometheus_timeout=m.prometheus.timeout,
-                      policy_paths=self.policy_paths(m.policies), tokens=tokens, targets=targets,
-                      source=self.doc.file, tls_cert=self.path(m.tls.cert) if m.tls else None,
-                      tls_key=self.path(m.tls.key) if m.tls else None,
-                      prometheus_access=self.prometheus(m.prometheus),
-                      leader_election=m.leader_election, notifications=tuple(m.notifications),
-                      approval_reminder=m.approval_reminder, public_url=m.public_url)
+        policies = m.policies
+        return m.model_copy(update={
+            "state": m.state if sqlite == m.state else f"sqlite:{self.path(sqlite)}",
+            "prometheus": p.model_copy(update={
+                "bearer_token_file": self.absolute(p.bearer_token_file),
+                "ca_file": self.absolute(p.ca_file)}),
+            "policies": self.absolute(policies) if isinstance(policies, str)
+            else [self.absolute(item) for item in policies],
+            "auth": m.auth.model_copy(update={"tokens": tokens, "tokens_file": None}),
+            "tls": m.tls and TlsDoc(cert=self.absolute(m.tls.cert), key=self.absolute(m.tls.key)),
+            "targets": targets})
 
-    def prometheus(self, p: PrometheusDoc) -> PrometheusAccess:
-        return PrometheusAccess(
-            headers=dict(p.headers),
-            bearer_token_file=self.path(p.bearer_token_file) if p.bearer_token_file else None,
-            basic_auth_username=p.basic_auth.username if p.basic_auth else None,
-            basic_auth_password_env=p.basic_auth.password_env if p.basic_auth else None,
-            ca_file=self.path(p.ca_file) if p.ca_file else None, concurrency=p.concurrency)
+    @overload
+    def absolute(self, value: str) -> str: ...
+    @overload
+    def absolute(self, value: None) -> None: ...
+    def absolute(self, value: str | None) -> str | None:
+        return None if value is None else str(self.path(value))
 
-    def policy_paths(self, raw: str | list[str]) -> tuple[Path, ...]:
-        out: list[Path] = []
-        for item in [raw] if isinstance(raw, str) else raw:
-            p = self.path(item)
-            if p.is_dir():
-                out.extend(sorted([*p.glob("*.yaml"), *p.glob("*.yml")]))
-            elif p.is_file():
-                out.append(p)
-        return tuple(out)
-
-    def tokens(self, auth: AuthDoc) -> tuple[Token, ...]:
+    def tokens(self, auth: AuthDoc) -> list[Token]:
         out = list(auth.tokens)
         if auth.tokens_file is not None:
             # token hashes kept apart from the config, e.g. in a Kubernetes Secret
@@ -875,7 +561,7 @@ class _Resolver:
         names = [t.name for t in out]
         for name in sorted({n for n in names if names.count(n) > 1}):
             self.problem(("auth", "tokens"), f"token name {name!r} is used twice")
-        return tuple(out)
+        return out
 
     def tokens_file(self, doc: yamlsrc.Doc) -> list[Token]:
         wrapped = isinstance(doc.data, dict)

@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from canary.errors import InvalidInput
+from canary.model import VERSION_PATTERN
 
 _PART = r"([0-9]+(\.[0-9]+)?)(ms|s|m|h)"  # one part of a duration; the schema's pattern too
 _DURATION_PART = re.compile(_PART)
@@ -145,3 +146,15 @@ Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Text = Annotated[str, Field(strict=True)]
 Query = Annotated[Text, Field(max_length=MAX_QUERY, json_schema_extra={"pattern": r"\S"}),
                   AfterValidator(_query)]
+
+
+# ---- the controller config's values -------------------------------------------------------
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"  # a policy's, a target's, a receiver's name
+Setting = Annotated[str, Field(strict=True, min_length=1, max_length=4096)]
+Name = Annotated[str, Field(strict=True, pattern=NAME_PATTERN)]
+Dns = Annotated[str, Field(strict=True, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+                           max_length=253)]
+Version = Annotated[str, Field(strict=True, pattern=VERSION_PATTERN)]
+EnvName = Annotated[str, Field(strict=True, pattern=f"^{IDENTIFIER}$")]
+HttpUrl = Annotated[str, Field(strict=True, pattern=r"^https?://", max_length=2048)]

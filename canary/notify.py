@@ -42,13 +42,14 @@ import aiohttp
 from canary import hooks
 from canary import policy as policy_mod
 from canary.clock import Clock
-from canary.config import Notification, Target
+from canary.config import Notification
 from canary.errors import NotFound, StoreConflict, TransientError, ValidationFailed
 from canary.fields import format_duration
 from canary.metrics import Metrics
 from canary.model import Event, PauseKind, Phase, Rollout, iso
 from canary.policy import Webhook
 from canary.store import Store
+from canary.targets import Target
 
 log = logging.getLogger("canary.notify")
 MAX_BACKLOG = 1000      # rollouts waiting for one receiver

@@ -29,10 +29,11 @@ from pydantic import (
 from pydantic.dataclasses import dataclass
 from pydantic.json_schema import SkipJsonSchema
 
-from canary import validation, yamlsrc
+from canary import stages, validation, yamlsrc
 from canary.errors import Problem, ValidationFailed
 from canary.fields import (
     IDENTIFIER,
+    NAME_PATTERN,
     PositiveDuration,
     Text,
     format_duration,
@@ -41,6 +42,7 @@ from canary.fields import (
     template_names,
     templated,
 )
+from canary.gates import kinds
 from canary.gates.kinds import GATE_KINDS, Gate, GateField, GateName
 from canary.stages import AnyStage, StageField
 
@@ -57,7 +59,6 @@ class NoData(enum.StrEnum):
 # policy`, the chart, the editor) and the objects the engine uses. Built in code they take
 # plain numbers; read from a file (context {"file": True}) durations must be text.
 
-_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 MIN_INTERVAL = 1.0  # seconds; Prometheus rarely has a newer sample sooner
 _CONFIG = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
@@ -137,7 +138,7 @@ class AlertRule:
 class Policy:
     """A stage policy (interface.md section 1)."""
 
-    name: Annotated[Text, Field(pattern=_NAME_PATTERN)]
+    name: Annotated[Text, Field(pattern=NAME_PATTERN)]
     """Unique among the loaded policies; targets and start requests name it. Default: the
     file's name without .yaml."""
     stages: Annotated[tuple[StageField, ...], Field(max_length=100, json_schema_extra={
@@ -292,23 +293,12 @@ def load_many(paths: Iterable[str | Path]) -> dict[str, Policy]:
 
 
 POLICY_MESSAGES = {
+    **kinds.MESSAGES, **stages.MESSAGES,
     "name": "must be 1-63 letters, digits, '.', '_' or '-'",
-    # (a gate's or a hook's name is any text: the policy's rule above is not theirs)
-    "gates.name": "must be text of 1 to 100 characters, e.g. error-rate",
+    # (a hook's name is any text: the policy's rule above is not a hook's)
     "webhooks.name": "must be text of 1 to 100 characters, e.g. smoke-tests",
-    "weight": "must be a whole percent from 1 to 100",
-    "mirror": "must be a whole percent from 1 to 100",
     "failure_limit": "must be a whole number of at least 1",
     "no_data": "must be one of hold, fail, pass",
-    **dict.fromkeys(("query", "baseline", "requests", "errors"), "must be a PromQL query"),
-    "alpha": "must be between 0 and 0.5, e.g. 0.01",
-    "tolerance": "must be above 0 (1 = no worse than stable)",
-    "gross": "must be above 1 and at most 1000, e.g. 5 (a 5x regression)",
-    "final_gross": "must be above 1 and at most 1000, e.g. 2 (a 2x regression)",
-    "detect_rate": "must be between 0 and 1, e.g. 0.01 (1% errors)",
-    "wander": "must be a number from 0 to 0.5: the per-version wandering allowed for "
-              "(0.5 = +-50%, the default; 0 = rates move only together); tabulated at 0, "
-              "0.1, 0.25, 0.5, other values rounded up to the next of these",
     "stages": "must be a non-empty list of stages",
     "gates": "must be a list of gates, each with name, query and min or max",
     "webhooks": "must be a list of webhooks, each with name, when and url",
@@ -319,13 +309,9 @@ POLICY_MESSAGES = {
                 "{alertname: CanaryHighErrorRate, service: \"{{ service }}\"}",
 }
 POLICY_REQUIRED = {
+    **kinds.REQUIRED, **stages.REQUIRED,
     "stages": "required: a list of stages, each with weight and hold",
-    "hold": "required; write a duration like 30s",
     "name": "required: a short name for this gate",
-    "query": "required: a PromQL query that returns one number",
-    "requests": "required: a counter query of requests, with {{ version }} where the version "
-                "goes",
-    "errors": "required: a counter query of errors, with {{ version }} where the version goes",
     "when": f"required: one of {', '.join(HOOK_TIMES)}",
     "url": "required: the URL canary POSTs the rollout to",
     "matchers": "required: a mapping of Alertmanager label -> value",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from canary.config import VersionProbe
+from canary.targets import VersionProbe
 
 MAX_BODY = 4096
 MAX_VERSION = 128  # the longest version canary takes (model.VERSION_PATTERN)

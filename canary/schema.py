@@ -26,9 +26,9 @@ def policy_schema() -> dict[str, Any]:
 
 
 def config_schema() -> dict[str, Any]:
-    from canary.config import ConfigDoc
+    from canary.config import Config
 
-    return {"$schema": SCHEMA_DRAFT, **ConfigDoc.model_json_schema()}
+    return {"$schema": SCHEMA_DRAFT, **Config.model_json_schema()}
 
 
 SCHEMAS = {"policy": policy_schema, "config": config_schema}
@@ -37,6 +37,12 @@ SCHEMAS = {"policy": policy_schema, "config": config_schema}
 # a field (or key) a document must not have, refused at its own place: validators report a
 # `false` schema at the object around it, `not: {}` at the field
 REFUSED: dict[str, Any] = {"not": {}}
+
+
+def refused_keys(pattern: str) -> Callable[[dict[str, Any]], None]:
+    """A mapping's keys that match `pattern` are refused in the schema, each at its own
+    place (propertyNames would report them at the mapping)."""
+    return lambda schema: schema.setdefault("patternProperties", {}).update({pattern: REFUSED})
 
 
 def overrides(field: str, models: Sequence[type[Any]], description: str) -> dict[str, Any]:

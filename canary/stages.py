@@ -249,3 +249,8 @@ AnyStage = Stage | MatchStage | MirrorStage
 def stage_shape(stage: AnyStage) -> shapes.Shape | None:
     """The stage's match or mirror; None for a weight stage."""
     return None if isinstance(stage, Stage) else stage.shape
+
+
+# what canary validate says of a bad value in a stage's field (validation.problems)
+MESSAGES = dict.fromkeys(("weight", "mirror"), "must be a whole percent from 1 to 100")
+REQUIRED = {"hold": "required; write a duration like 30s"}

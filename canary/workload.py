@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from canary import kube
-from canary.config import Workload
 from canary.errors import RouterError
 from canary.executors import Pool
+from canary.targets import Workload
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from canary.api.app import build_app, make_runner
 from canary.clock import RealClock
-from canary.config import NginxTarget, Role, Target, Token
+from canary.config import Role, Token
 from canary.demo.procs import free_port
 from canary.engine.controller import Controller
 from canary.errors import MetricsError
@@ -29,6 +29,7 @@ from canary.routers.nginx import NginxRouter
 from canary.stages import Stage
 from canary.store import Store
 from canary.store.sqlite import SqliteStore
+from canary.targets import NginxTarget, Target
 
 T = TypeVar("T")
 TOKENS = {"viewer": "tok-viewer", "pipeline": "tok-pipeline", "oncall": "tok-oncall"}

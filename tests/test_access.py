@@ -31,7 +31,7 @@ from aiohttp import web
 from canary import config as config_mod
 from canary.api.app import build_app
 from canary.clock import RealClock
-from canary.config import NginxTarget, PrometheusAccess, Role, Token
+from canary.config import BasicAuthDoc, PrometheusDoc, Role, Token
 from canary.demo.procs import Prometheus, free_port, serve_app, wait_http
 from canary.engine.controller import Controller
 from canary.errors import MetricsError, ValidationFailed
@@ -40,6 +40,7 @@ from canary.gates.prometheus import PrometheusSource, measure
 from canary.model import Reading, Verdict
 from canary.routers.nginx import NginxRouter
 from canary.store.sqlite import SqliteStore
+from canary.targets import NginxTarget
 from tests.helpers import TOKENS, Api, SetSource, eventually, simple_policy, tokens
 
 SHOP_TOKEN = "tok-shop-pipeline"
@@ -259,10 +260,10 @@ async def test_basic_auth_with_the_password_from_the_environment(tmp_path, monke
     monkeypatch.setenv("PROM_PASSWORD", password)
     monkeypatch.setenv("PROM_WRONG_PASSWORD", wrong)
     async with real_prometheus(tmp_path, web_config=bcrypt_users(canary=password)) as prom:
-        right = PrometheusSource(prom.url, timeout=2, access=PrometheusAccess(
-            basic_auth_username="canary", basic_auth_password_env="PROM_PASSWORD"))
-        bad = PrometheusSource(prom.url, timeout=2, access=PrometheusAccess(
-            basic_auth_username="canary", basic_auth_password_env="PROM_WRONG_PASSWORD"))
+        right = PrometheusSource(prom.url, timeout=2, access=PrometheusDoc(
+            basic_auth=BasicAuthDoc(username="canary", password_env="PROM_PASSWORD")))
+        bad = PrometheusSource(prom.url, timeout=2, access=PrometheusDoc(
+            basic_auth=BasicAuthDoc(username="canary", password_env="PROM_WRONG_PASSWORD")))
         anonymous = PrometheusSource(prom.url, timeout=2)
         with closing(right, bad, anonymous):
             await until_answering(right)
@@ -301,7 +302,7 @@ async def test_a_prometheus_with_a_private_ca_is_trusted_with_ca_file_and_only_t
     ca, cert, key = make_ca_and_server_cert(tmp_path / "pki")
     web_config = f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
     async with real_prometheus(tmp_path, web_config=web_config, scheme="https") as prom:
-        trusted = PrometheusSource(prom.url, timeout=2, access=PrometheusAccess(ca_file=ca))
+        trusted = PrometheusSource(prom.url, timeout=2, access=PrometheusDoc(ca_file=str(ca)))
         default = PrometheusSource(prom.url, timeout=2)
         with closing(trusted, default):
             await until_answering(trusted)
@@ -352,11 +353,11 @@ async def test_tenant_header_and_a_bearer_token_file_reread_when_rotated(tmp_pat
     token_file.write_text(first + "\n")
     async with real_prometheus(tmp_path) as prom:
         gateway = TenantGateway(prom.url, first)
-        access = PrometheusAccess(headers={"X-Scope-OrgID": "team-a"},
-                                  bearer_token_file=token_file)
+        access = PrometheusDoc(headers={"X-Scope-OrgID": "team-a"},
+                               bearer_token_file=str(token_file))
         source = PrometheusSource(gateway.url, timeout=2, access=access)
         no_tenant = PrometheusSource(gateway.url, timeout=2,
-                                     access=PrometheusAccess(bearer_token_file=token_file))
+                                     access=PrometheusDoc(bearer_token_file=str(token_file)))
         details: list[str] = []
         async with gateway.running():
             with closing(source, no_tenant):
@@ -526,9 +527,10 @@ prometheus:
   concurrency: 4
 """)
     cfg = config_mod.load_file(path)
-    a = cfg.prometheus_access
-    assert (a.basic_auth_username, a.basic_auth_password_env, a.ca_file, a.concurrency) == \
-        ("canary", "PROM_PASSWORD", ca, 4)
+    a = cfg.prometheus
+    assert a.basic_auth is not None
+    assert (a.basic_auth.username, a.basic_auth.password_env, a.ca_file, a.concurrency) == \
+        ("canary", "PROM_PASSWORD", str(ca), 4)
     assert dict(a.headers) == {"X-Scope-OrgID": "tenant-shown-nowhere"}
     assert "shown-nowhere" not in repr(cfg), "the config's repr carries no secret or header value"
 
@@ -545,7 +547,7 @@ async def test_a_prometheus_that_never_answers_holds_only_its_own_threads():
 
     server = await asyncio.start_server(swallow, "127.0.0.1", 0)
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    source = PrometheusSource(url, timeout=30, access=PrometheusAccess(concurrency=2))
+    source = PrometheusSource(url, timeout=30, access=PrometheusDoc(concurrency=2))
     try:
         queries = [asyncio.ensure_future(source.query(f"q{i}")) for i in range(12)]
 
@@ -578,7 +580,7 @@ async def test_a_query_waits_at_most_a_little_past_the_timeout_queueing_included
 
     server = await asyncio.start_server(swallow, "127.0.0.1", 0)
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    source = PrometheusSource(url, timeout=0.5, access=PrometheusAccess(concurrency=1))
+    source = PrometheusSource(url, timeout=0.5, access=PrometheusDoc(concurrency=1))
     try:
         got = await asyncio.gather(*(source.query(f"q{i}") for i in range(3)),
                                    return_exceptions=True)
@@ -627,10 +629,10 @@ def test_the_installed_prometheus_client_takes_every_argument_canary_passes(tmp_
     monkeypatch.setenv("PROM_PASSWORD", "x")
     token = tmp_path / "token"
     token.write_text("t")
-    for access in (PrometheusAccess(), PrometheusAccess(
-            headers={"X-Scope-OrgID": "a"}, basic_auth_username="u",
-            basic_auth_password_env="PROM_PASSWORD"),
-            PrometheusAccess(bearer_token_file=token, ca_file=token)):
+    for access in (PrometheusDoc(), PrometheusDoc(
+            headers={"X-Scope-OrgID": "a"},
+            basic_auth=BasicAuthDoc(username="u", password_env="PROM_PASSWORD")),
+            PrometheusDoc(bearer_token_file=str(token), ca_file=str(token))):
         source = PrometheusSource("http://127.0.0.1:1", timeout=1, access=access)
         with closing(source):
             source._query_blocking("up")

@@ -24,9 +24,9 @@ import aiohttp
 import pytest
 import yaml
 
-from canary.config import NginxTarget
 from canary.demo.procs import free_port
 from canary.routers.nginx import parse_weight
+from canary.targets import NginxTarget
 from tests.doubles import PrometheusDouble
 from tests.helpers import Api, tokens
 

@@ -26,11 +26,11 @@ from aiohttp import web
 
 from canary.api.app import build_app, make_runner
 from canary.clock import RealClock
-from canary.config import NginxTarget
 from canary.demo.procs import free_port, wait_http
 from canary.engine.controller import Controller
 from canary.routers.nginx import NginxRouter
 from canary.store.sqlite import SqliteStore
+from canary.targets import NginxTarget
 from tests.doubles import PrometheusDouble
 from tests.helpers import TOKENS, Api, SetSource, eventually, seed, simple_policy, tokens
 

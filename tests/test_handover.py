@@ -17,7 +17,7 @@ import yaml
 from aiohttp import web
 
 from canary import config as config_mod
-from canary import yamlsrc
+from canary import targets, yamlsrc
 from canary.demo.procs import free_port, serve_app
 from canary.engine import decide
 from canary.errors import Conflict, ValidationFailed
@@ -183,9 +183,9 @@ def _cfg(tmp_path, target_extra):
 
 def test_config_takes_promotion_and_version_probe_with_defaults(tmp_path):
     t = _cfg(tmp_path, {}).targets["web"]
-    assert config_mod.promotion_of(t) == "swap" and t.version_probe is None
+    assert targets.promotion_of(t) == "swap" and t.version_probe is None
     t = _cfg(tmp_path, {"promotion": "return", "version_probe": {"path": "/v"}}).targets["web"]
-    assert config_mod.promotion_of(t) == "return"
+    assert targets.promotion_of(t) == "return"
     assert t.version_probe is not None and t.version_probe.timeout == 2.0
 
 
@@ -213,7 +213,7 @@ def test_workload_defaults_to_return_and_a_bad_deployment_name_is_named(tmp_path
     (tmp_path / "policies").mkdir()
     cfg = config_mod.parse(yamlsrc.load(yaml.safe_dump(doc).encode(), "c.yaml"), base=tmp_path)
     t = cfg.targets["api"]
-    assert config_mod.promotion_of(t) == "return"
+    assert targets.promotion_of(t) == "return"
     doc["targets"]["api"]["workload"]["stable"] = "Api_Stable"
     with pytest.raises(ValidationFailed) as e:
         config_mod.parse(yamlsrc.load(yaml.safe_dump(doc).encode(), "c.yaml"), base=tmp_path)
@@ -254,7 +254,7 @@ class VersionServer:
 
 
 def nginx_target(tmp_path, stable, canary, **kw):
-    from canary.config import NginxTarget, VersionProbe
+    from canary.targets import NginxTarget, VersionProbe
     kw.setdefault("version_probe", VersionProbe("/version", 1.0))
     return NginxTarget(name="web", file=tmp_path / "upstream.conf", upstream="web",
                        stable=tuple(stable), canary=tuple(canary), test=("true",),
@@ -600,8 +600,8 @@ async def test_a_version_answered_in_pieces_is_read_whole_and_a_huge_body_is_no_
     """A server that writes its answer in two pieces (a streaming framework, a slow
     proxy) answers the version all the same; a body past the limit is named as such,
     not cut to a version it never said."""
-    from canary.config import VersionProbe
     from canary.probe import ask
+    from canary.targets import VersionProbe
 
     async def pieces(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse()

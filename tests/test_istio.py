@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from canary.config import IstioDestination, IstioTarget
 from canary.kube import api_client
 from canary.routers.istio import IstioRouter
+from canary.targets import IstioDestination, IstioTarget
 from tests.helpers import SetSource, controller, eventually, simple_policy
 from tests.kubeapi import KubeApiDouble
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from canary.config import NginxTarget
 from canary.demo import procs
 from canary.demo.procs import Nginx, free_port
 from canary.demo.service import Service
 from canary.errors import RouterError
 from canary.routers.nginx import NginxRouter, parse_weight, render, server_weights
+from canary.targets import NginxTarget
 from tests.helpers import eventually
 
 

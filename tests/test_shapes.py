@@ -15,7 +15,6 @@ import aiohttp
 import pytest
 
 from canary import policy as policy_mod
-from canary.config import GatewayBackend, GatewayTarget, NginxTarget
 from canary.demo.procs import Nginx, free_port
 from canary.demo.service import Service
 from canary.errors import ValidationFailed
@@ -25,6 +24,7 @@ from canary.routers.gateway import GatewayRouter
 from canary.routers.istio import IstioRouter
 from canary.routers.nginx import NginxRouter, render_all
 from canary.stages import Match, MatchStage, MirrorStage, Stage
+from canary.targets import GatewayBackend, GatewayTarget, NginxTarget
 from tests.helpers import controller, eventually
 from tests.mesh import Mesh
 from tests.test_istio import DR, NS, VS, cluster, target

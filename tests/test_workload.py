@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from canary.config import Workload
 from canary.routers.istio import IstioRouter
+from canary.targets import Workload
 from canary.workload import Workloads, canary_replicas, ready_for, state_of
 from tests.helpers import controller, eventually, simple_policy
 from tests.test_istio import DR, NS, cluster, target, weights

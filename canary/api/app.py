@@ -31,12 +31,13 @@ from canary import history, jsonsafe
 from canary.api import bodies, ui, watch
 from canary.api.auth import Forbidden, Unauthorized, authenticate
 from canary.api.openapi import SPEC
-from canary.config import GatewayTarget, NginxTarget, Role, Token, promotion_of
+from canary.config import Role, Token
 from canary.engine.controller import Controller
 from canary.errors import Conflict, InvalidInput, NotFound, TransientError, UserError
 from canary.leader import LeaderElector
 from canary.model import Command, CommandKind, Phase, Rollout
 from canary.store import no_such_rollout
+from canary.targets import GatewayTarget, NginxTarget, promotion_of
 
 log = logging.getLogger("canary.api")
 CONTROLLER = web.AppKey("controller", Controller)

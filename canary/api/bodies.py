@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from canary.errors import InvalidInput
+from canary.fields import Version
 from canary.model import (
-    VERSION_PATTERN,
     EventView,
     GateView,
     Phase,
@@ -46,7 +46,6 @@ Plain = Annotated[str, Field(max_length=MAX_TEXT, json_schema_extra={
     "not": {"pattern": CONTROL_PATTERN}}), AfterValidator(_plain)]
 Required = Annotated[Plain, Field(min_length=1, json_schema_extra={"pattern": r"\S"}),
                      AfterValidator(_not_blank)]
-Version = Annotated[str, Field(pattern=VERSION_PATTERN)]
 
 
 class _Body(BaseModel):

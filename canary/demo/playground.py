@@ -11,10 +11,10 @@ from typing import Any
 
 import yaml
 
-from canary.config import NginxTarget
 from canary.demo.procs import Nginx, Prometheus, free_port
 from canary.demo.service import Service
 from canary.routers.nginx import render
+from canary.targets import NginxTarget
 
 ERROR_RATE = (
     '(sum(rate(http_requests_total{service="{{ service }}",version="{{ canary_version }}",'

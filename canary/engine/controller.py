@@ -30,7 +30,6 @@ from canary import faults, history, hooks, probe, shapes
 from canary import policy as policy_mod
 from canary import workload as workload_mod
 from canary.clock import Clock
-from canary.config import NginxTarget, Target, promotion_of
 from canary.engine import decide
 from canary.errors import (
     Conflict,
@@ -62,6 +61,7 @@ from canary.notify import Notifier
 from canary.routers import Router, toward
 from canary.stages import stage_shape
 from canary.store import Store, no_such_rollout
+from canary.targets import NginxTarget, Target, promotion_of
 from canary.text import is_control
 
 log = logging.getLogger("canary.controller")

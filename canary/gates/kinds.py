@@ -210,3 +210,25 @@ OVERRIDE = schema.overrides(
     "kind", [ThresholdGate, CompareGate, ErrorsGate],
     "a gate of this stage only, or, under the name of a policy-wide gate, the fields of that "
     "gate changed at this stage (the others kept)")
+
+
+# what canary validate says of a bad value in a gate's field (validation.problems)
+MESSAGES = {
+    # (a gate's name is any text: the policy's name rule is not a gate's)
+    "gates.name": "must be text of 1 to 100 characters, e.g. error-rate",
+    **dict.fromkeys(("query", "baseline", "requests", "errors"), "must be a PromQL query"),
+    "alpha": "must be between 0 and 0.5, e.g. 0.01",
+    "tolerance": "must be above 0 (1 = no worse than stable)",
+    "gross": "must be above 1 and at most 1000, e.g. 5 (a 5x regression)",
+    "final_gross": "must be above 1 and at most 1000, e.g. 2 (a 2x regression)",
+    "detect_rate": "must be between 0 and 1, e.g. 0.01 (1% errors)",
+    "wander": "must be a number from 0 to 0.5: the per-version wandering allowed for "
+              "(0.5 = +-50%, the default; 0 = rates move only together); tabulated at 0, "
+              "0.1, 0.25, 0.5, other values rounded up to the next of these",
+}
+REQUIRED = {
+    "query": "required: a PromQL query that returns one number",
+    "requests": "required: a counter query of requests, with {{ version }} where the version "
+                "goes",
+    "errors": "required: a counter query of errors, with {{ version }} where the version goes",
+}

@@ -28,7 +28,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from canary.config import PrometheusAccess
+from canary.config import PrometheusDoc
 from canary.errors import InvalidInput, MetricsError
 from canary.fields import format_duration, render
 from canary.gates.evaluate import judge, judge_compare
@@ -111,10 +111,10 @@ class _Authorization:
 
 class PrometheusSource:
     def __init__(self, url: str, *, timeout: float = 10.0, client: Any = None,
-                 access: PrometheusAccess | None = None) -> None:
-        access = access or PrometheusAccess()
+                 access: PrometheusDoc | None = None) -> None:
+        access = access or PrometheusDoc()
         self._secrets: list[str] = [v for v in access.headers.values() if len(v) >= 4]
-        self._token_file = (TokenFile(access.bearer_token_file)
+        self._token_file = (TokenFile(Path(access.bearer_token_file))
                             if access.bearer_token_file is not None else None)
         self._session: Any = None
         if client is None:
@@ -123,12 +123,12 @@ class PrometheusSource:
             from urllib3.util.retry import Retry
 
             basic = None
-            if access.basic_auth_username is not None and access.basic_auth_password_env:
-                password = os.environ.get(access.basic_auth_password_env)
+            if access.basic_auth is not None:
+                password = os.environ.get(access.basic_auth.password_env)
                 if not password:
                     raise InvalidInput(f"prometheus.basic_auth.password_env: environment variable "
-                                       f"{access.basic_auth_password_env} is not set")
-                basic = (access.basic_auth_username, password)
+                                       f"{access.basic_auth.password_env} is not set")
+                basic = (access.basic_auth.username, password)
                 self._secrets += [password, base64.b64encode(":".join(basic).encode()).decode()]
             if self._token_file is not None:
                 try:

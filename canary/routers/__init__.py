@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
-from canary.config import Target
 from canary.errors import InvalidInput, NotFound, RouterError, StoreConflict
 from canary.shapes import Shape
+from canary.targets import Target
 
 
 class Router(Protocol):
@@ -71,7 +71,7 @@ async def write_route(what: str, write: Callable[[], Awaitable[None]],
 def for_target(target: Target, *, kube_api: Any = None) -> Router:
     """Map the config's `router:` name to its class. `kube_api` is a kubernetes ApiClient
     (canary.kube.api_client), needed by the istio router."""
-    from canary.config import GatewayTarget, IstioTarget, NginxTarget
+    from canary.targets import GatewayTarget, IstioTarget, NginxTarget
 
     if isinstance(target, NginxTarget):
         from canary.routers.nginx import NginxRouter

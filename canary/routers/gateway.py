@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from canary import kube, shapes
-from canary.config import GatewayBackend, GatewayTarget
 from canary.errors import InvalidInput, NotFound, RouterError
 from canary.executors import Pool
 from canary.routers import write_route
 from canary.routers.istio import DECISION, SHAPE, shape_problem
+from canary.targets import GatewayBackend, GatewayTarget
 
 GROUP, VERSION, PLURAL = "gateway.networking.k8s.io", "v1", "httproutes"
 MATCH_RULE = "canary-match"  # the name of canary's own rule for a match stage

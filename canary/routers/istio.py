@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from canary import kube, shapes
-from canary.config import IstioDestination, IstioTarget
 from canary.errors import InvalidInput, NotFound, RouterError, StoreConflict
 from canary.executors import Pool
 from canary.routers import write_route
+from canary.targets import IstioDestination, IstioTarget
 
 GROUP, VERSION = "networking.istio.io", "v1"
 # a rollback decided while the state store could not record it; cleared by the next write

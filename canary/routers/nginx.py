@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from canary import faults, shapes
-from canary.config import NginxTarget
 from canary.errors import InvalidInput, RouterError
 from canary.executors import Pool
+from canary.targets import NginxTarget
 
 COMMAND_TIMEOUT = 30.0
 _SERVER = re.compile(r"^\s*server\s+(\S+)((?:\s+[^;\s]+)*)\s*;", re.M)
