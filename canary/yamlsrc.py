@@ -120,10 +120,15 @@ def _convert(loader: _Loader, node: yaml.Node, path: Path, doc: Doc, seen: set[i
             problem="anchors and aliases (&name, *name) are not supported; write the value out",
             problem_mark=node.start_mark,
         )
+    seen.add(id(node))  # an alias is the node it names: met twice, whatever its kind
     if isinstance(node, yaml.MappingNode):
-        seen.add(id(node))
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
+            if id(key_node) in seen:  # (a key is no path's value; an alias of one is met here)
+                raise yaml.MarkedYAMLError(
+                    problem="anchors and aliases (&name, *name) are not supported; write the "
+                            "value out", problem_mark=key_node.start_mark)
+            seen.add(id(key_node))
             if key_node.tag == "tag:yaml.org,2002:merge":
                 raise yaml.MarkedYAMLError(
                     problem="merge keys (<<) are not supported", problem_mark=key_node.start_mark
@@ -138,6 +143,5 @@ def _convert(loader: _Loader, node: yaml.Node, path: Path, doc: Doc, seen: set[i
             doc.lines[(*path, key)] = key_node.start_mark.line + 1
         return out
     if isinstance(node, yaml.SequenceNode):
-        seen.add(id(node))
         return [_convert(loader, n, (*path, i), doc, seen) for i, n in enumerate(node.value)]
     return loader.construct_object(node)

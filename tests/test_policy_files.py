@@ -69,12 +69,25 @@ def test_shipped_example_policies_and_config_are_valid(capsys):
                                           "pol.yaml:6: stages[0].gates[0].query: required"]),
     ("stages: [\n", ["pol.yaml:2: (file): malformed YAML"]),
     ("base: &b {weight: 5}\nstages: [*b]\n", ["pol.yaml:1: (file): malformed YAML: anchors and aliases"]),
+    # an alias of a plain value, or of a key, is refused like one of a mapping
+    ("interval: &x 30s\nstages: [{weight: 100, hold: *x}]\n",
+     ["pol.yaml:1: (file): malformed YAML: anchors and aliases"]),
+    ("&k hold: 1m\nstages: [{weight: 100, *k : 1m}]\n",
+     ["pol.yaml:1: (file): malformed YAML: anchors and aliases"]),
 ])
 def test_each_problem_is_reported_as_file_line_field_message(tmp_path, text, expected):
     found = problems(tmp_path, text)
     assert len(found) == len(expected), found
     for want, got in zip(expected, found, strict=True):
         assert got.startswith(str(tmp_path) + "/" + want) or got.startswith(want), (want, got)
+
+
+def test_an_unknown_field_is_told_only_the_fields_a_file_may_write(tmp_path):
+    found = problems(tmp_path, GOOD.replace("interval:", "intervall:"))
+    assert len(found) == 1 and "expected one of" in found[0], found
+    offered = found[0].split("expected one of ")[1].split(", ")
+    assert "interval" in offered and "stages" in offered
+    assert "source" not in offered, "source is refused in a file: it must not be suggested"
 
 
 def test_all_problems_of_a_file_are_reported_at_once(tmp_path):
