@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 from pydantic import Discriminator, Tag, TypeAdapter, ValidationError
+from pydantic.json_schema import SkipJsonSchema
 
 from canary import yamlsrc
 from canary.errors import Problem
@@ -151,7 +152,10 @@ def _message(e: Mapping[str, Any], root: type[Any], path: tuple[str | int, ...],
         return str(ctx.get("error", e["msg"]))
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):
         model = model_at(root, loc[:-1])
-        allowed = sorted(_fields(model) or {}) if model else []
+        # (fields the schema skips are no file's: a target's name is its key, a policy's
+        # source where it was read from)
+        allowed = sorted(n for n, f in (_fields(model) or {}).items()
+                         if not any(type(m) is SkipJsonSchema for m in f.metadata))
         return "unknown field" + (f"; expected one of {', '.join(allowed)}" if allowed else "")
     if kind in ("missing", "missing_argument"):
         return required.get(last) or "required"
