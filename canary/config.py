@@ -73,7 +73,6 @@ _TARGET_GLOB = r"^(?:[A-Za-z0-9_.*?-]|\[!?[A-Za-z0-9_.-]+\])+$"
 _CONFIG = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
-
 _ROLES = tuple(r.name.lower() for r in Role)  # viewer, pipeline, oncall
 # canary reads a role in any case (Oncall): so does the schema, which still offers the
 # lower-case names to complete
@@ -105,8 +104,6 @@ class Token:
 
     def may_see(self, target: str) -> bool:
         return self.targets is None or any(fnmatch.fnmatchcase(target, g) for g in self.targets)
-
-
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -155,7 +152,7 @@ def _send_url(value: str) -> str:
     extra="forbid", use_attribute_docstrings=True,
     json_schema_extra={"oneOf": [{"required": ["url"]}, {"required": ["url_env"]}]}))
 class Notification:
-    """A receiver of rollout events (interface.md section 6): a chat's incoming webhook
+    """A receiver of rollout events (README: Chat notifications): a chat's incoming webhook
     (slack, teams) or any HTTP endpoint (webhook: the rollout's JSON and the event)."""
 
     name: Name
@@ -255,7 +252,7 @@ class PrometheusDoc(_Doc):
                   Annotated[str, Field(max_length=4096, json_schema_extra={
                       "pattern": r"^[^\x00-\x1f\x7f]*$"}), AfterValidator(_header_value)]],
                        Field(json_schema_extra=schema_mod.refused_keys(_SECRET_HEADER),
-                             repr=False)] = {}  # values may be credentials a proxy wants
+                             repr=False, exclude=True)] = {}  # values may be credentials
     """Headers sent with every query, e.g. {X-Scope-OrgID: team-a}; never credentials."""
     bearer_token_file: Setting | None = None
     """A file whose contents are sent as `Authorization: Bearer`, re-read when it changes."""
@@ -305,10 +302,10 @@ def _policy_files(value: object) -> object:
                      "list of policy files")
 
 
-# the file's shape, and, once parse() has resolved it (paths absolute, tokens_file's tokens
-# added, targets named), what the controller runs with
+# the file's shape, and, once parse() has resolved it (relative paths taken from the config
+# file's directory, tokens_file's tokens added, targets named), what the controller runs with
 class Config(_Doc):
-    """The controller config (interface.md sections 2 and 9)."""
+    """The controller config (README: Configuring the controller)."""
 
     model_config = ConfigDict(title="canary controller config")
     listen: Annotated[str, Field(pattern=f"^{_LISTEN.pattern}$")] = "127.0.0.1:8080"
@@ -511,8 +508,8 @@ class _Resolver:
                     self.problem(where, f"{p} is neither a directory nor a file")
 
     def config(self, m: Config) -> Config:
-        """The config with its paths made absolute, tokens_file's tokens added and each
-        target given its name."""
+        """The config with its relative paths taken from the config file's directory,
+        tokens_file's tokens added and each target given its name."""
         sqlite = m.state.removeprefix("sqlite:")
         p = m.prometheus
         tokens = self.tokens(m.auth)

@@ -159,7 +159,7 @@ class RolloutSummary(BaseModel):
 
 
 class RolloutView(RolloutSummary):
-    """A rollout as the API shows it (interface.md section 3)."""
+    """A rollout as the API shows it (README: HTTP API)."""
 
     events: list[EventView]
 

@@ -97,7 +97,7 @@ def _hook_url(value: str) -> str:
 
 @dataclass(frozen=True, config=_CONFIG)
 class Webhook:
-    """A URL POSTed the rollout's JSON at one moment of its life (interface.md section 6):
+    """A URL POSTed the rollout's JSON at one moment of its life (README: A smoke-test hook):
     pre-rollout, stage and pre-promotion hooks gate (2xx lets it go on), post-rollout and
     rollback hooks are told."""
 
@@ -132,11 +132,10 @@ class AlertRule:
     queries, e.g. {{ service }})."""
 
 
-
 @dataclass(frozen=True, config=ConfigDict(extra="forbid", title="canary policy",
                                            use_attribute_docstrings=True))
 class Policy:
-    """A stage policy (interface.md section 1)."""
+    """A stage policy (README: Writing a policy)."""
 
     name: Annotated[Text, Field(pattern=NAME_PATTERN)]
     """Unique among the loaded policies; targets and start requests name it. Default: the

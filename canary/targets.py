@@ -70,7 +70,7 @@ Promotion = Literal["swap", "return"]
 
 @dataclass(frozen=True, config=_CONFIG)
 class VersionProbe:
-    """How canary learns what a server runs (interface.md section 5): GET
+    """How canary learns what a server runs (README: Checking what a side runs): GET
     http://SERVER/path; the version is the trimmed body, or its `version` field when the
     body is a JSON object."""
 
@@ -244,7 +244,6 @@ def _rule(value: object) -> str | int:
                      "first rule")
 
 
-
 @dataclass(frozen=True, config=_CONFIG)
 class GatewayBackend:
     """A backendRef of the HTTPRoute rule: a Service in the route's namespace."""
@@ -258,7 +257,7 @@ class GatewayBackend:
 @dataclass(frozen=True, config=_WORKLOAD_CONFIG)
 class GatewayTarget(_TargetCommon):
     """A Gateway API HTTPRoute (gateway.networking.k8s.io/v1) whose rule carries both
-    backendRefs (interface.md section 7)."""
+    backendRefs (README: Traffic shapes)."""
 
     namespace: Dns
     """The namespace of the HTTPRoute and of both Services."""

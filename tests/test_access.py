@@ -532,7 +532,9 @@ prometheus:
     assert (a.basic_auth.username, a.basic_auth.password_env, a.ca_file, a.concurrency) == \
         ("canary", "PROM_PASSWORD", str(ca), 4)
     assert dict(a.headers) == {"X-Scope-OrgID": "tenant-shown-nowhere"}
-    assert "shown-nowhere" not in repr(cfg), "the config's repr carries no secret or header value"
+    for shown in (repr(cfg), str(cfg), cfg.model_dump_json()):
+        assert "shown-nowhere" not in shown, "the config's repr and dump carry no secret or " \
+                                             "header value"
 
 
 # ---- Prometheus's own threads -----------------------------------------------------------

@@ -635,3 +635,19 @@ async def test_the_api_and_its_openapi_description_refuse_the_same_bodies(tmp_pa
                                         role="oncall")
         assert status == 400 and answer["error"], answer
         assert (await api.rollout(rid))["state"] == "progressing", "nothing changed"
+
+
+def test_every_description_a_user_reads_points_only_at_what_their_clone_has():
+    """The editor's hover text, the chart's schema and the OpenAPI description name the
+    README's sections, never a file outside the repository."""
+    from canary.api.openapi import SPEC
+
+    headings = {m.group(1).strip() for m in re.finditer(r"(?m)^#+ (.+)$",
+                                                       (ROOT / "README.md").read_text())}
+    texts = {name: json.dumps(schema.published(name)) for name in schema.SCHEMAS}
+    texts["chart"] = (ROOT / schema.CHART_SCHEMA).read_text()
+    texts["openapi"] = json.dumps(SPEC)
+    for name, text in texts.items():
+        assert "interface.md" not in text, name
+        for ref in re.findall(r"README: ([^)\\]+)\)", text):
+            assert any(h.startswith(ref) for h in headings), (name, ref)

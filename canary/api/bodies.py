@@ -164,7 +164,7 @@ class ActiveOnTarget(BaseModel):
 
 
 class TargetDetail(BaseModel):
-    """GET /api/v1/targets/{name} (interface.md section 5)."""
+    """GET /api/v1/targets/{name} (README: The release cycle)."""
 
     name: str
     router: Literal["nginx", "istio", "gateway"]

@@ -33,7 +33,6 @@ def _given(*fields: str, type: str = "number") -> dict[str, Any]:
     return {"anyOf": [{"required": [f], "properties": {f: {"type": type}}} for f in fields]}
 
 
-
 def _versioned(value: str) -> str:
     if "version" not in template_names(value):
         raise ValueError("use {{ version }}: it is read for canary and for stable")
