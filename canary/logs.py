@@ -233,4 +233,29 @@ def setup(level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # Python's own reports (warnings, a thread's or a finalizer's uncaught exception) write
+    # straight to stderr: on a pipe nobody reads that write would wait forever, in the
+    # event loop's thread for a warning. They go through the queue like every other line.
+    logging.captureWarnings(True)
+    threading.excepthook = _thread_died
+    sys.unraisablehook = _unraisable
     atexit.register(handler.close)
+
+
+_python = logging.getLogger("canary.python")
+
+
+def _thread_died(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    _python.error(f"thread {name} died: {args.exc_type.__name__}: {args.exc_value}",
+                  exc_info=(args.exc_type, args.exc_value or args.exc_type(),
+                            args.exc_traceback))
+
+
+def _unraisable(args: Any) -> None:
+    what = f"{args.err_msg or 'exception ignored in'}: {args.object!r}"
+    _python.warning(f"{what}: {args.exc_type.__name__}: {args.exc_value}",
+                    exc_info=(args.exc_type, args.exc_value or args.exc_type(),
+                              args.exc_traceback))

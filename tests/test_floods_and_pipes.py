@@ -246,6 +246,69 @@ def pipe_log(*, size: int = 10_000, blocking: bool = True) -> Iterator[
         os.close(w)
 
 
+PYTHON_REPORTS = """
+import gc, os, sys, threading, warnings
+from canary import logs
+logs.setup()
+warnings.simplefilter("always")
+for i in range(1500):  # well past the 64 KiB the pipe holds
+    warnings.warn(f"report {i} " + "x" * 100)
+class Finalizer:
+    def __del__(self):
+        raise ValueError("in a finalizer")
+for i in range(300):
+    t = threading.Thread(target=lambda: 1 / 0, name=f"worker-{i}")
+    t.start()
+    t.join()
+    Finalizer()
+    gc.collect()
+os.write(int(sys.argv[1]), b"carried on\\n")
+"""
+
+
+def test_warnings_and_dying_threads_do_not_wait_on_a_log_nobody_reads(tmp_path):
+    """Python reports a warning, a thread's uncaught exception or one raised in a
+    finalizer by writing to stderr itself. With serve's log set up, those reports go
+    through the same bounded queue as every line: a hung reader costs lines, not the
+    thread that warned (for a warning, the event loop)."""
+    import subprocess
+
+    status_r, status_w = os.pipe()
+    log_r, log_w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-c", PYTHON_REPORTS, str(status_w)],
+                            stdout=subprocess.DEVNULL, stderr=log_w, pass_fds=(status_w,),
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    os.close(status_w)
+    os.close(log_w)
+    try:
+        # nobody reads log_r until the process says it carried on (or the deadline)
+        os.set_blocking(status_r, False)
+
+        def carried_on() -> bool:
+            with contextlib.suppress(BlockingIOError):
+                return os.read(status_r, 100) == b"carried on\n"
+            return False
+        deadline = time.monotonic() + 60
+        while not carried_on():
+            assert time.monotonic() < deadline, "a report waited on the log nobody reads"
+            assert proc.poll() is None, "the process ended without carrying on"
+            time.sleep(0.05)
+        os.set_blocking(log_r, False)
+        seen = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(log_r, 1 << 20):
+                seen += chunk
+        lines = [json.loads(line) for line in seen.splitlines()]
+        assert any(x["logger"] == "py.warnings" for x in lines)
+        assert all(line.startswith(b"{") for line in seen.splitlines()), "a report bypassed " \
+                                                                        "the JSON log"
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(status_r)
+        os.close(log_r)
+
+
 def test_a_log_whose_reader_stopped_reading_drops_lines_beyond_its_queue_and_counts_them():
     """The queue in front of a stuck reader is bounded: past it lines are dropped, never
     waited for, and once the reader reads again the log says how many it lost."""
