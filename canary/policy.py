@@ -132,8 +132,14 @@ class AlertRule:
     queries, e.g. {{ service }})."""
 
 
+def _name_defaults(schema: dict[str, Any]) -> None:
+    """A file may leave out its name (it is then the file's): optional for an editor too."""
+    schema["required"] = [f for f in schema.get("required", []) if f != "name"]
+
+
 @dataclass(frozen=True, config=ConfigDict(extra="forbid", title="canary policy",
-                                           use_attribute_docstrings=True))
+                                           use_attribute_docstrings=True,
+                                           json_schema_extra=_name_defaults))
 class Policy:
     """A stage policy (README: Writing a policy)."""
 

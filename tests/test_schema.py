@@ -585,6 +585,11 @@ def test_what_only_canary_validate_sees_is_listed_in_the_readme(tmp_path, name, 
 
 def test_the_good_documents_pass_every_reader(tmp_path):
     assert schema_errors("policy", good_policy()) == []
+    # a policy file may leave out its name (the file's stem): the editor must not flag it
+    nameless = {k: v for k, v in good_policy().items() if k != "name"}
+    assert schema_errors("policy", nameless) == []
+    (tmp_path / "nameless.yaml").write_text(yaml.safe_dump(nameless))
+    assert validate_files([str(tmp_path / "nameless.yaml")]) == []
     assert schema_errors("config", example_config()) == []
     (tmp_path / "canary.yaml").write_text(yaml.safe_dump(example_config()))
     assert validate_files([str(tmp_path / "canary.yaml")]) == []
