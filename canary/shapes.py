@@ -10,6 +10,7 @@ it wrote, so a router reads back exactly the shape it was given, or says it was 
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from dataclasses import dataclass
@@ -56,7 +57,55 @@ def unportable(regex: str) -> str | None:
             plain.append("[" if in_class else c)
         i += 1
     text = "".join(plain)
-    return next((what for pattern, what in _UNPORTABLE if pattern.search(text)), None)
+    found = next((what for pattern, what in _UNPORTABLE if pattern.search(text)), None)
+    return found or _too_big(regex, text)
+
+
+# RE2 refuses a repeat count over 1000, and repeats nested to more than 1000 in all (it
+# divides 1000 by each nested count, outermost first); nginx's PCRE2 refuses parentheses
+# nested 250 deep. Canary stops at 100, leaving room for the group it wraps a match in.
+MAX_REPEAT = 1000
+MAX_NESTING = 100
+
+
+def _too_big(regex: str, plain: str) -> str | None:
+    depth = deepest = 0
+    for c in plain:  # (escapes and classes are literals in `plain`)
+        depth += (c == "(") - (c == ")")
+        deepest = max(deepest, depth)
+    if deepest > MAX_NESTING:
+        return f"groups nested {deepest} deep (at most {MAX_NESTING})"
+    # Python's own reading of it (it compiled already); a module without stubs
+    sre: Any = importlib.import_module("re._parser")
+
+    def walk(items: Any, budget: int) -> str | None:
+        for op, arg in items:
+            if op in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT):
+                lo, hi, sub = arg
+                bounded = hi != sre.MAXREPEAT
+                if max(lo, hi if bounded else 0) > MAX_REPEAT:
+                    return f"a repeat count over {MAX_REPEAT}"
+                m = hi if bounded else lo
+                inner = budget // m if m > 0 else budget
+                if inner == 0:
+                    return f"repeats nested to more than {MAX_REPEAT} in all"
+                found = walk(sub, inner)
+            elif op == sre.SUBPATTERN:
+                found = walk(arg[-1], budget)
+            elif op == sre.BRANCH:
+                found = next((f for b in arg[1] if (f := walk(b, budget))), None)
+            elif op in (sre.ASSERT, sre.ASSERT_NOT, sre.ATOMIC_GROUP):
+                found = walk(arg[-1], budget)
+            else:
+                found = None
+            if found:
+                return found
+        return None
+
+    try:
+        return walk(sre.parse(regex), MAX_REPEAT)
+    except Exception:  # (what Python cannot read is said where it compiles)
+        return None
 
 
 @dataclass(frozen=True)

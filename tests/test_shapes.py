@@ -121,10 +121,17 @@ def test_a_broken_stage_shape_is_named_with_how_to_fix_it(stages, field, words):
 
 UNPORTABLE = [r"(?=42)\d+", r"(?!x)\w+", r"(a)\1", r"(?P<n>a)(?P=n)", r"(?>a)b", r"a++",
               r"\N{EM DASH}", r"\u00e9", r"a\Z", r"(?x) a # note", r"(?a)\w+", r"(?#why)a",
-              r"a{,3}"]
+              r"a{,3}",
+              # too big for RE2 (a count over 1000, nested counts over 1000 in all) or for
+              # nginx (a count over 65535, parentheses nested 250 deep)
+              r"a{1001}", r"(a{10}){101}", r"(?:a{2,}){600}", r"a{1000000}",
+              "(" * 300 + "a" + ")" * 300]
+# (each at the edge of what validate refuses: RE2 and nginx -t must read them)
+BIG_BUT_PORTABLE = [r"a{1000}", r"(a{10}){100}", r"(?:a{2,}){500}",
+                    "(" * 100 + "a" + ")" * 100]
 PORTABLE = [r"^42.*", r"(alice|bob)", r"\d{3,}", r"(?i)beta", r"(?s:a.b)", r"[(?=]+", r"\(\?=",
             r"[^]]", r"\x41+", r"\w+@\w+\.com", "é+", r"(?P<id>[0-9]+)", r"a{1,2}?", r"[+*]+",
-            r'a"b\\', r"\bword\b"]
+            r'a"b\\', r"\bword\b", *BIG_BUT_PORTABLE]
 
 
 @pytest.mark.parametrize("regex", UNPORTABLE)
