@@ -133,8 +133,7 @@ def _convert(loader: _Loader, node: yaml.Node, path: Path, doc: Doc, seen: set[i
                 raise yaml.MarkedYAMLError(
                     problem="merge keys (<<) are not supported", problem_mark=key_node.start_mark
                 )
-            key = loader.construct_object(key_node)
-            key = str(key)
+            key = str(_scalar(loader, key_node))
             if key in out:
                 raise yaml.MarkedYAMLError(
                     problem=f"duplicate key {key!r}", problem_mark=key_node.start_mark
@@ -144,4 +143,21 @@ def _convert(loader: _Loader, node: yaml.Node, path: Path, doc: Doc, seen: set[i
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_convert(loader, n, (*path, i), doc, seen) for i, n in enumerate(node.value)]
-    return loader.construct_object(node)
+    return _scalar(loader, node)
+
+
+_NUMBERS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+
+def _scalar(loader: _Loader, node: yaml.Node) -> Any:
+    # YAML 1.1 reads 1:30 as 90 (base 60); helm, editors (YAML 1.2) and people read text
+    if node.tag in _NUMBERS and isinstance(node, yaml.ScalarNode) and node.style is None \
+            and ":" in node.value:
+        return node.value
+    value = loader.construct_object(node)
+    if isinstance(value, str) and any("\ud800" <= c <= "\udfff" for c in value):
+        raise yaml.MarkedYAMLError(
+            problem="a lone UTF-16 surrogate (an escape like \\ud800) is half a character, "
+                    "not text; write the character itself, or its \\U0001XXXX escape",
+            problem_mark=node.start_mark)
+    return value

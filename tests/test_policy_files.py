@@ -69,6 +69,15 @@ def test_shipped_example_policies_and_config_are_valid(capsys):
                                           "pol.yaml:6: stages[0].gates[0].query: required"]),
     ("stages: [\n", ["pol.yaml:2: (file): malformed YAML"]),
     ("base: &b {weight: 5}\nstages: [*b]\n", ["pol.yaml:1: (file): malformed YAML: anchors and aliases"]),
+    # YAML 1.1 would read 1:30 as 90 (base 60): helm and editors read text, so does canary
+    (GOOD.replace("weight: 10\n", "weight: 1:30\n"), ["pol.yaml:4: stages[0].weight: must be"]),
+    (GOOD.replace("hold: 1m", "hold: 1:30", 1), ["pol.yaml:5: stages[0].hold: '1:30' is not a "
+                                                 "duration"]),
+    # an escaped lone surrogate is no character: it used to pass, then fail at the stage
+    # when the router wrote it out
+    ("stages:\n  - match: {headers: {x-id: \"\\ud800\"}}\n    hold: 1m\n"
+     "  - weight: 100\n    hold: 1m\n",
+     ["pol.yaml:2: (file): malformed YAML: a lone UTF-16 surrogate"]),
     # an alias of a plain value, or of a key, is refused like one of a mapping
     ("interval: &x 30s\nstages: [{weight: 100, hold: *x}]\n",
      ["pol.yaml:1: (file): malformed YAML: anchors and aliases"]),
