@@ -583,6 +583,30 @@ def test_what_only_canary_validate_sees_is_listed_in_the_readme(tmp_path, name, 
     assert re.search(r"\s+".join(map(re.escape, words.split())), listed), words
 
 
+def test_what_yaml_itself_reads_differently_is_as_the_readme_says(tmp_path):
+    """canary reads YAML 1.1, editors and helm YAML 1.2: where they part, canary's side is
+    what the README says (the other side is the YAML version's, not canary's)."""
+    def said(text: str) -> list[str]:
+        (tmp_path / "p.yaml").write_text(text)
+        return [str(p) for p in validate_files([str(tmp_path / "p.yaml")])]
+
+    for value in (".inf", ".nan"):
+        doc = good_policy()
+        doc["gates"][0]["tolerance"] = yaml.safe_load(value)
+        assert schema_errors("policy", doc) == [], value  # the schema lets it through
+        doc["gates"][0]["tolerance"] = "X"
+        text = yaml.safe_dump(doc).replace("tolerance: X", f"tolerance: {value}", 1)
+        assert any("tolerance: " in p and "not a finite number" in p for p in said(text)), value
+    doc = {**good_policy(), "failure_limit": "X"}
+    text = yaml.safe_dump(doc).replace("failure_limit: X", "failure_limit: 0o10")
+    assert any("failure_limit: must be a whole number" in p for p in said(text))
+    text = yaml.safe_dump(good_policy()).replace("hold: 5m", "hold: 5m\n  approval: yes", 1)
+    assert "hold: 5m\n  approval: yes" in text and said(text) == []
+    text = yaml.safe_dump({k: v for k, v in good_policy().items() if k != "interval"}
+                          ) + "interval: 30s\ninterval: 15s\n"
+    assert any("duplicate key 'interval'" in p for p in said(text))
+
+
 def test_the_good_documents_pass_every_reader(tmp_path):
     assert schema_errors("policy", good_policy()) == []
     # a policy file may leave out its name (the file's stem): the editor must not flag it
