@@ -68,6 +68,9 @@ async def test_roles_viewer_reads_pipeline_starts_and_aborts_oncall_overrides(tm
     ({"target": "web", "canary_version": "v1"}, None, 400, "both 'v1'"),
     ({"target": "nope", "canary_version": "v2"}, None, 404, "no target named 'nope'"),
     ({"target": "web", "canary_version": "v2", "policy": "nope"}, None, 404, "no policy named"),
+    # (an empty policy used to start with the target's own, as if it were left out)
+    ({"target": "web", "canary_version": "v2", "policy": ""}, None, 400,
+     "policy: must name a policy"),
     (None, b'{"target": "web", "canary_version": "' + b"x" * 70000 + b'"}', 413, "larger than"),
 ])
 async def test_bad_start_requests_get_a_clear_4xx_and_change_nothing(tmp_path, body, raw, status, words):
@@ -115,6 +118,8 @@ async def test_overrides_need_a_reason_and_clash_with_state_as_409(tmp_path):
         for body in (None, {}, {"reason": ""}, {"reason": 5}, {"reason": "x", "full": "yes"}):
             status, data = await api.call("POST", f"/api/v1/rollouts/{rid}/promote", body)
             assert status == 400, (body, data)
+            if body == {"reason": ""}:  # canary's words, not pydantic's ("at least 1 item")
+                assert data["error"] == "reason: required, a non-empty string", data
         status, data = await api.call("POST", f"/api/v1/rollouts/{rid}/resume", {"reason": "go"})
         assert status == 409 and "not paused" in data["error"]
         assert await snapshot(api, target) == before

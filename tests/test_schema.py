@@ -643,6 +643,8 @@ BAD_BODIES = [
     ("StartRollout", {"target": " ", "canary_version": "v2"}),
     ("StartRollout", {"target": "web\u202e", "canary_version": "v2"}),
     ("StartRollout", {"target": "web", "canary_version": "v2", "policy": "p\x1b[2J"}),
+    ("StartRollout", {"target": "web", "canary_version": "v2", "policy": ""}),
+    ("StartRollout", {"target": "web", "canary_version": "v2", "policy": "  "}),
 ]
 _PATHS = {"StartRollout": "/api/v1/rollouts", "Override": "/api/v1/rollouts/{id}/abort",
           "Promote": "/api/v1/rollouts/{id}/promote"}

@@ -58,7 +58,7 @@ class StartRollout(_Body):
     target: Required
     canary_version: Version
     stable_version: Version | None = None
-    policy: Plain | None = None
+    policy: Required | None = None  # (left out: the target's own; "" names no policy)
 
 
 class Override(_Body):
@@ -266,7 +266,8 @@ _MESSAGES = {
     "string_type": "must be a string",
     "bool_type": "must be true or false",
     "missing": "required, a non-empty string",
-    "string_too_short": "required, a non-empty string",
+    # (a constraint after a validator is checked as a sequence's length: too_short)
+    **dict.fromkeys(("string_too_short", "too_short"), "required, a non-empty string"),
     # JSON may escape half of a UTF-16 pair ("\ud800"), which is no character at all
     "string_unicode": "must be text of whole characters: it holds a lone UTF-16 surrogate "
                       "(an escape like \\ud800 without its pair); send the character itself",
@@ -315,6 +316,9 @@ def parse(model: type[_Body], data: Any) -> Any:
                            else f"at most {most} entries")
             else:
                 message = _MESSAGES.get(kind, err["msg"])
+            if field == "policy" and message == _MESSAGES["string_too_short"]:
+                message = ("must name a policy (GET /api/v1/policies lists them), or be left "
+                           "out for the target's own")
             out.append(f"{field}: {message}")
         raise InvalidInput("; ".join(out)) from None
 
