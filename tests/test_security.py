@@ -30,6 +30,10 @@ async def test_every_mutating_call_is_audited_accepted_or_refused(tmp_path, capl
         await api.call("POST", f"/api/v1/rollouts/{rid}/pause", {"reason": "r1"}, role="viewer")
         await api.call("POST", f"/api/v1/rollouts/{rid}/pause", {"reason": "look"})
         await api.call("POST", f"/api/v1/rollouts/{rid}/abort", {"reason": "x"}, role=None)
+        # refused before any handler reads the token (no such method; too large a body):
+        # still named by it
+        await api.call("PUT", f"/api/v1/rollouts/{rid}/abort", {"reason": "x"})
+        await api.call("POST", f"/api/v1/rollouts/{rid}/abort", {"reason": "x" * 70_000})
     seen = [(r.actor, r.method, r.path, r.status, r.reason, r.rollout)  # type: ignore[attr-defined]
             for r in audit_records(caplog)]
     assert seen == [
@@ -37,6 +41,8 @@ async def test_every_mutating_call_is_audited_accepted_or_refused(tmp_path, capl
         ("viewer-token", "POST", f"/api/v1/rollouts/{rid}/pause", 403, None, rid),
         ("oncall-token", "POST", f"/api/v1/rollouts/{rid}/pause", 200, "look", rid),
         ("anonymous", "POST", f"/api/v1/rollouts/{rid}/abort", 401, None, rid),
+        ("oncall-token", "PUT", f"/api/v1/rollouts/{rid}/abort", 405, None, None),
+        ("oncall-token", "POST", f"/api/v1/rollouts/{rid}/abort", 413, None, rid),
     ]
     text = "\n".join(r.getMessage() + json.dumps(r.__dict__, default=str) for r in caplog.records)
     assert not any(tok in text for tok in TOKENS.values()), "a token reached the logs"

@@ -116,11 +116,21 @@ async def audit(request: web.Request, handler: Handler) -> web.StreamResponse:
     response = await handler(request)
     if request.method not in ("GET", "HEAD", "OPTIONS"):
         log.info("audit", extra={
-            "audit": True, "actor": request.get(ACTOR, "anonymous"),
+            "audit": True, "actor": request.get(ACTOR) or _bearer(request),
             "method": request.method, "path": request.path, "status": response.status,
             "reason": request.get(REASON), "rollout": request.get(ROLLOUT),
             "peer": request.remote})
     return response
+
+
+def _bearer(request: web.Request) -> str:
+    """Whose token a request refused before it was authenticated (405, 408, 413) carried:
+    the audit line names them as it names everyone else."""
+    tokens: tuple[Token, ...] = request.app[TOKENS]
+    try:
+        return authenticate(request.headers.get("Authorization"), tokens).name
+    except Unauthorized:
+        return "anonymous"
 
 
 def _kind(request: web.Request) -> str:
