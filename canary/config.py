@@ -55,10 +55,7 @@ class Role(enum.IntEnum):
 # is what the controller uses: the tokens, leader election and the targets (targets.py) are
 # frozen pydantic dataclasses, the sections below frozen models, Config the whole.
 
-# host:port, the port 1-65535 (up to 5 digits, leading zeros allowed)
-_PORT = (r"(0{0,4}[1-9]|0{0,3}[1-9][0-9]|0{0,2}[1-9][0-9]{2}|0?[1-9][0-9]{3}|[1-5][0-9]{4}|6[0-4][0-9]{3}"
-         r"|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])")
-_LISTEN = re.compile(rf"\[?([^\]]*?)\]?:{_PORT}")
+_LISTEN = re.compile(rf"\[?([^\]]*?)\]?:{fields.PORT}")
 # headers that carry credentials: their values belong in a file or the environment
 _SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie"}
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")

@@ -151,6 +151,9 @@ Query = Annotated[Text, Field(max_length=MAX_QUERY, json_schema_extra={"pattern"
 # ---- the controller config's values -------------------------------------------------------
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"  # a policy's, a target's, a receiver's name
+# a port, 1-65535 (up to 5 digits, leading zeros allowed), for host:port
+PORT = (r"(0{0,4}[1-9]|0{0,3}[1-9][0-9]|0{0,2}[1-9][0-9]{2}|0?[1-9][0-9]{3}|[1-5][0-9]{4}"
+        r"|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])")
 Setting = Annotated[str, Field(strict=True, min_length=1, max_length=4096)]
 Name = Annotated[str, Field(strict=True, pattern=NAME_PATTERN)]
 Dns = Annotated[str, Field(strict=True, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",

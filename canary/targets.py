@@ -28,6 +28,7 @@ from canary import schema, validation
 from canary.fields import (
     BUILTIN_VARS,
     IDENTIFIER,
+    PORT,
     Dns,
     Duration,
     Name,
@@ -36,7 +37,7 @@ from canary.fields import (
     Version,
 )
 
-_ADDRESS = r"^(?:unix:\S+|\[?[A-Za-z0-9.:-]+\]?:\d{1,5})$"
+_ADDRESS = rf"^(?:unix:\S+|\[?[A-Za-z0-9.:-]+\]?:{PORT})$"
 _CONFIG = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 

@@ -315,6 +315,8 @@ def bad_policy(change: str) -> dict[str, Any]:
         doc["alerts"] = [{"matchers": {"1service": "{{ service }}"}}]
     elif change == "blank alert value":
         doc["alerts"] = [{"matchers": {"alertname": " "}}]
+    elif change == "escape in a gate name":
+        doc["gates"][0]["name"] = "errors\x1b[31m"
     return doc
 
 
@@ -348,6 +350,7 @@ def bad_policy(change: str) -> dict[str, Any]:
     ("webhook url scheme", "webhooks[0].url", "webhooks/0/url"),
     ("alert label name", "alerts[0].matchers.1service", "alerts/0/matchers/1service"),
     ("blank alert value", "alerts[0].matchers.alertname", "alerts/0/matchers/alertname"),
+    ("escape in a gate name", "gates[0].name", "gates/0/name"),
 ])
 def test_canary_validate_the_editor_schema_and_helm_refuse_the_same_bad_policy(
         tmp_path, change, field, words):
@@ -380,6 +383,8 @@ def bad_config(change: str) -> dict[str, Any]:
         web["router"] = "haproxy"
     elif change == "address":
         web["stable"] = ["10.0.0.1"]
+    elif change == "port out of range":
+        web["stable"] = ["10.0.0.1:99999"]
     elif change == "field of another router":
         web["virtual_service"] = "web"  # an nginx target has no virtual service
     elif change == "concurrency":
@@ -423,6 +428,7 @@ def bad_config(change: str) -> dict[str, Any]:
     ("timeout", "prometheus.timeout", "prometheus/timeout"),
     ("router", "targets.web.router", "targets/web/router"),
     ("address", "targets.web.stable[0]", "targets/web/stable/0"),
+    ("port out of range", "targets.web.stable[0]", "targets/web/stable/0"),
     ("field of another router", "targets.web.virtual_service", "targets/web/virtual_service"),
     ("concurrency", "prometheus.concurrency", "prometheus/concurrency"),
     ("listen", "listen", "listen"),

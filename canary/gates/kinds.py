@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
 
-from canary import schema, validation
+from canary import schema, text, validation
 from canary.fields import Duration, Number, Query, Text, template_names
 
 GATE_KINDS = ("threshold", "compare", "errors")
@@ -39,7 +39,16 @@ def _versioned(value: str) -> str:
     return value
 
 
-GateName = Annotated[Text, Field(min_length=1, max_length=100)]
+def _one_line(value: str) -> str:
+    if any(text.is_control(c) for c in value):
+        raise ValueError("must be text on one line (no control characters, line breaks or bidi "
+                         "controls): it is shown in logs, terminals and chat messages")
+    return value
+
+
+# a gate's or a webhook's name: shown wherever its readings and verdicts are
+GateName = Annotated[Text, Field(min_length=1, max_length=100, json_schema_extra={
+    "not": {"pattern": text.CONTROL_PATTERN}}), AfterValidator(_one_line)]
 # {{ version }}: the schema says it too; the validator keeps the message that says why
 _VERSION_TEMPLATE = r"\{\{\s*version\s*\}\}"
 _VERSIONED_QUERY = {"anyOf": [{"required": ["baseline"], "properties": {"baseline": {"type": "string"}}},
