@@ -392,6 +392,30 @@ async def test_tenant_header_and_a_bearer_token_file_reread_when_rotated(tmp_pat
     assert not any(t in text for t in (first, second, third)), "a token reached a log or reason"
 
 
+def test_a_token_file_is_read_again_every_5s_even_when_it_looks_unchanged(tmp_path):
+    """README: the token file is re-read when it changes "and every 5 s". A same-size
+    rewrite in place within one tick of the file system's clock keeps its inode, size and
+    mtime, so only the 5 s re-read picks it up (on a clock the test drives)."""
+    from canary.gates.prometheus import TokenFile
+
+    now = [1000.0]
+    path = tmp_path / "token"
+    path.write_text("tok-aaaa")
+    token_file = TokenFile(path, clock=lambda: now[0])
+    assert token_file.token() == "tok-aaaa"
+    before = os.stat(path)
+    with open(path, "r+") as f:  # in place: the same inode and size
+        f.write("tok-bbbb")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the same mtime
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == \
+        (before.st_ino, before.st_size, before.st_mtime_ns)
+    now[0] += 4.9
+    assert token_file.token() == "tok-aaaa", "nothing tells it the file changed yet"
+    now[0] += 0.1
+    assert token_file.token() == "tok-bbbb", "read again 5 s after the last read"
+
+
 def serve_config(run: Path, prometheus_url: str, port: int, tenant: str) -> Path:
     (run / "policy.yaml").write_text(
         "name: p\ninterval: 1s\nfailure_limit: 2\nno_data: hold\nprogress_deadline: 1h\n"

@@ -3,9 +3,12 @@ refused request changes nothing."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
-from tests.helpers import SetSource, controller, eventually, simple_policy
+from tests.helpers import TOKENS, SetSource, controller, eventually, simple_policy
 
 
 async def snapshot(api, target):
@@ -174,6 +177,53 @@ async def test_racing_starts_on_one_target_yield_exactly_one_rollout(tmp_path):
         assert sorted(s for s, _ in results) == [201] + [409] * 7
         _, data = await api.call("GET", "/api/v1/rollouts", role="viewer")
         assert len(data["rollouts"]) == 1
+
+
+async def test_a_write_sent_to_a_follower_is_503_with_retry_after_5_naming_the_leader(tmp_path):
+    # README "State and replicas": a replica that does not hold the Lease is told so by
+    # its elector as here (leading False, the Lease's holder as leader); every write it
+    # gets is a 503 with `Retry-After: 5` and the leader's name, reads are served, and
+    # nothing changes
+    async with controller(tmp_path, policies=[simple_policy(hold=3600)]) as (api, ctl, target):
+        rid = (await api.start(canary_version="v2"))["id"]
+        await api.until(rid, lambda r: r["applied_weight"] == 10)
+        ctl.leading, ctl.leader = False, lambda: "canary-7d9f-0"
+        before = await snapshot(api, target)
+        headers = {"Authorization": f"Bearer {TOKENS['oncall']}"}
+        for path, body in (("/api/v1/rollouts", {"target": "web", "canary_version": "v3"}),
+                           (f"/api/v1/rollouts/{rid}/pause", {"reason": "x"}),
+                           (f"/api/v1/rollouts/{rid}/abort", {"reason": "x"})):
+            async with api.s.post(api.base + path, json=body, headers=headers) as resp:
+                data = await resp.json()
+                assert resp.status == 503 and resp.headers["Retry-After"] == "5", (path, data)
+                assert "not the leader (canary-7d9f-0 is)" in data["error"], data
+        assert await snapshot(api, target) == before
+
+
+async def test_every_metric_the_readme_lists_is_on_metrics_with_a_sample(tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    listed = readme[readme.index("\nMetrics: "):]
+    names = set(re.findall(r"`(canary_[a-z_]+)", listed[:listed.index("\n\n")]))
+    assert len(names) == 14, names
+    ok = tmp_path / "nginx-accepts"  # the router fails once: a router error to count
+    async with controller(tmp_path, policies=[simple_policy(hold=3600, interval=0.1)],
+                          test_cmd=("test", "-e", str(ok))) as (api, _ctl, _t):
+        rid = (await api.start(canary_version="v2"))["id"]
+        await api.until(rid, lambda r: r.get("paused_for") == "router")
+        ok.touch()
+        await api.until(rid, lambda r: r["applied_weight"] == 10 and r["state"] == "progressing"
+                        and r["gates"][0]["status"] == "pass")
+        status, _ = await api.call("POST", f"/api/v1/rollouts/{rid}/pause", {"reason": "look"})
+        assert status == 200
+        _, live = await api.call("GET", "/metrics", role=None)
+        status, _ = await api.call("POST", f"/api/v1/rollouts/{rid}/abort", {"reason": "stop"})
+        assert status == 200
+        await api.until(rid, lambda r: r["state"] == "rolled_back")
+        _, done = await api.call("GET", "/metrics", role=None)
+    lines = (live + done).splitlines()
+    missing = {n for n in names
+               if not any(line.startswith((f"{n}{{", f"{n} ", f"{n}_bucket{{")) for line in lines)}
+    assert not missing, missing
 
 
 @pytest.mark.e2e

@@ -36,7 +36,7 @@ from canary.policy import NoData
 from canary.routers.nginx import parse_weight
 from canary.store.sqlite import SqliteStore
 from canary.text import is_control
-from tests.helpers import TOKENS, Api, SetSource, controller, simple_policy, tokens
+from tests.helpers import TOKENS, Api, SetSource, controller, eventually, simple_policy, tokens
 from tests.test_restart_and_cli import cli
 
 POLICY = """\
@@ -122,6 +122,59 @@ async def test_a_canary_whose_query_reads_minus_inf_is_rolled_back_when_no_data_
         r = await api.until(rid, lambda r: r["state"] in ("rolled_back", "succeeded"))
         assert r["state"] == "rolled_back" and r["weight"] == 0
         assert "-Inf" in r["reason"], r["reason"]
+
+
+async def test_a_query_returning_several_series_is_an_error_never_a_pass(tmp_path):
+    """README "Writing a policy": a threshold gate's query must give one number. A real
+    PrometheusSource against an HTTP API answering two series (each under `max`) reads
+    `error` saying to aggregate, and a rollout under `no_data: pass` does not move on."""
+    from aiohttp import web
+
+    from canary.demo.procs import serve_app
+    from canary.gates.prometheus import PrometheusSource, measure
+
+    answer = {"series": 2}
+
+    async def query(request: web.Request) -> web.Response:
+        result = [{"metric": {"pod": f"web-{i}"}, "value": [1.0, "0.01"]}
+                  for i in range(answer["series"])]
+        return web.json_response({"status": "success",
+                                  "data": {"resultType": "vector", "result": result}})
+
+    app = web.Application()
+    app.router.add_route("*", "/api/v1/query", query)
+    port = free_port()
+    runner = await serve_app(app, port)
+    source = PrometheusSource(f"http://127.0.0.1:{port}", timeout=2)
+    try:
+        gates = simple_policy().gates
+        (r,) = await measure(source, gates, {"service": "web"}, attempts=1)
+        assert r.verdict is Verdict.ERROR and r.value is None, r
+        assert "2 series" in (r.detail or "") and "sum()" in (r.detail or ""), r.detail
+
+        pol = dataclasses.replace(simple_policy(hold=0.3, interval=0.1), no_data=NoData.PASS)
+        async with controller(tmp_path, policies=[pol], source=source) as (api, _c, _t):
+            rid = (await api.start(canary_version="v2"))["id"]
+            await api.until(rid, lambda r: r["gates"][0]["status"] == "error")
+
+            async def errors_read() -> float:
+                _, text = await api.call("GET", "/metrics", role=None)
+                return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                           if line.startswith("canary_gate_verdicts_total{")
+                           and 'verdict="error"' in line)
+
+            async def evaluated_past_the_hold() -> bool:
+                # each errored evaluation retries for 0.6 s: three are well past the hold
+                return await errors_read() >= 3
+            await eventually(evaluated_past_the_hold, what="evaluations past the hold")
+            r = await api.rollout(rid)
+            assert (r["state"], r["stage"], r["gates"][0]["status"]) == \
+                ("progressing", 0, "error"), r
+            answer["series"] = 1  # aggregated: one number, under max
+            await api.until(rid, lambda r: r["stage"] >= 1)
+    finally:
+        source.close()
+        await runner.cleanup()
 
 
 async def test_the_api_never_sends_nan_or_infinity(tmp_path):

@@ -26,6 +26,22 @@ def test_server_weights_give_the_canary_exactly_its_share(n_stable, n_canary):
         assert (s == 0) == (w == 100) and (c == 0) == (w == 0)
 
 
+def test_server_weights_are_the_readmes_products_over_their_gcd_and_a_side_at_0_is_down(tmp_path):
+    # README "nginx": each stable server (100-w)*n_canary, each canary server w*n_stable,
+    # divided by their gcd; a side at 0% is written as `down`
+    for n_stable, n_canary, w, want in ((2, 1, 25, (3, 2)), (3, 2, 10, (6, 1)),
+                                        (1, 3, 50, (3, 1)), (2, 3, 0, (1, 0)),
+                                        (2, 3, 100, (0, 1))):
+        assert server_weights(n_stable, n_canary, w) == want, (n_stable, n_canary, w)
+    t = target(tmp_path, [1, 2], [3])
+    assert "server 127.0.0.1:1 weight=1;\n    server 127.0.0.1:2 weight=1;\n" \
+           "    server 127.0.0.1:3 weight=2;" in render(t, 50)
+    for w, down in ((0, ["127.0.0.1:3"]), (100, ["127.0.0.1:1", "127.0.0.1:2"])):
+        text = render(t, w)
+        assert [line.split()[1] for line in text.splitlines() if line.endswith(" down;")] == down
+        assert parse_weight(t, text) == w
+
+
 def target(tmp_path: Path, stable: list[int], canary: list[int], **kw: object) -> NginxTarget:
     return NginxTarget(name="web", file=tmp_path / "up.conf", upstream="web",
                        stable=tuple(f"127.0.0.1:{p}" for p in stable),
@@ -67,6 +83,43 @@ async def test_real_nginx_sends_the_canary_exactly_its_weight_with_two_stable_se
         nginx.stop()
         for s in services:
             await s.stop()
+
+
+async def test_the_file_is_replaced_whole_from_a_synced_temporary_file_then_tested_then_reloaded(
+        tmp_path, monkeypatch):
+    # README "nginx": written atomically (temporary file, fsync, rename), `test` first,
+    # then `reload`. A reader holding the old file still reads it whole (a rewrite in
+    # place would change it under the reader), and `test` already sees the new one.
+    import os
+
+    order, seen = tmp_path / "order", tmp_path / "seen-by-test"
+    t = target(tmp_path, [1], [2],
+               test=("sh", "-c", f'cp "$0" {seen}; echo test >> {order}', str(tmp_path / "up.conf")),
+               reload=("sh", "-c", f"echo reload >> {order}"))
+    t.file.write_text(render(t, 5))
+    calls: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_replace(src: str, dst: str) -> None:
+        calls.append(("rename", f"{src} -> {dst}"))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    with open(t.file) as reader:
+        inode = os.fstat(reader.fileno()).st_ino
+        await NginxRouter(t).set_weight(25)
+        assert reader.read() == render(t, 5), "the old file was changed in place"
+    assert t.file.read_text() == seen.read_text() == render(t, 25)
+    assert os.stat(t.file).st_ino != inode
+    assert order.read_text().split() == ["test", "reload"]
+    (tmp,) = {c[1] for c in calls if c[0] == "fsync" and "/.up.conf." in c[1]}
+    assert calls == [("fsync", tmp), ("rename", f"{tmp} -> {t.file}"), ("fsync", str(tmp_path))]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["order", "seen-by-test", "up.conf"]
 
 
 async def test_a_failing_test_command_keeps_the_old_file_and_skips_reload(tmp_path):
