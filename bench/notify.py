@@ -29,12 +29,11 @@ from pathlib import Path
 from aiohttp import web
 
 from canary.clock import RealClock
-from canary.config import Notification
 from canary.demo.procs import Blackhole, free_port, serve_app
 from canary.engine.controller import Controller
 from canary.gates.kinds import ThresholdGate
 from canary.model import Command, CommandKind, Phase, Rollout
-from canary.notify import Notifier
+from canary.notify import Notification, Notifier
 from canary.policy import NoData, Policy, Webhook
 from canary.routers.nginx import NginxRouter
 from canary.stages import Stage

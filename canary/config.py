@@ -4,103 +4,49 @@ the machine can tell (files, environment variables) is checked after, with file:
 
 from __future__ import annotations
 
-import enum
-import fnmatch
 import os
 import re
 import ssl
-import urllib.parse
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, Literal, overload
+from typing import Annotated, Any, overload
 
-import yarl
 from pydantic import (
-    AfterValidator,
-    BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     TypeAdapter,
     ValidationError,
-    WithJsonSchema,
-    field_validator,
     model_validator,
 )
 from pydantic.dataclasses import dataclass
-from pydantic.json_schema import SkipJsonSchema
 
-from canary import fields, targets, validation, yamlsrc
+from canary import fields, notify, targets, validation, yamlsrc
 from canary import policy as policy_mod
-from canary import schema as schema_mod
+from canary.api import auth
+from canary.api.auth import AuthDoc, Token
 from canary.errors import Problem, ValidationFailed
-from canary.fields import Dns, EnvName, HttpUrl, Name, PositiveDuration, Setting
+from canary.fields import Dns, HttpUrl, PositiveDuration, Section, Setting
+from canary.gates import prometheus
+from canary.gates.prometheus import PrometheusDoc
+from canary.notify import Notification
 from canary.targets import (
     NginxTarget,
     Target,
     TargetField,
 )
 
-
-class Role(enum.IntEnum):
-    VIEWER = 1
-    PIPELINE = 2
-    ONCALL = 3
-
-
 # ---- the config's shape: one definition each -------------------------------------------------
 #
 # One class per part validates the file, gives the JSON Schema (`canary schema config`) and
-# is what the controller uses: the tokens, leader election and the targets (targets.py) are
-# frozen pydantic dataclasses, the sections below frozen models, Config the whole.
+# is what the controller uses. Each part lives with what it configures: the targets in
+# targets.py, the tokens in api/auth.py, the Prometheus access in gates/prometheus.py, the
+# receivers in notify.py; the rest, and Config the whole, here.
 
 _LISTEN = re.compile(rf"\[?([^\]]*?)\]?:{fields.PORT}")
-# headers that carry credentials: their values belong in a file or the environment
-_SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie"}
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-# the schema's way to say it (no (?i) in editors' regexes): [Cc][Oo][Oo][Kk][Ii][Ee]
-_SECRET_HEADER = "^(" + "|".join("".join(f"[{c.upper()}{c}]" if c.isalpha() else c for c in h)
-                                 for h in sorted(_SECRET_HEADERS)) + ")$"
 _VAR = fields.IDENTIFIER  # a template variable's or an environment variable's name
-
-
-# a target name, or a glob over target names: *, ?, [abc], [!abc], [a-z]
-_TARGET_GLOB = r"^(?:[A-Za-z0-9_.*?-]|\[!?[A-Za-z0-9_.-]+\])+$"
 _CONFIG = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-
-
-_ROLES = tuple(r.name.lower() for r in Role)  # viewer, pipeline, oncall
-# canary reads a role in any case (Oncall): so does the schema, which still offers the
-# lower-case names to complete
-_ROLE_SCHEMA = {"type": "string", "anyOf": [
-    {"enum": list(_ROLES)},
-    {"pattern": "^(" + "|".join("".join(f"[{c.upper()}{c}]" for c in r) for r in _ROLES) + ")$"}]}
-
-
-def _role(value: object) -> object:
-    if isinstance(value, str) and value.upper() in Role.__members__:
-        return Role[value.upper()]
-    return value
-
-
-@dataclass(frozen=True, config=_CONFIG)
-class Token:
-    name: Annotated[Setting, Field(max_length=100)]
-    """Who holds the token; events and reasons name them by it. Unique."""
-    sha256: Annotated[str, Field(strict=True, pattern=r"^[0-9a-fA-F]{64}$"),
-                      AfterValidator(str.lower)]
-    """The sha256 of the bearer token, 64 hex digits (`printf %s "$TOKEN" | sha256sum`);
-    the token itself is never stored."""
-    role: Annotated[Role, BeforeValidator(_role), WithJsonSchema(_ROLE_SCHEMA)]
-    """viewer reads; pipeline reads, starts and aborts; oncall does everything."""
-    targets: Annotated[tuple[Annotated[str, Field(strict=True, pattern=_TARGET_GLOB)], ...],
-                       Field(min_length=1, max_length=1000)] | None = None
-    """Names or globs (* ? [abc] [!abc]) of the targets this token may read or act on;
-    left out: every target."""
-
-    def may_see(self, target: str) -> bool:
-        return self.targets is None or any(fnmatch.fnmatchcase(target, g) for g in self.targets)
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -124,75 +70,6 @@ class LeaderElection:
         return self
 
 
-# what a person cares to hear about; `events` of a notification picks among these
-NotifyEvent = Literal["started", "stage", "paused", "approval", "drift", "router", "rolled_back",
-                      "succeeded", "handover"]
-NOTIFY_EVENTS: tuple[NotifyEvent, ...] = ("started", "stage", "paused", "approval", "drift",
-                                          "router", "rolled_back", "succeeded", "handover")
-
-
-def _send_url(value: str) -> str:
-    """A receiver's URL that can be sent to: a host, a port in range. The message never
-    repeats the URL (a chat's incoming-webhook URL is itself a secret)."""
-    try:
-        url = yarl.URL(value)
-        url.port  # noqa: B018 (parses the port, raising when it is out of range)
-    except ValueError as e:
-        raise ValueError(f"is not a URL canary can send to ({e}); write "
-                         "http(s)://HOST[:PORT]/PATH") from None
-    if not url.host or any(c.isspace() for c in url.host):
-        raise ValueError("has no valid host; write http(s)://HOST[:PORT]/PATH")
-    return value
-
-
-@dataclass(frozen=True, config=ConfigDict(
-    extra="forbid", use_attribute_docstrings=True,
-    json_schema_extra={"oneOf": [{"required": ["url"]}, {"required": ["url_env"]}]}))
-class Notification:
-    """A receiver of rollout events (README: Chat notifications): a chat's incoming webhook
-    (slack, teams) or any HTTP endpoint (webhook: the rollout's JSON and the event)."""
-
-    name: Name
-    """The receiver's name, unique among notifications (in metrics and logs)."""
-    url: Annotated[HttpUrl, AfterValidator(_send_url)] | None = None
-    """http(s) URL messages are POSTed to (a chat's incoming webhook, or any endpoint).
-    One of url and url_env."""
-    format: Literal["slack", "teams", "webhook"] = "webhook"
-    """slack or teams (readable text), or webhook (the rollout's JSON and the event)."""
-    events: Annotated[tuple[NotifyEvent, ...], Field(min_length=1)] = NOTIFY_EVENTS
-    """The event types sent (default: every type)."""
-    secret_env: EnvName | None = None
-    """Environment variable holding the HMAC-SHA256 key: the body is signed in
-    X-Canary-Signature."""
-    timeout: PositiveDuration = 10.0
-    """How long one delivery attempt may take (default 10s)."""
-    url_env: EnvName | None = None
-    """Environment variable holding the URL, instead of url: a chat's incoming-webhook URL
-    is a secret, kept out of the config (read when sending, never logged)."""
-
-    @model_validator(mode="after")
-    def _one_url(self) -> Notification:
-        if (self.url is None) == (self.url_env is None):
-            raise ValueError("give url, or url_env naming the environment variable that "
-                             "holds it (for a URL that is a secret), not both")
-        return self
-
-    def send_url(self) -> str:
-        """Where messages go now: url, or url_env's value (DeliveryFailed-worthy
-        ValueError naming only the variable when it is unset or not a URL)."""
-        if self.url is not None:
-            return self.url
-        assert self.url_env is not None
-        value = os.environ.get(self.url_env, "")
-        if not re.match(r"^https?://", value):
-            raise ValueError(f"environment variable {self.url_env} (the URL) is "
-                             + ("not set" if not value else "not an http(s):// URL"))
-        try:
-            return _send_url(value)
-        except ValueError as e:
-            raise ValueError(f"environment variable {self.url_env}: the URL {e}") from None
-
-
 def looks_like_config(data: Any) -> bool:
     return isinstance(data, dict) and bool(set(data) & {"targets", "listen", "auth", "prometheus"})
 
@@ -201,86 +78,7 @@ def load_file(path: str | Path) -> Config:
     return parse(yamlsrc.read(path), base=Path(path).parent)
 
 
-class _Doc(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True,
-                              use_attribute_docstrings=True)
-
-
-def _header_name(name: str) -> str:
-    if not _HEADER_NAME.match(name):
-        raise ValueError("is not an HTTP header name")
-    if name.lower() in _SECRET_HEADERS:
-        raise ValueError("carries a credential, and a secret is never written in the config: "
-                         "put a bearer token in a file named by prometheus.bearer_token_file, "
-                         "or use prometheus.basic_auth {username, password_env}")
-    return name
-
-
-def _header_value(value: str) -> str:
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-        raise ValueError("must not contain control characters (line breaks, tabs)")
-    return value
-
-
-def _no_password(value: object) -> None:
-    raise ValueError("a secret is never written in the config: put the password in an "
-                     "environment variable and name it in basic_auth.password_env")
-
-
-class BasicAuthDoc(_Doc):
-    username: Annotated[Setting, Field(pattern=r"^[^:]*$")]
-    """The basic-auth user name (no ':')."""
-    password_env: EnvName
-    """The environment variable that holds the password; it must be set when canary
-    starts."""
-    password: SkipJsonSchema[Annotated[Any, AfterValidator(_no_password)]] = None
-
-
-class PrometheusDoc(_Doc):
-    model_config = ConfigDict(json_schema_extra={  # each sets the Authorization header
-        "not": {"required": ["basic_auth", "bearer_token_file"]}})
-    url: Annotated[HttpUrl, Field(json_schema_extra={
-        "pattern": r"^https?://[^/?#@]*([/?#]|$)"})] = "http://127.0.0.1:9090"  # no user@
-    """Prometheus's base URL, http:// or https://, without credentials."""
-    timeout: PositiveDuration = 10.0
-    """How long one query may take, a duration (default 10s)."""
-    headers: Annotated[dict[Annotated[str, AfterValidator(_header_name),
-                                      WithJsonSchema({"pattern": _HEADER_NAME.pattern})],
-                  Annotated[str, Field(max_length=4096, json_schema_extra={
-                      "pattern": r"^[^\x00-\x1f\x7f]*$"}), AfterValidator(_header_value)]],
-                       Field(json_schema_extra=schema_mod.refused_keys(_SECRET_HEADER),
-                             repr=False, exclude=True)] = {}  # values may be credentials
-    """Headers sent with every query, e.g. {X-Scope-OrgID: team-a}; never credentials."""
-    bearer_token_file: Setting | None = None
-    """A file whose contents are sent as `Authorization: Bearer`, re-read when it changes."""
-    basic_auth: BasicAuthDoc | None = None
-    """Basic auth, the password from an environment variable (not with bearer_token_file)."""
-    ca_file: Setting | None = None
-    """A PEM bundle of the CAs that Prometheus's TLS certificate is verified against."""
-    concurrency: Annotated[int, Field(ge=1, le=256), BeforeValidator(validation.whole)] = 8
-    """Queries in flight at once, each on its own thread, 1-256 (default 8)."""
-
-    @field_validator("url")
-    @classmethod
-    def _no_credentials(cls, url: str) -> str:
-        if urllib.parse.urlsplit(url).username is not None:
-            raise ValueError("carries credentials (user@ or user:password@); a secret is never "
-                             "written in the config: use prometheus.basic_auth {username, "
-                             "password_env}")
-        return url
-
-
-class AuthDoc(_Doc):
-    model_config = ConfigDict(json_schema_extra={"anyOf": [  # at least one token
-        {"required": ["tokens"], "properties": {"tokens": {"minItems": 1}}},
-        {"required": ["tokens_file"], "properties": {"tokens_file": {"type": "string"}}}]})
-    tokens: Annotated[list[Token], Field(max_length=10_000)] = []
-    """Who may call the API: {name, sha256, role, targets?} each."""
-    tokens_file: Setting | None = None
-    """A YAML file with more tokens (a list, or tokens: [...]), e.g. from a Secret."""
-
-
-class TlsDoc(_Doc):
+class TlsDoc(Section):
     cert: Setting
     """The API's certificate chain, a PEM file."""
     key: Setting
@@ -301,7 +99,7 @@ def _policy_files(value: object) -> object:
 
 # the file's shape, and, once parse() has resolved it (relative paths taken from the config
 # file's directory, tokens_file's tokens added, targets named), what the controller runs with
-class Config(_Doc):
+class Config(Section):
     """The controller config (README: Configuring the controller)."""
 
     model_config = ConfigDict(title="canary controller config")
@@ -363,31 +161,15 @@ class Config(_Doc):
 
 
 CONFIG_MESSAGES = {
-    **targets.MESSAGES,
+    **targets.MESSAGES, **auth.MESSAGES, **prometheus.MESSAGES, **notify.MESSAGES,
     "listen": "must be host:port, like 127.0.0.1:8080",
     "state": "must be sqlite:PATH or kubernetes:NAMESPACE",
     "url": "must start with http:// or https://",
-    "sha256": "must be 64 hex digits: the sha256 of the token, e.g. "
-              "`printf %s \"$TOKEN\" | sha256sum`",
-    "role": "must be one of viewer, pipeline, oncall",
-    "concurrency": "must be a whole number from 1 to 256: how many queries may wait on "
-                   "Prometheus at once",
-    "notifications.name": "must be 1-63 letters, digits, '.', '_' or '-'",
     "policies": "must be a directory or a list of policy files",
     **dict.fromkeys(("password_env", "secret_env", "url_env"), "must name an environment "
                     "variable (letters, digits and _)"),
-    "username": "cannot contain ':' (HTTP basic auth)",
-    "targets": "must be a non-empty list of target names or globs, like [\"shop\", \"shop-*\"] "
-               "(letters, digits, '.', '_', '-' and the wildcards * ? [abc] [!abc] [a-z]); "
-               "leave it out for every target",
-    "targets[]": "{value} is not a target name or glob: letters, digits, '.', '_', '-' and the "
-                 "wildcards * ? [abc] [!abc] [a-z]",
     "leader_election.name": "must be a Kubernetes name (lowercase letters, digits, '-' and "
                             "'.'; at most 253 characters)",
-    "format": "must be one of slack, teams, webhook",
-    "events": f"must be a non-empty list of: {', '.join(NOTIFY_EVENTS)}",
-    "events[]": f"{{value}} is not an event type; use one of {', '.join(NOTIFY_EVENTS)}",
-    "notifications": "must be a list of receivers, each with name and url",
     "public_url": "must start with http:// or https://: where people open this controller "
                   "(links in notifications)",
 }

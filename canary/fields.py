@@ -12,7 +12,9 @@ from typing import Annotated
 
 from pydantic import (
     AfterValidator,
+    BaseModel,
     BeforeValidator,
+    ConfigDict,
     Field,
     PlainSerializer,
     ValidationInfo,
@@ -161,3 +163,12 @@ Dns = Annotated[str, Field(strict=True, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])
 Version = Annotated[str, Field(strict=True, pattern=VERSION_PATTERN)]
 EnvName = Annotated[str, Field(strict=True, pattern=f"^{IDENTIFIER}$")]
 HttpUrl = Annotated[str, Field(strict=True, pattern=r"^https?://", max_length=2048)]
+
+
+# a section of the controller config: no unknown keys, no coercion, frozen, each field's
+# docstring its description in the schema
+SECTION = ConfigDict(extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True)
+
+
+class Section(BaseModel):
+    model_config = SECTION

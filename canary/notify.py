@@ -32,19 +32,22 @@ import json
 import logging
 import os
 import random
+import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import aiohttp
+import pydantic.dataclasses
+import yarl
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
 from canary import hooks
 from canary import policy as policy_mod
 from canary.clock import Clock
-from canary.config import Notification
 from canary.errors import NotFound, StoreConflict, TransientError, ValidationFailed
-from canary.fields import format_duration
+from canary.fields import EnvName, HttpUrl, Name, PositiveDuration, format_duration
 from canary.metrics import Metrics
 from canary.model import Event, PauseKind, Phase, Rollout, iso
 from canary.policy import Webhook
@@ -64,6 +67,86 @@ CATEGORIES = {"start": "started", "stage": "stage", "pause": "paused", "approval
               "drift": "drift", "router_error": "router", "router_recovered": "router",
               "rollback": "rolled_back", "rolled_back": "rolled_back",
               "rollback_held": "rolled_back", "succeeded": "succeeded"}
+
+
+# ---- the config's `notifications:` -------------------------------------------------------
+
+# what a person cares to hear about; `events` of a notification picks among these
+NotifyEvent = Literal["started", "stage", "paused", "approval", "drift", "router", "rolled_back",
+                      "succeeded", "handover"]
+NOTIFY_EVENTS: tuple[NotifyEvent, ...] = ("started", "stage", "paused", "approval", "drift",
+                                          "router", "rolled_back", "succeeded", "handover")
+
+
+def _send_url(value: str) -> str:
+    """A receiver's URL that can be sent to: a host, a port in range. The message never
+    repeats the URL (a chat's incoming-webhook URL is itself a secret)."""
+    try:
+        url = yarl.URL(value)
+        url.port  # noqa: B018 (parses the port, raising when it is out of range)
+    except ValueError as e:
+        raise ValueError(f"is not a URL canary can send to ({e}); write "
+                         "http(s)://HOST[:PORT]/PATH") from None
+    if not url.host or any(c.isspace() for c in url.host):
+        raise ValueError("has no valid host; write http(s)://HOST[:PORT]/PATH")
+    return value
+
+
+@pydantic.dataclasses.dataclass(frozen=True, config=ConfigDict(
+    extra="forbid", use_attribute_docstrings=True,
+    json_schema_extra={"oneOf": [{"required": ["url"]}, {"required": ["url_env"]}]}))
+class Notification:
+    """A receiver of rollout events (README: Chat notifications): a chat's incoming webhook
+    (slack, teams) or any HTTP endpoint (webhook: the rollout's JSON and the event)."""
+
+    name: Name
+    """The receiver's name, unique among notifications (in metrics and logs)."""
+    url: Annotated[HttpUrl, AfterValidator(_send_url)] | None = None
+    """http(s) URL messages are POSTed to (a chat's incoming webhook, or any endpoint).
+    One of url and url_env."""
+    format: Literal["slack", "teams", "webhook"] = "webhook"
+    """slack or teams (readable text), or webhook (the rollout's JSON and the event)."""
+    events: Annotated[tuple[NotifyEvent, ...], Field(min_length=1)] = NOTIFY_EVENTS
+    """The event types sent (default: every type)."""
+    secret_env: EnvName | None = None
+    """Environment variable holding the HMAC-SHA256 key: the body is signed in
+    X-Canary-Signature."""
+    timeout: PositiveDuration = 10.0
+    """How long one delivery attempt may take (default 10s)."""
+    url_env: EnvName | None = None
+    """Environment variable holding the URL, instead of url: a chat's incoming-webhook URL
+    is a secret, kept out of the config (read when sending, never logged)."""
+
+    @model_validator(mode="after")
+    def _one_url(self) -> Notification:
+        if (self.url is None) == (self.url_env is None):
+            raise ValueError("give url, or url_env naming the environment variable that "
+                             "holds it (for a URL that is a secret), not both")
+        return self
+
+    def send_url(self) -> str:
+        """Where messages go now: url, or url_env's value (DeliveryFailed-worthy
+        ValueError naming only the variable when it is unset or not a URL)."""
+        if self.url is not None:
+            return self.url
+        assert self.url_env is not None
+        value = os.environ.get(self.url_env, "")
+        if not re.match(r"^https?://", value):
+            raise ValueError(f"environment variable {self.url_env} (the URL) is "
+                             + ("not set" if not value else "not an http(s):// URL"))
+        try:
+            return _send_url(value)
+        except ValueError as e:
+            raise ValueError(f"environment variable {self.url_env}: the URL {e}") from None
+
+
+MESSAGES = {
+    "notifications.name": "must be 1-63 letters, digits, '.', '_' or '-'",
+    "format": "must be one of slack, teams, webhook",
+    "events": f"must be a non-empty list of: {', '.join(NOTIFY_EVENTS)}",
+    "events[]": f"{{value}} is not an event type; use one of {', '.join(NOTIFY_EVENTS)}",
+    "notifications": "must be a list of receivers, each with name and url",
+}
 
 
 def category(event_type: str) -> str | None:

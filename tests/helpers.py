@@ -15,8 +15,8 @@ import aiohttp
 from aiohttp import web
 
 from canary.api.app import build_app, make_runner
+from canary.api.auth import Role, Token
 from canary.clock import RealClock
-from canary.config import Role, Token
 from canary.demo.procs import free_port
 from canary.engine.controller import Controller
 from canary.errors import MetricsError

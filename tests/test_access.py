@@ -30,13 +30,13 @@ from aiohttp import web
 
 from canary import config as config_mod
 from canary.api.app import build_app
+from canary.api.auth import Role, Token
 from canary.clock import RealClock
-from canary.config import BasicAuthDoc, PrometheusDoc, Role, Token
 from canary.demo.procs import Prometheus, free_port, serve_app, wait_http
 from canary.engine.controller import Controller
 from canary.errors import MetricsError, ValidationFailed
 from canary.gates.kinds import ThresholdGate
-from canary.gates.prometheus import PrometheusSource, measure
+from canary.gates.prometheus import BasicAuthDoc, PrometheusDoc, PrometheusSource, measure
 from canary.model import Reading, Verdict
 from canary.routers.nginx import NginxRouter
 from canary.store.sqlite import SqliteStore

@@ -15,9 +15,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from canary.config import Notification
 from canary.demo.procs import Blackhole
-from canary.notify import Notifier
+from canary.notify import Notification, Notifier
 from tests.helpers import controller, eventually, simple_policy
 from tests.receivers import Received, Receiver
 
@@ -183,8 +182,7 @@ async def test_a_signed_receiver_whose_secret_is_unset_gets_nothing_unsigned(tmp
 
 
 def test_each_event_a_person_cares_about_has_a_name_receivers_pick_from():
-    from canary.config import NOTIFY_EVENTS
-    from canary.notify import category
+    from canary.notify import NOTIFY_EVENTS, category
     assert {t: category(t) for t in (
         "start", "stage", "pause", "approval", "drift", "router_error", "router_recovered",
         "rollback", "rolled_back", "succeeded", "handover", "hook", "resume", "trimmed")} == {

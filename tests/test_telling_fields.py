@@ -90,6 +90,7 @@ notifications:
 
 def test_notifications_are_read_from_the_config(tmp_path, monkeypatch):
     from canary import config as config_mod
+    from canary import notify
     monkeypatch.setenv("CANARY_TEST_SECRET", "s3cret")
     monkeypatch.setenv("CANARY_TEST_CHAT_URL", "https://chat.example/T0/secret-path")
     (tmp_path / "pol.yaml").write_text(POLICY)
@@ -98,7 +99,7 @@ def test_notifications_are_read_from_the_config(tmp_path, monkeypatch):
     chat, ops, chat2 = cfg.notifications
     assert chat2.send_url() == "https://chat.example/T0/secret-path" and chat2.url is None
     assert (chat.format, chat.events) == ("slack", ("rolled_back", "paused", "approval"))
-    assert ops.format == "webhook" and ops.events == config_mod.NOTIFY_EVENTS
+    assert ops.format == "webhook" and ops.events == notify.NOTIFY_EVENTS
     assert ops.secret_env == "CANARY_TEST_SECRET" and "s3cret" not in repr(cfg)
 
 

@@ -29,9 +29,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from canary import history, jsonsafe
 from canary.api import bodies, ui, watch
-from canary.api.auth import Forbidden, Unauthorized, authenticate
+from canary.api.auth import Forbidden, Role, Token, Unauthorized, authenticate
 from canary.api.openapi import SPEC
-from canary.config import Role, Token
 from canary.engine.controller import Controller
 from canary.errors import Conflict, InvalidInput, NotFound, TransientError, UserError
 from canary.leader import LeaderElector

@@ -14,12 +14,24 @@ import asyncio
 import base64
 import concurrent.futures
 import os
+import re
 import threading
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar
 
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -28,15 +40,106 @@ from tenacity import (
     wait_exponential,
 )
 
-from canary.config import PrometheusDoc
+from canary import schema, validation
 from canary.errors import InvalidInput, MetricsError
-from canary.fields import format_duration, render
+from canary.fields import (
+    SECTION,
+    EnvName,
+    HttpUrl,
+    PositiveDuration,
+    Section,
+    Setting,
+    format_duration,
+    render,
+)
 from canary.gates.evaluate import judge, judge_compare
 from canary.gates.kinds import CompareGate, ErrorsGate, Gate
 from canary.model import Reading, Verdict
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+# ---- the config's `prometheus:` block --------------------------------------------------
+
+# headers that carry credentials: their values belong in a file or the environment
+_SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie"}
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# the schema's way to say it (no (?i) in editors' regexes): [Cc][Oo][Oo][Kk][Ii][Ee]
+_SECRET_HEADER = "^(" + "|".join("".join(f"[{c.upper()}{c}]" if c.isalpha() else c for c in h)
+                                 for h in sorted(_SECRET_HEADERS)) + ")$"
+
+
+def _header_name(name: str) -> str:
+    if not _HEADER_NAME.match(name):
+        raise ValueError("is not an HTTP header name")
+    if name.lower() in _SECRET_HEADERS:
+        raise ValueError("carries a credential, and a secret is never written in the config: "
+                         "put a bearer token in a file named by prometheus.bearer_token_file, "
+                         "or use prometheus.basic_auth {username, password_env}")
+    return name
+
+
+def _header_value(value: str) -> str:
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ValueError("must not contain control characters (line breaks, tabs)")
+    return value
+
+
+def _no_password(value: object) -> None:
+    raise ValueError("a secret is never written in the config: put the password in an "
+                     "environment variable and name it in basic_auth.password_env")
+
+
+class BasicAuthDoc(Section):
+    username: Annotated[Setting, Field(pattern=r"^[^:]*$")]
+    """The basic-auth user name (no ':')."""
+    password_env: EnvName
+    """The environment variable that holds the password; it must be set when canary
+    starts."""
+    password: SkipJsonSchema[Annotated[Any, AfterValidator(_no_password)]] = None
+
+
+class PrometheusDoc(BaseModel):
+    model_config = ConfigDict(**SECTION, json_schema_extra={  # each sets the Authorization header
+        "not": {"required": ["basic_auth", "bearer_token_file"]}})
+    url: Annotated[HttpUrl, Field(json_schema_extra={
+        "pattern": r"^https?://[^/?#@]*([/?#]|$)"})] = "http://127.0.0.1:9090"  # no user@
+    """Prometheus's base URL, http:// or https://, without credentials."""
+    timeout: PositiveDuration = 10.0
+    """How long one query may take, a duration (default 10s)."""
+    headers: Annotated[dict[Annotated[str, AfterValidator(_header_name),
+                                      WithJsonSchema({"pattern": _HEADER_NAME.pattern})],
+                  Annotated[str, Field(max_length=4096, json_schema_extra={
+                      "pattern": r"^[^\x00-\x1f\x7f]*$"}), AfterValidator(_header_value)]],
+                       Field(json_schema_extra=schema.refused_keys(_SECRET_HEADER),
+                             repr=False, exclude=True)] = {}  # values may be credentials
+    """Headers sent with every query, e.g. {X-Scope-OrgID: team-a}; never credentials."""
+    bearer_token_file: Setting | None = None
+    """A file whose contents are sent as `Authorization: Bearer`, re-read when it changes."""
+    basic_auth: BasicAuthDoc | None = None
+    """Basic auth, the password from an environment variable (not with bearer_token_file)."""
+    ca_file: Setting | None = None
+    """A PEM bundle of the CAs that Prometheus's TLS certificate is verified against."""
+    concurrency: Annotated[int, Field(ge=1, le=256), BeforeValidator(validation.whole)] = 8
+    """Queries in flight at once, each on its own thread, 1-256 (default 8)."""
+
+    @field_validator("url")
+    @classmethod
+    def _no_credentials(cls, url: str) -> str:
+        if urllib.parse.urlsplit(url).username is not None:
+            raise ValueError("carries credentials (user@ or user:password@); a secret is never "
+                             "written in the config: use prometheus.basic_auth {username, "
+                             "password_env}")
+        return url
+
+
+
+MESSAGES = {
+    "concurrency": "must be a whole number from 1 to 256: how many queries may wait on "
+                   "Prometheus at once",
+    "username": "cannot contain ':' (HTTP basic auth)",
+}
 
 
 class MetricSource(Protocol):
