@@ -32,9 +32,10 @@ from canary.clock import RealClock
 from canary.demo.procs import Blackhole, free_port, serve_app
 from canary.engine.controller import Controller
 from canary.gates.kinds import ThresholdGate
+from canary.hooks import Webhook
 from canary.model import Command, CommandKind, Phase, Rollout
 from canary.notify import Notification, Notifier
-from canary.policy import NoData, Policy, Webhook
+from canary.policy import NoData, Policy
 from canary.routers.nginx import NginxRouter
 from canary.stages import Stage
 from canary.store.sqlite import SqliteStore

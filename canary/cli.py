@@ -31,6 +31,7 @@ from canary import yamlsrc
 from canary.errors import InvalidInput, Problem, RouterError, UserError, ValidationFailed
 from canary.fields import format_duration
 from canary.gates.kinds import Gate
+from canary.hooks import HOOK_PREFIX
 from canary.schema import SCHEMAS
 from canary.stages import stage_shape
 from canary.text import escape
@@ -317,8 +318,8 @@ def plan_on_traffic(pol: policy_mod.Policy, rps: float, rates: dict[str, float],
         return g.kind != "threshold" or shapes[0] is None or shapes[0].measure != "quantile"
 
     # gating webhooks (pre-rollout, stage, pre-promotion): their answers are not known
-    hooks = {policy_mod.HOOK_PREFIX + h.name for h in pol.gating_hooks(0, pre_rollout=True)}
-    hooks |= {policy_mod.HOOK_PREFIX + h.name for i in range(len(stages))
+    hooks = {HOOK_PREFIX + h.name for h in pol.gating_hooks(0, pre_rollout=True)}
+    hooks |= {HOOK_PREFIX + h.name for i in range(len(stages))
               for h in pol.gating_hooks(i)}
     unknown = sorted({n for n, g in gates.items() if not predictable(g)} | hooks)
     # a match stage sends the canary the requests that match: plan does not know how many

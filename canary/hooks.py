@@ -1,6 +1,6 @@
-"""A policy's webhooks on the wire: POST the rollout's JSON and `{"hook", "when"}` to a
-hook's URL, and turn its answer into a Reading (gating hooks; told hooks go through the
-outbox in canary/notify.py).
+"""A policy's webhooks: their shape in the policy file, and on the wire: POST the rollout's JSON
+and `{"hook", "when"}` to a hook's URL, and turn its answer into a Reading (gating hooks; told
+hooks go through the outbox in canary/notify.py).
 
 A call is bounded by the hook's own `timeout`, retries included (tenacity, with backoff,
 for no answer or a 5xx/429): a hook that hangs costs that much and no more. The answer
@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import aiohttp
+from pydantic import AfterValidator, ConfigDict, Field
+from pydantic.dataclasses import dataclass
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -21,14 +24,62 @@ from tenacity import (
     wait_exponential,
 )
 
-from canary.fields import format_duration, render
+from canary.fields import PositiveDuration, Text, format_duration, render, templated
+from canary.gates.kinds import GateName
 from canary.model import Reading, Verdict
-from canary.policy import HOOK_PREFIX, Webhook
 from canary.text import is_control
 
 log = logging.getLogger("canary.hooks")
 SHOWN = 200      # characters of a hook's answer kept in the gate's detail and the events
 ATTEMPTS = 3     # tries within the timeout
+
+
+# ---- a policy's `webhooks:` --------------------------------------------------------------
+
+HOOK_TIMES = ("pre-rollout", "stage", "pre-promotion", "post-rollout", "rollback")
+GATING_HOOKS = ("pre-rollout", "stage", "pre-promotion")  # asked; the others are told
+HOOK_PREFIX = "hook:"  # a gating webhook's name among a rollout's gates
+
+
+def _hook_url(value: str) -> str:
+    if not re.match(r"^https?://", value):
+        raise ValueError("must start with http:// or https://")
+    return templated(value)
+
+
+@dataclass(frozen=True, config=ConfigDict(extra="forbid", use_attribute_docstrings=True))
+class Webhook:
+    """A URL POSTed the rollout's JSON at one moment of its life (README: A smoke-test hook):
+    pre-rollout, stage and pre-promotion hooks gate (2xx lets it go on), post-rollout and
+    rollback hooks are told."""
+
+    name: GateName
+    """The hook's name, unique in the policy; a gating hook shows as gate hook:NAME."""
+    when: Literal["pre-rollout", "stage", "pre-promotion", "post-rollout", "rollback"]
+    """When it is called: pre-rollout, stage and pre-promotion gate (a 2xx lets the rollout
+    go on); post-rollout and rollback are told."""
+    url: Annotated[Text, Field(max_length=2048, json_schema_extra={"pattern": r"^https?://"}),
+                   AfterValidator(_hook_url)]
+    """http(s) URL POSTed the rollout's JSON; may use {{ vars }} like queries."""
+    timeout: PositiveDuration = 10.0
+    """How long one call may take, retries included (default 10s)."""
+
+    @property
+    def gates(self) -> bool:
+        return self.when in GATING_HOOKS
+
+
+MESSAGES = {
+    # (a hook's name is any text: the policy's rule for its own name is not a hook's)
+    "webhooks.name": "must be text of 1 to 100 characters, e.g. smoke-tests",
+    "webhooks": "must be a list of webhooks, each with name, when and url",
+    "when": f"must be one of {', '.join(HOOK_TIMES)}",
+    "url": "must be an http:// or https:// URL (it may use {{ vars }} like queries)",
+}
+REQUIRED = {
+    "when": f"required: one of {', '.join(HOOK_TIMES)}",
+    "url": "required: the URL canary POSTs the rollout to",
+}
 
 
 class _Again(Exception):

@@ -48,9 +48,9 @@ from canary import policy as policy_mod
 from canary.clock import Clock
 from canary.errors import NotFound, StoreConflict, TransientError, ValidationFailed
 from canary.fields import EnvName, HttpUrl, Name, PositiveDuration, format_duration
+from canary.hooks import Webhook
 from canary.metrics import Metrics
 from canary.model import Event, PauseKind, Phase, Rollout, iso
-from canary.policy import Webhook
 from canary.store import Store
 from canary.targets import Target
 

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import field, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
@@ -29,7 +29,7 @@ from pydantic import (
 from pydantic.dataclasses import dataclass
 from pydantic.json_schema import SkipJsonSchema
 
-from canary import stages, validation, yamlsrc
+from canary import hooks, stages, validation, yamlsrc
 from canary.errors import Problem, ValidationFailed
 from canary.fields import (
     IDENTIFIER,
@@ -43,7 +43,8 @@ from canary.fields import (
     templated,
 )
 from canary.gates import kinds
-from canary.gates.kinds import GATE_KINDS, Gate, GateField, GateName
+from canary.gates.kinds import GATE_KINDS, Gate, GateField
+from canary.hooks import Webhook
 from canary.stages import AnyStage, StageField
 
 
@@ -61,11 +62,6 @@ class NoData(enum.StrEnum):
 
 MIN_INTERVAL = 1.0  # seconds; Prometheus rarely has a newer sample sooner
 _CONFIG = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-
-
-HOOK_TIMES = ("pre-rollout", "stage", "pre-promotion", "post-rollout", "rollback")
-GATING_HOOKS = ("pre-rollout", "stage", "pre-promotion")  # asked; the others are told
-HOOK_PREFIX = "hook:"  # a gating webhook's name among a rollout's gates
 
 
 def _label(value: str) -> str:
@@ -87,34 +83,6 @@ def _matcher_value(value: str) -> str:
         raise ValueError("must be the label's value, e.g. CanaryHighErrorRate or "
                          "\"{{ service }}\"")
     return templated(value).strip()
-
-
-def _hook_url(value: str) -> str:
-    if not re.match(r"^https?://", value):
-        raise ValueError("must start with http:// or https://")
-    return templated(value)
-
-
-@dataclass(frozen=True, config=_CONFIG)
-class Webhook:
-    """A URL POSTed the rollout's JSON at one moment of its life (README: A smoke-test hook):
-    pre-rollout, stage and pre-promotion hooks gate (2xx lets it go on), post-rollout and
-    rollback hooks are told."""
-
-    name: GateName
-    """The hook's name, unique in the policy; a gating hook shows as gate hook:NAME."""
-    when: Literal["pre-rollout", "stage", "pre-promotion", "post-rollout", "rollback"]
-    """When it is called: pre-rollout, stage and pre-promotion gate (a 2xx lets the rollout
-    go on); post-rollout and rollback are told."""
-    url: Annotated[Text, Field(max_length=2048, json_schema_extra={"pattern": r"^https?://"}),
-                   AfterValidator(_hook_url)]
-    """http(s) URL POSTed the rollout's JSON; may use {{ vars }} like queries."""
-    timeout: PositiveDuration = 10.0
-    """How long one call may take, retries included (default 10s)."""
-
-    @property
-    def gates(self) -> bool:
-        return self.when in GATING_HOOKS
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -298,27 +266,20 @@ def load_many(paths: Iterable[str | Path]) -> dict[str, Policy]:
 
 
 POLICY_MESSAGES = {
-    **kinds.MESSAGES, **stages.MESSAGES,
+    **kinds.MESSAGES, **stages.MESSAGES, **hooks.MESSAGES,
     "name": "must be 1-63 letters, digits, '.', '_' or '-'",
-    # (a hook's name is any text: the policy's rule above is not a hook's)
-    "webhooks.name": "must be text of 1 to 100 characters, e.g. smoke-tests",
     "failure_limit": "must be a whole number of at least 1",
     "no_data": "must be one of hold, fail, pass",
     "stages": "must be a non-empty list of stages",
     "gates": "must be a list of gates, each with name, query and min or max",
-    "webhooks": "must be a list of webhooks, each with name, when and url",
-    "when": f"must be one of {', '.join(HOOK_TIMES)}",
-    "url": "must be an http:// or https:// URL (it may use {{ vars }} like queries)",
     "alerts": "must be a list of {matchers: {label: value, ...}}",
     "matchers": "must be a non-empty mapping of Alertmanager label -> value, like "
                 "{alertname: CanaryHighErrorRate, service: \"{{ service }}\"}",
 }
 POLICY_REQUIRED = {
-    **kinds.REQUIRED, **stages.REQUIRED,
+    **kinds.REQUIRED, **stages.REQUIRED, **hooks.REQUIRED,
     "stages": "required: a list of stages, each with weight and hold",
     "name": "required: a short name for this gate",
-    "when": f"required: one of {', '.join(HOOK_TIMES)}",
-    "url": "required: the URL canary POSTs the rollout to",
     "matchers": "required: a mapping of Alertmanager label -> value",
 }
 

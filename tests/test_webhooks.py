@@ -11,8 +11,8 @@ import pytest
 
 from canary.demo.procs import Blackhole
 from canary.engine import decide
+from canary.hooks import Webhook
 from canary.model import CommandKind, Phase, Reading, Readings, Verdict
-from canary.policy import Webhook
 from canary.routers.nginx import parse_weight
 from tests.helpers import controller, eventually, simple_policy
 from tests.receivers import Receiver

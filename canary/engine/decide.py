@@ -17,6 +17,7 @@ from canary.errors import Conflict
 from canary.fields import format_duration
 from canary.gates import sequential
 from canary.gates.kinds import ErrorsGate, ThresholdGate
+from canary.hooks import HOOK_PREFIX
 from canary.model import (
     Command,
     CommandKind,
@@ -29,7 +30,7 @@ from canary.model import (
     Rollout,
     Verdict,
 )
-from canary.policy import HOOK_PREFIX, NoData, Policy
+from canary.policy import NoData, Policy
 from canary.stages import stage_shape
 
 # A rollout's events are bounded in number and in text, so its stored record (rewritten at

@@ -18,8 +18,9 @@ from canary.engine import decide
 from canary.fields import parse_duration
 from canary.gates.evaluate import judge, judge_compare
 from canary.gates.kinds import Gate
+from canary.hooks import HOOK_PREFIX
 from canary.model import Command, CommandKind, PauseKind, Phase, Reading, Readings, Rollout, Verdict
-from canary.policy import HOOK_PREFIX, Policy
+from canary.policy import Policy
 
 # what a threshold or compare gate reads: (canary value, stable value); None: no sample
 Values = tuple[float | None, float | None]
