@@ -188,7 +188,8 @@ def parse(doc: yamlsrc.Doc, *, base: Path) -> Config:
     resolver = _Resolver(doc, base)
     resolver.machine(doc.data)  # reported beside the shape's problems
     try:
-        model = Config.model_validate(doc.data)
+        # read from a file: durations are text (10s) there, as the schema says
+        model = Config.model_validate(doc.data, context={"file": True})
     except ValidationError as e:
         problems = validation.problems(doc, e, Config, messages=CONFIG_MESSAGES,
                                        required=CONFIG_REQUIRED) + resolver.problems

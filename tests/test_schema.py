@@ -414,6 +414,10 @@ def bad_config(change: str) -> dict[str, Any]:
         doc["targets"]["shop"] = {"router": "gateway", "namespace": "prod", "http_route": "shop",
                                   "rule": "Primary Rule", "stable": {"name": "s", "port": 80},
                                   "canary": {"name": "c", "port": 80}}
+    elif change == "duration as a number":
+        doc["prometheus"]["timeout"] = 10
+    elif change == "target named inside":
+        web["name"] = "other"
     elif change == "swap with a workload":
         doc["targets"]["shop"] = {"router": "gateway", "namespace": "prod", "http_route": "shop",
                                   "stable": {"name": "s", "port": 80},
@@ -444,6 +448,8 @@ def bad_config(change: str) -> dict[str, Any]:
     ("empty file", "targets.web.server_file", "targets/web/server_file"),
     ("rule name", "targets.shop.rule", "targets/shop/rule"),
     ("swap with a workload", "targets.shop.promotion", "targets/shop/promotion"),
+    ("duration as a number", "prometheus.timeout", "prometheus/timeout"),
+    ("target named inside", "targets.web.name", "targets/web/name"),
 ])
 def test_canary_validate_the_editor_schema_and_helm_refuse_the_same_bad_config(
         tmp_path, change, field, words):
