@@ -64,6 +64,9 @@ async def test_a_client_that_stalls_mid_body_gets_408_and_changes_nothing(tmp_pa
         assert b" 408 " in head
         status, data = await api.call("GET", "/api/v1/rollouts", role="viewer")
         assert status == 200 and data == {"rollouts": [], "next": None}
+    # and a client generated from the OpenAPI description knows the answer
+    from canary.api.openapi import SPEC
+    assert "408" in SPEC["paths"]["/api/v1/rollouts"]["post"]["responses"]
 
 
 @pytest.mark.e2e

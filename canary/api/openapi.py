@@ -47,7 +47,7 @@ _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"
 _STATE = "(?:" + "|".join([*(p.value for p in Phase), "active"]) + ")"
 _STATES = rf"^[\s,]*{_STATE}\s*(?:,\s*(?:{_STATE}\s*)?)*$"
 _AUTH: list[dict[str, list[str]]] = [{"bearer": []}]
-_WRITE_ERRORS = (400, 401, 403, 404, 409, 413, 503)
+_WRITE_ERRORS = (400, 401, 403, 404, 408, 409, 413, 503)  # 408: a body that stalls
 
 
 def _override(kind: str, role: str, body: type[BaseModel]) -> dict[str, Any]:
@@ -131,7 +131,7 @@ SPEC: dict[str, Any] = {
                        "rollout's policy `alerts` roll it back (role pipeline)",
             "security": _AUTH,
             "requestBody": {"required": True, **_json(_ref(bodies.AlertmanagerWebhook))},
-            "responses": _responses(200, bodies.AlertsAnswer, 400, 401, 403, 413, 503)}},
+            "responses": _responses(200, bodies.AlertsAnswer, 400, 401, 403, 408, 413, 503)}},
         "/api/v1/rollouts/{id}/handover": _override("handover", "pipeline", bodies.Override),
     },
     "components": {
