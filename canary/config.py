@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import ssl
+import stat
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -68,6 +69,20 @@ class LeaderElection:
             raise ValueError("need retry_period < renew_deadline < lease_duration, so a leader "
                              "that cannot renew steps down before anyone else takes over")
         return self
+
+
+def file_kind(p: Path) -> str:
+    """"dir", "file", "missing", or why the path cannot be looked at (a name too long for
+    the file system, a NUL in it): never an exception, whatever the config says."""
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    except ValueError:
+        return "a path cannot contain a NUL character"
+    return "dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "neither"
 
 
 def looks_like_config(data: Any) -> bool:
@@ -150,9 +165,10 @@ class Config(Section):
         out: list[Path] = []
         for item in [self.policies] if isinstance(self.policies, str) else self.policies:
             p = Path(item)
-            if p.is_dir():
+            kind = file_kind(p)
+            if kind == "dir":
                 out.extend(sorted([*p.glob("*.yaml"), *p.glob("*.yml")]))
-            elif p.is_file():
+            elif kind == "file":
                 out.append(p)
         return tuple(out)
 
@@ -235,8 +251,9 @@ class _Resolver:
             try:
                 if not p.read_text(encoding="utf-8").strip():
                     self.problem((*at, "bearer_token_file"), f"{p} is empty")
-            except (OSError, UnicodeDecodeError) as e:
-                why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                why = e.strerror if isinstance(e, OSError) else "not UTF-8 text" \
+                    if isinstance(e, UnicodeDecodeError) else "a path cannot contain a NUL"
                 self.problem((*at, "bearer_token_file"), f"cannot read {p}: {why}")
         self.env((*at, "basic_auth", "password_env"),
                  text("prometheus", "basic_auth", "password_env"), "the Prometheus password")
@@ -251,11 +268,11 @@ class _Resolver:
                 ssl.create_default_context(cafile=str(p))
             except FileNotFoundError:
                 self.problem((*at, "ca_file"), f"{p} does not exist")
-            except (OSError, ssl.SSLError) as e:
+            except (OSError, ssl.SSLError, ValueError) as e:
                 self.problem((*at, "ca_file"), f"{p} is not a PEM CA certificate bundle: {e}")
         for key in ("cert", "key"):
             name = text("tls", key)
-            if name is not None and not self.path(name).is_file():
+            if name is not None and file_kind(self.path(name)) != "file":
                 self.problem(("tls", key), f"{self.path(name)} is not a readable file")
         notes = data.get("notifications")
         seen: set[str] = set()
@@ -283,9 +300,11 @@ class _Resolver:
                                  raw if isinstance(raw, list) else []):
             if isinstance(item, str) and item:
                 p = self.path(item)
-                if not (p.is_dir() or p.is_file()):
+                kind = file_kind(p)
+                if kind not in ("dir", "file"):
                     where: yamlsrc.Path = ("policies",) if isinstance(raw, str) else ("policies", i)
-                    self.problem(where, f"{p} is neither a directory nor a file")
+                    self.problem(where, f"{p} is neither a directory nor a file" + (
+                        "" if kind in ("missing", "neither") else f" ({kind})"))
 
     def config(self, m: Config) -> Config:
         """The config with its relative paths taken from the config file's directory,
@@ -327,8 +346,10 @@ class _Resolver:
             path = self.path(auth.tokens_file)
             try:
                 doc = yamlsrc.load(path.read_bytes(), str(path))
-            except OSError as e:
-                self.problem(("auth", "tokens_file"), f"cannot read {path}: {e.strerror}")
+            except (OSError, ValueError) as e:
+                self.problem(("auth", "tokens_file"), f"cannot read {path}: " + (
+                    (e.strerror or str(e)) if isinstance(e, OSError)
+                    else "a path cannot contain a NUL"))
             except ValidationFailed as e:
                 self.problems.extend(e.problems)
             else:

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sqlite3
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -255,6 +256,32 @@ def test_controller_config_durations_are_bounded_too(tmp_path):
         found = [str(x) for x in validate_files([str(cfg)])]
         assert len(found) == 1 and f"{cfg}:1: prometheus.timeout: " in found[0], found
         assert want in found[0], found
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"policies": "x" * 300}, "policies"),
+    ({"policies": ["a\0b"]}, "policies[0]"),
+    ({"tls": {"cert": "x" * 300, "key": "k"}}, "tls.cert"),
+    ({"prometheus": {"bearer_token_file": "a\0b"}}, "prometheus.bearer_token_file"),
+    ({"prometheus": {"ca_file": "a\0b"}}, "prometheus.ca_file"),
+    ({"auth": {"tokens_file": "a\0b"}}, "auth.tokens_file"),
+    ({"auth": {"tokens_file": "x" * 300}}, "auth.tokens_file"),
+])
+def test_a_path_the_file_system_cannot_take_is_named_never_a_traceback(tmp_path, change, field):
+    """A file name longer than the file system allows, or with a NUL in it, used to end
+    `canary validate` (and `canary serve`) in a traceback."""
+    digest = hashlib.sha256(b"t").hexdigest()
+    doc = {"policies": str(tmp_path), "auth": {"tokens": [
+               {"name": "a", "sha256": digest, "role": "viewer"}]},
+           "targets": {"web": {"router": "nginx", "file": "up.conf", "upstream": "web",
+                               "stable": ["127.0.0.1:1"], "canary": ["127.0.0.1:2"]}}}
+    doc.update(change)
+    cfg = tmp_path / "canary.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    out = subprocess.run([sys.executable, "-m", "canary.cli", "validate", str(cfg)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "Traceback" not in out.stderr + out.stdout, out
+    assert f": {field}: " in out.stdout + out.stderr, out
 
 
 async def test_a_rollout_whose_stored_policy_no_longer_reads_is_rolled_back_not_stuck(tmp_path):
