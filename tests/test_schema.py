@@ -416,6 +416,10 @@ def bad_config(change: str) -> dict[str, Any]:
                                   "canary": {"name": "c", "port": 80}}
     elif change == "duration as a number":
         doc["prometheus"]["timeout"] = 10
+    elif change == "role as a number":
+        doc["auth"]["tokens"][0]["role"] = 3  # the enum's number for oncall
+    elif change == "role as a boolean":
+        doc["auth"]["tokens"][0]["role"] = True
     elif change == "target named inside":
         web["name"] = "other"
     elif change == "swap with a workload":
@@ -450,6 +454,8 @@ def bad_config(change: str) -> dict[str, Any]:
     ("swap with a workload", "targets.shop.promotion", "targets/shop/promotion"),
     ("duration as a number", "prometheus.timeout", "prometheus/timeout"),
     ("target named inside", "targets.web.name", "targets/web/name"),
+    ("role as a number", "auth.tokens[0].role", "auth/tokens/0/role"),
+    ("role as a boolean", "auth.tokens[0].role", "auth/tokens/0/role"),
 ])
 def test_canary_validate_the_editor_schema_and_helm_refuse_the_same_bad_config(
         tmp_path, change, field, words):

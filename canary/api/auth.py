@@ -36,9 +36,12 @@ _ROLE_SCHEMA = {"type": "string", "anyOf": [
 
 
 def _role(value: object) -> object:
+    if isinstance(value, Role):  # built in code
+        return value
     if isinstance(value, str) and value.upper() in Role.__members__:
         return Role[value.upper()]
-    return value
+    # not the enum's numbers: `role: 1` or `role: true` would read as viewer
+    raise ValueError("must be one of viewer, pipeline, oncall")
 
 
 @dataclass(frozen=True, config=_CONFIG)
