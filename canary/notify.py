@@ -94,7 +94,10 @@ def _send_url(value: str) -> str:
 
 @pydantic.dataclasses.dataclass(frozen=True, config=ConfigDict(
     extra="forbid", use_attribute_docstrings=True,
-    json_schema_extra={"oneOf": [{"required": ["url"]}, {"required": ["url_env"]}]}))
+    # one of the two, given as text (url: null is neither, to canary and to the schema)
+    json_schema_extra={"oneOf": [
+        {"required": ["url"], "properties": {"url": {"type": "string"}}},
+        {"required": ["url_env"], "properties": {"url_env": {"type": "string"}}}]}))
 class Notification:
     """A receiver of rollout events (README: Chat notifications): a chat's incoming webhook
     (slack, teams) or any HTTP endpoint (webhook: the rollout's JSON and the event)."""

@@ -416,6 +416,8 @@ def bad_config(change: str) -> dict[str, Any]:
                                   "canary": {"name": "c", "port": 80}}
     elif change == "duration as a number":
         doc["prometheus"]["timeout"] = 10
+    elif change == "receiver url null":
+        doc["notifications"] = [{"name": "chat", "url": None}]
     elif change == "role as a number":
         doc["auth"]["tokens"][0]["role"] = 3  # the enum's number for oncall
     elif change == "role as a boolean":
@@ -454,6 +456,7 @@ def bad_config(change: str) -> dict[str, Any]:
     ("swap with a workload", "targets.shop.promotion", "targets/shop/promotion"),
     ("duration as a number", "prometheus.timeout", "prometheus/timeout"),
     ("target named inside", "targets.web.name", "targets/web/name"),
+    ("receiver url null", "notifications[0]", "notifications/0"),
     ("role as a number", "auth.tokens[0].role", "auth/tokens/0/role"),
     ("role as a boolean", "auth.tokens[0].role", "auth/tokens/0/role"),
 ])
