@@ -277,6 +277,22 @@ async def test_rbac_grants_exactly_what_canary_uses(tmp_path):
         assert granted == used, (variant, sorted(granted - used), sorted(used - granted))
 
 
+@pytest.mark.parametrize("variant,istio_in", [("default", {None}),
+                                              ("ha-monitored", {"prod", "staging"})])
+def test_rbac_reaches_the_mesh_cluster_wide_or_only_in_the_istio_namespaces(variant, istio_in):
+    """VirtualServices and DestinationRules cluster-wide, or only in
+    `rbac.istioNamespaces`; ConfigMaps and Leases only in the release's own namespace."""
+    where: dict[str, set[str | None]] = {}
+    for doc in render(VARIANTS[variant]):
+        if doc["kind"] in ("Role", "ClusterRole"):
+            ns = doc["metadata"].get("namespace") if doc["kind"] == "Role" else None
+            for rule in doc["rules"]:
+                for res in rule["resources"]:
+                    where.setdefault(res, set()).add(ns)
+    assert where["virtualservices"] == where["destinationrules"] == istio_in, where
+    assert where["configmaps"] == where["leases"] == {"canary-system"}, where
+
+
 # ---- Grafana dashboard and alerts (off by default) --------------------------------------
 
 OBSERVED = {"config": {"targets": TARGETS},

@@ -125,6 +125,24 @@ def test_hostile_files_get_a_clear_error(tmp_path):
     assert "limit" in str(validate_files([str(p)])[0])
 
 
+@pytest.mark.parametrize("deadline,refused", [
+    ("2m", True),        # shorter than the second stage's hold alone
+    ("5m10s", True),     # equal to its hold plus one interval: not longer
+    ("5m10s1ms", False),
+])
+def test_validate_refuses_a_progress_deadline_not_longer_than_every_hold_plus_an_interval(
+        tmp_path, deadline, refused):
+    """The first stage holds 1m, the second 5m, the interval is 10s: only a deadline
+    longer than 5m10s lets a healthy rollout through every stage."""
+    text = GOOD.replace("hold: 1m", "hold: 5m").replace("hold: 5m", "hold: 1m", 1)
+    found = problems(tmp_path, text + f"progress_deadline: {deadline}\n")
+    if refused:
+        assert len(found) == 1 and (f"pol.yaml:12: progress_deadline: {deadline} is not longer "
+                                    "than stage 1's hold plus one interval (5m10s)") in found[0], found
+    else:
+        assert found == []
+
+
 def test_durations():
     assert fields.parse_duration("1m30s") == 90
     assert fields.parse_duration("500ms") == 0.5
@@ -247,6 +265,34 @@ def test_controller_config_is_checked_with_its_policies(tmp_path):
         found = [str(p) for p in validate_files([f])]
         assert any(want in line for line in found), (key, found)
         assert all(line.startswith(f + ":") for line in found)
+
+
+def test_a_query_name_no_target_fills_is_reported_for_each_target(tmp_path):
+    """The policy's query uses `{{ service }}`: two targets without it are two problems,
+    each on its own target's `vars`; the one that fills it is not named."""
+    text = config_text(tmp_path, vars="{}")
+    text += textwrap.indent(textwrap.dedent("""\
+        api:
+          router: nginx
+          file: api.conf
+          upstream: api
+          stable: ["127.0.0.1:9003"]
+          canary: ["127.0.0.1:9004"]
+          policy: p
+          vars: {team: a}
+        shop:
+          router: nginx
+          file: shop.conf
+          upstream: shop
+          stable: ["127.0.0.1:9005"]
+          canary: ["127.0.0.1:9006"]
+          policy: p
+          vars: {service: shop}
+        """), "  ")
+    found = [str(p) for p in validate_files([write(tmp_path, "canary.yaml", text)])]
+    assert sorted(line.split(": ", 1)[1] for line in found) == [
+        "targets.api.vars: policy 'p' uses service; add them to vars",
+        "targets.web.vars: policy 'p' uses service; add them to vars"], found
 
 
 @pytest.mark.parametrize("target,line,field,says", [

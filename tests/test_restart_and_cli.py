@@ -120,6 +120,17 @@ async def test_cli_errors_exit_2_with_a_message(tmp_path):
         assert code == 2 and "--canary-version" in err
 
 
+async def test_a_start_refused_because_the_target_is_busy_exits_2_naming_the_rollout(tmp_path):
+    async with controller(tmp_path, policies=[simple_policy(hold=3600)]) as (api, _c, _t):
+        rid = (await api.start(canary_version="v2"))["id"]
+        code, out, err = await cli("start", "web", "--canary-version", "v3", "--wait",
+                                   server=api.base)
+        assert code == 2 and "409" in err and rid in err, (code, out, err)
+        status, data = await api.call("GET", "/api/v1/rollouts", role="viewer")
+        assert status == 200, data
+        assert [r["id"] for r in data["rollouts"]] == [rid], "nothing else was started"
+
+
 async def test_oncall_overrides_and_status_from_the_cli(tmp_path):
     async with controller(tmp_path, policies=[simple_policy(hold=3600)]) as (api, _c, _t):
         code, out, _ = await cli("start", "web", "--canary-version", "v2", "--json",

@@ -121,6 +121,47 @@ async def test_the_api_serves_tls_when_given_a_certificate(tmp_path):
             assert plain_refused
 
 
+async def test_the_cli_trusts_a_private_ca_named_by_canary_ca_file(tmp_path):
+    import os
+    import sys
+
+    from canary.demo.playground import Playground
+    from tests.test_access import make_ca_and_server_cert
+
+    ca, cert, key = make_ca_and_server_cert(tmp_path / "pki")
+
+    pg = Playground(tmp_path / "pg")  # used only for its config writer; nothing is started
+    path = pg.write_config([{"name": "p", "stages": [{"weight": 100, "hold": "1s"}],
+                             "gates": []}])
+    path.write_text(path.read_text() + f"tls: {{cert: {cert}, key: {key}}}\n")
+    cfg = config_mod.load_file(path)
+
+    async def cli(*args: str, ca_file: str | None) -> tuple[int, str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "CANARY_CA_FILE"}
+        env.update(CANARY_SERVER=f"https://127.0.0.1:{cfg.listen_port}",
+                   CANARY_TOKEN=pg.tokens["viewer"])
+        if ca_file is not None:
+            env["CANARY_CA_FILE"] = ca_file
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "canary.cli", *args, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(), err.decode()
+
+    async with serving(cfg):
+        code, out, err = await cli("status", ca_file=str(ca))
+        assert code == 0, err
+        code, out, err = await cli("targets", ca_file=str(ca))
+        assert code == 0 and pg.service in out, err
+        # the watch stream is opened with the same trust: the controller answers it
+        code, out, err = await cli("status", "nope", "--watch", "--unreachable-timeout", "2",
+                                   ca_file=str(ca))
+        assert code == 2 and "404" in err, err
+        code, out, err = await cli("status", ca_file=None)
+        assert code == 2 and "CERTIFICATE_VERIFY_FAILED" in err, err
+
+
 def test_tls_files_are_checked_by_validate(tmp_path):
     from canary.cli import validate_files
 
