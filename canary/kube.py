@@ -20,12 +20,16 @@ REQUEST_TIMEOUT = 4.0
 def api_client(kubeconfig: str | None = None, *, user_agent: str | None = None) -> Any:
     from kubernetes import client, config
 
+    cfg = client.Configuration()
     if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        cfg = client.Configuration()
         config.load_incluster_config(client_configuration=cfg)
-        api = client.ApiClient(cfg)
     else:
-        api = config.new_client_from_config(config_file=kubeconfig)
+        config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    # no retries inside a call: urllib3's default three would make one call to an API
+    # server that never answers last 4 x REQUEST_TIMEOUT, past the lease; our callers
+    # retry on their own schedule
+    cfg.retries = 0
+    api = client.ApiClient(cfg)
     if user_agent:
         api.user_agent = user_agent
     return api

@@ -59,7 +59,17 @@ class LeaderElector:
         try:
             while True:
                 try:
-                    await self._try()
+                    if self.leading:
+                        # a renewal not done by the renew deadline is given up (its calls,
+                        # each bounded, could together outlast it), so the step-down below
+                        # comes before the others may take over
+                        left = self.renew_deadline - (time.monotonic() - self._last_renew)
+                        await asyncio.wait_for(self._try(), timeout=max(left, 0.001))
+                    else:
+                        await self._try()
+                except TimeoutError:
+                    log.warning("lease: no answer from the API server before the renew "
+                                "deadline", extra={"lease": self.name, "identity": self.identity})
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:

@@ -236,3 +236,121 @@ async def test_one_leader_acts_and_the_other_takes_over_when_it_is_killed(tmp_pa
 async def _leading(replica: Replica, s: aiohttp.ClientSession) -> bool:
     ready = await replica.ready(s)
     return bool(ready and ready.get("leader"))
+
+
+class Blackhole:
+    """A TCP proxy to the API double that, once switched, keeps every connection open
+    and answers nothing (an API server that accepts and never replies), counting the
+    requests that reach it."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream, self.silent, self.unanswered = upstream, False, 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, ask: bool) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await src.read(65536):
+                    if self.silent:
+                        self.unanswered += data.count(b" HTTP/1.1\r\n") if ask else 0
+                        continue  # swallowed: no request goes on, no answer comes back
+                    dst.write(data)
+                    await dst.drain()
+
+        task = asyncio.ensure_future(asyncio.gather(pipe(reader, up_w, True),
+                                                    pipe(up_r, writer, False)))
+        self._tasks.add(task)  # type: ignore[arg-type]
+        try:
+            await asyncio.gather(task, return_exceptions=True)
+        finally:
+            for w in (writer, up_w):
+                w.close()
+                with contextlib.suppress(Exception):
+                    await w.wait_closed()
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.sleep(0)  # each connection's finally closes both its ends
+        await self._server.wait_closed()
+
+
+async def test_a_leader_whose_api_server_stops_answering_steps_down_before_another_takes_over(
+        tmp_path):
+    """README "Running in a cluster": each Kubernetes call is one attempt bounded at 4 s and
+    a renewal not done by renew_deadline is given up, so the leader stops acting before
+    the others may take the Lease (lease_duration without a renewal). With the client's
+    default retries, one renewal to a silent API server took four attempts, about 16 s,
+    and the old leader was still leading 17.5 s in, past the 15 s a follower waits."""
+    from canary.leader import LeaderElector
+
+    kube = KubeApiDouble()
+    await kube.start()
+    hole = Blackhole(kube.port)
+    port = await hole.start()
+    direct = kube.kubeconfig(tmp_path / "direct")
+    through = tmp_path / "through"
+    through.write_text(direct.read_text().replace(f":{kube.port}", f":{port}"))
+    order: list[str] = []
+
+    def elector(name: str, kubeconfig: Path) -> LeaderElector:
+        async def started() -> None:
+            order.append(f"{name} leads")
+
+        async def stopped() -> None:
+            order.append(f"{name} stops")
+        return LeaderElector(api_client(str(kubeconfig)), "canary-system", name,
+                             lease_duration=15, renew_deadline=10, retry_period=2,
+                             on_start=started, on_stop=stopped)
+
+    a, b = elector("a", through), elector("b", direct)
+
+    def now(check: Any) -> Any:
+        async def read() -> Any:
+            return check()
+        return read
+    tasks = [asyncio.create_task(a.run())]
+    try:
+        await eventually(now(lambda: a.leading), what="a leads")
+        tasks.append(asyncio.create_task(b.run()))
+        await eventually(now(lambda: b.leader == "a"), what="b sees a leading")
+        hole.silent = True
+        await eventually(now(lambda: b.leading), deadline=60, what="b takes over")
+        assert order == ["a leads", "a stops", "b leads"], order
+        # one attempt per call: the renewal's GET, and no second try of it
+        assert 1 <= hole.unanswered <= 3, hole.unanswered
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await hole.stop()
+        await kube.stop()
+
+
+async def test_one_call_to_an_api_server_that_never_answers_is_one_attempt(tmp_path):
+    kube = KubeApiDouble()
+    await kube.start()
+    hole = Blackhole(kube.port)
+    port = await hole.start()
+    direct = kube.kubeconfig(tmp_path / "direct")
+    through = tmp_path / "through"
+    through.write_text(direct.read_text().replace(f":{kube.port}", f":{port}"))
+    try:
+        hole.silent = True
+        store = KubernetesStore("canary-system", api_client(str(through)))
+        with pytest.raises(Exception, match="state store"):
+            await store.ping()
+        assert hole.unanswered == 1, "the client retried inside one call"
+    finally:
+        await hole.stop()
+        await kube.stop()
