@@ -457,12 +457,7 @@ def call(args: argparse.Namespace, method: str, path: str,
     token = os.environ.get("CANARY_TOKEN")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
-    context = None
-    cafile = os.environ.get("CANARY_CA_FILE")
-    if cafile:
-        import ssl
-
-        context = ssl.create_default_context(cafile=cafile)
+    context = _tls()
     try:
         with urllib.request.urlopen(req, timeout=30, context=context) as resp:
             return json.loads(resp.read() or b"null")
@@ -639,12 +634,20 @@ def watch(args: argparse.Namespace, rollout_id: str) -> int:
 
 
 def _tls() -> Any:
+    """The TLS context trusting CANARY_CA_FILE's CAs (None: the system's); a file that
+    cannot be used is a usage error, said in a line."""
     cafile = os.environ.get("CANARY_CA_FILE")
     if not cafile:
         return None
     import ssl
 
-    return ssl.create_default_context(cafile=cafile)
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except FileNotFoundError:
+        die(f"CANARY_CA_FILE: {cafile} does not exist; name a PEM file of the CA that "
+            "signed the controller's certificate")
+    except (OSError, ssl.SSLError, ValueError) as e:
+        die(f"CANARY_CA_FILE: {cafile} is not a PEM CA certificate bundle ({e})")
 
 
 def ago(stamp: str | None, now: float) -> str:

@@ -160,6 +160,13 @@ async def test_the_cli_trusts_a_private_ca_named_by_canary_ca_file(tmp_path):
         assert code == 2 and "404" in err, err
         code, out, err = await cli("status", ca_file=None)
         assert code == 2 and "CERTIFICATE_VERIFY_FAILED" in err, err
+        # a CA file that cannot be used is a usage error in a line, for the calls and the
+        # watch stream alike (it was a traceback and exit 1)
+        for args in (("status",), ("status", "nope", "--watch")):
+            for bad, words in ((str(tmp_path / "missing.pem"), "does not exist"),
+                               (str(path), "is not a PEM CA certificate bundle")):
+                code, out, err = await cli(*args, ca_file=bad)
+                assert code == 2 and "Traceback" not in err and words in err, (args, err)
 
 
 def test_tls_files_are_checked_by_validate(tmp_path):
