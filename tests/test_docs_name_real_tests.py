@@ -8,12 +8,14 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-NAMED = re.compile(r"((?:tests|bench)/[\w/]+\.py)::(\w+)")
+# tests/x.py::test_y, bench/x.py::test_y, or x.py::test_y (a file in tests/)
+NAMED = re.compile(r"(?<![\w/])((?:tests/|bench/)?[\w/]+\.py)::(\w+)")
 
 
 def test_every_test_the_docs_name_exists():
     docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-    named = [(doc.name, m.group(1), m.group(2))
+    named = [(doc.name, m.group(1) if m.group(1).startswith(("tests/", "bench/"))
+              else f"tests/{m.group(1)}", m.group(2))
              for doc in docs for m in NAMED.finditer(doc.read_text())]
     assert len(named) > 50, "the docs name the tests that hold them"
     missing = [(doc, path, name) for doc, path, name in named
