@@ -192,17 +192,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.shutdown()
         sys.stdout.flush()
         os._exit(EXIT_OK)
+    # what it says as it exits must not wait on a log nobody reads: it exits regardless
     except ValidationFailed as e:
-        for p in e.problems:
-            print(escape(p), file=sys.stderr)
-        return EXIT_USAGE
+        logs.last_words([escape(p) for p in e.problems], EXIT_USAGE)
     except (UserError, OSError) as e:
-        die(str(e))
+        logs.last_words([f"canary: {escape(str(e))}"], EXIT_USAGE)
     except ImportError:
         raise
     except Exception as e:  # e.g. ssl.SSLError for a bad certificate
-        die(f"{type(e).__name__}: {e}")
-    return EXIT_OK
+        logs.last_words([f"canary: {escape(f'{type(e).__name__}: {e}')}"], EXIT_USAGE)
 
 
 # ---- validate and plan ------------------------------------------------------------------

@@ -10,6 +10,7 @@ beyond it are dropped and counted: the event loop never waits on a write.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import logging
 import logging.handlers
@@ -19,7 +20,7 @@ import select
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from canary import jsonsafe
 
@@ -240,6 +241,26 @@ def setup(level: str = "INFO") -> None:
     threading.excepthook = _thread_died
     sys.unraisablehook = _unraisable
     atexit.register(handler.close)
+
+
+def last_words(lines: list[str], code: int, *, within: float = 5.0) -> NoReturn:
+    """Say `lines` on stderr as the process exits, and exit whether or not anyone reads
+    it: the queued log gets a second to drain, the words `within` seconds on a thread of
+    their own, then the process ends with `code`. (A plain print would wait forever on a
+    pipe a hung log shipper keeps open, and a controller that should exit and be
+    restarted would hang instead.)"""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, QueuedLog):
+            handler.close(timeout=1.0)
+
+    def say() -> None:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write("".join(f"{line}\n" for line in lines))
+            sys.stderr.flush()
+    words = threading.Thread(target=say, name="canary-last-words", daemon=True)
+    words.start()
+    words.join(within)
+    os._exit(code)
 
 
 _python = logging.getLogger("canary.python")

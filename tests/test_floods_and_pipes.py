@@ -222,6 +222,41 @@ async def test_serve_keeps_working_while_whatever_reads_its_log_stops_reading(tm
                 os.close(fd)
 
 
+@pytest.mark.parametrize("fault", ["a config it cannot load", "a port already taken"])
+async def test_serve_that_must_exit_exits_while_whatever_reads_its_log_stops_reading(
+        tmp_path, fault):
+    """A controller that cannot run must exit (and be restarted, or be seen down), not
+    hang: what it says as it goes used to be a plain write to stderr, which waits
+    forever on a full pipe that a hung log shipper keeps open."""
+    cfg, port = write_config(tmp_path, "http://127.0.0.1:1")
+    taken = None
+    if fault == "a config it cannot load":
+        cfg.write_text(cfg.read_text().replace("timeout: 1s", "timeout: 1 second"))
+    else:
+        taken = await asyncio.start_server(lambda r, w: None, "127.0.0.1", port)
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:  # the pipe is full before canary writes a byte: a reader that hung
+            os.write(w, b"x" * 65536)
+    os.set_blocking(w, True)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "canary.cli", "serve", "--config", str(cfg),
+        stdin=asyncio.subprocess.DEVNULL, stdout=w, stderr=w, cwd=tmp_path)
+    os.close(w)
+    try:
+        # (its last words wait on a thread of their own for 5 s, then are let go)
+        assert await asyncio.wait_for(proc.wait(), 30) == 2, "it exits, as a usage error"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        os.close(r)
+        if taken is not None:
+            taken.close()
+            await taken.wait_closed()
+
+
 @contextlib.contextmanager
 def pipe_log(*, size: int = 10_000, blocking: bool = True) -> Iterator[
         tuple[Any, Any, int]]:
