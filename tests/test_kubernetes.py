@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -294,13 +295,6 @@ async def test_a_leader_whose_api_server_stops_answering_steps_down_before_anoth
     and the old leader was still leading 17.5 s in, past the 15 s a follower waits."""
     from canary.leader import LeaderElector
 
-    kube = KubeApiDouble()
-    await kube.start()
-    hole = Blackhole(kube.port)
-    port = await hole.start()
-    direct = kube.kubeconfig(tmp_path / "direct")
-    through = tmp_path / "through"
-    through.write_text(direct.read_text().replace(f":{kube.port}", f":{port}"))
     order: list[str] = []
 
     def elector(name: str, kubeconfig: Path) -> LeaderElector:
@@ -313,31 +307,42 @@ async def test_a_leader_whose_api_server_stops_answering_steps_down_before_anoth
                              lease_duration=15, renew_deadline=10, retry_period=2,
                              on_start=started, on_stop=stopped)
 
-    a, b = elector("a", through), elector("b", direct)
-
     def now(check: Any) -> Any:
         async def read() -> Any:
             return check()
         return read
-    tasks = [asyncio.create_task(a.run())]
-    try:
-        await eventually(now(lambda: a.leading), what="a leads")
-        tasks.append(asyncio.create_task(b.run()))
-        await eventually(now(lambda: b.leader == "a"), what="b sees a leading")
-        hole.silent = True
-        await eventually(now(lambda: b.leading), deadline=60, what="b takes over")
-        assert order == ["a leads", "a stops", "b leads"], order
-        # one attempt per call: the renewal's GET, and no second try of it
-        assert 1 <= hole.unanswered <= 3, hole.unanswered
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await hole.stop()
-        await kube.stop()
+
+    async with silenceable_api(tmp_path) as (hole, direct, through):
+        a, b = elector("a", through), elector("b", direct)
+        tasks = [asyncio.create_task(a.run())]
+        try:
+            await eventually(now(lambda: a.leading), what="a leads")
+            tasks.append(asyncio.create_task(b.run()))
+            await eventually(now(lambda: b.leader == "a"), what="b sees a leading")
+            hole.silent = True
+            await eventually(now(lambda: b.leading), deadline=60, what="b takes over")
+            assert order == ["a leads", "a stops", "b leads"], order
+            # one attempt per call: the renewal's GET, and no second try of it
+            assert 1 <= hole.unanswered <= 3, hole.unanswered
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def test_one_call_to_an_api_server_that_never_answers_is_one_attempt(tmp_path):
+    async with silenceable_api(tmp_path) as (hole, _direct, through):
+        hole.silent = True
+        store = KubernetesStore("canary-system", api_client(str(through)))
+        with pytest.raises(Exception, match="state store"):
+            await store.ping()
+        assert hole.unanswered == 1, "the client retried inside one call"
+
+
+@contextlib.asynccontextmanager
+async def silenceable_api(tmp_path: Path) -> AsyncIterator[tuple[Blackhole, Path, Path]]:
+    """The API double, and two kubeconfigs for it: one direct, one through a Blackhole
+    that can be silenced: (the blackhole, direct, through)."""
     kube = KubeApiDouble()
     await kube.start()
     hole = Blackhole(kube.port)
@@ -346,11 +351,7 @@ async def test_one_call_to_an_api_server_that_never_answers_is_one_attempt(tmp_p
     through = tmp_path / "through"
     through.write_text(direct.read_text().replace(f":{kube.port}", f":{port}"))
     try:
-        hole.silent = True
-        store = KubernetesStore("canary-system", api_client(str(through)))
-        with pytest.raises(Exception, match="state store"):
-            await store.ping()
-        assert hole.unanswered == 1, "the client retried inside one call"
+        yield hole, direct, through
     finally:
         await hole.stop()
         await kube.stop()
