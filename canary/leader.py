@@ -53,23 +53,25 @@ class LeaderElector:
         return client.CoordinationV1Api(self._api)
 
     async def _call(self, fn: Any, *args: Any, **kw: Any) -> Any:
-        return await self._pool.run(fn, *args, _request_timeout=kube.REQUEST_TIMEOUT, **kw)
+        call = self._pool.run(fn, *args, _request_timeout=kube.REQUEST_TIMEOUT, **kw)
+        if not self.leading:
+            return await call
+        # a leader's calls end by the renew deadline, answered or not (each is bounded,
+        # but a read and a write together could outlast it): the step-down below then
+        # comes before the others may take over. (Only the calls: on_start and on_stop
+        # are never cut short.)
+        left = self.renew_deadline - (time.monotonic() - self._last_renew)
+        try:
+            return await asyncio.wait_for(call, timeout=max(left, 0.001))
+        except TimeoutError:
+            raise TimeoutError("no answer from the API server before the renew deadline") \
+                from None
 
     async def run(self) -> None:
         try:
             while True:
                 try:
-                    if self.leading:
-                        # a renewal not done by the renew deadline is given up (its calls,
-                        # each bounded, could together outlast it), so the step-down below
-                        # comes before the others may take over
-                        left = self.renew_deadline - (time.monotonic() - self._last_renew)
-                        await asyncio.wait_for(self._try(), timeout=max(left, 0.001))
-                    else:
-                        await self._try()
-                except TimeoutError:
-                    log.warning("lease: no answer from the API server before the renew "
-                                "deadline", extra={"lease": self.name, "identity": self.identity})
+                    await self._try()
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:
@@ -140,11 +142,22 @@ class LeaderElector:
         self._last_renew = time.monotonic()
         self.leading, self.leader = True, self.identity
         log.info("leading", extra={"identity": self.identity, "lease": self.name})
-        await self._on_start()
+        try:
+            await self._on_start()
+        except Exception:
+            # a leader that could not start (its rollouts not resumed) must not go on
+            # holding the lease: step down and hand it over, so this replica or another
+            # starts afresh at the next try
+            await self._stop_leading()
+            with contextlib.suppress(Exception):
+                await self._release()
+            raise
 
     async def _stop_leading(self) -> None:
         self.leading = False
-        await self._on_stop()
+        # finished even if this task is cancelled meanwhile: a step-down cut short would
+        # leave rollouts running on a replica that no longer leads
+        await asyncio.shield(self._on_stop())
 
     async def _release(self) -> None:
         """On a clean shutdown, hand the lease over at once instead of letting it expire."""

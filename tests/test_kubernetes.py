@@ -307,20 +307,15 @@ async def test_a_leader_whose_api_server_stops_answering_steps_down_before_anoth
                              lease_duration=15, renew_deadline=10, retry_period=2,
                              on_start=started, on_stop=stopped)
 
-    def now(check: Any) -> Any:
-        async def read() -> Any:
-            return check()
-        return read
-
     async with silenceable_api(tmp_path) as (hole, direct, through):
         a, b = elector("a", through), elector("b", direct)
         tasks = [asyncio.create_task(a.run())]
         try:
-            await eventually(now(lambda: a.leading), what="a leads")
+            await eventually(_now(lambda: a.leading), what="a leads")
             tasks.append(asyncio.create_task(b.run()))
-            await eventually(now(lambda: b.leader == "a"), what="b sees a leading")
+            await eventually(_now(lambda: b.leader == "a"), what="b sees a leading")
             hole.silent = True
-            await eventually(now(lambda: b.leading), deadline=60, what="b takes over")
+            await eventually(_now(lambda: b.leading), deadline=60, what="b takes over")
             assert order == ["a leads", "a stops", "b leads"], order
             # one attempt per call: the renewal's GET, and no second try of it
             assert 1 <= hole.unanswered <= 3, hole.unanswered
@@ -355,3 +350,81 @@ async def silenceable_api(tmp_path: Path) -> AsyncIterator[tuple[Blackhole, Path
     finally:
         await hole.stop()
         await kube.stop()
+
+
+def _now(check: Any) -> Any:
+    """`eventually` over a plain condition."""
+    async def read() -> Any:
+        return check()
+    return read
+
+
+async def test_a_leader_that_cannot_start_steps_down_and_starts_again(tmp_path):
+    """Resuming the stored rollouts failed once (a connection reset, now that calls are
+    one attempt): the replica used to go on leading, renewing the Lease, with none of
+    its rollouts resumed. It steps down, hands the Lease over and starts afresh."""
+    from canary.leader import LeaderElector
+
+    calls: list[str] = []
+
+    async def started() -> None:
+        calls.append("start")
+        if calls.count("start") == 1:
+            raise ConnectionResetError("listing the stored rollouts: connection reset")
+
+    async def stopped() -> None:
+        calls.append("stop")
+
+    async with silenceable_api(tmp_path) as (_hole, direct, _through):
+        a = LeaderElector(api_client(str(direct)), "canary-system", "a", lease_duration=3,
+                          renew_deadline=2, retry_period=0.3, on_start=started,
+                          on_stop=stopped)
+        task = asyncio.create_task(a.run())
+        try:
+            await eventually(_now(lambda: calls == ["start", "stop", "start"] and a.leading),
+                             what="started again after stepping down")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_step_down_is_finished_even_when_the_elector_is_stopped_meanwhile(tmp_path):
+    """Another replica holds the Lease now: this one stops its rollouts (on_stop), and a
+    shutdown arriving while it does so must not cut that short, or rollouts would go on
+    running on a replica that no longer leads."""
+    from kubernetes import client
+
+    from canary.leader import LeaderElector
+
+    order: list[str] = []
+
+    async def started() -> None:
+        order.append("leads")
+
+    async def stopped() -> None:
+        order.append("stopping")
+        await asyncio.sleep(0.5)
+        order.append("rollouts stopped")
+
+    async with silenceable_api(tmp_path) as (_hole, direct, _through):
+        a = LeaderElector(api_client(str(direct)), "canary-system", "a", lease_duration=15,
+                          renew_deadline=10, retry_period=0.2, on_start=started,
+                          on_stop=stopped)
+        task = asyncio.create_task(a.run())
+        try:
+            await eventually(_now(lambda: a.leading), what="a leads")
+            coord = client.CoordinationV1Api(api_client(str(direct)))
+
+            def taken_by_b() -> None:
+                lease = coord.read_namespaced_lease("canary-leader", "canary-system")
+                lease.spec.holder_identity = "b"
+                coord.replace_namespaced_lease("canary-leader", "canary-system", lease)
+            await asyncio.to_thread(taken_by_b)
+            await eventually(_now(lambda: "stopping" in order), what="a steps down")
+            task.cancel()  # a shutdown, while on_stop is still at work
+            await asyncio.gather(task, return_exceptions=True)
+            await eventually(_now(lambda: "rollouts stopped" in order),
+                             what="the step-down finished")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

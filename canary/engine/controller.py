@@ -164,8 +164,6 @@ class Controller:
         """Cancel every rollout task and wait for them (bounded). asyncio.wait neither
         raises the tasks' CancelledError nor swallows one aimed at the caller."""
         self._stopping = True
-        if self.notifier is not None:
-            await self.notifier.stop()
         for idle in self._idle_tasks:
             idle.cancel()
         await asyncio.gather(*self._idle_tasks, return_exceptions=True)
@@ -184,6 +182,10 @@ class Controller:
                 log.error("rollout task did not stop within %gs; leaving it", STOP_TIMEOUT,
                           extra={"task": t.get_name()})
         self._tasks.clear()
+        # (after the rollouts: they are what acts; what they said waits in their records
+        # for whichever controller delivers next)
+        if self.notifier is not None:
+            await self.notifier.stop()
         if self._http is not None:
             await self._http.close()
             self._http = None
