@@ -17,12 +17,12 @@ import pytest
 import yaml
 
 from canary.cli import validate_files
-from tests.test_schema import example_config, good_policy, schema_errors
+from tests.test_schema import ecma_ends, example_config, good_policy, schema_errors
 
 VALUES: list[Any] = [
     0, -1, 1.5, 101, 1e308, True, None, "", " ", "x", "10", "10s", "0s", "-5s", "a\nb",
     "é", "x" * 300, [], ["x"], {}, {"x": 1}, "http://a/", "v1.2", "a b", "*", "[", "inf",
-    "1h", "721h", "0.5s", 1_000_000,
+    "1h", "721h", "0.5s", 1_000_000, "x\n", "v1\n",
 ]
 
 RICH_POLICY = """\
@@ -123,6 +123,13 @@ def changed(doc: Any, path: tuple[Any, ...], values: list[Any] = VALUES,
         parent = parent[key]
     del parent[path[-1]]
     yield "deleted", out
+    if isinstance(parent, dict) and isinstance(path[-1], str):
+        out = copy.deepcopy(doc)
+        parent = out
+        for key in path[:-1]:
+            parent = parent[key]
+        parent[f"{path[-1]}\n"] = parent.pop(path[-1])  # the key with a line break after it
+        yield "key + newline", out
     out = copy.deepcopy(doc)
     node = out
     for key in path:
@@ -191,8 +198,8 @@ async def test_the_api_and_its_openapi_description_agree_on_every_small_change(t
     async with controller(tmp_path, policies=[simple_policy(hold=3600)]) as (api, _c, _t):
         rid, n = (await api.start(canary_version="v1a"))["id"], 1
         for model, path, base in BODIES:
-            validator = jsonschema.Draft202012Validator(
-                {"$ref": f"#/components/schemas/{model}", "components": SPEC["components"]})
+            validator = jsonschema.Draft202012Validator(ecma_ends(
+                {"$ref": f"#/components/schemas/{model}", "components": SPEC["components"]}))
             variants = [("as is", base), ("[]", []), ("null", None)]
             for at in leaves(base):
                 variants += [(f"{'.'.join(map(str, at))} {how}", d)

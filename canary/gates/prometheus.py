@@ -71,7 +71,7 @@ _SECRET_HEADER = "^(" + "|".join("".join(f"[{c.upper()}{c}]" if c.isalpha() else
 
 
 def _header_name(name: str) -> str:
-    if not _HEADER_NAME.match(name):
+    if not _HEADER_NAME.fullmatch(name):  # (match: `$` would let "X-A\n" through)
         raise ValueError("is not an HTTP header name")
     if name.lower() in _SECRET_HEADERS:
         raise ValueError("carries a credential, and a secret is never written in the config: "
