@@ -28,7 +28,7 @@ from canary import policy as policy_mod
 from canary.api import auth
 from canary.api.auth import AuthDoc, Token
 from canary.errors import Problem, ValidationFailed
-from canary.fields import Dns, HttpUrl, PositiveDuration, Section, Setting
+from canary.fields import Dns, PositiveDuration, Section, SendUrl, Setting
 from canary.gates import prometheus
 from canary.gates.prometheus import PrometheusDoc
 from canary.notify import Notification
@@ -141,7 +141,7 @@ class Config(Section):
     """Chat and webhook receivers told about rollout events (at least once)."""
     approval_reminder: PositiveDuration = 1800.0
     """How often a waiting approval is announced again (default 30m)."""
-    public_url: HttpUrl | None = None
+    public_url: SendUrl | None = None
     """Where people open this controller: the base of links in notifications."""
 
     @property

@@ -163,6 +163,46 @@ Dns = Annotated[str, Field(strict=True, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])
 Version = Annotated[str, Field(strict=True, pattern=VERSION_PATTERN)]
 EnvName = Annotated[str, Field(strict=True, pattern=f"^{IDENTIFIER}$")]
 HttpUrl = Annotated[str, Field(strict=True, pattern=r"^https?://", max_length=2048)]
+# a URL canary sends to: a host (a name, or [an IPv6 address]) without user@, a port in
+# range, then a path, query or fragment without control characters. The schema states it
+# and send_url() checks the same, so an editor, helm and canary agree.
+SEND_URL_PATTERN = (rf"^https?://([^\s/?#@:\[\]]+|\[[0-9A-Fa-f:.]+\])(:{PORT})?"
+                    r"([/?#][^\x00-\x1f\x7f]*)?$")
+
+
+def send_url(value: str) -> str:
+    """A URL canary can send to, as SEND_URL_PATTERN says; the message says what is wrong
+    but never repeats the URL (a chat's incoming-webhook URL is itself a secret)."""
+    if not re.fullmatch(SEND_URL_PATTERN, value):
+        raise ValueError(f"is not a URL canary can send to ({_why_not(value)}); write "
+                         "http(s)://HOST[:PORT]/PATH")
+    return value
+
+
+def _why_not(url: str) -> str:
+    authority = re.split(r"[/?#]", url.partition("://")[2], maxsplit=1)[0]
+    if any(ord(c) < 0x20 or ord(c) == 0x7F or c.isspace() for c in authority) \
+            or any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        return "a space or control character in it"
+    if "@" in authority:
+        return "user@ in it: credentials do not belong in a URL"
+    host, port = authority, None
+    if authority.startswith("["):
+        host, bracket, after = authority.partition("]")
+        if not bracket:
+            return "an IPv6 address without its closing ]"
+        port = after[1:] if after.startswith(":") else None if not after else after
+    elif ":" in authority:
+        host, _, port = authority.partition(":")
+    if not host.strip("[]"):
+        return "no host"
+    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+        return "the port must be a number from 1 to 65535"
+    return "not a host name or [IPv6 address]"
+
+
+SendUrl = Annotated[HttpUrl, AfterValidator(send_url),
+                    Field(json_schema_extra={"pattern": SEND_URL_PATTERN})]
 
 
 # a section of the controller config: no unknown keys, no coercion, frozen, each field's

@@ -40,14 +40,13 @@ from typing import Annotated, Any, Literal
 
 import aiohttp
 import pydantic.dataclasses
-import yarl
-from pydantic import AfterValidator, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from canary import hooks
 from canary import policy as policy_mod
 from canary.clock import Clock
 from canary.errors import NotFound, StoreConflict, TransientError, ValidationFailed
-from canary.fields import EnvName, HttpUrl, Name, PositiveDuration, format_duration
+from canary.fields import EnvName, Name, PositiveDuration, SendUrl, format_duration, send_url
 from canary.hooks import Webhook
 from canary.metrics import Metrics
 from canary.model import Event, PauseKind, Phase, Rollout, iso
@@ -78,20 +77,6 @@ NOTIFY_EVENTS: tuple[NotifyEvent, ...] = ("started", "stage", "paused", "approva
                                           "router", "rolled_back", "succeeded", "handover")
 
 
-def _send_url(value: str) -> str:
-    """A receiver's URL that can be sent to: a host, a port in range. The message never
-    repeats the URL (a chat's incoming-webhook URL is itself a secret)."""
-    try:
-        url = yarl.URL(value)
-        url.port  # noqa: B018 (parses the port, raising when it is out of range)
-    except ValueError as e:
-        raise ValueError(f"is not a URL canary can send to ({e}); write "
-                         "http(s)://HOST[:PORT]/PATH") from None
-    if not url.host or any(c.isspace() for c in url.host):
-        raise ValueError("has no valid host; write http(s)://HOST[:PORT]/PATH")
-    return value
-
-
 @pydantic.dataclasses.dataclass(frozen=True, config=ConfigDict(
     extra="forbid", use_attribute_docstrings=True,
     # one of the two, given as text (url: null is neither, to canary and to the schema)
@@ -104,7 +89,7 @@ class Notification:
 
     name: Name
     """The receiver's name, unique among notifications (in metrics and logs)."""
-    url: Annotated[HttpUrl, AfterValidator(_send_url)] | None = None
+    url: SendUrl | None = None
     """http(s) URL messages are POSTed to (a chat's incoming webhook, or any endpoint).
     One of url and url_env."""
     format: Literal["slack", "teams", "webhook"] = "webhook"
@@ -138,7 +123,7 @@ class Notification:
             raise ValueError(f"environment variable {self.url_env} (the URL) is "
                              + ("not set" if not value else "not an http(s):// URL"))
         try:
-            return _send_url(value)
+            return send_url(value)
         except ValueError as e:
             raise ValueError(f"environment variable {self.url_env}: the URL {e}") from None
 

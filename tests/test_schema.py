@@ -450,6 +450,10 @@ def bad_config(change: str) -> dict[str, Any]:
         doc["prometheus"]["timeout"] = 10
     elif change == "receiver url null":
         doc["notifications"] = [{"name": "chat", "url": None}]
+    elif change == "receiver port out of range":
+        doc["notifications"] = [{"name": "chat", "url": "https://chat.example:99999/T0"}]
+    elif change == "prometheus without a host":
+        doc["prometheus"]["url"] = "http:///api"
     elif change == "role as a number":
         doc["auth"]["tokens"][0]["role"] = 3  # the enum's number for oncall
     elif change == "role as a boolean":
@@ -489,6 +493,8 @@ def bad_config(change: str) -> dict[str, Any]:
     ("duration as a number", "prometheus.timeout", "prometheus/timeout"),
     ("target named inside", "targets.web.name", "targets/web/name"),
     ("receiver url null", "notifications[0]", "notifications/0"),
+    ("receiver port out of range", "notifications[0].url", "notifications/0/url"),
+    ("prometheus without a host", "prometheus.url", "prometheus/url"),
     ("role as a number", "auth.tokens[0].role", "auth/tokens/0/role"),
     ("role as a boolean", "auth.tokens[0].role", "auth/tokens/0/role"),
 ])

@@ -22,7 +22,8 @@ from tests.test_schema import ecma_ends, example_config, good_policy, schema_err
 VALUES: list[Any] = [
     0, -1, 1.5, 101, 1e308, True, None, "", " ", "x", "10", "10s", "0s", "-5s", "a\nb",
     "é", "x" * 300, [], ["x"], {}, {"x": 1}, "http://a/", "v1.2", "a b", "*", "[", "inf",
-    "1h", "721h", "0.5s", 1_000_000, "x\n", "v1\n",
+    "1h", "721h", "0.5s", 1_000_000, "x\n", "v1\n", "http://h:99999/", "http:///x",
+    "http://[::1/",
 ]
 
 RICH_POLICY = """\

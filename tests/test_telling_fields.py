@@ -112,18 +112,20 @@ def test_notifications_are_read_from_the_config(tmp_path, monkeypatch):
     (("url: \"https://chat.example/hooks/T0/B0\"", "url: chat"),
      "7: notifications[0].url: must start with http:// or https://"),
     (("url: \"https://chat.example/hooks/T0/B0\"", "url: \"https://chat.example:99999/T0/B0\""),
-     "7: notifications[0].url: is not a URL canary can send to (Port out of range"),
+     "7: notifications[0].url: is not a URL canary can send to (the port must be a "
+     "number from 1 to 65535)"),
     (("url: \"https://chat.example/hooks/T0/B0\"", "url: \"https://[::1/hooks/T0/B0\""),
-     "7: notifications[0].url: is not a URL canary can send to (Invalid IPv6 URL"),
+     "7: notifications[0].url: is not a URL canary can send to (an IPv6 address "
+     "without its closing ])"),
     (("url: \"https://chat.example/hooks/T0/B0\"", "url: \"https:///hooks/T0/B0\""),
-     "7: notifications[0].url: has no valid host"),
+     "7: notifications[0].url: is not a URL canary can send to (no host)"),
     (("name: ops", "name: chat"), "9: notifications[1].name: receiver name 'chat' is used twice"),
     (("url: \"https://chat.example/hooks/T0/B0\"", "url_env: CANARY_TEST_UNSET_URL"),
      "7: notifications[0].url_env: environment variable CANARY_TEST_UNSET_URL (the URL) is not "
      "set; export it"),
     (("url: \"https://chat.example/hooks/T0/B0\"", "url_env: CANARY_TEST_BAD_URL"),
      "7: notifications[0].url_env: environment variable CANARY_TEST_BAD_URL: the URL is not a "
-     "URL canary can send to (Port out of range"),
+     "URL canary can send to (the port must be a number from 1 to 65535)"),
     (("url: \"https://chat.example/hooks/T0/B0\"",
       "url: \"https://chat.example/a\", url_env: CANARY_TEST_CHAT_URL"),
      "7: notifications[0]: give url, or url_env"),

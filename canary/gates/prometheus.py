@@ -45,9 +45,9 @@ from canary.errors import InvalidInput, MetricsError
 from canary.fields import (
     SECTION,
     EnvName,
-    HttpUrl,
     PositiveDuration,
     Section,
+    SendUrl,
     Setting,
     format_duration,
     render,
@@ -103,8 +103,7 @@ class BasicAuthDoc(Section):
 class PrometheusDoc(BaseModel):
     model_config = ConfigDict(**SECTION, json_schema_extra={  # each sets the Authorization header
         "not": {"required": ["basic_auth", "bearer_token_file"]}})
-    url: Annotated[HttpUrl, Field(json_schema_extra={
-        "pattern": r"^https?://[^/?#@]*([/?#]|$)"})] = "http://127.0.0.1:9090"  # no user@
+    url: SendUrl = "http://127.0.0.1:9090"
     """Prometheus's base URL, http:// or https://, without credentials."""
     timeout: PositiveDuration = 10.0
     """How long one query may take, a duration (default 10s)."""
@@ -124,10 +123,14 @@ class PrometheusDoc(BaseModel):
     concurrency: Annotated[int, Field(ge=1, le=256), BeforeValidator(validation.whole)] = 8
     """Queries in flight at once, each on its own thread, 1-256 (default 8)."""
 
-    @field_validator("url")
+    @field_validator("url", mode="before")  # (before the URL's form: say this first)
     @classmethod
-    def _no_credentials(cls, url: str) -> str:
-        if urllib.parse.urlsplit(url).username is not None:
+    def _no_credentials(cls, url: object) -> object:
+        try:
+            user = urllib.parse.urlsplit(url).username if isinstance(url, str) else None
+        except ValueError:  # not a URL at all: the URL's own check says so
+            return url
+        if user is not None:
             raise ValueError("carries credentials (user@ or user:password@); a secret is never "
                              "written in the config: use prometheus.basic_auth {username, "
                              "password_env}")
