@@ -211,9 +211,9 @@ def validate_files(files: list[str]) -> list[Problem]:
     names: dict[str, str] = {}
     for f in files:
         try:
-            raw = Path(f).read_bytes()
-        except OSError as e:
-            problems.append(Problem(f, 1, "(file)", f"cannot read: {e.strerror}"))
+            raw = yamlsrc.read_bytes(f)
+        except ValidationFailed as e:
+            problems.extend(e.problems)
             continue
         try:
             doc = yamlsrc.load(raw, f)

@@ -85,6 +85,16 @@ def file_kind(p: Path) -> str:
     return "dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "neither"
 
 
+def _read(p: Path) -> bytes:
+    """A file the config names, read as yamlsrc reads one (a regular file, bounded, never
+    waiting on a FIFO); ValueError `cannot read PATH: why` otherwise."""
+    try:
+        return yamlsrc.read_bytes(p)
+    except ValidationFailed as e:
+        why = e.problems[0].message.removeprefix("cannot read: ")
+        raise ValueError(f"cannot read {p}: {why}") from None
+
+
 def looks_like_config(data: Any) -> bool:
     return isinstance(data, dict) and bool(set(data) & {"targets", "listen", "auth", "prometheus"})
 
@@ -249,12 +259,12 @@ class _Resolver:
         if token_file is not None:
             p = self.path(token_file)
             try:
-                if not p.read_text(encoding="utf-8").strip():
+                if not _read(p).decode("utf-8").strip():
                     self.problem((*at, "bearer_token_file"), f"{p} is empty")
-            except (OSError, UnicodeDecodeError, ValueError) as e:
-                why = e.strerror if isinstance(e, OSError) else "not UTF-8 text" \
-                    if isinstance(e, UnicodeDecodeError) else "a path cannot contain a NUL"
-                self.problem((*at, "bearer_token_file"), f"cannot read {p}: {why}")
+            except UnicodeDecodeError:
+                self.problem((*at, "bearer_token_file"), f"cannot read {p}: not UTF-8 text")
+            except ValueError as e:
+                self.problem((*at, "bearer_token_file"), str(e))
         self.env((*at, "basic_auth", "password_env"),
                  text("prometheus", "basic_auth", "password_env"), "the Prometheus password")
         prom = data.get("prometheus")
@@ -345,11 +355,12 @@ class _Resolver:
             # token hashes kept apart from the config, e.g. in a Kubernetes Secret
             path = self.path(auth.tokens_file)
             try:
-                doc = yamlsrc.load(path.read_bytes(), str(path))
-            except (OSError, ValueError) as e:
-                self.problem(("auth", "tokens_file"), f"cannot read {path}: " + (
-                    (e.strerror or str(e)) if isinstance(e, OSError)
-                    else "a path cannot contain a NUL"))
+                raw = _read(path)
+            except ValueError as e:  # the file itself: said where the config names it
+                self.problem(("auth", "tokens_file"), str(e))
+                return out
+            try:
+                doc = yamlsrc.load(raw, str(path))
             except ValidationFailed as e:
                 self.problems.extend(e.problems)
             else:

@@ -6,8 +6,10 @@ they are how a small file expands into a huge one.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,12 +73,34 @@ class Doc:
 
 def read(path: str | pathlib.Path) -> Doc:
     """Load a file; a file that cannot be read is its one problem."""
+    return load(read_bytes(path), str(path))
+
+
+def read_bytes(path: str | pathlib.Path) -> bytes:
+    """A file's bytes, if it is a regular file of at most MAX_BYTES: never waiting on a
+    FIFO for a writer, never reading /dev/zero to the end. Anything else is its one
+    problem (ValidationFailed)."""
+    def fail(message: str) -> ValidationFailed:
+        return ValidationFailed([Problem(str(path), 1, "(file)", message)])
     try:
-        raw = pathlib.Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError) as e:
+        raise fail(f"cannot read: {e.strerror if isinstance(e, OSError) else e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise fail("cannot read: not a regular file (a directory, a FIFO or a device)")
+        if st.st_size > MAX_BYTES:
+            raise fail(f"file is {st.st_size} bytes; the limit is {MAX_BYTES}")
+        chunks, size = [], 0
+        while size <= MAX_BYTES and (chunk := os.read(fd, MAX_BYTES + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)  # (longer than the limit if it grew: load() says so)
     except OSError as e:
-        raise ValidationFailed([Problem(str(path), 1, "(file)", f"cannot read: {e.strerror}")]) \
-            from e
-    return load(raw, str(path))
+        raise fail(f"cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def load(text: str | bytes, file: str) -> Doc:

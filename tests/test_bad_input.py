@@ -284,6 +284,31 @@ def test_a_path_the_file_system_cannot_take_is_named_never_a_traceback(tmp_path,
     assert f": {field}: " in out.stdout + out.stderr, out
 
 
+def test_a_fifo_or_a_device_among_the_policy_files_is_named_never_waited_on(tmp_path):
+    """A FIFO named *.yaml in the policies directory used to hang validate and serve
+    (opening it waits for a writer), and /dev/zero was read to the end before its size
+    was checked. Each is now one problem, and the command ends."""
+    pdir = tmp_path / "policies"
+    pdir.mkdir()
+    (pdir / "p.yaml").write_text(POLICY)
+    os.mkfifo(pdir / "fifo.yaml")
+    (pdir / "zero.yaml").symlink_to("/dev/zero")
+    digest = hashlib.sha256(b"t").hexdigest()
+    cfg = tmp_path / "canary.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "policies": "policies", "auth": {"tokens": [
+            {"name": "a", "sha256": digest, "role": "viewer"}]},
+        "targets": {"web": {"router": "nginx", "file": "up.conf", "upstream": "web",
+                            "stable": ["127.0.0.1:1"], "canary": ["127.0.0.1:2"]}}}))
+    for args in (["validate", str(cfg)], ["validate", "/dev/zero", str(pdir / "fifo.yaml")],
+                 ["serve", "--config", str(cfg)]):
+        out = subprocess.run([sys.executable, "-m", "canary.cli", *args], capture_output=True,
+                             text=True, timeout=60, cwd=tmp_path)
+        said = out.stdout + out.stderr
+        assert out.returncode in (1, 2) and "Traceback" not in said, (args, said)
+        assert said.count("not a regular file (a directory, a FIFO or a device)") == 2, said
+
+
 async def test_a_rollout_whose_stored_policy_no_longer_reads_is_rolled_back_not_stuck(tmp_path):
     # stored before durations were checked: `interval: 0.4ms` became "0s", which no
     # longer validates; such a rollout could be neither run nor aborted
