@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic.dataclasses import dataclass
@@ -153,6 +154,13 @@ class Config(Section):
     """How often a waiting approval is announced again (default 30m)."""
     public_url: SendUrl | None = None
     """Where people open this controller: the base of links in notifications."""
+
+    @field_validator("state")
+    @classmethod
+    def _state_path(cls, state: str) -> str:
+        if state.startswith("sqlite:"):
+            fields.a_path(state.removeprefix("sqlite:"))
+        return state
 
     @property
     def listen_host(self) -> str:

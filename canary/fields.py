@@ -157,6 +157,24 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"  # a policy's, a target's, a
 PORT = (r"(0{0,4}[1-9]|0{0,3}[1-9][0-9]|0{0,2}[1-9][0-9]{2}|0?[1-9][0-9]{3}|[1-5][0-9]{4}"
         r"|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])")
 Setting = Annotated[str, Field(strict=True, min_length=1, max_length=4096)]
+
+
+def a_path(value: str) -> str:
+    """A path the file system can take, on any machine: no NUL, each name at most 255
+    bytes, the whole at most 4095 (else the first write fails, mid-rollout)."""
+    if "\x00" in value:
+        raise ValueError("contains a NUL character, which no path can")
+    if len(value.encode("utf-8", "surrogatepass")) > 4095:
+        raise ValueError("is longer than a path can be (4095 bytes)")
+    if any(len(name.encode("utf-8", "surrogatepass")) > 255 for name in value.split("/")):
+        raise ValueError("has a name longer than a file name can be (255 bytes)")
+    return value
+
+
+def an_argument(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("contains a NUL character, which no command argument can")
+    return value
 Name = Annotated[str, Field(strict=True, pattern=NAME_PATTERN)]
 Dns = Annotated[str, Field(strict=True, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
                            max_length=253)]

@@ -37,6 +37,8 @@ from canary.fields import (
     PositiveDuration,
     Setting,
     Version,
+    a_path,
+    an_argument,
     from_file,
 )
 
@@ -64,7 +66,8 @@ Vars = Annotated[Mapping[Annotated[str, AfterValidator(_var_name),
                          WithJsonSchema({"type": ["string", "number", "boolean"]})]],
                 Field(json_schema_extra=schema.refused_keys(
                     f"^({'|'.join(sorted(BUILTIN_VARS))})$"))]
-Argv = Annotated[tuple[Annotated[str, Field(strict=True, min_length=1)], ...], Field(min_length=1)]
+Argv = Annotated[tuple[Annotated[str, Field(strict=True, min_length=1),
+                                AfterValidator(an_argument)], ...], Field(min_length=1)]
 Addresses = Annotated[tuple[Annotated[str, Field(strict=True, pattern=_ADDRESS)], ...],
                       Field(min_length=1)]
 
@@ -131,7 +134,7 @@ def _a_path(value: object) -> object:
     """A file's path: "" would name the config's own directory."""
     if isinstance(value, str) and not value.strip():
         raise ValueError("must be a file's path, relative to the config file or absolute")
-    return value
+    return a_path(value) if isinstance(value, str) else value
 
 
 FilePath = Annotated[Path, BeforeValidator(_a_path),

@@ -266,6 +266,8 @@ def test_controller_config_durations_are_bounded_too(tmp_path):
     ({"prometheus": {"ca_file": "a\0b"}}, "prometheus.ca_file"),
     ({"auth": {"tokens_file": "a\0b"}}, "auth.tokens_file"),
     ({"auth": {"tokens_file": "x" * 300}}, "auth.tokens_file"),
+    ({"state": "sqlite:a\0b"}, "state"),  # (serve said only "ValueError: embedded null byte")
+    ({"state": "sqlite:" + "x" * 300}, "state"),
 ])
 def test_a_path_the_file_system_cannot_take_is_named_never_a_traceback(tmp_path, change, field):
     """A file name longer than the file system allows, or with a NUL in it, used to end

@@ -616,6 +616,10 @@ ONLY_VALIDATE = [
         "stable": {"host": "api", "subset": "v1"}, "canary": {"host": "api", "subset": "v1"},
         "vars": {"service": "api"}}),
      "targets.api.canary", "different servers, Services"),
+    ("config", lambda d: d["targets"]["web"].update(file="x" * 300), "targets.web.file",
+     "names of at most 255 bytes"),
+    ("config", lambda d: d["targets"]["web"].update(test=["nginx", "-t\0"]),
+     "targets.web.test[1]", "commands without a NUL"),
     ("config", lambda d: d.update(notifications=[
         {"name": "chat", "url": "https://chat.example/hook"},
         {"name": "chat", "url": "https://chat.example/other"}]),

@@ -97,6 +97,7 @@ ONLY_CANARY = re.compile("|".join([
     r"does not compile", r"is neither a directory nor a file", r"no policy named",
     r"add them to vars", r"at most 60s: a probe", r"need retry_period < renew_deadline",
     r"must be a directory of policy files",  # a blank name: as good as a missing file
+    r"longer than a file name can be \(255 bytes\)", r"contains a NUL character, which no",
 ]))
 
 
