@@ -379,13 +379,20 @@ async def test_a_leader_that_cannot_start_steps_down_and_starts_again(tmp_path):
         a = LeaderElector(api_client(str(direct)), "canary-system", "a", lease_duration=3,
                           renew_deadline=2, retry_period=0.3, on_start=started,
                           on_stop=stopped)
-        task = asyncio.create_task(a.run())
-        try:
+        async with running(a):
             await eventually(_now(lambda: calls == ["start", "stop", "start"] and a.leading),
                              what="started again after stepping down")
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def running(elector: Any) -> AsyncIterator[asyncio.Task[None]]:
+    """The elector's loop as a task for the block, cancelled after it."""
+    task = asyncio.create_task(elector.run())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_a_step_down_is_finished_even_when_the_elector_is_stopped_meanwhile(tmp_path):
@@ -410,8 +417,7 @@ async def test_a_step_down_is_finished_even_when_the_elector_is_stopped_meanwhil
         a = LeaderElector(api_client(str(direct)), "canary-system", "a", lease_duration=15,
                           renew_deadline=10, retry_period=0.2, on_start=started,
                           on_stop=stopped)
-        task = asyncio.create_task(a.run())
-        try:
+        async with running(a) as task:
             await eventually(_now(lambda: a.leading), what="a leads")
             coord = client.CoordinationV1Api(api_client(str(direct)))
 
@@ -425,6 +431,3 @@ async def test_a_step_down_is_finished_even_when_the_elector_is_stopped_meanwhil
             await asyncio.gather(task, return_exceptions=True)
             await eventually(_now(lambda: "rollouts stopped" in order),
                              what="the step-down finished")
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
