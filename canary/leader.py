@@ -44,6 +44,11 @@ class LeaderElector:
         self._last_renew = 0.0
         self._observed: tuple[Any, ...] | None = None
         self._observed_at = 0.0
+        # on_start runs beside the renewals (a slow start must not let the lease lapse
+        # while this replica acts); a start that failed waits `_backoff` before the next
+        self._starting: asyncio.Task[None] | None = None
+        self._not_before = 0.0
+        self._backoff = 0.0
         # renewals have a pool of their own: nothing else may delay them past the deadline
         self._pool = Pool("kube-lease", 2)
 
@@ -77,6 +82,7 @@ class LeaderElector:
                 except Exception as e:
                     log.warning("lease: %s", kube.message_of(e),
                                 extra={"lease": self.name, "identity": self.identity})
+                await self._check_start()
                 if self.leading and time.monotonic() - self._last_renew > self.renew_deadline:
                     log.warning("lost the lease: could not renew it in time; stepping down",
                                 extra={"identity": self.identity})
@@ -97,11 +103,14 @@ class LeaderElector:
         except Exception as e:
             if kube.status_of(e) != 404:
                 raise
+            if time.monotonic() < self._not_before:
+                return  # a start just failed here: give it time before leading again
             body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                     "metadata": {"name": self.name, "namespace": self.namespace},
                     "spec": self._spec(transitions=0, acquire=True)}
+            sent = time.monotonic()
             await self._call(coord.create_namespaced_lease, self.namespace, body)
-            await self._became_leader()
+            self._became_leader(sent)
             return
         spec = lease.get("spec") or {}
         holder = spec.get("holderIdentity")
@@ -110,24 +119,28 @@ class LeaderElector:
         now = time.monotonic()
         if record != self._observed:
             self._observed, self._observed_at = record, now
-        if holder == self.identity:
+        if holder == self.identity and (self.leading or now >= self._not_before):
             lease["spec"] = {**spec, **self._spec(spec.get("leaseTransitions", 0), acquire=False)}
+            # the renewal counts from when it was sent, not answered: the others count
+            # from when they see it, which is after it was sent, however late the answer
+            sent = time.monotonic()
             await self._call(coord.replace_namespaced_lease, self.name, self.namespace, lease)
             if self.leading:
-                self._last_renew = time.monotonic()
+                self._last_renew = sent
             else:
-                await self._became_leader()
+                self._became_leader(sent)
             return
         if self.leading:
             # someone else holds it now: we must not act
             await self._stop_leading()
         expired = not holder or now - self._observed_at > self.lease_duration
-        if not expired:
+        if not expired or now < self._not_before:
             return
         lease["spec"] = self._spec(int(spec.get("leaseTransitions") or 0) + 1, acquire=True)
+        sent = time.monotonic()
         await self._call(coord.replace_namespaced_lease, self.name, self.namespace, lease)
         log.info("took over the lease", extra={"identity": self.identity, "from": holder})
-        await self._became_leader()
+        self._became_leader(sent)
 
     def _spec(self, transitions: int, *, acquire: bool) -> dict[str, Any]:
         now = _now_micro()
@@ -138,26 +151,57 @@ class LeaderElector:
             spec["acquireTime"] = now
         return spec
 
-    async def _became_leader(self) -> None:
-        self._last_renew = time.monotonic()
+    def _became_leader(self, sent: float) -> None:
+        self._last_renew = sent
         self.leading, self.leader = True, self.identity
         log.info("leading", extra={"identity": self.identity, "lease": self.name})
-        try:
-            await self._on_start()
-        except Exception:
-            # a leader that could not start (its rollouts not resumed) must not go on
-            # holding the lease: step down and hand it over, so this replica or another
-            # starts afresh at the next try
+        self._starting = asyncio.ensure_future(self._on_start())
+
+    async def _check_start(self) -> None:
+        """A start that failed (its rollouts not resumed) must not go on holding the
+        lease: step down, hand it over, and wait longer each time before leading again,
+        so this replica or another starts afresh."""
+        start = self._starting
+        if start is None or not start.done():
+            return
+        self._starting = None
+        error = None if start.cancelled() else start.exception()
+        if error is None:
+            self._backoff = 0.0
+            return
+        self._backoff = min(max(2 * self._backoff, self.retry_period), 60.0)
+        self._not_before = time.monotonic() + self._backoff
+        log.error("could not start leading; stepping down, next try in %gs", self._backoff,
+                  extra={"identity": self.identity}, exc_info=error)
+        if self.leading:
             await self._stop_leading()
             with contextlib.suppress(Exception):
                 await self._release()
-            raise
 
     async def _stop_leading(self) -> None:
         self.leading = False
-        # finished even if this task is cancelled meanwhile: a step-down cut short would
-        # leave rollouts running on a replica that no longer leads
-        await asyncio.shield(self._on_stop())
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()
+            await asyncio.gather(self._starting, return_exceptions=True)
+            self._starting = None
+        # finished even if this task is cancelled meanwhile (a step-down cut short would
+        # leave rollouts running on a replica that no longer leads), then the
+        # cancellation goes on; a step-down that fails says so, here
+        stop = asyncio.ensure_future(self._on_stop())
+        cancelled = False
+        while True:
+            try:
+                await asyncio.shield(stop)
+                break
+            except asyncio.CancelledError:
+                if stop.done():
+                    break
+                cancelled = True
+        if cancelled:
+            if not stop.cancelled() and stop.exception() is not None:
+                log.error("stepping down failed", exc_info=stop.exception(),
+                          extra={"identity": self.identity})
+            raise asyncio.CancelledError
 
     async def _release(self) -> None:
         """On a clean shutdown, hand the lease over at once instead of letting it expire."""

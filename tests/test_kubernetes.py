@@ -431,3 +431,103 @@ async def test_a_step_down_is_finished_even_when_the_elector_is_stopped_meanwhil
             await asyncio.gather(task, return_exceptions=True)
             await eventually(_now(lambda: "rollouts stopped" in order),
                              what="the step-down finished")
+
+
+class Acting:
+    """Electors whose on_start starts an 'acting' task (a rollout) and whose on_stop
+    cancels it; every tick of acting is recorded, to show whether two ever acted at once."""
+
+    def __init__(self) -> None:
+        self.ticks: list[tuple[str, float]] = []
+        self.started: list[str] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def elector(self, name: str, kubeconfig: Path, *, slow_start: float = 0.0,
+                **timing: float) -> Any:
+        from canary.leader import LeaderElector
+
+        async def act() -> None:
+            while True:
+                self.ticks.append((name, time.monotonic()))
+                await asyncio.sleep(0.02)
+
+        async def start() -> None:
+            self._tasks[name] = asyncio.create_task(act())  # the rollouts resume first,
+            await asyncio.sleep(slow_start)                 # then the rest of a start
+            self.started.append(name)
+
+        async def stop() -> None:
+            task = self._tasks.pop(name, None)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        return LeaderElector(api_client(str(kubeconfig)), "canary-system", name,
+                             on_start=start, on_stop=stop, **timing)
+
+    def overlap(self) -> float:
+        """How long the two acted at once (0: never)."""
+        a = [t for who, t in self.ticks if who == "a"]
+        b = [t for who, t in self.ticks if who == "b"]
+        return max(0.0, max(a) - min(b)) if a and b else 0.0
+
+
+async def test_a_slow_start_keeps_renewing_so_no_one_else_takes_over_meanwhile(tmp_path):
+    """A start slower than the lease (resuming rollouts, then checking each router on a
+    slow API server) used to hold up the renewals: the other replica took the Lease while
+    the first one's rollouts still ran (1.8 s of both acting). The start now runs beside
+    the renewals."""
+    acting = Acting()
+    timing = {"lease_duration": 3, "renew_deadline": 2, "retry_period": 0.3}
+    async with silenceable_api(tmp_path) as (_hole, direct, _through):
+        a = acting.elector("a", direct, slow_start=4, **timing)
+        b = acting.elector("b", direct, **timing)
+        async with running(a):
+            await eventually(_now(lambda: a.leading), what="a leads")
+            async with running(b):
+                await eventually(_now(lambda: "a" in acting.started), what="a's start ends")
+                await eventually(_now(lambda: b.leader == "a"), what="b sees a")
+                assert a.leading and not b.leading
+    assert acting.overlap() == 0 and not any(who == "b" for who, _ in acting.ticks)
+
+
+async def test_a_renewal_answered_late_counts_from_when_it_was_sent(tmp_path):
+    """The API server commits a renewal at once and answers it 1.6 s later, then falls
+    silent for the leader. Counting the renew deadline from the answer let the old leader
+    act 0.5 s into the new one's term; counted from when it was sent, it steps down
+    first, for every lease the config accepts."""
+    acting = Acting()
+    timing = {"lease_duration": 3, "renew_deadline": 2, "retry_period": 0.3}
+
+    class LateAnswer(KubeApiDouble):
+        delay_next_renewal = False
+
+        async def handle(self, request: Any) -> Any:
+            response = await super().handle(request)  # committed here
+            if request.method == "PUT" and "leases" in request.path \
+                    and self.delay_next_renewal:
+                self.delay_next_renewal = False
+                await asyncio.sleep(1.6)
+                asyncio.get_running_loop().call_later(0.1, setattr, hole, "silent", True)
+            return response
+
+    kube = LateAnswer()
+    await kube.start()
+    hole = Blackhole(kube.port)
+    port = await hole.start()
+    direct = kube.kubeconfig(tmp_path / "direct")
+    through = tmp_path / "through"
+    through.write_text(direct.read_text().replace(f":{kube.port}", f":{port}"))
+    try:
+        a = acting.elector("a", through, **timing)
+        b = acting.elector("b", direct, **timing)
+        async with running(a):
+            await eventually(_now(lambda: a.leading), what="a leads")
+            async with running(b):
+                await eventually(_now(lambda: b.leader == "a"), what="b sees a")
+                kube.delay_next_renewal = True
+                await eventually(_now(lambda: "b" in acting.started), deadline=60,
+                                 what="b takes over")
+        assert acting.overlap() == 0, f"both acted for {acting.overlap():.2f}s"
+    finally:
+        await hole.stop()
+        await kube.stop()
