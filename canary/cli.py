@@ -211,7 +211,7 @@ def validate_files(files: list[str]) -> list[Problem]:
     names: dict[str, str] = {}
     for f in files:
         try:
-            raw = yamlsrc.read_bytes(f)
+            raw = yamlsrc.read_bytes(f, named=True)
         except ValidationFailed as e:
             problems.extend(e.problems)
             continue

@@ -76,19 +76,20 @@ def read(path: str | pathlib.Path) -> Doc:
     return load(read_bytes(path), str(path))
 
 
-def read_bytes(path: str | pathlib.Path) -> bytes:
-    """A file's bytes, if it is a regular file of at most MAX_BYTES: never waiting on a
-    FIFO for a writer, never reading /dev/zero to the end. Anything else is its one
-    problem (ValidationFailed)."""
+def read_bytes(path: str | pathlib.Path, *, named: bool = False) -> bytes:
+    """A file's bytes, at most MAX_BYTES of them: a regular file, never waiting on a FIFO
+    for a writer. Anything else is its one problem (ValidationFailed). A file `named` on
+    the command line may also be a pipe (`canary validate /dev/stdin`, `<(...)`): read
+    as `cat` would, still bounded."""
     def fail(message: str) -> ValidationFailed:
         return ValidationFailed([Problem(str(path), 1, "(file)", message)])
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (0 if named else os.O_NONBLOCK))
     except (OSError, ValueError) as e:
         raise fail(f"cannot read: {e.strerror if isinstance(e, OSError) else e}") from None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        if not (stat.S_ISREG(st.st_mode) or (named and not stat.S_ISDIR(st.st_mode))):
             raise fail("cannot read: not a regular file (a directory, a FIFO or a device)")
         if st.st_size > MAX_BYTES:
             raise fail(f"file is {st.st_size} bytes; the limit is {MAX_BYTES}")
@@ -96,7 +97,9 @@ def read_bytes(path: str | pathlib.Path) -> bytes:
         while size <= MAX_BYTES and (chunk := os.read(fd, MAX_BYTES + 1 - size)):
             chunks.append(chunk)
             size += len(chunk)
-        return b"".join(chunks)  # (longer than the limit if it grew: load() says so)
+        if size > MAX_BYTES:  # (a pipe, a device, or a file that grew)
+            raise fail(f"file is larger than {MAX_BYTES} bytes, the limit")
+        return b"".join(chunks)
     except OSError as e:
         raise fail(f"cannot read: {e.strerror}") from None
     finally:

@@ -302,13 +302,18 @@ def test_a_fifo_or_a_device_among_the_policy_files_is_named_never_waited_on(tmp_
             {"name": "a", "sha256": digest, "role": "viewer"}]},
         "targets": {"web": {"router": "nginx", "file": "up.conf", "upstream": "web",
                             "stable": ["127.0.0.1:1"], "canary": ["127.0.0.1:2"]}}}))
-    for args in (["validate", str(cfg)], ["validate", "/dev/zero", str(pdir / "fifo.yaml")],
-                 ["serve", "--config", str(cfg)]):
+    for args in (["validate", str(cfg)], ["serve", "--config", str(cfg)]):
         out = subprocess.run([sys.executable, "-m", "canary.cli", *args], capture_output=True,
                              text=True, timeout=60, cwd=tmp_path)
         said = out.stdout + out.stderr
         assert out.returncode in (1, 2) and "Traceback" not in said, (args, said)
         assert said.count("not a regular file (a directory, a FIFO or a device)") == 2, said
+    # named on the command line, a pipe or a device is read as `cat` would, still bounded
+    out = subprocess.run([sys.executable, "-m", "canary.cli", "validate", "/dev/zero",
+                          "/dev/stdin"], input=POLICY, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1 and out.stdout.count("\n") == 1, out
+    assert "/dev/zero:1: (file): file is larger than 1048576 bytes" in out.stdout, out
 
 
 async def test_a_rollout_whose_stored_policy_no_longer_reads_is_rolled_back_not_stuck(tmp_path):
