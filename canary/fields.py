@@ -181,11 +181,24 @@ Dns = Annotated[str, Field(strict=True, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])
 Version = Annotated[str, Field(strict=True, pattern=VERSION_PATTERN)]
 EnvName = Annotated[str, Field(strict=True, pattern=f"^{IDENTIFIER}$")]
 HttpUrl = Annotated[str, Field(strict=True, pattern=r"^https?://", max_length=2048)]
-# a URL canary sends to: a host (a name, or [an IPv6 address]) without user@, a port in
-# range, then a path, query or fragment without control characters. The schema states it
-# and send_url() checks the same, so an editor, helm and canary agree.
-SEND_URL_PATTERN = (rf"^https?://([^\s/?#@:\[\]]+|\[[0-9A-Fa-f:.]+\])(:{PORT})?"
-                    r"([/?#][^\x00-\x1f\x7f]*)?$")
+# a URL canary sends to: a host (a DNS name in ASCII, an IPv4 address, or an [IPv6
+# address]) without user@, a port in range, then a path, query or fragment without control
+# characters. The schema states it and send_url() checks the same, so an editor, helm and
+# canary agree; each part is one the HTTP clients (aiohttp, requests) can use.
+_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_DNS = rf"({_LABEL}\.)*[A-Za-z0-9_-]{{0,62}}[A-Za-z_-][A-Za-z0-9_-]{{0,62}}\.?"  # not all digits
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_IPV4 = rf"{_OCTET}(\.{_OCTET}){{3}}"
+_H16 = r"[0-9A-Fa-f]{1,4}"
+_LS32 = rf"({_H16}:{_H16}|{_IPV4})"
+_IPV6 = "|".join([  # RFC 3986's IPv6address, and a zone (%25eth0)
+    rf"({_H16}:){{6}}{_LS32}", rf"::({_H16}:){{5}}{_LS32}", rf"({_H16})?::({_H16}:){{4}}{_LS32}",
+    rf"(({_H16}:){{0,1}}{_H16})?::({_H16}:){{3}}{_LS32}",
+    rf"(({_H16}:){{0,2}}{_H16})?::({_H16}:){{2}}{_LS32}",
+    rf"(({_H16}:){{0,3}}{_H16})?::{_H16}:{_LS32}", rf"(({_H16}:){{0,4}}{_H16})?::{_LS32}",
+    rf"(({_H16}:){{0,5}}{_H16})?::{_H16}", rf"(({_H16}:){{0,6}}{_H16})?::"])
+SEND_URL_PATTERN = (rf"^https?://({_IPV4}|{_DNS}|\[({_IPV6})(%25[A-Za-z0-9._~-]+)?\])"
+                    rf"(:{PORT})?([/?#][^\x00-\x1f\x7f]*)?$")
 
 
 def send_url(value: str) -> str:
@@ -216,7 +229,9 @@ def _why_not(url: str) -> str:
         return "no host"
     if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
         return "the port must be a number from 1 to 65535"
-    return "not a host name or [IPv6 address]"
+    if any(ord(c) > 0x7E for c in host):
+        return "a host not in ASCII: write an international name as its xn-- form"
+    return "not a host name, IPv4 address or [IPv6 address]"
 
 
 SendUrl = Annotated[HttpUrl, AfterValidator(send_url),

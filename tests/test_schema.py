@@ -452,6 +452,10 @@ def bad_config(change: str) -> dict[str, Any]:
         doc["notifications"] = [{"name": "chat", "url": None}]
     elif change == "receiver port out of range":
         doc["notifications"] = [{"name": "chat", "url": "https://chat.example:99999/T0"}]
+    elif change == "prometheus host with a no-break space":
+        doc["prometheus"]["url"] = "http://prom\u00a0etheus:9090"  # Go's \s and ECMA's differ
+    elif change == "receiver host not an IPv4 address":
+        doc["notifications"] = [{"name": "chat", "url": "http://256.1.1.1/hook"}]
     elif change == "prometheus without a host":
         doc["prometheus"]["url"] = "http:///api"
     elif change == "role as a number":
@@ -495,6 +499,8 @@ def bad_config(change: str) -> dict[str, Any]:
     ("receiver url null", "notifications[0]", "notifications/0"),
     ("receiver port out of range", "notifications[0].url", "notifications/0/url"),
     ("prometheus without a host", "prometheus.url", "prometheus/url"),
+    ("prometheus host with a no-break space", "prometheus.url", "prometheus/url"),
+    ("receiver host not an IPv4 address", "notifications[0].url", "notifications/0/url"),
     ("role as a number", "auth.tokens[0].role", "auth/tokens/0/role"),
     ("role as a boolean", "auth.tokens[0].role", "auth/tokens/0/role"),
 ])
@@ -718,12 +724,13 @@ async def test_the_api_and_its_openapi_description_refuse_the_same_bodies(tmp_pa
     import jsonschema
 
     from canary.api.openapi import SPEC
-    from tests.helpers import controller
+    from tests.helpers import controller, simple_policy
 
     schema = {"$ref": f"#/components/schemas/{model}", "components": SPEC["components"]}
     assert list(jsonschema.Draft202012Validator(ecma_ends(schema)).iter_errors(body)), \
         "the description accepts it"
-    async with controller(tmp_path) as (api, _ctl, _t):
+    # (a long hold: a loaded machine must not let the rollout finish before it is read)
+    async with controller(tmp_path, policies=[simple_policy(hold=3600)]) as (api, _ctl, _t):
         rid = (await api.start(canary_version="v1a"))["id"]
         status, answer = await api.call("POST", _PATHS[model].format(id=rid), body,
                                         role="oncall")
