@@ -550,7 +550,8 @@ class Notifier:
                     answer = (await resp.content.read(SHOWN)).decode("utf-8", "replace")
         except TimeoutError:
             raise DeliveryFailed(f"no answer within {format_duration(rx.timeout)}") from None
-        except (aiohttp.ClientError, OSError) as e:
+        except (aiohttp.ClientError, OSError, ValueError) as e:  # (ValueError: UnicodeError
+            # from a host the client cannot encode: a failed delivery, retried, never a crash)
             raise DeliveryFailed(f"no connection: {type(e).__name__}") from None
         if not 200 <= resp.status < 300:
             raise DeliveryFailed(f"HTTP {resp.status}: {answer.strip()[:SHOWN]!r}")
