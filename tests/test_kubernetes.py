@@ -335,10 +335,11 @@ async def test_one_call_to_an_api_server_that_never_answers_is_one_attempt(tmp_p
 
 
 @contextlib.asynccontextmanager
-async def silenceable_api(tmp_path: Path) -> AsyncIterator[tuple[Blackhole, Path, Path]]:
-    """The API double, and two kubeconfigs for it: one direct, one through a Blackhole
-    that can be silenced: (the blackhole, direct, through)."""
-    kube = KubeApiDouble()
+async def silenceable_api(tmp_path: Path, kube: KubeApiDouble | None = None,
+                          ) -> AsyncIterator[tuple[Blackhole, Path, Path]]:
+    """The API double (or `kube`), and two kubeconfigs for it: one direct, one through a
+    Blackhole that can be silenced: (the blackhole, direct, through)."""
+    kube = kube or KubeApiDouble()
     await kube.start()
     hole = Blackhole(kube.port)
     port = await hole.start()
@@ -511,13 +512,7 @@ async def test_a_renewal_answered_late_counts_from_when_it_was_sent(tmp_path):
             return response
 
     kube = LateAnswer()
-    await kube.start()
-    hole = Blackhole(kube.port)
-    port = await hole.start()
-    direct = kube.kubeconfig(tmp_path / "direct")
-    through = tmp_path / "through"
-    through.write_text(direct.read_text().replace(f":{kube.port}", f":{port}"))
-    try:
+    async with silenceable_api(tmp_path, kube) as (hole, direct, through):
         a = acting.elector("a", through, **timing)
         b = acting.elector("b", direct, **timing)
         async with running(a):
@@ -527,7 +522,4 @@ async def test_a_renewal_answered_late_counts_from_when_it_was_sent(tmp_path):
                 kube.delay_next_renewal = True
                 await eventually(_now(lambda: "b" in acting.started), deadline=60,
                                  what="b takes over")
-        assert acting.overlap() == 0, f"both acted for {acting.overlap():.2f}s"
-    finally:
-        await hole.stop()
-        await kube.stop()
+    assert acting.overlap() == 0, f"both acted for {acting.overlap():.2f}s"
