@@ -20,6 +20,8 @@ from pydantic import (
     ValidationInfo,
     WithJsonSchema,
 )
+from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
 
 from canary.errors import InvalidInput
 from canary.model import VERSION_PATTERN
@@ -103,6 +105,16 @@ MAX_QUERY = 10_000  # characters
 
 def from_file(info: ValidationInfo) -> bool:
     return bool((info.context or {}).get("file"))
+
+
+def _not_from_files(value: object, info: ValidationInfo) -> object:
+    if from_file(info):  # an unknown field there, like any other
+        raise PydanticCustomError("extra_forbidden", "Extra inputs are not permitted")
+    return value
+
+
+# a field no file sets (a policy's source, a target's name: its key) and no schema shows
+NotInFiles = SkipJsonSchema[Annotated[str, AfterValidator(_not_from_files)]]
 
 
 def _duration(value: object, info: ValidationInfo) -> float:

@@ -27,13 +27,13 @@ from pydantic import (
     model_validator,
 )
 from pydantic.dataclasses import dataclass
-from pydantic.json_schema import SkipJsonSchema
 
 from canary import hooks, stages, validation, yamlsrc
 from canary.errors import Problem, ValidationFailed
 from canary.fields import (
     IDENTIFIER,
     NAME_PATTERN,
+    NotInFiles,
     PositiveDuration,
     Text,
     format_duration,
@@ -140,7 +140,7 @@ class Policy:
     back."""
     approval_timeout: PositiveDuration | None = None
     """An approval stage waiting longer than this is rolled back (default: it waits)."""
-    source: SkipJsonSchema[str] = field(default="", compare=False, repr=False)
+    source: NotInFiles = field(default="", compare=False, repr=False)
     """Where it was read from; not part of the file."""
 
     @field_validator("interval")
@@ -165,8 +165,6 @@ class Policy:
         """A stage gate named like a policy-wide one changes only the fields it gives."""
         if not isinstance(data, dict):
             return data
-        if "source" in data:
-            raise ValueError("source: unknown field")
         gates, stages = data.get("gates"), data.get("stages")
         wide = {g["name"]: g for g in gates if isinstance(g, dict)
                 and isinstance(g.get("name"), str)} if isinstance(gates, list) else {}

@@ -17,14 +17,11 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainValidator,
-    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
 )
 from pydantic.dataclasses import dataclass
-from pydantic.json_schema import SkipJsonSchema
-from pydantic_core import PydanticCustomError
 
 from canary import schema, validation
 from canary.fields import (
@@ -34,12 +31,12 @@ from canary.fields import (
     Dns,
     Duration,
     Name,
+    NotInFiles,
     PositiveDuration,
     Setting,
     Version,
     a_path,
     an_argument,
-    from_file,
 )
 
 _ADDRESS = rf"^(?:unix:\S+|\[?[A-Za-z0-9.:-]+\]?:{PORT})$"
@@ -154,14 +151,7 @@ class _TargetCommon:
         default_factory=dict)
     stable_version: Annotated[Version | None, Field(description=(
         "The stable version when a start names none."))] = None
-    name: SkipJsonSchema[str] = ""  # the key it is configured under
-
-    @field_validator("name")
-    @classmethod
-    def _keyed(cls, value: str, info: ValidationInfo) -> str:
-        if from_file(info):  # no file's field: the schema has none, the key names the target
-            raise PydanticCustomError("extra_forbidden", "Extra inputs are not permitted")
-        return value
+    name: NotInFiles = ""  # the key it is configured under
 
 
 @dataclass(frozen=True, config=_CONFIG)

@@ -99,6 +99,13 @@ def test_an_unknown_field_is_told_only_the_fields_a_file_may_write(tmp_path):
     assert "source" not in offered, "source is refused in a file: it must not be suggested"
 
 
+def test_a_source_written_in_a_file_is_one_unknown_field_among_the_others(tmp_path):
+    # (it used to stop the whole check at "source: unknown field", hiding the rest)
+    found = problems(tmp_path, GOOD.replace("interval:", "source: here\nintervall:"))
+    assert [p.split(": ")[1] for p in found] == ["source", "intervall"], found
+    assert all("unknown field; expected one of" in p for p in found), found
+
+
 def test_all_problems_of_a_file_are_reported_at_once(tmp_path):
     text = GOOD.replace("interval: 10s", "interval: fast").replace("weight: 100", "weight: 7")
     assert len(problems(tmp_path, text)) == 3
