@@ -234,7 +234,7 @@ def _why_not(url: str) -> str:
         host, bracket, after = authority.partition("]")
         if not bracket:
             return "an IPv6 address without its closing ]"
-        port = after[1:] if after.startswith(":") else None if not after else after
+        port = after.removeprefix(":") if after else None  # (anything else there: no port)
     elif ":" in authority:
         host, _, port = authority.partition(":")
     if not host.strip("[]"):
